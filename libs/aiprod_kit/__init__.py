@@ -1,0 +1,1 @@
+"""What every AIPROD service shares: settings, the gRPC service bootstrap, errors, telemetry."""

@@ -1,0 +1,62 @@
+import datetime
+
+from aiprod.common.v1 import backend_pb2 as _backend_pb2
+from aiprod.common.v1 import money_pb2 as _money_pb2
+from aiprod.common.v1 import render_pb2 as _render_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RouteDecision(_message.Message):
+    __slots__ = ("backend", "reason", "estimated_cost")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_COST_FIELD_NUMBER: _ClassVar[int]
+    backend: _backend_pb2.Backend
+    reason: str
+    estimated_cost: _money_pb2.Money
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., reason: _Optional[str] = ..., estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
+
+class RenderProgress(_message.Message):
+    __slots__ = ("fraction", "message")
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    fraction: float
+    message: str
+    def __init__(self, fraction: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Fallback(_message.Message):
+    __slots__ = ("from_backend", "to_backend", "cause")
+    FROM_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    TO_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    from_backend: _backend_pb2.Backend
+    to_backend: _backend_pb2.Backend
+    cause: _render_pb2.RenderFailure
+    def __init__(self, from_backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., to_backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., cause: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ...) -> None: ...
+
+class RenderEvent(_message.Message):
+    __slots__ = ("time", "attempt", "routed", "submitted", "progress", "qc", "fallback", "succeeded", "failed")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    QC_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    attempt: int
+    routed: RouteDecision
+    submitted: _backend_pb2.RenderHandle
+    progress: RenderProgress
+    qc: _render_pb2.QcReport
+    fallback: Fallback
+    succeeded: _render_pb2.RenderOutput
+    failed: _render_pb2.RenderFailure
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., routed: _Optional[_Union[RouteDecision, _Mapping]] = ..., submitted: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., progress: _Optional[_Union[RenderProgress, _Mapping]] = ..., qc: _Optional[_Union[_render_pb2.QcReport, _Mapping]] = ..., fallback: _Optional[_Union[Fallback, _Mapping]] = ..., succeeded: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., failed: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ...) -> None: ...

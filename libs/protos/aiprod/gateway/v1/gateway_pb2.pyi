@@ -1,0 +1,242 @@
+import datetime
+
+from aiprod.common.v1 import backend_pb2 as _backend_pb2
+from aiprod.common.v1 import event_pb2 as _event_pb2
+from aiprod.common.v1 import job_pb2 as _job_pb2
+from aiprod.common.v1 import money_pb2 as _money_pb2
+from aiprod.common.v1 import render_pb2 as _render_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RenderJob(_message.Message):
+    __slots__ = ("job_id", "request_id", "state", "spec", "plan", "create_time", "update_time", "result", "error", "last_sequence", "progress", "backend", "handle")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    request_id: str
+    state: _job_pb2.JobState
+    spec: _render_pb2.RenderSpec
+    plan: _render_pb2.RenderPlan
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    result: _render_pb2.RenderOutput
+    error: _render_pb2.RenderFailure
+    last_sequence: int
+    progress: float
+    backend: _backend_pb2.Backend
+    handle: _backend_pb2.RenderHandle
+    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., spec: _Optional[_Union[_render_pb2.RenderSpec, _Mapping]] = ..., plan: _Optional[_Union[_render_pb2.RenderPlan, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., error: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., last_sequence: _Optional[int] = ..., progress: _Optional[float] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("job_id", "sequence", "create_time", "state", "render", "message")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RENDER_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    sequence: int
+    create_time: _timestamp_pb2.Timestamp
+    state: _job_pb2.JobState
+    render: _event_pb2.RenderEvent
+    message: str
+    def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., render: _Optional[_Union[_event_pb2.RenderEvent, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class CreateRenderJobRequest(_message.Message):
+    __slots__ = ("request_id", "spec")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    spec: _render_pb2.RenderSpec
+    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[_render_pb2.RenderSpec, _Mapping]] = ...) -> None: ...
+
+class CreateRenderJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: RenderJob
+    def __init__(self, job: _Optional[_Union[RenderJob, _Mapping]] = ...) -> None: ...
+
+class GetRenderJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class GetRenderJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: RenderJob
+    def __init__(self, job: _Optional[_Union[RenderJob, _Mapping]] = ...) -> None: ...
+
+class ListRenderJobsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "states")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    states: _containers.RepeatedScalarFieldContainer[_job_pb2.JobState]
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[_job_pb2.JobState, str]]] = ...) -> None: ...
+
+class ListRenderJobsResponse(_message.Message):
+    __slots__ = ("jobs", "next_page_token")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[RenderJob]
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[RenderJob, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelRenderJobRequest(_message.Message):
+    __slots__ = ("job_id", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CancelRenderJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: RenderJob
+    def __init__(self, job: _Optional[_Union[RenderJob, _Mapping]] = ...) -> None: ...
+
+class WatchRenderJobRequest(_message.Message):
+    __slots__ = ("job_id", "after_sequence")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    after_sequence: int
+    def __init__(self, job_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+
+class WatchRenderJobResponse(_message.Message):
+    __slots__ = ("job", "event")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    job: RenderJob
+    event: JobEvent
+    def __init__(self, job: _Optional[_Union[RenderJob, _Mapping]] = ..., event: _Optional[_Union[JobEvent, _Mapping]] = ...) -> None: ...
+
+class QuoteRenderRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: _render_pb2.RenderSpec
+    def __init__(self, spec: _Optional[_Union[_render_pb2.RenderSpec, _Mapping]] = ...) -> None: ...
+
+class Quote(_message.Message):
+    __slots__ = ("estimated_cost", "max_cost", "runway_only_cost", "savings", "backend")
+    ESTIMATED_COST_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_FIELD_NUMBER: _ClassVar[int]
+    RUNWAY_ONLY_COST_FIELD_NUMBER: _ClassVar[int]
+    SAVINGS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    estimated_cost: _money_pb2.Money
+    max_cost: _money_pb2.Money
+    runway_only_cost: _money_pb2.Money
+    savings: _money_pb2.Money
+    backend: _backend_pb2.Backend
+    def __init__(self, estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., max_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., runway_only_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., savings: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ...) -> None: ...
+
+class QuoteRenderResponse(_message.Message):
+    __slots__ = ("quote",)
+    QUOTE_FIELD_NUMBER: _ClassVar[int]
+    quote: Quote
+    def __init__(self, quote: _Optional[_Union[Quote, _Mapping]] = ...) -> None: ...
+
+class ListPresetsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Preset(_message.Message):
+    __slots__ = ("name", "description", "quality_floor", "max_duration_seconds", "default_duration_seconds", "max_price_per_minute", "requires_approval", "priority", "pipeline")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    MAX_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PRICE_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    REQUIRES_APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    quality_floor: float
+    max_duration_seconds: float
+    default_duration_seconds: float
+    max_price_per_minute: _money_pb2.Money
+    requires_approval: bool
+    priority: str
+    pipeline: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., quality_floor: _Optional[float] = ..., max_duration_seconds: _Optional[float] = ..., default_duration_seconds: _Optional[float] = ..., max_price_per_minute: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., requires_approval: _Optional[bool] = ..., priority: _Optional[str] = ..., pipeline: _Optional[str] = ...) -> None: ...
+
+class ListPresetsResponse(_message.Message):
+    __slots__ = ("presets",)
+    PRESETS_FIELD_NUMBER: _ClassVar[int]
+    presets: _containers.RepeatedCompositeFieldContainer[Preset]
+    def __init__(self, presets: _Optional[_Iterable[_Union[Preset, _Mapping]]] = ...) -> None: ...
+
+class ApproveRenderJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ApproveRenderJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: RenderJob
+    def __init__(self, job: _Optional[_Union[RenderJob, _Mapping]] = ...) -> None: ...
+
+class UpdateRenderManifestRequest(_message.Message):
+    __slots__ = ("job_id", "plan", "update_mask")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    plan: _render_pb2.RenderPlan
+    update_mask: _field_mask_pb2.FieldMask
+    def __init__(self, job_id: _Optional[str] = ..., plan: _Optional[_Union[_render_pb2.RenderPlan, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
+
+class UpdateRenderManifestResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: RenderJob
+    def __init__(self, job: _Optional[_Union[RenderJob, _Mapping]] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class JobStateCount(_message.Message):
+    __slots__ = ("state", "count")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    state: _job_pb2.JobState
+    count: int
+    def __init__(self, state: _Optional[_Union[_job_pb2.JobState, str]] = ..., count: _Optional[int] = ...) -> None: ...
+
+class GetUsageResponse(_message.Message):
+    __slots__ = ("jobs", "spend_today")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    SPEND_TODAY_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobStateCount]
+    spend_today: _money_pb2.Money
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobStateCount, _Mapping]]] = ..., spend_today: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...

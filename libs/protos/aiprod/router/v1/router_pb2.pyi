@@ -1,0 +1,116 @@
+import datetime
+
+from aiprod.common.v1 import backend_pb2 as _backend_pb2
+from aiprod.common.v1 import event_pb2 as _event_pb2
+from aiprod.common.v1 import money_pb2 as _money_pb2
+from aiprod.common.v1 import render_pb2 as _render_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class BackendHealth(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BACKEND_HEALTH_UNSPECIFIED: _ClassVar[BackendHealth]
+    BACKEND_HEALTH_SERVING: _ClassVar[BackendHealth]
+    BACKEND_HEALTH_NOT_SERVING: _ClassVar[BackendHealth]
+BACKEND_HEALTH_UNSPECIFIED: BackendHealth
+BACKEND_HEALTH_SERVING: BackendHealth
+BACKEND_HEALTH_NOT_SERVING: BackendHealth
+
+class PlanRouteRequest(_message.Message):
+    __slots__ = ("shot", "constraints")
+    SHOT_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    shot: _render_pb2.Shot
+    constraints: _render_pb2.RenderConstraints
+    def __init__(self, shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ...) -> None: ...
+
+class RouteCandidate(_message.Message):
+    __slots__ = ("backend", "eligible", "rank", "estimated_cost", "estimated_latency", "reasons")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_COST_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    backend: _backend_pb2.Backend
+    eligible: bool
+    rank: int
+    estimated_cost: _money_pb2.Money
+    estimated_latency: _duration_pb2.Duration
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., eligible: _Optional[bool] = ..., rank: _Optional[int] = ..., estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., estimated_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reasons: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PlanRouteResponse(_message.Message):
+    __slots__ = ("candidates",)
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    candidates: _containers.RepeatedCompositeFieldContainer[RouteCandidate]
+    def __init__(self, candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ...) -> None: ...
+
+class ExecuteRenderRequest(_message.Message):
+    __slots__ = ("job_id", "shot", "constraints", "idempotency_key")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHOT_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shot: _render_pb2.Shot
+    constraints: _render_pb2.RenderConstraints
+    idempotency_key: str
+    def __init__(self, job_id: _Optional[str] = ..., shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class ExecuteRenderResponse(_message.Message):
+    __slots__ = ("event",)
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    event: _event_pb2.RenderEvent
+    def __init__(self, event: _Optional[_Union[_event_pb2.RenderEvent, _Mapping]] = ...) -> None: ...
+
+class ResumeRenderRequest(_message.Message):
+    __slots__ = ("job_id", "handle", "shot", "constraints", "attempt")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SHOT_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    handle: _backend_pb2.RenderHandle
+    shot: _render_pb2.Shot
+    constraints: _render_pb2.RenderConstraints
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class ResumeRenderResponse(_message.Message):
+    __slots__ = ("event",)
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    event: _event_pb2.RenderEvent
+    def __init__(self, event: _Optional[_Union[_event_pb2.RenderEvent, _Mapping]] = ...) -> None: ...
+
+class ListBackendsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BackendStatus(_message.Message):
+    __slots__ = ("backend", "target", "health", "price_per_second", "nominal_quality")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    PRICE_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    NOMINAL_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    backend: _backend_pb2.Backend
+    target: str
+    health: BackendHealth
+    price_per_second: _money_pb2.Money
+    nominal_quality: float
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., target: _Optional[str] = ..., health: _Optional[_Union[BackendHealth, str]] = ..., price_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., nominal_quality: _Optional[float] = ...) -> None: ...
+
+class ListBackendsResponse(_message.Message):
+    __slots__ = ("backends",)
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    backends: _containers.RepeatedCompositeFieldContainer[BackendStatus]
+    def __init__(self, backends: _Optional[_Iterable[_Union[BackendStatus, _Mapping]]] = ...) -> None: ...
