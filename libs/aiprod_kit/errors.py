@@ -4,6 +4,7 @@ Handlers raise; they never build statuses themselves. An unexpected exception be
 with a generic message, so that nothing private (a prompt, a secret) leaks to the caller.
 """
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -120,8 +121,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
-                    async for response in inner_stream(request, context):
-                        yield response
+                    if inspect.isasyncgenfunction(inner_stream):
+                        async for response in inner_stream(request, context):
+                            yield response
+                    else:  # a coroutine that writes its responses with context.write (the health Watch)
+                        await inner_stream(request, context)
                 except (grpc.aio.AbortError, grpc.aio.UsageError):
                     raise
                 except Exception as error:

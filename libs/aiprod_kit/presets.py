@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 
 from aiprod.gateway.v1 import gateway_pb2
-
 from aiprod_kit.money import usd_from_units
 
 DEFAULT_PRESET = "quick_social"

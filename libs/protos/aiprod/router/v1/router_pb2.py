@@ -26,38 +26,43 @@ from aiprod.common.v1 import backend_pb2 as aiprod_dot_common_dot_v1_dot_backend
 from aiprod.common.v1 import event_pb2 as aiprod_dot_common_dot_v1_dot_event__pb2
 from aiprod.common.v1 import money_pb2 as aiprod_dot_common_dot_v1_dot_money__pb2
 from aiprod.common.v1 import render_pb2 as aiprod_dot_common_dot_v1_dot_render__pb2
+from aiprod.renderer.v1 import renderer_pb2 as aiprod_dot_renderer_dot_v1_dot_renderer__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61iprod/router/v1/router.proto\x12\x10\x61iprod.router.v1\x1a\x1e\x61iprod/common/v1/backend.proto\x1a\x1c\x61iprod/common/v1/event.proto\x1a\x1c\x61iprod/common/v1/money.proto\x1a\x1d\x61iprod/common/v1/render.proto\x1a\x1egoogle/protobuf/duration.proto\"r\n\x10PlanRouteRequest\x12$\n\x04shot\x18\x01 \x01(\x0b\x32\x16.aiprod.common.v1.Shot\x12\x38\n\x0b\x63onstraints\x18\x02 \x01(\x0b\x32#.aiprod.common.v1.RenderConstraints\"\xd4\x01\n\x0eRouteCandidate\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12/\n\x0e\x65stimated_cost\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x34\n\x11\x65stimated_latency\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07reasons\x18\x06 \x03(\t\"I\n\x11PlanRouteResponse\x12\x34\n\ncandidates\x18\x01 \x03(\x0b\x32 .aiprod.router.v1.RouteCandidate\"\x9f\x01\n\x14\x45xecuteRenderRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x04shot\x18\x02 \x01(\x0b\x32\x16.aiprod.common.v1.Shot\x12\x38\n\x0b\x63onstraints\x18\x03 \x01(\x0b\x32#.aiprod.common.v1.RenderConstraints\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"E\n\x15\x45xecuteRenderResponse\x12,\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1d.aiprod.common.v1.RenderEvent\"\xc6\x01\n\x13ResumeRenderRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x06handle\x18\x02 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandle\x12$\n\x04shot\x18\x03 \x01(\x0b\x32\x16.aiprod.common.v1.Shot\x12\x38\n\x0b\x63onstraints\x18\x04 \x01(\x0b\x32#.aiprod.common.v1.RenderConstraints\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\"D\n\x14ResumeRenderResponse\x12,\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1d.aiprod.common.v1.RenderEvent\"\x15\n\x13ListBackendsRequest\"\xc8\x01\n\rBackendStatus\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06target\x18\x02 \x01(\t\x12/\n\x06health\x18\x03 \x01(\x0e\x32\x1f.aiprod.router.v1.BackendHealth\x12\x31\n\x10price_per_second\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x17\n\x0fnominal_quality\x18\x05 \x01(\x01\"I\n\x14ListBackendsResponse\x12\x31\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x1f.aiprod.router.v1.BackendStatus*k\n\rBackendHealth\x12\x1e\n\x1a\x42\x41\x43KEND_HEALTH_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42\x41\x43KEND_HEALTH_SERVING\x10\x01\x12\x1e\n\x1a\x42\x41\x43KEND_HEALTH_NOT_SERVING\x10\x02\x32\x89\x03\n\rRouterService\x12T\n\tPlanRoute\x12\".aiprod.router.v1.PlanRouteRequest\x1a#.aiprod.router.v1.PlanRouteResponse\x12\x62\n\rExecuteRender\x12&.aiprod.router.v1.ExecuteRenderRequest\x1a\'.aiprod.router.v1.ExecuteRenderResponse0\x01\x12_\n\x0cResumeRender\x12%.aiprod.router.v1.ResumeRenderRequest\x1a&.aiprod.router.v1.ResumeRenderResponse0\x01\x12]\n\x0cListBackends\x12%.aiprod.router.v1.ListBackendsRequest\x1a&.aiprod.router.v1.ListBackendsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61iprod/router/v1/router.proto\x12\x10\x61iprod.router.v1\x1a\x1e\x61iprod/common/v1/backend.proto\x1a\x1c\x61iprod/common/v1/event.proto\x1a\x1c\x61iprod/common/v1/money.proto\x1a\x1d\x61iprod/common/v1/render.proto\x1a!aiprod/renderer/v1/renderer.proto\x1a\x1egoogle/protobuf/duration.proto\"r\n\x10PlanRouteRequest\x12$\n\x04shot\x18\x01 \x01(\x0b\x32\x16.aiprod.common.v1.Shot\x12\x38\n\x0b\x63onstraints\x18\x02 \x01(\x0b\x32#.aiprod.common.v1.RenderConstraints\"\xd4\x01\n\x0eRouteCandidate\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12/\n\x0e\x65stimated_cost\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x34\n\x11\x65stimated_latency\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07reasons\x18\x06 \x03(\t\"I\n\x11PlanRouteResponse\x12\x34\n\ncandidates\x18\x01 \x03(\x0b\x32 .aiprod.router.v1.RouteCandidate\"\x9f\x01\n\x14\x45xecuteRenderRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x04shot\x18\x02 \x01(\x0b\x32\x16.aiprod.common.v1.Shot\x12\x38\n\x0b\x63onstraints\x18\x03 \x01(\x0b\x32#.aiprod.common.v1.RenderConstraints\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"E\n\x15\x45xecuteRenderResponse\x12,\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1d.aiprod.common.v1.RenderEvent\"\xc6\x01\n\x13ResumeRenderRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x06handle\x18\x02 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandle\x12$\n\x04shot\x18\x03 \x01(\x0b\x32\x16.aiprod.common.v1.Shot\x12\x38\n\x0b\x63onstraints\x18\x04 \x01(\x0b\x32#.aiprod.common.v1.RenderConstraints\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\"D\n\x14ResumeRenderResponse\x12,\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1d.aiprod.common.v1.RenderEvent\"E\n\x13\x43\x61ncelRenderRequest\x12.\n\x06handle\x18\x01 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandle\"\x16\n\x14\x43\x61ncelRenderResponse\"\x15\n\x13ListBackendsRequest\"\x80\x02\n\rBackendStatus\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06target\x18\x02 \x01(\t\x12/\n\x06health\x18\x03 \x01(\x0e\x32\x1f.aiprod.router.v1.BackendHealth\x12\x31\n\x10price_per_second\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x17\n\x0fnominal_quality\x18\x05 \x01(\x01\x12\x36\n\x0c\x63\x61pabilities\x18\x06 \x01(\x0b\x32 .aiprod.renderer.v1.Capabilities\"I\n\x14ListBackendsResponse\x12\x31\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x1f.aiprod.router.v1.BackendStatus*k\n\rBackendHealth\x12\x1e\n\x1a\x42\x41\x43KEND_HEALTH_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42\x41\x43KEND_HEALTH_SERVING\x10\x01\x12\x1e\n\x1a\x42\x41\x43KEND_HEALTH_NOT_SERVING\x10\x02\x32\xe8\x03\n\rRouterService\x12T\n\tPlanRoute\x12\".aiprod.router.v1.PlanRouteRequest\x1a#.aiprod.router.v1.PlanRouteResponse\x12\x62\n\rExecuteRender\x12&.aiprod.router.v1.ExecuteRenderRequest\x1a\'.aiprod.router.v1.ExecuteRenderResponse0\x01\x12_\n\x0cResumeRender\x12%.aiprod.router.v1.ResumeRenderRequest\x1a&.aiprod.router.v1.ResumeRenderResponse0\x01\x12]\n\x0c\x43\x61ncelRender\x12%.aiprod.router.v1.CancelRenderRequest\x1a&.aiprod.router.v1.CancelRenderResponse\x12]\n\x0cListBackends\x12%.aiprod.router.v1.ListBackendsRequest\x1a&.aiprod.router.v1.ListBackendsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aiprod.router.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BACKENDHEALTH']._serialized_start=1417
-  _globals['_BACKENDHEALTH']._serialized_end=1524
-  _globals['_PLANROUTEREQUEST']._serialized_start=206
-  _globals['_PLANROUTEREQUEST']._serialized_end=320
-  _globals['_ROUTECANDIDATE']._serialized_start=323
-  _globals['_ROUTECANDIDATE']._serialized_end=535
-  _globals['_PLANROUTERESPONSE']._serialized_start=537
-  _globals['_PLANROUTERESPONSE']._serialized_end=610
-  _globals['_EXECUTERENDERREQUEST']._serialized_start=613
-  _globals['_EXECUTERENDERREQUEST']._serialized_end=772
-  _globals['_EXECUTERENDERRESPONSE']._serialized_start=774
-  _globals['_EXECUTERENDERRESPONSE']._serialized_end=843
-  _globals['_RESUMERENDERREQUEST']._serialized_start=846
-  _globals['_RESUMERENDERREQUEST']._serialized_end=1044
-  _globals['_RESUMERENDERRESPONSE']._serialized_start=1046
-  _globals['_RESUMERENDERRESPONSE']._serialized_end=1114
-  _globals['_LISTBACKENDSREQUEST']._serialized_start=1116
-  _globals['_LISTBACKENDSREQUEST']._serialized_end=1137
-  _globals['_BACKENDSTATUS']._serialized_start=1140
-  _globals['_BACKENDSTATUS']._serialized_end=1340
-  _globals['_LISTBACKENDSRESPONSE']._serialized_start=1342
-  _globals['_LISTBACKENDSRESPONSE']._serialized_end=1415
-  _globals['_ROUTERSERVICE']._serialized_start=1527
-  _globals['_ROUTERSERVICE']._serialized_end=1920
+  _globals['_BACKENDHEALTH']._serialized_start=1603
+  _globals['_BACKENDHEALTH']._serialized_end=1710
+  _globals['_PLANROUTEREQUEST']._serialized_start=241
+  _globals['_PLANROUTEREQUEST']._serialized_end=355
+  _globals['_ROUTECANDIDATE']._serialized_start=358
+  _globals['_ROUTECANDIDATE']._serialized_end=570
+  _globals['_PLANROUTERESPONSE']._serialized_start=572
+  _globals['_PLANROUTERESPONSE']._serialized_end=645
+  _globals['_EXECUTERENDERREQUEST']._serialized_start=648
+  _globals['_EXECUTERENDERREQUEST']._serialized_end=807
+  _globals['_EXECUTERENDERRESPONSE']._serialized_start=809
+  _globals['_EXECUTERENDERRESPONSE']._serialized_end=878
+  _globals['_RESUMERENDERREQUEST']._serialized_start=881
+  _globals['_RESUMERENDERREQUEST']._serialized_end=1079
+  _globals['_RESUMERENDERRESPONSE']._serialized_start=1081
+  _globals['_RESUMERENDERRESPONSE']._serialized_end=1149
+  _globals['_CANCELRENDERREQUEST']._serialized_start=1151
+  _globals['_CANCELRENDERREQUEST']._serialized_end=1220
+  _globals['_CANCELRENDERRESPONSE']._serialized_start=1222
+  _globals['_CANCELRENDERRESPONSE']._serialized_end=1244
+  _globals['_LISTBACKENDSREQUEST']._serialized_start=1246
+  _globals['_LISTBACKENDSREQUEST']._serialized_end=1267
+  _globals['_BACKENDSTATUS']._serialized_start=1270
+  _globals['_BACKENDSTATUS']._serialized_end=1526
+  _globals['_LISTBACKENDSRESPONSE']._serialized_start=1528
+  _globals['_LISTBACKENDSRESPONSE']._serialized_end=1601
+  _globals['_ROUTERSERVICE']._serialized_start=1713
+  _globals['_ROUTERSERVICE']._serialized_end=2201
 # @@protoc_insertion_point(module_scope)

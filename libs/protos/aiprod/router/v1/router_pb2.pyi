@@ -4,6 +4,7 @@ from aiprod.common.v1 import backend_pb2 as _backend_pb2
 from aiprod.common.v1 import event_pb2 as _event_pb2
 from aiprod.common.v1 import money_pb2 as _money_pb2
 from aiprod.common.v1 import render_pb2 as _render_pb2
+from aiprod.renderer.v1 import renderer_pb2 as _renderer_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -91,23 +92,35 @@ class ResumeRenderResponse(_message.Message):
     event: _event_pb2.RenderEvent
     def __init__(self, event: _Optional[_Union[_event_pb2.RenderEvent, _Mapping]] = ...) -> None: ...
 
+class CancelRenderRequest(_message.Message):
+    __slots__ = ("handle",)
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    handle: _backend_pb2.RenderHandle
+    def __init__(self, handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ...) -> None: ...
+
+class CancelRenderResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ListBackendsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class BackendStatus(_message.Message):
-    __slots__ = ("backend", "target", "health", "price_per_second", "nominal_quality")
+    __slots__ = ("backend", "target", "health", "price_per_second", "nominal_quality", "capabilities")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     PRICE_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     NOMINAL_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     backend: _backend_pb2.Backend
     target: str
     health: BackendHealth
     price_per_second: _money_pb2.Money
     nominal_quality: float
-    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., target: _Optional[str] = ..., health: _Optional[_Union[BackendHealth, str]] = ..., price_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., nominal_quality: _Optional[float] = ...) -> None: ...
+    capabilities: _renderer_pb2.Capabilities
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., target: _Optional[str] = ..., health: _Optional[_Union[BackendHealth, str]] = ..., price_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., nominal_quality: _Optional[float] = ..., capabilities: _Optional[_Union[_renderer_pb2.Capabilities, _Mapping]] = ...) -> None: ...
 
 class ListBackendsResponse(_message.Message):
     __slots__ = ("backends",)

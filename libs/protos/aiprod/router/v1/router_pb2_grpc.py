@@ -50,6 +50,11 @@ class RouterServiceStub:
                 request_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.ResumeRenderRequest.SerializeToString,
                 response_deserializer=aiprod_dot_router_dot_v1_dot_router__pb2.ResumeRenderResponse.FromString,
                 _registered_method=True)
+        self.CancelRender = channel.unary_unary(
+                '/aiprod.router.v1.RouterService/CancelRender',
+                request_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.CancelRenderRequest.SerializeToString,
+                response_deserializer=aiprod_dot_router_dot_v1_dot_router__pb2.CancelRenderResponse.FromString,
+                _registered_method=True)
         self.ListBackends = channel.unary_unary(
                 '/aiprod.router.v1.RouterService/ListBackends',
                 request_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.ListBackendsRequest.SerializeToString,
@@ -82,6 +87,14 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelRender(self, request, context):
+        """Cancels a render at its backend. Ending an ExecuteRender stream never cancels the render
+        (the caller may just have crashed); this does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListBackends(self, request, context):
         """Lists the backends the router knows, with their health and statistics.
         """
@@ -106,6 +119,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.ResumeRender,
                     request_deserializer=aiprod_dot_router_dot_v1_dot_router__pb2.ResumeRenderRequest.FromString,
                     response_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.ResumeRenderResponse.SerializeToString,
+            ),
+            'CancelRender': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRender,
+                    request_deserializer=aiprod_dot_router_dot_v1_dot_router__pb2.CancelRenderRequest.FromString,
+                    response_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.CancelRenderResponse.SerializeToString,
             ),
             'ListBackends': grpc.unary_unary_rpc_method_handler(
                     servicer.ListBackends,
@@ -195,6 +213,33 @@ class RouterService:
             '/aiprod.router.v1.RouterService/ResumeRender',
             aiprod_dot_router_dot_v1_dot_router__pb2.ResumeRenderRequest.SerializeToString,
             aiprod_dot_router_dot_v1_dot_router__pb2.ResumeRenderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRender(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiprod.router.v1.RouterService/CancelRender',
+            aiprod_dot_router_dot_v1_dot_router__pb2.CancelRenderRequest.SerializeToString,
+            aiprod_dot_router_dot_v1_dot_router__pb2.CancelRenderResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,44 @@
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from aiprod.metrics.v1 import metrics_pb2_grpc
+from aiprod.router.v1 import router_pb2_grpc
+from aiprod_gateway.dispatcher import Dispatcher
+from aiprod_gateway.reporting import MetricsReporter
+from aiprod_gateway.service import GatewayServicer
+from aiprod_gateway.store import SqliteJobStore
+from aiprod_kit.channels import open_channel
+from aiprod_kit.server import Registration, run
+from aiprod_kit.settings import GatewaySettings
+
+settings = GatewaySettings()
+
+
+@asynccontextmanager
+async def build() -> AsyncIterator[list[Registration]]:
+    store = SqliteJobStore(settings.data_dir / "gateway" / "jobs.sqlite3")
+    router_channel = open_channel(settings.router_target)
+    metrics_channel = open_channel(settings.metrics_target)
+    router = router_pb2_grpc.RouterServiceStub(router_channel)
+    metrics = metrics_pb2_grpc.MetricsServiceStub(metrics_channel)
+    reporter = MetricsReporter(metrics)
+    dispatcher = Dispatcher(store, router, reporter, settings.dispatch_concurrency)
+    await dispatcher.start()
+    try:
+        yield [
+            Registration(
+                gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
+                GatewayServicer(store, dispatcher, router, metrics, reporter),
+                gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
+            )
+        ]
+    finally:
+        await dispatcher.stop()
+        await reporter.drain()
+        await router_channel.close()
+        await metrics_channel.close()
+        await store.close()
+
+
+run("gateway", settings, settings.gateway_port, build)

@@ -1,0 +1,248 @@
+"""GatewayService: the public API. Validates, stores, and hands jobs to the dispatcher."""
+
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+from google.protobuf import timestamp_pb2
+
+from aiprod.common.v1 import job_pb2, render_pb2
+from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod_gateway import validation
+from aiprod_gateway.catalog import BackendCatalog
+from aiprod_gateway.dispatcher import Dispatcher
+from aiprod_gateway.reporting import MetricsReporter
+from aiprod_gateway.store import TERMINAL_STATES, JobStore, RequestIdConflict
+from aiprod_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from aiprod_kit.money import usd
+from aiprod_kit.presets import PRESETS
+
+log = structlog.get_logger()
+
+# What a minute of video cost on Runway alone in the product's first version: the quote's baseline.
+RUNWAY_ONLY_USD_MICROS_PER_MINUTE = 2_500_000
+_DOWNSTREAM_TIMEOUT = 5.0
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(
+        self,
+        store: JobStore,
+        dispatcher: Dispatcher,
+        router: router_pb2_grpc.RouterServiceStub,
+        metrics: metrics_pb2_grpc.MetricsServiceStub,
+        reporter: MetricsReporter,
+    ) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self._router = router
+        self._metrics = metrics
+        self._reporter = reporter
+        self._catalog = BackendCatalog(router)
+
+    async def _job(self, job_id: str) -> gateway_pb2.RenderJob:
+        job = await self._store.get_job(validation.job_id(job_id))
+        if job is None:
+            raise NotFound(f"job {job_id} does not exist")
+        return job
+
+    async def CreateRenderJob(
+        self, request: gateway_pb2.CreateRenderJobRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.CreateRenderJobResponse:
+        request_id = validation.request_id(request.request_id) or uuid.uuid4().hex
+        spec, preset = validation.normalized_spec(request.spec)
+        plan = validation.plan_of(spec)
+        await self._catalog.check_renderable(plan.shots[0])
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        job = gateway_pb2.RenderJob(
+            job_id=f"job_{uuid.uuid4().hex}",
+            request_id=request_id,
+            state=job_pb2.JOB_STATE_AWAITING_APPROVAL
+            if preset.requires_approval
+            else job_pb2.JOB_STATE_QUEUED,
+            spec=spec,
+            plan=plan,
+            create_time=now,
+            update_time=now,
+        )
+        try:
+            job, created = await self._store.create_job(job, validation.fingerprint(request.spec))
+        except RequestIdConflict as error:
+            raise AlreadyExists(
+                f"request_id {request_id} was already used for a different request"
+            ) from error
+        if created:
+            log.info(
+                "job created", job_id=job.job_id, preset=spec.preset, state=job_pb2.JobState.Name(job.state)
+            )
+            self._reporter.job_changed(job)
+            if job.state == job_pb2.JOB_STATE_QUEUED:
+                self._dispatcher.enqueue(job.job_id)
+        return gateway_pb2.CreateRenderJobResponse(job=job)
+
+    async def GetRenderJob(
+        self, request: gateway_pb2.GetRenderJobRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetRenderJobResponse:
+        return gateway_pb2.GetRenderJobResponse(job=await self._job(request.job_id))
+
+    async def ListRenderJobs(
+        self, request: gateway_pb2.ListRenderJobsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListRenderJobsResponse:
+        states, page_size, cursor = validation.list_query(request)
+        page = await self._store.list_jobs(states, page_size, cursor)
+        return gateway_pb2.ListRenderJobsResponse(
+            jobs=page.jobs, next_page_token=validation.page_token(page.next_cursor, states)
+        )
+
+    async def CancelRenderJob(
+        self, request: gateway_pb2.CancelRenderJobRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.CancelRenderJobResponse:
+        job = await self._job(request.job_id)
+        _require_unfinished(job)
+        await self._dispatcher.stop_driving(job.job_id)
+        reason = request.reason or "cancelled by the client"
+
+        def cancel(job: gateway_pb2.RenderJob) -> None:
+            _require_unfinished(job)  # it may have finished while the dispatcher let go of it
+            job.state = job_pb2.JOB_STATE_CANCELLED
+            job.error.CopyFrom(render_pb2.RenderFailure(reason="CANCELLED", message=reason))
+
+        await self._store.append_event(job.job_id, f"cancelled: {reason}", cancel)
+        job = await self._job(job.job_id)
+        self._reporter.job_changed(job)
+        if job.HasField("handle"):
+            try:
+                await self._router.CancelRender(
+                    router_pb2.CancelRenderRequest(handle=job.handle), timeout=_DOWNSTREAM_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as error:
+                log.warning("render not cancelled at its backend", job_id=job.job_id, code=error.code().name)
+        return gateway_pb2.CancelRenderJobResponse(job=job)
+
+    async def WatchRenderJob(
+        self, request: gateway_pb2.WatchRenderJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.WatchRenderJobResponse]:
+        if request.after_sequence < 0:
+            raise InvalidArgument([("after_sequence", "must not be negative")])
+        job = await self._job(request.job_id)
+        yield gateway_pb2.WatchRenderJobResponse(job=job)
+        async for event in self._store.watch(job.job_id, request.after_sequence):
+            yield gateway_pb2.WatchRenderJobResponse(event=event)
+
+    async def QuoteRender(
+        self, request: gateway_pb2.QuoteRenderRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.QuoteRenderResponse:
+        spec, preset = validation.normalized_spec(request.spec)
+        shot = validation.plan_of(spec).shots[0]
+        try:
+            plan = await self._router.PlanRoute(
+                router_pb2.PlanRouteRequest(shot=shot, constraints=spec.constraints),
+                timeout=_DOWNSTREAM_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise Unavailable(f"the router cannot price renders now ({error.code().name})") from error
+        best = next((candidate for candidate in plan.candidates if candidate.eligible), None)
+        if best is None:
+            raise FailedPrecondition("no backend can take this render now")
+        minutes = spec.duration_seconds / 60
+        max_cost = (
+            spec.constraints.max_cost.amount_micros
+            if spec.constraints.HasField("max_cost")
+            else round(preset.max_price_per_minute_usd * 1_000_000 * minutes)
+        )
+        runway_only = round(RUNWAY_ONLY_USD_MICROS_PER_MINUTE * minutes)
+        estimated = best.estimated_cost.amount_micros
+        return gateway_pb2.QuoteRenderResponse(
+            quote=gateway_pb2.Quote(
+                estimated_cost=usd(estimated),
+                max_cost=usd(max_cost),
+                runway_only_cost=usd(runway_only),
+                savings=usd(runway_only - estimated),
+                backend=best.backend,
+            )
+        )
+
+    async def ListPresets(
+        self, request: gateway_pb2.ListPresetsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListPresetsResponse:
+        return gateway_pb2.ListPresetsResponse(presets=[preset.to_proto() for preset in PRESETS.values()])
+
+    async def ApproveRenderJob(
+        self, request: gateway_pb2.ApproveRenderJobRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ApproveRenderJobResponse:
+        job = await self._job(request.job_id)
+
+        def approve(job: gateway_pb2.RenderJob) -> None:
+            if job.state != job_pb2.JOB_STATE_AWAITING_APPROVAL:
+                raise FailedPrecondition(
+                    f"job {job.job_id} is {job_pb2.JobState.Name(job.state)}, not awaiting approval"
+                )
+            job.state = job_pb2.JOB_STATE_QUEUED
+
+        await self._store.append_event(job.job_id, "approved", approve)
+        self._dispatcher.enqueue(job.job_id)
+        job = await self._job(job.job_id)
+        self._reporter.job_changed(job)
+        return gateway_pb2.ApproveRenderJobResponse(job=job)
+
+    async def UpdateRenderManifest(
+        self, request: gateway_pb2.UpdateRenderManifestRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.UpdateRenderManifestResponse:
+        job = await self._job(request.job_id)
+        if list(request.update_mask.paths) not in ([], ["shots"]):
+            raise InvalidArgument([("update_mask", "only the path 'shots' can be updated")])
+        preset = PRESETS[job.spec.preset]
+        violations = []
+        if not request.plan.shots:
+            violations.append(("plan.shots", "must hold at least one shot"))
+        if len(request.plan.shots) > 1:
+            violations.append(("plan.shots", "one shot per job until shot stitching lands"))
+        for index, shot in enumerate(request.plan.shots):
+            if not shot.prompt.strip() or len(shot.prompt) > validation.MAX_PROMPT_CHARS:
+                violations.append((f"plan.shots[{index}].prompt", "must hold 1 to 2000 characters"))
+            if not 0 < shot.duration_seconds <= preset.max_duration_seconds:
+                violations.append(
+                    (
+                        f"plan.shots[{index}].duration_seconds",
+                        f"must be in (0, {preset.max_duration_seconds:g}]",
+                    )
+                )
+        if violations:
+            raise InvalidArgument(violations)
+
+        def replace_plan(job: gateway_pb2.RenderJob) -> None:
+            if job.state != job_pb2.JOB_STATE_AWAITING_APPROVAL:
+                raise FailedPrecondition("only the plan of a job awaiting approval can change")
+            job.plan.CopyFrom(request.plan)
+            for shot in job.plan.shots:
+                shot.aspect_ratio = shot.aspect_ratio or job.spec.aspect_ratio
+                shot.seed = shot.seed or job.spec.seed
+
+        await self._store.append_event(job.job_id, "plan updated", replace_plan)
+        return gateway_pb2.UpdateRenderManifestResponse(job=await self._job(job.job_id))
+
+    async def GetUsage(
+        self, request: gateway_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetUsageResponse:
+        counts = await self._store.count_by_state()
+        try:
+            budget = await self._metrics.GetBudget(
+                metrics_pb2.GetBudgetRequest(), timeout=_DOWNSTREAM_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as error:
+            raise Unavailable(f"the metrics service cannot report spend now ({error.code().name})") from error
+        return gateway_pb2.GetUsageResponse(
+            jobs=[
+                gateway_pb2.JobStateCount(state=state, count=count) for state, count in sorted(counts.items())
+            ],
+            spend_today=budget.budget.spent,
+        )
+
+
+def _require_unfinished(job: gateway_pb2.RenderJob) -> None:
+    if job.state in TERMINAL_STATES:
+        raise FailedPrecondition(f"job {job.job_id} has already ended ({job_pb2.JobState.Name(job.state)})")
