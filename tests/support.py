@@ -1,0 +1,50 @@
+"""Helpers the tests share: starting a mesh, following a job."""
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aiprod.common.v1 import job_pb2
+from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from aiprod_kit.mesh import Mesh
+
+TERMINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
+
+
+def start_mesh(data_dir: Path, **environment: str) -> Mesh:
+    running = Mesh(data_dir, free_ports=True, environment=environment)
+    running.start()
+    return running
+
+
+def watch_until(
+    gateway: gateway_pb2_grpc.GatewayServiceStub,
+    job_id: str,
+    stop_when: Callable[[gateway_pb2.JobEvent], bool],
+    after_sequence: int = 0,
+    timeout: float = 120,
+) -> list[gateway_pb2.JobEvent]:
+    """Reads the job's events until stop_when(event) holds or the job ends; returns them."""
+    events = []
+    request = gateway_pb2.WatchRenderJobRequest(job_id=job_id, after_sequence=after_sequence)
+    for message in gateway.WatchRenderJob(request, timeout=timeout):
+        if message.HasField("event"):
+            events.append(message.event)
+            if stop_when(message.event):
+                break
+    return events
+
+
+def wait_terminal(gateway: gateway_pb2_grpc.GatewayServiceStub, job_id: str) -> gateway_pb2.RenderJob:
+    watch_until(gateway, job_id, lambda event: event.state in TERMINAL)
+    return gateway.GetRenderJob(gateway_pb2.GetRenderJobRequest(job_id=job_id)).job
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> bool:
+    """Polls predicate until it holds: for state that travels in the background, with no push to wait on."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
