@@ -1,0 +1,48 @@
+"""The service bootstrap every service shares: health, reflection, and a clean stop on SIGTERM."""
+
+import signal
+import subprocess
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import start_mesh
+
+from aiprod_kit.mesh import SERVICES
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def test_every_service_reports_serving_under_its_full_name_and_the_empty_name(mesh):
+    for spec in SERVICES:
+        with grpc.insecure_channel(mesh.address(spec.name)) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for name in (spec.health_name, ""):
+                assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == SERVING
+            unknown = health_pb2.HealthCheckRequest(service="no.such.Service")
+            try:
+                health.Check(unknown)
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.NOT_FOUND
+            else:
+                raise AssertionError("an unknown service name must be NOT_FOUND")
+
+
+def test_sigterm_turns_health_not_serving_then_the_process_exits_cleanly(tmp_path):
+    mesh = start_mesh(tmp_path)
+    try:
+        gateway = mesh.services["gateway"]
+        with grpc.insecure_channel(gateway.address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=gateway.spec.health_name), timeout=30
+            )
+            assert next(watch).status == SERVING
+            gateway.process.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert gateway.process.wait(timeout=30) == 0
+        log = gateway.log_path.read_text()
+        assert '"event": "draining"' in log
+        assert '"event": "stopped"' in log
+    finally:
+        mesh.stop()
+    assert all(service.process.poll() is not None for service in mesh.services.values())
+    assert not subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, check=False).stdout
