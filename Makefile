@@ -35,7 +35,7 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m aiprod_cli.demo
 
 bench: $(VENV)/.installed
-	$(BIN)/python -m tests.bench
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .aiprod

@@ -1,0 +1,84 @@
+"""`make bench`: starts the mesh on free ports and measures, in one run, the floor (a bare grpc.aio
+unary call: the gateway's health Check) and CreateRenderJob, both at concurrency 32. Prints one JSON
+object as its last line.
+
+Jobs are created under an approval preset so that they wait instead of rendering: the figure is the
+cost of the RPC (validation, idempotency, the job store), not of the renders it would start.
+"""
+
+import asyncio
+import json
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aiprod.common.v1 import render_pb2
+from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from aiprod_kit.mesh import Mesh
+
+CONCURRENCY = 32
+WARMUP_CALLS = 200
+MEASURED_SECONDS = 5.0
+
+
+async def measure(call: Callable[[], Awaitable[object]]) -> dict[str, float]:
+    """Runs call from CONCURRENCY workers for MEASURED_SECONDS; returns requests per second and p99."""
+    for _ in range(WARMUP_CALLS // CONCURRENCY):
+        await asyncio.gather(*(call() for _ in range(CONCURRENCY)))
+    latencies: list[float] = []
+    deadline = time.perf_counter() + MEASURED_SECONDS
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"rps": len(latencies) / elapsed, "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000}
+
+
+async def run(address: str) -> dict[str, float]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
+        check = health_pb2.HealthCheckRequest(service="aiprod.gateway.v1.GatewayService")
+        spec = render_pb2.RenderSpec(prompt="A benchmark of job creation", preset="brand_campaign")
+
+        floor = await measure(lambda: health.Check(check))
+        create = await measure(
+            lambda: gateway.CreateRenderJob(
+                gateway_pb2.CreateRenderJobRequest(request_id=uuid.uuid4().hex, spec=spec)
+            )
+        )
+    return {
+        "floor_rps": round(floor["rps"], 1),
+        "floor_p99_ms": round(floor["p99_ms"], 2),
+        "create_rps": round(create["rps"], 1),
+        "create_p99_ms": round(create["p99_ms"], 2),
+        "create_vs_floor": round(create["rps"] / floor["rps"], 3),
+        "concurrency": CONCURRENCY,
+    }
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="aiprod-bench-") as data_dir:
+        mesh = Mesh(Path(data_dir), free_ports=True)
+        mesh.start()
+        try:
+            figures = asyncio.run(run(mesh.address("gateway")))
+        finally:
+            mesh.stop()
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
