@@ -35,7 +35,7 @@ async def build() -> AsyncIterator[list[Registration]]:
         ]
     finally:
         await dispatcher.stop()
-        await reporter.drain()
+        await reporter.close()
         await router_channel.close()
         await metrics_channel.close()
         await store.close()

@@ -1,40 +1,69 @@
-"""Job state changes reported to the metrics service, in the background: a slow or absent metrics
-service never slows or fails a job."""
+"""Job state changes reported to the metrics service in the background, batched: a slow or absent
+metrics service never slows or fails a job, and a burst of jobs costs one call, not one per change."""
 
 import asyncio
+import contextlib
 
 import grpc
 import structlog
-from google.protobuf import timestamp_pb2
 
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 
 _TIMEOUT = 5.0
+_RETRY_DELAY = 1.0
+# Records kept while the metrics service is away; beyond this the oldest are dropped (and logged).
+_MAX_PENDING = 10_000
 log = structlog.get_logger()
 
 
 class MetricsReporter:
     def __init__(self, metrics: metrics_pb2_grpc.MetricsServiceStub) -> None:
         self._metrics = metrics
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: list[metrics_pb2.JobEventRecord] = []
+        self._wake = asyncio.Event()
+        self._sender = asyncio.create_task(self._send_forever())
 
     def job_changed(self, job: gateway_pb2.RenderJob) -> None:
-        time = timestamp_pb2.Timestamp()
-        time.GetCurrentTime()
-        request = metrics_pb2.RecordJobEventRequest(
-            job_id=job.job_id, state=job.state, backend=job.backend, preset=job.spec.preset, time=time
+        record = metrics_pb2.JobEventRecord(
+            job_id=job.job_id,
+            state=job.state,
+            backend=job.backend,
+            preset=job.spec.preset,
+            time=job.update_time,
         )
-        task = asyncio.create_task(self._send(request))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._pending.append(record)
+        if len(self._pending) > _MAX_PENDING:
+            del self._pending[0]
+            log.warning("metrics service behind: oldest job event dropped")
+        self._wake.set()
 
-    async def _send(self, request: metrics_pb2.RecordJobEventRequest) -> None:
+    async def _send_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # Whatever piled up while the previous call was in flight goes in one call.
+            if not await self._send_pending():
+                await asyncio.sleep(_RETRY_DELAY)
+
+    async def _send_pending(self) -> bool:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return True
         try:
-            await self._metrics.RecordJobEvent(request, timeout=_TIMEOUT)
+            await self._metrics.RecordJobEvent(
+                metrics_pb2.RecordJobEventRequest(events=batch), timeout=_TIMEOUT
+            )
         except grpc.aio.AioRpcError as error:
-            log.warning("job event not recorded by metrics", job_id=request.job_id, code=error.code().name)
+            log.warning("job events not recorded by metrics yet", count=len(batch), code=error.code().name)
+            self._pending[:0] = batch
+            self._wake.set()
+            return False
+        return True
 
-    async def drain(self) -> None:
-        if self._pending:
-            await asyncio.wait(self._pending, timeout=_TIMEOUT)
+    async def close(self) -> None:
+        """Sends what is pending (once), then stops."""
+        self._sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sender
+        await self._send_pending()

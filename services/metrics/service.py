@@ -21,13 +21,15 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         self, request: metrics_pb2.RecordJobEventRequest, context: grpc.aio.ServicerContext
     ) -> metrics_pb2.RecordJobEventResponse:
         violations = []
-        if request.state not in job_pb2.JobState.values() or request.state == job_pb2.JOB_STATE_UNSPECIFIED:
-            violations.append(("state", "must be a known job state"))
-        if request.backend not in backend_pb2.Backend.values():
-            violations.append(("backend", "must be a known backend"))
+        for index, event in enumerate(request.events):
+            if event.state not in job_pb2.JobState.values() or event.state == job_pb2.JOB_STATE_UNSPECIFIED:
+                violations.append((f"events[{index}].state", "must be a known job state"))
+            if event.backend not in backend_pb2.Backend.values():
+                violations.append((f"events[{index}].backend", "must be a known backend"))
         if violations:
             raise InvalidArgument(violations)
-        self._job_counts[(request.backend, request.state)] += 1
+        for event in request.events:
+            self._job_counts[(event.backend, event.state)] += 1
         return metrics_pb2.RecordJobEventResponse()
 
     async def GetJobStats(

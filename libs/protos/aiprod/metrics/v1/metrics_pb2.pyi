@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class RecordJobEventRequest(_message.Message):
+class JobEventRecord(_message.Message):
     __slots__ = ("job_id", "state", "backend", "preset", "time")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,12 @@ class RecordJobEventRequest(_message.Message):
     preset: str
     time: _timestamp_pb2.Timestamp
     def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., preset: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RecordJobEventRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[JobEventRecord]
+    def __init__(self, events: _Optional[_Iterable[_Union[JobEventRecord, _Mapping]]] = ...) -> None: ...
 
 class RecordJobEventResponse(_message.Message):
     __slots__ = ()

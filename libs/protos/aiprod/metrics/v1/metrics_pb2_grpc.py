@@ -82,7 +82,7 @@ class MetricsServiceServicer:
     """
 
     def RecordJobEvent(self, request, context):
-        """Records that a job reached a state at a backend.
+        """Records that jobs reached states at backends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
