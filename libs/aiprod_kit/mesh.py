@@ -107,15 +107,21 @@ class Mesh:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            # Its own session: a Ctrl-C in the terminal reaches the supervisor alone, which then stops
+            # the services in order.
+            start_new_session=True,
         )
-        bound = _await_serving_port(process, log_path, self.start_timeout)
-        if bound is None:
+        try:
+            bound = _await_serving_port(process, log_path, self.start_timeout)
+            if bound is None:
+                tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+                raise ServiceStartError(f"{name} did not start; its log ({log_path}) ends with:\n{tail}")
+            service = RunningService(spec, process, bound, log_path)
+            _check_serving(service, self.start_timeout)
+        except BaseException:
             process.kill()
             process.wait()
-            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
-            raise ServiceStartError(f"{name} did not start; its log ({log_path}) ends with:\n{tail}")
-        service = RunningService(spec, process, bound, log_path)
-        _check_serving(service, self.start_timeout)
+            raise
         self.services[name] = service
         return service
 

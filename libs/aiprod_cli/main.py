@@ -1,0 +1,19 @@
+"""The `aiprod` command: runs the mesh, renders videos and manages jobs through the gateway."""
+
+import typer
+
+from aiprod_cli import jobs
+from aiprod_cli.render import render
+from aiprod_cli.up import up
+
+app = typer.Typer(
+    name="aiprod",
+    help="AIPROD: turn prompts into videos through the render mesh.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Locals in tracebacks could show prompts or settings to whoever reads the terminal.
+    pretty_exceptions_show_locals=False,
+)
+app.command()(up)
+app.command()(render)
+app.add_typer(jobs.app, name="jobs")

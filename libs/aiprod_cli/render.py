@@ -1,0 +1,173 @@
+"""`aiprod render`: orders a video, follows it to its end and hands over the file."""
+
+import shutil
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import unquote, urlparse
+
+import typer
+
+from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
+from aiprod.gateway.v1 import gateway_pb2
+from aiprod_cli.gateway import (
+    CALL_TIMEOUT_SECONDS,
+    DEFAULT_GATEWAY,
+    GatewayOption,
+    connect,
+    exit_on_rpc_error,
+)
+from aiprod_cli.output import JsonOption, job_to_dict, print_json, print_line, state_name, stderr
+from aiprod_cli.progress import Reporter, SilentReporter, progress_reporter
+from aiprod_cli.watch import GatewayLost, follow_job
+
+# The exit status when no video came out: the job failed, or the CLI stopped following it.
+EXIT_RENDER_FAILED = 1
+
+
+class AspectRatio(StrEnum):
+    LANDSCAPE = "16:9"
+    PORTRAIT = "9:16"
+    SQUARE = "1:1"
+
+    def to_proto(self) -> render_pb2.AspectRatio:
+        return render_pb2.AspectRatio.Value("ASPECT_RATIO_" + self.value.replace(":", "_"))
+
+
+class Backend(StrEnum):
+    LOCAL = "local"
+    RUNWAY = "runway"
+    VEO = "veo"
+    REPLICATE = "replicate"
+
+    def to_proto(self) -> backend_pb2.Backend:
+        return backend_pb2.Backend.Value("BACKEND_" + self.name)
+
+
+class RenderError(Exception):
+    """No video came out here: the job failed, or the CLI stopped following it."""
+
+    def __init__(self, message: str, job: gateway_pb2.RenderJob | None = None) -> None:
+        super().__init__(message)
+        # The job as last seen, when the CLI has it.
+        self.job = job
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    job: gateway_pb2.RenderJob
+    # The video's absolute local path (the copy, with --out), or its URI when it is not a local file.
+    video: str
+
+
+def build_spec(
+    prompt: str,
+    preset: str | None = None,
+    duration: float | None = None,
+    aspect_ratio: AspectRatio | None = None,
+    backend: Backend | None = None,
+) -> render_pb2.RenderSpec:
+    """Leaves unset what was not given, so that the gateway applies the preset's defaults."""
+    return render_pb2.RenderSpec(
+        prompt=prompt,
+        preset=preset or "",
+        duration_seconds=duration or 0.0,
+        aspect_ratio=aspect_ratio.to_proto() if aspect_ratio else render_pb2.ASPECT_RATIO_UNSPECIFIED,
+        constraints=render_pb2.RenderConstraints(preferred_backend=backend.to_proto()) if backend else None,
+    )
+
+
+def _deliver(job: gateway_pb2.RenderJob, out: Path | None) -> str:
+    """The video's local path, copied to out first if given."""
+    uri = job.result.video.uri
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        if out is not None:
+            raise RenderError(f"cannot copy {uri} to {out}: only file:// videos are local", job)
+        return uri
+    source = Path(unquote(parsed.path))
+    if out is None:
+        return str(source)
+    target = out.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return str(target)
+
+
+def render_video(
+    address: str, spec: render_pb2.RenderSpec, request_id: str, out: Path | None, reporter: Reporter
+) -> RenderResult:
+    """Creates the job, reports its stream until it ends and returns the video.
+
+    Raises RenderError when the job ended without a video or the CLI stopped following it (Ctrl-C,
+    or the gateway gone for good), grpc.RpcError when the gateway refused a call.
+    """
+    with connect(address) as gateway:
+        created = gateway.stub.CreateRenderJob(
+            gateway_pb2.CreateRenderJobRequest(request_id=request_id, spec=spec), timeout=CALL_TIMEOUT_SECONDS
+        )
+        job_id = created.job.job_id
+        try:
+            # The created job already shows its first events: follow what comes after them.
+            stream = follow_job(
+                gateway, job_id, reporter.reconnecting, after_sequence=created.job.last_sequence
+            )
+            for response in stream:
+                reporter.show(response)
+        except (KeyboardInterrupt, GatewayLost) as stopped:
+            why = str(stopped) or "interrupted"
+            raise RenderError(
+                f"{why}; job {job_id} keeps running: `aiprod jobs get {job_id}` shows it"
+            ) from None
+        # The stream's last message says the job ended; the job itself has the result or the error.
+        job = gateway.stub.GetRenderJob(
+            gateway_pb2.GetRenderJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_SECONDS
+        ).job
+    if job.state != job_pb2.JOB_STATE_SUCCEEDED:
+        reason = job.error.reason or "no reason given"
+        raise RenderError(f"job {job_id} {state_name(job.state)}: {reason}: {job.error.message}", job)
+    return RenderResult(job, _deliver(job, out))
+
+
+def render(
+    prompt: Annotated[str, typer.Argument(help="What the video shows.")],
+    preset: Annotated[
+        str | None, typer.Option(metavar="NAME", help="Preset (default: the gateway's, quick_social).")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(metavar="SECONDS", min=0, help="Length (default: the preset's).")
+    ] = None,
+    aspect_ratio: Annotated[AspectRatio | None, typer.Option(help="Frame shape (default 16:9).")] = None,
+    backend: Annotated[
+        Backend | None, typer.Option(help="Preferred backend (default: the router's choice).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(metavar="FILE", help="Copy the video here.")] = None,
+    request_id: Annotated[
+        str | None, typer.Option(metavar="ID", help="Idempotency key (default: a fresh one).")
+    ] = None,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    json_output: JsonOption = False,
+) -> None:
+    """Render a video: create the job, follow its progress and print the video's path.
+
+    Exits 1 when the job fails, 2 when the gateway refuses the request.
+
+    Ctrl-C stops following the job but leaves it running.
+    """
+    spec = build_spec(prompt, preset, duration, aspect_ratio, backend)
+    reporting = nullcontext(SilentReporter()) if json_output else progress_reporter(stderr)
+    try:
+        with exit_on_rpc_error(gateway), reporting as reporter:
+            result = render_video(gateway, spec, request_id or uuid.uuid4().hex, out, reporter)
+    except RenderError as error:
+        if json_output and error.job is not None:
+            print_json({**job_to_dict(error.job), "video_path": None})
+        stderr.print(str(error), markup=False, highlight=False)
+        raise typer.Exit(EXIT_RENDER_FAILED) from None
+    if json_output:
+        print_json({**job_to_dict(result.job), "video_path": result.video})
+    else:
+        print_line(result.video)

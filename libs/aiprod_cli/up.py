@@ -1,0 +1,166 @@
+"""`aiprod up`: runs the whole mesh in the foreground until Ctrl-C or SIGTERM."""
+
+import errno
+import signal
+import socket
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import grpc
+import typer
+from rich import box
+from rich.table import Table
+
+from aiprod_cli.output import JsonOption, new_table, print_json, stderr, stdout
+from aiprod_kit.mesh import SERVICES, Mesh, RunningService, ServiceStartError
+
+# How often the loop looks for a stop request, or a service that exited on its own.
+_POLL_SECONDS = 0.2
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on the port.
+
+    Checked before starting because gRPC servers bind with SO_REUSEPORT: a second mesh would start
+    "successfully" and share the ports with the first, each call landing on either.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR only lets the bind through connections of a stopped mesh still in TIME_WAIT.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def _services_json(mesh: Mesh) -> dict[str, object]:
+    return {
+        "data_dir": str(mesh.data_dir),
+        "services": [
+            {
+                "name": service.spec.name,
+                "health_name": service.spec.health_name,
+                "address": service.address,
+                "pid": service.process.pid,
+                "log_path": str(service.log_path),
+            }
+            for service in mesh.services.values()
+        ],
+    }
+
+
+def _services_table(mesh: Mesh) -> Table:
+    # Log files relative to the data directory in the title, to fit 80 columns.
+    table = new_table(
+        "service",
+        "address",
+        "pid",
+        "health name",
+        "log file",
+        title=f"AIPROD mesh in {mesh.data_dir}",
+        box=box.SIMPLE,
+    )
+    for column in table.columns[:3]:  # short and read at a glance; the names and paths wrap instead
+        column.no_wrap = True
+    for service in mesh.services.values():
+        table.add_row(
+            service.spec.name,
+            service.address,
+            str(service.process.pid),
+            service.spec.health_name,
+            str(service.log_path.relative_to(mesh.data_dir)),
+        )
+    return table
+
+
+class _StopRequest:
+    """Set by SIGINT or SIGTERM.
+
+    The handler only takes note: raising from it could interrupt the mesh between starting a child
+    and recording it, leaving that child behind; a stop asked for during start-up happens as soon as
+    the start is over. A plain flag rather than a threading.Event, whose set() could deadlock in a
+    handler that interrupts the same thread inside wait().
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+
+def _wait(mesh: Mesh, stop: _StopRequest) -> RunningService | None:
+    """Waits for a stop request; returns the service that exited on its own instead, if one did."""
+    while not stop.requested:
+        for service in mesh.services.values():
+            if service.process.poll() is not None:
+                return service
+        time.sleep(_POLL_SECONDS)
+    return None
+
+
+def up(
+    data_dir: Annotated[
+        Path,
+        typer.Option(metavar="DIR", envvar="AIPROD_DATA_DIR", help="Where the jobs, videos and logs live."),
+    ] = Path(".aiprod"),
+    free_ports: Annotated[
+        bool,
+        typer.Option(
+            "--free-ports",
+            help="Bind every service to a free port instead of the documented ones (tests, a second mesh); "
+            "the table or JSON shows the addresses.",
+        ),
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Start every service (gateway on 50051, router 50052, metrics 50053, local renderer 50060).
+
+    Waits until each reports SERVING, prints where they are, and runs until Ctrl-C or SIGTERM stops them all.
+
+    Exits 1, with nothing left running, if a port is taken or a service fails.
+    """
+    if not free_ports:
+        busy = [f"{spec.name} ({spec.default_port})" for spec in SERVICES if port_in_use(spec.default_port)]
+        if busy:
+            stderr.print(
+                f"error: ports in use: {', '.join(busy)}. Is another `aiprod up` running? "
+                "--free-ports starts this one on free ports.",
+                markup=False,
+            )
+            raise typer.Exit(1)
+
+    stop = _StopRequest()
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    mesh = Mesh(data_dir.resolve(), free_ports=free_ports)
+    try:
+        try:
+            mesh.start()  # stops what it started if anything fails
+        except (ServiceStartError, grpc.RpcError) as error:
+            stderr.print(f"error: the mesh did not start: {error}", markup=False)
+            raise typer.Exit(1) from None
+        try:
+            if json_output:
+                print_json(_services_json(mesh))
+            else:
+                stdout.print(_services_table(mesh))
+                stderr.print("The mesh is up; Ctrl-C stops it.")
+            exited = _wait(mesh, stop)
+        finally:
+            mesh.stop()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if exited is not None:
+        stderr.print(
+            f"error: {exited.spec.name} exited with status {exited.process.returncode}; "
+            f"everything is stopped. Its log: {exited.log_path}",
+            markup=False,
+        )
+        raise typer.Exit(1)
+    stderr.print("The mesh is stopped.")

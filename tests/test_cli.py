@@ -1,0 +1,339 @@
+"""The `aiprod` CLI: against a fake gateway in-process, and end to end against `aiprod up`."""
+
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import av
+import grpc
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from typer.testing import CliRunner
+
+from aiprod.common.v1 import event_pb2, job_pb2, render_pb2
+from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from aiprod_cli.main import app
+from aiprod_cli.up import port_in_use
+from aiprod_kit.mesh import Mesh
+
+AIPROD = Path(sys.executable).with_name("aiprod")
+JOB_ID = "job_" + "0" * 32
+# Long enough for a cold start of the four services on a slow machine; never waited out on success.
+START_TIMEOUT_SECONDS = 120
+
+
+# --- Against a fake gateway: the CLI's own behaviour, whatever the services do ---------------------
+
+
+def _event(sequence: int, state: int, render: event_pb2.RenderEvent) -> gateway_pb2.WatchRenderJobResponse:
+    return gateway_pb2.WatchRenderJobResponse(
+        event=gateway_pb2.JobEvent(job_id=JOB_ID, sequence=sequence, state=state, render=render)
+    )
+
+
+class FakeGateway(gateway_pb2_grpc.GatewayServiceServicer):
+    """One job that succeeds in four events; the first watch stream breaks (UNAVAILABLE) after two."""
+
+    def __init__(self, video: Path) -> None:
+        self.after_sequences: list[int] = []
+        self.events = [
+            _event(1, job_pb2.JOB_STATE_RUNNING, event_pb2.RenderEvent(routed=event_pb2.RouteDecision(backend=1))),
+            _event(2, job_pb2.JOB_STATE_RUNNING, event_pb2.RenderEvent(progress=event_pb2.RenderProgress(fraction=0.5))),
+            _event(3, job_pb2.JOB_STATE_RUNNING, event_pb2.RenderEvent(progress=event_pb2.RenderProgress(fraction=1.0))),
+            _event(4, job_pb2.JOB_STATE_SUCCEEDED, event_pb2.RenderEvent(succeeded=render_pb2.RenderOutput())),
+        ]  # fmt: skip
+        self.final = gateway_pb2.RenderJob(
+            job_id=JOB_ID,
+            state=job_pb2.JOB_STATE_SUCCEEDED,
+            last_sequence=4,
+            progress=1.0,
+            result=render_pb2.RenderOutput(video=render_pb2.VideoArtifact(uri=video.as_uri())),
+        )
+
+    def CreateRenderJob(
+        self, request: gateway_pb2.CreateRenderJobRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.CreateRenderJobResponse:
+        if not request.spec.prompt:
+            bad_request = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field="spec.prompt", description="must not be empty"
+                    )
+                ]
+            )
+            detail = any_pb2.Any()
+            detail.Pack(bad_request)
+            status = status_pb2.Status(
+                code=code_pb2.INVALID_ARGUMENT, message="spec.prompt: must not be empty", details=[detail]
+            )
+            context.abort_with_status(rpc_status.to_status(status))
+        return gateway_pb2.CreateRenderJobResponse(
+            job=gateway_pb2.RenderJob(
+                job_id=JOB_ID, request_id=request.request_id, state=job_pb2.JOB_STATE_QUEUED
+            )
+        )
+
+    def WatchRenderJob(
+        self, request: gateway_pb2.WatchRenderJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[gateway_pb2.WatchRenderJobResponse]:
+        self.after_sequences.append(request.after_sequence)
+        yield gateway_pb2.WatchRenderJobResponse(
+            job=gateway_pb2.RenderJob(job_id=JOB_ID, state=job_pb2.JOB_STATE_RUNNING)
+        )
+        for event in self.events[request.after_sequence :]:
+            yield event
+            if len(self.after_sequences) == 1 and event.event.sequence == 2:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "gateway restarting")
+
+    def GetRenderJob(
+        self, request: gateway_pb2.GetRenderJobRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.GetRenderJobResponse:
+        return gateway_pb2.GetRenderJobResponse(job=self.final)
+
+
+@pytest.fixture
+def fake_gateway(tmp_path: Path) -> Iterator[tuple[FakeGateway, str]]:
+    video = tmp_path / "rendered.mp4"
+    video.write_bytes(b"not really an mp4")
+    servicer = FakeGateway(video)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def test_render_resumes_after_the_stream_breaks(
+    fake_gateway: tuple[FakeGateway, str], tmp_path: Path
+) -> None:
+    servicer, address = fake_gateway
+    out = tmp_path / "copies" / "boat.mp4"
+
+    result = CliRunner().invoke(app, ["render", "a boat", "--gateway", address, "--json", "--out", str(out)])
+
+    assert result.exit_code == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["state"] == "JOB_STATE_SUCCEEDED"
+    assert printed["video_path"] == str(out.resolve())
+    assert out.read_bytes() == b"not really an mp4"
+    # Resumed after the last event seen, so nothing was missed or shown twice.
+    assert servicer.after_sequences == [0, 2]
+
+
+def test_render_prints_the_video_path_last(fake_gateway: tuple[FakeGateway, str], tmp_path: Path) -> None:
+    _, address = fake_gateway
+
+    result = CliRunner().invoke(app, ["render", "a boat", "--gateway", address])
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == str(tmp_path / "rendered.mp4")
+    assert "SUCCEEDED" in result.stderr
+
+
+def test_bad_input_reports_the_field_and_exits_2(fake_gateway: tuple[FakeGateway, str]) -> None:
+    _, address = fake_gateway
+
+    result = CliRunner().invoke(app, ["render", "", "--gateway", address, "--json"])
+
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "INVALID_ARGUMENT" in result.stderr
+    assert "spec.prompt: must not be empty" in result.stderr
+
+
+def test_port_in_use() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert port_in_use(port)
+    assert not port_in_use(port)
+
+
+# --- End to end: `aiprod up` on free ports, and the CLI as users run it -----------------------------
+
+
+def _aiprod(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(AIPROD), *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@contextmanager
+def _aiprod_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+    """Runs `aiprod up --json --free-ports`; yields the process and the JSON it printed once up."""
+    log_path = tmp_path / "aiprod-up.stderr"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [str(AIPROD), "up", "--json", "--free-ports", "--data-dir", str(tmp_path / "data")],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_SECONDS)
+        line = process.stdout.readline() if ready else ""
+        if not line:
+            pytest.fail(f"aiprod up printed nothing; its stderr:\n{log_path.read_text()}")
+        yield process, json.loads(line)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _gateway_address(info: dict[str, Any]) -> str:
+    return next(service["address"] for service in info["services"] if service["name"] == "gateway")
+
+
+@pytest.fixture(scope="module")
+def up_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with _aiprod_up(tmp_path_factory.mktemp("up")) as (_, info):
+        yield _gateway_address(info)
+
+
+def test_render_end_to_end(up_gateway: str, tmp_path: Path) -> None:
+    out = tmp_path / "x.mp4"
+
+    rendered = _aiprod(
+        "render",
+        "A lighthouse at dusk",
+        "--duration",
+        "1",
+        "--json",
+        "--gateway",
+        up_gateway,
+        "--out",
+        str(out),
+    )
+
+    assert rendered.returncode == 0, rendered.stderr
+    job = json.loads(rendered.stdout)
+    assert job["state"] == "JOB_STATE_SUCCEEDED"
+    assert job["video_path"] == str(out.resolve())
+    with av.open(str(out)) as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) == 24
+    assert {(frame.width, frame.height) for frame in frames} == {(1280, 720)}
+
+    listed = _aiprod("jobs", "list", "--state", "succeeded", "--json", "--gateway", up_gateway)
+    assert listed.returncode == 0, listed.stderr
+    assert job["job_id"] in [listed_job["job_id"] for listed_job in json.loads(listed.stdout)["jobs"]]
+
+    got = _aiprod("jobs", "get", job["job_id"], "--json", "--gateway", up_gateway)
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["state"] == "JOB_STATE_SUCCEEDED"
+
+    cancelled = _aiprod("jobs", "cancel", job["job_id"], "--gateway", up_gateway)
+    assert cancelled.returncode == 2
+    assert "FAILED_PRECONDITION" in cancelled.stderr
+
+
+def test_empty_prompt_exits_2_and_names_the_field(up_gateway: str) -> None:
+    result = _aiprod("render", "", "--json", "--gateway", up_gateway)
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "spec.prompt" in result.stderr
+
+
+def test_up_stops_every_service_on_sigterm(tmp_path: Path) -> None:
+    with _aiprod_up(tmp_path) as (process, info):
+        pids = [service["pid"] for service in info["services"]]
+        assert len(pids) == 4
+        assert all(_alive(pid) for pid in pids)
+
+        process.send_signal(signal.SIGTERM)
+
+        assert process.wait(60) == 0
+        assert not [pid for pid in pids if _alive(pid)]
+
+
+# --- Following a render through a gateway restart and a Ctrl-C --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paced_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    # Slow renders (4 s of video take 8 s) leave time to break the watch in the middle of one.
+    mesh = Mesh(
+        tmp_path_factory.mktemp("paced"), free_ports=True, environment={"AIPROD_LOCAL_RENDER_PACE_FPS": "12"}
+    )
+    mesh.start()
+    yield mesh
+    mesh.stop()
+
+
+def _start_render(gateway: str, stderr_path: Path, *args: str) -> subprocess.Popen[str]:
+    with stderr_path.open("w") as stderr:
+        return subprocess.Popen(
+            [str(AIPROD), "render", "A kite over the dunes", "--duration", "4", "--gateway", gateway, *args],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+
+
+def _wait_for_text(path: Path, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{text!r} never appeared in:\n{path.read_text()}")
+        time.sleep(0.05)
+
+
+def test_render_resumes_after_a_gateway_restart(paced_mesh: Mesh, tmp_path: Path) -> None:
+    out = tmp_path / "kite.mp4"
+    stderr_path = tmp_path / "render.stderr"
+    render = _start_render(paced_mesh.address("gateway"), stderr_path, "--out", str(out))
+    _wait_for_text(stderr_path, "routed to")
+
+    paced_mesh.kill("gateway")
+    paced_mesh.start_service("gateway")
+
+    stdout, _ = render.communicate(timeout=120)
+    assert render.returncode == 0, stderr_path.read_text()
+    assert "reconnecting" in stderr_path.read_text()
+    assert stdout.splitlines()[-1] == str(out)
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].frames == 96
+
+
+def test_ctrl_c_leaves_the_job_running(paced_mesh: Mesh, tmp_path: Path) -> None:
+    gateway = paced_mesh.address("gateway")
+    stderr_path = tmp_path / "render.stderr"
+    render = _start_render(gateway, stderr_path)
+    _wait_for_text(stderr_path, "routed to")
+
+    render.send_signal(signal.SIGINT)
+
+    render.communicate(timeout=60)
+    assert render.returncode == 1
+    left = re.search(r"job (job_\w+) keeps running", stderr_path.read_text())
+    assert left, stderr_path.read_text()
+    got = _aiprod("jobs", "get", left.group(1), "--json", "--gateway", gateway)
+    assert json.loads(got.stdout)["state"] in {"JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"}
