@@ -7,14 +7,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import start_mesh
 
-from aiprod_kit.mesh import SERVICES
-
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def test_every_service_reports_serving_under_its_full_name_and_the_empty_name(mesh):
-    for spec in SERVICES:
-        with grpc.insecure_channel(mesh.address(spec.name)) as channel:
+    for service in mesh.services.values():
+        spec = service.spec
+        with grpc.insecure_channel(service.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for name in (spec.health_name, ""):
                 assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == SERVING

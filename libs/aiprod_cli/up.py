@@ -14,7 +14,7 @@ from rich import box
 from rich.table import Table
 
 from aiprod_cli.output import JsonOption, new_table, print_json, stderr, stdout
-from aiprod_kit.mesh import SERVICES, Mesh, RunningService, ServiceStartError
+from aiprod_kit.mesh import PROVIDER_BACKENDS, Mesh, RunningService, ServiceStartError
 
 # How often the loop looks for a stop request, or a service that exited on its own.
 _POLL_SECONDS = 0.2
@@ -72,7 +72,7 @@ def _services_table(mesh: Mesh) -> Table:
             service.spec.name,
             service.address,
             str(service.process.pid),
-            service.spec.health_name,
+            service.spec.health_name or "HTTP /_sandbox/health",
             str(service.log_path.relative_to(mesh.data_dir)),
         )
     return table
@@ -117,6 +117,22 @@ def up(
             "the table or JSON shows the addresses.",
         ),
     ] = False,
+    sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--sandbox",
+            help="Also start the provider sandbox (port 50080) and the Runway, Veo and Replicate renderers "
+            "(50061-50063) pointed at it: every backend, no credentials.",
+        ),
+    ] = False,
+    backends: Annotated[
+        str,
+        typer.Option(
+            metavar="NAMES",
+            help="Renderers to run against the real providers, comma-separated (local,runway,veo,replicate); "
+            "each provider needs its credentials in the environment (see the README).",
+        ),
+    ] = "local",
     json_output: JsonOption = False,
 ) -> None:
     """Start every service (gateway on 50051, router 50052, metrics 50053, local renderer 50060).
@@ -125,8 +141,16 @@ def up(
 
     Exits 1, with nothing left running, if a port is taken or a service fails.
     """
+    names = tuple(name.strip() for name in backends.split(",") if name.strip())
+    unknown = sorted(set(names) - {"local", *PROVIDER_BACKENDS})
+    if unknown:
+        stderr.print(f"error: --backends: unknown backend {', '.join(unknown)}", markup=False)
+        raise typer.Exit(2)
+    mesh = Mesh(data_dir.resolve(), free_ports=free_ports, backends=names, sandbox=sandbox)
     if not free_ports:
-        busy = [f"{spec.name} ({spec.default_port})" for spec in SERVICES if port_in_use(spec.default_port)]
+        busy = [
+            f"{spec.name} ({spec.default_port})" for spec in mesh.wanted() if port_in_use(spec.default_port)
+        ]
         if busy:
             stderr.print(
                 f"error: ports in use: {', '.join(busy)}. Is another `aiprod up` running? "
@@ -137,7 +161,6 @@ def up(
 
     stop = _StopRequest()
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-    mesh = Mesh(data_dir.resolve(), free_ports=free_ports)
     try:
         try:
             mesh.start()  # stops what it started if anything fails

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aiprod_kit import settings as defaults
@@ -26,20 +27,45 @@ class ServiceSpec:
     module: str
     port_variable: str
     default_port: int
-    health_name: str
+    # The gRPC health service name; None for the sandbox, an HTTP service checked at /_sandbox/health.
+    health_name: str | None
 
 
+_RENDERER = "aiprod.renderer.v1.RendererService"
 # In start order: every service starts after the ones it calls.
 SERVICES = (
     ServiceSpec("metrics", "aiprod_metrics", "AIPROD_METRICS_PORT", defaults.METRICS_PORT,
                 "aiprod.metrics.v1.MetricsService"),
+    ServiceSpec("sandbox", "aiprod_sandbox", "AIPROD_SANDBOX_PORT", defaults.SANDBOX_PORT, None),
     ServiceSpec("renderer-local", "aiprod_renderers.local", "AIPROD_LOCAL_RENDERER_PORT",
-                defaults.LOCAL_RENDERER_PORT, "aiprod.renderer.v1.RendererService"),
+                defaults.LOCAL_RENDERER_PORT, _RENDERER),
+    ServiceSpec("renderer-runway", "aiprod_renderers.runway", "AIPROD_RUNWAY_PORT",
+                defaults.RUNWAY_RENDERER_PORT, _RENDERER),
+    ServiceSpec("renderer-veo", "aiprod_renderers.veo", "AIPROD_VEO_PORT", defaults.VEO_RENDERER_PORT, _RENDERER),
+    ServiceSpec("renderer-replicate", "aiprod_renderers.replicate", "AIPROD_REPLICATE_PORT",
+                defaults.REPLICATE_RENDERER_PORT, _RENDERER),
     ServiceSpec("router", "aiprod_router", "AIPROD_ROUTER_PORT", defaults.ROUTER_PORT,
                 "aiprod.router.v1.RouterService"),
     ServiceSpec("gateway", "aiprod_gateway", "AIPROD_GATEWAY_PORT", defaults.GATEWAY_PORT,
                 "aiprod.gateway.v1.GatewayService"),
 )  # fmt: skip
+PROVIDER_BACKENDS = ("runway", "veo", "replicate")
+# The key the sandbox accepts; renderers pointed at it use it as their credentials.
+SANDBOX_API_KEY = "sandbox-key"
+
+
+def sandbox_environment(address: str) -> dict[str, str]:
+    """Points the provider renderers (their official clients) at the sandbox, with its credentials."""
+    root = f"http://{address}"
+    return {
+        "RUNWAYML_BASE_URL": f"{root}/runway",
+        "RUNWAYML_API_SECRET": SANDBOX_API_KEY,
+        "REPLICATE_BASE_URL": f"{root}/replicate",
+        "REPLICATE_API_TOKEN": SANDBOX_API_KEY,
+        "AIPROD_VEO_BASE_URL": f"{root}/vertex",
+        "AIPROD_VEO_ACCESS_TOKEN": SANDBOX_API_KEY,
+        "GOOGLE_CLOUD_PROJECT": "aiprod-sandbox",
+    }
 
 
 class ServiceStartError(RuntimeError):
@@ -60,17 +86,31 @@ class RunningService:
 
 @dataclass
 class Mesh:
-    """The mesh's processes. Ports default to the documented ones; pass free=True for free ports."""
+    """The mesh's processes. Ports default to the documented ones; free_ports=True picks free ones.
+
+    `backends` names the renderers to run (local always makes sense; runway, veo and replicate need
+    credentials, or `sandbox=True`, which starts the provider sandbox and points them at it).
+    `only` starts just the named services (a test of one renderer against the sandbox, say).
+    """
 
     data_dir: Path
     free_ports: bool = False
     environment: dict[str, str] = field(default_factory=dict)
     start_timeout: float = 60.0
+    backends: tuple[str, ...] = ("local",)
+    sandbox: bool = False
+    only: tuple[str, ...] = ()
     services: dict[str, RunningService] = field(default_factory=dict)
+
+    def wanted(self) -> list[ServiceSpec]:
+        names = set(self.only) or {"metrics", "router", "gateway", *(f"renderer-{b}" for b in self.backends)}
+        if self.sandbox and not self.only:
+            names |= {"sandbox", *(f"renderer-{b}" for b in PROVIDER_BACKENDS)}
+        return [spec for spec in SERVICES if spec.name in names]
 
     def start(self) -> None:
         try:
-            for spec in SERVICES:
+            for spec in self.wanted():
                 self.start_service(spec.name)
         except BaseException:
             self.stop()
@@ -84,10 +124,17 @@ class Mesh:
             PYTHONUNBUFFERED="1",
         )
         env[spec.port_variable] = str(port)
+        if "sandbox" in self.services:
+            env.update(sandbox_environment(self.services["sandbox"].address))
         if "metrics" in self.services:
             env["AIPROD_METRICS_TARGET"] = self.services["metrics"].address
-        if "renderer-local" in self.services:
-            env["AIPROD_RENDERERS"] = f"local={self.services['renderer-local'].address}"
+        renderers = [
+            f"{name.removeprefix('renderer-')}={service.address}"
+            for name, service in self.services.items()
+            if name.startswith("renderer-")
+        ]
+        if renderers:
+            env["AIPROD_RENDERERS"] = ",".join(renderers)
         if "router" in self.services:
             env["AIPROD_ROUTER_TARGET"] = self.services["router"].address
         return env
@@ -136,7 +183,7 @@ class Mesh:
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM in reverse start order, so that callers drain before the services they call."""
-        for name in reversed([spec.name for spec in SERVICES]):
+        for name in reversed([spec.name for spec in SERVICES if spec.name in self.services]):
             service = self.services.get(name)
             if service is None or service.process.poll() is not None:
                 continue
@@ -175,12 +222,14 @@ def _await_serving_port(process: subprocess.Popen[bytes], log_path: Path, timeou
 
 
 def _check_serving(service: RunningService, timeout: float) -> None:
+    if service.spec.health_name is None:
+        response = httpx.get(f"http://{service.address}/_sandbox/health", timeout=timeout)
+        if response.status_code != 200:
+            raise ServiceStartError(f"{service.spec.name} answers {response.status_code} on its health check")
+        return
     with grpc.insecure_channel(service.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        response = stub.Check(
-            health_pb2.HealthCheckRequest(service=service.spec.health_name),
-            timeout=timeout,
-            wait_for_ready=True,
-        )
+        # The process-wide "" status: a renderer without credentials is up yet NOT_SERVING by name.
+        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True)
     if response.status != health_pb2.HealthCheckResponse.SERVING:
         raise ServiceStartError(f"{service.spec.name} reports {response.status}")

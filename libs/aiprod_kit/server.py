@@ -7,20 +7,44 @@ NOT_SERVING, in-flight calls drain for the grace period, then the service's reso
 
 import asyncio
 import contextlib
+import functools
 import signal
-from collections.abc import Callable
+import sys
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aiprod_kit.errors import ErrorInterceptor
 from aiprod_kit.logs import configure_logging
-from aiprod_kit.settings import CommonSettings
+from aiprod_kit.settings import CommonSettings, ConfigurationError
 from aiprod_kit.telemetry import configure_telemetry, server_interceptors
+
+
+class HealthSignal:
+    """A service's own say in its health (a renderer without credentials is alive but not serving).
+
+    The bootstrap publishes it on the standard health service under the service's full name; until the
+    server starts, changes are only remembered.
+    """
+
+    def __init__(self, serving: bool = True) -> None:
+        self.serving = serving
+        self._publish: Callable[[bool], Awaitable[None]] | None = None
+
+    async def set(self, serving: bool) -> None:
+        self.serving = serving
+        if self._publish is not None:
+            await self._publish(serving)
+
+    async def bind(self, publish: Callable[[bool], Awaitable[None]]) -> None:
+        self._publish = publish
+        await publish(self.serving)
 
 
 @dataclass(frozen=True)
@@ -30,6 +54,8 @@ class Registration:
     full_name: str
     servicer: Any
     add_to_server: Callable[[Any, grpc.aio.Server], None]
+    # The service's health when it can be alive yet unable to serve; None means serving while up.
+    health: HealthSignal | None = None
 
 
 # A service's resources (stores, channels, background tasks) for the life of the server: entered
@@ -58,8 +84,11 @@ async def serve(component: str, settings: CommonSettings, port: int, build: Serv
         )
         bound_port = server.add_insecure_port(f"{settings.host}:{port}")
         await server.start()
-        for name in [*names, ""]:
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        for registration in registrations:
+            await (registration.health or HealthSignal()).bind(
+                functools.partial(_publish_health, health_servicer, registration.full_name)
+            )
         # Supervisors (aiprod up, the tests) read the bound port from this line when they asked for port 0.
         log.info("serving", port=bound_port, services=names)
 
@@ -70,7 +99,16 @@ async def serve(component: str, settings: CommonSettings, port: int, build: Serv
     log.info("stopped")
 
 
+async def _publish_health(servicer: health.aio.HealthServicer, name: str, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    await servicer.set(name, status)
+
+
 def run(component: str, settings: CommonSettings, port: int, build: ServiceFactory) -> None:
-    """Entry point of a service process."""
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(component, settings, port, build))
+    """Entry point of a service process; a configuration error ends it at once, naming the variable."""
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(component, settings, port, build))
+    except ConfigurationError as error:
+        structlog.get_logger().error("configuration error", error=str(error))
+        sys.exit(2)

@@ -3,6 +3,7 @@
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The documented ports of `aiprod up`; tests set 0 to get free ones.
@@ -10,6 +11,14 @@ GATEWAY_PORT = 50051
 ROUTER_PORT = 50052
 METRICS_PORT = 50053
 LOCAL_RENDERER_PORT = 50060
+RUNWAY_RENDERER_PORT = 50061
+VEO_RENDERER_PORT = 50062
+REPLICATE_RENDERER_PORT = 50063
+SANDBOX_PORT = 50080
+
+
+class ConfigurationError(Exception):
+    """A setting is wrong: the service cannot start. The message names the variable."""
 
 
 class CommonSettings(BaseSettings):
@@ -55,3 +64,70 @@ class LocalRendererSettings(CommonSettings):
     local_render_pace_fps: float = 0.0
     # How many renders run at once.
     local_render_concurrency: int = 2
+
+
+class ProviderSettings(BaseSettings):
+    """Settings of one provider renderer, read under its own prefix (AIPROD_RUNWAY_, ...).
+
+    Credentials keep the provider clients' own variable names (RUNWAYML_API_SECRET, ...), declared by
+    each provider's subclass.
+    """
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    port: int
+    model: str
+    # The shortest wait between two polls of one task: no more often than the provider asks.
+    poll_seconds: float
+    requests_per_minute: int = 60
+    max_concurrent_tasks: int = 4
+    # How long StartRender waits for one of the concurrent task slots before saying RESOURCE_EXHAUSTED.
+    slot_wait_seconds: float = 30.0
+    request_timeout_seconds: float = 30.0
+    # Consecutive provider failures that open the breaker, and how long it stays open before a probe.
+    breaker_failures: int = 5
+    breaker_cooldown_seconds: float = 30.0
+    # Outputs go to this Google Cloud Storage bucket when set, else under AIPROD_DATA_DIR/videos.
+    gcs_bucket: str = Field("", validation_alias="AIPROD_GCS_BUCKET")
+
+
+class RunwaySettings(ProviderSettings):
+    model_config = SettingsConfigDict(env_prefix="AIPROD_RUNWAY_", extra="ignore", frozen=True)
+
+    port: int = RUNWAY_RENDERER_PORT
+    model: str = "gen4.5"
+    poll_seconds: float = 5.0
+    api_secret: SecretStr = Field(SecretStr(""), validation_alias="RUNWAYML_API_SECRET")
+    base_url: str = Field("https://api.dev.runwayml.com", validation_alias="RUNWAYML_BASE_URL")
+
+
+class VeoSettings(ProviderSettings):
+    model_config = SettingsConfigDict(env_prefix="AIPROD_VEO_", extra="ignore", frozen=True)
+
+    port: int = VEO_RENDERER_PORT
+    model: str = "veo-3.0-generate-001"
+    poll_seconds: float = 10.0
+    requests_per_minute: int = 10
+    project: str = Field("", validation_alias="GOOGLE_CLOUD_PROJECT")
+    location: str = Field("us-central1", validation_alias="GOOGLE_CLOUD_LOCATION")
+    # Vertex AI's endpoint; empty means the client's default. The sandbox sets its own.
+    base_url: str = ""
+    # A bearer token to use instead of Application Default Credentials (the sandbox, tests).
+    access_token: SecretStr = SecretStr("")
+    generate_audio: bool = False
+
+
+class ReplicateSettings(ProviderSettings):
+    model_config = SettingsConfigDict(env_prefix="AIPROD_REPLICATE_", extra="ignore", frozen=True)
+
+    port: int = REPLICATE_RENDERER_PORT
+    model: str = "minimax/video-01"
+    poll_seconds: float = 2.0
+    api_token: SecretStr = Field(SecretStr(""), validation_alias="REPLICATE_API_TOKEN")
+    base_url: str = Field("https://api.replicate.com", validation_alias="REPLICATE_BASE_URL")
+    # The model's price per second of video in USD (Replicate prices vary per model).
+    price_per_second_usd: float = 0.05
+    # How the model's input is named: JSON mapping our fields to the model's input keys.
+    input_mapping: str = (
+        '{"prompt": "prompt", "first_frame": "first_frame_image", "duration_seconds": "duration"}'
+    )

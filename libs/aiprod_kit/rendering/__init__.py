@@ -1,0 +1,1 @@
+"""The renderer kit: everything a provider renderer needs that is not provider-specific."""

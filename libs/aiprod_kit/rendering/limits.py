@@ -1,0 +1,81 @@
+"""A provider's limits, respected from this side: requests per minute, concurrent tasks, a pause on
+429 for as long as Retry-After asks, and retries with backoff for what is safe to send again."""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+from aiolimiter import AsyncLimiter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential
+
+from aiprod_kit.rendering.provider import ErrorKind, ProviderError
+
+T = TypeVar("T")
+log = structlog.get_logger()
+
+# Longest pause a Retry-After may impose before the call is given up to the caller.
+_MAX_RETRY_AFTER_SECONDS = 120.0
+_backoff = wait_exponential(multiplier=0.5, min=0.5, max=30)
+
+
+class ProviderLimits:
+    def __init__(
+        self,
+        requests_per_minute: int,
+        max_concurrent_tasks: int,
+        request_timeout_seconds: float,
+        attempts: int = 4,
+    ) -> None:
+        self._requests = AsyncLimiter(requests_per_minute, 60)
+        self.task_slots = asyncio.Semaphore(max_concurrent_tasks)
+        self._timeout = request_timeout_seconds
+        self._attempts = attempts
+        # After a 429 every request waits until then, not just the one that was refused.
+        self._paused_until = 0.0
+
+    def _wait(self, retry_state: RetryCallState) -> float:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(error, ProviderError) and error.retry_after is not None:
+            return min(error.retry_after, _MAX_RETRY_AFTER_SECONDS)
+        return _backoff(retry_state)
+
+    async def call(self, operation: Callable[[], Awaitable[T]], *, idempotent: bool, what: str) -> T:
+        """Runs one provider request under the limits, retrying what may be sent again: refusals that
+        the provider did not act on (429, 502-504, no connection) always; ambiguous failures (timeout,
+        dropped connection) only for idempotent requests, never for a create."""
+
+        def retryable(error: BaseException) -> bool:
+            if not isinstance(error, ProviderError):
+                return False
+            return error.safe_to_resend or (idempotent and error.kind == ErrorKind.AMBIGUOUS)
+
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(retryable),
+            wait=self._wait,
+            stop=stop_after_attempt(self._attempts),
+            reraise=True,
+        ):
+            with attempt:
+                return await self._once(operation, what)
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def _once(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
+        pause = self._paused_until - time.monotonic()
+        if pause > 0:
+            await asyncio.sleep(pause)
+        await self._requests.acquire()
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await operation()
+        except TimeoutError as error:
+            raise ProviderError(
+                ErrorKind.AMBIGUOUS, f"{what} got no answer in {self._timeout:g} s"
+            ) from error
+        except ProviderError as error:
+            if error.kind == ErrorKind.RATE_LIMITED:
+                pause_for = min(error.retry_after or 1.0, _MAX_RETRY_AFTER_SECONDS)
+                self._paused_until = max(self._paused_until, time.monotonic() + pause_for)
+                log.warning("provider rate limit", what=what, retry_after=error.retry_after)
+            raise

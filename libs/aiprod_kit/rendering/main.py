@@ -1,0 +1,42 @@
+"""The process of a provider renderer: its provider, the kit's service, health, storage."""
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from aiprod_kit.rendering.provider import Provider
+from aiprod_kit.rendering.service import ProviderRendererService
+from aiprod_kit.rendering.storage import video_store_from_settings
+from aiprod_kit.server import HealthSignal, Registration, run
+from aiprod_kit.settings import CommonSettings, ProviderSettings
+
+RENDERER_SERVICE = renderer_pb2.DESCRIPTOR.services_by_name["RendererService"].full_name
+S = TypeVar("S", bound=ProviderSettings)
+
+
+def run_renderer(component: str, settings: S, make_provider: Callable[[S], Provider]) -> None:
+    """Runs a provider renderer; make_provider raises ConfigurationError for bad settings, which stops
+    the process at start-up with a message naming the variable."""
+    common = CommonSettings()
+
+    @asynccontextmanager
+    async def build() -> AsyncIterator[list[Registration]]:
+        provider = make_provider(settings)
+        # Not serving until the first probe has passed (and never without credentials).
+        health = HealthSignal(serving=False)
+        store = video_store_from_settings(common.data_dir, settings.gcs_bucket)
+        service = ProviderRendererService(
+            provider, settings, store, health, common.data_dir / "tmp" / component
+        )
+        await service.start()
+        try:
+            yield [
+                Registration(
+                    RENDERER_SERVICE, service, renderer_pb2_grpc.add_RendererServiceServicer_to_server, health
+                )
+            ]
+        finally:
+            await service.close()
+
+    run(component, common, settings.port, build)

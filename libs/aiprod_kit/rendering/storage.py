@@ -1,0 +1,177 @@
+"""Durable, content-addressed storage of finished videos: on the local disk or in Google Cloud Storage.
+
+A video is named by the SHA-256 of its bytes (`<sha[:2]>/<sha>.mp4`), so the same content is stored
+once and storing it again is harmless. Neither store ever shows a partial file under a final name:
+the local one writes through a temporary name and renames, GCS only shows an object once its upload
+has completed.
+"""
+
+import asyncio
+import hashlib
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+from google.api_core.exceptions import PreconditionFailed
+from google.cloud import storage
+
+_CHUNK = 1 << 20
+_SUFFIX = ".mp4"
+_GCS_PREFIX = "videos"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StoredVideo:
+    """A video in durable storage."""
+
+    uri: str
+    sha256: str
+    size_bytes: int
+
+
+class VideoStore(ABC):
+    """Where finished videos are kept."""
+
+    @abstractmethod
+    async def put(self, source: Path) -> StoredVideo:
+        """Stores a copy of the finished file at `source` under its content address."""
+
+    @abstractmethod
+    async def fetch(self, uri: str, destination: Path) -> Path:
+        """Copies the video at `uri`, which this store returned, to `destination`; returns it."""
+
+
+def sha256_of(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes. Blocking."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_directory(path: Path) -> None:
+    # A rename is only durable once the directory holding the new name is synced.
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class LocalVideoStore(VideoStore):
+    """Videos as files `<directory>/<sha[:2]>/<sha>.mp4`, with `file://` URIs."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory.resolve()
+
+    async def put(self, source: Path) -> StoredVideo:
+        stored, _ = await asyncio.to_thread(self.store, lambda temporary: shutil.copyfile(source, temporary))
+        return stored
+
+    async def fetch(self, uri: str, destination: Path) -> Path:
+        await asyncio.to_thread(shutil.copyfile, self.path_of(uri), destination)
+        return destination
+
+    def path_of(self, uri: str) -> Path:
+        """The file behind a `file://` URI of this store; ValueError for any other URI."""
+        parts = urlsplit(uri)
+        path = Path(url2pathname(parts.path))
+        if parts.scheme != "file" or parts.netloc not in ("", "localhost") or not path.is_absolute():
+            raise ValueError(f"not a file URI: {uri!r}")
+        # Resolved so that ".." cannot lead out of the store.
+        path = path.resolve()
+        if not path.is_relative_to(self.directory):
+            raise ValueError(f"{uri!r} is not in the video store at {self.directory}")
+        return path
+
+    def store(self, write: Callable[[Path], T]) -> tuple[StoredVideo, T]:
+        """Calls write(temporary path), then moves the file to its content address. Blocking.
+
+        Lets a producer (an encoder) write straight into the store without a copy. Returns the stored
+        video and what write returned. If write raises, the temporary file is removed and the error
+        goes on; a crash leaves at most a `.partial-*` file, never a partial video under a final name.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # In the store's own directory, so that the final rename stays on one file system.
+        descriptor, name = tempfile.mkstemp(dir=self.directory, prefix=".partial-", suffix=_SUFFIX)
+        os.close(descriptor)
+        temporary = Path(name)
+        try:
+            written = write(temporary)
+            sha256 = sha256_of(temporary)
+            with temporary.open("rb") as file:
+                os.fsync(file.fileno())
+            final = self.directory / sha256[:2] / f"{sha256}{_SUFFIX}"
+            final.parent.mkdir(exist_ok=True)
+            # mkstemp makes the file private; stored videos are meant to be read by the other services.
+            temporary.chmod(0o644)
+            # Same content again replaces identical bytes: idempotent, and never a partial file.
+            os.replace(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_directory(final.parent)
+        _fsync_directory(self.directory)
+        return StoredVideo(uri=final.as_uri(), sha256=sha256, size_bytes=final.stat().st_size), written
+
+
+class GcsVideoStore(VideoStore):
+    """Videos as objects `gs://<bucket>/videos/<sha[:2]>/<sha>.mp4` in Google Cloud Storage.
+
+    The client library is blocking, so each call runs in a worker thread.
+    """
+
+    def __init__(self, bucket_name: str, client: storage.Client | None = None) -> None:
+        self.bucket_name = bucket_name
+        self._bucket = (client or storage.Client()).bucket(bucket_name)
+
+    async def put(self, source: Path) -> StoredVideo:
+        return await asyncio.to_thread(self._put, source)
+
+    async def fetch(self, uri: str, destination: Path) -> Path:
+        await asyncio.to_thread(
+            self._bucket.blob(self.object_name(uri)).download_to_filename, str(destination)
+        )
+        return destination
+
+    def object_name(self, uri: str) -> str:
+        """The object name behind a `gs://` URI of this store's bucket; ValueError for any other URI."""
+        parts = urlsplit(uri)
+        if parts.scheme != "gs" or parts.netloc != self.bucket_name or not parts.path.lstrip("/"):
+            raise ValueError(f"{uri!r} is not an object of gs://{self.bucket_name}")
+        return parts.path.lstrip("/")
+
+    def _put(self, source: Path) -> StoredVideo:
+        sha256 = sha256_of(source)
+        size_bytes = source.stat().st_size
+        name = f"{_GCS_PREFIX}/{sha256[:2]}/{sha256}{_SUFFIX}"
+        stored = StoredVideo(uri=f"gs://{self.bucket_name}/{name}", sha256=sha256, size_bytes=size_bytes)
+        # A metadata read is far cheaper than uploading a video again (a retried render, say).
+        if self._bucket.get_blob(name) is not None:
+            return stored
+        blob = self._bucket.blob(name)
+        blob.metadata = {"sha256": sha256}
+        try:
+            # Generation 0 means "only if absent": a concurrent or retried upload of the same content
+            # keeps the existing object.
+            blob.upload_from_filename(str(source), content_type="video/mp4", if_generation_match=0)
+        except PreconditionFailed:
+            pass  # Already there: the name is the content's hash, so it holds the same bytes.
+        return stored
+
+
+def video_store_from_settings(data_dir: Path, gcs_bucket: str) -> VideoStore:
+    """GCS when a bucket is configured, else files under `data_dir / "videos"`."""
+    if gcs_bucket:
+        return GcsVideoStore(gcs_bucket)
+    return LocalVideoStore(data_dir / "videos")

@@ -1,0 +1,1 @@
+"""The Runway renderer: Runway's task API through the official runwayml client."""
