@@ -117,13 +117,9 @@ class Mesh:
             raise
 
     def _service_environment(self, spec: ServiceSpec, port: int) -> dict[str, str]:
-        env = {**os.environ, **self.environment}
-        env.update(
-            AIPROD_DATA_DIR=str(self.data_dir),
-            AIPROD_LOG_FORMAT="json",
-            PYTHONUNBUFFERED="1",
-        )
-        env[spec.port_variable] = str(port)
+        """The child's environment: this process's, the wiring to the services already up, then the
+        caller's overrides (which win), then what the supervisor itself depends on."""
+        env = dict(os.environ)
         if "sandbox" in self.services:
             env.update(sandbox_environment(self.services["sandbox"].address))
         if "metrics" in self.services:
@@ -137,6 +133,9 @@ class Mesh:
             env["AIPROD_RENDERERS"] = ",".join(renderers)
         if "router" in self.services:
             env["AIPROD_ROUTER_TARGET"] = self.services["router"].address
+        env.update(self.environment)
+        env.update(AIPROD_DATA_DIR=str(self.data_dir), AIPROD_LOG_FORMAT="json", PYTHONUNBUFFERED="1")
+        env[spec.port_variable] = str(port)
         return env
 
     def start_service(self, name: str, port: int | None = None) -> RunningService:
