@@ -115,6 +115,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 event=_event(attempt, failed=_failure("RENDER_REFUSED", error.details() or "", False))
             )
             return
+        if not started.render.handle.task_id:
+            # The renderer could not create the task at its provider (refused, rate limited, uncertain).
+            yield router_pb2.ExecuteRenderResponse(event=_event(attempt, failed=started.render.failure))
+            return
         yield router_pb2.ExecuteRenderResponse(event=_event(attempt, submitted=started.render.handle))
         async for event in _follow(renderer, started.render.handle.task_id, attempt):
             yield router_pb2.ExecuteRenderResponse(event=event)
