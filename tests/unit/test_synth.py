@@ -1,6 +1,5 @@
-"""The local renderer's synthesis, storage and QC, without a service around them."""
+"""The local renderer's synthesis, checked by the kit's QC, without a service around them."""
 
-import hashlib
 import threading
 from pathlib import Path
 
@@ -8,7 +7,8 @@ import numpy as np
 import pytest
 
 from aiprod.common.v1 import render_pb2
-from aiprod_renderers.local import qc, storage, synth
+from aiprod_kit.rendering import qc
+from aiprod_renderers.local import synth
 
 PROMPT = "A paper boat sails down a rainy street"
 
@@ -67,10 +67,10 @@ def test_encode_to_the_frame(tmp_path: Path) -> None:
     found = qc.probe(path)
     assert (found.frame_count, found.width, found.height, found.frame_rate) == (36, 960, 960, 24.0)
     assert found.black_frames == 0
-    report = qc.report(found, 1.52, 960, 960, 24)
+    report = qc.report(found, duration_seconds=1.52, width=960, height=960, frame_rate=24)
     assert report.score == 1.0
     # The same report against a request the file does not meet scores lower.
-    assert qc.report(found, 1.52, 1280, 720, 24).score < 1.0
+    assert qc.report(found, duration_seconds=1.52, width=1280, height=720, frame_rate=24).score < 1.0
 
 
 def test_cancel_between_frames(tmp_path: Path) -> None:
@@ -87,29 +87,3 @@ def test_cancel_between_frames(tmp_path: Path) -> None:
             tmp_path / "clip.mp4", PROMPT, 3, 5, 1280, 720, on_progress=on_progress, cancel=cancel
         )
     assert len(seen) == 3
-
-
-def test_store_is_content_addressed(tmp_path: Path) -> None:
-    def write(path: Path) -> str:
-        path.write_bytes(b"video")
-        return "written"
-
-    stored, written = storage.store(tmp_path, write)
-    sha256 = hashlib.sha256(b"video").hexdigest()
-    assert (stored.sha256, stored.size_bytes, written) == (sha256, 5, "written")
-    assert stored.path == tmp_path.resolve() / sha256[:2] / f"{sha256}.mp4"
-    assert stored.path.read_bytes() == b"video"
-    assert stored.uri == stored.path.as_uri()
-    # The same content again lands on the same name, and nothing else is left behind.
-    assert storage.store(tmp_path, write)[0] == stored
-    assert [path for path in tmp_path.rglob("*") if path.is_file()] == [stored.path]
-
-
-def test_store_leaves_nothing_on_failure(tmp_path: Path) -> None:
-    def fail(path: Path) -> None:
-        path.write_bytes(b"half a vid")
-        raise RuntimeError("encoder died")
-
-    with pytest.raises(RuntimeError):
-        storage.store(tmp_path, fail)
-    assert list(tmp_path.iterdir()) == []

@@ -79,21 +79,25 @@ def probe(path: Path) -> Probe:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             frame_rate = float(stream.average_rate or stream.guessed_rate or 0)
-            width, height = stream.codec_context.width, stream.codec_context.height
             sample_every = max(1, round(frame_rate / _SAMPLES_PER_SECOND))
-            sample_width, sample_height = _sample_size(width, height)
+            # Sizes come from the first frame; samples keep its size so that they compare even if the
+            # stream's size changes.
+            width = height = sample_width = sample_height = 0
             count = sampled = black = frozen = 0
             previous: np.ndarray | None = None
             for frame in container.decode(stream):
+                if count == 0:
+                    width, height = frame.width, frame.height
+                    sample_width, sample_height = _sample_size(width, height)
                 if count % sample_every == 0:
                     luma = frame.to_ndarray(
                         width=sample_width, height=sample_height, format="gray", interpolation="AREA"
                     ).astype(np.int16)
                     sampled += 1
-                    black += np.count_nonzero(luma > _LIT_LUMA) <= _BLACK_MAX_LIT_SHARE * luma.size
+                    black += int(np.count_nonzero(luma > _LIT_LUMA) <= _BLACK_MAX_LIT_SHARE * luma.size)
                     if previous is not None:
                         changed = np.count_nonzero(np.abs(luma - previous) > _CHANGE_LUMA)
-                        frozen += changed <= _FROZEN_MAX_CHANGED_SHARE * luma.size
+                        frozen += int(changed <= _FROZEN_MAX_CHANGED_SHARE * luma.size)
                     previous = luma
                 count += 1
             # The container's index tells how many frames there should be (0 where it does not know):
@@ -155,7 +159,9 @@ def report(
     # Within half a frame is exact: a length can only be met to the nearest whole frame.
     half_frame = 0.5 / (found.frame_rate or frame_rate)
     duration_score = (
-        1.0 if duration_error <= half_frame else max(0.0, 1.0 - duration_error / duration_seconds)
+        1.0
+        if duration_error <= half_frame
+        else max(0.0, 1.0 - duration_error / max(duration_seconds, half_frame))
     )
     pairs = found.sampled_frames - 1
     checks = [

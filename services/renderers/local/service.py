@@ -22,9 +22,11 @@ from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod_kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from aiprod_kit.money import usd
+from aiprod_kit.rendering import qc
+from aiprod_kit.rendering.storage import LocalVideoStore
 from aiprod_kit.server import Registration
 from aiprod_kit.settings import LocalRendererSettings
-from aiprod_renderers.local import qc, storage, synth
+from aiprod_renderers.local import synth
 
 SERVICE_NAME = renderer_pb2.DESCRIPTOR.services_by_name["RendererService"].full_name
 MODEL = "local-synth-v1"
@@ -286,8 +288,8 @@ class LocalRendererService(renderer_pb2_grpc.RendererServiceServicer):
                 published = fraction
                 loop.call_soon_threadsafe(render.set_progress, fraction * _ENCODE_SHARE)
 
-        stored, _ = storage.store(
-            self._videos_dir,
+        store = LocalVideoStore(self._videos_dir)
+        stored, _ = store.store(
             lambda path: synth.encode_video(
                 path,
                 shot.prompt,
@@ -302,7 +304,7 @@ class LocalRendererService(renderer_pb2_grpc.RendererServiceServicer):
         )
         if render.cancel.is_set():
             raise synth.RenderCancelled
-        found = qc.probe(stored.path)
+        found = qc.probe(store.path_of(stored.uri))
         return render_pb2.RenderOutput(
             backend=backend_pb2.BACKEND_LOCAL,
             video=render_pb2.VideoArtifact(
@@ -316,7 +318,13 @@ class LocalRendererService(renderer_pb2_grpc.RendererServiceServicer):
                 frame_rate=found.frame_rate,
                 frame_count=found.frame_count,
             ),
-            qc=qc.report(found, shot.duration_seconds, width, height, synth.FRAME_RATE),
+            qc=qc.report(
+                found,
+                duration_seconds=shot.duration_seconds,
+                width=width,
+                height=height,
+                frame_rate=synth.FRAME_RATE,
+            ),
             cost=usd(0),
         )
 

@@ -1,0 +1,305 @@
+"""Content-addressed video stores: on the local disk, and on GCS through a real local emulator."""
+
+import asyncio
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.api_core.exceptions import PreconditionFailed
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+
+from aiprod_kit.rendering import qc
+from aiprod_kit.rendering.storage import (
+    GcsVideoStore,
+    LocalVideoStore,
+    StoredVideo,
+    VideoStore,
+    video_store_from_settings,
+)
+from aiprod_renderers.local import synth
+
+CONTENT = b"not really a video, but bytes all the same"
+SHA256 = hashlib.sha256(CONTENT).hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.rglob("*") if path.is_file())
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    path = tmp_path / "source.bin"
+    path.write_bytes(CONTENT)
+    return path
+
+
+# Local store.
+
+
+async def test_local_put_is_content_addressed(tmp_path: Path, source: Path) -> None:
+    store = LocalVideoStore(tmp_path / "videos")
+    stored = await store.put(source)
+    final = (tmp_path / "videos").resolve() / SHA256[:2] / f"{SHA256}.mp4"
+    assert stored == StoredVideo(uri=final.as_uri(), sha256=SHA256, size_bytes=len(CONTENT))
+    assert store.path_of(stored.uri) == final
+    assert final.read_bytes() == CONTENT
+    # Readable by the other services; the source is copied, not taken.
+    assert final.stat().st_mode & 0o777 == 0o644
+    assert await asyncio.to_thread(source.read_bytes) == CONTENT
+
+
+async def test_local_put_again_is_idempotent(tmp_path: Path, source: Path) -> None:
+    store = LocalVideoStore(tmp_path / "videos")
+    first = await store.put(source)
+    assert await store.put(source) == first
+    # Concurrent puts of the same content also end on the one file, with no temporary files left.
+    assert set(await asyncio.gather(*(store.put(source) for _ in range(5)))) == {first}
+    assert _files(tmp_path / "videos") == [store.path_of(first.uri)]
+
+
+async def test_local_fetch(tmp_path: Path, source: Path) -> None:
+    store = LocalVideoStore(tmp_path / "videos")
+    stored = await store.put(source)
+    copy = await store.fetch(stored.uri, tmp_path / "copy.mp4")
+    assert copy.read_bytes() == CONTENT
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["gs://bucket/videos/ab/ab.mp4", "file:///etc/passwd", "file://{videos}/../outside.mp4", "relative.mp4"],
+)
+def test_local_path_of_refuses_other_uris(tmp_path: Path, uri: str) -> None:
+    store = LocalVideoStore(tmp_path / "videos")
+    with pytest.raises(ValueError):
+        store.path_of(uri.format(videos=store.directory))
+
+
+def test_local_store_writes_through_a_temporary_name(tmp_path: Path) -> None:
+    store = LocalVideoStore(tmp_path / "videos")
+    seen_while_writing: list[Path] = []
+
+    def write(path: Path) -> str:
+        path.write_bytes(CONTENT)
+        seen_while_writing.extend(_files(store.directory))
+        return "written"
+
+    stored, written = store.store(write)
+    assert written == "written"
+    # While being written the file only had a temporary name, which is gone now.
+    assert [path.name.startswith(".partial-") for path in seen_while_writing] == [True]
+    assert _files(store.directory) == [store.path_of(stored.uri)]
+
+
+def test_local_store_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    store = LocalVideoStore(tmp_path / "videos")
+
+    def fail(path: Path) -> None:
+        path.write_bytes(CONTENT[:10])
+        raise RuntimeError("encoder died")
+
+    with pytest.raises(RuntimeError):
+        store.store(fail)
+    assert _files(store.directory) == []
+
+
+def test_local_store_crash_never_leaves_a_partial_video(tmp_path: Path) -> None:
+    """A process that dies mid-write, with no chance to clean up, leaves no file under a final name."""
+    videos = tmp_path / "videos"
+    script = textwrap.dedent(
+        f"""
+        import os
+        from pathlib import Path
+        from aiprod_kit.rendering.storage import LocalVideoStore
+
+        def write(path):
+            path.write_bytes(b"half a vid")
+            os._exit(3)
+
+        LocalVideoStore(Path({str(videos)!r})).store(write)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], timeout=60, check=False)
+    assert result.returncode == 3
+    assert [path.name.startswith(".partial-") for path in _files(videos)] == [True]
+    assert not list(videos.glob("*/*.mp4"))
+
+
+def test_local_store_failed_sync_leaves_no_final_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalVideoStore(tmp_path / "videos")
+
+    def broken_fsync(descriptor: int) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk gone"):
+        store.store(lambda path: path.write_bytes(CONTENT))
+    assert _files(store.directory) == []
+
+
+def test_video_store_from_settings_local(tmp_path: Path) -> None:
+    store = video_store_from_settings(tmp_path, "")
+    assert isinstance(store, LocalVideoStore)
+    assert store.directory == (tmp_path / "videos").resolve()
+
+
+# GCS store, against gcp-storage-emulator on a free loopback port.
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[str]:
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gcp_storage_emulator",
+            "start",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            "--in-memory",
+            "-q",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    host = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{host}/storage/v1/b", timeout=1).close()
+                break
+            except urllib.error.HTTPError:
+                break  # It answers: up.
+            except OSError:
+                if process.poll() is not None:
+                    pytest.fail(f"the storage emulator exited with {process.returncode}")
+                if time.monotonic() > deadline:
+                    pytest.fail("the storage emulator did not come up in 30 s")
+                time.sleep(0.05)
+        yield host
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def bucket(emulator: str, monkeypatch: pytest.MonkeyPatch) -> storage.Bucket:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
+    client = storage.Client(project="test", credentials=AnonymousCredentials())
+    return client.create_bucket(f"videos-{uuid.uuid4().hex[:12]}")
+
+
+def _objects(bucket: storage.Bucket) -> list[storage.Blob]:
+    return list(bucket.client.list_blobs(bucket.name))
+
+
+async def test_gcs_put_and_fetch_a_video(bucket: storage.Bucket, tmp_path: Path) -> None:
+    video = tmp_path / "clip.mp4"
+    synth.encode_video(video, "A lighthouse at dusk", 2, 1.0, 320, 180)
+    sha256 = hashlib.sha256(video.read_bytes()).hexdigest()
+    store = GcsVideoStore(bucket.name, client=bucket.client)
+
+    stored = await store.put(video)
+    name = f"videos/{sha256[:2]}/{sha256}.mp4"
+    assert stored == StoredVideo(
+        uri=f"gs://{bucket.name}/{name}", sha256=sha256, size_bytes=video.stat().st_size
+    )
+    blob = bucket.get_blob(name)
+    assert blob is not None
+    assert (blob.content_type, blob.metadata, blob.size) == (
+        "video/mp4",
+        {"sha256": sha256},
+        stored.size_bytes,
+    )
+
+    fetched = await store.fetch(stored.uri, tmp_path / "fetched.mp4")
+    assert fetched.read_bytes() == video.read_bytes()
+    assert qc.check_video(fetched, duration_seconds=1.0, width=320, height=180).score >= 0.95
+
+
+async def test_gcs_put_again_keeps_the_one_object(bucket: storage.Bucket, source: Path) -> None:
+    store = GcsVideoStore(bucket.name, client=bucket.client)
+    first = await store.put(source)
+    generation = bucket.get_blob(store.object_name(first.uri)).generation
+    assert await store.put(source) == first
+    objects = _objects(bucket)
+    assert [(blob.name, blob.generation) for blob in objects] == [(store.object_name(first.uri), generation)]
+
+
+async def test_gcs_put_large_file_resumable(bucket: storage.Bucket, tmp_path: Path) -> None:
+    # Above the client's 8 MiB multipart limit, so it goes up as a resumable upload.
+    big = tmp_path / "big.mp4"
+    big.write_bytes(os.urandom(9 << 20))
+    store = GcsVideoStore(bucket.name, client=bucket.client)
+    stored = await store.put(big)
+    fetched = await store.fetch(stored.uri, tmp_path / "fetched.mp4")
+    assert hashlib.sha256(fetched.read_bytes()).hexdigest() == stored.sha256
+    assert bucket.get_blob(store.object_name(stored.uri)).metadata == {"sha256": stored.sha256}
+
+
+def test_gcs_object_name_refuses_other_uris(bucket: storage.Bucket) -> None:
+    store = GcsVideoStore(bucket.name, client=bucket.client)
+    assert store.object_name(f"gs://{bucket.name}/videos/ab/ab.mp4") == "videos/ab/ab.mp4"
+    for uri in ("gs://another-bucket/videos/ab/ab.mp4", f"gs://{bucket.name}/", "file:///videos/ab.mp4"):
+        with pytest.raises(ValueError):
+            store.object_name(uri)
+
+
+def test_video_store_from_settings_gcs(bucket: storage.Bucket, tmp_path: Path) -> None:
+    store = video_store_from_settings(tmp_path, bucket.name)
+    assert isinstance(store, GcsVideoStore)
+    assert store.bucket_name == bucket.name
+
+
+async def test_gcs_lost_race_is_fine(source: Path) -> None:
+    """Another upload of the same content lands between the check and ours: GCS answers 412, and the
+    object there is the same video. (The emulator does not enforce preconditions, so a stand-in does.)"""
+    uploads: list[dict[str, Any]] = []
+
+    class RacedBlob:
+        metadata: dict[str, str] | None = None
+
+        def upload_from_filename(self, filename: str, **options: Any) -> None:
+            uploads.append(options)
+            raise PreconditionFailed("At least one of the pre-conditions you specified did not hold.")
+
+    class RacedBucket:
+        def get_blob(self, name: str) -> None:
+            return None
+
+        def blob(self, name: str) -> RacedBlob:
+            return RacedBlob()
+
+    class RacedClient:
+        def bucket(self, name: str) -> RacedBucket:
+            return RacedBucket()
+
+    store: VideoStore = GcsVideoStore("raced", client=RacedClient())  # type: ignore[arg-type]
+    stored = await store.put(source)
+    assert stored.uri == f"gs://raced/videos/{SHA256[:2]}/{SHA256}.mp4"
+    assert uploads == [{"content_type": "video/mp4", "if_generation_match": 0}]
