@@ -1,23 +1,19 @@
 """The `aiprod` CLI: against a fake gateway in-process, and end to end against `aiprod up`."""
 
 import json
-import os
 import re
-import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import av
 import grpc
 import pytest
+from cli_support import AIPROD, aiprod, aiprod_up, alive, gateway_address
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -29,10 +25,7 @@ from aiprod_cli.main import app
 from aiprod_cli.up import port_in_use
 from aiprod_kit.mesh import Mesh
 
-AIPROD = Path(sys.executable).with_name("aiprod")
 JOB_ID = "job_" + "0" * 32
-# Long enough for a cold start of the four services on a slow machine; never waited out on success.
-START_TIMEOUT_SECONDS = 120
 
 
 # --- Against a fake gateway: the CLI's own behaviour, whatever the services do ---------------------
@@ -167,60 +160,16 @@ def test_port_in_use() -> None:
 # --- End to end: `aiprod up` on free ports, and the CLI as users run it -----------------------------
 
 
-def _aiprod(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(AIPROD), *args], capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-@contextmanager
-def _aiprod_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
-    """Runs `aiprod up --json --free-ports`; yields the process and the JSON it printed once up."""
-    log_path = tmp_path / "aiprod-up.stderr"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [str(AIPROD), "up", "--json", "--free-ports", "--data-dir", str(tmp_path / "data")],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_SECONDS)
-        line = process.stdout.readline() if ready else ""
-        if not line:
-            pytest.fail(f"aiprod up printed nothing; its stderr:\n{log_path.read_text()}")
-        yield process, json.loads(line)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _gateway_address(info: dict[str, Any]) -> str:
-    return next(service["address"] for service in info["services"] if service["name"] == "gateway")
-
-
 @pytest.fixture(scope="module")
 def up_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with _aiprod_up(tmp_path_factory.mktemp("up")) as (_, info):
-        yield _gateway_address(info)
+    with aiprod_up(tmp_path_factory.mktemp("up")) as (_, info):
+        yield gateway_address(info)
 
 
 def test_render_end_to_end(up_gateway: str, tmp_path: Path) -> None:
     out = tmp_path / "x.mp4"
 
-    rendered = _aiprod(
+    rendered = aiprod(
         "render",
         "A lighthouse at dusk",
         "--duration",
@@ -241,21 +190,21 @@ def test_render_end_to_end(up_gateway: str, tmp_path: Path) -> None:
     assert len(frames) == 24
     assert {(frame.width, frame.height) for frame in frames} == {(1280, 720)}
 
-    listed = _aiprod("jobs", "list", "--state", "succeeded", "--json", "--gateway", up_gateway)
+    listed = aiprod("jobs", "list", "--state", "succeeded", "--json", "--gateway", up_gateway)
     assert listed.returncode == 0, listed.stderr
     assert job["job_id"] in [listed_job["job_id"] for listed_job in json.loads(listed.stdout)["jobs"]]
 
-    got = _aiprod("jobs", "get", job["job_id"], "--json", "--gateway", up_gateway)
+    got = aiprod("jobs", "get", job["job_id"], "--json", "--gateway", up_gateway)
     assert got.returncode == 0, got.stderr
     assert json.loads(got.stdout)["state"] == "JOB_STATE_SUCCEEDED"
 
-    cancelled = _aiprod("jobs", "cancel", job["job_id"], "--gateway", up_gateway)
+    cancelled = aiprod("jobs", "cancel", job["job_id"], "--gateway", up_gateway)
     assert cancelled.returncode == 2
     assert "FAILED_PRECONDITION" in cancelled.stderr
 
 
 def test_empty_prompt_exits_2_and_names_the_field(up_gateway: str) -> None:
-    result = _aiprod("render", "", "--json", "--gateway", up_gateway)
+    result = aiprod("render", "", "--json", "--gateway", up_gateway)
 
     assert result.returncode == 2
     assert result.stdout == ""
@@ -263,15 +212,15 @@ def test_empty_prompt_exits_2_and_names_the_field(up_gateway: str) -> None:
 
 
 def test_up_stops_every_service_on_sigterm(tmp_path: Path) -> None:
-    with _aiprod_up(tmp_path) as (process, info):
+    with aiprod_up(tmp_path) as (process, info):
         pids = [service["pid"] for service in info["services"]]
         assert len(pids) == 4
-        assert all(_alive(pid) for pid in pids)
+        assert all(alive(pid) for pid in pids)
 
         process.send_signal(signal.SIGTERM)
 
         assert process.wait(60) == 0
-        assert not [pid for pid in pids if _alive(pid)]
+        assert not [pid for pid in pids if alive(pid)]
 
 
 # --- Following a render through a gateway restart and a Ctrl-C --------------------------------------
@@ -335,5 +284,5 @@ def test_ctrl_c_leaves_the_job_running(paced_mesh: Mesh, tmp_path: Path) -> None
     assert render.returncode == 1
     left = re.search(r"job (job_\w+) keeps running", stderr_path.read_text())
     assert left, stderr_path.read_text()
-    got = _aiprod("jobs", "get", left.group(1), "--json", "--gateway", gateway)
+    got = aiprod("jobs", "get", left.group(1), "--json", "--gateway", gateway)
     assert json.loads(got.stdout)["state"] in {"JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"}

@@ -1,7 +1,9 @@
-"""`make demo`: starts a private mesh, renders a sample video through the gateway, stops the mesh.
+"""`make demo`: starts a private mesh with the provider sandbox, renders a sample prompt on every
+backend through the gateway, stops the mesh.
 
-The mesh runs on free ports, so that it never clashes with an `aiprod up` already running. The
-video's absolute path is the last line on stdout.
+The mesh runs on free ports, so that it never clashes with an `aiprod up` already running, and its
+provider renderers talk to the sandbox, so no credentials are needed. Each video's absolute path is
+printed as it is ready; the local renderer's comes last.
 """
 
 import sys
@@ -10,23 +12,33 @@ from pathlib import Path
 import typer
 
 from aiprod_cli.output import stderr
-from aiprod_cli.render import AspectRatio, render
+from aiprod_cli.render import AspectRatio, Backend, render
 from aiprod_kit.mesh import Mesh, ServiceStartError
 
 SAMPLE_PROMPT = "A paper boat sailing across a sunlit pond"
 DATA_DIR = Path(".aiprod/demo")
+# Each backend with a duration its default model renders (Veo: 4, 6 or 8 s; Replicate video-01: 6 s).
+RENDERS = ((Backend.RUNWAY, 4.0), (Backend.VEO, 4.0), (Backend.REPLICATE, 6.0), (Backend.LOCAL, 5.0))
+# The sandbox is ours: no need to poll it as sparingly as the real providers ask.
+SANDBOX_POLLING = {f"AIPROD_{name}_POLL_SECONDS": "0.5" for name in ("RUNWAY", "VEO", "REPLICATE")}
 
 
 def main() -> int:
-    mesh = Mesh(DATA_DIR.resolve(), free_ports=True)
+    mesh = Mesh(DATA_DIR.resolve(), free_ports=True, sandbox=True, environment=SANDBOX_POLLING)
     try:
         stderr.print(f"Starting the mesh in {mesh.data_dir}…", markup=False)
         mesh.start()
-        # The `aiprod render` command itself, so that the demo shows exactly what users run; it
-        # prints the video's path last.
-        render(
-            SAMPLE_PROMPT, duration=5.0, aspect_ratio=AspectRatio.LANDSCAPE, gateway=mesh.address("gateway")
-        )
+        # The `aiprod render` command itself, so that the demo shows exactly what users run; each
+        # prints its video's path last.
+        for backend, seconds in RENDERS:
+            stderr.print(f"Rendering on {backend.value}…", markup=False)
+            render(
+                SAMPLE_PROMPT,
+                duration=seconds,
+                aspect_ratio=AspectRatio.LANDSCAPE,
+                backend=backend,
+                gateway=mesh.address("gateway"),
+            )
     except ServiceStartError as error:
         stderr.print(f"error: the mesh did not start: {error}", markup=False)
         return 1

@@ -84,6 +84,8 @@ class ProviderSettings(BaseSettings):
     # How long StartRender waits for one of the concurrent task slots before saying RESOURCE_EXHAUSTED.
     slot_wait_seconds: float = 30.0
     request_timeout_seconds: float = 30.0
+    # Copying an output can take longer than an API call.
+    download_timeout_seconds: float = 300.0
     # Consecutive provider failures that open the breaker, and how long it stays open before a probe.
     breaker_failures: int = 5
     breaker_cooldown_seconds: float = 30.0

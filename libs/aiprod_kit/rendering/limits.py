@@ -41,7 +41,14 @@ class ProviderLimits:
             return min(error.retry_after, _MAX_RETRY_AFTER_SECONDS)
         return _backoff(retry_state)
 
-    async def call(self, operation: Callable[[], Awaitable[T]], *, idempotent: bool, what: str) -> T:
+    async def call(
+        self,
+        operation: Callable[[], Awaitable[T]],
+        *,
+        idempotent: bool,
+        what: str,
+        timeout: float | None = None,
+    ) -> T:
         """Runs one provider request under the limits, retrying what may be sent again: refusals that
         the provider did not act on (429, 502-504, no connection) always; ambiguous failures (timeout,
         dropped connection) only for idempotent requests, never for a create."""
@@ -58,10 +65,10 @@ class ProviderLimits:
             reraise=True,
         ):
             with attempt:
-                return await self._once(operation, what)
+                return await self._once(operation, what, timeout or self._timeout)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
-    async def _once(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
+    async def _once(self, operation: Callable[[], Awaitable[T]], what: str, timeout: float) -> T:
         pause = self._paused_until - time.monotonic()
         if pause > 0:
             await asyncio.sleep(pause)
@@ -79,3 +86,10 @@ class ProviderLimits:
                 self._paused_until = max(self._paused_until, time.monotonic() + pause_for)
                 log.warning("provider rate limit", what=what, retry_after=error.retry_after)
             raise
+        except Exception as error:
+            # A client's surprise must not stall a poll or the health supervisor: treat it as a request
+            # whose outcome is unknown (never resent if it was a create).
+            log.exception("unexpected provider client error", what=what)
+            raise ProviderError(
+                ErrorKind.AMBIGUOUS, f"{what} failed unexpectedly: {type(error).__name__}"
+            ) from error

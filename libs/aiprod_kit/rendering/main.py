@@ -38,5 +38,6 @@ def run_renderer(component: str, settings: S, make_provider: Callable[[S], Provi
             ]
         finally:
             await service.close()
+            await provider.aclose()
 
     run(component, common, settings.port, build)

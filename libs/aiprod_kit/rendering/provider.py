@@ -117,6 +117,10 @@ class Provider(ABC):
     async def download(self, source: VideoSource, destination: Path) -> None:
         """Writes the output to destination (a local temporary file)."""
 
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Closes the provider's clients."""
+
     def frame_size(self, shot: render_pb2.Shot) -> tuple[int, int]:
         """The frame size the provider delivers for the shot (720p unless a provider says otherwise)."""
         return FRAME_SIZES_720P[shot.aspect_ratio or render_pb2.ASPECT_RATIO_16_9]

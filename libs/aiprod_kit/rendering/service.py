@@ -81,6 +81,13 @@ def failure_of(task: ProviderTask) -> render_pb2.RenderFailure:
     )
 
 
+def _priced_shot(shot: render_pb2.Shot, facts: qc.Probe) -> render_pb2.Shot:
+    """The shot to price: after a re-attach the request is unknown, so the output's length stands in."""
+    if shot.duration_seconds:
+        return shot
+    return render_pb2.Shot(duration_seconds=facts.duration_seconds)
+
+
 class _Render:
     """One render at this renderer: its status and the event its watchers wait on."""
 
@@ -440,7 +447,10 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
             local = Path(scratch) / "output.mp4"
             try:
                 await self._limits.call(
-                    lambda: self._provider.download(task.outputs[0], local), idempotent=True, what="download"
+                    lambda: self._provider.download(task.outputs[0], local),
+                    idempotent=True,
+                    what="download",
+                    timeout=self._settings.download_timeout_seconds,
                 )
             except ProviderError as error:
                 self._log.warning("output not copied", task_id=render.task_id, error=str(error))
@@ -473,7 +483,7 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
                 backend=self._provider.backend,
                 video=video,
                 qc=report,
-                cost=usd(self._provider.cost_micros(render.shot, task)),
+                cost=usd(self._provider.cost_micros(_priced_shot(render.shot, facts), task)),
             )
         )
         render.end(renderer_pb2.RENDER_STATE_SUCCEEDED)

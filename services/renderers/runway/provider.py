@@ -182,6 +182,10 @@ class RunwayProvider(Provider):
     async def download(self, source: VideoSource, destination: Path) -> None:
         await download_url(self._downloads, source.url, destination)
 
+    async def aclose(self) -> None:
+        await self._client.close()
+        await self._downloads.aclose()
+
 
 def _image(image: render_pb2.Image) -> str:
     if image.uri:

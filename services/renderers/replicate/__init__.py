@@ -1,0 +1,2 @@
+"""The Replicate renderer: a configured Replicate video model's predictions through the official
+replicate client."""

@@ -1,0 +1,1 @@
+"""The Veo renderer: Veo on Vertex AI through the google-genai client (long-running predict operations)."""

@@ -1,0 +1,140 @@
+"""Run-time configuration per provider: defaults from the settings, overridden through the control API."""
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+PROVIDERS = ("runway", "veo", "replicate")
+CURVES = ("linear", "ease_out")
+
+# How long output URLs stay valid: Runway's signed URLs last 24-48 h, Replicate deletes files after 1 h.
+# Veo answers with the bytes themselves, so its value only matters for outputs written to storageUri.
+_OUTPUT_TTL_SECONDS = {"runway": 24 * 3600.0, "veo": 3600.0, "replicate": 3600.0}
+# Replicate stops a run after 30 minutes; the others publish no such limit.
+_MAX_RUN_SECONDS = {"runway": None, "veo": None, "replicate": 1800.0}
+
+
+class ConfigError(ValueError):
+    """A control request with an unknown key or a value out of range."""
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """How one provider's simulated tasks behave."""
+
+    # Wall time from RUNNING to done.
+    render_seconds: float
+    output_ttl_seconds: float
+    # Tasks running at once; those over the limit wait (THROTTLED, starting, not done). None: no limit.
+    max_concurrent: int | None = None
+    # How long `[sandbox:throttle]` holds a task before it may run.
+    throttle_seconds: float = 2.0
+    # Progress against the elapsed share of render_seconds.
+    progress_curve: str = "linear"
+    # Runs longer than this fail as timed out (Replicate's 30 minutes). None: no limit.
+    max_run_seconds: float | None = None
+    # Replicate: the models that exist, as owner/name. None: any owner/name exists.
+    models: tuple[str, ...] | None = None
+    # Replicate: the output as a one-element list of URLs instead of one URL, as some models answer.
+    output_as_list: bool = False
+
+
+def _number(minimum: float, *, allow_zero: bool = True) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"expected a number, got {value!r}")
+        if value < minimum or (not allow_zero and value == 0):
+            raise ConfigError(f"{value} is out of range")
+        return float(value)
+
+    return convert
+
+
+def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else convert(value)
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"expected a positive integer, got {value!r}")
+    return value
+
+
+def _curve(value: Any) -> str:
+    if value not in CURVES:
+        raise ConfigError(f"progress_curve must be one of {', '.join(CURVES)}")
+    return value
+
+
+def _models(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(model, str) and "/" in model for model in value):
+        raise ConfigError("models must be a list of owner/name strings")
+    return tuple(value)
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {value!r}")
+    return value
+
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "render_seconds": _number(0),
+    "output_ttl_seconds": _number(0, allow_zero=False),
+    "max_concurrent": _optional(_positive_int),
+    "throttle_seconds": _number(0),
+    "progress_curve": _curve,
+    "max_run_seconds": _optional(_number(0, allow_zero=False)),
+    "models": _optional(_models),
+    "output_as_list": _flag,
+}
+assert set(_CONVERTERS) == {field.name for field in fields(ProviderConfig)}
+
+
+def default_configs(render_seconds: float) -> dict[str, ProviderConfig]:
+    return {
+        provider: ProviderConfig(
+            render_seconds=render_seconds,
+            output_ttl_seconds=_OUTPUT_TTL_SECONDS[provider],
+            max_run_seconds=_MAX_RUN_SECONDS[provider],
+        )
+        for provider in PROVIDERS
+    }
+
+
+class RuntimeConfig:
+    """The configuration in force: the defaults, with the control API's changes on top until a reset."""
+
+    def __init__(self, defaults: dict[str, ProviderConfig]) -> None:
+        self._defaults = dict(defaults)
+        self._current = dict(defaults)
+
+    def of(self, provider: str) -> ProviderConfig:
+        return self._current[provider]
+
+    def update(self, payload: object) -> None:
+        """Applies `{"provider": optional, key: value, ...}`: to that provider, or to all of them."""
+        if not isinstance(payload, dict):
+            raise ConfigError("expected a JSON object")
+        changes = dict(payload)
+        provider = changes.pop("provider", None)
+        if provider is not None and provider not in PROVIDERS:
+            raise ConfigError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+        unknown = set(changes) - set(_CONVERTERS)
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        converted = {key: _CONVERTERS[key](value) for key, value in changes.items()}
+        for name in [provider] if provider else PROVIDERS:
+            self._current[name] = replace(self._current[name], **converted)
+
+    def reset(self) -> None:
+        self._current = dict(self._defaults)
+
+    def as_json(self) -> dict[str, dict[str, Any]]:
+        return {
+            provider: {
+                key: list(value) if isinstance(value, tuple) else value
+                for key, value in asdict(config).items()
+            }
+            for provider, config in self._current.items()
+        }

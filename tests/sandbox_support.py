@@ -1,0 +1,94 @@
+"""Helpers for tests of a provider renderer against the sandbox: its control API, the renderer's
+stub, and waiting on render and health streams."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aiprod.common.v1 import render_pb2
+from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from aiprod_kit.mesh import Mesh
+
+RENDERER_SERVICE = "aiprod.renderer.v1.RendererService"
+TERMINAL = {
+    renderer_pb2.RENDER_STATE_SUCCEEDED,
+    renderer_pb2.RENDER_STATE_FAILED,
+    renderer_pb2.RENDER_STATE_CANCELLED,
+}
+
+
+class Sandbox:
+    """The sandbox's control API."""
+
+    def __init__(self, address: str) -> None:
+        self.root = f"http://{address}"
+        self._http = httpx.Client(base_url=self.root, timeout=10)
+
+    def reset(self, **config: object) -> None:
+        self._http.post("/_sandbox/reset").raise_for_status()
+        if config:
+            self._http.post("/_sandbox/config", json=config).raise_for_status()
+
+    def fault(self, provider: str, operation: str, kind: str, **options: object) -> None:
+        rule = {"provider": provider, "operation": operation, "kind": kind, **options}
+        self._http.post("/_sandbox/faults", json=rule).raise_for_status()
+
+    def counters(self) -> dict:
+        return self._http.get("/_sandbox/counters").json()
+
+    def creates(self, provider: str) -> dict[str, int]:
+        return self.counters()["creates"].get(provider, {})
+
+
+def shot(prompt: str = "A fox running through snow", seconds: float = 4, **fields: object) -> render_pb2.Shot:
+    return render_pb2.Shot(
+        prompt=prompt, duration_seconds=seconds, aspect_ratio=render_pb2.ASPECT_RATIO_16_9, **fields
+    )
+
+
+def renderer(mesh: Mesh, backend: str) -> renderer_pb2_grpc.RendererServiceStub:
+    return renderer_pb2_grpc.RendererServiceStub(grpc.insecure_channel(mesh.address(f"renderer-{backend}")))
+
+
+def start(
+    stub: renderer_pb2_grpc.RendererServiceStub, key: str, the_shot: render_pb2.Shot
+) -> renderer_pb2.Render:
+    return stub.StartRender(
+        renderer_pb2.StartRenderRequest(idempotency_key=key, shot=the_shot), timeout=60
+    ).render
+
+
+def follow(
+    stub: renderer_pb2_grpc.RendererServiceStub, task_id: str, timeout: float = 120
+) -> list[renderer_pb2.Render]:
+    """Every status WatchRender sends, up to the final one."""
+    request = renderer_pb2.WatchRenderRequest(task_id=task_id)
+    return [message.render for message in stub.WatchRender(request, timeout=timeout)]
+
+
+@contextmanager
+def health_watch(mesh: Mesh, backend: str) -> Iterator[Iterator[int]]:
+    """The renderer's own health statuses, as grpc.health.v1 Watch pushes them."""
+    channel = grpc.insecure_channel(mesh.address(f"renderer-{backend}"))
+    stream = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service=RENDERER_SERVICE), timeout=120
+    )
+    try:
+        yield (response.status for response in stream)
+    finally:
+        stream.cancel()
+        channel.close()
+
+
+def wait_for_status(statuses: Iterator[int], wanted: int) -> None:
+    for status in statuses:
+        if status == wanted:
+            return
+    raise AssertionError("the health stream ended first")
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
