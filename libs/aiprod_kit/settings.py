@@ -51,6 +51,18 @@ class RouterSettings(CommonSettings):
     # The renderers, as comma-separated backend=target pairs.
     renderers: str = f"local=localhost:{LOCAL_RENDERER_PORT}"
     metrics_target: str = f"localhost:{METRICS_PORT}"
+    # Attempts per render, first one included, across backends.
+    router_max_attempts: int = 3
+    # The router's breaker per backend: consecutive failures, or a failure ratio over a window of
+    # recent renders, open it for the cooldown; then one trial render decides.
+    router_breaker_failures: int = 3
+    router_breaker_failure_ratio: float = 0.5
+    router_breaker_window: int = 10
+    router_breaker_cooldown_seconds: float = 30.0
+    # Whether a render refused for input safety tries another backend (off: the prompt is the problem).
+    router_fallback_on_safety: bool = False
+    # How long to wait for a vanished renderer to come back before giving its render up as uncertain.
+    router_reattach_seconds: float = 30.0
 
 
 class MetricsSettings(CommonSettings):

@@ -6,6 +6,7 @@ capabilities are fetched again each time a renderer turns SERVING.
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -14,7 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aiprod.common.v1 import backend_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from aiprod_kit.breaker import CircuitBreaker
 from aiprod_kit.channels import open_channel
+from aiprod_router.stats import BackendStats
 
 RENDERER_SERVICE = renderer_pb2.DESCRIPTOR.services_by_name["RendererService"].full_name
 BACKENDS_BY_NAME = {
@@ -55,6 +58,13 @@ class Renderer:
     capabilities: renderer_pb2.Capabilities | None = None
     # Set once the first health answer (or failure) is in.
     known: asyncio.Event = field(default_factory=asyncio.Event)
+    stats: BackendStats = field(default_factory=BackendStats)
+    # The router's own view from its results: opens on repeated failures, whatever health says.
+    breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker(3, 30.0))
+
+    @property
+    def name(self) -> str:
+        return backend_pb2.Backend.Name(self.backend).removeprefix("BACKEND_").lower()
 
     async def watch_health(self) -> None:
         """Follows the renderer's health for the router's life, reconnecting with backoff."""
@@ -95,12 +105,12 @@ class Renderer:
 class RendererPool:
     """Every configured renderer, one channel and one health watch each, in the running event loop."""
 
-    def __init__(self, targets: dict[int, str]) -> None:
+    def __init__(self, targets: dict[int, str], breaker: Callable[[], CircuitBreaker]) -> None:
         self.renderers: dict[int, Renderer] = {}
         for backend, target in targets.items():
             channel = open_channel(target)
             stub = renderer_pb2_grpc.RendererServiceStub(channel)
-            self.renderers[backend] = Renderer(backend, target, channel, stub)
+            self.renderers[backend] = Renderer(backend, target, channel, stub, breaker=breaker())
         self._watches = [asyncio.create_task(renderer.watch_health()) for renderer in self.renderers.values()]
 
     async def first_look(self, timeout: float) -> None:

@@ -1,58 +1,175 @@
-"""The routing policy: which backends can take a shot, and in what order. Pure: no I/O."""
+"""The routing policy: which backends can take a render, and in what order. Pure: no I/O, no clock.
+
+Candidates are filtered by capability (duration, aspect ratio, first frame), health, the router's own
+breaker, the quality floor, the job's cost limit, the remaining budget and the deadline (observed p95
+against the time left), then ranked:
+
+- by expected cost, retries included (list price over the observed success rate), with quality, then
+  expected latency breaking ties: the cheapest render that meets the floor;
+- by quality first when the remaining budget is large (at least `quality_first_budget_micros`), as the
+  product always did: a large budget buys the best quality, a small one the cheapest;
+- a preferred backend goes first when it qualifies.
+
+The local renderer is a development stand-in: its nominal quality is under every preset's floor, so
+it renders under the floor only when the request prefers it or when it is the only backend
+configured (a mesh without providers), and says so.
+"""
 
 from dataclasses import dataclass, field
 
-from aiprod.common.v1 import render_pb2
+from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod_kit.capabilities import shot_mismatches
+
+# Below this observed success rate the expected cost stops growing: the breaker handles worse.
+_MIN_SUCCESS_RATE = 0.25
+# Remaining daily budget (micro-USD) from which quality ranks first (the first version's 35 USD).
+QUALITY_FIRST_BUDGET_MICROS = 35_000_000
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    shot: render_pb2.Shot
+    quality_floor: float = 0.0
+    max_cost_micros: int | None = None
+    # Seconds until the job's deadline; None without one.
+    seconds_left: float | None = None
+    preferred_backend: int = backend_pb2.BACKEND_UNSPECIFIED
+    # What is left of the budget today; None when there is no cap.
+    budget_remaining_micros: int | None = None
+    # Economy mode (the ledger's 90% action): never quality first.
+    economy: bool = False
+    # Backends already tried for this render.
+    tried: frozenset[int] = frozenset()
+    quality_first_budget_micros: int = QUALITY_FIRST_BUDGET_MICROS
 
 
 @dataclass(frozen=True)
 class BackendView:
-    """What the policy needs to know of one backend."""
+    """What the router knows of one backend."""
 
     backend: int
     capabilities: renderer_pb2.Capabilities | None
     serving: bool
+    breaker_open: bool = False
+    p95_seconds: float | None = None
+    success_rate: float | None = None
 
 
 @dataclass
 class Candidate:
     backend: int
     eligible: bool
-    estimated_cost_micros: int
-    nominal_quality: float
+    list_cost_micros: int = 0
+    expected_cost_micros: int = 0
+    quality: float = 0.0
+    expected_seconds: float | None = None
+    stand_in: bool = False
     reasons: list[str] = field(default_factory=list)
 
 
-def rank_backends(
-    shot: render_pb2.Shot, constraints: render_pb2.RenderConstraints, backends: list[BackendView]
-) -> list[Candidate]:
-    """Every backend as a candidate: eligible ones first, the preferred backend first among them,
-    then the cheapest, with quality breaking ties."""
-    candidates = []
-    for view in backends:
-        if view.capabilities is None:
-            candidates.append(Candidate(view.backend, False, 0, 0.0, ["renderer not reached yet"]))
-            continue
-        cost = round(view.capabilities.price_per_second.amount_micros * shot.duration_seconds)
-        reasons = [f"{field}: {why}" for field, why in shot_mismatches(shot, view.capabilities)]
-        if not view.serving:
-            reasons.append("renderer not serving")
-        if constraints.HasField("max_cost") and cost > constraints.max_cost.amount_micros:
-            reasons.append(f"estimated cost {cost / 1e6:.2f} USD is over max_cost")
-        eligible = not reasons
-        if eligible:
-            reasons.append(f"capable and serving; estimated cost {cost / 1e6:.2f} USD")
-            if view.backend == constraints.preferred_backend:
-                reasons.append("preferred by the request")
-        candidates.append(Candidate(view.backend, eligible, cost, view.capabilities.nominal_quality, reasons))
-    return sorted(
-        candidates,
-        key=lambda c: (
-            not c.eligible,
-            c.backend != constraints.preferred_backend,
-            c.estimated_cost_micros,
-            -c.nominal_quality,
-        ),
+def _name(backend: int) -> str:
+    return backend_pb2.Backend.Name(backend).removeprefix("BACKEND_").lower()
+
+
+def _usd(micros: float) -> str:
+    return f"{micros / 1e6:.2f} USD"
+
+
+def _assess(request: RouteRequest, view: BackendView, providers_configured: bool) -> Candidate:
+    if view.capabilities is None:
+        return Candidate(view.backend, False, reasons=["renderer not reached yet"])
+    capabilities = view.capabilities
+    list_cost = round(capabilities.price_per_second.amount_micros * request.shot.duration_seconds)
+    success = view.success_rate if view.success_rate is not None else 1.0
+    expected_cost = round(list_cost / max(success, _MIN_SUCCESS_RATE))
+    candidate = Candidate(
+        view.backend,
+        True,
+        list_cost,
+        expected_cost,
+        capabilities.nominal_quality,
+        view.p95_seconds,
+        stand_in=view.backend == backend_pb2.BACKEND_LOCAL
+        and capabilities.nominal_quality < request.quality_floor
+        and (request.preferred_backend == backend_pb2.BACKEND_LOCAL or not providers_configured),
     )
+    excluded = [f"{field}: {why}" for field, why in shot_mismatches(request.shot, capabilities)]
+    if not view.serving:
+        excluded.append("renderer not serving")
+    if view.breaker_open:
+        excluded.append("breaker open after recent failures: cooling down")
+    if view.backend in request.tried:
+        excluded.append("already tried for this render")
+    if capabilities.nominal_quality < request.quality_floor and not candidate.stand_in:
+        excluded.append(
+            f"quality {capabilities.nominal_quality:.2f} under the floor {request.quality_floor:.2f}"
+        )
+    if request.max_cost_micros is not None and list_cost > request.max_cost_micros:
+        excluded.append(f"cost {_usd(list_cost)} over the job's limit {_usd(request.max_cost_micros)}")
+    if request.budget_remaining_micros is not None and list_cost > request.budget_remaining_micros:
+        excluded.append(
+            f"cost {_usd(list_cost)} over the budget left {_usd(request.budget_remaining_micros)}"
+        )
+    if (
+        request.seconds_left is not None
+        and view.p95_seconds is not None
+        and view.p95_seconds > request.seconds_left
+    ):
+        excluded.append(
+            f"p95 {view.p95_seconds:.0f} s over the {request.seconds_left:.0f} s left to the deadline"
+        )
+    if excluded:
+        candidate.eligible = False
+        candidate.reasons = excluded
+        return candidate
+    retries = f" ({success:.0%} success)" if view.success_rate is not None else ""
+    candidate.reasons = [
+        f"quality {candidate.quality:.2f}, expected cost {_usd(expected_cost)}{retries}"
+        + (f", p95 {view.p95_seconds:.0f} s" if view.p95_seconds is not None else "")
+    ]
+    if candidate.stand_in:
+        candidate.reasons.append(f"development stand-in, under the floor {request.quality_floor:.2f}")
+    if view.backend == request.preferred_backend:
+        candidate.reasons.append("preferred by the request")
+    return candidate
+
+
+def quality_first(request: RouteRequest) -> bool:
+    return (
+        not request.economy
+        and request.budget_remaining_micros is not None
+        and request.budget_remaining_micros >= request.quality_first_budget_micros
+    )
+
+
+def rank_backends(request: RouteRequest, views: list[BackendView]) -> list[Candidate]:
+    """Every backend as a candidate, eligible ones first in the order to try them."""
+    providers_configured = any(view.backend != backend_pb2.BACKEND_LOCAL for view in views)
+    candidates = [_assess(request, view, providers_configured) for view in views]
+    by_quality = quality_first(request)
+
+    def order(candidate: Candidate) -> tuple:
+        latency = candidate.expected_seconds if candidate.expected_seconds is not None else float("inf")
+        value = (
+            (-candidate.quality, candidate.expected_cost_micros, latency)
+            if by_quality
+            else (candidate.expected_cost_micros, -candidate.quality, latency)
+        )
+        return (
+            not candidate.eligible,
+            candidate.backend != request.preferred_backend,
+            candidate.stand_in,
+            *value,
+        )
+
+    ranked = sorted(candidates, key=order)
+    for position, candidate in enumerate(c for c in ranked if c.eligible):
+        if position == 0:
+            mode = "best quality (large budget)" if by_quality else "cheapest that meets the floor"
+            candidate.reasons.insert(0, f"ranked first: {mode}")
+    return ranked
+
+
+def describe(candidate: Candidate) -> str:
+    return f"{_name(candidate.backend)}: {'; '.join(candidate.reasons)}"

@@ -1,101 +1,122 @@
-"""The routing policy, table-driven: a pure function of the shot, the constraints and the backends."""
+"""The routing policy, table-driven: a pure function of the request and what is known of the backends."""
 
 import pytest
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod_kit.money import usd_from_units
-from aiprod_router.policy import BackendView, rank_backends
+from aiprod_router.policy import BackendView, RouteRequest, rank_backends
 
-LOCAL, RUNWAY, VEO = backend_pb2.BACKEND_LOCAL, backend_pb2.BACKEND_RUNWAY, backend_pb2.BACKEND_VEO
-ALL_RATIOS = [render_pb2.ASPECT_RATIO_16_9, render_pb2.ASPECT_RATIO_9_16, render_pb2.ASPECT_RATIO_1_1]
+LOCAL, RUNWAY, VEO, REPLICATE = (
+    backend_pb2.BACKEND_LOCAL,
+    backend_pb2.BACKEND_RUNWAY,
+    backend_pb2.BACKEND_VEO,
+    backend_pb2.BACKEND_REPLICATE,
+)
+LANDSCAPE, PORTRAIT, SQUARE = (
+    render_pb2.ASPECT_RATIO_16_9,
+    render_pb2.ASPECT_RATIO_9_16,
+    render_pb2.ASPECT_RATIO_1_1,
+)
 
 
-def capabilities(
-    price: float, quality: float, low: float = 1, high: float = 60, **extra
-) -> renderer_pb2.Capabilities:
+def capabilities(price: float, quality: float, durations=(), low=1.0, high=60.0, ratios=(LANDSCAPE, PORTRAIT, SQUARE), image=False):  # fmt: skip
     return renderer_pb2.Capabilities(
         min_duration_seconds=low,
         max_duration_seconds=high,
-        aspect_ratios=extra.pop("aspect_ratios", ALL_RATIOS),
+        allowed_durations_seconds=durations,
+        aspect_ratios=ratios,
+        image_input=image,
         price_per_second=usd_from_units(price),
         nominal_quality=quality,
-        **extra,
     )
 
 
-BACKENDS = [
-    BackendView(LOCAL, capabilities(0.0, 0.5), serving=True),
-    BackendView(RUNWAY, capabilities(0.12, 0.95, 2, 10, image_input=True), serving=True),
-    BackendView(
-        VEO,
-        capabilities(0.20, 0.92, allowed_durations_seconds=[4, 6, 8], aspect_ratios=ALL_RATIOS[:2]),
-        serving=True,
+CAPABILITIES = {
+    LOCAL: capabilities(0.0, 0.5),
+    RUNWAY: capabilities(0.12, 0.95, low=2, high=10, ratios=(LANDSCAPE, PORTRAIT), image=True),
+    VEO: capabilities(
+        0.20, 0.92, durations=(4, 6, 8), low=4, high=8, ratios=(LANDSCAPE, PORTRAIT), image=True
     ),
-]
+    REPLICATE: capabilities(0.05, 0.75, low=2, high=10),
+}
 
 
-def shot(
-    seconds: float = 4, aspect_ratio: int = render_pb2.ASPECT_RATIO_16_9, image: bool = False
-) -> render_pb2.Shot:
+def views(**overrides: dict) -> list[BackendView]:
+    """Every backend serving with no history, unless overridden: views(runway={"serving": False})."""
+    names = {"local": LOCAL, "runway": RUNWAY, "veo": VEO, "replicate": REPLICATE}
+    result = []
+    for name, backend in names.items():
+        fields = {"capabilities": CAPABILITIES[backend], "serving": True, **overrides.get(name, {})}
+        result.append(BackendView(backend, **fields))
+    return result
+
+
+def shot(seconds: float = 4, ratio: int = LANDSCAPE, image: bool = False) -> render_pb2.Shot:
     first_frame = render_pb2.Image(data=b"png", mime_type="image/png") if image else None
-    return render_pb2.Shot(
-        prompt="p", duration_seconds=seconds, aspect_ratio=aspect_ratio, first_frame=first_frame
-    )
+    return render_pb2.Shot(prompt="p", duration_seconds=seconds, aspect_ratio=ratio, first_frame=first_frame)
 
 
-@pytest.mark.parametrize(
-    ("case", "the_shot", "constraints", "backends", "expected"),
-    [
-        ("cheapest first", shot(), render_pb2.RenderConstraints(), BACKENDS, [LOCAL, RUNWAY, VEO]),
-        (
-            "preferred first when eligible",
-            shot(),
-            render_pb2.RenderConstraints(preferred_backend=VEO),
-            BACKENDS,
-            [VEO, LOCAL, RUNWAY],
-        ),
-        (
-            "duration only some backends render",
-            shot(5),
-            render_pb2.RenderConstraints(),
-            BACKENDS,
-            [LOCAL, RUNWAY],
-        ),
-        ("image input", shot(image=True), render_pb2.RenderConstraints(), BACKENDS, [RUNWAY]),
-        (
-            "square frames",
-            shot(aspect_ratio=render_pb2.ASPECT_RATIO_1_1),
-            render_pb2.RenderConstraints(),
-            BACKENDS,
-            [LOCAL, RUNWAY],
-        ),
-        (
-            "max cost",
-            shot(),
-            render_pb2.RenderConstraints(max_cost=usd_from_units(0.5)),
-            BACKENDS[1:],
-            [RUNWAY],
-        ),
-        (
-            "not serving",
-            shot(),
-            render_pb2.RenderConstraints(),
-            [BackendView(LOCAL, BACKENDS[0].capabilities, False)],
-            [],
-        ),
-        ("never reached", shot(), render_pb2.RenderConstraints(), [BackendView(LOCAL, None, True)], []),
-    ],
-)
-def test_eligible_backends_in_order(case, the_shot, constraints, backends, expected):
-    ranked = rank_backends(the_shot, constraints, backends)
-    assert [c.backend for c in ranked if c.eligible] == expected, case
+def usd(amount: float) -> int:
+    return round(amount * 1_000_000)
+
+
+CASES = [
+    # The first version's cases.
+    ("tiny budget picks the cheapest", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(0.5)), views(), [REPLICATE, RUNWAY]),
+    ("large budget picks the best quality", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(80)), views(), [RUNWAY, VEO, REPLICATE]),
+    ("a 0.9 floor: only Runway or Veo", RouteRequest(shot(), 0.9), views(), [RUNWAY, VEO]),
+    ("budget under one render: nothing", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(0.1)), views(), []),
+    # Cost, quality, latency.
+    ("cheapest that meets the floor", RouteRequest(shot(), 0.6), views(), [REPLICATE, RUNWAY, VEO]),
+    ("economy mode never goes quality first", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(80), economy=True), views(), [REPLICATE, RUNWAY, VEO]),
+    ("max cost", RouteRequest(shot(), 0.6, max_cost_micros=usd(0.5)), views(), [REPLICATE, RUNWAY]),
+    ("expected retries make a flaky backend dearer", RouteRequest(shot(), 0.6), views(replicate={"success_rate": 0.25}), [RUNWAY, VEO, REPLICATE]),
+    ("quality breaks a cost tie", RouteRequest(shot(), 0.0), views(local={"serving": False}, veo={"capabilities": capabilities(0.12, 0.96, low=4, high=8)}), [REPLICATE, VEO, RUNWAY]),
+    # Deadline: observed p95 against the time left.
+    ("deadline excludes the slow", RouteRequest(shot(), 0.9, seconds_left=120), views(runway={"p95_seconds": 300}, veo={"p95_seconds": 90}), [VEO]),
+    ("no history: the deadline cannot exclude", RouteRequest(shot(), 0.9, seconds_left=120), views(), [RUNWAY, VEO]),
+    # Capabilities.
+    ("durations only some backends render", RouteRequest(shot(5), 0.6), views(), [REPLICATE, RUNWAY]),
+    ("first frame", RouteRequest(shot(image=True), 0.6), views(), [RUNWAY, VEO]),
+    ("square frames", RouteRequest(shot(ratio=SQUARE), 0.6), views(), [REPLICATE]),
+    # Health, breaker, attempts already made.
+    ("not serving", RouteRequest(shot(), 0.6), views(replicate={"serving": False}), [RUNWAY, VEO]),
+    ("breaker open", RouteRequest(shot(), 0.6), views(replicate={"breaker_open": True}), [RUNWAY, VEO]),
+    ("tried already", RouteRequest(shot(), 0.6, tried=frozenset({REPLICATE, RUNWAY})), views(), [VEO]),
+    ("never reached", RouteRequest(shot(), 0.6), views(replicate={"capabilities": None}), [RUNWAY, VEO]),
+    # Preference, and the local stand-in.
+    ("preferred first when it qualifies", RouteRequest(shot(), 0.6, preferred_backend=VEO), views(), [VEO, REPLICATE, RUNWAY]),
+    ("preferred ignored when it does not", RouteRequest(shot(5), 0.6, preferred_backend=VEO), views(), [REPLICATE, RUNWAY]),
+    ("local never stands in for providers that are down", RouteRequest(shot(), 0.6), views(runway={"serving": False}, veo={"serving": False}, replicate={"serving": False}), []),
+    ("local alone (no provider configured) stands in", RouteRequest(shot(), 0.6), views()[:1], [LOCAL]),
+    ("local preferred goes first", RouteRequest(shot(), 0.6, preferred_backend=LOCAL), views(), [LOCAL, REPLICATE, RUNWAY, VEO]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "request_", "backends", "expected"), CASES, ids=[case[0] for case in CASES])
+def test_eligible_backends_in_order(case, request_, backends, expected):
+    ranked = rank_backends(request_, backends)
+    assert [candidate.backend for candidate in ranked if candidate.eligible] == expected
     assert len(ranked) == len(backends)
-    assert all(c.reasons for c in ranked), "every candidate says why"
+    assert all(candidate.reasons for candidate in ranked), "every candidate says why"
 
 
-def test_excluded_backends_say_which_field_they_cannot_satisfy():
-    ranked = rank_backends(shot(5), render_pb2.RenderConstraints(), BACKENDS)
-    veo = next(c for c in ranked if c.backend == VEO)
-    assert not veo.eligible
-    assert any(reason.startswith("duration_seconds:") and "4, 6, 8" in reason for reason in veo.reasons)
+def test_excluded_backends_say_why():
+    ranked = {
+        c.backend: c
+        for c in rank_backends(
+            RouteRequest(shot(5), 0.9, seconds_left=60), views(runway={"p95_seconds": 100})
+        )
+    }
+    assert any(
+        reason.startswith("duration_seconds:") and "4, 6, 8" in reason for reason in ranked[VEO].reasons
+    )
+    assert any("under the floor 0.90" in reason for reason in ranked[REPLICATE].reasons)
+    assert any("deadline" in reason for reason in ranked[RUNWAY].reasons)
+
+
+def test_local_under_the_floor_says_why_it_is_left_out():
+    local = next(c for c in rank_backends(RouteRequest(shot(), 0.6), views()) if c.backend == LOCAL)
+    assert not local.eligible
+    assert "quality 0.50 under the floor 0.60" in local.reasons

@@ -24,11 +24,11 @@ import structlog
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from aiprod_kit.breaker import BreakerState, CircuitBreaker
 from aiprod_kit.capabilities import shot_mismatches
 from aiprod_kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from aiprod_kit.money import usd
 from aiprod_kit.rendering import qc
-from aiprod_kit.rendering.breaker import BreakerState, CircuitBreaker
 from aiprod_kit.rendering.limits import ProviderLimits
 from aiprod_kit.rendering.provider import ErrorKind, Provider, ProviderError, ProviderTask, TaskState
 from aiprod_kit.rendering.storage import VideoStore

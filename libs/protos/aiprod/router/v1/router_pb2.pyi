@@ -20,9 +20,20 @@ class BackendHealth(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BACKEND_HEALTH_UNSPECIFIED: _ClassVar[BackendHealth]
     BACKEND_HEALTH_SERVING: _ClassVar[BackendHealth]
     BACKEND_HEALTH_NOT_SERVING: _ClassVar[BackendHealth]
+
+class BreakerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BREAKER_STATE_UNSPECIFIED: _ClassVar[BreakerState]
+    BREAKER_STATE_CLOSED: _ClassVar[BreakerState]
+    BREAKER_STATE_OPEN: _ClassVar[BreakerState]
+    BREAKER_STATE_HALF_OPEN: _ClassVar[BreakerState]
 BACKEND_HEALTH_UNSPECIFIED: BackendHealth
 BACKEND_HEALTH_SERVING: BackendHealth
 BACKEND_HEALTH_NOT_SERVING: BackendHealth
+BREAKER_STATE_UNSPECIFIED: BreakerState
+BREAKER_STATE_CLOSED: BreakerState
+BREAKER_STATE_OPEN: BreakerState
+BREAKER_STATE_HALF_OPEN: BreakerState
 
 class PlanRouteRequest(_message.Message):
     __slots__ = ("shot", "constraints")
@@ -107,20 +118,34 @@ class ListBackendsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BackendStatus(_message.Message):
-    __slots__ = ("backend", "target", "health", "price_per_second", "nominal_quality", "capabilities")
+    __slots__ = ("backend", "target", "health", "price_per_second", "nominal_quality", "capabilities", "breaker", "renders", "p50_latency", "p95_latency", "success_rate", "qc_average", "observed_cost_per_second")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     PRICE_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     NOMINAL_QUALITY_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_FIELD_NUMBER: _ClassVar[int]
+    RENDERS_FIELD_NUMBER: _ClassVar[int]
+    P50_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    P95_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_RATE_FIELD_NUMBER: _ClassVar[int]
+    QC_AVERAGE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_COST_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     backend: _backend_pb2.Backend
     target: str
     health: BackendHealth
     price_per_second: _money_pb2.Money
     nominal_quality: float
     capabilities: _renderer_pb2.Capabilities
-    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., target: _Optional[str] = ..., health: _Optional[_Union[BackendHealth, str]] = ..., price_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., nominal_quality: _Optional[float] = ..., capabilities: _Optional[_Union[_renderer_pb2.Capabilities, _Mapping]] = ...) -> None: ...
+    breaker: BreakerState
+    renders: int
+    p50_latency: _duration_pb2.Duration
+    p95_latency: _duration_pb2.Duration
+    success_rate: float
+    qc_average: float
+    observed_cost_per_second: _money_pb2.Money
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., target: _Optional[str] = ..., health: _Optional[_Union[BackendHealth, str]] = ..., price_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., nominal_quality: _Optional[float] = ..., capabilities: _Optional[_Union[_renderer_pb2.Capabilities, _Mapping]] = ..., breaker: _Optional[_Union[BreakerState, str]] = ..., renders: _Optional[int] = ..., p50_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., p95_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., success_rate: _Optional[float] = ..., qc_average: _Optional[float] = ..., observed_cost_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class ListBackendsResponse(_message.Message):
     __slots__ = ("backends",)

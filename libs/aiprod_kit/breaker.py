@@ -1,8 +1,11 @@
-"""A circuit breaker per provider: repeated failures open it (the renderer turns NOT_SERVING); after
-a cooldown one probe decides whether it closes again (half-open)."""
+"""A circuit breaker: repeated failures, or too many failures among recent outcomes, open it; after
+a cooldown one trial decides whether it closes again (half-open). Renderers put one in front of their
+provider (open: NOT_SERVING); the router keeps one per backend from its own results (outlier
+detection)."""
 
 import enum
 import time
+from collections import deque
 from collections.abc import Callable
 
 
@@ -17,13 +20,19 @@ class CircuitBreaker:
         self,
         failure_threshold: int,
         cooldown_seconds: float,
-        on_change: Callable[[BreakerState], None],
+        on_change: Callable[[BreakerState], None] = lambda state: None,
         clock: Callable[[], float] = time.monotonic,
+        failure_ratio: float = 1.0,
+        window: int = 0,
     ) -> None:
         self.failure_threshold = failure_threshold
         self.cooldown_seconds = cooldown_seconds
         self.state = BreakerState.CLOSED
         self._failures = 0
+        # With a window, the breaker also opens when failure_ratio of the last `window` outcomes failed.
+        self._failure_ratio = failure_ratio
+        self._recent: deque[bool] = deque(maxlen=max(window, 1))
+        self._window = window
         self._opened_at = 0.0
         self._on_change = on_change
         self._clock = clock
@@ -35,11 +44,24 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         self._failures = 0
+        self._recent.append(True)
+        if self.state == BreakerState.HALF_OPEN:
+            self._recent.clear()  # a fresh start: the failures that opened it are history
         self._move(BreakerState.CLOSED)
+
+    def _ratio_exceeded(self) -> bool:
+        if not self._window or len(self._recent) < self._window:
+            return False
+        return self._recent.count(False) / len(self._recent) >= self._failure_ratio
 
     def record_failure(self) -> None:
         self._failures += 1
-        if self.state == BreakerState.HALF_OPEN or self._failures >= self.failure_threshold:
+        self._recent.append(False)
+        if (
+            self.state == BreakerState.HALF_OPEN
+            or self._failures >= self.failure_threshold
+            or self._ratio_exceeded()
+        ):
             self._opened_at = self._clock()
             self._move(BreakerState.OPEN)
 

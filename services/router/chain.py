@@ -1,0 +1,360 @@
+"""The fallback chain of one render: route, start, follow, and on a retryable failure or a QC score
+under the floor, move to the next backend, within the job's attempt and cost limits.
+
+Paying once: an attempt ends at its backend (succeeded, failed, cancelled, or known never started)
+before the next one starts. A renderer that vanishes mid-render is waited for and re-attached to; the
+local renderer's renders die with its process, so there the attempt is known to have ended. A render
+that may still run somewhere unseen is reported as uncertain and never sent again.
+"""
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from google.protobuf import timestamp_pb2
+
+from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
+from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod.renderer.v1 import renderer_pb2
+from aiprod_kit.money import usd
+from aiprod_kit.settings import RouterSettings
+from aiprod_router.backends import Renderer, RendererPool
+from aiprod_router.policy import BackendView, Candidate, RouteRequest, describe, rank_backends
+from aiprod_router.stats import Outcome
+
+log = structlog.get_logger()
+
+_FINAL_RENDER_STATES = (renderer_pb2.RENDER_STATE_SUCCEEDED, renderer_pb2.RENDER_STATE_FAILED,
+                        renderer_pb2.RENDER_STATE_CANCELLED)  # fmt: skip
+# A renderer's answers that say the render itself is wrong: no retry there can help.
+_REFUSALS = frozenset(
+    {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE}
+)
+_BUDGET_TIMEOUT = 2.0
+# Economy mode below this share of the daily cap left (the ledger's 90% action).
+_ECONOMY_SHARE = 0.10
+
+
+def event(attempt: int, **kind: object) -> event_pb2.RenderEvent:
+    time_now = timestamp_pb2.Timestamp()
+    time_now.GetCurrentTime()
+    return event_pb2.RenderEvent(time=time_now, attempt=attempt, **kind)  # type: ignore[arg-type]
+
+
+def failure(reason: str, message: str, retryable: bool, provider_code: str = "") -> render_pb2.RenderFailure:
+    return render_pb2.RenderFailure(
+        reason=reason, message=message, retryable=retryable, provider_code=provider_code
+    )
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """What a chain needs of the job."""
+
+    job_id: str
+    shot: render_pb2.Shot
+    constraints: render_pb2.RenderConstraints
+    idempotency_key: str
+
+
+@dataclass
+class Cause:
+    backend: int
+    failure: render_pb2.RenderFailure
+    # A finished output under the floor, kept in case nothing better comes.
+    output: render_pb2.RenderOutput | None = None
+
+
+class AttemptResult:
+    """How one attempt ended: a final event for the chain, or a cause to fall back from."""
+
+    def __init__(self, attempt: int) -> None:
+        self.attempt = attempt
+        self.final: event_pb2.RenderEvent | None = None
+        self.cause: Cause | None = None
+        self.cost_micros = 0
+        self.seconds = 0.0
+
+    def end(self, renderer: Renderer, reason: render_pb2.RenderFailure, seconds: float = 0.0) -> None:
+        self.cause = Cause(renderer.backend, reason)
+        self.seconds = seconds
+
+
+class RenderChain:
+    def __init__(
+        self, pool: RendererPool, metrics: metrics_pb2_grpc.MetricsServiceStub, settings: RouterSettings
+    ) -> None:
+        self._pool = pool
+        self._metrics = metrics
+        self._settings = settings
+
+    # Ranking ------------------------------------------------------------------------------------
+
+    async def route_request(self, job: RenderJob, tried: frozenset[int], spent_micros: int) -> RouteRequest:
+        constraints = job.constraints
+        remaining, economy = await self._budget()
+        max_cost = None
+        if constraints.HasField("max_cost"):
+            max_cost = max(constraints.max_cost.amount_micros - spent_micros, 0)
+        seconds_left = None
+        if constraints.HasField("deadline"):
+            seconds_left = constraints.deadline.ToDatetime().timestamp() - time.time()
+        return RouteRequest(
+            shot=job.shot,
+            quality_floor=constraints.quality_floor,
+            max_cost_micros=max_cost,
+            seconds_left=seconds_left,
+            preferred_backend=constraints.preferred_backend,
+            budget_remaining_micros=remaining,
+            economy=economy,
+            tried=tried,
+        )
+
+    async def _budget(self) -> tuple[int | None, bool]:
+        """What is left of today's budget (None: no cap, or the ledger cannot say) and economy mode."""
+        try:
+            budget = (
+                await self._metrics.GetBudget(metrics_pb2.GetBudgetRequest(), timeout=_BUDGET_TIMEOUT)
+            ).budget
+        except grpc.aio.AioRpcError as error:
+            log.warning("budget unknown: routing without it", code=error.code().name)
+            return None, False
+        if budget.cap.amount_micros <= 0:
+            return None, False
+        remaining = budget.remaining.amount_micros
+        return remaining, remaining < budget.cap.amount_micros * _ECONOMY_SHARE
+
+    def rank(self, request: RouteRequest) -> list[Candidate]:
+        views = [
+            BackendView(
+                renderer.backend,
+                renderer.capabilities,
+                renderer.serving,
+                breaker_open=not renderer.breaker.allows_requests and not renderer.breaker.probe_due(),
+                p95_seconds=renderer.stats.percentile_seconds(95),
+                success_rate=renderer.stats.success_rate,
+            )
+            for renderer in self._pool.renderers.values()
+        ]
+        return rank_backends(request, views)
+
+    # The chain ----------------------------------------------------------------------------------
+
+    async def run(
+        self, job: RenderJob, resume: backend_pb2.RenderHandle | None = None, resume_attempt: int = 1
+    ) -> AsyncIterator[event_pb2.RenderEvent]:
+        """Every event of the render, ending with exactly one final event (succeeded or failed)."""
+        tried: set[int] = set()
+        spent = 0
+        attempt = resume_attempt if resume is not None else 1
+        if resume is not None:
+            renderer = self._pool.get(resume.backend)
+            if renderer is None:
+                yield event(
+                    attempt,
+                    failed=failure("UNKNOWN_BACKEND", "the recorded backend is not configured", False),
+                )
+                return
+            result = AttemptResult(attempt)
+            async for item in self._follow(renderer, resume.task_id, attempt, job, result):
+                yield item
+            if result.final is not None:
+                yield result.final
+                return
+            tried.add(resume.backend)
+            spent += result.cost_micros
+            cause = result.cause
+            attempt += 1
+        else:
+            cause = None
+        while True:
+            request = await self.route_request(job, frozenset(tried), spent)
+            candidates = self.rank(request)
+            eligible = [candidate for candidate in candidates if candidate.eligible]
+            if cause is not None:
+                if attempt > self._settings.router_max_attempts or not eligible:
+                    why = "no attempts left" if eligible else "no other backend qualifies"
+                    yield _last_word(cause, attempt - 1, why)
+                    return
+                yield event(
+                    attempt - 1,
+                    fallback=event_pb2.Fallback(
+                        from_backend=cause.backend, to_backend=eligible[0].backend, cause=cause.failure
+                    ),
+                )
+            if not eligible:
+                yield event(attempt, failed=_no_backend(request, candidates))
+                return
+            chosen = eligible[0]
+            renderer = self._pool.get(chosen.backend)
+            assert renderer is not None
+            yield event(
+                attempt,
+                routed=event_pb2.RouteDecision(
+                    backend=chosen.backend,
+                    reason=describe(chosen),
+                    estimated_cost=usd(chosen.list_cost_micros),
+                ),
+            )
+            result = AttemptResult(attempt)
+            async for item in self._attempt(renderer, job, attempt, result):
+                yield item
+            if result.final is not None:
+                yield result.final
+                return
+            tried.add(chosen.backend)
+            spent += result.cost_micros
+            cause = result.cause
+            attempt += 1
+
+    async def _attempt(
+        self, renderer: Renderer, job: RenderJob, attempt: int, result: AttemptResult
+    ) -> AsyncIterator[event_pb2.RenderEvent]:
+        # One key per attempt: a retried call or a restarted caller never starts a second render.
+        request = renderer_pb2.StartRenderRequest(
+            idempotency_key=f"{job.idempotency_key}:{attempt}", shot=job.shot
+        )
+        try:
+            started = (await renderer.stub.StartRender(request)).render
+        except grpc.aio.AioRpcError as error:
+            if error.code() in _REFUSALS:
+                result.end(renderer, failure("RENDER_REFUSED", error.details() or "", False))
+            else:
+                # Not started (the renderer answers only after its create): safe to try elsewhere.
+                result.end(
+                    renderer, failure("RENDERER_UNAVAILABLE", f"{error.code().name}: {error.details()}", True)
+                )
+            self._settle(renderer, result, self._settings)
+            return
+        if not started.handle.task_id:
+            result.end(renderer, started.failure)
+            self._settle(renderer, result, self._settings)
+            return
+        yield event(attempt, submitted=started.handle)
+        async for item in self._follow(renderer, started.handle.task_id, attempt, job, result):
+            yield item
+
+    async def _follow(
+        self, renderer: Renderer, task_id: str, attempt: int, job: RenderJob, result: AttemptResult
+    ) -> AsyncIterator[event_pb2.RenderEvent]:
+        """Follows a render to its end at its renderer, re-attaching when the renderer comes back."""
+        started = time.monotonic()
+        last_progress = -1.0
+        while True:
+            try:
+                async for update in renderer.stub.WatchRender(
+                    renderer_pb2.WatchRenderRequest(task_id=task_id)
+                ):
+                    render = update.render
+                    if render.state in _FINAL_RENDER_STATES:
+                        async for item in self._finish(renderer, render, attempt, job, result, started):
+                            yield item
+                        return
+                    if render.progress != last_progress:
+                        last_progress = render.progress
+                        yield event(attempt, progress=event_pb2.RenderProgress(fraction=render.progress))
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.NOT_FOUND:
+                    # The renderer came back without it: the render died with the renderer's process.
+                    result.end(
+                        renderer, failure("RENDER_LOST", "the renderer lost the render (restarted)", True)
+                    )
+                    self._settle(renderer, result, self._settings)
+                    return
+                log.warning(
+                    "renderer stream broke", backend=renderer.name, task_id=task_id, code=error.code().name
+                )
+            if renderer.backend == backend_pb2.BACKEND_LOCAL and not await self._reachable(renderer, 0.5):
+                result.end(renderer, failure("RENDERER_LOST", "the local renderer stopped mid-render", True))
+                self._settle(renderer, result, self._settings)
+                return
+            if not await self._reachable(renderer, self._settings.router_reattach_seconds):
+                result.end(
+                    renderer,
+                    failure(
+                        "RENDER_UNCERTAIN",
+                        f"the {renderer.name} renderer vanished mid-render; the task may still run at the "
+                        "provider, so it is not sent again",
+                        False,
+                    ),
+                )
+                log.error("uncertain attempt", backend=renderer.name, task_id=task_id, job_id=job.job_id)
+                self._settle(renderer, result, self._settings)
+                return
+
+    async def _reachable(self, renderer: Renderer, timeout: float) -> bool:
+        try:
+            await renderer.stub.GetCapabilities(
+                renderer_pb2.GetCapabilitiesRequest(), timeout=timeout, wait_for_ready=True
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+    async def _finish(
+        self,
+        renderer: Renderer,
+        render: renderer_pb2.Render,
+        attempt: int,
+        job: RenderJob,
+        result: AttemptResult,
+        started: float,
+    ) -> AsyncIterator[event_pb2.RenderEvent]:
+        seconds = time.monotonic() - started
+        if render.state != renderer_pb2.RENDER_STATE_SUCCEEDED:
+            result.end(renderer, render.failure, seconds)
+            self._settle(renderer, result, self._settings)
+            return
+        output = render.output
+        yield event(attempt, qc=output.qc)
+        result.cost_micros = output.cost.amount_micros
+        floor = job.constraints.quality_floor
+        renderer.stats.record(
+            Outcome(True, seconds, output.qc.score, output.cost.amount_micros, output.video.duration_seconds)
+        )
+        renderer.breaker.record_success()
+        if output.qc.score < floor and attempt < self._settings.router_max_attempts:
+            result.cause = Cause(
+                renderer.backend,
+                failure(
+                    "QC_UNDER_FLOOR", f"QC score {output.qc.score:.2f} under the floor {floor:.2f}", True
+                ),
+                output,
+            )
+            return
+        result.final = event(attempt, succeeded=output)
+
+    def _settle(self, renderer: Renderer, result: AttemptResult, settings: RouterSettings) -> None:
+        """Records a failed attempt and decides whether the chain may go on."""
+        cause = result.cause
+        assert cause is not None
+        renderer.stats.record(Outcome(False, result.seconds))
+        if cause.failure.retryable:
+            renderer.breaker.record_failure()
+        safety = cause.failure.reason.startswith("PROVIDER_SAFETY_INPUT")
+        if not cause.failure.retryable and not (safety and settings.router_fallback_on_safety):
+            result.final = event(result.attempt, failed=cause.failure)
+
+
+def _last_word(cause: Cause, attempt: int, why: str) -> event_pb2.RenderEvent:
+    """The chain's final event when it cannot go on: an output under the floor is still a video, and
+    better than none; otherwise the last failure, saying why nothing more was tried."""
+    if cause.output is not None:
+        return event(attempt, succeeded=cause.output)
+    last = render_pb2.RenderFailure()
+    last.CopyFrom(cause.failure)
+    last.message = f"{last.message} ({why})"
+    return event(attempt, failed=last)
+
+
+def _no_backend(request: RouteRequest, candidates: list[Candidate]) -> render_pb2.RenderFailure:
+    reason = "NO_BACKEND"
+    if request.seconds_left is not None and request.seconds_left <= 0:
+        reason = "DEADLINE_PASSED"
+    elif candidates and all(
+        any("deadline" in why for why in c.reasons) for c in candidates if not c.eligible
+    ):
+        reason = "DEADLINE_UNMEETABLE"
+    return failure(reason, "; ".join(describe(candidate) for candidate in candidates) or "no backend", False)
