@@ -43,13 +43,13 @@ def connect(address: str) -> Iterator[Gateway]:
         yield Gateway(address, channel, gateway_pb2_grpc.GatewayServiceStub(channel))
 
 
-def report_rpc_error(error: grpc.RpcError, address: str) -> None:
-    """Prints the status and every field the gateway named as bad (google.rpc.BadRequest) on stderr."""
+def report_rpc_error(error: grpc.RpcError, address: str, service: str = "gateway") -> None:
+    """Prints the status and every field the service named as bad (google.rpc.BadRequest) on stderr."""
     # grpc raises errors that are also grpc.Call objects: they carry the status and its details.
     code = error.code()
     stderr.print(f"error: {code.name}: {error.details()}", markup=False, highlight=False)
     if code == grpc.StatusCode.UNAVAILABLE:
-        stderr.print(f"is the gateway running at {address}? `aiprod up` starts it.", markup=False)
+        stderr.print(f"is the {service} running at {address}? `aiprod up` starts it.", markup=False)
     status = rpc_status.from_call(error)
     for detail in status.details if status else []:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
@@ -60,10 +60,10 @@ def report_rpc_error(error: grpc.RpcError, address: str) -> None:
 
 
 @contextmanager
-def exit_on_rpc_error(address: str) -> Iterator[None]:
+def exit_on_rpc_error(address: str, service: str = "gateway") -> Iterator[None]:
     """Turns a refused call into its report and EXIT_RPC_ERROR instead of a traceback."""
     try:
         yield
     except grpc.RpcError as error:
-        report_rpc_error(error, address)
+        report_rpc_error(error, address, service)
         raise typer.Exit(EXIT_RPC_ERROR) from None

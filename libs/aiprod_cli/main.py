@@ -1,8 +1,9 @@
-"""The `aiprod` command: runs the mesh, renders videos and manages jobs through the gateway."""
+"""The `aiprod` command: runs the mesh, renders videos, manages jobs and shows the router's backends."""
 
 import typer
 
 from aiprod_cli import jobs
+from aiprod_cli.backends import backends
 from aiprod_cli.render import render
 from aiprod_cli.up import up
 
@@ -17,3 +18,4 @@ app = typer.Typer(
 app.command()(up)
 app.command()(render)
 app.add_typer(jobs.app, name="jobs")
+app.command()(backends)

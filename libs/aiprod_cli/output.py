@@ -4,15 +4,17 @@ import json
 from typing import Annotated, Any
 
 import typer
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
+from aiprod.common.v1 import backend_pb2, job_pb2, money_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
+from aiprod.router.v1 import router_pb2
 
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")
@@ -37,6 +39,17 @@ def job_to_dict(job: gateway_pb2.RenderJob) -> dict[str, Any]:
     return MessageToDict(job, preserving_proto_field_name=True)
 
 
+def message_to_dict(message: Message) -> dict[str, Any]:
+    """Every field, zero values included; a message field that is not set is null rather than missing."""
+    value = MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    for field in message.DESCRIPTOR.fields:
+        if field.message_type is not None and field.has_presence and not message.HasField(field.name):
+            value.setdefault(field.name, None)
+    return value
+
+
 def state_name(state: int) -> str:
     return job_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
 
@@ -47,6 +60,25 @@ def backend_name(backend: int) -> str:
 
 def _aspect_ratio_name(aspect_ratio: int) -> str:
     return render_pb2.AspectRatio.Name(aspect_ratio).removeprefix("ASPECT_RATIO_").replace("_", ":")
+
+
+def _health_name(health: int) -> str:
+    return router_pb2.BackendHealth.Name(health).removeprefix("BACKEND_HEALTH_").lower()
+
+
+def _breaker_name(breaker: int) -> str:
+    return router_pb2.BreakerState.Name(breaker).removeprefix("BREAKER_STATE_").lower()
+
+
+def _money(money: money_pb2.Money) -> str:
+    return f"{money.amount_micros / 1e6:.2f} {money.currency_code or 'USD'}"
+
+
+def _seconds(duration: duration_pb2.Duration) -> str:
+    """A latency; a zero one means the router has no figure yet."""
+    if not duration.seconds and not duration.nanos:
+        return "-"
+    return f"{duration.ToTimedelta().total_seconds():.1f} s"
 
 
 def _time(timestamp: timestamp_pb2.Timestamp) -> str:
@@ -101,4 +133,52 @@ def job_table(job: gateway_pb2.RenderJob) -> Table:
         rows.append(("error", f"{job.error.reason}: {job.error.message}"))
     for name, value in rows:
         table.add_row(name, Text(value))
+    return table
+
+
+def backends_table(backends: list[router_pb2.BackendStatus]) -> Table:
+    """The router's backends; the figures cover its recent renders, "-" before the first."""
+    table = new_table(
+        "backend", "health", "breaker", "p95", "success", "QC avg", "price/s", "renders", box=box.SIMPLE
+    )
+    for column in table.columns[3:]:  # the figures
+        column.justify = "right"
+    for status in backends:
+        rendered = status.renders > 0
+        table.add_row(
+            backend_name(status.backend),
+            _health_name(status.health),
+            _breaker_name(status.breaker),
+            _seconds(status.p95_latency),
+            f"{status.success_rate:.0%}" if rendered else "-",
+            f"{status.qc_average:.2f}" if rendered and status.qc_average else "-",
+            # Known once the router has reached the renderer.
+            _money(status.price_per_second) if status.HasField("price_per_second") else "-",
+            str(status.renders),
+        )
+    return table
+
+
+def route_table(candidates: list[router_pb2.RouteCandidate]) -> Table:
+    """A route plan: every backend, eligible ones first by rank, each with the router's reasons."""
+    table = new_table(
+        "rank",
+        "backend",
+        "eligible",
+        "est. cost",
+        "est. latency",
+        "reasons",
+        title="Route plan",
+        box=box.SIMPLE,
+    )
+    for candidate in candidates:
+        table.add_row(
+            str(candidate.rank) if candidate.eligible else "-",
+            backend_name(candidate.backend),
+            "yes" if candidate.eligible else "no",
+            _money(candidate.estimated_cost),
+            _seconds(candidate.estimated_latency),
+            # Text, not str: the reasons are the router's words, not rich markup.
+            Text("\n".join(candidate.reasons)),
+        )
     return table

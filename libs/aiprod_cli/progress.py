@@ -70,14 +70,16 @@ class ProgressReporter:
             case "progress" if current:
                 self._progress.update(self._task, completed=render.progress.fraction)
             case "routed":
-                self._note(
-                    f"  routed to {backend_name(render.routed.backend)}: {escape(render.routed.reason)}"
-                )
+                name = backend_name(render.routed.backend)
+                # The router's reason may start with the backend's name, already said here.
+                reason = render.routed.reason.removeprefix(f"{name}: ")
+                self._note(f"  routed to {name}: {escape(reason)}")
             case "fallback":
                 fallback = render.fallback
+                cause = fallback.cause
                 self._note(
-                    f"  falling back from {backend_name(fallback.from_backend)} to "
-                    f"{backend_name(fallback.to_backend)}: {escape(fallback.cause.message)}"
+                    f"  [yellow]falling back[/yellow] from {backend_name(fallback.from_backend)} to "
+                    f"{backend_name(fallback.to_backend)}: {escape(cause.reason)}: {escape(cause.message)}"
                 )
             case "failed":
                 self._note(

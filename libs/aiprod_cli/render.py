@@ -13,6 +13,7 @@ import typer
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
+from aiprod_cli.explain import plan_route
 from aiprod_cli.gateway import (
     CALL_TIMEOUT_SECONDS,
     DEFAULT_GATEWAY,
@@ -20,8 +21,18 @@ from aiprod_cli.gateway import (
     connect,
     exit_on_rpc_error,
 )
-from aiprod_cli.output import JsonOption, job_to_dict, print_json, print_line, state_name, stderr
+from aiprod_cli.output import (
+    JsonOption,
+    job_to_dict,
+    message_to_dict,
+    print_json,
+    print_line,
+    route_table,
+    state_name,
+    stderr,
+)
 from aiprod_cli.progress import Reporter, SilentReporter, progress_reporter
+from aiprod_cli.router import DEFAULT_ROUTER, RouterOption
 from aiprod_cli.watch import GatewayLost, follow_job
 
 # The exit status when no video came out: the job failed, or the CLI stopped following it.
@@ -148,6 +159,15 @@ def render(
     request_id: Annotated[
         str | None, typer.Option(metavar="ID", help="Idempotency key (default: a fresh one).")
     ] = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="First show how the router ranks the backends for this render, with its reasons "
+            '(asks the router at --router; with --json, under "explain").',
+        ),
+    ] = False,
+    router: RouterOption = DEFAULT_ROUTER,
     gateway: GatewayOption = DEFAULT_GATEWAY,
     json_output: JsonOption = False,
 ) -> None:
@@ -158,16 +178,23 @@ def render(
     Ctrl-C stops following the job but leaves it running.
     """
     spec = build_spec(prompt, preset, duration, aspect_ratio, backend)
+    # With --explain, the JSON has "explain": the candidates, or null when the router could not say.
+    extra: dict[str, object] = {}
+    if explain:
+        candidates = plan_route(spec, gateway, router)
+        extra["explain"] = None if candidates is None else [message_to_dict(c) for c in candidates]
+        if candidates is not None and not json_output:
+            stderr.print(route_table(candidates))
     reporting = nullcontext(SilentReporter()) if json_output else progress_reporter(stderr)
     try:
         with exit_on_rpc_error(gateway), reporting as reporter:
             result = render_video(gateway, spec, request_id or uuid.uuid4().hex, out, reporter)
     except RenderError as error:
         if json_output and error.job is not None:
-            print_json({**job_to_dict(error.job), "video_path": None})
+            print_json({**job_to_dict(error.job), "video_path": None, **extra})
         stderr.print(str(error), markup=False, highlight=False)
         raise typer.Exit(EXIT_RENDER_FAILED) from None
     if json_output:
-        print_json({**job_to_dict(result.job), "video_path": result.video})
+        print_json({**job_to_dict(result.job), "video_path": result.video, **extra})
     else:
         print_line(result.video)

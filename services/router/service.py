@@ -117,6 +117,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
 def _status(renderer: Renderer) -> router_pb2.BackendStatus:
     stats = renderer.stats
+    renderer.breaker.probe_due()  # a breaker whose cooldown is over reads half-open, as routing sees it
     status = router_pb2.BackendStatus(
         backend=renderer.backend,
         target=renderer.target,

@@ -1,0 +1,244 @@
+"""`aiprod backends` and `aiprod render --explain`, run as users do against a mesh with the provider sandbox."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cli_support import AIPROD
+
+from aiprod.common.v1 import backend_pb2, render_pb2
+from aiprod_cli.explain import plan_request
+from aiprod_cli.render import AspectRatio, Backend, build_spec
+from aiprod_kit.mesh import Mesh
+from aiprod_kit.presets import PRESETS
+
+ENVIRONMENT = {
+    "AIPROD_SANDBOX_RENDER_SECONDS": "1",
+    "AIPROD_RUNWAY_POLL_SECONDS": "0.2",
+    "AIPROD_VEO_POLL_SECONDS": "0.2",
+    "AIPROD_REPLICATE_POLL_SECONDS": "0.2",
+}
+BACKENDS = {"BACKEND_LOCAL", "BACKEND_RUNWAY", "BACKEND_VEO", "BACKEND_REPLICATE"}
+# Every backend's entry has these, zero values included.
+STATUS_FIELDS = ("health", "breaker", "p95_latency", "qc_average", "price_per_second")
+# A render takes a couple of seconds in the sandbox; this is only there to fail rather than hang.
+TIMEOUT_SECONDS = 120
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    running = Mesh(
+        tmp_path_factory.mktemp("cli-backends"), free_ports=True, sandbox=True, environment=ENVIRONMENT
+    )
+    running.start()
+    yield running
+    running.stop()
+
+
+def aiprod(*args: str) -> subprocess.CompletedProcess[str]:
+    # Wide enough that rich wraps no line of the progress notes or of the route plan.
+    environment = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [str(AIPROD), *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+        check=False,
+        env=environment,
+    )
+
+
+def json_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def backends_by_name(mesh: Mesh) -> dict[str, dict[str, Any]]:
+    listed = json_of(aiprod("backends", "--json", "--router", mesh.address("router")))
+    return {status["backend"]: status for status in listed["backends"]}
+
+
+def closed_port() -> int:
+    """A port nothing listens on (it was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_backends_lists_every_backend_with_its_health_breaker_and_figures(mesh: Mesh) -> None:
+    backends = backends_by_name(mesh)
+
+    assert set(backends) == BACKENDS
+    for name, status in backends.items():
+        missing = [field for field in STATUS_FIELDS if field not in status]
+        assert not missing, f"{name} lacks {missing}"
+        assert status["health"] == "BACKEND_HEALTH_SERVING"
+        assert status["breaker"] == "BREAKER_STATE_CLOSED"
+        assert set(status["price_per_second"]) == {"currency_code", "amount_micros"}
+    assert int(backends["BACKEND_RUNWAY"]["price_per_second"]["amount_micros"]) > 0
+
+    table = aiprod("backends", "--router", mesh.address("router"))
+    assert table.returncode == 0, table.stderr
+    for heading in ("backend", "health", "breaker", "p95", "success", "QC avg", "price/s", "renders"):
+        assert heading in table.stdout
+    for name in ("local", "runway", "veo", "replicate"):
+        assert re.search(rf"^\s*{name}\s+serving\s+closed\s", table.stdout, re.MULTILINE), table.stdout
+
+
+def test_backends_without_a_router_exits_2_and_says_where_it_looked() -> None:
+    address = f"127.0.0.1:{closed_port()}"
+
+    result = aiprod("backends", "--json", "--router", address)
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "UNAVAILABLE" in result.stderr
+    assert f"is the router running at {address}?" in result.stderr
+
+
+def test_a_render_shows_in_the_backends_figures(mesh: Mesh) -> None:
+    job = json_of(
+        aiprod(
+            "render",
+            "A paper boat sailing across a sunlit pond",
+            "--backend",
+            "runway",
+            "--duration",
+            "4",
+            "--json",
+            "--gateway",
+            mesh.address("gateway"),
+        )
+    )
+    assert job["state"] == "JOB_STATE_SUCCEEDED"
+    assert job["backend"] == "BACKEND_RUNWAY"
+    assert "explain" not in job  # only with --explain
+
+    runway = backends_by_name(mesh)["BACKEND_RUNWAY"]
+    assert int(runway["renders"]) >= 1
+    assert runway["qc_average"] > 0
+    assert runway["success_rate"] > 0
+    assert runway["p95_latency"] != "0s"
+
+
+def test_render_explain_json_has_the_ranked_candidates_and_their_reasons(mesh: Mesh) -> None:
+    result = aiprod(
+        "render",
+        "A lighthouse in a storm",
+        "--duration",
+        "4",
+        "--explain",
+        "--json",
+        "--router",
+        mesh.address("router"),
+        "--gateway",
+        mesh.address("gateway"),
+    )
+    job = json_of(result)  # one JSON object on stdout, the plan included
+    assert job["state"] == "JOB_STATE_SUCCEEDED"
+
+    explain = job["explain"]
+    assert {candidate["backend"] for candidate in explain} == BACKENDS
+    for candidate in explain:
+        assert {"rank", "eligible", "estimated_cost", "estimated_latency", "reasons"} <= set(candidate)
+        assert candidate["reasons"], candidate
+    eligible = [candidate for candidate in explain if candidate["eligible"]]
+    # Eligible ones first, ranked 1, 2...; the others after them, with rank 0.
+    assert explain[: len(eligible)] == eligible
+    assert [candidate["rank"] for candidate in eligible] == list(range(1, len(eligible) + 1))
+    assert all(candidate["rank"] == 0 for candidate in explain[len(eligible) :])
+
+    by_name = {candidate["backend"]: candidate for candidate in explain}
+    # The local renderer's quality is under the preset's floor (quick_social: 0.6).
+    assert not by_name["BACKEND_LOCAL"]["eligible"]
+    assert any("floor" in reason for reason in by_name["BACKEND_LOCAL"]["reasons"])
+    # Replicate's model renders 6 s only.
+    assert not by_name["BACKEND_REPLICATE"]["eligible"]
+    assert any("duration" in reason for reason in by_name["BACKEND_REPLICATE"]["reasons"])
+    assert by_name["BACKEND_VEO"]["eligible"]
+    assert by_name["BACKEND_RUNWAY"]["eligible"]
+    assert int(by_name["BACKEND_VEO"]["estimated_cost"]["amount_micros"]) > 0
+    assert any(reason.startswith("ranked first") for reason in eligible[0]["reasons"])
+    # The plan is the router's answer for the same render: the job went where it ranked first.
+    assert job["backend"] == eligible[0]["backend"]
+
+
+def test_render_explain_goes_on_without_the_router(mesh: Mesh) -> None:
+    address = f"127.0.0.1:{closed_port()}"
+
+    result = aiprod(
+        "render",
+        "A kite over a beach",
+        "--duration",
+        "4",
+        "--explain",
+        "--json",
+        "--router",
+        address,
+        "--gateway",
+        mesh.address("gateway"),
+    )
+
+    job = json_of(result)
+    assert job["state"] == "JOB_STATE_SUCCEEDED"
+    assert job["explain"] is None
+    assert f"the router cannot be reached at {address}" in result.stderr
+    assert "rendering anyway" in result.stderr
+
+
+def test_render_explain_table_and_every_fallback_in_the_progress(mesh: Mesh) -> None:
+    # The sandbox fails this render halfway on every provider: Runway first (preferred), then Veo, the
+    # only other backend that renders 4 s above the floor; then nothing is left.
+    result = aiprod(
+        "render",
+        "[sandbox:fail] A paper boat sailing across a sunlit pond",
+        "--backend",
+        "runway",
+        "--duration",
+        "4",
+        "--explain",
+        "--router",
+        mesh.address("router"),
+        "--gateway",
+        mesh.address("gateway"),
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    notes = result.stderr
+    assert "Route plan" in notes
+    assert re.search(r"^\s*1\s+runway\s+yes\s", notes, re.MULTILINE), notes
+    assert re.search(r"^\s*-\s+local\s+no\s.*under the floor", notes, re.MULTILINE), notes
+    assert re.search(r"routed to runway: .*preferred by the request", notes), notes
+    assert re.search(r"falling back from runway to veo: [A-Z_]+: \S", notes), notes
+    assert "routed to veo: " in notes
+    # The plan comes before the render starts.
+    assert notes.index("Route plan") < notes.index("routed to runway")
+
+
+def test_the_plan_asks_for_the_render_the_gateway_will_route() -> None:
+    presets = {preset.name: preset.to_proto() for preset in PRESETS.values()}
+
+    default = plan_request(build_spec("  A fox in the snow "), presets)
+    assert default is not None
+    assert default.shot.prompt == "A fox in the snow"
+    assert default.shot.duration_seconds == PRESETS["quick_social"].default_duration_seconds
+    assert default.shot.aspect_ratio == render_pb2.ASPECT_RATIO_16_9
+    assert not default.shot.HasField("first_frame")
+    assert default.constraints.quality_floor == PRESETS["quick_social"].quality_floor
+    assert default.constraints.preferred_backend == backend_pb2.BACKEND_UNSPECIFIED
+
+    spec = build_spec("A fox", "premium_spot", 6, AspectRatio.PORTRAIT, Backend.VEO)
+    chosen = plan_request(spec, presets)
+    assert chosen is not None
+    assert chosen.shot.duration_seconds == 6
+    assert chosen.shot.aspect_ratio == render_pb2.ASPECT_RATIO_9_16
+    assert chosen.constraints.quality_floor == PRESETS["premium_spot"].quality_floor
+    assert chosen.constraints.preferred_backend == backend_pb2.BACKEND_VEO
+
+    assert plan_request(build_spec("A fox", "no_such_preset"), presets) is None
