@@ -1,6 +1,7 @@
 """`make bench`: starts the mesh on free ports and measures, in one run, the floor (a bare grpc.aio
-unary call: the gateway's health Check) and CreateRenderJob, both at concurrency 32. Prints one JSON
-object as its last line.
+unary call: the gateway's health Check) and CreateRenderJob, both at concurrency 32, and how fast the
+router stops routing to a renderer that turns NOT_SERVING (goal: 100 ms). Prints one JSON object as
+its last line.
 
 Jobs are created under an approval preset so that they wait instead of rendering: the figure is the
 cost of the RPC (validation, idempotency, the job store), not of the renders it would start.
@@ -8,6 +9,7 @@ cost of the RPC (validation, idempotency, the job store), not of the renders it 
 
 import asyncio
 import json
+import signal
 import tempfile
 import time
 import uuid
@@ -19,11 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aiprod.common.v1 import render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_kit.mesh import Mesh
 
 CONCURRENCY = 32
 WARMUP_CALLS = 200
 MEASURED_SECONDS = 5.0
+REACTION_LIMIT_SECONDS = 10.0
 
 
 async def measure(call: Callable[[], Awaitable[object]]) -> dict[str, float]:
@@ -69,12 +73,29 @@ async def run(address: str) -> dict[str, float]:
     }
 
 
+async def health_reaction_ms(mesh: Mesh) -> float:
+    """From the renderer's SIGTERM (its health turns NOT_SERVING at once, then it drains) to the router
+    reporting the backend NOT_SERVING: the router's whole reaction, pushed by health Watch."""
+    async with grpc.aio.insecure_channel(mesh.address("router")) as channel:
+        router = router_pb2_grpc.RouterServiceStub(channel)
+        request = router_pb2.ListBackendsRequest()
+        started = time.perf_counter()
+        mesh.services["renderer-local"].process.send_signal(signal.SIGTERM)
+        while time.perf_counter() - started < REACTION_LIMIT_SECONDS:
+            backends = (await router.ListBackends(request)).backends
+            if all(status.health == router_pb2.BACKEND_HEALTH_NOT_SERVING for status in backends):
+                return (time.perf_counter() - started) * 1000
+    return float("inf")
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="aiprod-bench-") as data_dir:
-        mesh = Mesh(Path(data_dir), free_ports=True)
+        # A long drain keeps the renderer NOT_SERVING but up while the router's reaction is measured.
+        mesh = Mesh(Path(data_dir), free_ports=True, environment={"AIPROD_SHUTDOWN_GRACE_SECONDS": "10"})
         mesh.start()
         try:
             figures = asyncio.run(run(mesh.address("gateway")))
+            figures["router_health_reaction_ms"] = round(asyncio.run(health_reaction_ms(mesh)), 1)
         finally:
             mesh.stop()
     print(json.dumps(figures))
