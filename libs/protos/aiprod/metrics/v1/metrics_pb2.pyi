@@ -5,12 +5,26 @@ from aiprod.common.v1 import job_pb2 as _job_pb2
 from aiprod.common.v1 import money_pb2 as _money_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class BudgetLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BUDGET_LEVEL_UNSPECIFIED: _ClassVar[BudgetLevel]
+    BUDGET_LEVEL_OK: _ClassVar[BudgetLevel]
+    BUDGET_LEVEL_NOTIFY: _ClassVar[BudgetLevel]
+    BUDGET_LEVEL_ECONOMY: _ClassVar[BudgetLevel]
+    BUDGET_LEVEL_EXHAUSTED: _ClassVar[BudgetLevel]
+BUDGET_LEVEL_UNSPECIFIED: BudgetLevel
+BUDGET_LEVEL_OK: BudgetLevel
+BUDGET_LEVEL_NOTIFY: BudgetLevel
+BUDGET_LEVEL_ECONOMY: BudgetLevel
+BUDGET_LEVEL_EXHAUSTED: BudgetLevel
 
 class JobEventRecord(_message.Message):
     __slots__ = ("job_id", "state", "backend", "preset", "time")
@@ -69,14 +83,16 @@ class Reservation(_message.Message):
     def __init__(self, reservation_key: _Optional[str] = ..., tenant_id: _Optional[str] = ..., amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ReserveBudgetRequest(_message.Message):
-    __slots__ = ("reservation_key", "tenant_id", "amount")
+    __slots__ = ("reservation_key", "tenant_id", "amount", "job_id")
     RESERVATION_KEY_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     reservation_key: str
     tenant_id: str
     amount: _money_pb2.Money
-    def __init__(self, reservation_key: _Optional[str] = ..., tenant_id: _Optional[str] = ..., amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
+    job_id: str
+    def __init__(self, reservation_key: _Optional[str] = ..., tenant_id: _Optional[str] = ..., amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class ReserveBudgetResponse(_message.Message):
     __slots__ = ("reservation",)
@@ -113,26 +129,34 @@ class GetBudgetRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
 
 class Budget(_message.Message):
-    __slots__ = ("tenant_id", "day", "cap", "spent", "reserved", "remaining")
+    __slots__ = ("tenant_id", "day", "cap", "spent", "reserved", "remaining", "level", "used_fraction", "expired_reservations")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     DAY_FIELD_NUMBER: _ClassVar[int]
     CAP_FIELD_NUMBER: _ClassVar[int]
     SPENT_FIELD_NUMBER: _ClassVar[int]
     RESERVED_FIELD_NUMBER: _ClassVar[int]
     REMAINING_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    USED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     day: str
     cap: _money_pb2.Money
     spent: _money_pb2.Money
     reserved: _money_pb2.Money
     remaining: _money_pb2.Money
-    def __init__(self, tenant_id: _Optional[str] = ..., day: _Optional[str] = ..., cap: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., spent: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., remaining: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
+    level: BudgetLevel
+    used_fraction: float
+    expired_reservations: int
+    def __init__(self, tenant_id: _Optional[str] = ..., day: _Optional[str] = ..., cap: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., spent: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., remaining: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., level: _Optional[_Union[BudgetLevel, str]] = ..., used_fraction: _Optional[float] = ..., expired_reservations: _Optional[int] = ...) -> None: ...
 
 class GetBudgetResponse(_message.Message):
-    __slots__ = ("budget",)
+    __slots__ = ("budget", "global_budget")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_BUDGET_FIELD_NUMBER: _ClassVar[int]
     budget: Budget
-    def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+    global_budget: Budget
+    def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ..., global_budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
 
 class ListAlertsRequest(_message.Message):
     __slots__ = ()
