@@ -7,6 +7,7 @@ from aiprod.router.v1 import router_pb2_grpc
 from aiprod_gateway.dispatcher import Dispatcher
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.service import GatewayServicer
+from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import SqliteJobStore
 from aiprod_kit.channels import open_channel
 from aiprod_kit.server import Registration, run
@@ -23,13 +24,14 @@ async def build() -> AsyncIterator[list[Registration]]:
     router = router_pb2_grpc.RouterServiceStub(router_channel)
     metrics = metrics_pb2_grpc.MetricsServiceStub(metrics_channel)
     reporter = MetricsReporter(metrics)
-    dispatcher = Dispatcher(store, router, reporter, settings.dispatch_concurrency)
+    spending = Spending(metrics, router)
+    dispatcher = Dispatcher(store, router, reporter, spending, settings.dispatch_concurrency)
     await dispatcher.start()
     try:
         yield [
             Registration(
                 gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
-                GatewayServicer(store, dispatcher, router, metrics, reporter),
+                GatewayServicer(store, dispatcher, router, metrics, reporter, spending),
                 gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
             )
         ]

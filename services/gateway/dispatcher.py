@@ -16,6 +16,7 @@ from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_gateway.reporting import MetricsReporter
+from aiprod_gateway.spending import BudgetRefused, Spending
 from aiprod_gateway.store import TERMINAL_STATES, JobStore, JobUpdate
 
 log = structlog.get_logger()
@@ -75,11 +76,13 @@ class Dispatcher:
         store: JobStore,
         router: router_pb2_grpc.RouterServiceStub,
         reporter: MetricsReporter,
+        spending: Spending,
         concurrency: int,
     ) -> None:
         self._store = store
         self._router = router
         self._reporter = reporter
+        self._spending = spending
         self._concurrency = concurrency
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._driving: dict[str, asyncio.Task[None]] = {}
@@ -137,13 +140,24 @@ class Dispatcher:
             assert job is not None
             self._reporter.job_changed(job)
         delay = _BACKOFF[0]
+        reserved: int | None = None
         while job.state not in TERMINAL_STATES:
             try:
+                if reserved is None:
+                    reserved = await self._spending.reserve(job)
+                    if reserved:
+                        await self._store.append_event(
+                            job_id, f"budget reserved: {reserved / 1e6:.2f} USD", _noop
+                        )
                 async for event in self._render_events(job):
                     message, update = _apply(event)
                     await self._store.append_event(job_id, message, update, render_event=event)
                     if event.WhichOneof("kind") in ("succeeded", "failed"):
                         break
+            except BudgetRefused as refused:
+                await self._store.append_event(
+                    job_id, f"budget refused: {refused}", _failed("BUDGET_EXHAUSTED", str(refused))
+                )
             except grpc.aio.AioRpcError as error:
                 if error.code() not in _TRANSIENT:
                     await self._store.append_event(
@@ -159,6 +173,7 @@ class Dispatcher:
                 break
             await asyncio.sleep(delay)
             delay = min(delay * 2, _BACKOFF[1])
+        await self._spending.settle(job)
         self._reporter.job_changed(job)
 
     async def _render_events(self, job: gateway_pb2.RenderJob) -> AsyncIterator[event_pb2.RenderEvent]:
@@ -179,6 +194,10 @@ class Dispatcher:
             stream = self._router.ExecuteRender(request)
         async for response in stream:
             yield response.event
+
+
+def _noop(job: gateway_pb2.RenderJob) -> None:
+    """An event that changes nothing on the job, only tells."""
 
 
 def _set_running(job: gateway_pb2.RenderJob) -> None:

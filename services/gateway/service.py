@@ -15,6 +15,7 @@ from aiprod_gateway import validation
 from aiprod_gateway.catalog import BackendCatalog
 from aiprod_gateway.dispatcher import Dispatcher
 from aiprod_gateway.reporting import MetricsReporter
+from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import TERMINAL_STATES, JobStore, RequestIdConflict
 from aiprod_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from aiprod_kit.money import usd
@@ -35,12 +36,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         router: router_pb2_grpc.RouterServiceStub,
         metrics: metrics_pb2_grpc.MetricsServiceStub,
         reporter: MetricsReporter,
+        spending: Spending,
     ) -> None:
         self._store = store
         self._dispatcher = dispatcher
         self._router = router
         self._metrics = metrics
         self._reporter = reporter
+        self._spending = spending
         self._catalog = BackendCatalog(router)
 
     async def _job(self, job_id: str) -> gateway_pb2.RenderJob:
@@ -56,6 +59,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         spec, preset = validation.normalized_spec(request.spec)
         plan = validation.plan_of(spec)
         await self._catalog.check_renderable(plan.shots[0])
+        await self._spending.refuse_when_exhausted()
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
         job = gateway_pb2.RenderJob(
@@ -114,6 +118,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         await self._store.append_event(job.job_id, f"cancelled: {reason}", cancel)
         job = await self._job(job.job_id)
         self._reporter.job_changed(job)
+        await self._spending.settle(job)
         if job.HasField("handle"):
             try:
                 await self._router.CancelRender(

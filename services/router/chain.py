@@ -33,8 +33,6 @@ _REFUSALS = frozenset(
     {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE}
 )
 _BUDGET_TIMEOUT = 2.0
-# Economy mode below this share of the daily cap left (the ledger's 90% action).
-_ECONOMY_SHARE = 0.10
 
 
 def event(attempt: int, **kind: object) -> event_pb2.RenderEvent:
@@ -123,8 +121,8 @@ class RenderChain:
             return None, False
         if budget.cap.amount_micros <= 0:
             return None, False
-        remaining = budget.remaining.amount_micros
-        return remaining, remaining < budget.cap.amount_micros * _ECONOMY_SHARE
+        economy = budget.level in (metrics_pb2.BUDGET_LEVEL_ECONOMY, metrics_pb2.BUDGET_LEVEL_EXHAUSTED)
+        return budget.remaining.amount_micros, economy
 
     def rank(self, request: RouteRequest) -> list[Candidate]:
         views = [
