@@ -265,7 +265,18 @@ def test_the_metrics_service_counts_jobs_per_backend_and_state(mesh, gateway):
         assert eventually(lambda: succeeded_locally() >= succeeded_jobs)
         budget = metrics.GetBudget(metrics_pb2.GetBudgetRequest()).budget
         assert budget.spent.amount_micros == 0
-        with pytest.raises(grpc.RpcError) as pending:
-            metrics.ReserveBudget(metrics_pb2.ReserveBudgetRequest(reservation_key="k"))
-        assert pending.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "issue 5" in pending.value.details()
+        assert budget.cap.amount_micros == 90_000_000  # the default daily cap
+        # A reservation against it works, and its release frees the money again.
+        reservation = metrics.ReserveBudget(
+            metrics_pb2.ReserveBudgetRequest(
+                reservation_key=f"gateway-test-{job.job_id}",
+                amount={"currency_code": "USD", "amount_micros": 100_000},
+                job_id=job.job_id,
+            )
+        ).reservation
+        assert (reservation.tenant_id, reservation.amount.amount_micros) == ("default", 100_000)
+        reserved = metrics.GetBudget(metrics_pb2.GetBudgetRequest()).budget.reserved.amount_micros
+        assert reserved == budget.reserved.amount_micros + 100_000
+        metrics.ReleaseBudget(metrics_pb2.ReleaseBudgetRequest(reservation_key=reservation.reservation_key))
+        released = metrics.GetBudget(metrics_pb2.GetBudgetRequest()).budget.reserved.amount_micros
+        assert released == budget.reserved.amount_micros

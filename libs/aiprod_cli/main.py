@@ -4,6 +4,7 @@ import typer
 
 from aiprod_cli import jobs
 from aiprod_cli.backends import backends
+from aiprod_cli.budget import budget
 from aiprod_cli.render import render
 from aiprod_cli.up import up
 
@@ -19,3 +20,4 @@ app.command()(up)
 app.command()(render)
 app.add_typer(jobs.app, name="jobs")
 app.command()(backends)
+app.command()(budget)

@@ -63,10 +63,31 @@ class RouterSettings(CommonSettings):
     router_fallback_on_safety: bool = False
     # How long to wait for a vanished renderer to come back before giving its render up as uncertain.
     router_reattach_seconds: float = 30.0
+    # From this much of today's budget left, the best quality ranks first (the first version used 35);
+    # 0: always the cheapest render that meets the floor.
+    router_quality_first_budget_usd: float = 0.0
 
 
 class MetricsSettings(CommonSettings):
     metrics_port: int = METRICS_PORT
+    # The day's cap on every tenant's spend together, in USD; 0 means no cap. 90 USD is the product's
+    # historical daily budget.
+    metrics_daily_cap_usd: float = 90.0
+    # Each tenant's own daily cap, in USD; 0 means the global cap (a tenant may use all of it). Every
+    # reservation must fit under both.
+    metrics_tenant_daily_cap_usd: float = 0.0
+    # The tenant of requests that name none.
+    metrics_default_tenant: str = "default"
+    # Budget days are calendar days in this IANA time zone.
+    metrics_budget_time_zone: str = "UTC"
+    # Shares of the cap used (spent + reserved) from which a budget's level is NOTIFY, then ECONOMY;
+    # it is EXHAUSTED at the cap itself.
+    metrics_notify_threshold: float = 0.7
+    metrics_economy_threshold: float = 0.9
+    # How long a reservation lasts unsettled before it expires and its money is freed.
+    metrics_reservation_ttl_seconds: float = 3600.0
+    # How often overdue reservations are looked for.
+    metrics_expiry_sweep_seconds: float = 5.0
 
 
 class LocalRendererSettings(CommonSettings):

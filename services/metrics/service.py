@@ -1,21 +1,179 @@
-"""MetricsService: job counts per backend and state; the ledger, alerts and SLOs arrive with issue 5."""
+"""MetricsService: job counts per backend and state, and the spend ledger (reservations and budgets).
 
+The ledger's API, on top of the store's semantics (see `aiprod_metrics.ledger`):
+
+- ReserveBudget reserves an attempt's worst-case cost against today's budgets, idempotently per
+  reservation key: a repeat with the same tenant, job and amount returns the same open reservation
+  (same expire_time) and reserves nothing more; ALREADY_EXISTS when the key was used with another
+  tenant, job or amount; FAILED_PRECONDITION when that reservation is settled already (one key per
+  attempt). RESOURCE_EXHAUSTED, naming what is left, when spent + reserved + amount would pass the
+  tenant's or the global cap of the day.
+- CommitSpend records what the attempt really cost (more than the estimate too: spend is what it is).
+  Committing again with the same actual is OK; with another actual FAILED_PRECONDITION. A reservation
+  that expired while its job was stuck can still be committed: the money was really spent, so the
+  spend is recorded (even over the cap) and logged as late. A released one cannot (FAILED_PRECONDITION):
+  its owner said nothing would be spent.
+- ReleaseBudget frees an open (or expired) reservation unspent; releasing again is OK; a committed one
+  FAILED_PRECONDITION.
+- Unknown keys are NOT_FOUND; bad input INVALID_ARGUMENT naming each field, with nothing written.
+- GetBudget reports today's budget of the tenant and of everyone together.
+"""
+
+import asyncio
+import math
+import re
 from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, timedelta, tzinfo
+from decimal import Decimal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
+import structlog
+from google.protobuf import timestamp_pb2
 
-from aiprod.common.v1 import backend_pb2, job_pb2
+from aiprod.common.v1 import backend_pb2, job_pb2, money_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
-from aiprod_kit.errors import InvalidArgument, Unimplemented
-from aiprod_kit.money import usd
+from aiprod_kit.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unimplemented,
+)
+from aiprod_kit.money import MICROS_PER_UNIT, usd
+from aiprod_kit.settings import ConfigurationError, MetricsSettings
+from aiprod_metrics.ledger import (
+    BudgetExceeded,
+    Caps,
+    KeyConflict,
+    LedgerStore,
+    Reservation,
+    State,
+    Totals,
+    UnknownKey,
+    WrongState,
+)
 
-DEFAULT_TENANT = "default"
-_LEDGER_PENDING = "the spend ledger is not implemented yet (planned: issue 5, money and observability)"
+log = structlog.get_logger()
+
+_NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_NAME_RULE = "must be 1 to 128 characters among A-Z a-z 0-9 . _ : -"
+# One attempt's cost at most, a sanity bound that also keeps a day's sums far from int64's limit.
+MAX_AMOUNT_MICROS = 1_000_000 * MICROS_PER_UNIT
+MAX_JOB_ID_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class BudgetPolicy:
+    """The ledger's settings, checked: caps in micro-USD (0: none), thresholds, expiry."""
+
+    global_cap: int
+    tenant_cap: int
+    default_tenant: str
+    time_zone: tzinfo
+    notify_threshold: float
+    economy_threshold: float
+    reservation_ttl: timedelta
+    expiry_sweep_seconds: float
+
+    @classmethod
+    def from_settings(cls, settings: MetricsSettings) -> "BudgetPolicy":
+        def money(variable: str, value: float) -> int:
+            if not math.isfinite(value) or value < 0 or value * MICROS_PER_UNIT > 2**62:
+                raise ConfigurationError(f"{variable}: {value} is not an amount of USD (0 means no cap)")
+            return round(value * MICROS_PER_UNIT)
+
+        global_cap = money("AIPROD_METRICS_DAILY_CAP_USD", settings.metrics_daily_cap_usd)
+        tenant_cap = money("AIPROD_METRICS_TENANT_DAILY_CAP_USD", settings.metrics_tenant_daily_cap_usd)
+        notify, economy = settings.metrics_notify_threshold, settings.metrics_economy_threshold
+        if not 0 < notify <= 1:
+            raise ConfigurationError(f"AIPROD_METRICS_NOTIFY_THRESHOLD: {notify} is not a share in (0, 1]")
+        if not notify <= economy <= 1:
+            raise ConfigurationError(
+                f"AIPROD_METRICS_ECONOMY_THRESHOLD: {economy} must be a share between the notify "
+                f"threshold ({notify}) and 1"
+            )
+        if not settings.metrics_reservation_ttl_seconds > 0:
+            raise ConfigurationError("AIPROD_METRICS_RESERVATION_TTL_SECONDS: must be positive")
+        if not settings.metrics_expiry_sweep_seconds > 0:
+            raise ConfigurationError("AIPROD_METRICS_EXPIRY_SWEEP_SECONDS: must be positive")
+        if not _NAME.fullmatch(settings.metrics_default_tenant):
+            raise ConfigurationError(f"AIPROD_METRICS_DEFAULT_TENANT: {_NAME_RULE}")
+        return cls(
+            global_cap=global_cap,
+            tenant_cap=tenant_cap or global_cap,
+            default_tenant=settings.metrics_default_tenant,
+            time_zone=time_zone(settings.metrics_budget_time_zone),
+            notify_threshold=notify,
+            economy_threshold=economy,
+            reservation_ttl=timedelta(seconds=settings.metrics_reservation_ttl_seconds),
+            expiry_sweep_seconds=settings.metrics_expiry_sweep_seconds,
+        )
+
+    @property
+    def caps(self) -> Caps:
+        return Caps(tenant=self.tenant_cap, everyone=self.global_cap)
+
+    def level(self, used_fraction: float, cap: int) -> int:
+        if cap <= 0:
+            return metrics_pb2.BUDGET_LEVEL_OK
+        if used_fraction >= 1.0:
+            return metrics_pb2.BUDGET_LEVEL_EXHAUSTED
+        if used_fraction >= self.economy_threshold:
+            return metrics_pb2.BUDGET_LEVEL_ECONOMY
+        if used_fraction >= self.notify_threshold:
+            return metrics_pb2.BUDGET_LEVEL_NOTIFY
+        return metrics_pb2.BUDGET_LEVEL_OK
+
+
+def time_zone(name: str) -> tzinfo:
+    if name == "UTC":  # needs no time zone database
+        return UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as error:
+        raise ConfigurationError(
+            f"AIPROD_METRICS_BUDGET_TIME_ZONE: {name!r} is not a known IANA time zone"
+        ) from error
+
+
+def format_usd(micros: int) -> str:
+    """An amount as "0.42 USD", exact to the micro-dollar when cents are not enough."""
+    amount = Decimal(micros) / MICROS_PER_UNIT
+    text = f"{amount:.2f}" if micros % 10_000 == 0 else f"{amount:.6f}".rstrip("0")
+    return f"{text} USD"
+
+
+def _validate_money(field: str, money: money_pb2.Money, positive: bool) -> list[tuple[str, str]]:
+    violations = []
+    if money.currency_code not in ("", "USD"):
+        violations.append((f"{field}.currency_code", "must be USD (or empty, meaning USD)"))
+    if positive and money.amount_micros <= 0:
+        violations.append((f"{field}.amount_micros", "must be positive"))
+    elif money.amount_micros < 0:
+        violations.append((f"{field}.amount_micros", "must not be negative"))
+    elif money.amount_micros > MAX_AMOUNT_MICROS:
+        violations.append((f"{field}.amount_micros", f"must be at most {format_usd(MAX_AMOUNT_MICROS)}"))
+    return violations
+
+
+def _validate_key(key: str) -> list[tuple[str, str]]:
+    return [] if _NAME.fullmatch(key) else [("reservation_key", _NAME_RULE)]
+
+
+def _timestamp(reservation: Reservation) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(reservation.expires)
+    return stamp
 
 
 class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
-    def __init__(self) -> None:
+    def __init__(self, ledger: LedgerStore, policy: BudgetPolicy) -> None:
         self._job_counts: Counter[tuple[int, int]] = Counter()
+        self._ledger = ledger
+        self._policy = policy
 
     async def RecordJobEvent(
         self, request: metrics_pb2.RecordJobEventRequest, context: grpc.aio.ServicerContext
@@ -42,31 +200,188 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             ]
         )
 
-    async def GetBudget(
-        self, request: metrics_pb2.GetBudgetRequest, context: grpc.aio.ServicerContext
-    ) -> metrics_pb2.GetBudgetResponse:
-        # No ledger yet, so nothing has been spent or reserved, and there is no cap.
-        return metrics_pb2.GetBudgetResponse(
-            budget=metrics_pb2.Budget(
-                tenant_id=request.tenant_id or DEFAULT_TENANT,
-                cap=usd(0),
-                spent=usd(0),
-                reserved=usd(0),
-                remaining=usd(0),
+    # The ledger ---------------------------------------------------------------------------------
+
+    def _tenant(self, tenant_id: str) -> tuple[str, list[tuple[str, str]]]:
+        if not tenant_id:
+            return self._policy.default_tenant, []
+        return tenant_id, [] if _NAME.fullmatch(tenant_id) else [("tenant_id", _NAME_RULE)]
+
+    async def ReserveBudget(
+        self, request: metrics_pb2.ReserveBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> metrics_pb2.ReserveBudgetResponse:
+        key = request.reservation_key
+        tenant, violations = self._tenant(request.tenant_id)
+        violations = _validate_key(key) + violations
+        if not request.HasField("amount"):
+            violations.append(("amount", "is required: the attempt's worst-case cost"))
+        else:
+            violations += _validate_money("amount", request.amount, positive=True)
+        if len(request.job_id) > MAX_JOB_ID_LENGTH:
+            violations.append(("job_id", f"must be at most {MAX_JOB_ID_LENGTH} characters"))
+        if violations:
+            raise InvalidArgument(violations)
+        amount = request.amount.amount_micros
+        try:
+            reservation, fresh = await self._ledger.reserve(
+                key, tenant, request.job_id, amount, self._policy.caps, self._policy.reservation_ttl
+            )
+        except BudgetExceeded as refusal:
+            scope = f"tenant {refusal.tenant}" if refusal.tenant is not None else "all tenants"
+            log.info(
+                "reservation refused",
+                reservation_key=key,
+                tenant=tenant,
+                job_id=request.job_id,
+                cap_scope="tenant" if refusal.tenant is not None else "global",
+                amount_micros=amount,
+                remaining_micros=refusal.remaining,
+            )
+            raise ResourceExhausted(
+                f"budget exhausted for {scope} on {refusal.day}: {format_usd(refusal.remaining)} left of "
+                f"{format_usd(refusal.cap)}, {format_usd(refusal.asked)} asked"
+            ) from refusal
+        except KeyConflict as conflict:
+            existing = conflict.existing
+            raise AlreadyExists(
+                f"reservation_key {key} was already used for another reservation (tenant {existing.tenant}, "
+                f"job {existing.job_id or '-'}, {format_usd(existing.amount)})"
+            ) from conflict
+        except WrongState as wrong:
+            raise FailedPrecondition(
+                f"reservation {key} is {wrong.reservation.state} already; use a new key for a new attempt"
+            ) from wrong
+        if fresh:
+            log.info(
+                "budget reserved",
+                reservation_key=key,
+                tenant=tenant,
+                job_id=request.job_id,
+                amount_micros=amount,
+                day=reservation.day,
+            )
+        return metrics_pb2.ReserveBudgetResponse(
+            reservation=metrics_pb2.Reservation(
+                reservation_key=reservation.key,
+                tenant_id=reservation.tenant,
+                amount=usd(reservation.amount),
+                expire_time=_timestamp(reservation),
             )
         )
 
-    async def ReserveBudget(self, request, context):  # type: ignore[no-untyped-def]
-        raise Unimplemented(_LEDGER_PENDING)
+    async def CommitSpend(
+        self, request: metrics_pb2.CommitSpendRequest, context: grpc.aio.ServicerContext
+    ) -> metrics_pb2.CommitSpendResponse:
+        key = request.reservation_key
+        violations = _validate_key(key)
+        if not request.HasField("actual"):
+            violations.append(("actual", "is required: what the attempt really cost (zero included)"))
+        else:
+            violations += _validate_money("actual", request.actual, positive=False)
+        if violations:
+            raise InvalidArgument(violations)
+        actual = request.actual.amount_micros
+        try:
+            reservation, before = await self._ledger.commit(key, actual)
+        except UnknownKey as error:
+            raise NotFound(f"no reservation has the key {key}") from error
+        except WrongState as wrong:
+            recorded = wrong.reservation
+            if recorded.state == State.COMMITTED:
+                raise FailedPrecondition(
+                    f"reservation {key} was committed already with {format_usd(recorded.actual or 0)}, "
+                    f"not {format_usd(actual)}"
+                ) from wrong
+            raise FailedPrecondition(
+                f"reservation {key} was {recorded.state}: nothing may be committed against it"
+            ) from wrong
+        if before != State.COMMITTED:
+            (log.warning if before == State.EXPIRED else log.info)(
+                "spend committed",
+                reservation_key=key,
+                tenant=reservation.tenant,
+                job_id=reservation.job_id,
+                day=reservation.day,
+                estimate_micros=reservation.amount,
+                actual_micros=actual,
+                variance_ratio=reservation.variance_ratio,
+                after_expiry=before == State.EXPIRED,
+            )
+        return metrics_pb2.CommitSpendResponse()
 
-    async def CommitSpend(self, request, context):  # type: ignore[no-untyped-def]
-        raise Unimplemented(_LEDGER_PENDING)
+    async def ReleaseBudget(
+        self, request: metrics_pb2.ReleaseBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> metrics_pb2.ReleaseBudgetResponse:
+        key = request.reservation_key
+        violations = _validate_key(key)
+        if violations:
+            raise InvalidArgument(violations)
+        try:
+            reservation, before = await self._ledger.release(key)
+        except UnknownKey as error:
+            raise NotFound(f"no reservation has the key {key}") from error
+        except WrongState as wrong:
+            raise FailedPrecondition(
+                f"reservation {key} was committed already ({format_usd(wrong.reservation.actual or 0)}): "
+                "spent money cannot be released"
+            ) from wrong
+        if before != State.RELEASED:
+            log.info(
+                "budget released",
+                reservation_key=key,
+                tenant=reservation.tenant,
+                job_id=reservation.job_id,
+                amount_micros=reservation.amount,
+            )
+        return metrics_pb2.ReleaseBudgetResponse()
 
-    async def ReleaseBudget(self, request, context):  # type: ignore[no-untyped-def]
-        raise Unimplemented(_LEDGER_PENDING)
+    async def GetBudget(
+        self, request: metrics_pb2.GetBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> metrics_pb2.GetBudgetResponse:
+        tenant, violations = self._tenant(request.tenant_id)
+        if violations:
+            raise InvalidArgument(violations)
+        totals = await self._ledger.day_totals(tenant)
+        return metrics_pb2.GetBudgetResponse(
+            budget=self._budget(tenant, totals.day, self._policy.tenant_cap, totals.tenant),
+            global_budget=self._budget("", totals.day, self._policy.global_cap, totals.everyone),
+        )
+
+    def _budget(self, tenant: str, day: str, cap: int, totals: Totals) -> metrics_pb2.Budget:
+        used = totals.spent + totals.reserved
+        used_fraction = used / cap if cap > 0 else 0.0
+        return metrics_pb2.Budget(
+            tenant_id=tenant,
+            day=day,
+            cap=usd(cap),
+            spent=usd(totals.spent),
+            reserved=usd(totals.reserved),
+            remaining=usd(max(cap - used, 0) if cap > 0 else 0),
+            level=self._policy.level(used_fraction, cap),
+            used_fraction=used_fraction,
+            expired_reservations=totals.expired,
+        )
 
     async def ListAlerts(self, request, context):  # type: ignore[no-untyped-def]
         raise Unimplemented("alert policies are not implemented yet (planned: issue 5)")
 
     async def GetSloReport(self, request, context):  # type: ignore[no-untyped-def]
         raise Unimplemented("SLO reports are not implemented yet (planned: issue 5)")
+
+
+async def expire_stuck_reservations(ledger: LedgerStore, interval_seconds: float) -> None:
+    """Forever: frees the money of reservations left unsettled past their expiry (their jobs got stuck)."""
+    while True:
+        try:
+            for reservation in await ledger.expire_overdue():
+                log.warning(
+                    "reservation expired",
+                    reservation_key=reservation.key,
+                    tenant=reservation.tenant,
+                    job_id=reservation.job_id,
+                    amount_micros=reservation.amount,
+                    day=reservation.day,
+                )
+        except Exception:
+            log.exception("expiring reservations failed; trying again")
+        await asyncio.sleep(interval_seconds)

@@ -108,6 +108,7 @@ class RenderChain:
             budget_remaining_micros=remaining,
             economy=economy,
             tried=tried,
+            quality_first_budget_micros=round(self._settings.router_quality_first_budget_usd * 1e6) or None,
         )
 
     async def _budget(self) -> tuple[int | None, bool]:

@@ -6,8 +6,8 @@ against the time left), then ranked:
 
 - by expected cost, retries included (list price over the observed success rate), with quality, then
   expected latency breaking ties: the cheapest render that meets the floor;
-- by quality first when the remaining budget is large (at least `quality_first_budget_micros`), as the
-  product always did: a large budget buys the best quality, a small one the cheapest;
+- by quality first when the remaining budget is large (at least `quality_first_budget_micros`, when
+  configured), as the product's first version did: a large budget buys the best quality;
 - a preferred backend goes first when it qualifies.
 
 The local renderer is a development stand-in: its nominal quality is under every preset's floor, so
@@ -23,8 +23,8 @@ from aiprod_kit.capabilities import shot_mismatches
 
 # Below this observed success rate the expected cost stops growing: the breaker handles worse.
 _MIN_SUCCESS_RATE = 0.25
-# Remaining daily budget (micro-USD) from which quality ranks first (the first version's 35 USD).
-QUALITY_FIRST_BUDGET_MICROS = 35_000_000
+# The first version's threshold: from 35 USD left today, quality ranked first.
+FIRST_VERSION_QUALITY_FIRST_MICROS = 35_000_000
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class RouteRequest:
     economy: bool = False
     # Backends already tried for this render.
     tried: frozenset[int] = frozenset()
-    quality_first_budget_micros: int = QUALITY_FIRST_BUDGET_MICROS
+    # From this much budget left, quality ranks first; None: never (the cheapest that meets the floor).
+    quality_first_budget_micros: int | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ def _assess(request: RouteRequest, view: BackendView, providers_configured: bool
 def quality_first(request: RouteRequest) -> bool:
     return (
         not request.economy
+        and request.quality_first_budget_micros is not None
         and request.budget_remaining_micros is not None
         and request.budget_remaining_micros >= request.quality_first_budget_micros
     )

@@ -5,6 +5,7 @@ import pytest
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod_kit.money import usd_from_units
+from aiprod_router.policy import FIRST_VERSION_QUALITY_FIRST_MICROS as FIRST
 from aiprod_router.policy import BackendView, RouteRequest, rank_backends
 
 LOCAL, RUNWAY, VEO, REPLICATE = (
@@ -63,13 +64,14 @@ def usd(amount: float) -> int:
 
 CASES = [
     # The first version's cases.
-    ("tiny budget picks the cheapest", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(0.5)), views(), [REPLICATE, RUNWAY]),
-    ("large budget picks the best quality", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(80)), views(), [RUNWAY, VEO, REPLICATE]),
+    ("tiny budget picks the cheapest", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(0.5), quality_first_budget_micros=FIRST), views(), [REPLICATE, RUNWAY]),
+    ("large budget picks the best quality", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(80), quality_first_budget_micros=FIRST), views(), [RUNWAY, VEO, REPLICATE]),
+    ("a large budget without quality first: still the cheapest", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(80)), views(), [REPLICATE, RUNWAY, VEO]),
     ("a 0.9 floor: only Runway or Veo", RouteRequest(shot(), 0.9), views(), [RUNWAY, VEO]),
     ("budget under one render: nothing", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(0.1)), views(), []),
     # Cost, quality, latency.
     ("cheapest that meets the floor", RouteRequest(shot(), 0.6), views(), [REPLICATE, RUNWAY, VEO]),
-    ("economy mode never goes quality first", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(80), economy=True), views(), [REPLICATE, RUNWAY, VEO]),
+    ("economy mode never goes quality first", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(80), economy=True, quality_first_budget_micros=FIRST), views(), [REPLICATE, RUNWAY, VEO]),
     ("max cost", RouteRequest(shot(), 0.6, max_cost_micros=usd(0.5)), views(), [REPLICATE, RUNWAY]),
     ("expected retries make a flaky backend dearer", RouteRequest(shot(), 0.6), views(replicate={"success_rate": 0.25}), [RUNWAY, VEO, REPLICATE]),
     ("quality breaks a cost tie", RouteRequest(shot(), 0.0), views(local={"serving": False}, veo={"capabilities": capabilities(0.12, 0.96, low=4, high=8)}), [REPLICATE, VEO, RUNWAY]),

@@ -1,0 +1,75 @@
+"""`aiprod budget`: today's budget from the metrics service's ledger, for the tenant and overall."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import grpc
+import typer
+from rich import box
+from rich.table import Table
+
+from aiprod.common.v1 import money_pb2
+from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod_cli.gateway import CALL_TIMEOUT_SECONDS, exit_on_rpc_error
+from aiprod_cli.output import JsonOption, message_to_dict, new_table, print_json, stdout
+from aiprod_kit.settings import METRICS_PORT
+
+MetricsOption = Annotated[
+    str,
+    typer.Option(
+        "--metrics", metavar="ADDRESS", envvar="AIPROD_METRICS", help="The metrics service's host:port."
+    ),
+]
+DEFAULT_METRICS = f"localhost:{METRICS_PORT}"
+
+
+@contextmanager
+def connect_metrics(address: str) -> Iterator[metrics_pb2_grpc.MetricsServiceStub]:
+    with grpc.insecure_channel(address) as channel:
+        yield metrics_pb2_grpc.MetricsServiceStub(channel)
+
+
+def _usd(money: money_pb2.Money) -> str:
+    return f"{money.amount_micros / 1e6:,.2f}"
+
+
+def _budget_table(budgets: dict[str, metrics_pb2.Budget]) -> Table:
+    table = new_table(
+        "budget", "day", "cap", "spent", "reserved", "remaining", "used", "level", box=box.SIMPLE
+    )
+    for name, budget in budgets.items():
+        capped = budget.cap.amount_micros > 0
+        table.add_row(
+            name,
+            budget.day,
+            _usd(budget.cap) if capped else "no cap",
+            _usd(budget.spent),
+            _usd(budget.reserved),
+            _usd(budget.remaining) if capped else "-",
+            f"{budget.used_fraction:.0%}" if capped else "-",
+            metrics_pb2.BudgetLevel.Name(budget.level).removeprefix("BUDGET_LEVEL_").lower(),
+        )
+    return table
+
+
+def budget(
+    tenant: Annotated[str, typer.Option(metavar="ID", help="The tenant (default: the default tenant).")] = "",
+    metrics: MetricsOption = DEFAULT_METRICS,
+    json_output: JsonOption = False,
+) -> None:
+    """Show today's budget: cap, spent, reserved, remaining and level (ok, notify, economy, exhausted).
+
+    Exits 2 when the metrics service cannot be reached.
+    """
+    with exit_on_rpc_error(metrics, "metrics service"), connect_metrics(metrics) as stub:
+        response = stub.GetBudget(
+            metrics_pb2.GetBudgetRequest(tenant_id=tenant), timeout=CALL_TIMEOUT_SECONDS
+        )
+    budgets = {f"tenant {response.budget.tenant_id}": response.budget, "global": response.global_budget}
+    if json_output:
+        print_json(
+            {"budget": message_to_dict(response.budget), "global": message_to_dict(response.global_budget)}
+        )
+    else:
+        stdout.print(_budget_table(budgets))

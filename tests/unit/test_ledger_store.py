@@ -1,0 +1,235 @@
+"""The ledger store's contract, run against every implementation (SQLite now; PostgreSQL later)."""
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from aiprod_metrics.ledger import (
+    BudgetExceeded,
+    Caps,
+    KeyConflict,
+    LedgerStore,
+    SqliteLedgerStore,
+    State,
+    Totals,
+    UnknownKey,
+    WrongState,
+)
+
+USD = 1_000_000
+TTL = timedelta(hours=1)
+NO_CAPS = Caps(tenant=0, everyone=0)
+
+
+class FakeClock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(datetime(2025, 6, 1, 12, 0, tzinfo=UTC))
+
+
+@pytest.fixture(params=["sqlite"])
+async def open_store(request, tmp_path, clock):
+    """Opens a store on the one ledger: another connection each call, as another process would have."""
+    opened: list[LedgerStore] = []
+
+    def open_one(time_zone=UTC) -> LedgerStore:
+        store = SqliteLedgerStore(tmp_path / "ledger.sqlite3", time_zone, clock)
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+def store(open_store) -> LedgerStore:
+    return open_store()
+
+
+async def test_a_reservation_is_made_once_per_key(store):
+    first, fresh = await store.reserve("attempt-1", "acme", "job-1", 2 * USD, NO_CAPS, TTL)
+    again, fresh_again = await store.reserve("attempt-1", "acme", "job-1", 2 * USD, NO_CAPS, TTL)
+    assert (fresh, fresh_again) == (True, False)
+    assert again == first
+    assert first.state == State.RESERVED
+    assert first.expires == first.created + TTL
+    assert (await store.day_totals("acme")).tenant == Totals(spent=0, reserved=2 * USD, expired=0)
+
+
+@pytest.mark.parametrize(
+    ("tenant", "job_id", "amount"),
+    [("other", "job-1", 2 * USD), ("acme", "job-2", 2 * USD), ("acme", "job-1", 3)],
+)
+async def test_a_key_reused_for_another_reservation_conflicts(store, tenant, job_id, amount):
+    await store.reserve("attempt-1", "acme", "job-1", 2 * USD, NO_CAPS, TTL)
+    with pytest.raises(KeyConflict) as conflict:
+        await store.reserve("attempt-1", tenant, job_id, amount, NO_CAPS, TTL)
+    assert conflict.value.existing.amount == 2 * USD
+    assert (await store.day_totals("acme")).everyone.reserved == 2 * USD
+
+
+async def test_the_tenant_and_global_caps_bound_spent_plus_reserved(store):
+    caps = Caps(tenant=5 * USD, everyone=8 * USD)
+    await store.reserve("a1", "acme", "", 3 * USD, caps, TTL)
+    await store.commit("a1", 3 * USD)
+    await store.reserve("a2", "acme", "", 2 * USD, caps, TTL)  # acme now at its cap exactly
+    with pytest.raises(BudgetExceeded) as refused:
+        await store.reserve("a3", "acme", "", 1, caps, TTL)
+    assert (refused.value.tenant, refused.value.cap, refused.value.remaining) == ("acme", 5 * USD, 0)
+    await store.reserve("b1", "bravo", "", 3 * USD, caps, TTL)  # everyone at the global cap
+    with pytest.raises(BudgetExceeded) as refused:
+        await store.reserve("b2", "bravo", "", USD, caps, TTL)
+    assert (refused.value.tenant, refused.value.cap, refused.value.remaining, refused.value.asked) == (
+        None,
+        8 * USD,
+        0,
+        USD,
+    )
+    assert await store.get("a3") is None and await store.get("b2") is None
+    # Releasing frees money under both caps.
+    await store.release("a2")
+    await store.reserve("b3", "bravo", "", 2 * USD, caps, TTL)
+    totals = await store.day_totals("bravo")
+    assert totals.tenant == Totals(spent=0, reserved=5 * USD, expired=0)
+    assert totals.everyone == Totals(spent=3 * USD, reserved=5 * USD, expired=0)
+
+
+async def test_a_refusal_names_the_tighter_cap(store):
+    caps = Caps(tenant=10 * USD, everyone=4 * USD)
+    await store.reserve("a1", "acme", "", 3 * USD, caps, TTL)
+    with pytest.raises(BudgetExceeded) as refused:
+        await store.reserve("a2", "acme", "", 20 * USD, caps, TTL)  # over both: 7 left of acme's, 1 of all
+    assert (refused.value.tenant, refused.value.remaining) == (None, USD)
+
+
+async def test_racing_reservations_never_pass_the_cap_even_from_several_connections(open_store):
+    stores = [open_store(), open_store(), open_store()]
+    caps = Caps(tenant=0, everyone=10 * USD)
+
+    async def reserve(n: int) -> bool:
+        try:
+            await stores[n % 3].reserve(f"k{n}", f"t{n % 2}", "", USD // 10, caps, TTL)
+        except BudgetExceeded as refused:
+            assert refused.remaining == 0
+            return False
+        return True
+
+    outcomes = await asyncio.gather(*(reserve(n) for n in range(300)))
+    assert sum(outcomes) == 100
+    assert (await stores[0].day_totals("t0")).everyone.reserved == 10 * USD
+
+
+async def test_racing_repeats_of_one_key_reserve_once(open_store):
+    stores = [open_store(), open_store()]
+    outcomes = await asyncio.gather(
+        *(stores[n % 2].reserve("same", "acme", "job", USD, NO_CAPS, TTL) for n in range(20))
+    )
+    assert [fresh for _, fresh in outcomes].count(True) == 1
+    assert len({reservation for reservation, _ in outcomes}) == 1
+    assert (await stores[0].day_totals("acme")).tenant.reserved == USD
+
+
+async def test_commit_records_the_actual_cost_once(store):
+    await store.reserve("a1", "acme", "job-1", 2 * USD, Caps(0, 2 * USD), TTL)
+    committed, before = await store.commit("a1", 3 * USD)  # over the estimate: recorded as it is
+    assert (committed.state, committed.actual, before) == (State.COMMITTED, 3 * USD, State.RESERVED)
+    assert committed.variance_ratio == 1.5
+    again, before = await store.commit("a1", 3 * USD)
+    assert (again, before) == (committed, State.COMMITTED)
+    with pytest.raises(WrongState):
+        await store.commit("a1", 2 * USD)
+    with pytest.raises(WrongState):
+        await store.release("a1")
+    with pytest.raises(WrongState):  # settled: the key is spent
+        await store.reserve("a1", "acme", "job-1", 2 * USD, NO_CAPS, TTL)
+    assert (await store.day_totals("acme")).tenant == Totals(spent=3 * USD, reserved=0, expired=0)
+    with pytest.raises(UnknownKey):
+        await store.commit("nope", 1)
+    with pytest.raises(UnknownKey):
+        await store.release("nope")
+
+
+async def test_release_frees_the_money_once(store):
+    await store.reserve("a1", "acme", "job-1", 2 * USD, NO_CAPS, TTL)
+    released, before = await store.release("a1")
+    assert (released.state, before) == (State.RELEASED, State.RESERVED)
+    assert (await store.release("a1"))[1] == State.RELEASED
+    with pytest.raises(WrongState):
+        await store.commit("a1", USD)
+    with pytest.raises(WrongState):
+        await store.reserve("a1", "acme", "job-1", 2 * USD, NO_CAPS, TTL)
+    assert (await store.day_totals("acme")).tenant == Totals(0, 0, 0)
+
+
+async def test_overdue_reservations_expire_once_and_may_still_be_committed(store, clock):
+    await store.reserve("stuck", "acme", "job-1", 2 * USD, NO_CAPS, TTL)
+    await store.reserve("young", "acme", "job-2", USD, NO_CAPS, TTL * 2)
+    assert await store.expire_overdue() == []
+    clock.advance(TTL)
+    expired = await store.expire_overdue()
+    assert [(r.key, r.job_id, r.state) for r in expired] == [("stuck", "job-1", State.EXPIRED)]
+    assert await store.expire_overdue() == []
+    assert (await store.day_totals("acme")).tenant == Totals(spent=0, reserved=USD, expired=1)
+    # The stuck job finished after all: its money was spent, so it is recorded.
+    committed, before = await store.commit("stuck", 2 * USD)
+    assert (committed.state, before) == (State.COMMITTED, State.EXPIRED)
+    assert (await store.day_totals("acme")).tenant == Totals(spent=2 * USD, reserved=USD, expired=1)
+
+
+async def test_an_expired_reservation_may_be_released(store, clock):
+    await store.reserve("stuck", "acme", "job-1", 2 * USD, NO_CAPS, TTL)
+    clock.advance(TTL)
+    await store.expire_overdue()
+    released, before = await store.release("stuck")
+    assert (released.state, before) == (State.RELEASED, State.EXPIRED)
+    assert (await store.day_totals("acme")).tenant == Totals(spent=0, reserved=0, expired=1)
+
+
+async def test_days_turn_at_midnight_in_the_budget_time_zone(open_store, clock):
+    new_york = ZoneInfo("America/New_York")
+    store = open_store(new_york)
+    caps = Caps(tenant=0, everyone=5 * USD)
+    clock.now = datetime(2025, 3, 9, 4, 30, tzinfo=UTC)  # 23:30 on 8 March in New York (EST)
+    assert store.today() == "2025-03-08"
+    late, _ = await store.reserve("late", "acme", "job-1", 5 * USD, caps, timedelta(hours=2))
+    assert late.day == "2025-03-08"
+    with pytest.raises(BudgetExceeded):
+        await store.reserve("too-late", "acme", "", USD, caps, TTL)
+    clock.advance(timedelta(hours=1))  # 00:30 on 9 March there, still 9 March in UTC
+    assert store.today() == "2025-03-09"
+    assert (await store.day_totals("acme")).everyone == Totals(0, 0, 0)
+    # A new day, a new budget; yesterday's reservation, committed today, stays yesterday's spend.
+    await store.reserve("early", "acme", "", 5 * USD, caps, TTL)
+    await store.commit("late", 4 * USD)
+    assert (await store.day_totals("acme")).everyone == Totals(spent=0, reserved=5 * USD, expired=0)
+    # Expiry counts on the day it happens.
+    clock.advance(timedelta(hours=1))
+    assert [r.key for r in await store.expire_overdue()] == ["early"]
+    assert (await store.day_totals("acme")).everyone == Totals(spent=0, reserved=0, expired=1)
+
+
+async def test_the_ledger_survives_reopening(open_store):
+    first = open_store()
+    await first.reserve("a1", "acme", "job-1", 2 * USD, NO_CAPS, TTL)
+    await first.reserve("a2", "acme", "job-2", 3 * USD, NO_CAPS, TTL)
+    await first.commit("a1", USD)
+    before = await first.day_totals("acme")
+    await first.close()
+    second = open_store()
+    assert await second.day_totals("acme") == before
+    assert (await second.get("a1")).actual == USD
+    assert (await second.reserve("a2", "acme", "job-2", 3 * USD, NO_CAPS, TTL))[1] is False
+    await second.close()
