@@ -22,6 +22,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from support import eventually
 
 from aiprod.common.v1 import render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
@@ -369,16 +370,6 @@ class Sandbox:
 def unique(prefix: str) -> str:
     """An idempotency key never used before: the renderer remembers every key for its lifetime."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def eventually(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.1) -> bool:
-    """Polls predicate until it holds (for state with no stream to wait on), up to a deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 @contextmanager

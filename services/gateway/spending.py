@@ -20,6 +20,10 @@ _TIMEOUT = 5.0
 _LEVEL_FRESH_SECONDS = 1.0
 
 
+# Failures after which a provider task may exist that nobody follows.
+UNCERTAIN_REASONS = frozenset({"RENDER_UNCERTAIN", "PROVIDER_UNCERTAIN"})
+
+
 class BudgetRefused(Exception):
     """The ledger refused the reservation: the budget cannot pay for this job."""
 
@@ -83,6 +87,13 @@ class Spending:
         (the ledger expires a reservation nobody settles). A job that reserved nothing (a free render)
         has nothing to settle."""
         key = reservation_key(job)
+        if job.error.reason in UNCERTAIN_REASONS:
+            # The render may still run, and cost, at its provider: the money stays reserved until the
+            # attempt is reconciled (or the reservation expires, which the ledger reports).
+            log.warning(
+                "reservation held for an uncertain render", job_id=job.job_id, reason=job.error.reason
+            )
+            return
         try:
             if job.state == job_pb2.JOB_STATE_SUCCEEDED:
                 await self._metrics.CommitSpend(
