@@ -3,6 +3,13 @@
 from aiprod.common.v1 import render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 
+# Frame sizes at 720p, the size every backend renders by default.
+FRAME_SIZES_720P = {
+    render_pb2.ASPECT_RATIO_16_9: (1280, 720),
+    render_pb2.ASPECT_RATIO_9_16: (720, 1280),
+    render_pb2.ASPECT_RATIO_1_1: (960, 960),
+}
+
 # Tolerance when comparing a requested duration with a backend's exact allowed ones.
 _DURATION_EPSILON = 1e-6
 

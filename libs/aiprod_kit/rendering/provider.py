@@ -8,12 +8,7 @@ from pathlib import Path
 
 from aiprod.common.v1 import render_pb2
 from aiprod.renderer.v1 import renderer_pb2
-
-FRAME_SIZES_720P = {
-    render_pb2.ASPECT_RATIO_16_9: (1280, 720),
-    render_pb2.ASPECT_RATIO_9_16: (720, 1280),
-    render_pb2.ASPECT_RATIO_1_1: (960, 960),
-}
+from aiprod_kit.capabilities import FRAME_SIZES_720P
 
 
 class TaskState(enum.Enum):

@@ -20,17 +20,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from aiprod.common.v1 import render_pb2
+from aiprod_kit.capabilities import FRAME_SIZES_720P
 
 FRAME_RATE = 24
 # Fast enough for a 2-core machine, small enough files; crf 23 is x264's own default quality.
 X264_OPTIONS = {"preset": "veryfast", "crf": "23"}
 
-_SIZES = {
-    render_pb2.ASPECT_RATIO_UNSPECIFIED: (1280, 720),
-    render_pb2.ASPECT_RATIO_16_9: (1280, 720),
-    render_pb2.ASPECT_RATIO_9_16: (720, 1280),
-    render_pb2.ASPECT_RATIO_1_1: (960, 960),
-}
 # Entries of the cyclic gradient palette: the gradient moves by shifting indices into it.
 _PALETTE_SIZE = 1024
 _MIN_FONT_SIZE = 14
@@ -56,7 +51,7 @@ class VideoInfo:
 
 def frame_size(aspect_ratio: int) -> tuple[int, int]:
     """(width, height) of an aspect ratio at 720p; unspecified means 16:9. KeyError if unknown."""
-    return _SIZES[aspect_ratio]
+    return FRAME_SIZES_720P[aspect_ratio or render_pb2.ASPECT_RATIO_16_9]
 
 
 def frame_count(duration_seconds: float) -> int:

@@ -40,10 +40,10 @@ from replicate.prediction import Prediction
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
+from aiprod_kit.capabilities import FRAME_SIZES_720P
 from aiprod_kit.money import MICROS_PER_UNIT, usd
 from aiprod_kit.rendering.download import download_url
 from aiprod_kit.rendering.provider import (
-    FRAME_SIZES_720P,
     ErrorKind,
     Provider,
     ProviderError,
