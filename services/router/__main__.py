@@ -10,6 +10,7 @@ from aiprod_kit.settings import RouterSettings
 from aiprod_router.backends import RendererPool, parse_renderers
 from aiprod_router.chain import RenderChain
 from aiprod_router.service import RouterServicer
+from aiprod_router.telemetry import RouterMetrics
 
 settings = RouterSettings()
 targets = parse_renderers(settings.renderers)
@@ -29,7 +30,8 @@ async def build() -> AsyncIterator[list[Registration]]:
     pool = RendererPool(targets, breaker)
     metrics_channel = open_channel(settings.metrics_target)
     await pool.first_look(timeout=5.0)
-    chain = RenderChain(pool, metrics_pb2_grpc.MetricsServiceStub(metrics_channel), settings)
+    telemetry = RouterMetrics(pool.renderers.values)
+    chain = RenderChain(pool, metrics_pb2_grpc.MetricsServiceStub(metrics_channel), settings, telemetry)
     try:
         yield [
             Registration(

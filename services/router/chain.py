@@ -23,6 +23,7 @@ from aiprod_kit.settings import RouterSettings
 from aiprod_router.backends import Renderer, RendererPool
 from aiprod_router.policy import BackendView, Candidate, RouteRequest, describe, rank_backends
 from aiprod_router.stats import Outcome
+from aiprod_router.telemetry import RouterMetrics
 
 log = structlog.get_logger()
 
@@ -82,11 +83,16 @@ class AttemptResult:
 
 class RenderChain:
     def __init__(
-        self, pool: RendererPool, metrics: metrics_pb2_grpc.MetricsServiceStub, settings: RouterSettings
+        self,
+        pool: RendererPool,
+        metrics: metrics_pb2_grpc.MetricsServiceStub,
+        settings: RouterSettings,
+        telemetry: RouterMetrics,
     ) -> None:
         self._pool = pool
         self._metrics = metrics
         self._settings = settings
+        self._telemetry = telemetry
 
     # Ranking ------------------------------------------------------------------------------------
 
@@ -177,6 +183,7 @@ class RenderChain:
                     why = "no attempts left" if eligible else "no other backend qualifies"
                     yield _last_word(cause, attempt - 1, why)
                     return
+                self._telemetry.fell_back(cause.backend, eligible[0].backend, cause.failure.reason)
                 yield event(
                     attempt - 1,
                     fallback=event_pb2.Fallback(
@@ -280,6 +287,7 @@ class RenderChain:
                     ),
                 )
                 log.error("uncertain attempt", backend=renderer.name, task_id=task_id, job_id=job.job_id)
+                self._telemetry.uncertain(renderer.backend)
                 self._settle(renderer, result, self._settings)
                 return
 
@@ -314,7 +322,11 @@ class RenderChain:
             Outcome(True, seconds, output.qc.score, output.cost.amount_micros, output.video.duration_seconds)
         )
         renderer.breaker.record_success()
-        if output.qc.score < floor and attempt < self._settings.router_max_attempts:
+        under_floor = output.qc.score < floor
+        self._telemetry.attempt_ended(
+            renderer.backend, "qc_under_floor" if under_floor else "succeeded", seconds, output.qc.score
+        )
+        if under_floor and attempt < self._settings.router_max_attempts:
             result.cause = Cause(
                 renderer.backend,
                 failure(
@@ -330,6 +342,7 @@ class RenderChain:
         cause = result.cause
         assert cause is not None
         renderer.stats.record(Outcome(False, result.seconds))
+        self._telemetry.attempt_ended(renderer.backend, "failed", result.seconds, None)
         if cause.failure.retryable:
             renderer.breaker.record_failure()
         safety = cause.failure.reason.startswith("PROVIDER_SAFETY_INPUT")

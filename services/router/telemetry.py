@@ -1,0 +1,100 @@
+"""The router's metrics: what it sees of each backend, exported through OpenTelemetry.
+
+Names follow the product's one scheme, `aiprod.<service>.<noun>`; labels are low-cardinality
+(backend, outcome, reason), never a job id or a prompt.
+"""
+
+from collections.abc import Callable, Iterable
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from aiprod.common.v1 import backend_pb2
+from aiprod_kit.breaker import BreakerState
+from aiprod_router.backends import Renderer
+
+_BREAKER_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+def backend_label(backend: int) -> str:
+    return backend_pb2.Backend.Name(backend).removeprefix("BACKEND_").lower()
+
+
+class RouterMetrics:
+    def __init__(
+        self, backends: Callable[[], Iterable[Renderer]], meter: metrics.Meter | None = None
+    ) -> None:
+        """backends: the pool's renderers, read at each collection; meter: the process's by default."""
+        meter = meter or metrics.get_meter("aiprod.router")
+        self._backends = backends
+        self._attempts = meter.create_counter(
+            "aiprod.router.attempts", description="Render attempts that ended, by backend and outcome"
+        )
+        self._fallbacks = meter.create_counter(
+            "aiprod.router.fallbacks", description="Renders moved from one backend to another, by reason"
+        )
+        self._uncertain = meter.create_counter(
+            "aiprod.router.uncertain_attempts",
+            description="Attempts that may have reached the provider without an end seen: held, never resent",
+        )
+        self._render_seconds = meter.create_histogram(
+            "aiprod.router.render_duration", unit="s", description="From submission to a render's end"
+        )
+        self._qc = meter.create_histogram(
+            "aiprod.router.qc_score", description="Technical QC score of outputs"
+        )
+        meter.create_observable_gauge(
+            "aiprod.router.backend_health",
+            callbacks=[self._health],
+            description="1 while the renderer serves",
+        )
+        meter.create_observable_gauge(
+            "aiprod.router.breaker_state",
+            callbacks=[self._breaker],
+            description="0 closed, 1 half-open, 2 open",
+        )
+        meter.create_observable_gauge(
+            "aiprod.router.cost_per_second",
+            unit="USD",
+            callbacks=[self._cost],
+            description="What a second of video has really cost, over recent renders",
+        )
+
+    def attempt_ended(
+        self, backend: int, outcome: str, seconds: float | None, qc_score: float | None
+    ) -> None:
+        labels = {"backend": backend_label(backend), "outcome": outcome}
+        self._attempts.add(1, labels)
+        if seconds:
+            self._render_seconds.record(seconds, labels)
+        if qc_score is not None:
+            self._qc.record(qc_score, {"backend": backend_label(backend)})
+
+    def fell_back(self, from_backend: int, to_backend: int, reason: str) -> None:
+        self._fallbacks.add(
+            1,
+            {
+                "from_backend": backend_label(from_backend),
+                "to_backend": backend_label(to_backend),
+                "reason": reason,
+            },
+        )
+
+    def uncertain(self, backend: int) -> None:
+        self._uncertain.add(1, {"backend": backend_label(backend)})
+
+    def _health(self, options: CallbackOptions) -> Iterable[Observation]:
+        for renderer in self._backends():
+            yield Observation(int(renderer.serving), {"backend": backend_label(renderer.backend)})
+
+    def _breaker(self, options: CallbackOptions) -> Iterable[Observation]:
+        for renderer in self._backends():
+            yield Observation(
+                _BREAKER_VALUES[renderer.breaker.state], {"backend": backend_label(renderer.backend)}
+            )
+
+    def _cost(self, options: CallbackOptions) -> Iterable[Observation]:
+        for renderer in self._backends():
+            cost = renderer.stats.cost_per_second_micros
+            if cost is not None:
+                yield Observation(cost / 1e6, {"backend": backend_label(renderer.backend)})
