@@ -8,29 +8,32 @@ from aiprod_kit.telemetry import client_interceptors
 
 # Retries of calls that never reached a server (UNAVAILABLE), as gRPC service config rather than
 # hand-written loops. Streams are retried by gRPC only until their first response.
-_SERVICE_CONFIG = json.dumps(
-    {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [
-            {
-                "name": [{}],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ],
-    }
-)
+_SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
 
 
-def open_channel(target: str) -> grpc.aio.Channel:
-    """Opens a channel to target ("host:port" or "dns:///host:port"); call inside the running loop."""
+def open_channel(target: str, health_service: str | None = None) -> grpc.aio.Channel:
+    """Opens a channel to target ("host:port", "dns:///host:port", "ipv4:a:p,b:p"); call inside the
+    running loop. With health_service, round_robin sends calls only to replicas whose standard health
+    reports that service SERVING (gRPC client-side health checking)."""
+    config = dict(_SERVICE_CONFIG)
+    if health_service:
+        config["healthCheckConfig"] = {"serviceName": health_service}
     return grpc.aio.insecure_channel(
         target,
-        options=[("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)],
+        options=[("grpc.service_config", json.dumps(config)), ("grpc.enable_retries", 1)],
         interceptors=client_interceptors(),
     )

@@ -78,10 +78,11 @@ class RunningService:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
 
 @dataclass
@@ -124,13 +125,17 @@ class Mesh:
             env.update(sandbox_environment(self.services["sandbox"].address))
         if "metrics" in self.services:
             env["AIPROD_METRICS_TARGET"] = self.services["metrics"].address
-        renderers = [
-            f"{name.removeprefix('renderer-')}={service.address}"
-            for name, service in self.services.items()
-            if name.startswith("renderer-")
-        ]
-        if renderers:
-            env["AIPROD_RENDERERS"] = ",".join(renderers)
+        replicas: dict[str, list[str]] = {}
+        for name, service in self.services.items():
+            if name.startswith("renderer-"):
+                backend = name.removeprefix("renderer-").partition("@")[0]
+                replicas.setdefault(backend, []).append(service.address)
+        if replicas:
+            # Several replicas of one renderer: an address list the router balances round-robin.
+            env["AIPROD_RENDERERS"] = ",".join(
+                f"{backend}={addresses[0] if len(addresses) == 1 else 'ipv4:' + ','.join(addresses)}"
+                for backend, addresses in replicas.items()
+            )
         if "router" in self.services:
             env["AIPROD_ROUTER_TARGET"] = self.services["router"].address
         env.update(self.environment)
@@ -138,18 +143,27 @@ class Mesh:
         env[spec.port_variable] = str(port)
         return env
 
-    def start_service(self, name: str, port: int | None = None) -> RunningService:
+    def start_replica(self, name: str, host: str) -> RunningService:
+        """Starts another replica of a running service, on the same port at another loopback address
+        (127.0.0.2, ...); it is known as NAME@HOST."""
+        return self.start_service(name, self.services[name].port, host=host)
+
+    def start_service(self, name: str, port: int | None = None, host: str = "127.0.0.1") -> RunningService:
         """Starts one service (again, after a kill: on the same port unless told otherwise)."""
         spec = next(spec for spec in SERVICES if spec.name == name)
+        key = name if host == "127.0.0.1" else f"{name}@{host}"
         if port is None:
-            previous = self.services.get(name)
+            previous = self.services.get(key)
             port = previous.port if previous else (0 if self.free_ports else spec.default_port)
         log_dir = self.data_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = log_dir / f"{name}.log"
+        log_path = log_dir / f"{key}.log"
+        environment = self._service_environment(spec, port)
+        if host != "127.0.0.1":
+            environment["AIPROD_HOST"] = host
         process = subprocess.Popen(
             [sys.executable, "-m", spec.module],
-            env=self._service_environment(spec, port),
+            env=environment,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -162,17 +176,27 @@ class Mesh:
             if bound is None:
                 tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
                 raise ServiceStartError(f"{name} did not start; its log ({log_path}) ends with:\n{tail}")
-            service = RunningService(spec, process, bound, log_path)
+            service = RunningService(spec, process, bound, log_path, host)
             _check_serving(service, self.start_timeout)
         except BaseException:
             process.kill()
             process.wait()
             raise
-        self.services[name] = service
+        self.services[key] = service
         return service
 
     def address(self, name: str) -> str:
         return self.services[name].address
+
+    def stop_service(self, name: str, timeout: float = 20.0) -> None:
+        """SIGTERM one service and wait for it; it can be started again with start_service."""
+        process = self.services[name].process
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
     def kill(self, name: str) -> None:
         """SIGKILL: the service gets no chance to clean up."""
@@ -182,16 +206,9 @@ class Mesh:
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM in reverse start order, so that callers drain before the services they call."""
-        for name in reversed([spec.name for spec in SERVICES if spec.name in self.services]):
-            service = self.services.get(name)
-            if service is None or service.process.poll() is not None:
-                continue
-            service.process.send_signal(signal.SIGTERM)
-            try:
-                service.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                service.process.kill()
-                service.process.wait()
+        for name, service in reversed(list(self.services.items())):
+            if service.process.poll() is None:
+                self.stop_service(name, timeout)
 
 
 def _await_serving_port(process: subprocess.Popen[bytes], log_path: Path, timeout: float) -> int | None:

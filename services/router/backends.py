@@ -6,6 +6,7 @@ capabilities are fetched again each time a renderer turns SERVING.
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,22 +29,44 @@ BACKENDS_BY_NAME = {
 }
 _CAPABILITIES_TIMEOUT = 5.0
 _RECONNECT_BACKOFF = (0.1, 2.0)
+# How often a dns:/// target is resolved again, to follow replicas coming and going.
+_RESOLVE_SECONDS = 30.0
 
 log = structlog.get_logger()
 
 
 def parse_renderers(value: str) -> dict[int, str]:
-    """Parses "local=host:port,runway=dns:///runway:50061" into backend → target."""
+    """Parses "local=host:port,runway=dns:///runway:50061,veo=ipv4:10.0.0.1:50062,10.0.0.2:50062" into
+    backend → target. A part without "=" continues the address list of the target before it."""
     targets: dict[int, str] = {}
+    last = None
     for item in filter(None, (part.strip() for part in value.split(","))):
         name, separator, target = item.partition("=")
+        if not separator and last is not None and targets[last].startswith(("ipv4:", "ipv6:")):
+            targets[last] += f",{item}"
+            continue
         if not separator or name.strip() not in BACKENDS_BY_NAME or not target.strip():
             raise ValueError(
                 f"AIPROD_RENDERERS: {item!r} is not backend=target with backend one of "
                 f"{', '.join(BACKENDS_BY_NAME)}"
             )
-        targets[BACKENDS_BY_NAME[name.strip()]] = target.strip()
+        last = BACKENDS_BY_NAME[name.strip()]
+        targets[last] = target.strip()
     return targets
+
+
+async def replica_addresses(target: str) -> set[str]:
+    """The replicas behind a target: every address a dns:/// name resolves to, each of an ipv4:/ipv6:
+    list, or the target itself."""
+    for scheme in ("ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            return {address.strip() for address in target.removeprefix(scheme).split(",") if address.strip()}
+    if not target.startswith("dns:"):
+        return {target}
+    host_port = target.removeprefix("dns:").lstrip("/")
+    host, _, port = host_port.rpartition(":")
+    infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    return {f"[{info[4][0]}]:{port}" if ":" in info[4][0] else f"{info[4][0]}:{port}" for info in infos}
 
 
 @dataclass
@@ -56,6 +79,8 @@ class Renderer:
     stub: renderer_pb2_grpc.RendererServiceStub
     serving: bool = False
     capabilities: renderer_pb2.Capabilities | None = None
+    # Each replica's own health, from its own Watch stream: address → serving.
+    replicas: dict[str, bool] = field(default_factory=dict)
     # Set once the first health answer (or failure) is in.
     known: asyncio.Event = field(default_factory=asyncio.Event)
     stats: BackendStats = field(default_factory=BackendStats)
@@ -66,25 +91,64 @@ class Renderer:
     def name(self) -> str:
         return backend_pb2.Backend.Name(self.backend).removeprefix("BACKEND_").lower()
 
-    async def watch_health(self) -> None:
-        """Follows the renderer's health for the router's life, reconnecting with backoff."""
-        health = health_pb2_grpc.HealthStub(self.channel)
+    async def watch_replicas(self) -> None:
+        """Keeps one health Watch per replica for the router's life, resolving the target again from
+        time to time so that replicas coming and going are followed."""
+        watches: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                try:
+                    addresses = await replica_addresses(self.target)
+                except OSError as error:
+                    log.warning("renderer target not resolved", backend=self.name, error=str(error))
+                    addresses = set(watches)
+                for address in addresses - set(watches):
+                    watches[address] = asyncio.create_task(self._watch_replica(address))
+                for address in set(watches) - addresses:
+                    watches.pop(address).cancel()
+                    self.replicas.pop(address, None)
+                await self._update()
+                await asyncio.sleep(_RESOLVE_SECONDS)
+        finally:
+            for watch in watches.values():
+                watch.cancel()
+
+    async def _watch_replica(self, address: str) -> None:
+        """Follows one replica's health, reconnecting with backoff."""
         delay = _RECONNECT_BACKOFF[0]
-        while True:
-            try:
-                async for response in health.Watch(health_pb2.HealthCheckRequest(service=RENDERER_SERVICE)):
-                    serving = response.status == health_pb2.HealthCheckResponse.SERVING
-                    if serving and not self.serving:
-                        await self._refresh_capabilities()
-                    self._set_serving(serving and self.capabilities is not None)
-                    self.known.set()
-                    delay = _RECONNECT_BACKOFF[0]
-            except grpc.aio.AioRpcError as error:
-                log.debug("renderer health stream broke", backend=self.backend, code=error.code().name)
-            self._set_serving(False)
+        async with grpc.aio.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    async for response in health.Watch(
+                        health_pb2.HealthCheckRequest(service=RENDERER_SERVICE)
+                    ):
+                        self.replicas[address] = response.status == health_pb2.HealthCheckResponse.SERVING
+                        await self._update()
+                        delay = _RECONNECT_BACKOFF[0]
+                except grpc.aio.AioRpcError as error:
+                    log.debug(
+                        "replica health stream broke",
+                        backend=self.name,
+                        address=address,
+                        code=error.code().name,
+                    )
+                self.replicas[address] = False
+                await self._update()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECONNECT_BACKOFF[1])
+
+    async def _update(self) -> None:
+        """The backend serves while any replica does (and its capabilities are known)."""
+        serving = any(self.replicas.values())
+        if serving and not self.serving:
+            await self._refresh_capabilities()
+        serving = serving and self.capabilities is not None
+        if serving != self.serving:
+            log.info("renderer health", backend=self.name, serving=serving, replicas=self.replicas)
+            self.serving = serving
+        if self.replicas:
             self.known.set()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RECONNECT_BACKOFF[1])
 
     async def _refresh_capabilities(self) -> None:
         try:
@@ -92,14 +156,9 @@ class Renderer:
                 renderer_pb2.GetCapabilitiesRequest(), timeout=_CAPABILITIES_TIMEOUT
             )
         except grpc.aio.AioRpcError as error:
-            log.warning("renderer capabilities unavailable", backend=self.backend, code=error.code().name)
+            log.warning("renderer capabilities unavailable", backend=self.name, code=error.code().name)
             return
         self.capabilities = response.capabilities
-
-    def _set_serving(self, serving: bool) -> None:
-        if serving != self.serving:
-            log.info("renderer health", backend=backend_pb2.Backend.Name(self.backend), serving=serving)
-            self.serving = serving
 
 
 class RendererPool:
@@ -108,10 +167,13 @@ class RendererPool:
     def __init__(self, targets: dict[int, str], breaker: Callable[[], CircuitBreaker]) -> None:
         self.renderers: dict[int, Renderer] = {}
         for backend, target in targets.items():
-            channel = open_channel(target)
+            # Calls go only to replicas that report SERVING (client-side health checking).
+            channel = open_channel(target, health_service=RENDERER_SERVICE)
             stub = renderer_pb2_grpc.RendererServiceStub(channel)
             self.renderers[backend] = Renderer(backend, target, channel, stub, breaker=breaker())
-        self._watches = [asyncio.create_task(renderer.watch_health()) for renderer in self.renderers.values()]
+        self._watches = [
+            asyncio.create_task(renderer.watch_replicas()) for renderer in self.renderers.values()
+        ]
 
     async def first_look(self, timeout: float) -> None:
         """Waits (at most timeout) until every renderer has answered or failed its first health check,

@@ -131,6 +131,15 @@ def _status(renderer: Renderer) -> router_pb2.BackendStatus:
         success_rate=stats.success_rate or 0.0,
         qc_average=stats.qc_average or 0.0,
         observed_cost_per_second=usd(round(stats.cost_per_second_micros or 0)),
+        replicas=[
+            router_pb2.ReplicaStatus(
+                address=address,
+                health=router_pb2.BACKEND_HEALTH_SERVING
+                if serving
+                else router_pb2.BACKEND_HEALTH_NOT_SERVING,
+            )
+            for address, serving in sorted(renderer.replicas.items())
+        ],
     )
     if renderer.capabilities is not None:
         status.capabilities.CopyFrom(renderer.capabilities)

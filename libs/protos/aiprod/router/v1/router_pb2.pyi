@@ -118,7 +118,7 @@ class ListBackendsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BackendStatus(_message.Message):
-    __slots__ = ("backend", "target", "health", "price_per_second", "nominal_quality", "capabilities", "breaker", "renders", "p50_latency", "p95_latency", "success_rate", "qc_average", "observed_cost_per_second")
+    __slots__ = ("backend", "target", "health", "price_per_second", "nominal_quality", "capabilities", "breaker", "renders", "p50_latency", "p95_latency", "success_rate", "qc_average", "observed_cost_per_second", "replicas")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class BackendStatus(_message.Message):
     SUCCESS_RATE_FIELD_NUMBER: _ClassVar[int]
     QC_AVERAGE_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_COST_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     backend: _backend_pb2.Backend
     target: str
     health: BackendHealth
@@ -145,7 +146,16 @@ class BackendStatus(_message.Message):
     success_rate: float
     qc_average: float
     observed_cost_per_second: _money_pb2.Money
-    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., target: _Optional[str] = ..., health: _Optional[_Union[BackendHealth, str]] = ..., price_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., nominal_quality: _Optional[float] = ..., capabilities: _Optional[_Union[_renderer_pb2.Capabilities, _Mapping]] = ..., breaker: _Optional[_Union[BreakerState, str]] = ..., renders: _Optional[int] = ..., p50_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., p95_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., success_rate: _Optional[float] = ..., qc_average: _Optional[float] = ..., observed_cost_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., target: _Optional[str] = ..., health: _Optional[_Union[BackendHealth, str]] = ..., price_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., nominal_quality: _Optional[float] = ..., capabilities: _Optional[_Union[_renderer_pb2.Capabilities, _Mapping]] = ..., breaker: _Optional[_Union[BreakerState, str]] = ..., renders: _Optional[int] = ..., p50_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., p95_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., success_rate: _Optional[float] = ..., qc_average: _Optional[float] = ..., observed_cost_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("address", "health")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    health: BackendHealth
+    def __init__(self, address: _Optional[str] = ..., health: _Optional[_Union[BackendHealth, str]] = ...) -> None: ...
 
 class ListBackendsResponse(_message.Message):
     __slots__ = ("backends",)
