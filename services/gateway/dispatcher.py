@@ -152,6 +152,8 @@ class Dispatcher:
                 async for event in self._render_events(job):
                     message, update = _apply(event)
                     await self._store.append_event(job_id, message, update, render_event=event)
+                    if event.HasField("fallback"):
+                        self._reporter.backend_failed(job, event.fallback)
                     if event.WhichOneof("kind") in ("succeeded", "failed"):
                         break
             except BudgetRefused as refused:

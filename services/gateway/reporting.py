@@ -7,8 +7,10 @@ import contextlib
 import grpc
 import structlog
 
+from aiprod.common.v1 import event_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod_gateway.store import TERMINAL_STATES
 
 _TIMEOUT = 5.0
 _RETRY_DELAY = 1.0
@@ -31,7 +33,30 @@ class MetricsReporter:
             backend=job.backend,
             preset=job.spec.preset,
             time=job.update_time,
+            failure_reason=job.error.reason,
         )
+        if job.state in TERMINAL_STATES:
+            record.job_duration.FromNanoseconds(
+                job.update_time.ToNanoseconds() - job.create_time.ToNanoseconds()
+            )
+            record.cost.CopyFrom(job.result.cost)
+            record.qc_score = job.result.qc.score
+        self._append(record)
+
+    def backend_failed(self, job: gateway_pb2.RenderJob, fallback: event_pb2.Fallback) -> None:
+        """An attempt given up for another backend: an error of that backend, though the job goes on."""
+        self._append(
+            metrics_pb2.JobEventRecord(
+                job_id=job.job_id,
+                state=job.state,
+                backend=fallback.from_backend,
+                preset=job.spec.preset,
+                time=job.update_time,
+                failure_reason=fallback.cause.reason,
+            )
+        )
+
+    def _append(self, record: metrics_pb2.JobEventRecord) -> None:
         self._pending.append(record)
         if len(self._pending) > _MAX_PENDING:
             del self._pending[0]

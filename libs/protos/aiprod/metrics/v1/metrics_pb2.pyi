@@ -3,6 +3,7 @@ import datetime
 from aiprod.common.v1 import backend_pb2 as _backend_pb2
 from aiprod.common.v1 import job_pb2 as _job_pb2
 from aiprod.common.v1 import money_pb2 as _money_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -27,18 +28,26 @@ BUDGET_LEVEL_ECONOMY: BudgetLevel
 BUDGET_LEVEL_EXHAUSTED: BudgetLevel
 
 class JobEventRecord(_message.Message):
-    __slots__ = ("job_id", "state", "backend", "preset", "time")
+    __slots__ = ("job_id", "state", "backend", "preset", "time", "qc_score", "job_duration", "cost", "failure_reason")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
+    QC_SCORE_FIELD_NUMBER: _ClassVar[int]
+    JOB_DURATION_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: _job_pb2.JobState
     backend: _backend_pb2.Backend
     preset: str
     time: _timestamp_pb2.Timestamp
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., preset: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    qc_score: float
+    job_duration: _duration_pb2.Duration
+    cost: _money_pb2.Money
+    failure_reason: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., preset: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., qc_score: _Optional[float] = ..., job_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., failure_reason: _Optional[str] = ...) -> None: ...
 
 class RecordJobEventRequest(_message.Message):
     __slots__ = ("events",)
@@ -163,20 +172,22 @@ class ListAlertsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Alert(_message.Message):
-    __slots__ = ("policy", "firing", "since_time", "value", "threshold", "severity")
+    __slots__ = ("policy", "firing", "since_time", "value", "threshold", "severity", "backend")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     FIRING_FIELD_NUMBER: _ClassVar[int]
     SINCE_TIME_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     policy: str
     firing: bool
     since_time: _timestamp_pb2.Timestamp
     value: float
     threshold: float
     severity: str
-    def __init__(self, policy: _Optional[str] = ..., firing: _Optional[bool] = ..., since_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., severity: _Optional[str] = ...) -> None: ...
+    backend: _backend_pb2.Backend
+    def __init__(self, policy: _Optional[str] = ..., firing: _Optional[bool] = ..., since_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., severity: _Optional[str] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ...) -> None: ...
 
 class ListAlertsResponse(_message.Message):
     __slots__ = ("alerts",)
