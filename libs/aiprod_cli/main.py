@@ -3,9 +3,11 @@
 import typer
 
 from aiprod_cli import jobs
+from aiprod_cli.alerts import alerts
 from aiprod_cli.backends import backends
 from aiprod_cli.budget import budget
 from aiprod_cli.render import render
+from aiprod_cli.slo import slo
 from aiprod_cli.up import up
 
 app = typer.Typer(
@@ -21,3 +23,5 @@ app.command()(render)
 app.add_typer(jobs.app, name="jobs")
 app.command()(backends)
 app.command()(budget)
+app.command()(alerts)
+app.command()(slo)

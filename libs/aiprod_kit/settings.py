@@ -88,6 +88,27 @@ class MetricsSettings(CommonSettings):
     metrics_reservation_ttl_seconds: float = 3600.0
     # How often overdue reservations are looked for.
     metrics_expiry_sweep_seconds: float = 5.0
+    # Alert policies: evaluated this often (and whenever alerts are listed).
+    metrics_alert_interval_seconds: float = 15.0
+    # daily_spend_warning / daily_spend_critical: today's committed spend of everyone over these, USD.
+    metrics_alert_spend_warning_usd: float = 90.0
+    metrics_alert_spend_critical_usd: float = 100.0
+    # mean_quality_low: the mean QC score of the jobs that succeeded in the window under this.
+    metrics_alert_quality_min: float = 0.6
+    metrics_alert_quality_window_seconds: float = 600.0
+    # job_latency_p95_high: the p95 duration of the jobs that ended in the window over this, seconds.
+    metrics_alert_latency_p95_max_seconds: float = 900.0
+    metrics_alert_latency_window_seconds: float = 600.0
+    # backend_errors_high: a backend's errors (failed jobs, attempts given up) in the window over this.
+    metrics_alert_backend_errors_max: int = 5
+    metrics_alert_backend_errors_window_seconds: float = 3600.0
+    # SLOs over the last days (events are kept a day longer, 8 days at least): job_latency, the share of
+    # jobs ending in under the bound; job_quality, the share of succeeded jobs scoring at least the minimum.
+    metrics_slo_window_days: int = 7
+    metrics_slo_latency_goal: float = 0.95
+    metrics_slo_latency_max_seconds: float = 900.0
+    metrics_slo_quality_goal: float = 0.9
+    metrics_slo_quality_min: float = 0.6
 
 
 class LocalRendererSettings(CommonSettings):

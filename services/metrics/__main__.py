@@ -6,27 +6,39 @@ from contextlib import asynccontextmanager
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod_kit.server import Registration, run
 from aiprod_kit.settings import MetricsSettings
+from aiprod_metrics.alerts import AlertEvaluator, AlertThresholds, evaluate_alerts
+from aiprod_metrics.events import SqliteEventStore
 from aiprod_metrics.ledger import SqliteLedgerStore
 from aiprod_metrics.service import BudgetPolicy, MetricsServicer, expire_stuck_reservations
+from aiprod_metrics.slo import SloPolicy
 
 
 @asynccontextmanager
 async def build() -> AsyncIterator[list[Registration]]:
     policy = BudgetPolicy.from_settings(settings)
+    thresholds = AlertThresholds.from_settings(settings)
+    slo = SloPolicy.from_settings(settings)
     ledger = SqliteLedgerStore(settings.data_dir / "metrics" / "ledger.sqlite3", policy.time_zone)
-    expiry = asyncio.create_task(expire_stuck_reservations(ledger, policy.expiry_sweep_seconds))
+    events = SqliteEventStore(settings.data_dir / "metrics" / "events.sqlite3")
+    alerts = AlertEvaluator(events, ledger, policy.default_tenant, thresholds)
+    tasks = [
+        asyncio.create_task(expire_stuck_reservations(ledger, policy.expiry_sweep_seconds)),
+        asyncio.create_task(evaluate_alerts(alerts, events, thresholds.interval_seconds, slo.retention)),
+    ]
     try:
         yield [
             Registration(
                 metrics_pb2.DESCRIPTOR.services_by_name["MetricsService"].full_name,
-                MetricsServicer(ledger, policy),
+                MetricsServicer(ledger, policy, events, alerts, slo),
                 metrics_pb2_grpc.add_MetricsServiceServicer_to_server,
             )
         ]
     finally:
-        expiry.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await expiry
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await events.close()
         await ledger.close()
 
 

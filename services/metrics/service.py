@@ -17,6 +17,9 @@ The ledger's API, on top of the store's semantics (see `aiprod_metrics.ledger`):
   FAILED_PRECONDITION.
 - Unknown keys are NOT_FOUND; bad input INVALID_ARGUMENT naming each field, with nothing written.
 - GetBudget reports today's budget of the tenant and of everyone together.
+
+RecordJobEvent also keeps terminal jobs and backend errors for the alert policies (ListAlerts, see
+`aiprod_metrics.alerts`) and the SLOs (GetSloReport, see `aiprod_metrics.slo`).
 """
 
 import asyncio
@@ -24,7 +27,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -40,10 +43,11 @@ from aiprod_kit.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    Unimplemented,
 )
 from aiprod_kit.money import MICROS_PER_UNIT, usd
 from aiprod_kit.settings import ConfigurationError, MetricsSettings
+from aiprod_metrics.alerts import AlertEvaluator
+from aiprod_metrics.events import BackendError, EventStore, JobOutcome
 from aiprod_metrics.ledger import (
     BudgetExceeded,
     Caps,
@@ -55,6 +59,7 @@ from aiprod_metrics.ledger import (
     UnknownKey,
     WrongState,
 )
+from aiprod_metrics.slo import SloPolicy, slo_report
 
 log = structlog.get_logger()
 
@@ -170,10 +175,20 @@ def _timestamp(reservation: Reservation) -> timestamp_pb2.Timestamp:
 
 
 class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
-    def __init__(self, ledger: LedgerStore, policy: BudgetPolicy) -> None:
+    def __init__(
+        self,
+        ledger: LedgerStore,
+        policy: BudgetPolicy,
+        events: EventStore,
+        alerts: AlertEvaluator,
+        slo: SloPolicy,
+    ) -> None:
         self._job_counts: Counter[tuple[int, int]] = Counter()
         self._ledger = ledger
         self._policy = policy
+        self._events = events
+        self._alerts = alerts
+        self._slo = slo
 
     async def RecordJobEvent(
         self, request: metrics_pb2.RecordJobEventRequest, context: grpc.aio.ServicerContext
@@ -186,6 +201,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                 violations.append((f"events[{index}].backend", "must be a known backend"))
         if violations:
             raise InvalidArgument(violations)
+        await self._events.record(*_outcomes_and_errors(request.events))
         for event in request.events:
             self._job_counts[(event.backend, event.state)] += 1
         return metrics_pb2.RecordJobEventResponse()
@@ -362,11 +378,55 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             expired_reservations=totals.expired,
         )
 
-    async def ListAlerts(self, request, context):  # type: ignore[no-untyped-def]
-        raise Unimplemented("alert policies are not implemented yet (planned: issue 5)")
+    # Alerts and SLOs -------------------------------------------------------------------------
 
-    async def GetSloReport(self, request, context):  # type: ignore[no-untyped-def]
-        raise Unimplemented("SLO reports are not implemented yet (planned: issue 5)")
+    async def ListAlerts(
+        self, request: metrics_pb2.ListAlertsRequest, context: grpc.aio.ServicerContext
+    ) -> metrics_pb2.ListAlertsResponse:
+        return metrics_pb2.ListAlertsResponse(alerts=await self._alerts.evaluate())
+
+    async def GetSloReport(
+        self, request: metrics_pb2.GetSloReportRequest, context: grpc.aio.ServicerContext
+    ) -> metrics_pb2.GetSloReportResponse:
+        return metrics_pb2.GetSloReportResponse(slos=await slo_report(self._events, self._slo))
+
+
+_TERMINAL_STATES = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)
+
+
+def _outcomes_and_errors(
+    events: list[metrics_pb2.JobEventRecord],
+) -> tuple[list[JobOutcome], list[BackendError]]:
+    """The terminal jobs, and the backend errors: failed jobs with a reason, attempts given up (a running
+    job with a reason). An event without a time happened when received."""
+    now = datetime.now(UTC)
+    outcomes, errors = [], []
+    for event in events:
+        time = event.time.ToDatetime(UTC) if event.HasField("time") else now
+        if event.state in _TERMINAL_STATES:
+            succeeded = event.state == job_pb2.JOB_STATE_SUCCEEDED
+            outcomes.append(
+                JobOutcome(
+                    job_id=event.job_id,
+                    time=time,
+                    backend=event.backend,
+                    state=event.state,
+                    qc_score=event.qc_score if succeeded else None,
+                    duration_seconds=(
+                        event.job_duration.ToTimedelta().total_seconds()
+                        if event.HasField("job_duration")
+                        else None
+                    ),
+                    cost_micros=event.cost.amount_micros,
+                )
+            )
+        if (
+            event.failure_reason
+            and event.backend != backend_pb2.BACKEND_UNSPECIFIED
+            and event.state in (job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_RUNNING)
+        ):
+            errors.append(BackendError(event.job_id, time, event.backend, event.failure_reason))
+    return outcomes, errors
 
 
 async def expire_stuck_reservations(ledger: LedgerStore, interval_seconds: float) -> None:
