@@ -1,11 +1,15 @@
 """Helpers the tests share: starting a mesh, following a job."""
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+
+import grpc
 
 from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from aiprod.metrics.v1 import metrics_pb2_grpc
 from aiprod_kit.mesh import Mesh
 
 TERMINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
@@ -48,3 +52,10 @@ def eventually(predicate: Callable[[], bool], timeout: float = 15.0, interval: f
             return False
         time.sleep(interval)
     return True
+
+
+@asynccontextmanager
+async def connect_metrics(mesh: Mesh) -> AsyncIterator[metrics_pb2_grpc.MetricsServiceStub]:
+    """An aio stub of the mesh's metrics service, its channel closed on the way out."""
+    async with grpc.aio.insecure_channel(mesh.address("metrics")) as channel:
+        yield metrics_pb2_grpc.MetricsServiceStub(channel)

@@ -4,15 +4,14 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 
-import grpc
 import pytest
 from cli_support import aiprod
+from support import connect_metrics
 
 from aiprod.common.v1 import backend_pb2, job_pb2
-from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod.metrics.v1 import metrics_pb2
 from aiprod_kit.mesh import Mesh
 from aiprod_kit.money import usd
 
@@ -42,12 +41,6 @@ def start_metrics(tmp_path) -> Iterator[StartMetrics]:
     yield start
     for mesh in started:
         mesh.stop()
-
-
-@asynccontextmanager
-async def connect(mesh: Mesh) -> AsyncIterator[metrics_pb2_grpc.MetricsServiceStub]:
-    async with grpc.aio.insecure_channel(mesh.address("metrics")) as channel:
-        yield metrics_pb2_grpc.MetricsServiceStub(channel)
 
 
 def job(state: int, backend: int = RUNWAY, qc: float = 0.0, seconds: float | None = None, reason: str = ""):
@@ -80,7 +73,7 @@ async def wait_for(stub, policy: str, firing: bool, backend: int = 0) -> metrics
 
 
 async def test_a_fresh_service_lists_every_policy_resolved(start_metrics):
-    async with connect(start_metrics()) as stub:
+    async with connect_metrics(start_metrics()) as stub:
         listed = await alerts(stub)
     assert set(listed) == {
         ("daily_spend_warning", 0),
@@ -100,7 +93,7 @@ async def test_spend_fires_warning_then_critical(start_metrics):
     mesh = start_metrics(
         AIPROD_METRICS_ALERT_SPEND_WARNING_USD="0.5", AIPROD_METRICS_ALERT_SPEND_CRITICAL_USD="1"
     )
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
         for key, micros in (("first", 600_000), ("second", 500_000)):
             await stub.ReserveBudget(
                 metrics_pb2.ReserveBudgetRequest(reservation_key=key, amount=usd(micros), job_id=key)
@@ -118,7 +111,7 @@ async def test_spend_fires_warning_then_critical(start_metrics):
 
 async def test_mean_quality_fires_then_resolves(start_metrics):
     mesh = start_metrics()
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
         await record(stub, *(job(SUCCEEDED, qc=0.3, seconds=60) for _ in range(2)))
         firing = await wait_for(stub, "mean_quality_low", True)
         assert firing.value == pytest.approx(0.3)
@@ -131,7 +124,7 @@ async def test_mean_quality_fires_then_resolves(start_metrics):
 
 
 async def test_p95_latency_fires_then_resolves(start_metrics):
-    async with connect(start_metrics()) as stub:
+    async with connect_metrics(start_metrics()) as stub:
         await record(stub, *(job(SUCCEEDED, qc=0.9, seconds=2000) for _ in range(3)))
         firing = await wait_for(stub, "job_latency_p95_high", True)
         assert firing.value == 2000
@@ -143,7 +136,7 @@ async def test_p95_latency_fires_then_resolves(start_metrics):
 
 async def test_backend_errors_fire_per_backend_and_age_out(start_metrics):
     mesh = start_metrics(AIPROD_METRICS_ALERT_BACKEND_ERRORS_WINDOW_SECONDS="2")
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
         await record(
             stub,
             *(job(FAILED, RUNWAY, seconds=10, reason="PROVIDER_ERROR") for _ in range(3)),
@@ -161,7 +154,7 @@ async def test_backend_errors_fire_per_backend_and_age_out(start_metrics):
 
 
 async def test_slo_report(start_metrics):
-    async with connect(start_metrics()) as stub:
+    async with connect_metrics(start_metrics()) as stub:
         empty = (await stub.GetSloReport(metrics_pb2.GetSloReportRequest())).slos
         assert [(slo.attainment, slo.error_budget_remaining) for slo in empty] == [(1.0, 1.0), (1.0, 1.0)]
         await record(
@@ -181,7 +174,7 @@ async def test_slo_report(start_metrics):
 
 
 async def test_a_repeated_batch_counts_once(start_metrics):
-    async with connect(start_metrics()) as stub:
+    async with connect_metrics(start_metrics()) as stub:
         batch = [job(SUCCEEDED, qc=0.9, seconds=100), job(SUCCEEDED, qc=0.9, seconds=1000)]
         await record(stub, *batch)
         await record(stub, *batch)
@@ -191,7 +184,7 @@ async def test_a_repeated_batch_counts_once(start_metrics):
 
 async def test_cli_alerts_and_slo_json(start_metrics):
     mesh = start_metrics()
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
         await record(stub, *(job(FAILED, VEO, seconds=10, reason="PROVIDER_ERROR") for _ in range(6)))
     shown = aiprod("alerts", "--json", "--metrics", mesh.address("metrics"))
     assert shown.returncode == 0, shown.stderr

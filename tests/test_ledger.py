@@ -5,17 +5,17 @@ import json
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from support import connect_metrics
 
 from aiprod.common.v1 import money_pb2
-from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod.metrics.v1 import metrics_pb2
 from aiprod_kit.mesh import Mesh, ServiceStartError
 from aiprod_kit.money import usd
 
@@ -51,12 +51,6 @@ def start_metrics(tmp_path) -> Iterator[StartMetrics]:
     yield start
     for mesh in started:
         mesh.stop()
-
-
-@asynccontextmanager
-async def connect(mesh: Mesh) -> AsyncIterator[metrics_pb2_grpc.MetricsServiceStub]:
-    async with grpc.aio.insecure_channel(mesh.address("metrics")) as channel:
-        yield metrics_pb2_grpc.MetricsServiceStub(channel)
 
 
 def reserve_request(
@@ -140,7 +134,7 @@ async def until(predicate: Callable[[], object], timeout: float = 15.0) -> None:
 
 async def test_concurrent_reservations_fill_the_cap_exactly(start_metrics):
     mesh = start_metrics()
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
         outcomes = await asyncio.gather(*(attempt(stub, f"race-{n}", USD // 10) for n in range(500)))
         granted = [o for o in outcomes if isinstance(o, metrics_pb2.Reservation)]
         refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
@@ -161,7 +155,7 @@ async def test_concurrent_reservations_fill_the_cap_exactly(start_metrics):
 async def test_two_processes_sharing_the_ledger_never_pass_the_cap_together(start_metrics):
     first = start_metrics()
     second = start_metrics(shared_with=first)
-    async with connect(first) as one, connect(second) as other:
+    async with connect_metrics(first) as one, connect_metrics(second) as other:
         outcomes = await asyncio.gather(
             *(attempt((one, other)[n % 2], f"shared-{n}", USD // 10, tenant=f"t{n % 3}") for n in range(400))
         )
@@ -186,7 +180,7 @@ async def test_mixed_reservations_commits_and_releases_never_pass_the_cap(start_
     done = asyncio.Event()
     seen_over_cap: list[tuple[int, int]] = []
 
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
 
         async def worker(n: int) -> None:
             nonlocal granted
@@ -237,7 +231,7 @@ async def test_mixed_reservations_commits_and_releases_never_pass_the_cap(start_
 
 async def test_repeating_a_reservation_never_reserves_twice(start_metrics):
     mesh = start_metrics()
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
         first = await reserve(stub, "once", 2 * USD, job_id="job-1")
         again = await reserve(stub, "once", 2 * USD, job_id="job-1")
         assert again == first
@@ -271,7 +265,7 @@ async def test_repeating_a_reservation_never_reserves_twice(start_metrics):
 
 async def test_commit_and_release_settle_a_reservation_once(start_metrics):
     mesh = start_metrics()
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
         await reserve(stub, "spent", 2 * USD, job_id="job-spent")
         await commit(stub, "spent", 3 * USD)  # over the estimate: spend is what it is
         assert amounts((await budgets(stub)).budget) == (3 * USD, 0, 7 * USD)
@@ -309,7 +303,7 @@ async def test_commit_and_release_settle_a_reservation_once(start_metrics):
 
 async def test_unknown_keys_are_not_found(start_metrics):
     mesh = start_metrics()
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
         for call in (commit(stub, "never-reserved", USD), release(stub, "never-reserved")):
             error = await failure(call)
             assert error.code() == grpc.StatusCode.NOT_FOUND
@@ -318,7 +312,7 @@ async def test_unknown_keys_are_not_found(start_metrics):
 
 async def test_bad_input_names_the_field_and_writes_nothing(start_metrics):
     mesh = start_metrics()
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
         cases = [
             (reserve_request("", USD), {"reservation_key"}),
             (reserve_request("k" * 129, USD), {"reservation_key"}),
@@ -372,7 +366,7 @@ async def test_bad_input_names_the_field_and_writes_nothing(start_metrics):
 
 async def test_budget_levels_follow_the_thresholds(start_metrics):
     mesh = start_metrics()
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
 
         async def level() -> tuple[int, float, int]:
             response = await budgets(stub)
@@ -407,7 +401,7 @@ async def test_budget_levels_follow_the_thresholds(start_metrics):
 
 async def test_a_tenant_cap_bounds_each_tenant_under_the_global_cap(start_metrics):
     mesh = start_metrics(AIPROD_METRICS_TENANT_DAILY_CAP_USD="4")
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
         await reserve(stub, "acme-1", 4 * USD, tenant="acme")
         error = await failure(reserve(stub, "acme-2", USD // 2, tenant="acme"))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -432,7 +426,7 @@ async def test_a_stuck_reservation_expires_and_frees_its_money(start_metrics):
     mesh = start_metrics(
         AIPROD_METRICS_RESERVATION_TTL_SECONDS="1", AIPROD_METRICS_EXPIRY_SWEEP_SECONDS="0.2"
     )
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
         before = datetime.now(UTC)
         reservation = await reserve(stub, "stuck", 4 * USD, job_id="job-stuck")
         after = datetime.now(UTC)
@@ -458,14 +452,14 @@ async def test_a_stuck_reservation_expires_and_frees_its_money(start_metrics):
 
 async def test_the_ledger_survives_a_killed_service(start_metrics):
     mesh = start_metrics()
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
         kept = await reserve(stub, "kept", 2 * USD)
         await reserve(stub, "spent", 3 * USD)
         await commit(stub, "spent", 2_500_000)
         before = await budgets(stub)
     mesh.kill("metrics")
     mesh.start_service("metrics")
-    async with connect(mesh) as stub:
+    async with connect_metrics(mesh) as stub:
         after = await budgets(stub)
         assert after == before
         assert amounts(after.budget) == (2_500_000, 2 * USD, 5_500_000)

@@ -5,15 +5,14 @@ ledger. Records are deduplicated where callers give a job id, so a batch sent ag
 counts once: a job's terminal state by (job, state); a backend error by (job, backend, reason, time).
 """
 
-import asyncio
-import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
+
+from aiprod_metrics.sqlite import SqliteThread
 
 _T = TypeVar("_T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -116,16 +115,11 @@ class SqliteEventStore(EventStore):
     """One connection used from one thread of its own, so that the disk never stalls the event loop."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA busy_timeout = 30000")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.executescript(_SCHEMA)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
-        self._closed = False
+        self._sqlite = SqliteThread(path, "events", _SCHEMA)
+        self._db = self._sqlite.db
 
     async def _run(self, work: Callable[[], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+        return await self._sqlite.run(work)
 
     async def _one(self, query: str, *parameters: object) -> tuple:
         return await self._run(lambda: self._db.execute(query, parameters).fetchone())
@@ -210,8 +204,4 @@ class SqliteEventStore(EventStore):
         await self._run(work)
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await self._run(self._db.close)
-        self._thread.shutdown()
+        await self._sqlite.close()

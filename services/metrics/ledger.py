@@ -26,16 +26,15 @@ Semantics every implementation keeps:
   expired on, whatever happens to it later.
 """
 
-import asyncio
-import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
+
+from aiprod_metrics.sqlite import SqliteThread
 
 _T = TypeVar("_T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -230,20 +229,13 @@ class SqliteLedgerStore(LedgerStore):
     own so that waiting for the lock or the disk never stalls the event loop."""
 
     def __init__(self, path: Path, time_zone: tzinfo = UTC, clock: Clock = system_clock) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._time_zone = time_zone
         self._clock = clock
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        # Other processes sharing the file: wait for their write lock rather than fail.
-        self._db.execute("PRAGMA busy_timeout = 30000")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = FULL")
-        self._db.executescript(_SCHEMA)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
-        self._closed = False
+        self._sqlite = SqliteThread(path, "ledger", _SCHEMA, synchronous="FULL")
+        self._db = self._sqlite.db
 
     async def _run(self, work: Callable[[], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+        return await self._sqlite.run(work)
 
     def _transaction(self, work: Callable[[], _T], mode: str = "IMMEDIATE") -> _T:
         self._db.execute(f"BEGIN {mode}")
@@ -390,8 +382,4 @@ class SqliteLedgerStore(LedgerStore):
         return await self._run(lambda: self._load(key))
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await self._run(self._db.close)
-        self._thread.shutdown()
+        await self._sqlite.close()
