@@ -7,6 +7,14 @@ from aiprod_kit.money import usd_from_units
 
 DEFAULT_PRESET = "quick_social"
 
+# What a minute of video cost on Runway alone in the product's first version: the baseline of a quote's
+# and a job's savings.
+RUNWAY_ONLY_USD_MICROS_PER_MINUTE = 2_500_000
+
+
+def runway_only_micros(duration_seconds: float) -> int:
+    return round(RUNWAY_ONLY_USD_MICROS_PER_MINUTE * duration_seconds / 60)
+
 
 @dataclass(frozen=True)
 class Preset:

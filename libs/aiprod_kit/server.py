@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from aiprod_kit.errors import ErrorInterceptor
 from aiprod_kit.logs import configure_logging
 from aiprod_kit.settings import CommonSettings, ConfigurationError
-from aiprod_kit.telemetry import configure_telemetry, server_interceptors
+from aiprod_kit.telemetry import configure_telemetry, server_interceptors, shutdown_telemetry
 
 
 class HealthSignal:
@@ -65,7 +65,7 @@ ServiceFactory = Callable[[], AbstractAsyncContextManager[list[Registration]]]
 
 async def serve(component: str, settings: CommonSettings, port: int, build: ServiceFactory) -> None:
     log = configure_logging(component, settings.log_level, settings.log_format)
-    configure_telemetry(component, settings.otel_exporter)
+    configure_telemetry(component, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -96,6 +96,7 @@ async def serve(component: str, settings: CommonSettings, port: int, build: Serv
         log.info("draining", grace_seconds=settings.shutdown_grace_seconds)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(settings.shutdown_grace_seconds)
+    await asyncio.to_thread(shutdown_telemetry)
     log.info("stopped")
 
 

@@ -32,8 +32,14 @@ class CommonSettings(BaseSettings):
     data_dir: Path = Path(".aiprod")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
-    # Where traces and metrics go: nowhere, or the console for local debugging.
-    otel_exporter: Literal["none", "console"] = "none"
+    # Where traces and metrics go (docs/TELEMETRY.md): nowhere; the console for local debugging; "otlp"
+    # to an OpenTelemetry Collector (the GKE default; the standard OTEL_EXPORTER_OTLP_* variables say
+    # where); "gcp" metrics straight to Cloud Monitoring, for set-ups without a collector.
+    otel_exporter: Literal["none", "console", "otlp", "gcp"] = "none"
+    # For "gcp": the project written to (default: the Application Default Credentials' project), and an
+    # emulator's plaintext host:port that takes anonymous writes (tests; never a real endpoint).
+    otel_gcp_project: str = ""
+    otel_gcp_emulator_host: str = ""
     # How long in-flight calls may run on after SIGTERM before they are cut.
     shutdown_grace_seconds: float = 5.0
 

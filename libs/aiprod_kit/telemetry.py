@@ -1,37 +1,206 @@
-"""OpenTelemetry set-up: one tracer and meter provider per process, gRPC interceptors from the SDK."""
+"""OpenTelemetry set-up: one tracer and meter provider per process, gRPC interceptors from the SDK, the
+RPC metrics every service exports, the provider HTTP clients traced, and the exporters of each path.
+
+docs/TELEMETRY.md is the metric scheme; the histogram buckets below are part of it (the SLOs cut the
+job duration at 900 s and the quality at 0.6, so both are bucket bounds).
+"""
+
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-# Health checks and reflection would drown every trace; they are left out.
+from aiprod_kit.settings import CommonSettings, ConfigurationError
+
+_UNOBSERVED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
+# Health checks and reflection would drown every trace and the RPC metrics; they are left out.
 _UNTRACED = filters.negate(
     filters.any_of(
-        filters.service_name("grpc.health.v1.Health"),
-        filters.service_prefix("grpc.reflection."),
+        filters.service_name(_UNOBSERVED_SERVICES[0]),
+        filters.service_prefix(_UNOBSERVED_SERVICES[1]),
     )
 )
 
+_BUCKETS = {
+    "rpc.server.call.duration": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60),
+    "aiprod.renderer.provider_request_duration": (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    "aiprod.gateway.job_duration": (5, 10, 30, 60, 120, 180, 300, 600, 900, 1200, 1800, 3600),
+    "aiprod.router.render_duration": (5, 10, 30, 60, 120, 180, 300, 600, 900, 1200, 1800, 3600),
+    "aiprod.gateway.job_quality": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95),
+    "aiprod.router.qc_score": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95),
+    "aiprod.gateway.job_cost": (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50),
+    "aiprod.gateway.cost_per_minute": (0.1, 0.25, 0.5, 0.95, 1.5, 2.5, 5, 10, 25, 50),
+    # Actual over estimated cost: within ±20% was "on budget" in the first version.
+    "aiprod.metrics.cost_variance": (0.5, 0.8, 0.9, 1.0, 1.1, 1.2, 1.5, 2),
+}
 
-def configure_telemetry(service: str, exporter: str) -> None:
-    """Installs the process's providers; with exporter "none" spans and metrics stay in process."""
-    resource = Resource.create({"service.name": f"aiprod-{service}", "service.namespace": "aiprod"})
+_providers: tuple[TracerProvider, MeterProvider] | None = None
+
+
+def configure_telemetry(service: str, settings: CommonSettings) -> None:
+    """Installs the process's providers and exporters (once); `shutdown_telemetry` flushes them."""
+    global _providers
+    resource = Resource.create(
+        {
+            "service.name": f"aiprod-{service}",
+            "service.namespace": "aiprod",
+            # One series per process: replicas must not overwrite each other's points.
+            "service.instance.id": f"{socket.gethostname()}-{os.getpid()}",
+        }
+    )
     tracer_provider = TracerProvider(resource=resource)
-    readers = []
-    if exporter == "console":
-        tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+    readers: list[MetricReader] = []
+    match settings.otel_exporter:
+        case "console":
+            tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+        case "otlp":
+            # Imported here: the exporter loads its protobuf modules, which only this path needs.
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        case "gcp":
+            readers.append(PeriodicExportingMetricReader(_cloud_monitoring_exporter(settings)))
+    views = [
+        View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(boundaries))
+        for name, boundaries in _BUCKETS.items()
+    ]
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers, views=views)
     trace.set_tracer_provider(tracer_provider)
-    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+    metrics.set_meter_provider(meter_provider)
+    _providers = (tracer_provider, meter_provider)
+    # The provider clients' HTTP calls join the trace of the render that made them.
+    HTTPXClientInstrumentor().instrument()
+    AioHttpClientInstrumentor().instrument()
+
+
+def shutdown_telemetry() -> None:
+    """Exports what is pending (last spans, last metric points) before the process ends."""
+    if _providers is not None:
+        tracer_provider, meter_provider = _providers
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+
+def _cloud_monitoring_exporter(settings: CommonSettings) -> MetricExporter:
+    import google.auth
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud.monitoring_v3 import MetricServiceClient
+    from google.cloud.monitoring_v3.services.metric_service.transports import MetricServiceGrpcTransport
+    from opentelemetry.exporter.cloud_monitoring import CloudMonitoringMetricsExporter
+
+    project = settings.otel_gcp_project
+    if settings.otel_gcp_emulator_host:
+        if not project:
+            raise ConfigurationError("AIPROD_OTEL_GCP_PROJECT must be set with AIPROD_OTEL_GCP_EMULATOR_HOST")
+        channel = grpc.insecure_channel(settings.otel_gcp_emulator_host)
+        client = MetricServiceClient(
+            transport=MetricServiceGrpcTransport(channel=channel, credentials=AnonymousCredentials())
+        )
+        return CloudMonitoringMetricsExporter(project_id=project, client=client)
+    if not project:
+        try:
+            _, project = google.auth.default()
+        except google.auth.exceptions.DefaultCredentialsError as error:
+            raise ConfigurationError(
+                "AIPROD_OTEL_EXPORTER=gcp needs Application Default Credentials "
+                f"(and AIPROD_OTEL_GCP_PROJECT when they name no project): {error}"
+            ) from None
+        if not project:
+            raise ConfigurationError("AIPROD_OTEL_GCP_PROJECT: the credentials name no project; set it")
+    return CloudMonitoringMetricsExporter(project_id=project)
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """rpc.server.call.duration for every call, labelled by method and status code (semantic
+    conventions): latency and error rate per method from one histogram."""
+
+    def __init__(self) -> None:
+        self._duration = metrics.get_meter("aiprod.rpc").create_histogram(
+            "rpc.server.call.duration", unit="s", description="Duration of the RPCs this service answered"
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        full_method = handler_call_details.method
+        if handler is None or full_method.lstrip("/").startswith(_UNOBSERVED_SERVICES):
+            return handler
+        service, _, method = full_method.lstrip("/").partition("/")
+        labels = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        record = self._duration.record
+
+        def finish(started: float, context: grpc.aio.ServicerContext, failed: BaseException | None) -> None:
+            code = context.code()
+            if code is None:
+                code = grpc.StatusCode.UNKNOWN if failed is not None else grpc.StatusCode.OK
+            if isinstance(failed, BaseException) and not isinstance(failed, Exception):
+                code = grpc.StatusCode.CANCELLED  # the caller went away (asyncio.CancelledError)
+            if isinstance(code, int):
+                code = grpc.StatusCode(code)
+            record(time.perf_counter() - started, {**labels, "rpc.grpc.status_code": code.value[0]})
+
+        if handler.unary_unary:
+            inner_unary = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started, failed = time.perf_counter(), None
+                try:
+                    return await inner_unary(request, context)
+                except BaseException as error:
+                    failed = error
+                    raise
+                finally:
+                    finish(started, context, failed)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                started, failed = time.perf_counter(), None
+                try:
+                    async for response in inner_stream(request, context):
+                        yield response
+                except BaseException as error:
+                    failed = error
+                    raise
+                finally:
+                    finish(started, context, failed)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
 
 
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
-    return [aio_server_interceptor(filter_=_UNTRACED)]
+    return [aio_server_interceptor(filter_=_UNTRACED), RpcMetricsInterceptor()]
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:

@@ -1,5 +1,6 @@
-"""Job state changes reported to the metrics service in the background, batched: a slow or absent
-metrics service never slows or fails a job, and a burst of jobs costs one call, not one per change."""
+"""Job state changes reported: to the metrics service in the background, batched (a slow or absent
+metrics service never slows or fails a job, and a burst of jobs costs one call, not one per change),
+and as OpenTelemetry metrics."""
 
 import asyncio
 import contextlib
@@ -11,6 +12,7 @@ from aiprod.common.v1 import event_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod_gateway.store import TERMINAL_STATES
+from aiprod_gateway.telemetry import GatewayMetrics
 
 _TIMEOUT = 5.0
 _RETRY_DELAY = 1.0
@@ -20,13 +22,17 @@ log = structlog.get_logger()
 
 
 class MetricsReporter:
-    def __init__(self, metrics: metrics_pb2_grpc.MetricsServiceStub) -> None:
+    def __init__(
+        self, metrics: metrics_pb2_grpc.MetricsServiceStub, telemetry: GatewayMetrics | None = None
+    ) -> None:
         self._metrics = metrics
+        self._telemetry = telemetry or GatewayMetrics()
         self._pending: list[metrics_pb2.JobEventRecord] = []
         self._wake = asyncio.Event()
         self._sender = asyncio.create_task(self._send_forever())
 
     def job_changed(self, job: gateway_pb2.RenderJob) -> None:
+        self._telemetry.job_changed(job)
         record = metrics_pb2.JobEventRecord(
             job_id=job.job_id,
             state=job.state,

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 from google.protobuf import timestamp_pb2
+from opentelemetry import propagate
 
 from aiprod.common.v1 import job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -19,12 +20,10 @@ from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import TERMINAL_STATES, JobStore, RequestIdConflict
 from aiprod_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from aiprod_kit.money import usd
-from aiprod_kit.presets import PRESETS
+from aiprod_kit.presets import PRESETS, runway_only_micros
 
 log = structlog.get_logger()
 
-# What a minute of video cost on Runway alone in the product's first version: the quote's baseline.
-RUNWAY_ONLY_USD_MICROS_PER_MINUTE = 2_500_000
 _DOWNSTREAM_TIMEOUT = 5.0
 
 
@@ -73,8 +72,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             create_time=now,
             update_time=now,
         )
+        # The job's trace: the dispatcher's work, resumed after a restart or not, continues it.
+        trace_context: dict[str, str] = {}
+        propagate.inject(trace_context)
         try:
-            job, created = await self._store.create_job(job, validation.fingerprint(request.spec))
+            job, created = await self._store.create_job(
+                job, validation.fingerprint(request.spec), trace_context
+            )
         except RequestIdConflict as error:
             raise AlreadyExists(
                 f"request_id {request_id} was already used for a different request"
@@ -159,7 +163,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if spec.constraints.HasField("max_cost")
             else round(preset.max_price_per_minute_usd * 1_000_000 * minutes)
         )
-        runway_only = round(RUNWAY_ONLY_USD_MICROS_PER_MINUTE * minutes)
+        runway_only = runway_only_micros(spec.duration_seconds)
         estimated = best.estimated_cost.amount_micros
         return gateway_pb2.QuoteRenderResponse(
             quote=gateway_pb2.Quote(

@@ -5,9 +5,10 @@ under the data directory). A PostgreSQL store implements the same interface when
 """
 
 import asyncio
+import json
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +39,19 @@ class JobPage:
 class JobStore(ABC):
     @abstractmethod
     async def create_job(
-        self, job: gateway_pb2.RenderJob, fingerprint: str
+        self, job: gateway_pb2.RenderJob, fingerprint: str, trace_context: Mapping[str, str] | None = None
     ) -> tuple[gateway_pb2.RenderJob, bool]:
         """Stores a new job with its first event, unless its request_id is taken: then returns the
-        job stored under it (and False) when fingerprint matches, or raises RequestIdConflict."""
+        job stored under it (and False) when fingerprint matches, or raises RequestIdConflict.
+        trace_context: the W3C trace context (traceparent, tracestate) of the call that created it."""
 
     @abstractmethod
     async def get_job(self, job_id: str) -> gateway_pb2.RenderJob | None: ...
+
+    @abstractmethod
+    async def trace_context(self, job_id: str) -> dict[str, str]:
+        """The job's trace context as stored at creation (empty if none): all its work, resumed after
+        a restart or not, continues that one trace."""
 
     @abstractmethod
     async def list_jobs(self, states: Sequence[int], limit: int, before: int | None) -> JobPage:
@@ -101,7 +108,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     request_id TEXT NOT NULL UNIQUE,
     fingerprint TEXT NOT NULL,
     state INTEGER NOT NULL,
-    job BLOB NOT NULL
+    job BLOB NOT NULL,
+    trace_context TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, position);
 CREATE TABLE IF NOT EXISTS job_events (
@@ -123,6 +131,10 @@ class SqliteJobStore(JobStore):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "trace_context" not in columns:
+            # A store made before jobs kept their trace context.
+            self._db.execute("ALTER TABLE jobs ADD COLUMN trace_context TEXT NOT NULL DEFAULT '{}'")
         self._new_events: dict[str, asyncio.Event] = {}
 
     def _load(self, job_id: str) -> gateway_pb2.RenderJob | None:
@@ -135,7 +147,7 @@ class SqliteJobStore(JobStore):
             waiter.set()
 
     async def create_job(
-        self, job: gateway_pb2.RenderJob, fingerprint: str
+        self, job: gateway_pb2.RenderJob, fingerprint: str, trace_context: Mapping[str, str] | None = None
     ) -> tuple[gateway_pb2.RenderJob, bool]:
         row = self._db.execute(
             "SELECT fingerprint, job FROM jobs WHERE request_id = ?", (job.request_id,)
@@ -151,8 +163,16 @@ class SqliteJobStore(JobStore):
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
-                "INSERT INTO jobs (job_id, request_id, fingerprint, state, job) VALUES (?, ?, ?, ?, ?)",
-                (job.job_id, job.request_id, fingerprint, job.state, job.SerializeToString()),
+                "INSERT INTO jobs (job_id, request_id, fingerprint, state, job, trace_context)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    job.job_id,
+                    job.request_id,
+                    fingerprint,
+                    job.state,
+                    job.SerializeToString(),
+                    json.dumps(dict(trace_context or {})),
+                ),
             )
             self._db.execute(
                 "INSERT INTO job_events (job_id, sequence, event) VALUES (?, 1, ?)",
@@ -162,6 +182,10 @@ class SqliteJobStore(JobStore):
 
     async def get_job(self, job_id: str) -> gateway_pb2.RenderJob | None:
         return self._load(job_id)
+
+    async def trace_context(self, job_id: str) -> dict[str, str]:
+        row = self._db.execute("SELECT trace_context FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return json.loads(row[0]) if row else {}
 
     async def list_jobs(self, states: Sequence[int], limit: int, before: int | None) -> JobPage:
         clauses, parameters = [], []

@@ -9,8 +9,14 @@ from aiprod_kit.settings import MetricsSettings
 from aiprod_metrics.alerts import AlertEvaluator, AlertThresholds, evaluate_alerts
 from aiprod_metrics.events import SqliteEventStore
 from aiprod_metrics.ledger import SqliteLedgerStore
-from aiprod_metrics.service import BudgetPolicy, MetricsServicer, expire_stuck_reservations
+from aiprod_metrics.service import (
+    BudgetPolicy,
+    MetricsServicer,
+    expire_stuck_reservations,
+    publish_state_forever,
+)
 from aiprod_metrics.slo import SloPolicy
+from aiprod_metrics.telemetry import MetricsTelemetry
 
 
 @asynccontextmanager
@@ -21,15 +27,18 @@ async def build() -> AsyncIterator[list[Registration]]:
     ledger = SqliteLedgerStore(settings.data_dir / "metrics" / "ledger.sqlite3", policy.time_zone)
     events = SqliteEventStore(settings.data_dir / "metrics" / "events.sqlite3")
     alerts = AlertEvaluator(events, ledger, policy.default_tenant, thresholds)
+    telemetry = MetricsTelemetry()
+    servicer = MetricsServicer(ledger, policy, events, alerts, slo, telemetry)
     tasks = [
-        asyncio.create_task(expire_stuck_reservations(ledger, policy.expiry_sweep_seconds)),
+        asyncio.create_task(expire_stuck_reservations(ledger, policy.expiry_sweep_seconds, telemetry)),
         asyncio.create_task(evaluate_alerts(alerts, events, thresholds.interval_seconds, slo.retention)),
+        asyncio.create_task(publish_state_forever(servicer, thresholds.interval_seconds)),
     ]
     try:
         yield [
             Registration(
                 metrics_pb2.DESCRIPTOR.services_by_name["MetricsService"].full_name,
-                MetricsServicer(ledger, policy, events, alerts, slo),
+                servicer,
                 metrics_pb2_grpc.add_MetricsServiceServicer_to_server,
             )
         ]

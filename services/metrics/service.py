@@ -60,6 +60,7 @@ from aiprod_metrics.ledger import (
     WrongState,
 )
 from aiprod_metrics.slo import SloPolicy, slo_report
+from aiprod_metrics.telemetry import MetricsTelemetry
 
 log = structlog.get_logger()
 
@@ -182,7 +183,9 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         events: EventStore,
         alerts: AlertEvaluator,
         slo: SloPolicy,
+        telemetry: MetricsTelemetry | None = None,
     ) -> None:
+        self._telemetry = telemetry or MetricsTelemetry()
         self._job_counts: Counter[tuple[int, int]] = Counter()
         self._ledger = ledger
         self._policy = policy
@@ -243,6 +246,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                 key, tenant, request.job_id, amount, self._policy.caps, self._policy.reservation_ttl
             )
         except BudgetExceeded as refusal:
+            self._telemetry.reservation("refused")
             scope = f"tenant {refusal.tenant}" if refusal.tenant is not None else "all tenants"
             log.info(
                 "reservation refused",
@@ -268,6 +272,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                 f"reservation {key} is {wrong.reservation.state} already; use a new key for a new attempt"
             ) from wrong
         if fresh:
+            self._telemetry.reservation("reserved")
             log.info(
                 "budget reserved",
                 reservation_key=key,
@@ -312,6 +317,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                 f"reservation {key} was {recorded.state}: nothing may be committed against it"
             ) from wrong
         if before != State.COMMITTED:
+            self._telemetry.committed(reservation.variance_ratio)
             (log.warning if before == State.EXPIRED else log.info)(
                 "spend committed",
                 reservation_key=key,
@@ -342,6 +348,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                 "spent money cannot be released"
             ) from wrong
         if before != State.RELEASED:
+            self._telemetry.reservation("released")
             log.info(
                 "budget released",
                 reservation_key=key,
@@ -358,10 +365,12 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         if violations:
             raise InvalidArgument(violations)
         totals = await self._ledger.day_totals(tenant)
-        return metrics_pb2.GetBudgetResponse(
+        response = metrics_pb2.GetBudgetResponse(
             budget=self._budget(tenant, totals.day, self._policy.tenant_cap, totals.tenant),
             global_budget=self._budget("", totals.day, self._policy.global_cap, totals.everyone),
         )
+        self._telemetry.budget_read(totals.everyone, self._policy.global_cap, response.global_budget.level)
+        return response
 
     def _budget(self, tenant: str, day: str, cap: int, totals: Totals) -> metrics_pb2.Budget:
         used = totals.spent + totals.reserved
@@ -383,12 +392,22 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
     async def ListAlerts(
         self, request: metrics_pb2.ListAlertsRequest, context: grpc.aio.ServicerContext
     ) -> metrics_pb2.ListAlertsResponse:
-        return metrics_pb2.ListAlertsResponse(alerts=await self._alerts.evaluate())
+        alerts = await self._alerts.evaluate()
+        self._telemetry.alerts_evaluated(alerts)
+        return metrics_pb2.ListAlertsResponse(alerts=alerts)
 
     async def GetSloReport(
         self, request: metrics_pb2.GetSloReportRequest, context: grpc.aio.ServicerContext
     ) -> metrics_pb2.GetSloReportResponse:
-        return metrics_pb2.GetSloReportResponse(slos=await slo_report(self._events, self._slo))
+        slos = await slo_report(self._events, self._slo)
+        self._telemetry.slos_reported(slos)
+        return metrics_pb2.GetSloReportResponse(slos=slos)
+
+    async def publish_state(self) -> None:
+        """Refreshes the gauges of the budget, the alert policies and the SLOs."""
+        await self.GetBudget(metrics_pb2.GetBudgetRequest(), None)
+        await self.ListAlerts(metrics_pb2.ListAlertsRequest(), None)
+        await self.GetSloReport(metrics_pb2.GetSloReportRequest(), None)
 
 
 _TERMINAL_STATES = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)
@@ -429,11 +448,25 @@ def _outcomes_and_errors(
     return outcomes, errors
 
 
-async def expire_stuck_reservations(ledger: LedgerStore, interval_seconds: float) -> None:
+async def publish_state_forever(servicer: MetricsServicer, interval_seconds: float) -> None:
+    """Forever: keeps the service's state gauges fresh, also when nobody asks for it."""
+    while True:
+        try:
+            await servicer.publish_state()
+        except Exception:
+            log.exception("publishing the budget, alert and SLO gauges failed; trying again")
+        await asyncio.sleep(interval_seconds)
+
+
+async def expire_stuck_reservations(
+    ledger: LedgerStore, interval_seconds: float, telemetry: MetricsTelemetry
+) -> None:
     """Forever: frees the money of reservations left unsettled past their expiry (their jobs got stuck)."""
     while True:
         try:
-            for reservation in await ledger.expire_overdue():
+            expired = await ledger.expire_overdue()
+            telemetry.reservation("expired", len(expired))
+            for reservation in expired:
                 log.warning(
                     "reservation expired",
                     reservation_key=reservation.key,

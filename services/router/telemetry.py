@@ -28,13 +28,23 @@ class RouterMetrics:
         meter = meter or metrics.get_meter("aiprod.router")
         self._backends = backends
         self._attempts = meter.create_counter(
-            "aiprod.router.attempts", description="Render attempts that ended, by backend and outcome"
+            "aiprod.router.attempts",
+            unit="{attempt}",
+            description="Render attempts that ended, by backend and outcome",
+        )
+        self._errors = meter.create_counter(
+            "aiprod.router.backend_errors",
+            unit="{attempt}",
+            description="Attempts that failed or delivered under the quality floor, by reason",
         )
         self._fallbacks = meter.create_counter(
-            "aiprod.router.fallbacks", description="Renders moved from one backend to another, by reason"
+            "aiprod.router.fallbacks",
+            unit="{render}",
+            description="Renders moved from one backend to another, by reason",
         )
         self._uncertain = meter.create_counter(
             "aiprod.router.uncertain_attempts",
+            unit="{attempt}",
             description="Attempts that may have reached the provider without an end seen: held, never resent",
         )
         self._render_seconds = meter.create_histogram(
@@ -55,16 +65,24 @@ class RouterMetrics:
         )
         meter.create_observable_gauge(
             "aiprod.router.cost_per_second",
-            unit="USD",
+            unit="{USD}",
             callbacks=[self._cost],
             description="What a second of video has really cost, over recent renders",
         )
 
     def attempt_ended(
-        self, backend: int, outcome: str, seconds: float | None, qc_score: float | None
+        self,
+        backend: int,
+        outcome: str,
+        seconds: float | None,
+        qc_score: float | None,
+        failure_reason: str = "",
     ) -> None:
+        """outcome: succeeded, failed or qc_under_floor; the last two count as errors of the backend."""
         labels = {"backend": backend_label(backend), "outcome": outcome}
         self._attempts.add(1, labels)
+        if outcome != "succeeded":
+            self._errors.add(1, {"backend": backend_label(backend), "reason": failure_reason or outcome})
         if seconds:
             self._render_seconds.record(seconds, labels)
         if qc_score is not None:

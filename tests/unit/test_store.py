@@ -77,3 +77,12 @@ async def test_listing_pages_newest_first_and_unfinished_jobs_oldest_first(store
     ]
     assert [j.job_id for j in await store.unfinished_jobs()] == ["job_0", "job_2", "job_3", "job_4"]
     assert await store.count_by_state() == {job_pb2.JOB_STATE_QUEUED: 4, job_pb2.JOB_STATE_SUCCEEDED: 1}
+
+
+async def test_a_job_keeps_the_trace_context_it_was_created_in(store):
+    context = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    await store.create_job(job("job_a", "r1"), "f", context)
+    await store.create_job(job("job_b", "r2"), "f")
+    assert await store.trace_context("job_a") == context
+    assert await store.trace_context("job_b") == {}
+    assert await store.trace_context("job_unknown") == {}

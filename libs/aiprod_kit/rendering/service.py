@@ -16,11 +16,13 @@ import contextlib
 import re
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import structlog
+from opentelemetry import context as otel_context
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
@@ -32,10 +34,12 @@ from aiprod_kit.rendering import qc
 from aiprod_kit.rendering.limits import ProviderLimits
 from aiprod_kit.rendering.provider import ErrorKind, Provider, ProviderError, ProviderTask, TaskState
 from aiprod_kit.rendering.storage import VideoStore
+from aiprod_kit.rendering.telemetry import ProviderCallMetrics
 from aiprod_kit.server import HealthSignal
 from aiprod_kit.settings import ProviderSettings
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 _KEY = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _TERMINAL = frozenset(
@@ -98,6 +102,9 @@ class _Render:
         self.holds_slot = False
         self.created = asyncio.Event()
         self._changed = asyncio.Event()
+        # The trace of the call that made this render (StartRender, or a watch after a restart): its
+        # polls and download join it.
+        self.trace_context = otel_context.get_current()
         self.status = renderer_pb2.Render(
             handle=backend_pb2.RenderHandle(backend=backend, idempotency_key=key),
             state=renderer_pb2.RENDER_STATE_PENDING,
@@ -161,6 +168,7 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         self._polls: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._log = log.bind(backend=provider.name)
+        self._calls = ProviderCallMetrics(provider.name)
 
     # Health -------------------------------------------------------------------------------------
 
@@ -200,7 +208,7 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
 
     async def _probe(self) -> None:
         try:
-            await self._limits.call(self._provider.probe, idempotent=True, what="probe")
+            await self._call(None, self._provider.probe, idempotent=True, what="probe")
         except ProviderError as error:
             self._log.warning("probe failed", error=str(error))
             if error.kind == ErrorKind.AUTH:
@@ -209,6 +217,19 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
                 self._breaker.record_failure()
             return
         self._breaker.record_success()
+
+    async def _call(
+        self,
+        render: "_Render | None",
+        operation: Callable[[], Awaitable[T]],
+        *,
+        idempotent: bool,
+        what: str,
+        timeout: float | None = None,
+    ) -> T:
+        """One provider call under the limits, measured, in the trace of the render it serves."""
+        with self._calls.call(what, render.trace_context if render else None):
+            return await self._limits.call(operation, idempotent=idempotent, what=what, timeout=timeout)
 
     def _record_outcome(self, error: ProviderError | None) -> None:
         if error is None:
@@ -290,8 +311,11 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         render.holds_slot = True
         key = render.status.handle.idempotency_key
         try:
-            task_id = await self._limits.call(
-                lambda: self._provider.create(render.shot, render.model, key), idempotent=False, what="create"
+            task_id = await self._call(
+                render,
+                lambda: self._provider.create(render.shot, render.model, key),
+                idempotent=False,
+                what="create",
             )
         except ProviderError as error:
             self._record_outcome(error)
@@ -332,8 +356,8 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         if render.ended:
             raise FailedPrecondition(f"render {request.task_id} has already ended")
         try:
-            cancelled = await self._limits.call(
-                lambda: self._provider.cancel(render.task_id), idempotent=True, what="cancel"
+            cancelled = await self._call(
+                render, lambda: self._provider.cancel(render.task_id), idempotent=True, what="cancel"
             )
         except ProviderError as error:
             raise Unavailable(
@@ -352,7 +376,7 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         if render is not None:
             return render
         try:
-            task = await self._limits.call(lambda: self._provider.get(task_id), idempotent=True, what="get")
+            task = await self._call(None, lambda: self._provider.get(task_id), idempotent=True, what="get")
         except ProviderError as error:
             if error.kind in (ErrorKind.NOT_FOUND, ErrorKind.REFUSED):
                 raise NotFound(f"{self._provider.name} has no task {task_id}") from error
@@ -395,8 +419,8 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
 
     async def _poll(self, render: _Render) -> None:
         try:
-            task = await self._limits.call(
-                lambda: self._provider.get(render.task_id), idempotent=True, what="get"
+            task = await self._call(
+                render, lambda: self._provider.get(render.task_id), idempotent=True, what="get"
             )
         except ProviderError as error:
             self._record_outcome(error)
@@ -446,7 +470,8 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         with tempfile.TemporaryDirectory(dir=self._work_dir) as scratch:
             local = Path(scratch) / "output.mp4"
             try:
-                await self._limits.call(
+                await self._call(
+                    render,
                     lambda: self._provider.download(task.outputs[0], local),
                     idempotent=True,
                     what="download",
