@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 from google.protobuf import timestamp_pb2
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 
 from aiprod.common.v1 import job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -72,7 +72,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             create_time=now,
             update_time=now,
         )
-        # The job's trace: the dispatcher's work, resumed after a restart or not, continues it.
+        # The job's trace: the dispatcher's work, resumed after a restart or not, continues it; the job id
+        # on its first span finds it.
+        trace.get_current_span().set_attribute("aiprod.job_id", job.job_id)
         trace_context: dict[str, str] = {}
         propagate.inject(trace_context)
         try:

@@ -59,10 +59,8 @@ class GatewayMetrics:
             seconds = job.result.video.duration_seconds or job.spec.duration_seconds
             if seconds > 0:
                 self._cost_per_minute.record(cost * 60 / seconds, labels)
-            saved = runway_only_micros(seconds) / 1e6 - cost
-            if saved > 0:
-                # A counter only grows: a job dearer than Runway alone saved nothing (and is rare).
-                self._savings.add(saved, labels)
+            # A counter only grows: a job dearer than Runway alone saved nothing.
+            self._savings.add(max(runway_only_micros(seconds) / 1e6 - cost, 0.0), labels)
 
     def _record_duration(self, job: gateway_pb2.RenderJob, labels: dict[str, str], state: str) -> None:
         seconds = (job.update_time.ToNanoseconds() - job.create_time.ToNanoseconds()) / 1e9
