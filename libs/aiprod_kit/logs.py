@@ -4,6 +4,17 @@ import logging
 import sys
 
 import structlog
+from opentelemetry import trace
+from structlog.typing import EventDict, WrappedLogger
+
+
+def _add_trace(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """The current span's trace and span ids on each line: a log line leads to its job's trace."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event["trace_id"] = format(context.trace_id, "032x")
+        event["span_id"] = format(context.span_id, "016x")
+    return event
 
 
 def configure_logging(service: str, level: str, fmt: str) -> structlog.stdlib.BoundLogger:
@@ -14,6 +25,7 @@ def configure_logging(service: str, level: str, fmt: str) -> structlog.stdlib.Bo
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            _add_trace,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,

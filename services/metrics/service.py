@@ -364,6 +364,10 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         tenant, violations = self._tenant(request.tenant_id)
         if violations:
             raise InvalidArgument(violations)
+        return await self._budgets(tenant)
+
+    async def _budgets(self, tenant: str) -> metrics_pb2.GetBudgetResponse:
+        """The tenant's and everyone's budget of today; each read also refreshes the budget gauges."""
         totals = await self._ledger.day_totals(tenant)
         response = metrics_pb2.GetBudgetResponse(
             budget=self._budget(tenant, totals.day, self._policy.tenant_cap, totals.tenant),
@@ -392,22 +396,28 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
     async def ListAlerts(
         self, request: metrics_pb2.ListAlertsRequest, context: grpc.aio.ServicerContext
     ) -> metrics_pb2.ListAlertsResponse:
+        return metrics_pb2.ListAlertsResponse(alerts=await self._evaluate_alerts())
+
+    async def _evaluate_alerts(self) -> list[metrics_pb2.Alert]:
         alerts = await self._alerts.evaluate()
         self._telemetry.alerts_evaluated(alerts)
-        return metrics_pb2.ListAlertsResponse(alerts=alerts)
+        return alerts
 
     async def GetSloReport(
         self, request: metrics_pb2.GetSloReportRequest, context: grpc.aio.ServicerContext
     ) -> metrics_pb2.GetSloReportResponse:
+        return metrics_pb2.GetSloReportResponse(slos=await self._slo_report())
+
+    async def _slo_report(self) -> list[metrics_pb2.SloStatus]:
         slos = await slo_report(self._events, self._slo)
         self._telemetry.slos_reported(slos)
-        return metrics_pb2.GetSloReportResponse(slos=slos)
+        return slos
 
     async def publish_state(self) -> None:
         """Refreshes the gauges of the budget, the alert policies and the SLOs."""
-        await self.GetBudget(metrics_pb2.GetBudgetRequest(), None)
-        await self.ListAlerts(metrics_pb2.ListAlertsRequest(), None)
-        await self.GetSloReport(metrics_pb2.GetSloReportRequest(), None)
+        await self._budgets(self._policy.default_tenant)
+        await self._evaluate_alerts()
+        await self._slo_report()
 
 
 _TERMINAL_STATES = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)

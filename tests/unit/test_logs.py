@@ -1,0 +1,20 @@
+"""Log lines name the trace they were written in, so that a line leads to its job's trace."""
+
+import json
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from aiprod_kit.logs import configure_logging
+
+
+def test_a_line_written_inside_a_span_carries_its_trace_and_span_ids(capsys):
+    log = configure_logging("test", "info", "json")
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("work") as span:
+        log.info("inside")
+    log.info("outside")
+    inside, outside = (json.loads(line) for line in capsys.readouterr().err.splitlines()[-2:])
+    context = span.get_span_context()
+    assert inside["trace_id"] == format(context.trace_id, "032x")
+    assert inside["span_id"] == format(context.span_id, "016x")
+    assert "trace_id" not in outside
