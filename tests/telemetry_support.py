@@ -1,6 +1,6 @@
 """Where the services' telemetry lands in tests: a local OTLP receiver (what an OpenTelemetry Collector
-would get) and a fake Cloud Monitoring MetricService (what the direct exporter writes), both real gRPC
-servers on loopback that keep what arrives. Also the documented metric scheme, read from
+would get) and fake Cloud Monitoring and Cloud Trace services (what the direct exporters write), real
+gRPC servers on loopback that keep what arrives. Also the documented metric scheme, read from
 docs/TELEMETRY.md, so that tests hold the code to the page."""
 
 import re
@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from google.api import metric_pb2
 from google.cloud.monitoring_v3 import types as monitoring
+from google.cloud.trace_v2 import types as cloud_trace
 from google.protobuf import empty_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -153,17 +155,17 @@ class _OtlpMetrics(metrics_service_pb2_grpc.MetricsServiceServicer):
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
-class FakeMetricService:
-    """google.monitoring.v3.MetricService's write methods, keeping every time series written."""
-
-    SERVICE = "google.monitoring.v3.MetricService"
+class FakeGoogleCloud:
+    """The write methods of google.monitoring.v3.MetricService and google.devtools.cloudtrace.v2.
+    TraceService, keeping every time series and span written."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.project_names: set[str] = set()
-        self.descriptors: dict[str, monitoring.MetricDescriptor] = {}
+        self.descriptors: dict[str, metric_pb2.MetricDescriptor] = {}
         self._series: list[monitoring.TimeSeries] = []
-        handlers = {
+        self._spans: list[cloud_trace.Span] = []
+        metric_handlers = {
             "CreateTimeSeries": grpc.unary_unary_rpc_method_handler(
                 self._create_time_series,
                 request_deserializer=monitoring.CreateTimeSeriesRequest.deserialize,
@@ -172,18 +174,32 @@ class FakeMetricService:
             "CreateMetricDescriptor": grpc.unary_unary_rpc_method_handler(
                 self._create_metric_descriptor,
                 request_deserializer=monitoring.CreateMetricDescriptorRequest.deserialize,
-                response_serializer=monitoring.MetricDescriptor.serialize,
+                response_serializer=metric_pb2.MetricDescriptor.SerializeToString,
             ),
         }
+        trace_handlers = {
+            "BatchWriteSpans": grpc.unary_unary_rpc_method_handler(
+                self._batch_write_spans,
+                request_deserializer=cloud_trace.BatchWriteSpansRequest.deserialize,
+                response_serializer=empty_pb2.Empty.SerializeToString,
+            )
+        }
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(self.SERVICE, handlers)])
+        self._server.add_generic_rpc_handlers(
+            [
+                grpc.method_handlers_generic_handler("google.monitoring.v3.MetricService", metric_handlers),
+                grpc.method_handlers_generic_handler(
+                    "google.devtools.cloudtrace.v2.TraceService", trace_handlers
+                ),
+            ]
+        )
         self.port = self._server.add_insecure_port("127.0.0.1:0")
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "FakeMetricService":
+    def __enter__(self) -> "FakeGoogleCloud":
         self._server.start()
         return self
 
@@ -205,6 +221,16 @@ class FakeMetricService:
         with self._lock:
             self.descriptors[request.metric_descriptor.type] = request.metric_descriptor
         return request.metric_descriptor
+
+    def _batch_write_spans(self, request: cloud_trace.BatchWriteSpansRequest, context: grpc.ServicerContext):
+        with self._lock:
+            self.project_names.add(request.name)
+            self._spans.extend(request.spans)
+        return empty_pb2.Empty()
+
+    def spans(self) -> list[cloud_trace.Span]:
+        with self._lock:
+            return list(self._spans)
 
     def series(self) -> list[monitoring.TimeSeries]:
         with self._lock:

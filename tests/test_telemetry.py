@@ -114,6 +114,7 @@ def test_every_documented_metric_is_exported_with_exactly_its_labels(mesh, recei
 
     assert eventually(lambda: not missing(), timeout=30), f"never exported: {sorted(missing())}"
     received = receiver.metrics()
+    assert set(received) == set(scheme), f"exported, not documented: {sorted(set(received) - set(scheme))}"
     for name, documented in scheme.items():
         metric = received[name]
         assert metric.kind == documented.kind, (name, metric.kind)

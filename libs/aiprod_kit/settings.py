@@ -34,7 +34,7 @@ class CommonSettings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
     # Where traces and metrics go (docs/TELEMETRY.md): nowhere; the console for local debugging; "otlp"
     # to an OpenTelemetry Collector (the GKE default; the standard OTEL_EXPORTER_OTLP_* variables say
-    # where); "gcp" metrics straight to Cloud Monitoring, for set-ups without a collector.
+    # where); "gcp" straight to Cloud Trace and Cloud Monitoring, for set-ups without a collector.
     otel_exporter: Literal["none", "console", "otlp", "gcp"] = "none"
     # For "gcp": the project written to (default: the Application Default Credentials' project), and an
     # emulator's plaintext host:port that takes anonymous writes (tests; never a real endpoint).
@@ -42,6 +42,12 @@ class CommonSettings(BaseSettings):
     otel_gcp_emulator_host: str = ""
     # How long in-flight calls may run on after SIGTERM before they are cut.
     shutdown_grace_seconds: float = 5.0
+    # The gateway's job store and the metrics service's ledger, events and alert states: a PostgreSQL
+    # connection URL (postgresql://USER:PASSWORD@HOST:5432/DATABASE), one database shared by every
+    # replica; empty: SQLite files under data_dir. A secret: logs and errors name its host and database.
+    database_url: SecretStr = SecretStr("")
+    # How long start-up waits for PostgreSQL to accept connections (it may come up with the pod).
+    database_connect_timeout_seconds: float = 30.0
 
 
 class GatewaySettings(CommonSettings):
@@ -50,6 +56,16 @@ class GatewaySettings(CommonSettings):
     metrics_target: str = f"localhost:{METRICS_PORT}"
     # How many jobs the dispatcher renders at once.
     dispatch_concurrency: int = 4
+    # What becomes of a queued job today's budget cannot pay (the ledger refuses its reservation, or the
+    # router finds every backend that could take it over the budget left): `wait` keeps it queued and
+    # tries again; `fail` fails it at once with BUDGET_EXHAUSTED.
+    gateway_budget_policy: Literal["wait", "fail"] = "wait"
+    # How often a waiting job tries again (sooner when a job of this gateway settles and frees money).
+    gateway_budget_retry_seconds: float = 30.0
+    # How long a job waits for budget at most, then it fails with BUDGET_EXHAUSTED; 0: no limit (until
+    # it is paid or cancelled). A day: budgets are daily, so a job still unpaid after one has outlived
+    # a budget reset and is not waiting out a busy day but a cap too small for it; its client hears so.
+    gateway_budget_max_wait_seconds: float = 86400.0
 
 
 class RouterSettings(CommonSettings):

@@ -16,6 +16,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -26,7 +27,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 from aiprod_kit.settings import CommonSettings, ConfigurationError
 
@@ -51,6 +52,9 @@ _BUCKETS = {
     # Actual over estimated cost: within ±20% was "on budget" in the first version.
     "aiprod.metrics.cost_variance": (0.5, 0.8, 0.9, 1.0, 1.1, 1.2, 1.5, 2),
 }
+
+# Which resource attributes Cloud Trace spans carry: the service and its instance.
+_TRACE_RESOURCE = r"service\.(name|namespace|instance\.id)"
 
 _providers: tuple[TracerProvider, MeterProvider] | None = None
 
@@ -80,7 +84,9 @@ def configure_telemetry(service: str, settings: CommonSettings) -> None:
             tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
         case "gcp":
-            readers.append(PeriodicExportingMetricReader(_cloud_monitoring_exporter(settings)))
+            span_exporter, metric_exporter = _google_cloud_exporters(settings)
+            tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+            readers.append(PeriodicExportingMetricReader(metric_exporter))
     views = [
         View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(boundaries))
         for name, boundaries in _BUCKETS.items()
@@ -89,9 +95,10 @@ def configure_telemetry(service: str, settings: CommonSettings) -> None:
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
     _providers = (tracer_provider, meter_provider)
-    # The provider clients' HTTP calls join the trace of the render that made them.
-    HTTPXClientInstrumentor().instrument()
-    AioHttpClientInstrumentor().instrument()
+    # The provider clients' HTTP calls join the trace of the render that made them. Their metrics stay
+    # out: aiprod.renderer.provider_* measure the same calls in the scheme's words.
+    HTTPXClientInstrumentor().instrument(meter_provider=NoOpMeterProvider())
+    AioHttpClientInstrumentor().instrument(meter_provider=NoOpMeterProvider())
 
 
 def shutdown_telemetry() -> None:
@@ -102,22 +109,38 @@ def shutdown_telemetry() -> None:
         meter_provider.shutdown()
 
 
-def _cloud_monitoring_exporter(settings: CommonSettings) -> MetricExporter:
+def _google_cloud_exporters(settings: CommonSettings) -> tuple[SpanExporter, MetricExporter]:
+    """Cloud Trace and Cloud Monitoring, written directly (no collector)."""
     import google.auth
     from google.auth.credentials import AnonymousCredentials
     from google.cloud.monitoring_v3 import MetricServiceClient
     from google.cloud.monitoring_v3.services.metric_service.transports import MetricServiceGrpcTransport
+    from google.cloud.trace_v2 import TraceServiceClient
+    from google.cloud.trace_v2.services.trace_service.transports import TraceServiceGrpcTransport
     from opentelemetry.exporter.cloud_monitoring import CloudMonitoringMetricsExporter
+    from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
 
     project = settings.otel_gcp_project
     if settings.otel_gcp_emulator_host:
         if not project:
             raise ConfigurationError("AIPROD_OTEL_GCP_PROJECT must be set with AIPROD_OTEL_GCP_EMULATOR_HOST")
         channel = grpc.insecure_channel(settings.otel_gcp_emulator_host)
-        client = MetricServiceClient(
-            transport=MetricServiceGrpcTransport(channel=channel, credentials=AnonymousCredentials())
+        anonymous = AnonymousCredentials()
+        return (
+            CloudTraceSpanExporter(
+                project_id=project,
+                resource_regex=_TRACE_RESOURCE,
+                client=TraceServiceClient(
+                    transport=TraceServiceGrpcTransport(channel=channel, credentials=anonymous)
+                ),
+            ),
+            CloudMonitoringMetricsExporter(
+                project_id=project,
+                client=MetricServiceClient(
+                    transport=MetricServiceGrpcTransport(channel=channel, credentials=anonymous)
+                ),
+            ),
         )
-        return CloudMonitoringMetricsExporter(project_id=project, client=client)
     if not project:
         try:
             _, project = google.auth.default()
@@ -128,7 +151,10 @@ def _cloud_monitoring_exporter(settings: CommonSettings) -> MetricExporter:
             ) from None
         if not project:
             raise ConfigurationError("AIPROD_OTEL_GCP_PROJECT: the credentials name no project; set it")
-    return CloudMonitoringMetricsExporter(project_id=project)
+    return (
+        CloudTraceSpanExporter(project_id=project, resource_regex=_TRACE_RESOURCE),
+        CloudMonitoringMetricsExporter(project_id=project),
+    )
 
 
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):

@@ -1,7 +1,8 @@
-"""The direct Cloud Monitoring path (AIPROD_OTEL_EXPORTER=gcp): the services' real exporter writes to a
-fake google.monitoring.v3.MetricService on loopback. What arrives must be named as the scheme says
-(workload.googleapis.com/<name>), carry the documented labels with their dots made underscores, and
-include every metric the alert policies and SLOs of k8s/monitoring/direct read."""
+"""The direct path (AIPROD_OTEL_EXPORTER=gcp): the services' real exporters write to fake
+google.monitoring.v3.MetricService and google.devtools.cloudtrace.v2.TraceService on loopback. What
+arrives must be named as the scheme says (workload.googleapis.com/<name>), carry the documented labels
+with their dots made underscores, include every metric the alert policies and SLOs of
+k8s/monitoring/direct read, and a job's spans from every service in one trace."""
 
 from collections.abc import Iterator
 
@@ -9,7 +10,7 @@ import grpc
 import pytest
 from monitoring_support import metric_types
 from support import eventually, wait_terminal
-from telemetry_support import FakeMetricService, documented_metrics
+from telemetry_support import FakeGoogleCloud, documented_metrics
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -20,17 +21,17 @@ PREFIX = "workload.googleapis.com/"
 
 
 @pytest.fixture(scope="module")
-def cloud_monitoring() -> Iterator[FakeMetricService]:
-    with FakeMetricService() as running:
+def google_cloud() -> Iterator[FakeGoogleCloud]:
+    with FakeGoogleCloud() as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory, cloud_monitoring: FakeMetricService) -> Iterator[Mesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory, google_cloud: FakeGoogleCloud) -> Iterator[Mesh]:
     environment = {
         "AIPROD_OTEL_EXPORTER": "gcp",
         "AIPROD_OTEL_GCP_PROJECT": PROJECT,
-        "AIPROD_OTEL_GCP_EMULATOR_HOST": cloud_monitoring.address,
+        "AIPROD_OTEL_GCP_EMULATOR_HOST": google_cloud.address,
         "OTEL_METRIC_EXPORT_INTERVAL": "500",
         "AIPROD_METRICS_ALERT_INTERVAL_SECONDS": "0.5",
         "AIPROD_SANDBOX_RENDER_SECONDS": "1",
@@ -45,8 +46,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, cloud_monitoring: FakeMetricS
 
 
 @pytest.fixture(scope="module")
-def jobs(mesh: Mesh) -> None:
+def jobs(mesh: Mesh) -> list[gateway_pb2.RenderJob]:
+    """A job that succeeds on Runway, one that fails everywhere it is tried."""
     stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(mesh.address("gateway")))
+    ended = []
     for prompt, state in (("A red kite", job_pb2.JOB_STATE_SUCCEEDED), ("A storm [sandbox:fail]", None)):
         spec = render_pb2.RenderSpec(
             prompt=prompt,
@@ -54,25 +57,26 @@ def jobs(mesh: Mesh) -> None:
             constraints=render_pb2.RenderConstraints(preferred_backend=backend_pb2.BACKEND_RUNWAY),
         )
         job = stub.CreateRenderJob(gateway_pb2.CreateRenderJobRequest(spec=spec)).job
-        ended = wait_terminal(stub, job.job_id)
-        assert state is None or ended.state == state, ended.error
+        ended.append(wait_terminal(stub, job.job_id))
+        assert state is None or ended[-1].state == state, ended[-1].error
+    return ended
 
 
-def test_what_the_alert_policies_and_slos_read_arrives_under_their_names(cloud_monitoring, jobs):
+def test_what_the_alert_policies_and_slos_read_arrives_under_their_names(google_cloud, jobs):
     wanted = {name for name in metric_types("direct") if _paging(name)}
     assert wanted, "k8s/monitoring/direct names no alert or SLO metric"
 
     def missing() -> set[str]:
-        return wanted - cloud_monitoring.metric_types()
+        return wanted - google_cloud.metric_types()
 
     assert eventually(lambda: not missing(), timeout=30), f"never written: {sorted(missing())}"
-    assert cloud_monitoring.project_names == {f"projects/{PROJECT}"}
+    assert google_cloud.project_names == {f"projects/{PROJECT}"}
 
 
-def test_every_series_is_named_and_labelled_as_the_scheme_says(cloud_monitoring, jobs):
+def test_every_series_is_named_and_labelled_as_the_scheme_says(google_cloud, jobs):
     scheme = documented_metrics()
-    assert eventually(lambda: len(cloud_monitoring.metric_types()) >= 15, timeout=30)
-    for series in cloud_monitoring.series():
+    assert eventually(lambda: len(google_cloud.metric_types()) >= 15, timeout=30)
+    for series in google_cloud.series():
         name = series.metric.type.removeprefix(PREFIX)
         assert series.metric.type.startswith(PREFIX) and name in scheme, series.metric.type
         expected = {label.replace(".", "_") for label in scheme[name].labels}
@@ -81,8 +85,36 @@ def test_every_series_is_named_and_labelled_as_the_scheme_says(cloud_monitoring,
         assert series.resource.type == "generic_task", series.resource
         assert series.resource.labels["job"].startswith("aiprod-"), series.resource
         assert series.resource.labels["task_id"], series.resource
-    descriptor = cloud_monitoring.descriptors[PREFIX + "aiprod.gateway.job_duration"]
+    descriptor = google_cloud.descriptors[PREFIX + "aiprod.gateway.job_duration"]
     assert descriptor.unit == "s"
+
+
+def test_a_jobs_spans_reach_cloud_trace_in_one_trace(google_cloud, jobs):
+    succeeded = jobs[0]
+
+    def job_spans() -> list:
+        spans = google_cloud.spans()
+        first = [span for span in spans if _attribute(span, "aiprod.job_id") == succeeded.job_id]
+        trace_ids = {_trace_id(span) for span in first}
+        return [span for span in spans if _trace_id(span) in trace_ids]
+
+    def services(spans: list) -> set[str]:
+        return {_attribute(span, "service.name") for span in spans}
+
+    wanted = {"aiprod-gateway", "aiprod-router", "aiprod-renderer-runway"}
+    assert eventually(lambda: wanted <= services(job_spans()), timeout=30), services(job_spans())
+    spans = job_spans()
+    assert len({_trace_id(span) for span in spans}) == 1
+    assert all(span.name.startswith(f"projects/{PROJECT}/traces/") for span in spans)
+
+
+def _trace_id(span) -> str:
+    return span.name.split("/")[3]
+
+
+def _attribute(span, key: str) -> str:
+    value = span.attributes.attribute_map.get(key)
+    return value.string_value.value if value is not None else ""
 
 
 def _paging(metric_type: str) -> bool:
