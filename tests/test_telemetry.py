@@ -200,7 +200,11 @@ def test_a_job_resumed_after_a_gateway_restart_stays_in_its_trace(mesh, receiver
     mesh.kill("gateway")
     mesh.start_service("gateway")
     try:
-        assert wait_terminal(gateway(mesh), job.job_id).state == job_pb2.JOB_STATE_SUCCEEDED
+        done = wait_terminal(gateway(mesh), job.job_id)
+        assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.error
+        # Paid once: the restarted gateway re-attached to the render, it did not start another.
+        provider = backend_pb2.Backend.Name(done.backend).removeprefix("BACKEND_").lower()
+        assert sandbox.creates(provider) == {f"{job.job_id}:1": 1}
     finally:
         sandbox.reset(render_seconds=1)
 
@@ -211,7 +215,10 @@ def test_a_job_resumed_after_a_gateway_restart_stays_in_its_trace(mesh, receiver
             if span.name == "render attempt" and span.attributes.get("aiprod.resumed")
         ]
 
-    assert eventually(lambda: bool(resumed_render()), timeout=30)
+    def dispatched() -> list[ReceivedSpan]:
+        return [span for span in job_trace(receiver, job.job_id) if span.name == "dispatch job"]
+
+    assert eventually(lambda: bool(resumed_render()) and bool(dispatched()), timeout=30)
     spans = job_trace(receiver, job.job_id)
     creates = [span for span in spans if span.name.endswith("/CreateRenderJob")]
     assert len(creates) == 1
@@ -220,10 +227,9 @@ def test_a_job_resumed_after_a_gateway_restart_stays_in_its_trace(mesh, receiver
     }
     # The killed gateway never exported its first dispatch span; the resumed one hangs off the job's
     # CreateRenderJob, and the resumed attempt (the same task re-attached, not a new render) off it.
-    (resumed_dispatch,) = [span for span in spans if span.name == "dispatch job"]
+    (resumed_dispatch,) = dispatched()
     assert resumed_dispatch.parent_span_id == creates[0].span_id
     assert creates[0] in list(ancestors(resumed_render()[0], spans))
-    assert sandbox.creates("runway") == {f"{job.job_id}:1": 1}
 
 
 @pytest.mark.parametrize("variant", ["collector", "direct"])
