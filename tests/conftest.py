@@ -1,9 +1,11 @@
-"""Fixtures: the real services started as processes on free loopback ports, reached through the stubs."""
+"""Fixtures: the real services started as processes on free loopback ports, reached through the stubs;
+and the databases the stores run on."""
 
 from collections.abc import Iterator
 
 import grpc
 import pytest
+from postgres_support import fresh_schema
 
 from aiprod.gateway.v1 import gateway_pb2_grpc
 from aiprod_kit.mesh import Mesh
@@ -21,3 +23,19 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 def gateway(mesh: Mesh) -> Iterator[gateway_pb2_grpc.GatewayServiceStub]:
     with grpc.insecure_channel(mesh.address("gateway")) as channel:
         yield gateway_pb2_grpc.GatewayServiceStub(channel)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL connection string on a fresh schema of the test database, dropped afterwards."""
+    with fresh_schema() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_environment(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment of services on either store: nothing (SQLite files in the data directory), or
+    AIPROD_DATABASE_URL on a fresh PostgreSQL schema. A test using it runs once on each."""
+    if request.param == "sqlite":
+        return {}
+    return {"AIPROD_DATABASE_URL": request.getfixturevalue("postgres_url")}

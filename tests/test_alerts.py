@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from cli_support import aiprod
+from postgres_support import assert_runs_on_its_store
 from support import connect_metrics
 
 from aiprod.common.v1 import backend_pb2, job_pb2
@@ -24,7 +25,9 @@ StartMetrics = Callable[..., Mesh]
 
 
 @pytest.fixture
-def start_metrics(tmp_path) -> Iterator[StartMetrics]:
+def start_metrics(tmp_path, database_environment) -> Iterator[StartMetrics]:
+    """Starts a metrics service of its own, evaluating every 0.2 s. Every test runs twice: on SQLite, and
+    on PostgreSQL (database_environment)."""
     started: list[Mesh] = []
 
     def start(**environment: str) -> Mesh:
@@ -32,10 +35,15 @@ def start_metrics(tmp_path) -> Iterator[StartMetrics]:
             tmp_path / f"mesh-{len(started)}",
             free_ports=True,
             only=("metrics",),
-            environment={"AIPROD_METRICS_ALERT_INTERVAL_SECONDS": "0.2", **environment},
+            environment={
+                "AIPROD_METRICS_ALERT_INTERVAL_SECONDS": "0.2",
+                **database_environment,
+                **environment,
+            },
         )
         started.append(mesh)
         mesh.start()
+        assert_runs_on_its_store(mesh, "metrics", database_environment)
         return mesh
 
     yield start
@@ -121,6 +129,25 @@ async def test_mean_quality_fires_then_resolves(start_metrics):
     assert resolved.since_time.ToNanoseconds() >= firing.since_time.ToNanoseconds()
     log = mesh.services["metrics"].log_path.read_text()
     assert '"alert firing"' in log and '"alert resolved"' in log
+
+
+async def test_a_firing_alert_keeps_its_since_time_across_a_restart(start_metrics):
+    mesh = start_metrics()
+    async with connect_metrics(mesh) as stub:
+        await record(stub, *(job(SUCCEEDED, qc=0.3, seconds=60) for _ in range(2)))
+        firing = await wait_for(stub, "mean_quality_low", True)
+        resolved_before = (await alerts(stub))["job_latency_p95_high", 0]
+    mesh.kill("metrics")
+    await asyncio.sleep(0.5)  # a restart later: a reset since-time would be this much younger
+    mesh.start_service("metrics")
+    async with connect_metrics(mesh) as stub:
+        after = await alerts(stub)
+    assert after["mean_quality_low", 0].firing
+    assert after["mean_quality_low", 0].since_time == firing.since_time
+    # Resolved conditions keep theirs too.
+    assert after["job_latency_p95_high", 0].since_time == resolved_before.since_time
+    # Already told before the restart: not logged as firing again.
+    assert mesh.services["metrics"].log_path.read_text().count('"alert firing"') == 1
 
 
 async def test_p95_latency_fires_then_resolves(start_metrics):

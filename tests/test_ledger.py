@@ -12,6 +12,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from postgres_support import assert_runs_on_its_store
 from support import connect_metrics
 
 from aiprod.common.v1 import money_pb2
@@ -32,20 +33,23 @@ StartMetrics = Callable[..., Mesh]
 
 
 @pytest.fixture
-def start_metrics(tmp_path) -> Iterator[StartMetrics]:
-    """Starts a metrics service of its own, on a fresh ledger with a 10 USD daily cap unless told otherwise."""
+def start_metrics(tmp_path, database_environment) -> Iterator[StartMetrics]:
+    """Starts a metrics service of its own, on a fresh ledger with a 10 USD daily cap unless told otherwise.
+    Every test runs twice: on SQLite, and on PostgreSQL (database_environment)."""
     started: list[Mesh] = []
 
     def start(shared_with: Mesh | None = None, **environment: str) -> Mesh:
-        """shared_with: another service's mesh, whose data directory (and so ledger) to share."""
+        """shared_with: another service's mesh, whose data directory (and so ledger) to share; on
+        PostgreSQL every service of the test shares the one database anyway."""
         mesh = Mesh(
             shared_with.data_dir if shared_with else tmp_path / f"mesh-{len(started)}",
             free_ports=True,
             only=("metrics",),
-            environment={"AIPROD_METRICS_DAILY_CAP_USD": "10", **environment},
+            environment={"AIPROD_METRICS_DAILY_CAP_USD": "10", **database_environment, **environment},
         )
         started.append(mesh)
         mesh.start()
+        assert_runs_on_its_store(mesh, "metrics", database_environment)
         return mesh
 
     yield start

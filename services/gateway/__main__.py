@@ -4,12 +4,13 @@ from contextlib import asynccontextmanager
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2_grpc
-from aiprod_gateway.dispatcher import Dispatcher
+from aiprod_gateway.dispatcher import BudgetPolicy, Dispatcher
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.service import GatewayServicer
 from aiprod_gateway.spending import Spending
-from aiprod_gateway.store import SqliteJobStore
+from aiprod_gateway.store import SqlJobStore
 from aiprod_kit.channels import open_channel
+from aiprod_kit.database import open_database
 from aiprod_kit.server import Registration, run
 from aiprod_kit.settings import GatewaySettings
 
@@ -18,14 +19,19 @@ settings = GatewaySettings()
 
 @asynccontextmanager
 async def build() -> AsyncIterator[list[Registration]]:
-    store = SqliteJobStore(settings.data_dir / "gateway" / "jobs.sqlite3")
+    budget_policy = BudgetPolicy.from_settings(settings)  # a wrong setting stops the gateway first
+    # PostgreSQL when AIPROD_DATABASE_URL is set (every replica on one database), else SQLite.
+    database = await open_database(
+        settings, settings.data_dir / "gateway" / "jobs.sqlite3", "gateway", "NORMAL"
+    )
+    store = await SqlJobStore.open(database)
     router_channel = open_channel(settings.router_target)
     metrics_channel = open_channel(settings.metrics_target)
     router = router_pb2_grpc.RouterServiceStub(router_channel)
     metrics = metrics_pb2_grpc.MetricsServiceStub(metrics_channel)
     reporter = MetricsReporter(metrics)
     spending = Spending(metrics, router)
-    dispatcher = Dispatcher(store, router, reporter, spending, settings.dispatch_concurrency)
+    dispatcher = Dispatcher(store, router, reporter, spending, settings.dispatch_concurrency, budget_policy)
     await dispatcher.start()
     try:
         yield [

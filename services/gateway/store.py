@@ -1,21 +1,24 @@
 """The gateway's job store: jobs, their append-only event logs and their idempotency keys.
 
-`JobStore` is the interface; `SqliteJobStore` the embedded implementation (one file in WAL mode
-under the data directory). A PostgreSQL store implements the same interface when the mesh scales out.
+`JobStore` is the interface; `SqlJobStore` implements it once on either database (`aiprod_kit.database`):
+one SQLite file in WAL mode under the data directory (the embedded default), or PostgreSQL, shared by
+every gateway replica. Writers of one job, or of one request_id, take that one lock (in SQLite the
+database's); an appended event is announced to every replica's watchers (NOTIFY), which also poll
+now and then in case an announcement was lost with a connection.
 """
 
 import asyncio
+import contextlib
 import json
-import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from google.protobuf import timestamp_pb2
 
 from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2
+from aiprod_kit.database import Database, Queries
 
 TERMINAL_STATES = frozenset(
     {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
@@ -23,6 +26,10 @@ TERMINAL_STATES = frozenset(
 
 # Changes an event makes to its job, applied in the same transaction as the event's append.
 JobUpdate = Callable[[gateway_pb2.RenderJob], None]
+# Where appended events are announced; the payload is the job id.
+_CHANNEL = "aiprod_job_events"
+# A waiting watcher looks again this often even with no announcement (one lost with a connection).
+_POLL_SECONDS = 2.0
 
 
 class RequestIdConflict(Exception):
@@ -101,7 +108,8 @@ def _now() -> timestamp_pb2.Timestamp:
     return time
 
 
-_SCHEMA = """
+_SCHEMAS = {
+    "sqlite": """
 CREATE TABLE IF NOT EXISTS jobs (
     position INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL UNIQUE,
@@ -118,51 +126,86 @@ CREATE TABLE IF NOT EXISTS job_events (
     event BLOB NOT NULL,
     PRIMARY KEY (job_id, sequence)
 ) WITHOUT ROWID;
-"""
+""",
+    "postgresql": """
+CREATE TABLE IF NOT EXISTS jobs (
+    position BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id TEXT NOT NULL UNIQUE,
+    request_id TEXT NOT NULL UNIQUE,
+    fingerprint TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    job BYTEA NOT NULL,
+    trace_context TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, position);
+CREATE TABLE IF NOT EXISTS job_events (
+    job_id TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    event BYTEA NOT NULL,
+    PRIMARY KEY (job_id, sequence)
+);
+""",
+}
 
 
-class SqliteJobStore(JobStore):
-    """SQLite in WAL mode. Every statement is short and runs on the event loop's thread, which
-    makes each method atomic without locks; synchronous=NORMAL survives a killed process."""
+class SqlJobStore(JobStore):
+    """Every method is one statement or one transaction. A job's writers take the job's lock, so its
+    events are numbered without gaps or repeats whichever replica appends them."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "trace_context" not in columns:
-            # A store made before jobs kept their trace context.
-            self._db.execute("ALTER TABLE jobs ADD COLUMN trace_context TEXT NOT NULL DEFAULT '{}'")
+    def __init__(self, database: Database) -> None:
+        self._db = database
         self._new_events: dict[str, asyncio.Event] = {}
 
-    def _load(self, job_id: str) -> gateway_pb2.RenderJob | None:
-        row = self._db.execute("SELECT job FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return gateway_pb2.RenderJob.FromString(row[0]) if row else None
+    @classmethod
+    async def open(cls, database: Database) -> "SqlJobStore":
+        """Creates the tables if needed and starts following appended events."""
+        await database.create_schema(_SCHEMAS)
+        if database.dialect == "sqlite":
+            columns = {row[1] for row in await database.fetchall("PRAGMA table_info(jobs)")}
+            if "trace_context" not in columns:
+                # A store made before jobs kept their trace context.
+                async with database.transaction() as transaction:
+                    await transaction.execute(
+                        "ALTER TABLE jobs ADD COLUMN trace_context TEXT NOT NULL DEFAULT '{}'"
+                    )
+        store = cls(database)
+        await database.listen(_CHANNEL, store._announced)
+        return store
 
-    def _notify(self, job_id: str) -> None:
-        waiter = self._new_events.pop(job_id, None)
-        if waiter is not None:
-            waiter.set()
+    def _announced(self, job_id: str | None) -> None:
+        """Wakes the watchers of the job (None: of every job)."""
+        for waiting in [job_id] if job_id is not None else list(self._new_events):
+            waiter = self._new_events.pop(waiting, None)
+            if waiter is not None:
+                waiter.set()
+
+    @staticmethod
+    async def _load(queries: Queries, job_id: str) -> gateway_pb2.RenderJob | None:
+        row = await queries.fetchone("SELECT job FROM jobs WHERE job_id = ?", (job_id,))
+        return gateway_pb2.RenderJob.FromString(row[0]) if row else None
 
     async def create_job(
         self, job: gateway_pb2.RenderJob, fingerprint: str, trace_context: Mapping[str, str] | None = None
     ) -> tuple[gateway_pb2.RenderJob, bool]:
-        row = self._db.execute(
-            "SELECT fingerprint, job FROM jobs WHERE request_id = ?", (job.request_id,)
-        ).fetchone()
-        if row is not None:
-            if row[0] != fingerprint:
-                raise RequestIdConflict(job.request_id)
-            return gateway_pb2.RenderJob.FromString(row[1]), False
-        job.last_sequence = 1
-        event = gateway_pb2.JobEvent(
-            job_id=job.job_id, sequence=1, create_time=job.create_time, state=job.state, message="job created"
-        )
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
+        async with self._db.transaction() as transaction:
+            # Two replicas creating under one request_id: the second waits, then finds the first's job.
+            await transaction.lock(f"job-request:{job.request_id}")
+            row = await transaction.fetchone(
+                "SELECT fingerprint, job FROM jobs WHERE request_id = ?", (job.request_id,)
+            )
+            if row is not None:
+                if row[0] != fingerprint:
+                    raise RequestIdConflict(job.request_id)
+                return gateway_pb2.RenderJob.FromString(row[1]), False
+            job.last_sequence = 1
+            event = gateway_pb2.JobEvent(
+                job_id=job.job_id,
+                sequence=1,
+                create_time=job.create_time,
+                state=job.state,
+                message="job created",
+            )
+            await transaction.execute(
                 "INSERT INTO jobs (job_id, request_id, fingerprint, state, job, trace_context)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (
@@ -174,21 +217,22 @@ class SqliteJobStore(JobStore):
                     json.dumps(dict(trace_context or {})),
                 ),
             )
-            self._db.execute(
+            await transaction.execute(
                 "INSERT INTO job_events (job_id, sequence, event) VALUES (?, 1, ?)",
                 (job.job_id, event.SerializeToString()),
             )
         return job, True
 
     async def get_job(self, job_id: str) -> gateway_pb2.RenderJob | None:
-        return self._load(job_id)
+        return await self._load(self._db, job_id)
 
     async def trace_context(self, job_id: str) -> dict[str, str]:
-        row = self._db.execute("SELECT trace_context FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        row = await self._db.fetchone("SELECT trace_context FROM jobs WHERE job_id = ?", (job_id,))
         return json.loads(row[0]) if row else {}
 
     async def list_jobs(self, states: Sequence[int], limit: int, before: int | None) -> JobPage:
-        clauses, parameters = [], []
+        clauses: list[str] = []
+        parameters: list[object] = []
         if states:
             clauses.append(f"state IN ({', '.join('?' * len(states))})")
             parameters.extend(states)
@@ -196,18 +240,18 @@ class SqliteJobStore(JobStore):
             clauses.append("position < ?")
             parameters.append(before)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._db.execute(
+        rows = await self._db.fetchall(
             f"SELECT position, job FROM jobs {where} ORDER BY position DESC LIMIT ?", (*parameters, limit + 1)
-        ).fetchall()
+        )
         jobs = [gateway_pb2.RenderJob.FromString(row[1]) for row in rows[:limit]]
         return JobPage(jobs, rows[limit - 1][0] if len(rows) > limit else None)
 
     async def append_event(
         self, job_id: str, message: str, update: JobUpdate, render_event: object | None = None
     ) -> gateway_pb2.JobEvent:
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            job = self._load(job_id)
+        async with self._db.transaction() as transaction:
+            await transaction.lock(f"job:{job_id}")
+            job = await self._load(transaction, job_id)
             if job is None:
                 raise KeyError(job_id)
             update(job)
@@ -221,41 +265,44 @@ class SqliteJobStore(JobStore):
                 message=message,
                 render=render_event,
             )
-            self._db.execute(
+            await transaction.execute(
                 "UPDATE jobs SET state = ?, job = ? WHERE job_id = ?",
                 (job.state, job.SerializeToString(), job_id),
             )
-            self._db.execute(
+            await transaction.execute(
                 "INSERT INTO job_events (job_id, sequence, event) VALUES (?, ?, ?)",
                 (job_id, event.sequence, event.SerializeToString()),
             )
-        self._notify(job_id)
+            await transaction.notify(_CHANNEL, job_id)
         return event
 
     async def events_after(self, job_id: str, sequence: int) -> list[gateway_pb2.JobEvent]:
-        rows = self._db.execute(
+        rows = await self._db.fetchall(
             "SELECT event FROM job_events WHERE job_id = ? AND sequence > ? ORDER BY sequence",
             (job_id, sequence),
-        ).fetchall()
+        )
         return [gateway_pb2.JobEvent.FromString(row[0]) for row in rows]
 
     async def wait_for_event(self, job_id: str, sequence: int) -> None:
-        waiter = self._new_events.setdefault(job_id, asyncio.Event())
-        # An event may have landed between the caller's read and now.
-        row = self._db.execute("SELECT MAX(sequence) FROM job_events WHERE job_id = ?", (job_id,)).fetchone()
-        if row[0] is not None and row[0] > sequence:
-            return
-        await waiter.wait()
+        while True:
+            # Registered before looking: an announcement from now on wakes it.
+            waiter = self._new_events.setdefault(job_id, asyncio.Event())
+            row = await self._db.fetchone("SELECT MAX(sequence) FROM job_events WHERE job_id = ?", (job_id,))
+            if row is not None and row[0] is not None and row[0] > sequence:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), _POLL_SECONDS)
 
     async def unfinished_jobs(self) -> list[gateway_pb2.RenderJob]:
-        rows = self._db.execute(
+        rows = await self._db.fetchall(
             "SELECT job FROM jobs WHERE state IN (?, ?) ORDER BY position",
             (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING),
-        ).fetchall()
+        )
         return [gateway_pb2.RenderJob.FromString(row[0]) for row in rows]
 
     async def count_by_state(self) -> dict[int, int]:
-        return dict(self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        rows = await self._db.fetchall("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        return {state: count for state, count in rows}
 
     async def close(self) -> None:
-        self._db.close()
+        await self._db.close()

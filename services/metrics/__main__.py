@@ -4,11 +4,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod_kit.database import open_database
 from aiprod_kit.server import Registration, run
 from aiprod_kit.settings import MetricsSettings
 from aiprod_metrics.alerts import AlertEvaluator, AlertThresholds, evaluate_alerts
-from aiprod_metrics.events import SqliteEventStore
-from aiprod_metrics.ledger import SqliteLedgerStore
+from aiprod_metrics.events import SqlEventStore
+from aiprod_metrics.ledger import SqlLedgerStore
 from aiprod_metrics.service import (
     BudgetPolicy,
     MetricsServicer,
@@ -24,8 +25,13 @@ async def build() -> AsyncIterator[list[Registration]]:
     policy = BudgetPolicy.from_settings(settings)
     thresholds = AlertThresholds.from_settings(settings)
     slo = SloPolicy.from_settings(settings)
-    ledger = SqliteLedgerStore(settings.data_dir / "metrics" / "ledger.sqlite3", policy.time_zone)
-    events = SqliteEventStore(settings.data_dir / "metrics" / "events.sqlite3")
+    # PostgreSQL when AIPROD_DATABASE_URL is set (every replica on one database), else SQLite files; the
+    # ledger's with synchronous=FULL: an acknowledged reservation survives a crashed machine.
+    metrics_dir = settings.data_dir / "metrics"
+    ledger = await SqlLedgerStore.open(
+        await open_database(settings, metrics_dir / "ledger.sqlite3", "ledger", "FULL"), policy.time_zone
+    )
+    events = await SqlEventStore.open(await open_database(settings, metrics_dir / "events.sqlite3", "events"))
     alerts = AlertEvaluator(events, ledger, policy.default_tenant, thresholds)
     telemetry = MetricsTelemetry()
     servicer = MetricsServicer(ledger, policy, events, alerts, slo, telemetry)

@@ -9,7 +9,9 @@
 - backend_errors_high: per backend, its errors (failed jobs, attempts given up) in the errors window
   over the maximum; one alert per backend with an error kept.
 
-A policy that starts firing logs "alert firing"; one that stops, "alert resolved".
+A policy that starts firing logs "alert firing"; one that stops, "alert resolved". Each condition and
+since when it holds is kept in the event store: a restarted service (or another replica) reports the
+same since-time, and logs a change once.
 """
 
 import asyncio
@@ -103,8 +105,6 @@ class AlertEvaluator:
         self._tenant = tenant
         self._thresholds = thresholds
         self._clock = clock
-        # (policy, backend) -> (firing, since when)
-        self._conditions: dict[tuple[str, int], tuple[bool, datetime]] = {}
         self._lock = asyncio.Lock()
 
     async def _measure(self, now: datetime) -> list[_Measure]:
@@ -159,26 +159,28 @@ class AlertEvaluator:
         """Measures every policy now, logs the ones whose condition changed, and returns them all."""
         async with self._lock:
             now = self._clock()
+            measures = await self._measure(now)
+            conditions = await self._events.track_conditions(
+                {(measure.policy, measure.backend): measure.firing for measure in measures}, now
+            )
             alerts = []
-            for measure in await self._measure(now):
-                key = (measure.policy, measure.backend)
-                previous = self._conditions.get(key)
-                if previous is None or previous[0] != measure.firing:
-                    self._conditions[key] = (measure.firing, now)
-                    if previous is not None or measure.firing:
-                        (log.warning if measure.firing else log.info)(
-                            "alert firing" if measure.firing else "alert resolved",
-                            policy=measure.policy,
-                            severity=measure.severity,
-                            value=measure.value,
-                            threshold=measure.threshold,
-                            backend=backend_pb2.Backend.Name(measure.backend),
-                        )
+            for measure in measures:
+                condition = conditions[measure.policy, measure.backend]
+                # A first evaluation that finds nothing wrong is no news.
+                if condition.changed and (condition.previous is not None or measure.firing):
+                    (log.warning if measure.firing else log.info)(
+                        "alert firing" if measure.firing else "alert resolved",
+                        policy=measure.policy,
+                        severity=measure.severity,
+                        value=measure.value,
+                        threshold=measure.threshold,
+                        backend=backend_pb2.Backend.Name(measure.backend),
+                    )
                 alerts.append(
                     metrics_pb2.Alert(
                         policy=measure.policy,
                         firing=measure.firing,
-                        since_time=_timestamp(self._conditions[key][1]),
+                        since_time=_timestamp(condition.since),
                         value=measure.value,
                         threshold=measure.threshold,
                         severity=measure.severity,

@@ -1,20 +1,20 @@
-"""What alert policies and SLOs are computed from: terminal jobs and backend errors, kept for days.
+"""What alert policies and SLOs are computed from: terminal jobs and backend errors, kept for days;
+and where each alert condition stands, since when, so that a restart does not reset it.
 
-`EventStore` is the interface; `SqliteEventStore` keeps them in one SQLite file (WAL mode) next to the
-ledger. Records are deduplicated where callers give a job id, so a batch sent again after a timeout
-counts once: a job's terminal state by (job, state); a backend error by (job, backend, reason, time).
+`EventStore` is the interface; `SqlEventStore` implements it once on either database
+(`aiprod_kit.database`): one SQLite file (WAL mode) next to the ledger, or PostgreSQL shared by every
+metrics replica. Records are deduplicated where callers give a job id, so a batch sent again after a
+timeout counts once: a job's terminal state by (job, state); a backend error by (job, backend, reason,
+time).
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import TypeVar
 
-from aiprod_metrics.sqlite import SqliteThread
+from aiprod_kit.database import Database
 
-_T = TypeVar("_T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -49,6 +49,23 @@ class Share:
     total: int
 
 
+# An alert condition: its policy, and its backend (0 for policies not per backend).
+ConditionKey = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Condition:
+    firing: bool
+    # Since when it has been firing, or not.
+    since: datetime
+    # Whether it was firing before this evaluation; None when it was never evaluated.
+    previous: bool | None
+
+    @property
+    def changed(self) -> bool:
+        return self.previous != self.firing
+
+
 class EventStore(ABC):
     @abstractmethod
     async def record(self, outcomes: Sequence[JobOutcome], errors: Sequence[BackendError]) -> None: ...
@@ -74,6 +91,14 @@ class EventStore(ABC):
         """Of the jobs that reached the state since then, those that scored at least at_least."""
 
     @abstractmethod
+    async def track_conditions(
+        self, firing: Mapping[ConditionKey, bool], now: datetime
+    ) -> dict[ConditionKey, Condition]:
+        """Records whether each alert condition fires now: one new, or changed since it was last
+        recorded, holds since now; one unchanged keeps its time. Atomic, also across replicas
+        evaluating together: one of them sees the change. Returns the given conditions."""
+
+    @abstractmethod
     async def prune(self, before: datetime) -> None:
         """Forgets what happened before then."""
 
@@ -81,7 +106,8 @@ class EventStore(ABC):
     async def close(self) -> None: ...
 
 
-_SCHEMA = """
+_SCHEMAS = {
+    "sqlite": """
 CREATE TABLE IF NOT EXISTS job_outcomes (
     -- NULL when the caller gave none: not deduplicated
     job_id TEXT,
@@ -104,32 +130,77 @@ CREATE TABLE IF NOT EXISTS backend_errors (
     UNIQUE (job_id, backend, reason, time)
 );
 CREATE INDEX IF NOT EXISTS backend_errors_time ON backend_errors (time);
-"""
+CREATE TABLE IF NOT EXISTS alert_conditions (
+    policy TEXT NOT NULL,
+    -- 0 for policies not per backend
+    backend INTEGER NOT NULL,
+    firing INTEGER NOT NULL,
+    -- Unix time in microseconds
+    since INTEGER NOT NULL,
+    PRIMARY KEY (policy, backend)
+) WITHOUT ROWID;
+""",
+    # The same tables; 64-bit integers are BIGINT there.
+    "postgresql": """
+CREATE TABLE IF NOT EXISTS job_outcomes (
+    job_id TEXT,
+    time BIGINT NOT NULL,
+    backend INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    qc_score DOUBLE PRECISION,
+    duration_seconds DOUBLE PRECISION,
+    cost BIGINT NOT NULL,
+    UNIQUE (job_id, state)
+);
+CREATE INDEX IF NOT EXISTS job_outcomes_time ON job_outcomes (time);
+CREATE TABLE IF NOT EXISTS backend_errors (
+    job_id TEXT,
+    time BIGINT NOT NULL,
+    backend INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    UNIQUE (job_id, backend, reason, time)
+);
+CREATE INDEX IF NOT EXISTS backend_errors_time ON backend_errors (time);
+CREATE TABLE IF NOT EXISTS alert_conditions (
+    policy TEXT NOT NULL,
+    backend INTEGER NOT NULL,
+    firing BOOLEAN NOT NULL,
+    since BIGINT NOT NULL,
+    PRIMARY KEY (policy, backend)
+);
+""",
+}
 
 
 def _micros(moment: datetime) -> int:
     return (moment - _EPOCH) // _MICROSECOND
 
 
-class SqliteEventStore(EventStore):
-    """One connection used from one thread of its own, so that the disk never stalls the event loop."""
+def _moment(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
 
-    def __init__(self, path: Path) -> None:
-        self._sqlite = SqliteThread(path, "events", _SCHEMA)
-        self._db = self._sqlite.db
 
-    async def _run(self, work: Callable[[], _T]) -> _T:
-        return await self._sqlite.run(work)
+class SqlEventStore(EventStore):
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    @classmethod
+    async def open(cls, database: Database) -> "SqlEventStore":
+        """Creates the tables if needed."""
+        await database.create_schema(_SCHEMAS)
+        return cls(database)
 
     async def _one(self, query: str, *parameters: object) -> tuple:
-        return await self._run(lambda: self._db.execute(query, parameters).fetchone())
+        row = await self._db.fetchone(query, parameters)
+        assert row is not None  # aggregates always answer one row
+        return row
 
     async def record(self, outcomes: Sequence[JobOutcome], errors: Sequence[BackendError]) -> None:
-        def work() -> None:
-            with self._db:  # one transaction
-                self._db.execute("BEGIN")
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO job_outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
+        async with self._db.transaction() as transaction:
+            if outcomes:
+                await transaction.executemany(
+                    "INSERT INTO job_outcomes (job_id, time, backend, state, qc_score, duration_seconds, cost) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     [
                         (
                             o.job_id or None,
@@ -143,12 +214,12 @@ class SqliteEventStore(EventStore):
                         for o in outcomes
                     ],
                 )
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO backend_errors VALUES (?, ?, ?, ?)",
+            if errors:
+                await transaction.executemany(
+                    "INSERT INTO backend_errors (job_id, time, backend, reason) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT DO NOTHING",
                     [(e.job_id or None, _micros(e.time), e.backend, e.reason) for e in errors],
                 )
-
-        await self._run(work)
 
     async def quality(self, since: datetime, state: int) -> tuple[int, float]:
         count, mean = await self._one(
@@ -156,52 +227,74 @@ class SqliteEventStore(EventStore):
             _micros(since),
             state,
         )
-        return count, mean
+        return count, float(mean)
 
     async def durations(self, since: datetime) -> list[float]:
-        rows = await self._run(
-            lambda: self._db.execute(
-                "SELECT duration_seconds FROM job_outcomes WHERE time >= ? AND duration_seconds IS NOT NULL "
-                "ORDER BY duration_seconds",
-                (_micros(since),),
-            ).fetchall()
+        rows = await self._db.fetchall(
+            "SELECT duration_seconds FROM job_outcomes WHERE time >= ? AND duration_seconds IS NOT NULL "
+            "ORDER BY duration_seconds",
+            (_micros(since),),
         )
         return [row[0] for row in rows]
 
     async def error_counts(self, since: datetime) -> dict[int, int]:
-        rows = await self._run(
-            lambda: self._db.execute(
-                "SELECT backend, SUM(time >= ?) FROM backend_errors GROUP BY backend", (_micros(since),)
-            ).fetchall()
+        rows = await self._db.fetchall(
+            "SELECT backend, SUM(CASE WHEN time >= ? THEN 1 ELSE 0 END) FROM backend_errors GROUP BY backend",
+            (_micros(since),),
         )
-        return dict(rows)
+        return {backend: int(count) for backend, count in rows}
 
     async def latency_share(self, since: datetime, under_seconds: float) -> Share:
         good, total = await self._one(
-            "SELECT COALESCE(SUM(duration_seconds < ?), 0), COUNT(*) FROM job_outcomes "
-            "WHERE time >= ? AND duration_seconds IS NOT NULL",
+            "SELECT COALESCE(SUM(CASE WHEN duration_seconds < ? THEN 1 ELSE 0 END), 0), COUNT(*) "
+            "FROM job_outcomes WHERE time >= ? AND duration_seconds IS NOT NULL",
             under_seconds,
             _micros(since),
         )
-        return Share(good, total)
+        return Share(int(good), total)
 
     async def quality_share(self, since: datetime, state: int, at_least: float) -> Share:
         good, total = await self._one(
-            "SELECT COALESCE(SUM(qc_score >= ?), 0), COUNT(*) FROM job_outcomes WHERE time >= ? AND state = ?",
+            "SELECT COALESCE(SUM(CASE WHEN qc_score >= ? THEN 1 ELSE 0 END), 0), COUNT(*) "
+            "FROM job_outcomes WHERE time >= ? AND state = ?",
             at_least,
             _micros(since),
             state,
         )
-        return Share(good, total)
+        return Share(int(good), total)
+
+    async def track_conditions(
+        self, firing: Mapping[ConditionKey, bool], now: datetime
+    ) -> dict[ConditionKey, Condition]:
+        async with self._db.transaction() as transaction:
+            await transaction.lock("alert-conditions")
+            recorded = {
+                (policy, backend): (bool(was_firing), _moment(since))
+                for policy, backend, was_firing, since in await transaction.fetchall(
+                    "SELECT policy, backend, firing, since FROM alert_conditions"
+                )
+            }
+            conditions = {}
+            for key, fires in firing.items():
+                previous, since = recorded.get(key, (None, now))
+                conditions[key] = Condition(fires, since if previous == fires else now, previous)
+            changed = [
+                (policy, backend, condition.firing, _micros(condition.since))
+                for (policy, backend), condition in conditions.items()
+                if condition.changed
+            ]
+            if changed:
+                await transaction.executemany(
+                    "INSERT INTO alert_conditions (policy, backend, firing, since) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (policy, backend) DO UPDATE SET firing = excluded.firing, since = excluded.since",
+                    changed,
+                )
+        return conditions
 
     async def prune(self, before: datetime) -> None:
-        def work() -> None:
-            with self._db:
-                self._db.execute("BEGIN")
-                self._db.execute("DELETE FROM job_outcomes WHERE time < ?", (_micros(before),))
-                self._db.execute("DELETE FROM backend_errors WHERE time < ?", (_micros(before),))
-
-        await self._run(work)
+        async with self._db.transaction() as transaction:
+            await transaction.execute("DELETE FROM job_outcomes WHERE time < ?", (_micros(before),))
+            await transaction.execute("DELETE FROM backend_errors WHERE time < ?", (_micros(before),))
 
     async def close(self) -> None:
-        await self._sqlite.close()
+        await self._db.close()

@@ -1,9 +1,10 @@
 """The spend ledger: one reservation per render attempt, settled by a commit or a release, or expired.
 
-`LedgerStore` is the interface; `SqliteLedgerStore` the embedded implementation (one file in WAL mode
-under the data directory). A PostgreSQL store implements the same interface (and passes the same
-contract tests) when the mesh scales out; it takes a row lock or runs serializable where SQLite takes
-its write lock.
+`LedgerStore` is the interface; `SqlLedgerStore` implements it once on either database
+(`aiprod_kit.database`): one SQLite file in WAL mode under the data directory, or PostgreSQL shared by
+every metrics replica. Every mutation is one transaction that first takes the lock of the budget day
+it touches (SQLite: the database's write lock, which covers every day), so a day's caps are checked
+and written by one transaction at a time, in one process or many.
 
 Semantics every implementation keeps:
 
@@ -31,12 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from enum import StrEnum
-from pathlib import Path
-from typing import TypeVar
 
-from aiprod_metrics.sqlite import SqliteThread
+from aiprod_kit.database import Database, Queries, Transaction
 
-_T = TypeVar("_T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -171,7 +169,8 @@ class LedgerStore(ABC):
     async def close(self) -> None: ...
 
 
-_SCHEMA = """
+_SCHEMAS = {
+    "sqlite": """
 CREATE TABLE IF NOT EXISTS reservations (
     key TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -193,7 +192,27 @@ CREATE TABLE IF NOT EXISTS reservations (
 CREATE INDEX IF NOT EXISTS reservations_day ON reservations (day, state, tenant);
 CREATE INDEX IF NOT EXISTS reservations_due ON reservations (state, expires);
 CREATE INDEX IF NOT EXISTS reservations_expired_day ON reservations (expired_day, tenant);
-"""
+""",
+    # The same table; 64-bit integers are BIGINT there.
+    "postgresql": """
+CREATE TABLE IF NOT EXISTS reservations (
+    key TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    amount BIGINT NOT NULL CHECK (amount > 0),
+    state TEXT NOT NULL CHECK (state IN ('reserved', 'committed', 'released', 'expired')),
+    actual BIGINT CHECK (actual IS NULL OR actual >= 0),
+    created BIGINT NOT NULL,
+    expires BIGINT NOT NULL,
+    settled BIGINT,
+    day TEXT NOT NULL,
+    expired_day TEXT
+);
+CREATE INDEX IF NOT EXISTS reservations_day ON reservations (day, state, tenant);
+CREATE INDEX IF NOT EXISTS reservations_due ON reservations (state, expires);
+CREATE INDEX IF NOT EXISTS reservations_expired_day ON reservations (expired_day, tenant);
+""",
+}
 
 _COLUMNS = "key, tenant, job_id, amount, state, actual, created, expires, day, expired_day"
 
@@ -221,31 +240,31 @@ def _reservation(row: tuple) -> Reservation:
     )
 
 
-class SqliteLedgerStore(LedgerStore):
-    """SQLite in WAL mode with synchronous=FULL: an acknowledged reservation or commit survives a killed
-    process and a crashed machine. Every mutation is one BEGIN IMMEDIATE transaction, which holds the
-    database's write lock from its first read: other writers (this process's or another's) wait for it,
-    so a check and its write can never interleave with another's. The work runs on one thread of its
-    own so that waiting for the lock or the disk never stalls the event loop."""
+def _day_lock(day: str) -> str:
+    return f"ledger-day:{day}"
 
-    def __init__(self, path: Path, time_zone: tzinfo = UTC, clock: Clock = system_clock) -> None:
+
+class SqlLedgerStore(LedgerStore):
+    """The ledger on a `Database`. A transaction that changes a day's money holds that day's lock:
+    reserve the day it reserves on (and the key, so that twins racing over midnight cannot both
+    insert it), commit and release the reservation's day, expiry every day it expires on. What it
+    reads after taking the lock is what every earlier transaction committed.
+
+    SQLite runs with synchronous=FULL: an acknowledged reservation or commit survives a killed process
+    and a crashed machine; so does PostgreSQL with its default synchronous_commit."""
+
+    def __init__(self, database: Database, time_zone: tzinfo = UTC, clock: Clock = system_clock) -> None:
+        self._db = database
         self._time_zone = time_zone
         self._clock = clock
-        self._sqlite = SqliteThread(path, "ledger", _SCHEMA, synchronous="FULL")
-        self._db = self._sqlite.db
 
-    async def _run(self, work: Callable[[], _T]) -> _T:
-        return await self._sqlite.run(work)
-
-    def _transaction(self, work: Callable[[], _T], mode: str = "IMMEDIATE") -> _T:
-        self._db.execute(f"BEGIN {mode}")
-        try:
-            result = work()
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-        return result
+    @classmethod
+    async def open(
+        cls, database: Database, time_zone: tzinfo = UTC, clock: Clock = system_clock
+    ) -> "SqlLedgerStore":
+        """Creates the table if needed."""
+        await database.create_schema(_SCHEMAS)
+        return cls(database, time_zone, clock)
 
     def _day(self, moment: datetime) -> str:
         return moment.astimezone(self._time_zone).date().isoformat()
@@ -253,133 +272,145 @@ class SqliteLedgerStore(LedgerStore):
     def today(self) -> str:
         return self._day(self._clock())
 
-    def _load(self, key: str) -> Reservation | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE key = ?", (key,)).fetchone()
+    @staticmethod
+    async def _load(queries: Queries, key: str) -> Reservation | None:
+        row = await queries.fetchone(f"SELECT {_COLUMNS} FROM reservations WHERE key = ?", (key,))
         return _reservation(row) if row else None
 
-    def _used(self, day: str, tenant: str | None) -> int:
+    @staticmethod
+    async def _used(queries: Queries, day: str, tenant: str | None) -> int:
         """Committed actuals plus open reservations of the day, micro-USD."""
         where, parameters = _scope("day", day, tenant)
-        row = self._db.execute(
+        row = await queries.fetchone(
             "SELECT COALESCE(SUM(CASE WHEN state = 'committed' THEN actual ELSE amount END), 0) "
             f"FROM reservations WHERE {where} AND state IN ('committed', 'reserved')",
             parameters,
-        ).fetchone()
-        return row[0]
+        )
+        assert row is not None
+        return int(row[0])  # PostgreSQL sums BIGINTs as NUMERIC
 
     async def reserve(
         self, key: str, tenant: str, job_id: str, amount: int, caps: Caps, ttl: timedelta
     ) -> tuple[Reservation, bool]:
-        def work() -> tuple[Reservation, bool]:
-            existing = self._load(key)
+        async with self._db.transaction() as transaction:
+            now = self._clock()
+            day = self._day(now)
+            await transaction.lock(_day_lock(day), f"ledger-key:{key}")
+            existing = await self._load(transaction, key)
             if existing is not None:
                 if (existing.tenant, existing.job_id, existing.amount) != (tenant, job_id, amount):
                     raise KeyConflict(existing)
                 if existing.state != State.RESERVED:
                     raise WrongState(existing, "reserve")
                 return existing, False
-            now = self._clock()
-            day = self._day(now)
             refusals = []
             for cap, scope in ((caps.tenant, tenant), (caps.everyone, None)):
                 if cap > 0:
-                    used = self._used(day, scope)
+                    used = await self._used(transaction, day, scope)
                     if used + amount > cap:
                         refusals.append(BudgetExceeded(scope, day, cap, max(cap - used, 0), amount))
             if refusals:
                 # The tighter cap: what could still be reserved.
                 raise min(refusals, key=lambda refusal: refusal.remaining)
             reservation = Reservation(key, tenant, job_id, amount, State.RESERVED, None, now, now + ttl, day)
-            self._db.execute(
+            await transaction.execute(
                 "INSERT INTO reservations (key, tenant, job_id, amount, state, created, expires, day) "
                 "VALUES (?, ?, ?, ?, 'reserved', ?, ?, ?)",
                 (key, tenant, job_id, amount, _micros(now), _micros(reservation.expires), day),
             )
             return reservation, True
 
-        return await self._run(lambda: self._transaction(work))
-
     async def commit(self, key: str, actual: int) -> tuple[Reservation, State]:
-        def work() -> tuple[Reservation, State]:
-            existing = self._load(key)
-            if existing is None:
-                raise UnknownKey(key)
+        async with self._db.transaction() as transaction:
+            existing = await self._locked(transaction, key)
             if existing.state == State.COMMITTED and existing.actual == actual:
                 return existing, State.COMMITTED
             if existing.state not in (State.RESERVED, State.EXPIRED):
                 raise WrongState(existing, "commit")
-            self._db.execute(
+            await transaction.execute(
                 "UPDATE reservations SET state = 'committed', actual = ?, settled = ? WHERE key = ?",
                 (actual, _micros(self._clock()), key),
             )
-            return self._load(key), existing.state  # type: ignore[return-value]
-
-        return await self._run(lambda: self._transaction(work))
+            return await self._load(transaction, key), existing.state  # type: ignore[return-value]
 
     async def release(self, key: str) -> tuple[Reservation, State]:
-        def work() -> tuple[Reservation, State]:
-            existing = self._load(key)
-            if existing is None:
-                raise UnknownKey(key)
+        async with self._db.transaction() as transaction:
+            existing = await self._locked(transaction, key)
             if existing.state == State.RELEASED:
                 return existing, State.RELEASED
             if existing.state == State.COMMITTED:
                 raise WrongState(existing, "release")
-            self._db.execute(
+            await transaction.execute(
                 "UPDATE reservations SET state = 'released', settled = ? WHERE key = ?",
                 (_micros(self._clock()), key),
             )
-            return self._load(key), existing.state  # type: ignore[return-value]
+            return await self._load(transaction, key), existing.state  # type: ignore[return-value]
 
-        return await self._run(lambda: self._transaction(work))
+    async def _locked(self, transaction: Transaction, key: str) -> Reservation:
+        """The reservation, read under its day's lock. Raises UnknownKey."""
+        row = await transaction.fetchone("SELECT day FROM reservations WHERE key = ?", (key,))
+        if row is None:
+            raise UnknownKey(key)
+        await transaction.lock(_day_lock(row[0]))  # a reservation's day never changes
+        existing = await self._load(transaction, key)
+        assert existing is not None  # reservations are never deleted
+        return existing
 
     async def expire_overdue(self) -> list[Reservation]:
-        def work() -> list[Reservation]:
+        async with self._db.transaction() as transaction:
             now = self._clock()
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM reservations WHERE state = 'reserved' AND expires <= ? ORDER BY expires",
-                (_micros(now),),
-            ).fetchall()
+            overdue = "state = 'reserved' AND expires <= ?"
+            days = [
+                row[0]
+                for row in await transaction.fetchall(
+                    f"SELECT DISTINCT day FROM reservations WHERE {overdue}", (_micros(now),)
+                )
+            ]
+            if not days:
+                return []
+            await transaction.lock(*map(_day_lock, days))
+            # Again under the locks: another replica's sweep, or a commit, may have settled some.
+            in_days = f"day IN ({', '.join('?' * len(days))})"
+            rows = await transaction.fetchall(
+                f"SELECT key FROM reservations WHERE {overdue} AND {in_days}", (_micros(now), *days)
+            )
             if not rows:
                 return []
-            day = self._day(now)
-            self._db.executemany(
-                "UPDATE reservations SET state = 'expired', settled = ?, expired_day = ? WHERE key = ?",
-                [(_micros(now), day, row[0]) for row in rows],
+            keys = [row[0] for row in rows]
+            in_keys = f"key IN ({', '.join('?' * len(keys))})"
+            await transaction.execute(
+                f"UPDATE reservations SET state = 'expired', settled = ?, expired_day = ? WHERE {in_keys}",
+                (_micros(now), self._day(now), *keys),
             )
-            return [
-                _reservation(row)
-                for row in self._db.execute(
-                    f"SELECT {_COLUMNS} FROM reservations WHERE key IN ({', '.join('?' * len(rows))})",
-                    [row[0] for row in rows],
-                ).fetchall()
-            ]
+            rows = await transaction.fetchall(
+                f"SELECT {_COLUMNS} FROM reservations WHERE {in_keys} ORDER BY expires, key", keys
+            )
+            return [_reservation(row) for row in rows]
 
-        return await self._run(lambda: self._transaction(work))
-
-    def _totals(self, day: str, tenant: str | None) -> Totals:
+    @staticmethod
+    async def _totals(queries: Queries, day: str, tenant: str | None) -> Totals:
         where, parameters = _scope("day", day, tenant)
-        spent, reserved = self._db.execute(
+        row = await queries.fetchone(
             "SELECT COALESCE(SUM(CASE WHEN state = 'committed' THEN actual END), 0), "
             "COALESCE(SUM(CASE WHEN state = 'reserved' THEN amount END), 0) "
             f"FROM reservations WHERE {where} AND state IN ('committed', 'reserved')",
             parameters,
-        ).fetchone()
+        )
+        assert row is not None
         where, parameters = _scope("expired_day", day, tenant)
-        (expired,) = self._db.execute(
-            f"SELECT COUNT(*) FROM reservations WHERE {where}", parameters
-        ).fetchone()
-        return Totals(spent, reserved, expired)
+        expired = await queries.fetchone(f"SELECT COUNT(*) FROM reservations WHERE {where}", parameters)
+        assert expired is not None
+        return Totals(int(row[0]), int(row[1]), int(expired[0]))
 
     async def day_totals(self, tenant: str) -> DayTotals:
-        def work() -> DayTotals:
+        async with self._db.transaction(read_only=True) as transaction:
             day = self.today()
-            return DayTotals(day, self._totals(day, tenant), self._totals(day, None))
-
-        return await self._run(lambda: self._transaction(work, "DEFERRED"))
+            return DayTotals(
+                day, await self._totals(transaction, day, tenant), await self._totals(transaction, day, None)
+            )
 
     async def get(self, key: str) -> Reservation | None:
-        return await self._run(lambda: self._load(key))
+        return await self._load(self._db, key)
 
     async def close(self) -> None:
-        await self._sqlite.close()
+        await self._db.close()

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import grpc
 import structlog
 from google.protobuf import timestamp_pb2
+from opentelemetry import trace
 
 from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.renderer.v1 import renderer_pb2
+from aiprod.router.v1 import router_pb2
+from aiprod_kit.exclusions import budget_alone_blocks
 from aiprod_kit.money import usd
 from aiprod_kit.settings import RouterSettings
 from aiprod_router.backends import Renderer, RendererPool
@@ -26,6 +29,7 @@ from aiprod_router.stats import Outcome
 from aiprod_router.telemetry import RouterMetrics
 
 log = structlog.get_logger()
+_tracer = trace.get_tracer("aiprod.router")
 
 _FINAL_RENDER_STATES = (renderer_pb2.RENDER_STATE_SUCCEEDED, renderer_pb2.RENDER_STATE_FAILED,
                         renderer_pb2.RENDER_STATE_CANCELLED)  # fmt: skip
@@ -56,6 +60,8 @@ class RenderJob:
     shot: render_pb2.Shot
     constraints: render_pb2.RenderConstraints
     idempotency_key: str
+    # What the caller reserved in the ledger for this render: the ledger's remaining excludes it.
+    reserved_micros: int = 0
 
 
 @dataclass
@@ -67,10 +73,23 @@ class Cause:
 
 
 class AttemptResult:
-    """How one attempt ended: a final event for the chain, or a cause to fall back from."""
+    """How one attempt ended: a final event for the chain, or a cause to fall back from.
 
-    def __init__(self, attempt: int) -> None:
+    Each attempt is a span of the job's trace; the renderer's calls are made inside it (never across a
+    yield: the chain is an async generator, and a span made current there would leak to its reader).
+    """
+
+    def __init__(self, attempt: int, renderer: Renderer, job: RenderJob, resumed: bool = False) -> None:
         self.attempt = attempt
+        self.span = _tracer.start_span(
+            "render attempt",
+            attributes={
+                "aiprod.backend": renderer.name,
+                "aiprod.attempt": attempt,
+                "aiprod.job_id": job.job_id,
+                "aiprod.resumed": resumed,
+            },
+        )
         self.final: event_pb2.RenderEvent | None = None
         self.cause: Cause | None = None
         self.cost_micros = 0
@@ -79,6 +98,12 @@ class AttemptResult:
     def end(self, renderer: Renderer, reason: render_pb2.RenderFailure, seconds: float = 0.0) -> None:
         self.cause = Cause(renderer.backend, reason)
         self.seconds = seconds
+
+    def close(self) -> None:
+        if self.cause is not None:
+            self.span.set_attribute("aiprod.failure_reason", self.cause.failure.reason)
+            self.span.set_status(trace.StatusCode.ERROR, self.cause.failure.message)
+        self.span.end()
 
 
 class RenderChain:
@@ -99,6 +124,10 @@ class RenderChain:
     async def route_request(self, job: RenderJob, tried: frozenset[int], spent_micros: int) -> RouteRequest:
         constraints = job.constraints
         remaining, economy = await self._budget()
+        if remaining is not None:
+            # The job's own reservation pays for this render: what its attempts have not used of it is
+            # budget left for it, or near the cap the very backend it reserved for would be excluded.
+            remaining = max(remaining + job.reserved_micros - spent_micros, 0)
         max_cost = None
         if constraints.HasField("max_cost"):
             max_cost = max(constraints.max_cost.amount_micros - spent_micros, 0)
@@ -162,9 +191,12 @@ class RenderChain:
                     failed=failure("UNKNOWN_BACKEND", "the recorded backend is not configured", False),
                 )
                 return
-            result = AttemptResult(attempt)
-            async for item in self._follow(renderer, resume.task_id, attempt, job, result):
-                yield item
+            result = AttemptResult(attempt, renderer, job, resumed=True)
+            try:
+                async for item in self._follow(renderer, resume.task_id, attempt, job, result):
+                    yield item
+            finally:
+                result.close()
             if result.final is not None:
                 yield result.final
                 return
@@ -180,7 +212,12 @@ class RenderChain:
             eligible = [candidate for candidate in candidates if candidate.eligible]
             if cause is not None:
                 if attempt > self._settings.router_max_attempts or not eligible:
-                    why = "no attempts left" if eligible else "no other backend qualifies"
+                    if eligible:
+                        why = "no attempts left"
+                    elif budget_alone_blocks(c.exclusions for c in candidates):
+                        why = "no other backend within the budget left"
+                    else:
+                        why = "no other backend qualifies"
                     yield _last_word(cause, attempt - 1, why)
                     return
                 self._telemetry.fell_back(cause.backend, eligible[0].backend, cause.failure.reason)
@@ -204,9 +241,12 @@ class RenderChain:
                     estimated_cost=usd(chosen.list_cost_micros),
                 ),
             )
-            result = AttemptResult(attempt)
-            async for item in self._attempt(renderer, job, attempt, result):
-                yield item
+            result = AttemptResult(attempt, renderer, job)
+            try:
+                async for item in self._attempt(renderer, job, attempt, result):
+                    yield item
+            finally:
+                result.close()
             if result.final is not None:
                 yield result.final
                 return
@@ -223,7 +263,8 @@ class RenderChain:
             idempotency_key=f"{job.idempotency_key}:{attempt}", shot=job.shot
         )
         try:
-            started = (await renderer.stub.StartRender(request)).render
+            with trace.use_span(result.span):
+                started = (await renderer.stub.StartRender(request)).render
         except grpc.aio.AioRpcError as error:
             if error.code() in _REFUSALS:
                 result.end(renderer, failure("RENDER_REFUSED", error.details() or "", False))
@@ -249,10 +290,11 @@ class RenderChain:
         started = time.monotonic()
         last_progress = -1.0
         while True:
+            with trace.use_span(result.span):
+                # The call starts (and its client span opens) here, inside the attempt's span.
+                watch = renderer.stub.WatchRender(renderer_pb2.WatchRenderRequest(task_id=task_id))
             try:
-                async for update in renderer.stub.WatchRender(
-                    renderer_pb2.WatchRenderRequest(task_id=task_id)
-                ):
+                async for update in watch:
                     render = update.render
                     if render.state in _FINAL_RENDER_STATES:
                         async for item in self._finish(renderer, render, attempt, job, result, started):
@@ -324,7 +366,11 @@ class RenderChain:
         renderer.breaker.record_success()
         under_floor = output.qc.score < floor
         self._telemetry.attempt_ended(
-            renderer.backend, "qc_under_floor" if under_floor else "succeeded", seconds, output.qc.score
+            renderer.backend,
+            "qc_under_floor" if under_floor else "succeeded",
+            seconds,
+            output.qc.score,
+            "QC_UNDER_FLOOR" if under_floor else "",
         )
         if under_floor and attempt < self._settings.router_max_attempts:
             result.cause = Cause(
@@ -342,7 +388,7 @@ class RenderChain:
         cause = result.cause
         assert cause is not None
         renderer.stats.record(Outcome(False, result.seconds))
-        self._telemetry.attempt_ended(renderer.backend, "failed", result.seconds, None)
+        self._telemetry.attempt_ended(renderer.backend, "failed", result.seconds, None, cause.failure.reason)
         if cause.failure.retryable:
             renderer.breaker.record_failure()
         safety = cause.failure.reason.startswith("PROVIDER_SAFETY_INPUT")
@@ -365,8 +411,11 @@ def _no_backend(request: RouteRequest, candidates: list[Candidate]) -> render_pb
     reason = "NO_BACKEND"
     if request.seconds_left is not None and request.seconds_left <= 0:
         reason = "DEADLINE_PASSED"
+    elif budget_alone_blocks(c.exclusions for c in candidates):
+        # The gateway's budget policy and its clients tell a spent budget from a mesh that cannot render.
+        reason = "BUDGET_EXHAUSTED"
     elif candidates and all(
-        any("deadline" in why for why in c.reasons) for c in candidates if not c.eligible
+        router_pb2.EXCLUSION_DEADLINE in c.exclusions for c in candidates if not c.eligible
     ):
         reason = "DEADLINE_UNMEETABLE"
     return failure(reason, "; ".join(describe(candidate) for candidate in candidates) or "no backend", False)

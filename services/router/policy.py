@@ -2,7 +2,7 @@
 
 Candidates are filtered by capability (duration, aspect ratio, first frame), health, the router's own
 breaker, the quality floor, the job's cost limit, the remaining budget and the deadline (observed p95
-against the time left), then ranked:
+against the time left), each exclusion with a code for programs and a reason for people, then ranked:
 
 - by expected cost, retries included (list price over the observed success rate), with quality, then
   expected latency breaking ties: the cheapest render that meets the floor;
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
+from aiprod.router.v1 import router_pb2
 from aiprod_kit.capabilities import shot_mismatches
 
 # Below this observed success rate the expected cost stops growing: the breaker handles worse.
@@ -67,6 +68,8 @@ class Candidate:
     expected_seconds: float | None = None
     stand_in: bool = False
     reasons: list[str] = field(default_factory=list)
+    # For an excluded candidate, the code of each reason (router_pb2.Exclusion), in the same order.
+    exclusions: list[int] = field(default_factory=list)
 
 
 def _name(backend: int) -> str:
@@ -79,7 +82,12 @@ def _usd(micros: float) -> str:
 
 def _assess(request: RouteRequest, view: BackendView, providers_configured: bool) -> Candidate:
     if view.capabilities is None:
-        return Candidate(view.backend, False, reasons=["renderer not reached yet"])
+        return Candidate(
+            view.backend,
+            False,
+            reasons=["renderer not reached yet"],
+            exclusions=[router_pb2.EXCLUSION_NOT_REACHED],
+        )
     capabilities = view.capabilities
     list_cost = round(capabilities.price_per_second.amount_micros * request.shot.duration_seconds)
     success = view.success_rate if view.success_rate is not None else 1.0
@@ -95,22 +103,40 @@ def _assess(request: RouteRequest, view: BackendView, providers_configured: bool
         and capabilities.nominal_quality < request.quality_floor
         and (request.preferred_backend == backend_pb2.BACKEND_LOCAL or not providers_configured),
     )
-    excluded = [f"{field}: {why}" for field, why in shot_mismatches(request.shot, capabilities)]
+    # (code, reason) pairs: the code for programs (the gateway's budget policy, the final failure's
+    # reason), the text for people.
+    excluded = [
+        (router_pb2.EXCLUSION_UNSUPPORTED, f"{field}: {why}")
+        for field, why in shot_mismatches(request.shot, capabilities)
+    ]
     if not view.serving:
-        excluded.append("renderer not serving")
+        excluded.append((router_pb2.EXCLUSION_NOT_SERVING, "renderer not serving"))
     if view.breaker_open:
-        excluded.append("breaker open after recent failures: cooling down")
+        excluded.append(
+            (router_pb2.EXCLUSION_BREAKER_OPEN, "breaker open after recent failures: cooling down")
+        )
     if view.backend in request.tried:
-        excluded.append("already tried for this render")
+        excluded.append((router_pb2.EXCLUSION_ALREADY_TRIED, "already tried for this render"))
     if capabilities.nominal_quality < request.quality_floor and not candidate.stand_in:
         excluded.append(
-            f"quality {capabilities.nominal_quality:.2f} under the floor {request.quality_floor:.2f}"
+            (
+                router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR,
+                f"quality {capabilities.nominal_quality:.2f} under the floor {request.quality_floor:.2f}",
+            )
         )
     if request.max_cost_micros is not None and list_cost > request.max_cost_micros:
-        excluded.append(f"cost {_usd(list_cost)} over the job's limit {_usd(request.max_cost_micros)}")
+        excluded.append(
+            (
+                router_pb2.EXCLUSION_OVER_MAX_COST,
+                f"cost {_usd(list_cost)} over the job's limit {_usd(request.max_cost_micros)}",
+            )
+        )
     if request.budget_remaining_micros is not None and list_cost > request.budget_remaining_micros:
         excluded.append(
-            f"cost {_usd(list_cost)} over the budget left {_usd(request.budget_remaining_micros)}"
+            (
+                router_pb2.EXCLUSION_OVER_BUDGET,
+                f"cost {_usd(list_cost)} over the budget left {_usd(request.budget_remaining_micros)}",
+            )
         )
     if (
         request.seconds_left is not None
@@ -118,11 +144,15 @@ def _assess(request: RouteRequest, view: BackendView, providers_configured: bool
         and view.p95_seconds > request.seconds_left
     ):
         excluded.append(
-            f"p95 {view.p95_seconds:.0f} s over the {request.seconds_left:.0f} s left to the deadline"
+            (
+                router_pb2.EXCLUSION_DEADLINE,
+                f"p95 {view.p95_seconds:.0f} s over the {request.seconds_left:.0f} s left to the deadline",
+            )
         )
     if excluded:
         candidate.eligible = False
-        candidate.reasons = excluded
+        candidate.exclusions = [code for code, _ in excluded]
+        candidate.reasons = [why for _, why in excluded]
         return candidate
     retries = f" ({success:.0%} success)" if view.success_rate is not None else ""
     candidate.reasons = [

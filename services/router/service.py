@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import duration_pb2
 
-from aiprod.common.v1 import backend_pb2, render_pb2
+from aiprod.common.v1 import backend_pb2, money_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_kit.breaker import BreakerState
@@ -38,6 +38,12 @@ def _require_shot(shot: render_pb2.Shot) -> None:
         raise InvalidArgument(violations)
 
 
+def _reserved_micros(reserved: money_pb2.Money) -> int:
+    if reserved.amount_micros < 0:
+        raise InvalidArgument([("reserved.amount_micros", "must not be negative")])
+    return reserved.amount_micros
+
+
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, pool: RendererPool, chain: RenderChain) -> None:
         self._pool = pool
@@ -61,6 +67,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     estimated_cost=usd(candidate.expected_cost_micros),
                     estimated_latency=_seconds(candidate.expected_seconds),
                     reasons=candidate.reasons,
+                    exclusions=candidate.exclusions,
                 )
             )
         return response
@@ -71,7 +78,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         _require_shot(request.shot)
         if not request.idempotency_key:
             raise InvalidArgument([("idempotency_key", "must not be empty")])
-        job = RenderJob(request.job_id, request.shot, request.constraints, request.idempotency_key)
+        job = RenderJob(
+            request.job_id,
+            request.shot,
+            request.constraints,
+            request.idempotency_key,
+            reserved_micros=_reserved_micros(request.reserved),
+        )
         async for event in self._chain.run(job):
             yield router_pb2.ExecuteRenderResponse(event=event)
 
@@ -81,7 +94,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._renderer_of(request.handle)
         # The original idempotency key without its attempt suffix: later attempts continue its series.
         base_key = request.handle.idempotency_key.rpartition(":")[0] or request.job_id
-        job = RenderJob(request.job_id, request.shot, request.constraints, base_key)
+        job = RenderJob(
+            request.job_id,
+            request.shot,
+            request.constraints,
+            base_key,
+            reserved_micros=_reserved_micros(request.reserved),
+        )
         async for event in self._chain.run(job, resume=request.handle, resume_attempt=request.attempt or 1):
             yield router_pb2.ResumeRenderResponse(event=event)
 

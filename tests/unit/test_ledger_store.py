@@ -1,4 +1,4 @@
-"""The ledger store's contract, run against every implementation (SQLite now; PostgreSQL later)."""
+"""The ledger store's contract, run against every implementation: SQLite and PostgreSQL."""
 
 import asyncio
 from datetime import UTC, datetime, timedelta
@@ -6,12 +6,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from aiprod_kit.database import SqliteDatabase, connect_postgres
 from aiprod_metrics.ledger import (
     BudgetExceeded,
     Caps,
     KeyConflict,
     LedgerStore,
-    SqliteLedgerStore,
+    SqlLedgerStore,
     State,
     Totals,
     UnknownKey,
@@ -39,13 +40,18 @@ def clock() -> FakeClock:
     return FakeClock(datetime(2025, 6, 1, 12, 0, tzinfo=UTC))
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 async def open_store(request, tmp_path, clock):
     """Opens a store on the one ledger: another connection each call, as another process would have."""
     opened: list[LedgerStore] = []
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
 
-    def open_one(time_zone=UTC) -> LedgerStore:
-        store = SqliteLedgerStore(tmp_path / "ledger.sqlite3", time_zone, clock)
+    async def open_one(time_zone=UTC) -> LedgerStore:
+        if url:
+            database = await connect_postgres(url, "test", connect_timeout=5)
+        else:
+            database = SqliteDatabase(tmp_path / "ledger.sqlite3", "ledger", "FULL")
+        store = await SqlLedgerStore.open(database, time_zone, clock)
         opened.append(store)
         return store
 
@@ -55,8 +61,8 @@ async def open_store(request, tmp_path, clock):
 
 
 @pytest.fixture
-def store(open_store) -> LedgerStore:
-    return open_store()
+async def store(open_store) -> LedgerStore:
+    return await open_store()
 
 
 async def test_a_reservation_is_made_once_per_key(store):
@@ -116,7 +122,7 @@ async def test_a_refusal_names_the_tighter_cap(store):
 
 
 async def test_racing_reservations_never_pass_the_cap_even_from_several_connections(open_store):
-    stores = [open_store(), open_store(), open_store()]
+    stores = [await open_store(), await open_store(), await open_store()]
     caps = Caps(tenant=0, everyone=10 * USD)
 
     async def reserve(n: int) -> bool:
@@ -133,7 +139,7 @@ async def test_racing_reservations_never_pass_the_cap_even_from_several_connecti
 
 
 async def test_racing_repeats_of_one_key_reserve_once(open_store):
-    stores = [open_store(), open_store()]
+    stores = [await open_store(), await open_store()]
     outcomes = await asyncio.gather(
         *(stores[n % 2].reserve("same", "acme", "job", USD, NO_CAPS, TTL) for n in range(20))
     )
@@ -200,7 +206,7 @@ async def test_an_expired_reservation_may_be_released(store, clock):
 
 async def test_days_turn_at_midnight_in_the_budget_time_zone(open_store, clock):
     new_york = ZoneInfo("America/New_York")
-    store = open_store(new_york)
+    store = await open_store(new_york)
     caps = Caps(tenant=0, everyone=5 * USD)
     clock.now = datetime(2025, 3, 9, 4, 30, tzinfo=UTC)  # 23:30 on 8 March in New York (EST)
     assert store.today() == "2025-03-08"
@@ -222,14 +228,25 @@ async def test_days_turn_at_midnight_in_the_budget_time_zone(open_store, clock):
 
 
 async def test_the_ledger_survives_reopening(open_store):
-    first = open_store()
+    first = await open_store()
     await first.reserve("a1", "acme", "job-1", 2 * USD, NO_CAPS, TTL)
     await first.reserve("a2", "acme", "job-2", 3 * USD, NO_CAPS, TTL)
     await first.commit("a1", USD)
     before = await first.day_totals("acme")
     await first.close()
-    second = open_store()
+    second = await open_store()
     assert await second.day_totals("acme") == before
     assert (await second.get("a1")).actual == USD
     assert (await second.reserve("a2", "acme", "job-2", 3 * USD, NO_CAPS, TTL))[1] is False
     await second.close()
+
+
+async def test_racing_sweeps_expire_each_reservation_once(open_store, clock):
+    stores = [await open_store(), await open_store()]
+    for n in range(20):
+        await stores[0].reserve(f"k{n}", "acme", f"job-{n}", USD, NO_CAPS, TTL)
+    clock.advance(TTL)
+    swept = await asyncio.gather(*(stores[n % 2].expire_overdue() for n in range(6)))
+    keys = [reservation.key for sweep in swept for reservation in sweep]
+    assert sorted(keys) == sorted(f"k{n}" for n in range(20))
+    assert (await stores[1].day_totals("acme")).tenant == Totals(spent=0, reserved=0, expired=20)

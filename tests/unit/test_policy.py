@@ -4,6 +4,8 @@ import pytest
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
+from aiprod.router.v1 import router_pb2
+from aiprod_kit.exclusions import budget_alone_blocks
 from aiprod_kit.money import usd_from_units
 from aiprod_router.policy import FIRST_VERSION_QUALITY_FIRST_MICROS as FIRST
 from aiprod_router.policy import BackendView, RouteRequest, rank_backends
@@ -102,6 +104,10 @@ def test_eligible_backends_in_order(case, request_, backends, expected):
     assert [candidate.backend for candidate in ranked if candidate.eligible] == expected
     assert len(ranked) == len(backends)
     assert all(candidate.reasons for candidate in ranked), "every candidate says why"
+    for candidate in ranked:
+        # One code per reason for an excluded backend, none for an eligible one.
+        expected_codes = 0 if candidate.eligible else len(candidate.reasons)
+        assert len(candidate.exclusions) == expected_codes, candidate
 
 
 def test_excluded_backends_say_why():
@@ -116,6 +122,46 @@ def test_excluded_backends_say_why():
     )
     assert any("under the floor 0.90" in reason for reason in ranked[REPLICATE].reasons)
     assert any("deadline" in reason for reason in ranked[RUNWAY].reasons)
+    assert ranked[VEO].exclusions == [router_pb2.EXCLUSION_UNSUPPORTED]
+    assert ranked[REPLICATE].exclusions == [router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR]
+    assert ranked[RUNWAY].exclusions == [router_pb2.EXCLUSION_DEADLINE]
+
+
+(NOT_REACHED, UNSUPPORTED, NOT_SERVING, BREAKER_OPEN, TRIED, UNDER_FLOOR, OVER_MAX_COST, OVER_BUDGET,
+ DEADLINE) = (
+    router_pb2.EXCLUSION_NOT_REACHED, router_pb2.EXCLUSION_UNSUPPORTED, router_pb2.EXCLUSION_NOT_SERVING,
+    router_pb2.EXCLUSION_BREAKER_OPEN, router_pb2.EXCLUSION_ALREADY_TRIED,
+    router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR, router_pb2.EXCLUSION_OVER_MAX_COST,
+    router_pb2.EXCLUSION_OVER_BUDGET, router_pb2.EXCLUSION_DEADLINE,
+)  # fmt: skip
+
+# (case, request, backends, each excluded backend's codes, whether the budget alone blocks the render)
+EXCLUSION_CASES = [
+    ("nothing excluded but local under the floor", RouteRequest(shot(), 0.6), views(), {LOCAL: [UNDER_FLOOR]}, False),
+    ("budget under one render: the budget alone blocks", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(0.1)), views(),
+     {LOCAL: [UNDER_FLOOR], REPLICATE: [OVER_BUDGET], RUNWAY: [OVER_BUDGET], VEO: [OVER_BUDGET]}, True),
+    ("budget and the job's limit: money alone would not do", RouteRequest(shot(), 0.6, max_cost_micros=usd(0.1), budget_remaining_micros=usd(0.1)), views(),
+     {LOCAL: [UNDER_FLOOR], REPLICATE: [OVER_MAX_COST, OVER_BUDGET], RUNWAY: [OVER_MAX_COST, OVER_BUDGET], VEO: [OVER_MAX_COST, OVER_BUDGET]}, False),
+    ("one within the budget: nothing blocks", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(0.3)), views(),
+     {LOCAL: [UNDER_FLOOR], RUNWAY: [OVER_BUDGET], VEO: [OVER_BUDGET]}, False),
+    ("over the budget, and each out for something else too", RouteRequest(shot(5), 0.6, budget_remaining_micros=usd(0.1)), views(runway={"serving": False}, replicate={"breaker_open": True}),
+     {LOCAL: [UNDER_FLOOR], RUNWAY: [NOT_SERVING, OVER_BUDGET], REPLICATE: [BREAKER_OPEN, OVER_BUDGET], VEO: [UNSUPPORTED, OVER_BUDGET]}, False),
+    ("down, tried, unreachable, too slow", RouteRequest(shot(), 0.9, seconds_left=60, tried=frozenset({RUNWAY})), views(veo={"p95_seconds": 100}, replicate={"capabilities": None}),
+     {LOCAL: [UNDER_FLOOR], RUNWAY: [TRIED], VEO: [DEADLINE], REPLICATE: [NOT_REACHED]}, False),
+    ("tried, the rest over the budget", RouteRequest(shot(), 0.6, budget_remaining_micros=usd(0.1), tried=frozenset({REPLICATE})), views(),
+     {LOCAL: [UNDER_FLOOR], REPLICATE: [TRIED, OVER_BUDGET], RUNWAY: [OVER_BUDGET], VEO: [OVER_BUDGET]}, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "request_", "backends", "codes", "budget_blocks"),
+    EXCLUSION_CASES,
+    ids=[c[0] for c in EXCLUSION_CASES],
+)
+def test_excluded_backends_carry_a_code_per_reason(case, request_, backends, codes, budget_blocks):
+    ranked = rank_backends(request_, backends)
+    assert {c.backend: c.exclusions for c in ranked if not c.eligible} == codes
+    assert budget_alone_blocks(c.exclusions for c in ranked) is budget_blocks
 
 
 def test_local_under_the_floor_says_why_it_is_left_out():

@@ -1,19 +1,41 @@
-"""The job store's contract, run against every implementation (SQLite now; PostgreSQL later)."""
+"""The job store's contract, run against every implementation: SQLite and PostgreSQL."""
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2
-from aiprod_gateway.store import JobStore, RequestIdConflict, SqliteJobStore
+from aiprod_gateway.store import JobStore, RequestIdConflict, SqlJobStore
+from aiprod_kit.database import SqliteDatabase, connect_postgres
+
+OpenStore = Callable[[], Awaitable[JobStore]]
 
 
-@pytest.fixture(params=["sqlite"])
-async def store(request, tmp_path):
-    opened: JobStore = SqliteJobStore(tmp_path / "jobs.sqlite3")
-    yield opened
-    await opened.close()
+@pytest.fixture(params=["sqlite", "postgres"])
+async def open_store(request, tmp_path) -> AsyncIterator[OpenStore]:
+    """Opens a store on the one database: another connection each call, as another replica would have."""
+    opened: list[JobStore] = []
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
+
+    async def open_one() -> JobStore:
+        if url:
+            database = await connect_postgres(url, "test", connect_timeout=5)
+        else:
+            database = SqliteDatabase(tmp_path / "jobs.sqlite3", "jobs")
+        store = await SqlJobStore.open(database)
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def store(open_store: OpenStore) -> JobStore:
+    return await open_store()
 
 
 def job(job_id: str, request_id: str) -> gateway_pb2.RenderJob:
@@ -86,3 +108,57 @@ async def test_a_job_keeps_the_trace_context_it_was_created_in(store):
     assert await store.trace_context("job_a") == context
     assert await store.trace_context("job_b") == {}
     assert await store.trace_context("job_unknown") == {}
+
+
+async def test_racing_creates_of_one_request_id_store_one_job(open_store):
+    stores = [await open_store(), await open_store()]
+    outcomes = await asyncio.gather(
+        *(stores[n % 2].create_job(job(f"job_{n}", "same"), "f") for n in range(10))
+    )
+    assert [created for _, created in outcomes].count(True) == 1
+    assert len({stored.job_id for stored, _ in outcomes}) == 1
+    assert sum((await stores[0].count_by_state()).values()) == 1
+
+
+async def test_racing_appends_number_events_without_gaps(open_store):
+    stores = [await open_store(), await open_store()]
+    await stores[0].create_job(job("job_a", "r1"), "f")
+    await asyncio.gather(
+        *(stores[n % 2].append_event("job_a", f"event {n}", lambda job: None) for n in range(20))
+    )
+    events = await stores[1].events_after("job_a", 0)
+    assert [e.sequence for e in events] == list(range(1, 22))
+    assert (await stores[0].get_job("job_a")).last_sequence == 21
+
+
+# One SQLite file belongs to one gateway process; replicas share PostgreSQL.
+@pytest.mark.parametrize("open_store", ["postgres"], indirect=True)
+async def test_a_watcher_sees_events_another_replica_appends(open_store):
+    """Replicas on one database: a watch on one follows the events another appends, as they come."""
+    watching, appending = await open_store(), await open_store()
+    await appending.create_job(job("job_a", "r1"), "f")
+
+    async def follow() -> list[int]:
+        return [event.sequence async for event in watching.watch("job_a", 0)]
+
+    watcher = asyncio.create_task(follow())
+    await asyncio.sleep(0.2)  # the watcher is waiting for news
+    started = asyncio.get_running_loop().time()
+    await appending.append_event("job_a", "running", set_state(job_pb2.JOB_STATE_RUNNING))
+    await appending.append_event("job_a", "done", set_state(job_pb2.JOB_STATE_SUCCEEDED))
+    assert await asyncio.wait_for(watcher, 5) == [1, 2, 3]
+    # Announced (NOTIFY), not found by the watcher's occasional look.
+    assert asyncio.get_running_loop().time() - started < 1.0
+
+
+async def test_the_store_survives_reopening(open_store):
+    first = await open_store()
+    await first.create_job(job("job_a", "r1"), "f", {"traceparent": "00-ab-cd-01"})
+    await first.append_event("job_a", "done", set_state(job_pb2.JOB_STATE_SUCCEEDED))
+    events = await first.events_after("job_a", 0)
+    await first.close()
+    second = await open_store()
+    assert (await second.get_job("job_a")).state == job_pb2.JOB_STATE_SUCCEEDED
+    assert await second.events_after("job_a", 0) == events
+    assert await second.trace_context("job_a") == {"traceparent": "00-ab-cd-01"}
+    assert (await second.create_job(job("job_b", "r1"), "f"))[1] is False

@@ -16,7 +16,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RenderJob(_message.Message):
-    __slots__ = ("job_id", "request_id", "state", "spec", "plan", "create_time", "update_time", "result", "error", "last_sequence", "progress", "backend", "handle", "attempt")
+    __slots__ = ("job_id", "request_id", "state", "spec", "plan", "create_time", "update_time", "result", "error", "last_sequence", "progress", "backend", "handle", "attempt", "reserved", "budget_wait_start_time")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,8 @@ class RenderJob(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_WAIT_START_TIME_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     request_id: str
     state: _job_pb2.JobState
@@ -45,7 +47,9 @@ class RenderJob(_message.Message):
     backend: _backend_pb2.Backend
     handle: _backend_pb2.RenderHandle
     attempt: int
-    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., spec: _Optional[_Union[_render_pb2.RenderSpec, _Mapping]] = ..., plan: _Optional[_Union[_render_pb2.RenderPlan, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., error: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., last_sequence: _Optional[int] = ..., progress: _Optional[float] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
+    reserved: _money_pb2.Money
+    budget_wait_start_time: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., spec: _Optional[_Union[_render_pb2.RenderSpec, _Mapping]] = ..., plan: _Optional[_Union[_render_pb2.RenderPlan, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., error: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., last_sequence: _Optional[int] = ..., progress: _Optional[float] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., attempt: _Optional[int] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., budget_wait_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("job_id", "sequence", "create_time", "state", "render", "message")

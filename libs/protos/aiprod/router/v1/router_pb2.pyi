@@ -15,6 +15,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Exclusion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXCLUSION_UNSPECIFIED: _ClassVar[Exclusion]
+    EXCLUSION_NOT_REACHED: _ClassVar[Exclusion]
+    EXCLUSION_UNSUPPORTED: _ClassVar[Exclusion]
+    EXCLUSION_NOT_SERVING: _ClassVar[Exclusion]
+    EXCLUSION_BREAKER_OPEN: _ClassVar[Exclusion]
+    EXCLUSION_ALREADY_TRIED: _ClassVar[Exclusion]
+    EXCLUSION_UNDER_QUALITY_FLOOR: _ClassVar[Exclusion]
+    EXCLUSION_OVER_MAX_COST: _ClassVar[Exclusion]
+    EXCLUSION_OVER_BUDGET: _ClassVar[Exclusion]
+    EXCLUSION_DEADLINE: _ClassVar[Exclusion]
+
 class BackendHealth(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     BACKEND_HEALTH_UNSPECIFIED: _ClassVar[BackendHealth]
@@ -27,6 +40,16 @@ class BreakerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BREAKER_STATE_CLOSED: _ClassVar[BreakerState]
     BREAKER_STATE_OPEN: _ClassVar[BreakerState]
     BREAKER_STATE_HALF_OPEN: _ClassVar[BreakerState]
+EXCLUSION_UNSPECIFIED: Exclusion
+EXCLUSION_NOT_REACHED: Exclusion
+EXCLUSION_UNSUPPORTED: Exclusion
+EXCLUSION_NOT_SERVING: Exclusion
+EXCLUSION_BREAKER_OPEN: Exclusion
+EXCLUSION_ALREADY_TRIED: Exclusion
+EXCLUSION_UNDER_QUALITY_FLOOR: Exclusion
+EXCLUSION_OVER_MAX_COST: Exclusion
+EXCLUSION_OVER_BUDGET: Exclusion
+EXCLUSION_DEADLINE: Exclusion
 BACKEND_HEALTH_UNSPECIFIED: BackendHealth
 BACKEND_HEALTH_SERVING: BackendHealth
 BACKEND_HEALTH_NOT_SERVING: BackendHealth
@@ -44,20 +67,22 @@ class PlanRouteRequest(_message.Message):
     def __init__(self, shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ...) -> None: ...
 
 class RouteCandidate(_message.Message):
-    __slots__ = ("backend", "eligible", "rank", "estimated_cost", "estimated_latency", "reasons")
+    __slots__ = ("backend", "eligible", "rank", "estimated_cost", "estimated_latency", "reasons", "exclusions")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COST_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_LATENCY_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUSIONS_FIELD_NUMBER: _ClassVar[int]
     backend: _backend_pb2.Backend
     eligible: bool
     rank: int
     estimated_cost: _money_pb2.Money
     estimated_latency: _duration_pb2.Duration
     reasons: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., eligible: _Optional[bool] = ..., rank: _Optional[int] = ..., estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., estimated_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reasons: _Optional[_Iterable[str]] = ...) -> None: ...
+    exclusions: _containers.RepeatedScalarFieldContainer[Exclusion]
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., eligible: _Optional[bool] = ..., rank: _Optional[int] = ..., estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., estimated_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reasons: _Optional[_Iterable[str]] = ..., exclusions: _Optional[_Iterable[_Union[Exclusion, str]]] = ...) -> None: ...
 
 class PlanRouteResponse(_message.Message):
     __slots__ = ("candidates",)
@@ -66,16 +91,18 @@ class PlanRouteResponse(_message.Message):
     def __init__(self, candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ...) -> None: ...
 
 class ExecuteRenderRequest(_message.Message):
-    __slots__ = ("job_id", "shot", "constraints", "idempotency_key")
+    __slots__ = ("job_id", "shot", "constraints", "idempotency_key", "reserved")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHOT_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shot: _render_pb2.Shot
     constraints: _render_pb2.RenderConstraints
     idempotency_key: str
-    def __init__(self, job_id: _Optional[str] = ..., shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    reserved: _money_pb2.Money
+    def __init__(self, job_id: _Optional[str] = ..., shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class ExecuteRenderResponse(_message.Message):
     __slots__ = ("event",)
@@ -84,18 +111,20 @@ class ExecuteRenderResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[_event_pb2.RenderEvent, _Mapping]] = ...) -> None: ...
 
 class ResumeRenderRequest(_message.Message):
-    __slots__ = ("job_id", "handle", "shot", "constraints", "attempt")
+    __slots__ = ("job_id", "handle", "shot", "constraints", "attempt", "reserved")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     SHOT_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     handle: _backend_pb2.RenderHandle
     shot: _render_pb2.Shot
     constraints: _render_pb2.RenderConstraints
     attempt: int
-    def __init__(self, job_id: _Optional[str] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
+    reserved: _money_pb2.Money
+    def __init__(self, job_id: _Optional[str] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., attempt: _Optional[int] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class ResumeRenderResponse(_message.Message):
     __slots__ = ("event",)

@@ -1,0 +1,367 @@
+"""The budget's actions through the real mesh, with the sandbox's providers making the money real:
+70% notify, 90% economy, 100% no new jobs, and what becomes of a queued job the budget cannot pay
+(the gateway's budget policy: wait, or fail with BUDGET_EXHAUSTED)."""
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import grpc
+import pytest
+from sandbox_support import Sandbox
+from support import eventually, wait_terminal, watch_until
+
+from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
+from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod_kit.mesh import Mesh, ServiceStartError
+from aiprod_kit.money import usd
+
+USD = 1_000_000
+# The sandbox's Replicate model renders 6 s only. List prices of those 6 s: Replicate 0.05, Runway
+# (gen4.5) 0.12, Veo 0.20 USD/s.
+SECONDS = 6
+REPLICATE_COST, RUNWAY_COST, VEO_COST = 300_000, 720_000, 1_200_000
+FLOOR = 0.6  # the default preset's
+GATEWAY_DEFAULTS = {
+    "AIPROD_GATEWAY_BUDGET_POLICY": "wait",
+    "AIPROD_GATEWAY_BUDGET_RETRY_SECONDS": "1",
+    "AIPROD_GATEWAY_BUDGET_MAX_WAIT_SECONDS": "0",
+}
+ENVIRONMENT = {
+    "AIPROD_SANDBOX_RENDER_SECONDS": "1",
+    "AIPROD_RUNWAY_POLL_SECONDS": "0.2",
+    "AIPROD_VEO_POLL_SECONDS": "0.2",
+    "AIPROD_REPLICATE_POLL_SECONDS": "0.2",
+    "AIPROD_METRICS_DAILY_CAP_USD": "10",
+    # Best quality first while 0.5 USD is left: what economy mode overrides.
+    "AIPROD_ROUTER_QUALITY_FIRST_BUDGET_USD": "0.5",
+    **GATEWAY_DEFAULTS,
+}
+LOCAL, RUNWAY, VEO, REPLICATE = (
+    backend_pb2.BACKEND_LOCAL,
+    backend_pb2.BACKEND_RUNWAY,
+    backend_pb2.BACKEND_VEO,
+    backend_pb2.BACKEND_REPLICATE,
+)
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    job_pb2.JOB_STATE_QUEUED,
+    job_pb2.JOB_STATE_RUNNING,
+    job_pb2.JOB_STATE_SUCCEEDED,
+    job_pb2.JOB_STATE_FAILED,
+    job_pb2.JOB_STATE_CANCELLED,
+)
+WAITING = "waiting for budget: "
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    running = Mesh(tmp_path_factory.mktemp("budget"), free_ports=True, sandbox=True, environment=ENVIRONMENT)
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def sandbox(mesh: Mesh) -> Sandbox:
+    control = Sandbox(mesh.address("sandbox"))
+    control.reset(render_seconds=1)
+    return control
+
+
+def configure_gateway(mesh: Mesh, **settings: str) -> None:
+    """Restarts the gateway with these budget settings (over the defaults) unless it runs with them."""
+    wanted = {**GATEWAY_DEFAULTS, **settings}
+    if all(mesh.environment.get(name) == value for name, value in wanted.items()):
+        return
+    mesh.environment.update(wanted)
+    mesh.stop_service("gateway")
+    mesh.start_service("gateway")
+
+
+# Fresh channels for each call: the gateway restarts between tests.
+def gateway(mesh: Mesh) -> gateway_pb2_grpc.GatewayServiceStub:
+    return gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(mesh.address("gateway")))
+
+
+def router(mesh: Mesh) -> router_pb2_grpc.RouterServiceStub:
+    return router_pb2_grpc.RouterServiceStub(grpc.insecure_channel(mesh.address("router")))
+
+
+def metrics(mesh: Mesh) -> metrics_pb2_grpc.MetricsServiceStub:
+    return metrics_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(mesh.address("metrics")))
+
+
+def budgets(mesh: Mesh) -> metrics_pb2.GetBudgetResponse:
+    return metrics(mesh).GetBudget(metrics_pb2.GetBudgetRequest())
+
+
+@contextmanager
+def budget_left(mesh: Mesh, micros: int, tenant: str = "") -> Iterator[Callable[[], None]]:
+    """Reserves all of today's budget but `micros`: of the default tenant's budget (the one jobs and the
+    router read), or, as another tenant, of the global budget alone. Yields the release, which also
+    runs on the way out."""
+    # Jobs of earlier tests settle just after their last event.
+    assert eventually(lambda: budgets(mesh).global_budget.reserved.amount_micros == 0)
+    response = budgets(mesh)
+    left = (response.global_budget if tenant else response.budget).remaining.amount_micros
+    assert left > micros, "earlier tests spent too much of the cap"
+    key = f"filler-{uuid.uuid4().hex}"
+    metrics(mesh).ReserveBudget(
+        metrics_pb2.ReserveBudgetRequest(
+            reservation_key=key, tenant_id=tenant, amount=usd(left - micros), job_id=key
+        )
+    )
+
+    def release() -> None:
+        metrics(mesh).ReleaseBudget(metrics_pb2.ReleaseBudgetRequest(reservation_key=key))
+
+    try:
+        yield release
+    finally:
+        release()
+
+
+def shot() -> render_pb2.Shot:
+    return render_pb2.Shot(
+        prompt="A budget", duration_seconds=SECONDS, aspect_ratio=render_pb2.ASPECT_RATIO_16_9
+    )
+
+
+def create(
+    mesh: Mesh, prompt: str, preferred: int = 0, preset: str = "", request_id: str = ""
+) -> gateway_pb2.RenderJob:
+    spec = render_pb2.RenderSpec(
+        prompt=prompt,
+        preset=preset,
+        duration_seconds=SECONDS,
+        constraints=render_pb2.RenderConstraints(preferred_backend=preferred),
+    )
+    request = gateway_pb2.CreateRenderJobRequest(request_id=request_id, spec=spec)
+    return gateway(mesh).CreateRenderJob(request).job
+
+
+def get(mesh: Mesh, job_id: str) -> gateway_pb2.RenderJob:
+    return gateway(mesh).GetRenderJob(gateway_pb2.GetRenderJobRequest(job_id=job_id)).job
+
+
+def events(mesh: Mesh, job_id: str) -> list[gateway_pb2.JobEvent]:
+    """Every event of a job, once it has ended."""
+    return watch_until(gateway(mesh), job_id, lambda event: False)
+
+
+def wait_for_waiting(mesh: Mesh, job_id: str) -> gateway_pb2.JobEvent:
+    """The job's event saying that it waits for budget."""
+    return watch_until(gateway(mesh), job_id, lambda event: event.message.startswith(WAITING))[-1]
+
+
+def never_reserved(mesh: Mesh, job: gateway_pb2.RenderJob) -> bool:
+    try:
+        metrics(mesh).ReleaseBudget(metrics_pb2.ReleaseBudgetRequest(reservation_key=f"{job.job_id}:render"))
+    except grpc.RpcError as error:
+        return error.code() == grpc.StatusCode.NOT_FOUND
+    return False
+
+
+def first_choice(mesh: Mesh) -> int:
+    """The backend the router ranks first for the shot, as PlanRoute tells."""
+    plan = router(mesh).PlanRoute(
+        router_pb2.PlanRouteRequest(
+            shot=shot(), constraints=render_pb2.RenderConstraints(quality_floor=FLOOR)
+        )
+    )
+    return next(candidate.backend for candidate in plan.candidates if candidate.eligible)
+
+
+# The three budget levels ------------------------------------------------------------------------------
+
+
+def test_at_70_percent_the_jobs_reservation_tells_that_the_budget_is_at_notify(mesh, sandbox):
+    with budget_left(mesh, 2_500_000):
+        assert budgets(mesh).budget.level == metrics_pb2.BUDGET_LEVEL_NOTIFY
+        done = wait_terminal(gateway(mesh), create(mesh, "At notify").job_id)
+    assert done.state == SUCCEEDED, done.error
+    # Not economy yet: the best quality, as 0.5 USD or more is left.
+    assert done.backend == RUNWAY
+    assert done.reserved.amount_micros == VEO_COST  # the dearest backend that could take it
+    reserved = [event.message for event in events(mesh, done.job_id) if event.message.startswith("budget")]
+    assert reserved == ["budget reserved: 1.20 USD; today's budget is 87% used (notify)"]
+
+
+def test_at_90_percent_economy_the_router_goes_for_the_cheapest(mesh, sandbox):
+    with budget_left(mesh, 2_500_000):
+        assert first_choice(mesh) == RUNWAY  # best quality first: 2.50 USD left
+    with budget_left(mesh, 850_000):
+        assert budgets(mesh).budget.level == metrics_pb2.BUDGET_LEVEL_ECONOMY
+        # Still over the quality-first threshold, but economy mode: the cheapest that meets the floor.
+        assert first_choice(mesh) == REPLICATE
+        done = wait_terminal(gateway(mesh), create(mesh, "In economy").job_id)
+    assert done.state == SUCCEEDED, done.error
+    assert done.backend == REPLICATE
+    assert done.result.cost.amount_micros == REPLICATE_COST
+    reserved = [event.message for event in events(mesh, done.job_id) if event.message.startswith("budget")]
+    assert len(reserved) == 1 and reserved[0].endswith("(economy)"), reserved
+
+
+def test_at_100_percent_new_jobs_are_refused(mesh, sandbox):
+    with budget_left(mesh, 0):
+        assert budgets(mesh).budget.level == metrics_pb2.BUDGET_LEVEL_EXHAUSTED
+
+        def refused() -> bool:
+            # One request id, and a preset that awaits approval: a job accepted before the gateway's
+            # view of the level catches up is a single one that spends nothing.
+            try:
+                create(mesh, "At the cap", preset="brand_campaign", request_id="at-the-cap")
+            except grpc.RpcError as error:
+                return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            return False
+
+        assert eventually(refused, timeout=10, interval=0.2)
+        with pytest.raises(grpc.RpcError) as raised:
+            create(mesh, "Another one at the cap")
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "budget is spent" in raised.value.details()
+
+
+# The router: exclusion codes, its failure, the job's own reservation -------------------------------
+
+
+def test_the_router_fails_budget_exhausted_and_counts_the_jobs_own_reservation(mesh, sandbox):
+    constraints = render_pb2.RenderConstraints(quality_floor=FLOOR)
+    with budget_left(mesh, 100_000):
+        plan = router(mesh).PlanRoute(router_pb2.PlanRouteRequest(shot=shot(), constraints=constraints))
+        assert {candidate.backend: list(candidate.exclusions) for candidate in plan.candidates} == {
+            LOCAL: [router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR],
+            REPLICATE: [router_pb2.EXCLUSION_OVER_BUDGET],
+            RUNWAY: [router_pb2.EXCLUSION_OVER_BUDGET],
+            VEO: [router_pb2.EXCLUSION_OVER_BUDGET],
+        }
+
+        def render(reserved: int) -> list:
+            request = router_pb2.ExecuteRenderRequest(
+                job_id="job-direct",
+                shot=shot(),
+                constraints=constraints,
+                idempotency_key=f"direct-{uuid.uuid4().hex}",
+                reserved=usd(reserved),
+            )
+            return [response.event for response in router(mesh).ExecuteRender(request, timeout=120)]
+
+        unpaid = render(0)
+        assert [event.WhichOneof("kind") for event in unpaid] == ["failed"]
+        assert unpaid[0].failed.reason == "BUDGET_EXHAUSTED"
+        assert "over the budget left 0.10 USD" in unpaid[0].failed.message
+        # With the reservation the gateway made for it, Replicate fits: 0.10 left + 0.30 reserved.
+        paid = render(REPLICATE_COST)
+        assert paid[-1].HasField("succeeded"), paid[-1]
+        assert [event.routed.backend for event in paid if event.HasField("routed")] == [REPLICATE]
+
+
+# The wait policy --------------------------------------------------------------------------------------
+
+
+def test_a_job_the_ledger_refuses_waits_queued_through_a_restart_and_renders_once_paid(mesh, sandbox):
+    configure_gateway(mesh)
+    # Another tenant took the global budget: the router, reading the default tenant's, sees plenty,
+    # and the ledger refuses the reservation.
+    with budget_left(mesh, 100_000, tenant="other") as release:
+        job = create(mesh, "Waits for the ledger")
+        waiting = wait_for_waiting(mesh, job.job_id)
+        assert waiting.state == QUEUED
+        assert "0.10 USD left of 10.00 USD, 1.20 USD asked" in waiting.message
+        assert get(mesh, job.job_id).HasField("budget_wait_start_time")
+        mesh.stop_service("gateway")
+        mesh.start_service("gateway")
+        assert get(mesh, job.job_id).state == QUEUED
+        release()
+        done = wait_terminal(gateway(mesh), job.job_id)
+    assert done.state == SUCCEEDED, done.error
+    assert done.reserved.amount_micros == VEO_COST
+    log = events(mesh, job.job_id)
+    assert sum(event.message.startswith(WAITING) for event in log) == 1  # once, restart or not
+    states = [event.state for event in log]
+    assert states.index(RUNNING) > next(i for i, e in enumerate(log) if e.message.startswith(WAITING))
+    assert set(states[: states.index(RUNNING)]) == {QUEUED}
+
+
+def test_cancelling_a_waiting_job_ends_it_and_reserves_nothing(mesh, sandbox):
+    configure_gateway(mesh)
+    with budget_left(mesh, 100_000):
+        job = create(mesh, "Cancelled while waiting")
+        waiting = wait_for_waiting(mesh, job.job_id)
+        assert "replicate: cost 0.30 USD over the budget left 0.10 USD" in waiting.message
+        reserved = budgets(mesh).budget.reserved.amount_micros
+        cancelled = gateway(mesh).CancelRenderJob(gateway_pb2.CancelRenderJobRequest(job_id=job.job_id)).job
+        assert cancelled.state == CANCELLED
+        assert budgets(mesh).budget.reserved.amount_micros == reserved
+    # With money free again, a job that renders outlasts the waiting job's retry interval: the
+    # cancelled one was not tried again.
+    assert wait_terminal(gateway(mesh), create(mesh, "After the cancel").job_id).state == SUCCEEDED
+    assert never_reserved(mesh, job)
+    log = events(mesh, job.job_id)
+    assert log[-1].state == CANCELLED and log[-1].message.startswith("cancelled")
+    assert RUNNING not in {event.state for event in log}
+
+
+def test_a_job_waits_no_longer_than_the_max_wait(mesh, sandbox):
+    configure_gateway(mesh, AIPROD_GATEWAY_BUDGET_MAX_WAIT_SECONDS="1")
+    with budget_left(mesh, 100_000):
+        done = wait_terminal(gateway(mesh), create(mesh, "Waits too long").job_id)
+    assert (done.state, done.error.reason) == (FAILED, "BUDGET_EXHAUSTED")
+    assert "after 1 s waiting for budget" in done.error.message
+    log = events(mesh, done.job_id)
+    assert [event.state for event in log] == [QUEUED, QUEUED, FAILED]
+    assert log[1].message.startswith(WAITING)
+    assert never_reserved(mesh, done)
+
+
+def test_a_waiting_job_goes_as_soon_as_a_settled_job_frees_money(mesh, sandbox):
+    # Retries far apart: only the settle of the cancelled job can wake the waiting one in time.
+    configure_gateway(mesh, AIPROD_GATEWAY_BUDGET_RETRY_SECONDS="600")
+    sandbox.reset(provider="runway", render_seconds=120)
+    with budget_left(mesh, 900_000):
+        slow = create(mesh, "Holds the money", preferred=RUNWAY)
+        watch_until(gateway(mesh), slow.job_id, lambda event: event.render.HasField("submitted"))
+        # 0.90 left: Runway is the dearest that fits, and 0.18 is left after its reservation.
+        assert get(mesh, slow.job_id).reserved.amount_micros == RUNWAY_COST
+        waiter = create(mesh, "Waits for it", preferred=REPLICATE)
+        waiting = wait_for_waiting(mesh, waiter.job_id)
+        assert "replicate: cost 0.30 USD over the budget left 0.18 USD" in waiting.message
+        assert get(mesh, waiter.job_id).state == QUEUED
+        gateway(mesh).CancelRenderJob(gateway_pb2.CancelRenderJobRequest(job_id=slow.job_id))
+        done = wait_terminal(gateway(mesh), waiter.job_id)
+    assert done.state == SUCCEEDED, done.error
+    assert (done.backend, done.reserved.amount_micros) == (REPLICATE, RUNWAY_COST)
+
+
+# The fail policy --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tenant", "why"),
+    [
+        ("", "no backend within the budget left: replicate: cost 0.30 USD over the budget left 0.10 USD"),
+        ("other", "0.10 USD left of 10.00 USD, 1.20 USD asked"),
+    ],
+    ids=["the router excludes every backend", "the ledger refuses"],
+)
+def test_with_the_fail_policy_a_job_the_budget_cannot_pay_fails_budget_exhausted(mesh, sandbox, tenant, why):
+    configure_gateway(mesh, AIPROD_GATEWAY_BUDGET_POLICY="fail")
+    with budget_left(mesh, 100_000, tenant=tenant):
+        done = wait_terminal(gateway(mesh), create(mesh, "Cannot be paid").job_id)
+    assert (done.state, done.error.reason) == (FAILED, "BUDGET_EXHAUSTED")
+    assert why in done.error.message
+    assert [event.state for event in events(mesh, done.job_id)] == [QUEUED, FAILED]
+    assert never_reserved(mesh, done)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("AIPROD_GATEWAY_BUDGET_RETRY_SECONDS", "0"), ("AIPROD_GATEWAY_BUDGET_MAX_WAIT_SECONDS", "-1")],
+)
+def test_a_wrong_budget_setting_stops_the_gateway_naming_it(tmp_path, variable, value):
+    gateway_only = Mesh(tmp_path, free_ports=True, only=("gateway",), environment={variable: value})
+    with pytest.raises(ServiceStartError) as stopped:
+        gateway_only.start()
+    assert variable in str(stopped.value)
