@@ -1,10 +1,20 @@
 """Log lines name the trace they were written in, so that a line leads to its job's trace."""
 
 import json
+from collections.abc import Iterator
 
+import pytest
+import structlog
 from opentelemetry.sdk.trace import TracerProvider
 
 from aiprod_kit.logs import configure_logging
+
+
+@pytest.fixture(autouse=True)
+def default_logging() -> Iterator[None]:
+    """configure_logging is process-wide: later tests must not write to this test's captured stderr."""
+    yield
+    structlog.reset_defaults()
 
 
 def test_a_line_written_inside_a_span_carries_its_trace_and_span_ids(capsys):
