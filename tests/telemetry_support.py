@@ -21,6 +21,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 SCHEME_PAGE = Path(__file__).resolve().parents[1] / "docs" / "TELEMETRY.md"
 
@@ -238,6 +239,20 @@ class FakeGoogleCloud:
 
     def metric_types(self) -> set[str]:
         return {series.metric.type for series in self.series()}
+
+
+def collected(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict, float]]]:
+    """What an in-memory reader holds: each metric's points as (attributes, value or histogram sum)."""
+    points: dict[str, list[tuple[dict, float]]] = {}
+    for resource in reader.get_metrics_data().resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    value = getattr(point, "value", None)
+                    if value is None:
+                        value = point.sum  # histograms
+                    points.setdefault(metric.name, []).append((dict(point.attributes), value))
+    return points
 
 
 def roots(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from telemetry_support import collected
 
 from aiprod.common.v1 import backend_pb2
 from aiprod_kit.breaker import CircuitBreaker
@@ -17,19 +18,6 @@ class FakeRenderer:
     serving: bool
     breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker(1, 60))
     stats: BackendStats = field(default_factory=BackendStats)
-
-
-def collected(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict, float]]]:
-    points: dict[str, list[tuple[dict, float]]] = {}
-    for resource in reader.get_metrics_data().resource_metrics:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                for point in metric.data.data_points:
-                    value = getattr(point, "value", None)
-                    if value is None:
-                        value = point.sum  # histograms
-                    points.setdefault(metric.name, []).append((dict(point.attributes), value))
-    return points
 
 
 def test_every_router_metric_with_low_cardinality_labels():

@@ -1,0 +1,70 @@
+"""The gateway's job metrics, read with the OpenTelemetry SDK's in-memory reader: what one job's life
+records, and with which labels."""
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from telemetry_support import collected
+
+from aiprod.common.v1 import backend_pb2, job_pb2, money_pb2, render_pb2
+from aiprod.gateway.v1 import gateway_pb2
+from aiprod_gateway.telemetry import GatewayMetrics
+
+
+def job(state: int, sequence: int, **fields: object) -> gateway_pb2.RenderJob:
+    made = gateway_pb2.RenderJob(
+        job_id="job_0123456789abcdef0123456789abcdef",
+        state=state,
+        last_sequence=sequence,
+        spec=render_pb2.RenderSpec(prompt="A fox in the snow", preset="quick_social", duration_seconds=6),
+        backend=backend_pb2.BACKEND_REPLICATE,
+        **fields,
+    )
+    made.create_time.FromSeconds(1_000)
+    made.update_time.FromSeconds(1_090)
+    return made
+
+
+def metrics_of(*jobs: gateway_pb2.RenderJob) -> dict[str, list[tuple[dict, float]]]:
+    reader = InMemoryMetricReader()
+    telemetry = GatewayMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"))
+    for changed in jobs:
+        telemetry.job_changed(changed)
+    return collected(reader)
+
+
+def test_a_delivered_job_records_its_duration_quality_cost_and_savings():
+    result = render_pb2.RenderOutput(
+        cost=money_pb2.Money(currency_code="USD", amount_micros=60_000),
+        qc=render_pb2.QcReport(score=0.82),
+        video=render_pb2.VideoArtifact(duration_seconds=6),
+    )
+    points = metrics_of(
+        job(job_pb2.JOB_STATE_QUEUED, 1),
+        job(job_pb2.JOB_STATE_RUNNING, 3),
+        job(job_pb2.JOB_STATE_SUCCEEDED, 9, result=result),
+    )
+    labels = {"preset": "quick_social", "backend": "replicate"}
+    assert points["aiprod.gateway.jobs_created"] == [({"preset": "quick_social"}, 1)]
+    assert points["aiprod.gateway.jobs_completed"] == [(labels, 1)]
+    assert points["aiprod.gateway.job_duration"] == [({**labels, "state": "succeeded"}, 90.0)]
+    assert points["aiprod.gateway.job_quality"] == [(labels, 0.82)]
+    assert points["aiprod.gateway.job_cost"] == [(labels, 0.06)]
+    assert points["aiprod.gateway.cost_per_minute"] == [(labels, 0.6)]
+    # Runway alone: 2.50 USD a minute, 0.25 for 6 s; this cost 0.06.
+    ((_, saved),) = points["aiprod.gateway.savings"]
+    assert round(saved, 6) == 0.19
+    assert "aiprod.gateway.jobs_failed" not in points
+
+
+def test_a_failed_job_counts_its_reason_and_a_cancelled_one_only_itself():
+    failure = render_pb2.RenderFailure(reason="PROVIDER_FAILED", message="the provider failed the task")
+    points = metrics_of(
+        job(job_pb2.JOB_STATE_FAILED, 7, error=failure),
+        job(job_pb2.JOB_STATE_CANCELLED, 4),
+    )
+    assert points["aiprod.gateway.jobs_failed"] == [
+        ({"preset": "quick_social", "backend": "replicate", "reason": "PROVIDER_FAILED"}, 1)
+    ]
+    assert points["aiprod.gateway.jobs_cancelled"] == [({"preset": "quick_social"}, 1)]
+    assert [labels["state"] for labels, _ in points["aiprod.gateway.job_duration"]] == ["failed"]
+    assert "aiprod.gateway.job_quality" not in points
