@@ -155,6 +155,19 @@ def test_metrics_carry_what_happened(mesh, receiver, runway_job):
     )
 
 
+def test_rpc_errors_are_counted_per_method_and_status_code(mesh, receiver, runway_job):
+    with pytest.raises(grpc.RpcError) as refused:
+        create(mesh, "")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    def codes() -> set[int]:
+        points = receiver.metrics()["rpc.server.call.duration"].points
+        return {a["rpc.grpc.status_code"] for _, a in points if a["rpc.method"] == "CreateRenderJob"}
+
+    assert eventually(lambda: grpc.StatusCode.INVALID_ARGUMENT.value[0] in codes(), timeout=30)
+    assert grpc.StatusCode.OK.value[0] in codes()
+
+
 def job_trace(receiver: OtlpReceiver, job_id: str) -> list[ReceivedSpan]:
     """The spans of the trace the job's CreateRenderJob started."""
     spans = receiver.spans()
