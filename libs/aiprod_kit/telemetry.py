@@ -97,8 +97,32 @@ def configure_telemetry(service: str, settings: CommonSettings) -> None:
     _providers = (tracer_provider, meter_provider)
     # The provider clients' HTTP calls join the trace of the render that made them. Their metrics stay
     # out: aiprod.renderer.provider_* measure the same calls in the scheme's words.
-    HTTPXClientInstrumentor().instrument(meter_provider=NoOpMeterProvider())
-    AioHttpClientInstrumentor().instrument(meter_provider=NoOpMeterProvider())
+    HTTPXClientInstrumentor().instrument(
+        meter_provider=NoOpMeterProvider(),
+        request_hook=lambda span, request: without_query(span),
+        async_request_hook=_without_query_async,
+    )
+    AioHttpClientInstrumentor().instrument(
+        meter_provider=NoOpMeterProvider(), request_hook=lambda span, params: without_query(span)
+    )
+
+
+# Where the HTTP instrumentations put the URL (old and stable semantic conventions).
+_URL_ATTRIBUTES = ("http.url", "url.full")
+
+
+def without_query(span: trace.Span) -> None:
+    """Drops a provider URL's query from its span: signed output URLs carry their token there (Runway's
+    `_jwt`, for one), and the instrumentations redact only a few well-known parameter names."""
+    attributes = getattr(span, "attributes", None) or {}
+    for key in _URL_ATTRIBUTES:
+        url = attributes.get(key)
+        if isinstance(url, str) and "?" in url:
+            span.set_attribute(key, url.split("?", 1)[0])
+
+
+async def _without_query_async(span: trace.Span, request: object) -> None:
+    without_query(span)
 
 
 def shutdown_telemetry() -> None:
