@@ -24,8 +24,14 @@ PASSWORD = "pg-s3cret-never-logged"
 @pytest.fixture
 def postgres_mesh(tmp_path, postgres_url) -> Iterator[Mesh]:
     """The whole mesh, its gateway and metrics on one PostgreSQL schema; the renderer paced (24 frames a
-    second of wall time) so that a job can be caught rendering."""
-    mesh = start_mesh(tmp_path, AIPROD_DATABASE_URL=postgres_url, AIPROD_LOCAL_RENDER_PACE_FPS="24")
+    second of wall time) so that a job can be caught rendering; a short job lease, so that a killed
+    gateway's jobs are taken over soon (once their claims run out: the database is shared)."""
+    mesh = start_mesh(
+        tmp_path,
+        AIPROD_DATABASE_URL=postgres_url,
+        AIPROD_LOCAL_RENDER_PACE_FPS="24",
+        AIPROD_GATEWAY_JOB_LEASE_SECONDS="3",
+    )
     try:
         for service in ("gateway", "metrics"):
             assert_runs_on_its_store(mesh, service, {"AIPROD_DATABASE_URL": postgres_url})
@@ -84,7 +90,7 @@ def test_jobs_outlive_a_killed_gateway(postgres_mesh):
 
 
 def test_gateway_replicas_on_one_database_serve_the_same_jobs(postgres_mesh):
-    # Started before any job exists: a replica's dispatcher resumes the unfinished jobs it finds at start.
+    # Both replicas drive jobs; whichever claims this one drives it, and the other follows it in the store.
     replica = postgres_mesh.start_replica("gateway", "127.0.0.2")
     one, other = stub(postgres_mesh.address("gateway")), stub(replica.address)
 

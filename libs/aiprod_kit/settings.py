@@ -66,6 +66,10 @@ class GatewaySettings(CommonSettings):
     # it is paid or cancelled). A day: budgets are daily, so a job still unpaid after one has outlived
     # a budget reset and is not waiting out a busy day but a cap too small for it; its client hears so.
     gateway_budget_max_wait_seconds: float = 86400.0
+    # How long a replica's claim on a job it drives holds unless renewed (it renews every third of it):
+    # the jobs of a replica that died are taken over by another once their claims run out, so within
+    # about this long. Shorter: faster take-overs, more writes to the job store.
+    gateway_job_lease_seconds: float = 30.0
 
 
 class RouterSettings(CommonSettings):

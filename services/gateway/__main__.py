@@ -4,7 +4,7 @@ from contextlib import asynccontextmanager
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2_grpc
-from aiprod_gateway.dispatcher import BudgetPolicy, Dispatcher
+from aiprod_gateway.dispatcher import BudgetPolicy, Dispatcher, job_lease_seconds, owner_id
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.service import GatewayServicer
 from aiprod_gateway.spending import Spending
@@ -19,7 +19,9 @@ settings = GatewaySettings()
 
 @asynccontextmanager
 async def build() -> AsyncIterator[list[Registration]]:
-    budget_policy = BudgetPolicy.from_settings(settings)  # a wrong setting stops the gateway first
+    # A wrong setting stops the gateway first.
+    budget_policy = BudgetPolicy.from_settings(settings)
+    lease_seconds = job_lease_seconds(settings)
     # PostgreSQL when AIPROD_DATABASE_URL is set (every replica on one database), else SQLite.
     database = await open_database(
         settings, settings.data_dir / "gateway" / "jobs.sqlite3", "gateway", "NORMAL"
@@ -31,7 +33,16 @@ async def build() -> AsyncIterator[list[Registration]]:
     metrics = metrics_pb2_grpc.MetricsServiceStub(metrics_channel)
     reporter = MetricsReporter(metrics)
     spending = Spending(metrics, router)
-    dispatcher = Dispatcher(store, router, reporter, spending, settings.dispatch_concurrency, budget_policy)
+    dispatcher = Dispatcher(
+        store,
+        router,
+        reporter,
+        spending,
+        settings.dispatch_concurrency,
+        budget_policy,
+        owner_id(),
+        lease_seconds,
+    )
     await dispatcher.start()
     try:
         yield [

@@ -14,7 +14,7 @@ from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_gateway import validation
 from aiprod_gateway.catalog import BackendCatalog
-from aiprod_gateway.dispatcher import Dispatcher
+from aiprod_gateway.dispatcher import Dispatcher, cancel_render
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import TERMINAL_STATES, JobStore, RequestIdConflict
@@ -126,12 +126,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._reporter.job_changed(job)
         await self._spending.settle(job)
         if job.HasField("handle"):
-            try:
-                await self._router.CancelRender(
-                    router_pb2.CancelRenderRequest(handle=job.handle), timeout=_DOWNSTREAM_TIMEOUT
-                )
-            except grpc.aio.AioRpcError as error:
-                log.warning("render not cancelled at its backend", job_id=job.job_id, code=error.code().name)
+            # Here, whichever replica drives the job: that one may be away, and stops on its own once it
+            # finds the job ended (and cancels a render it started but could not record).
+            await cancel_render(self._router, job.job_id, job.handle)
         return gateway_pb2.CancelRenderJobResponse(job=job)
 
     async def WatchRenderJob(

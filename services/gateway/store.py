@@ -5,11 +5,18 @@ one SQLite file in WAL mode under the data directory (the embedded default), or 
 every gateway replica. Writers of one job, or of one request_id, take that one lock (in SQLite the
 database's); an appended event is announced to every replica's watchers (NOTIFY), which also poll
 now and then in case an announcement was lost with a connection.
+
+It also keeps who drives each unfinished job: a claim, held by one gateway process (its owner id) for
+a lease it renews. A claim is taken only when nobody holds it, its owner already does, or its lease
+ran out (the owner died); the events a driver records are fenced by it, and a job that ends lets go of
+it. Leases are read on the replicas' clocks: they are tens of seconds against clocks kept in step by
+NTP, and a replica that takes a job over early still cannot make its old driver write.
 """
 
 import asyncio
 import contextlib
 import json
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +41,10 @@ _POLL_SECONDS = 2.0
 
 class RequestIdConflict(Exception):
     """The request_id was already used for a different request."""
+
+
+class ClaimLost(Exception):
+    """The job is no longer the caller's to drive: another owner claimed it, or it ended (cancelled)."""
 
 
 @dataclass(frozen=True)
@@ -66,9 +77,16 @@ class JobStore(ABC):
 
     @abstractmethod
     async def append_event(
-        self, job_id: str, message: str, update: JobUpdate, render_event: object | None = None
+        self,
+        job_id: str,
+        message: str,
+        update: JobUpdate,
+        render_event: object | None = None,
+        owner: str | None = None,
     ) -> gateway_pb2.JobEvent:
-        """Applies update to the job and appends one event, atomically; returns the event."""
+        """Applies update to the job and appends one event, atomically; returns the event. An event that
+        ends the job also ends its claim. owner: the event is the job's driver's, refused (ClaimLost,
+        nothing written) unless owner holds the job's claim and the job has not ended."""
 
     @abstractmethod
     async def events_after(self, job_id: str, sequence: int) -> list[gateway_pb2.JobEvent]: ...
@@ -78,8 +96,23 @@ class JobStore(ABC):
         """Returns once the job has an event after sequence."""
 
     @abstractmethod
-    async def unfinished_jobs(self) -> list[gateway_pb2.RenderJob]:
-        """Jobs queued or running, oldest first: the dispatcher's work after a restart."""
+    async def claimable_jobs(self, limit: int) -> list[str]:
+        """Up to limit ids of jobs queued or running that nobody holds (never claimed, let go of, or their
+        lease ran out), oldest first: work for any replica."""
+
+    @abstractmethod
+    async def claim(self, job_id: str, owner: str, lease_seconds: float) -> bool:
+        """Claims a queued or running job for owner, for lease_seconds from now, atomically: only if
+        nobody holds it, owner already does, or its holder's lease ran out. True when owner holds it."""
+
+    @abstractmethod
+    async def renew_claims(self, owner: str, job_ids: Sequence[str], lease_seconds: float) -> set[str]:
+        """Extends owner's claims on these jobs to lease_seconds from now; returns those it still holds
+        (of the others, another owner took the claim, or the job ended)."""
+
+    @abstractmethod
+    async def release_claims(self, owner: str, job_ids: Sequence[str]) -> None:
+        """Lets go of owner's claims on these jobs (a claim another owner holds stays)."""
 
     @abstractmethod
     async def count_by_state(self) -> dict[int, int]: ...
@@ -102,6 +135,9 @@ class JobStore(ABC):
             await self.wait_for_event(job_id, sequence)
 
 
+_UNFINISHED = (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING)
+
+
 def _now() -> timestamp_pb2.Timestamp:
     time = timestamp_pb2.Timestamp()
     time.GetCurrentTime()
@@ -117,7 +153,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     fingerprint TEXT NOT NULL,
     state INTEGER NOT NULL,
     job BLOB NOT NULL,
-    trace_context TEXT NOT NULL DEFAULT '{}'
+    trace_context TEXT NOT NULL DEFAULT '{}',
+    claim_owner TEXT,
+    claim_expires REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, position);
 CREATE TABLE IF NOT EXISTS job_events (
@@ -135,8 +173,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     fingerprint TEXT NOT NULL,
     state INTEGER NOT NULL,
     job BYTEA NOT NULL,
-    trace_context TEXT NOT NULL DEFAULT '{}'
+    trace_context TEXT NOT NULL DEFAULT '{}',
+    claim_owner TEXT,
+    claim_expires DOUBLE PRECISION
 );
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS claim_owner TEXT;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS claim_expires DOUBLE PRECISION;
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, position);
 CREATE TABLE IF NOT EXISTS job_events (
     job_id TEXT NOT NULL,
@@ -146,29 +188,43 @@ CREATE TABLE IF NOT EXISTS job_events (
 );
 """,
 }
+# Columns added to jobs after its first version, which an older SQLite store gets on opening
+# (PostgreSQL's script adds them itself). claim_owner: the gateway process driving the job (NULL: none);
+# claim_expires: when its lease runs out unless renewed, in seconds since the epoch.
+_SQLITE_ADDED_COLUMNS = {
+    "trace_context": "TEXT NOT NULL DEFAULT '{}'",
+    "claim_owner": "TEXT",
+    "claim_expires": "REAL",
+}
 
 
 class SqlJobStore(JobStore):
     """Every method is one statement or one transaction. A job's writers take the job's lock, so its
-    events are numbered without gaps or repeats whichever replica appends them."""
+    events are numbered without gaps or repeats whichever replica appends them; claims take it too, so
+    that none slips between a driver's check of its claim and its write."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, clock: Callable[[], float] = time.time) -> None:
         self._db = database
+        self._clock = clock
         self._new_events: dict[str, asyncio.Event] = {}
 
     @classmethod
-    async def open(cls, database: Database) -> "SqlJobStore":
-        """Creates the tables if needed and starts following appended events."""
+    async def open(cls, database: Database, clock: Callable[[], float] = time.time) -> "SqlJobStore":
+        """Creates the tables if needed and starts following appended events. clock: seconds since the
+        epoch, for leases."""
         await database.create_schema(_SCHEMAS)
         if database.dialect == "sqlite":
             columns = {row[1] for row in await database.fetchall("PRAGMA table_info(jobs)")}
-            if "trace_context" not in columns:
-                # A store made before jobs kept their trace context.
-                async with database.transaction() as transaction:
-                    await transaction.execute(
-                        "ALTER TABLE jobs ADD COLUMN trace_context TEXT NOT NULL DEFAULT '{}'"
-                    )
-        store = cls(database)
+            async with database.transaction() as transaction:
+                for column, definition in _SQLITE_ADDED_COLUMNS.items():
+                    if column not in columns:
+                        await transaction.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
+                # One SQLite file has one gateway at a time: claims found in it are a previous process's,
+                # dead, and its jobs are resumed at once rather than after their leases.
+                await transaction.execute(
+                    "UPDATE jobs SET claim_owner = NULL, claim_expires = NULL WHERE claim_owner IS NOT NULL"
+                )
+        store = cls(database, clock)
         await database.listen(_CHANNEL, store._announced)
         return store
 
@@ -247,13 +303,22 @@ class SqlJobStore(JobStore):
         return JobPage(jobs, rows[limit - 1][0] if len(rows) > limit else None)
 
     async def append_event(
-        self, job_id: str, message: str, update: JobUpdate, render_event: object | None = None
+        self,
+        job_id: str,
+        message: str,
+        update: JobUpdate,
+        render_event: object | None = None,
+        owner: str | None = None,
     ) -> gateway_pb2.JobEvent:
         async with self._db.transaction() as transaction:
             await transaction.lock(f"job:{job_id}")
-            job = await self._load(transaction, job_id)
-            if job is None:
+            row = await transaction.fetchone("SELECT job, claim_owner FROM jobs WHERE job_id = ?", (job_id,))
+            if row is None:
                 raise KeyError(job_id)
+            job = gateway_pb2.RenderJob.FromString(row[0])
+            if owner is not None and (row[1] != owner or job.state in TERMINAL_STATES):
+                why = "it has ended" if job.state in TERMINAL_STATES else "another replica claimed it"
+                raise ClaimLost(f"job {job_id} is not {owner}'s to drive: {why}")
             update(job)
             job.last_sequence += 1
             job.update_time.CopyFrom(_now())
@@ -269,6 +334,11 @@ class SqlJobStore(JobStore):
                 "UPDATE jobs SET state = ?, job = ? WHERE job_id = ?",
                 (job.state, job.SerializeToString(), job_id),
             )
+            if job.state in TERMINAL_STATES:
+                # Nothing is left to drive: whoever ended it, the claim ends with it.
+                await transaction.execute(
+                    "UPDATE jobs SET claim_owner = NULL, claim_expires = NULL WHERE job_id = ?", (job_id,)
+                )
             await transaction.execute(
                 "INSERT INTO job_events (job_id, sequence, event) VALUES (?, ?, ?)",
                 (job_id, event.sequence, event.SerializeToString()),
@@ -293,12 +363,46 @@ class SqlJobStore(JobStore):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter.wait(), _POLL_SECONDS)
 
-    async def unfinished_jobs(self) -> list[gateway_pb2.RenderJob]:
+    async def claimable_jobs(self, limit: int) -> list[str]:
         rows = await self._db.fetchall(
-            "SELECT job FROM jobs WHERE state IN (?, ?) ORDER BY position",
-            (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING),
+            "SELECT job_id FROM jobs WHERE state IN (?, ?) AND (claim_owner IS NULL OR claim_expires < ?)"
+            " ORDER BY position LIMIT ?",
+            (*_UNFINISHED, self._clock(), limit),
         )
-        return [gateway_pb2.RenderJob.FromString(row[0]) for row in rows]
+        return [row[0] for row in rows]
+
+    async def claim(self, job_id: str, owner: str, lease_seconds: float) -> bool:
+        async with self._db.transaction() as transaction:
+            await transaction.lock(f"job:{job_id}")
+            now = self._clock()
+            # One statement, so that of owners racing for one job exactly one finds it free.
+            rows = await transaction.fetchall(
+                "UPDATE jobs SET claim_owner = ?, claim_expires = ? WHERE job_id = ? AND state IN (?, ?)"
+                " AND (claim_owner IS NULL OR claim_owner = ? OR claim_expires < ?) RETURNING job_id",
+                (owner, now + lease_seconds, job_id, *_UNFINISHED, owner, now),
+            )
+        return bool(rows)
+
+    async def renew_claims(self, owner: str, job_ids: Sequence[str], lease_seconds: float) -> set[str]:
+        if not job_ids:
+            return set()
+        async with self._db.transaction() as transaction:
+            rows = await transaction.fetchall(
+                "UPDATE jobs SET claim_expires = ? WHERE claim_owner = ? AND state IN (?, ?)"
+                f" AND job_id IN ({', '.join('?' * len(job_ids))}) RETURNING job_id",
+                (self._clock() + lease_seconds, owner, *_UNFINISHED, *job_ids),
+            )
+        return {row[0] for row in rows}
+
+    async def release_claims(self, owner: str, job_ids: Sequence[str]) -> None:
+        if not job_ids:
+            return
+        async with self._db.transaction() as transaction:
+            await transaction.execute(
+                "UPDATE jobs SET claim_owner = NULL, claim_expires = NULL"
+                f" WHERE claim_owner = ? AND job_id IN ({', '.join('?' * len(job_ids))})",
+                (owner, *job_ids),
+            )
 
     async def count_by_state(self) -> dict[int, int]:
         rows = await self._db.fetchall("SELECT state, COUNT(*) FROM jobs GROUP BY state")

@@ -1,16 +1,28 @@
 """The job store's contract, run against every implementation: SQLite and PostgreSQL."""
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2
-from aiprod_gateway.store import JobStore, RequestIdConflict, SqlJobStore
+from aiprod_gateway.store import ClaimLost, JobStore, RequestIdConflict, SqlJobStore
 from aiprod_kit.database import SqliteDatabase, connect_postgres
 
-OpenStore = Callable[[], Awaitable[JobStore]]
+OpenStore = Callable[..., Awaitable[JobStore]]
+LEASE = 30.0
+
+
+class Clock:
+    """Seconds since the epoch, moved by the test: leases run out without waiting for them."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -19,12 +31,12 @@ async def open_store(request, tmp_path) -> AsyncIterator[OpenStore]:
     opened: list[JobStore] = []
     url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
 
-    async def open_one() -> JobStore:
+    async def open_one(clock: Callable[[], float] = time.time) -> JobStore:
         if url:
             database = await connect_postgres(url, "test", connect_timeout=5)
         else:
             database = SqliteDatabase(tmp_path / "jobs.sqlite3", "jobs")
-        store = await SqlJobStore.open(database)
+        store = await SqlJobStore.open(database, clock)
         opened.append(store)
         return store
 
@@ -38,8 +50,8 @@ async def store(open_store: OpenStore) -> JobStore:
     return await open_store()
 
 
-def job(job_id: str, request_id: str) -> gateway_pb2.RenderJob:
-    return gateway_pb2.RenderJob(job_id=job_id, request_id=request_id, state=job_pb2.JOB_STATE_QUEUED)
+def job(job_id: str, request_id: str, state: int = job_pb2.JOB_STATE_QUEUED) -> gateway_pb2.RenderJob:
+    return gateway_pb2.RenderJob(job_id=job_id, request_id=request_id, state=state)
 
 
 def set_state(state: int):
@@ -87,7 +99,7 @@ async def test_watch_replays_then_follows_until_terminal(store):
     assert await asyncio.wait_for(watcher, 5) == [1, 2, 3]
 
 
-async def test_listing_pages_newest_first_and_unfinished_jobs_oldest_first(store):
+async def test_listing_pages_newest_first_and_claimable_jobs_oldest_first(store):
     for n in range(5):
         await store.create_job(job(f"job_{n}", f"r{n}"), "f")
     await store.append_event("job_1", "done", set_state(job_pb2.JOB_STATE_SUCCEEDED))
@@ -97,7 +109,8 @@ async def test_listing_pages_newest_first_and_unfinished_jobs_oldest_first(store
     assert [j.job_id for j in (await store.list_jobs([job_pb2.JOB_STATE_SUCCEEDED], 10, None)).jobs] == [
         "job_1"
     ]
-    assert [j.job_id for j in await store.unfinished_jobs()] == ["job_0", "job_2", "job_3", "job_4"]
+    assert await store.claimable_jobs(10) == ["job_0", "job_2", "job_3", "job_4"]
+    assert await store.claimable_jobs(2) == ["job_0", "job_2"]
     assert await store.count_by_state() == {job_pb2.JOB_STATE_QUEUED: 4, job_pb2.JOB_STATE_SUCCEEDED: 1}
 
 
@@ -162,3 +175,106 @@ async def test_the_store_survives_reopening(open_store):
     assert await second.events_after("job_a", 0) == events
     assert await second.trace_context("job_a") == {"traceparent": "00-ab-cd-01"}
     assert (await second.create_job(job("job_b", "r1"), "f"))[1] is False
+
+
+# Claims ---------------------------------------------------------------------------------------------
+
+
+async def test_a_claim_is_taken_once_renewed_by_its_owner_and_released(store):
+    await store.create_job(job("job_a", "r1"), "f")
+    assert await store.claim("job_a", "one", LEASE)
+    assert await store.claim("job_a", "one", LEASE)  # its own already
+    assert not await store.claim("job_a", "two", LEASE)
+    assert await store.claimable_jobs(10) == []
+    assert await store.renew_claims("one", ["job_a"], LEASE) == {"job_a"}
+    assert await store.renew_claims("two", ["job_a"], LEASE) == set()
+    await store.release_claims("two", ["job_a"])  # not two's: it stays one's
+    assert not await store.claim("job_a", "two", LEASE)
+    await store.release_claims("one", ["job_a"])
+    assert await store.claimable_jobs(10) == ["job_a"]
+    assert await store.claim("job_a", "two", LEASE)
+    assert await store.renew_claims("one", ["job_a"], LEASE) == set()
+
+
+async def test_a_claim_whose_lease_ran_out_is_taken_over(open_store):
+    clock = Clock()
+    store = await open_store(clock)
+    await store.create_job(job("job_a", "r1"), "f")
+    assert await store.claim("job_a", "dead", 10)
+    clock.now += 9
+    assert not await store.claim("job_a", "alive", 10)
+    assert await store.renew_claims("dead", ["job_a"], 10) == {"job_a"}  # 10 s more from now
+    clock.now += 9.5
+    assert await store.claimable_jobs(10) == []
+    clock.now += 1
+    assert await store.claimable_jobs(10) == ["job_a"]
+    assert await store.claim("job_a", "alive", 10)
+    # The one that lost it finds out at its next renewal, and cannot take it back.
+    assert await store.renew_claims("dead", ["job_a"], 10) == set()
+    assert not await store.claim("job_a", "dead", 10)
+    assert await store.claimable_jobs(10) == []
+
+
+async def test_a_drivers_events_are_fenced_by_its_claim(store):
+    await store.create_job(job("job_a", "r1"), "f")
+    # Unclaimed: no driver may write.
+    with pytest.raises(ClaimLost):
+        await store.append_event("job_a", "routed", lambda job: None, owner="one")
+    assert await store.claim("job_a", "one", LEASE)
+    await store.append_event("job_a", "rendering", set_state(job_pb2.JOB_STATE_RUNNING), owner="one")
+    with pytest.raises(ClaimLost):
+        await store.append_event("job_a", "routed", lambda job: None, owner="two")
+    # Anyone else's event (a cancel through the API) is written whoever drives the job, and ends it.
+    await store.append_event("job_a", "cancelled", set_state(job_pb2.JOB_STATE_CANCELLED))
+    with pytest.raises(ClaimLost, match="ended"):
+        await store.append_event("job_a", "video ready", set_state(job_pb2.JOB_STATE_SUCCEEDED), owner="one")
+    stored = await store.get_job("job_a")
+    assert stored.state == job_pb2.JOB_STATE_CANCELLED
+    assert [event.message for event in await store.events_after("job_a", 0)] == [
+        "job created",
+        "rendering",
+        "cancelled",
+    ]
+
+
+async def test_an_ended_job_holds_no_claim_and_cannot_be_claimed(store):
+    for name in ("job_a", "job_b"):
+        await store.create_job(job(name, name), "f")
+        assert await store.claim(name, "one", LEASE)
+    await store.append_event("job_a", "video ready", set_state(job_pb2.JOB_STATE_SUCCEEDED), owner="one")
+    assert await store.renew_claims("one", ["job_a", "job_b"], LEASE) == {"job_b"}
+    assert not await store.claim("job_a", "one", LEASE)
+    assert await store.claimable_jobs(10) == []
+    await store.create_job(job("job_c", "c", job_pb2.JOB_STATE_AWAITING_APPROVAL), "f")
+    assert not await store.claim("job_c", "one", LEASE)  # nothing to drive before approval
+    assert not await store.claim("job_unknown", "one", LEASE)
+
+
+async def test_owners_racing_for_jobs_each_get_exactly_one_owner(open_store):
+    stores = [await open_store(), await open_store()]
+    names = [f"job_{n}" for n in range(10)]
+    for name in names:
+        await stores[0].create_job(job(name, name), "f")
+    owners = ["one", "two", "three", "four"]
+    outcomes = await asyncio.gather(
+        *(stores[n % 2].claim(name, owner, LEASE) for name in names for n, owner in enumerate(owners))
+    )
+    won = [outcomes[i * len(owners) : (i + 1) * len(owners)] for i in range(len(names))]
+    assert all(claims.count(True) == 1 for claims in won), won
+    # Each job's winner, and only it, holds the claim.
+    for name, claims in zip(names, won, strict=True):
+        winner = owners[claims.index(True)]
+        for owner in owners:
+            held = await stores[1].renew_claims(owner, [name], LEASE)
+            assert held == ({name} if owner == winner else set())
+
+
+async def test_claims_outlive_a_reopened_store_on_postgres_not_on_sqlite(open_store, request):
+    """PostgreSQL is shared by live replicas: their claims stand. A SQLite file has one gateway at a time:
+    a claim found on opening it is a dead process's, let go of at once."""
+    first = await open_store()
+    await first.create_job(job("job_a", "r1"), "f")
+    assert await first.claim("job_a", "previous", LEASE)
+    second = await open_store()
+    expected = [] if request.node.callspec.params["open_store"] == "postgres" else ["job_a"]
+    assert await second.claimable_jobs(10) == expected

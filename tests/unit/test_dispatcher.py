@@ -1,0 +1,301 @@
+"""The dispatcher's driving policy, against a real job store (SQLite) and a scripted router: a crashed
+driver lets go of its job and tries it again; a claim lost stops the driver at once; a job cancelled
+elsewhere stops its driver, which cancels a render it saw start but could not record."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from structlog.testing import capture_logs
+
+from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
+from aiprod.gateway.v1 import gateway_pb2
+from aiprod.metrics.v1 import metrics_pb2
+from aiprod.router.v1 import router_pb2
+from aiprod_gateway import dispatcher as dispatcher_module
+from aiprod_gateway.dispatcher import BudgetPolicy, Dispatcher
+from aiprod_gateway.reporting import MetricsReporter
+from aiprod_gateway.spending import Spending
+from aiprod_gateway.store import JobStore, JobUpdate, SqlJobStore
+from aiprod_kit.database import DatabaseUnavailable, SqliteDatabase
+
+OWNER = "this-replica"
+# Short, so that renewals (every third of it) come within the test's patience.
+LEASE = 0.6
+HANDLE = backend_pb2.RenderHandle(backend=backend_pb2.BACKEND_RUNWAY, task_id="task-1", idempotency_key="k:1")
+
+
+def routed() -> event_pb2.RenderEvent:
+    return event_pb2.RenderEvent(
+        attempt=1, routed=event_pb2.RouteDecision(backend=backend_pb2.BACKEND_RUNWAY)
+    )
+
+
+def submitted(handle: backend_pb2.RenderHandle = HANDLE) -> event_pb2.RenderEvent:
+    return event_pb2.RenderEvent(attempt=1, submitted=handle)
+
+
+def succeeded() -> event_pb2.RenderEvent:
+    return event_pb2.RenderEvent(attempt=1, succeeded=render_pb2.RenderOutput())
+
+
+class Stream:
+    """A server stream as grpc.aio gives it: iterated, and cancelled by the caller."""
+
+    def __init__(self, events: AsyncIterator[event_pb2.RenderEvent]) -> None:
+        self._events = events
+        self.cancelled = False
+
+    async def __aiter__(self) -> AsyncIterator[router_pb2.ExecuteRenderResponse]:
+        async for event in self._events:
+            yield router_pb2.ExecuteRenderResponse(event=event)
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+Script = Callable[[], AsyncIterator[event_pb2.RenderEvent]]
+
+
+class Router:
+    """The router, scripted: each ExecuteRender or ResumeRender plays the next script."""
+
+    def __init__(self, *scripts: Script) -> None:
+        self._scripts = list(scripts)
+        self.streams: list[Stream] = []
+        self.cancelled: list[str] = []
+
+    async def PlanRoute(self, request: object, timeout: float | None = None) -> router_pb2.PlanRouteResponse:
+        return router_pb2.PlanRouteResponse()  # no candidate prices it: a free render, nothing reserved
+
+    def _play(self, request: object) -> Stream:
+        stream = Stream(self._scripts.pop(0)())
+        self.streams.append(stream)
+        return stream
+
+    ExecuteRender = ResumeRender = _play
+
+    async def CancelRender(
+        self, request: router_pb2.CancelRenderRequest, timeout: float | None = None
+    ) -> router_pb2.CancelRenderResponse:
+        self.cancelled.append(request.handle.task_id)
+        return router_pb2.CancelRenderResponse()
+
+
+class Metrics:
+    """The metrics service, answering every call."""
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[object]]:
+        responses = {
+            "GetBudget": metrics_pb2.GetBudgetResponse,
+            "CommitSpend": metrics_pb2.CommitSpendResponse,
+            "ReleaseBudget": metrics_pb2.ReleaseBudgetResponse,
+            "RecordJobEvent": metrics_pb2.RecordJobEventResponse,
+        }
+
+        async def call(request: object, timeout: float | None = None) -> object:
+            return responses[name]()
+
+        return call
+
+
+def forever() -> asyncio.Event:
+    return asyncio.Event()  # never set: a render that goes on
+
+
+async def eventually(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Polls predicate (a plain or an async one) until it holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = predicate()
+        if held if isinstance(held, bool) else await held:
+            return
+        assert time.monotonic() < deadline, "never happened"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def store(tmp_path) -> AsyncIterator[SqlJobStore]:
+    opened = await SqlJobStore.open(SqliteDatabase(tmp_path / "jobs.sqlite3", "jobs"))
+    yield opened
+    await opened.close()
+
+
+Start = Callable[..., Awaitable[Dispatcher]]
+
+
+@pytest.fixture
+async def start(store: JobStore) -> AsyncIterator[Start]:
+    """Starts a dispatcher (on the store, unless told another) with the router given; stops it after."""
+    started: list[tuple[Dispatcher, MetricsReporter]] = []
+
+    async def start_one(router: Router, on: JobStore = store, lease: float = LEASE) -> Dispatcher:
+        metrics = Metrics()
+        reporter = MetricsReporter(metrics)  # type: ignore[arg-type]
+        spending = Spending(metrics, router)  # type: ignore[arg-type]
+        dispatcher = Dispatcher(on, router, reporter, spending, 2, BudgetPolicy(), OWNER, lease)  # type: ignore[arg-type]
+        await dispatcher.start()
+        started.append((dispatcher, reporter))
+        return dispatcher
+
+    yield start_one
+    for dispatcher, reporter in started:
+        await dispatcher.stop()
+        await reporter.close()
+
+
+async def create(store: JobStore, job_id: str = "job_a") -> None:
+    job = gateway_pb2.RenderJob(
+        job_id=job_id,
+        request_id=job_id,
+        state=job_pb2.JOB_STATE_QUEUED,
+        plan=render_pb2.RenderPlan(shots=[render_pb2.Shot(prompt="p", duration_seconds=4)]),
+    )
+    await store.create_job(job, "f")
+
+
+async def state(store: JobStore, job_id: str = "job_a") -> int:
+    job = await store.get_job(job_id)
+    assert job is not None
+    return job.state
+
+
+async def messages(store: JobStore, job_id: str = "job_a") -> list[str]:
+    return [event.message for event in await store.events_after(job_id, 0)]
+
+
+async def has_handle(store: JobStore, job_id: str = "job_a") -> bool:
+    job = await store.get_job(job_id)
+    return job is not None and job.HasField("handle")
+
+
+async def has_message(store: JobStore, prefix: str, job_id: str = "job_a") -> bool:
+    return any(message.startswith(prefix) for message in await messages(store, job_id))
+
+
+def cancel(job: gateway_pb2.RenderJob) -> None:
+    """Another replica's CancelRenderJob, as it changes the job."""
+    job.state = job_pb2.JOB_STATE_CANCELLED
+
+
+class FailingOnce(SqlJobStore):
+    """The job store, with one write lost to a database outage: the first event whose message starts
+    with failing."""
+
+    failing = ""
+
+    async def append_event(
+        self,
+        job_id: str,
+        message: str,
+        update: JobUpdate,
+        render_event: object | None = None,
+        owner: str | None = None,
+    ) -> gateway_pb2.JobEvent:
+        if self.failing and message.startswith(self.failing):
+            self.failing = ""
+            raise DatabaseUnavailable("the database is unreachable now (test); try again")
+        return await super().append_event(job_id, message, update, render_event, owner)
+
+
+async def test_a_crashed_driver_lets_go_of_the_job_which_is_tried_again_after_a_backoff(
+    store, monkeypatch, start, tmp_path
+):
+    monkeypatch.setattr(dispatcher_module, "_CRASH_BACKOFF", (0.05, 0.05))
+
+    async def render() -> AsyncIterator[event_pb2.RenderEvent]:
+        for event in (routed(), submitted(), succeeded()):
+            yield event
+
+    router = Router(render, render)
+    flaky = await FailingOnce.open(SqliteDatabase(tmp_path / "jobs.sqlite3", "flaky"))
+    flaky.failing = "submitted"
+    await create(store)
+    with capture_logs() as logs:
+        dispatcher = await start(router, on=flaky)
+        await eventually(lambda: has_message(store, "video ready"))
+    await dispatcher.stop()
+    await flaky.close()
+    crashes = [entry for entry in logs if entry["event"] == "job driver crashed; trying again"]
+    assert [(entry["job_id"], entry["log_level"]) for entry in crashes] == [("job_a", "error")]
+    assert isinstance(crashes[0]["exc_info"], DatabaseUnavailable)
+    # Resumed where the store stopped it: the render it started named again, once.
+    assert (await messages(store)).count("submitted to runway as task-1") == 1
+    assert len(router.streams) == 2
+    assert await store.claimable_jobs(10) == []  # ended, and nobody's
+
+
+async def test_a_claim_taken_over_by_another_replica_stops_the_driver_at_once(store, start, tmp_path):
+    async def long_render() -> AsyncIterator[event_pb2.RenderEvent]:
+        yield routed()
+        yield submitted()
+        await forever().wait()
+        yield succeeded()
+
+    router = Router(long_render)
+    await create(store)
+    with capture_logs() as logs:
+        await start(router)
+        await eventually(lambda: has_handle(store))
+        # Another replica whose clock runs ahead finds the lease out and takes the job.
+        other = SqlJobStore(
+            SqliteDatabase(tmp_path / "jobs.sqlite3", "other"), clock=lambda: time.time() + 60
+        )
+        try:
+            assert await other.claim("job_a", "other-replica", LEASE)
+            await eventually(lambda: router.streams[0].cancelled)
+            await eventually(lambda: any(e["event"].startswith("job claimed by another") for e in logs))
+            # Its claim stands; nothing was cancelled at the provider, as the other replica follows it now.
+            assert await other.renew_claims("other-replica", ["job_a"], 60) == {"job_a"}
+        finally:
+            await other.close()
+    assert router.cancelled == []
+    assert await state(store) == job_pb2.JOB_STATE_RUNNING
+
+
+async def test_a_job_cancelled_elsewhere_stops_its_driver_at_the_next_renewal(store, start):
+    async def long_render() -> AsyncIterator[event_pb2.RenderEvent]:
+        yield routed()
+        yield submitted()
+        await forever().wait()
+        yield succeeded()
+
+    router = Router(long_render)
+    await create(store)
+    with capture_logs() as logs:
+        await start(router)
+        await eventually(lambda: has_handle(store))
+        # Another replica's CancelRenderJob: it cancels the recorded render itself.
+        await store.append_event("job_a", "cancelled: by a client", cancel)
+        await eventually(lambda: router.streams[0].cancelled)
+        await eventually(
+            lambda: any(e["event"] == "job cancelled elsewhere; stopped driving it" for e in logs)
+        )
+    assert router.cancelled == []
+    assert (await messages(store))[-1] == "cancelled: by a client"
+
+
+async def test_a_driver_cancels_a_render_it_could_not_record_for_a_job_cancelled_elsewhere(store, start):
+    go_on = asyncio.Event()
+    started = backend_pb2.RenderHandle(backend=backend_pb2.BACKEND_RUNWAY, task_id="task-unrecorded")
+
+    async def render() -> AsyncIterator[event_pb2.RenderEvent]:
+        yield routed()
+        await go_on.wait()  # the provider's create, slow
+        yield submitted(started)
+        await forever().wait()
+
+    router = Router(render)
+    await create(store)
+    # A long lease: the driver, not a renewal, finds the job ended, at the event it cannot record.
+    await start(router, lease=30)
+    await eventually(lambda: has_message(store, "routed to runway"))
+    await store.append_event("job_a", "cancelled: by a client", cancel)
+    go_on.set()
+    await eventually(lambda: router.cancelled == ["task-unrecorded"])
+    assert router.streams[0].cancelled
+    log = await messages(store)
+    assert log[-1] == "cancelled: by a client"
+    assert not any(message.startswith("submitted") for message in log)
