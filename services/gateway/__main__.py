@@ -22,9 +22,10 @@ async def build() -> AsyncIterator[list[Registration]]:
     # A wrong setting stops the gateway first.
     budget_policy = BudgetPolicy.from_settings(settings)
     lease_seconds = job_lease_seconds(settings)
-    # PostgreSQL when AIPROD_DATABASE_URL is set (every replica on one database), else SQLite.
+    # PostgreSQL when AIPROD_DATABASE_URL is set (every replica on one database), else SQLite: a file
+    # of this gateway's own (a replica needs the shared database).
     database = await open_database(
-        settings, settings.data_dir / "gateway" / "jobs.sqlite3", "gateway", "NORMAL"
+        settings, settings.data_dir / "gateway" / "jobs.sqlite3", "gateway", "NORMAL", private=True
     )
     store = await SqlJobStore.open(database)
     router_channel = open_channel(settings.router_target)

@@ -35,7 +35,8 @@ async def open_store(request, tmp_path) -> AsyncIterator[OpenStore]:
         if url:
             database = await connect_postgres(url, "test", connect_timeout=5)
         else:
-            database = SqliteDatabase(tmp_path / "jobs.sqlite3", "jobs")
+            # As the gateway opens it: a file of its own, used from the event loop.
+            database = SqliteDatabase(tmp_path / "jobs.sqlite3", "jobs", private=True)
         store = await SqlJobStore.open(database, clock)
         opened.append(store)
         return store
