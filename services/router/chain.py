@@ -192,11 +192,8 @@ class RenderChain:
                 )
                 return
             result = AttemptResult(attempt, renderer, job, resumed=True)
-            try:
-                async for item in self._follow(renderer, resume.task_id, attempt, job, result):
-                    yield item
-            finally:
-                result.close()
+            async for item in _spanned(result, self._follow(renderer, resume.task_id, attempt, job, result)):
+                yield item
             if result.final is not None:
                 yield result.final
                 return
@@ -242,11 +239,8 @@ class RenderChain:
                 ),
             )
             result = AttemptResult(attempt, renderer, job)
-            try:
-                async for item in self._attempt(renderer, job, attempt, result):
-                    yield item
-            finally:
-                result.close()
+            async for item in _spanned(result, self._attempt(renderer, job, attempt, result)):
+                yield item
             if result.final is not None:
                 yield result.final
                 return
@@ -394,6 +388,17 @@ class RenderChain:
         safety = cause.failure.reason.startswith("PROVIDER_SAFETY_INPUT")
         if not cause.failure.retryable and not (safety and settings.router_fallback_on_safety):
             result.final = event(result.attempt, failed=cause.failure)
+
+
+async def _spanned(
+    result: AttemptResult, events: AsyncIterator[event_pb2.RenderEvent]
+) -> AsyncIterator[event_pb2.RenderEvent]:
+    """An attempt's events; its span ends with them, also when the reader stops early."""
+    try:
+        async for item in events:
+            yield item
+    finally:
+        result.close()
 
 
 def _last_word(cause: Cause, attempt: int, why: str) -> event_pb2.RenderEvent:
