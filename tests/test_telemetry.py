@@ -21,6 +21,7 @@ from telemetry_support import (
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from aiprod_kit.capabilities import backend_name
 from aiprod_kit.mesh import Mesh
 
 RUNWAY = backend_pb2.BACKEND_RUNWAY
@@ -216,7 +217,7 @@ def test_a_job_resumed_after_a_gateway_restart_stays_in_its_trace(mesh, receiver
         done = wait_terminal(gateway(mesh), job.job_id)
         assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.error
         # Paid once: the restarted gateway re-attached to the render, it did not start another.
-        provider = backend_pb2.Backend.Name(done.backend).removeprefix("BACKEND_").lower()
+        provider = backend_name(done.backend)
         assert sandbox.creates(provider) == {f"{job.job_id}:1": 1}
     finally:
         sandbox.reset(render_seconds=1)

@@ -5,7 +5,8 @@ from rich import box
 from aiprod.metrics.v1 import metrics_pb2
 from aiprod_cli.budget import DEFAULT_METRICS, MetricsOption, connect_metrics
 from aiprod_cli.gateway import CALL_TIMEOUT_SECONDS, exit_on_rpc_error
-from aiprod_cli.output import JsonOption, backend_name, message_to_dict, new_table, print_json, stdout
+from aiprod_cli.output import JsonOption, message_to_dict, new_table, print_json, stdout
+from aiprod_kit.capabilities import backend_name
 
 
 def alerts(metrics: MetricsOption = DEFAULT_METRICS, json_output: JsonOption = False) -> None:

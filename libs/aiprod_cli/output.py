@@ -12,9 +12,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from aiprod.common.v1 import backend_pb2, job_pb2, money_pb2, render_pb2
+from aiprod.common.v1 import job_pb2, money_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod.router.v1 import router_pb2
+from aiprod_kit.capabilities import backend_name
 
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")
@@ -52,10 +53,6 @@ def message_to_dict(message: Message) -> dict[str, Any]:
 
 def state_name(state: int) -> str:
     return job_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
-
-
-def backend_name(backend: int) -> str:
-    return backend_pb2.Backend.Name(backend).removeprefix("BACKEND_").lower()
 
 
 def _aspect_ratio_name(aspect_ratio: int) -> str:

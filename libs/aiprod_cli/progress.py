@@ -17,7 +17,8 @@ from rich.progress import (
 )
 
 from aiprod.gateway.v1 import gateway_pb2
-from aiprod_cli.output import backend_name, state_name
+from aiprod_cli.output import state_name
+from aiprod_kit.capabilities import backend_name
 
 
 class Reporter(Protocol):

@@ -1,6 +1,7 @@
-"""Whether a backend can render a shot: shared by the router's policy and the gateway's validation."""
+"""Whether a backend can render a shot (shared by the router's policy and the gateway's validation),
+and what a backend is called."""
 
-from aiprod.common.v1 import render_pb2
+from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 
 # Frame sizes at 720p, the size every backend renders by default.
@@ -37,3 +38,8 @@ def shot_mismatches(shot: render_pb2.Shot, capabilities: renderer_pb2.Capabiliti
     if (shot.first_frame.data or shot.first_frame.uri) and not capabilities.image_input:
         mismatches.append(("first_frame", "does not take a first frame"))
     return mismatches
+
+
+def backend_name(backend: int) -> str:
+    """A backend's short name (local, runway, veo, replicate): in messages, logs and metric labels."""
+    return backend_pb2.Backend.Name(backend).removeprefix("BACKEND_").lower()

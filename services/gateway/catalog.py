@@ -4,9 +4,9 @@ import time
 
 import grpc
 
-from aiprod.common.v1 import backend_pb2, render_pb2
+from aiprod.common.v1 import render_pb2
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
-from aiprod_kit.capabilities import shot_mismatches
+from aiprod_kit.capabilities import backend_name, shot_mismatches
 from aiprod_kit.errors import InvalidArgument
 
 _FRESH_SECONDS = 10.0
@@ -44,6 +44,6 @@ class BackendCatalog:
             if not mismatches:
                 return
             for field, why in mismatches:
-                name = backend_pb2.Backend.Name(status.backend).removeprefix("BACKEND_").lower()
+                name = backend_name(status.backend)
                 violations.setdefault(f"spec.{field}", []).append(f"{name} {why}")
         raise InvalidArgument([(field, "; ".join(reasons)) for field, reasons in violations.items()])

@@ -39,6 +39,7 @@ from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.spending import BudgetRefused, Spending
 from aiprod_gateway.store import TERMINAL_STATES, ClaimLost, JobStore, JobUpdate
+from aiprod_kit.capabilities import backend_name
 from aiprod_kit.money import usd
 from aiprod_kit.settings import ConfigurationError, GatewaySettings
 
@@ -56,10 +57,6 @@ _CRASH_BACKOFF = (1.0, 60.0)
 # How long a stopping gateway tries to let go of its claims (else they run out).
 _RELEASE_TIMEOUT = 5.0
 _CANCEL_TIMEOUT = 5.0
-
-
-def _backend_name(backend: int) -> str:
-    return backend_pb2.Backend.Name(backend).removeprefix("BACKEND_").lower()
 
 
 def _apply(event: event_pb2.RenderEvent) -> tuple[str, JobUpdate]:
@@ -83,15 +80,15 @@ def _apply(event: event_pb2.RenderEvent) -> tuple[str, JobUpdate]:
             job.error.CopyFrom(event.failed)
 
     messages = {
-        "routed": lambda: f"routed to {_backend_name(event.routed.backend)}: {event.routed.reason}",
+        "routed": lambda: f"routed to {backend_name(event.routed.backend)}: {event.routed.reason}",
         "submitted": lambda: (
-            f"submitted to {_backend_name(event.submitted.backend)} as {event.submitted.task_id}"
+            f"submitted to {backend_name(event.submitted.backend)} as {event.submitted.task_id}"
         ),
         "progress": lambda: f"rendering: {event.progress.fraction:.0%}",
         "qc": lambda: f"technical QC score {event.qc.score:.2f}",
         "fallback": lambda: (
-            f"fell back from {_backend_name(event.fallback.from_backend)} to "
-            f"{_backend_name(event.fallback.to_backend)}: {event.fallback.cause.message}"
+            f"fell back from {backend_name(event.fallback.from_backend)} to "
+            f"{backend_name(event.fallback.to_backend)}: {event.fallback.cause.message}"
         ),
         "succeeded": lambda: "video ready",
         "failed": lambda: f"render failed: {event.failed.reason}: {event.failed.message}",

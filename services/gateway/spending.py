@@ -13,10 +13,11 @@ from collections.abc import Sequence
 import grpc
 import structlog
 
-from aiprod.common.v1 import backend_pb2, job_pb2
+from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod_kit.capabilities import backend_name
 from aiprod_kit.errors import ResourceExhausted
 from aiprod_kit.exclusions import budget_alone_blocks, over_budget_alone
 from aiprod_kit.money import usd
@@ -157,5 +158,5 @@ def _cheapest_over_budget(candidates: Sequence[router_pb2.RouteCandidate]) -> st
     the budget left."""
     over = [candidate for candidate in candidates if over_budget_alone(candidate.exclusions)]
     cheapest = min(over, key=lambda candidate: candidate.estimated_cost.amount_micros)
-    name = backend_pb2.Backend.Name(cheapest.backend).removeprefix("BACKEND_").lower()
+    name = backend_name(cheapest.backend)
     return f"{name}: {cheapest.reasons[0]}"

@@ -5,13 +5,10 @@ Labels are the preset, the backend, the end state and the failure reason: never 
 
 from opentelemetry import metrics
 
-from aiprod.common.v1 import backend_pb2, job_pb2
+from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2
+from aiprod_kit.capabilities import backend_name
 from aiprod_kit.presets import runway_only_micros
-
-
-def backend_label(backend: int) -> str:
-    return backend_pb2.Backend.Name(backend).removeprefix("BACKEND_").lower()
 
 
 class GatewayMetrics:
@@ -44,7 +41,7 @@ class GatewayMetrics:
         if job.last_sequence == 1:
             self._created.add(1, preset)
             return
-        labels = {**preset, "backend": backend_label(job.backend)}
+        labels = {**preset, "backend": backend_name(job.backend)}
         if job.state == job_pb2.JOB_STATE_CANCELLED:
             self._cancelled.add(1, preset)
         elif job.state == job_pb2.JOB_STATE_FAILED:

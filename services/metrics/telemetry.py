@@ -7,8 +7,8 @@ from collections.abc import Iterable
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from aiprod.common.v1 import backend_pb2
 from aiprod.metrics.v1 import metrics_pb2
+from aiprod_kit.capabilities import backend_name
 from aiprod_metrics.ledger import Totals
 
 _LEVELS = {
@@ -18,10 +18,6 @@ _LEVELS = {
     metrics_pb2.BUDGET_LEVEL_ECONOMY: 2,
     metrics_pb2.BUDGET_LEVEL_EXHAUSTED: 3,
 }
-
-
-def _backend_label(backend: int) -> str:
-    return backend_pb2.Backend.Name(backend).removeprefix("BACKEND_").lower()
 
 
 class MetricsTelemetry:
@@ -88,7 +84,7 @@ class MetricsTelemetry:
         self._alerts = [
             (
                 float(alert.firing),
-                {"policy": alert.policy, "backend": _backend_label(alert.backend) if alert.backend else ""},
+                {"policy": alert.policy, "backend": backend_name(alert.backend) if alert.backend else ""},
             )
             for alert in alerts
         ]

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aiprod.common.v1 import backend_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod_kit.breaker import CircuitBreaker
+from aiprod_kit.capabilities import backend_name
 from aiprod_kit.channels import open_channel
 from aiprod_router.stats import BackendStats
 
@@ -89,7 +90,7 @@ class Renderer:
 
     @property
     def name(self) -> str:
-        return backend_pb2.Backend.Name(self.backend).removeprefix("BACKEND_").lower()
+        return backend_name(self.backend)
 
     async def watch_replicas(self) -> None:
         """Keeps one health Watch per replica for the router's life, resolving the target again from

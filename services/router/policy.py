@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2
-from aiprod_kit.capabilities import shot_mismatches
+from aiprod_kit.capabilities import backend_name, shot_mismatches
 
 # Below this observed success rate the expected cost stops growing: the breaker handles worse.
 _MIN_SUCCESS_RATE = 0.25
@@ -70,10 +70,6 @@ class Candidate:
     reasons: list[str] = field(default_factory=list)
     # For an excluded candidate, the code of each reason (router_pb2.Exclusion), in the same order.
     exclusions: list[int] = field(default_factory=list)
-
-
-def _name(backend: int) -> str:
-    return backend_pb2.Backend.Name(backend).removeprefix("BACKEND_").lower()
 
 
 def _usd(micros: float) -> str:
@@ -204,4 +200,4 @@ def rank_backends(request: RouteRequest, views: list[BackendView]) -> list[Candi
 
 
 def describe(candidate: Candidate) -> str:
-    return f"{_name(candidate.backend)}: {'; '.join(candidate.reasons)}"
+    return f"{backend_name(candidate.backend)}: {'; '.join(candidate.reasons)}"

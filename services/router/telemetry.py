@@ -9,15 +9,11 @@ from collections.abc import Callable, Iterable
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from aiprod.common.v1 import backend_pb2
 from aiprod_kit.breaker import BreakerState
+from aiprod_kit.capabilities import backend_name
 from aiprod_router.backends import Renderer
 
 _BREAKER_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
-
-
-def backend_label(backend: int) -> str:
-    return backend_pb2.Backend.Name(backend).removeprefix("BACKEND_").lower()
 
 
 class RouterMetrics:
@@ -79,40 +75,40 @@ class RouterMetrics:
         failure_reason: str = "",
     ) -> None:
         """outcome: succeeded, failed or qc_under_floor; the last two count as errors of the backend."""
-        labels = {"backend": backend_label(backend), "outcome": outcome}
+        labels = {"backend": backend_name(backend), "outcome": outcome}
         self._attempts.add(1, labels)
         if outcome != "succeeded":
-            self._errors.add(1, {"backend": backend_label(backend), "reason": failure_reason or outcome})
+            self._errors.add(1, {"backend": backend_name(backend), "reason": failure_reason or outcome})
         if seconds:
             self._render_seconds.record(seconds, labels)
         if qc_score is not None:
-            self._qc.record(qc_score, {"backend": backend_label(backend)})
+            self._qc.record(qc_score, {"backend": backend_name(backend)})
 
     def fell_back(self, from_backend: int, to_backend: int, reason: str) -> None:
         self._fallbacks.add(
             1,
             {
-                "from_backend": backend_label(from_backend),
-                "to_backend": backend_label(to_backend),
+                "from_backend": backend_name(from_backend),
+                "to_backend": backend_name(to_backend),
                 "reason": reason,
             },
         )
 
     def uncertain(self, backend: int) -> None:
-        self._uncertain.add(1, {"backend": backend_label(backend)})
+        self._uncertain.add(1, {"backend": backend_name(backend)})
 
     def _health(self, options: CallbackOptions) -> Iterable[Observation]:
         for renderer in self._backends():
-            yield Observation(int(renderer.serving), {"backend": backend_label(renderer.backend)})
+            yield Observation(int(renderer.serving), {"backend": backend_name(renderer.backend)})
 
     def _breaker(self, options: CallbackOptions) -> Iterable[Observation]:
         for renderer in self._backends():
             yield Observation(
-                _BREAKER_VALUES[renderer.breaker.state], {"backend": backend_label(renderer.backend)}
+                _BREAKER_VALUES[renderer.breaker.state], {"backend": backend_name(renderer.backend)}
             )
 
     def _cost(self, options: CallbackOptions) -> Iterable[Observation]:
         for renderer in self._backends():
             cost = renderer.stats.cost_per_second_micros
             if cost is not None:
-                yield Observation(cost / 1e6, {"backend": backend_label(renderer.backend)})
+                yield Observation(cost / 1e6, {"backend": backend_name(renderer.backend)})
