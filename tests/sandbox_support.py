@@ -3,6 +3,7 @@ stub, and waiting on render and health streams."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 import httpx
@@ -13,11 +14,30 @@ from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod_kit.mesh import Mesh
 
 RENDERER_SERVICE = "aiprod.renderer.v1.RendererService"
+# Sandbox renders of a second, polled five times a second: mesh tests wait seconds, not minutes.
+FAST_PROVIDERS = {
+    "AIPROD_SANDBOX_RENDER_SECONDS": "1",
+    "AIPROD_RUNWAY_POLL_SECONDS": "0.2",
+    "AIPROD_VEO_POLL_SECONDS": "0.2",
+    "AIPROD_REPLICATE_POLL_SECONDS": "0.2",
+}
 TERMINAL = {
     renderer_pb2.RENDER_STATE_SUCCEEDED,
     renderer_pb2.RENDER_STATE_FAILED,
     renderer_pb2.RENDER_STATE_CANCELLED,
 }
+
+
+@contextmanager
+def sandbox_mesh(data_dir: Path, environment: dict[str, str]) -> Iterator[Mesh]:
+    """The whole mesh with every provider renderer against the sandbox (fast, unless environment says
+    otherwise), stopped on the way out."""
+    running = Mesh(data_dir, free_ports=True, sandbox=True, environment={**FAST_PROVIDERS, **environment})
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 class Sandbox:

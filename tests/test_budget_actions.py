@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import grpc
 import pytest
-from sandbox_support import Sandbox
+from sandbox_support import Sandbox, sandbox_mesh
 from support import eventually, wait_terminal, watch_until
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
@@ -30,10 +30,6 @@ GATEWAY_DEFAULTS = {
     "AIPROD_GATEWAY_BUDGET_MAX_WAIT_SECONDS": "0",
 }
 ENVIRONMENT = {
-    "AIPROD_SANDBOX_RENDER_SECONDS": "1",
-    "AIPROD_RUNWAY_POLL_SECONDS": "0.2",
-    "AIPROD_VEO_POLL_SECONDS": "0.2",
-    "AIPROD_REPLICATE_POLL_SECONDS": "0.2",
     "AIPROD_METRICS_DAILY_CAP_USD": "10",
     # Best quality first while 0.5 USD is left: what economy mode overrides.
     "AIPROD_ROUTER_QUALITY_FIRST_BUDGET_USD": "0.5",
@@ -57,10 +53,8 @@ WAITING = "waiting for budget: "
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    running = Mesh(tmp_path_factory.mktemp("budget"), free_ports=True, sandbox=True, environment=ENVIRONMENT)
-    running.start()
-    yield running
-    running.stop()
+    with sandbox_mesh(tmp_path_factory.mktemp("budget"), ENVIRONMENT) as running:
+        yield running
 
 
 @pytest.fixture

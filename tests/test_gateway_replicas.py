@@ -12,7 +12,7 @@ import grpc
 import psycopg
 import pytest
 from postgres_support import assert_runs_on_its_store, fresh_schema
-from sandbox_support import Sandbox
+from sandbox_support import Sandbox, sandbox_mesh
 from support import eventually, wait_terminal, watch_until
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
@@ -27,10 +27,6 @@ ENVIRONMENT = {
     "AIPROD_GATEWAY_JOB_LEASE_SECONDS": str(LEASE_SECONDS),
     # Two jobs at once per replica: with more jobs than that, some wait queued.
     "AIPROD_DISPATCH_CONCURRENCY": "2",
-    "AIPROD_SANDBOX_RENDER_SECONDS": "1",
-    "AIPROD_RUNWAY_POLL_SECONDS": "0.2",
-    "AIPROD_VEO_POLL_SECONDS": "0.2",
-    "AIPROD_REPLICATE_POLL_SECONDS": "0.2",
 }
 
 
@@ -43,17 +39,11 @@ def database_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[Mesh]:
     environment = {**ENVIRONMENT, "AIPROD_DATABASE_URL": database_url}
-    running = Mesh(
-        tmp_path_factory.mktemp("replicas"), free_ports=True, sandbox=True, environment=environment
-    )
-    running.start()
-    try:
+    with sandbox_mesh(tmp_path_factory.mktemp("replicas"), environment) as running:
         running.start_replica("gateway", HOSTS[1])
         for replica in REPLICAS:
             assert_runs_on_its_store(running, replica, environment)
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

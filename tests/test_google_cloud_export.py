@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from monitoring_support import metric_types
+from sandbox_support import sandbox_mesh
 from support import eventually, wait_terminal
 from telemetry_support import FakeGoogleCloud, documented_metrics
 
@@ -34,15 +35,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, google_cloud: FakeGoogleCloud
         "AIPROD_OTEL_GCP_EMULATOR_HOST": google_cloud.address,
         "OTEL_METRIC_EXPORT_INTERVAL": "500",
         "AIPROD_METRICS_ALERT_INTERVAL_SECONDS": "0.5",
-        "AIPROD_SANDBOX_RENDER_SECONDS": "1",
-        "AIPROD_RUNWAY_POLL_SECONDS": "0.2",
-        "AIPROD_VEO_POLL_SECONDS": "0.2",
-        "AIPROD_REPLICATE_POLL_SECONDS": "0.2",
     }
-    running = Mesh(tmp_path_factory.mktemp("gcp"), free_ports=True, sandbox=True, environment=environment)
-    running.start()
-    yield running
-    running.stop()
+    with sandbox_mesh(tmp_path_factory.mktemp("gcp"), environment) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from sandbox_support import NOT_SERVING, SERVING, Sandbox, health_watch, wait_for_status
+from sandbox_support import NOT_SERVING, SERVING, Sandbox, health_watch, sandbox_mesh, wait_for_status
 from support import eventually, wait_terminal, watch_until
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
@@ -14,10 +14,6 @@ from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_kit.mesh import Mesh
 
 ENVIRONMENT = {
-    "AIPROD_SANDBOX_RENDER_SECONDS": "1",
-    "AIPROD_RUNWAY_POLL_SECONDS": "0.2",
-    "AIPROD_VEO_POLL_SECONDS": "0.2",
-    "AIPROD_REPLICATE_POLL_SECONDS": "0.2",
     "AIPROD_RUNWAY_BREAKER_COOLDOWN_SECONDS": "1",
     # The breaker under test is the router's: Replicate's own renderer keeps serving through failures.
     "AIPROD_REPLICATE_BREAKER_FAILURES": "100",
@@ -35,10 +31,8 @@ RUNWAY, VEO, REPLICATE, LOCAL = (
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    running = Mesh(tmp_path_factory.mktemp("routing"), free_ports=True, sandbox=True, environment=ENVIRONMENT)
-    running.start()
-    yield running
-    running.stop()
+    with sandbox_mesh(tmp_path_factory.mktemp("routing"), ENVIRONMENT) as running:
+        yield running
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import grpc
 import monitoring_support
 import pytest
-from sandbox_support import Sandbox
+from sandbox_support import Sandbox, sandbox_mesh
 from support import eventually, wait_terminal, watch_until
 from telemetry_support import (
     OtlpReceiver,
@@ -28,20 +28,14 @@ RUNWAY = backend_pb2.BACKEND_RUNWAY
 JOB_ID = re.compile(r"job_[0-9a-f]{32}")
 
 
-def telemetry_environment(exporter_settings: dict[str, str]) -> dict[str, str]:
-    return {
-        **exporter_settings,
-        # Export often, so that tests wait seconds, not the default minute.
-        "OTEL_METRIC_EXPORT_INTERVAL": "300",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "AIPROD_METRICS_ALERT_INTERVAL_SECONDS": "0.5",
-        "AIPROD_SANDBOX_RENDER_SECONDS": "1",
-        "AIPROD_RUNWAY_POLL_SECONDS": "0.2",
-        "AIPROD_VEO_POLL_SECONDS": "0.2",
-        "AIPROD_REPLICATE_POLL_SECONDS": "0.2",
-        # A vanished renderer is given up quickly: its attempt becomes uncertain.
-        "AIPROD_ROUTER_REATTACH_SECONDS": "1",
-    }
+ENVIRONMENT = {
+    # Export often, so that tests wait seconds, not the default minute.
+    "OTEL_METRIC_EXPORT_INTERVAL": "300",
+    "OTEL_BSP_SCHEDULE_DELAY": "100",
+    "AIPROD_METRICS_ALERT_INTERVAL_SECONDS": "0.5",
+    # A vanished renderer is given up quickly: its attempt becomes uncertain.
+    "AIPROD_ROUTER_REATTACH_SECONDS": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +46,9 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver) -> Iterator[Mesh]:
-    environment = telemetry_environment(
-        {"AIPROD_OTEL_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
-    )
-    running = Mesh(
-        tmp_path_factory.mktemp("telemetry"), free_ports=True, sandbox=True, environment=environment
-    )
-    running.start()
-    yield running
-    running.stop()
+    exporter = {"AIPROD_OTEL_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+    with sandbox_mesh(tmp_path_factory.mktemp("telemetry"), {**ENVIRONMENT, **exporter}) as running:
+        yield running
 
 
 def gateway(mesh: Mesh) -> gateway_pb2_grpc.GatewayServiceStub:
