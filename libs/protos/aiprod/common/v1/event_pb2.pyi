@@ -4,6 +4,7 @@ from aiprod.common.v1 import backend_pb2 as _backend_pb2
 from aiprod.common.v1 import money_pb2 as _money_pb2
 from aiprod.common.v1 import render_pb2 as _render_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
@@ -11,15 +12,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ChargeOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHARGE_OUTCOME_UNSPECIFIED: _ClassVar[ChargeOutcome]
+    CHARGE_OUTCOME_COMMIT: _ClassVar[ChargeOutcome]
+    CHARGE_OUTCOME_RELEASE: _ClassVar[ChargeOutcome]
+    CHARGE_OUTCOME_HOLD: _ClassVar[ChargeOutcome]
+CHARGE_OUTCOME_UNSPECIFIED: ChargeOutcome
+CHARGE_OUTCOME_COMMIT: ChargeOutcome
+CHARGE_OUTCOME_RELEASE: ChargeOutcome
+CHARGE_OUTCOME_HOLD: ChargeOutcome
+
 class RouteDecision(_message.Message):
-    __slots__ = ("backend", "reason", "estimated_cost")
+    __slots__ = ("backend", "reason", "estimated_cost", "reservation_key", "reserved")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COST_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_KEY_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
     backend: _backend_pb2.Backend
     reason: str
     estimated_cost: _money_pb2.Money
-    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., reason: _Optional[str] = ..., estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
+    reservation_key: str
+    reserved: _money_pb2.Money
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., reason: _Optional[str] = ..., estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., reservation_key: _Optional[str] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class RenderProgress(_message.Message):
     __slots__ = ("fraction", "message")
@@ -39,8 +55,28 @@ class Fallback(_message.Message):
     cause: _render_pb2.RenderFailure
     def __init__(self, from_backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., to_backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., cause: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ...) -> None: ...
 
+class AttemptCharge(_message.Message):
+    __slots__ = ("reservation_key", "backend", "model", "task_id", "outcome", "billed", "failure", "output")
+    RESERVATION_KEY_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    BILLED_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    reservation_key: str
+    backend: _backend_pb2.Backend
+    model: str
+    task_id: str
+    outcome: ChargeOutcome
+    billed: _money_pb2.Money
+    failure: _render_pb2.RenderFailure
+    output: _render_pb2.RenderOutput
+    def __init__(self, reservation_key: _Optional[str] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., model: _Optional[str] = ..., task_id: _Optional[str] = ..., outcome: _Optional[_Union[ChargeOutcome, str]] = ..., billed: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., failure: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., output: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ...) -> None: ...
+
 class RenderEvent(_message.Message):
-    __slots__ = ("time", "attempt", "routed", "submitted", "progress", "qc", "fallback", "succeeded", "failed")
+    __slots__ = ("time", "attempt", "routed", "submitted", "progress", "qc", "fallback", "succeeded", "failed", "charged")
     TIME_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     ROUTED_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +86,7 @@ class RenderEvent(_message.Message):
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
     SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    CHARGED_FIELD_NUMBER: _ClassVar[int]
     time: _timestamp_pb2.Timestamp
     attempt: int
     routed: RouteDecision
@@ -59,4 +96,5 @@ class RenderEvent(_message.Message):
     fallback: Fallback
     succeeded: _render_pb2.RenderOutput
     failed: _render_pb2.RenderFailure
-    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., routed: _Optional[_Union[RouteDecision, _Mapping]] = ..., submitted: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., progress: _Optional[_Union[RenderProgress, _Mapping]] = ..., qc: _Optional[_Union[_render_pb2.QcReport, _Mapping]] = ..., fallback: _Optional[_Union[Fallback, _Mapping]] = ..., succeeded: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., failed: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ...) -> None: ...
+    charged: AttemptCharge
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., routed: _Optional[_Union[RouteDecision, _Mapping]] = ..., submitted: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., progress: _Optional[_Union[RenderProgress, _Mapping]] = ..., qc: _Optional[_Union[_render_pb2.QcReport, _Mapping]] = ..., fallback: _Optional[_Union[Fallback, _Mapping]] = ..., succeeded: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., failed: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., charged: _Optional[_Union[AttemptCharge, _Mapping]] = ...) -> None: ...

@@ -16,7 +16,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RenderJob(_message.Message):
-    __slots__ = ("job_id", "request_id", "state", "spec", "plan", "create_time", "update_time", "result", "error", "last_sequence", "progress", "backend", "handle", "attempt", "reserved", "budget_wait_start_time")
+    __slots__ = ("job_id", "request_id", "state", "spec", "plan", "create_time", "update_time", "result", "error", "last_sequence", "progress", "backend", "handle", "attempt", "reserved", "budget_wait_start_time", "attempts", "cost")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,8 @@ class RenderJob(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RESERVED_FIELD_NUMBER: _ClassVar[int]
     BUDGET_WAIT_START_TIME_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     request_id: str
     state: _job_pb2.JobState
@@ -49,7 +51,27 @@ class RenderJob(_message.Message):
     attempt: int
     reserved: _money_pb2.Money
     budget_wait_start_time: _timestamp_pb2.Timestamp
-    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., spec: _Optional[_Union[_render_pb2.RenderSpec, _Mapping]] = ..., plan: _Optional[_Union[_render_pb2.RenderPlan, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., error: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., last_sequence: _Optional[int] = ..., progress: _Optional[float] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., attempt: _Optional[int] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., budget_wait_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    attempts: _containers.RepeatedCompositeFieldContainer[RenderAttempt]
+    cost: _money_pb2.Money
+    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., spec: _Optional[_Union[_render_pb2.RenderSpec, _Mapping]] = ..., plan: _Optional[_Union[_render_pb2.RenderPlan, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., error: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., last_sequence: _Optional[int] = ..., progress: _Optional[float] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., attempt: _Optional[int] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., budget_wait_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[RenderAttempt, _Mapping]]] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
+
+class RenderAttempt(_message.Message):
+    __slots__ = ("attempt", "backend", "reservation_key", "reserved", "handle", "charge", "settled")
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_KEY_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    CHARGE_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
+    attempt: int
+    backend: _backend_pb2.Backend
+    reservation_key: str
+    reserved: _money_pb2.Money
+    handle: _backend_pb2.RenderHandle
+    charge: _event_pb2.AttemptCharge
+    settled: bool
+    def __init__(self, attempt: _Optional[int] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., reservation_key: _Optional[str] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., charge: _Optional[_Union[_event_pb2.AttemptCharge, _Mapping]] = ..., settled: _Optional[bool] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("job_id", "sequence", "create_time", "state", "render", "message")

@@ -80,34 +80,42 @@ class GetJobStatsResponse(_message.Message):
     def __init__(self, stats: _Optional[_Iterable[_Union[JobStat, _Mapping]]] = ...) -> None: ...
 
 class Reservation(_message.Message):
-    __slots__ = ("reservation_key", "tenant_id", "amount", "expire_time")
+    __slots__ = ("reservation_key", "tenant_id", "amount", "expire_time", "backend", "job_id")
     RESERVATION_KEY_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_FIELD_NUMBER: _ClassVar[int]
     EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
-    reservation_key: str
-    tenant_id: str
-    amount: _money_pb2.Money
-    expire_time: _timestamp_pb2.Timestamp
-    def __init__(self, reservation_key: _Optional[str] = ..., tenant_id: _Optional[str] = ..., amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
-
-class ReserveBudgetRequest(_message.Message):
-    __slots__ = ("reservation_key", "tenant_id", "amount", "job_id")
-    RESERVATION_KEY_FIELD_NUMBER: _ClassVar[int]
-    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
-    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     reservation_key: str
     tenant_id: str
     amount: _money_pb2.Money
+    expire_time: _timestamp_pb2.Timestamp
+    backend: _backend_pb2.Backend
     job_id: str
-    def __init__(self, reservation_key: _Optional[str] = ..., tenant_id: _Optional[str] = ..., amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., job_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, reservation_key: _Optional[str] = ..., tenant_id: _Optional[str] = ..., amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class ReserveBudgetRequest(_message.Message):
+    __slots__ = ("reservation_key", "tenant_id", "amount", "job_id", "backend")
+    RESERVATION_KEY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    reservation_key: str
+    tenant_id: str
+    amount: _money_pb2.Money
+    job_id: str
+    backend: _backend_pb2.Backend
+    def __init__(self, reservation_key: _Optional[str] = ..., tenant_id: _Optional[str] = ..., amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., job_id: _Optional[str] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ...) -> None: ...
 
 class ReserveBudgetResponse(_message.Message):
-    __slots__ = ("reservation",)
+    __slots__ = ("reservation", "existing")
     RESERVATION_FIELD_NUMBER: _ClassVar[int]
+    EXISTING_FIELD_NUMBER: _ClassVar[int]
     reservation: Reservation
-    def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ...) -> None: ...
+    existing: bool
+    def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ..., existing: _Optional[bool] = ...) -> None: ...
 
 class CommitSpendRequest(_message.Message):
     __slots__ = ("reservation_key", "actual")
@@ -138,7 +146,7 @@ class GetBudgetRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
 
 class Budget(_message.Message):
-    __slots__ = ("tenant_id", "day", "cap", "spent", "reserved", "remaining", "level", "used_fraction", "expired_reservations")
+    __slots__ = ("tenant_id", "day", "cap", "spent", "reserved", "remaining", "level", "used_fraction", "expired_reservations", "uncertain")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     DAY_FIELD_NUMBER: _ClassVar[int]
     CAP_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +156,7 @@ class Budget(_message.Message):
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     USED_FRACTION_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAIN_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     day: str
     cap: _money_pb2.Money
@@ -157,7 +166,8 @@ class Budget(_message.Message):
     level: BudgetLevel
     used_fraction: float
     expired_reservations: int
-    def __init__(self, tenant_id: _Optional[str] = ..., day: _Optional[str] = ..., cap: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., spent: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., remaining: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., level: _Optional[_Union[BudgetLevel, str]] = ..., used_fraction: _Optional[float] = ..., expired_reservations: _Optional[int] = ...) -> None: ...
+    uncertain: _money_pb2.Money
+    def __init__(self, tenant_id: _Optional[str] = ..., day: _Optional[str] = ..., cap: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., spent: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., remaining: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., level: _Optional[_Union[BudgetLevel, str]] = ..., used_fraction: _Optional[float] = ..., expired_reservations: _Optional[int] = ..., uncertain: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class GetBudgetResponse(_message.Message):
     __slots__ = ("budget", "global_budget")

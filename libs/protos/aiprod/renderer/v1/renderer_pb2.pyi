@@ -29,7 +29,7 @@ RENDER_STATE_FAILED: RenderState
 RENDER_STATE_CANCELLED: RenderState
 
 class Capabilities(_message.Message):
-    __slots__ = ("backend", "models", "min_duration_seconds", "max_duration_seconds", "allowed_durations_seconds", "aspect_ratios", "resolutions", "image_input", "audio", "price_per_second", "nominal_quality")
+    __slots__ = ("backend", "models", "min_duration_seconds", "max_duration_seconds", "allowed_durations_seconds", "aspect_ratios", "resolutions", "image_input", "audio", "price_per_second", "nominal_quality", "max_prompt_characters", "max_image_bytes")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     MIN_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class Capabilities(_message.Message):
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     PRICE_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     NOMINAL_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     backend: _backend_pb2.Backend
     models: _containers.RepeatedScalarFieldContainer[str]
     min_duration_seconds: float
@@ -52,7 +54,9 @@ class Capabilities(_message.Message):
     audio: bool
     price_per_second: _money_pb2.Money
     nominal_quality: float
-    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., models: _Optional[_Iterable[str]] = ..., min_duration_seconds: _Optional[float] = ..., max_duration_seconds: _Optional[float] = ..., allowed_durations_seconds: _Optional[_Iterable[float]] = ..., aspect_ratios: _Optional[_Iterable[_Union[_render_pb2.AspectRatio, str]]] = ..., resolutions: _Optional[_Iterable[str]] = ..., image_input: _Optional[bool] = ..., audio: _Optional[bool] = ..., price_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., nominal_quality: _Optional[float] = ...) -> None: ...
+    max_prompt_characters: int
+    max_image_bytes: int
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., models: _Optional[_Iterable[str]] = ..., min_duration_seconds: _Optional[float] = ..., max_duration_seconds: _Optional[float] = ..., allowed_durations_seconds: _Optional[_Iterable[float]] = ..., aspect_ratios: _Optional[_Iterable[_Union[_render_pb2.AspectRatio, str]]] = ..., resolutions: _Optional[_Iterable[str]] = ..., image_input: _Optional[bool] = ..., audio: _Optional[bool] = ..., price_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., nominal_quality: _Optional[float] = ..., max_prompt_characters: _Optional[int] = ..., max_image_bytes: _Optional[int] = ...) -> None: ...
 
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ()
@@ -65,7 +69,7 @@ class GetCapabilitiesResponse(_message.Message):
     def __init__(self, capabilities: _Optional[_Union[Capabilities, _Mapping]] = ...) -> None: ...
 
 class Render(_message.Message):
-    __slots__ = ("handle", "state", "progress", "output", "failure", "create_time", "update_time")
+    __slots__ = ("handle", "state", "progress", "output", "failure", "create_time", "update_time", "charge", "model")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +77,8 @@ class Render(_message.Message):
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CHARGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     handle: _backend_pb2.RenderHandle
     state: RenderState
     progress: float
@@ -80,7 +86,9 @@ class Render(_message.Message):
     failure: _render_pb2.RenderFailure
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., state: _Optional[_Union[RenderState, str]] = ..., progress: _Optional[float] = ..., output: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., failure: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    charge: _money_pb2.Money
+    model: str
+    def __init__(self, handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., state: _Optional[_Union[RenderState, str]] = ..., progress: _Optional[float] = ..., output: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., failure: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., charge: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class StartRenderRequest(_message.Message):
     __slots__ = ("idempotency_key", "shot", "model")

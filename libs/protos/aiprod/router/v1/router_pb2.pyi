@@ -91,18 +91,16 @@ class PlanRouteResponse(_message.Message):
     def __init__(self, candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ...) -> None: ...
 
 class ExecuteRenderRequest(_message.Message):
-    __slots__ = ("job_id", "shot", "constraints", "idempotency_key", "reserved")
+    __slots__ = ("job_id", "shot", "constraints", "idempotency_key")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHOT_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
-    RESERVED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shot: _render_pb2.Shot
     constraints: _render_pb2.RenderConstraints
     idempotency_key: str
-    reserved: _money_pb2.Money
-    def __init__(self, job_id: _Optional[str] = ..., shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class ExecuteRenderResponse(_message.Message):
     __slots__ = ("event",)
@@ -111,20 +109,18 @@ class ExecuteRenderResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[_event_pb2.RenderEvent, _Mapping]] = ...) -> None: ...
 
 class ResumeRenderRequest(_message.Message):
-    __slots__ = ("job_id", "handle", "shot", "constraints", "attempt", "reserved")
+    __slots__ = ("job_id", "handle", "shot", "constraints", "attempt")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     SHOT_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
-    RESERVED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     handle: _backend_pb2.RenderHandle
     shot: _render_pb2.Shot
     constraints: _render_pb2.RenderConstraints
     attempt: int
-    reserved: _money_pb2.Money
-    def __init__(self, job_id: _Optional[str] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., attempt: _Optional[int] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class ResumeRenderResponse(_message.Message):
     __slots__ = ("event",)
@@ -139,8 +135,10 @@ class CancelRenderRequest(_message.Message):
     def __init__(self, handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ...) -> None: ...
 
 class CancelRenderResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("charge",)
+    CHARGE_FIELD_NUMBER: _ClassVar[int]
+    charge: _event_pb2.AttemptCharge
+    def __init__(self, charge: _Optional[_Union[_event_pb2.AttemptCharge, _Mapping]] = ...) -> None: ...
 
 class ListBackendsRequest(_message.Message):
     __slots__ = ()
