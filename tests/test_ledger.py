@@ -15,13 +15,14 @@ from grpc_status import rpc_status
 from postgres_support import assert_runs_on_its_store
 from support import connect_metrics
 
-from aiprod.common.v1 import money_pb2
+from aiprod.common.v1 import backend_pb2, money_pb2
 from aiprod.metrics.v1 import metrics_pb2
 from aiprod_kit.mesh import Mesh, ServiceStartError
 from aiprod_kit.money import usd
 
 USD = 1_000_000
 CAP = 10 * USD
+RUNWAY, VEO = backend_pb2.BACKEND_RUNWAY, backend_pb2.BACKEND_VEO
 OK, NOTIFY, ECONOMY, EXHAUSTED = (
     metrics_pb2.BUDGET_LEVEL_OK,
     metrics_pb2.BUDGET_LEVEL_NOTIFY,
@@ -58,10 +59,14 @@ def start_metrics(tmp_path, database_environment) -> Iterator[StartMetrics]:
 
 
 def reserve_request(
-    key: str, micros: int, tenant: str = "", job_id: str = ""
+    key: str, micros: int, tenant: str = "", job_id: str = "", backend: int = 0
 ) -> metrics_pb2.ReserveBudgetRequest:
     return metrics_pb2.ReserveBudgetRequest(
-        reservation_key=key, tenant_id=tenant, amount=usd(micros), job_id=job_id or f"job-{key[:64]}"
+        reservation_key=key,
+        tenant_id=tenant,
+        amount=usd(micros),
+        job_id=job_id or f"job-{key[:64]}",
+        backend=backend,
     )
 
 
@@ -246,9 +251,13 @@ async def test_repeating_a_reservation_never_reserves_twice(start_metrics):
         assert all(reservation == racing[0] for reservation in racing)
         assert amounts((await budgets(stub)).budget) == (0, 5 * USD, 5 * USD)
 
-        # The same key for something else is refused, and changes nothing.
+        # The same attempt asked with another amount: the reservation made first stands.
+        repeated = await stub.ReserveBudget(reserve_request("once", 3 * USD, job_id="job-1"))
+        assert (repeated.reservation, repeated.existing) == (first, True)
+        assert amounts((await budgets(stub)).budget) == (0, 5 * USD, 5 * USD)
+
+        # The same key for another tenant or job is refused, and changes nothing.
         for changed in (
-            reserve_request("once", 3 * USD, job_id="job-1"),
             reserve_request("once", 2 * USD, job_id="job-other"),
             reserve_request("once", 2 * USD, tenant="other", job_id="job-1"),
         ):
@@ -265,6 +274,26 @@ async def test_repeating_a_reservation_never_reserves_twice(start_metrics):
         error = await failure(stub.ReserveBudget(reserve_request("once", 2 * USD, job_id="job-1")))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert amounts((await budgets(stub)).budget) == (0, 8 * USD, 2 * USD)
+
+
+async def test_a_reservation_keeps_the_backend_its_attempt_was_reserved_for(start_metrics):
+    mesh = start_metrics()
+    async with connect_metrics(mesh) as stub:
+        made = await stub.ReserveBudget(reserve_request("job-9:1", 2 * USD, job_id="job-9", backend=RUNWAY))
+        assert made.existing is False
+        assert (made.reservation.backend, made.reservation.job_id) == (RUNWAY, "job-9")
+        assert made.reservation.amount.amount_micros == 2 * USD
+        # A router that restarted mid-attempt ranks Veo first now, at another price: the attempt was
+        # reserved for Runway, and it is told so.
+        again = await stub.ReserveBudget(reserve_request("job-9:1", 3 * USD, job_id="job-9", backend=VEO))
+        assert (again.reservation, again.existing) == (made.reservation, True)
+        assert amounts((await budgets(stub)).budget) == (0, 2 * USD, 8 * USD)
+        # An attempt that names no backend (an older caller) is reserved all the same.
+        unnamed = await reserve(stub, "job-10:1", USD, job_id="job-10")
+        assert unnamed.backend == backend_pb2.BACKEND_UNSPECIFIED
+        await until(
+            lambda: [r["backend"] for r in log_records(mesh, "budget reserved")] == ["runway", "unspecified"]
+        )
 
 
 async def test_commit_and_release_settle_a_reservation_once(start_metrics):
@@ -333,6 +362,7 @@ async def test_bad_input_names_the_field_and_writes_nothing(start_metrics):
             ),
             (reserve_request("valid-key", USD, tenant="no/slashes"), {"tenant_id"}),
             (reserve_request("valid-key", USD, job_id="j" * 129), {"job_id"}),
+            (reserve_request("valid-key", USD, backend=99), {"backend"}),
             (reserve_request("bad key", 0), {"reservation_key", "amount.amount_micros"}),
         ]
         for request, fields in cases:
@@ -426,7 +456,7 @@ async def test_a_tenant_cap_bounds_each_tenant_under_the_global_cap(start_metric
         assert amounts(response.global_budget) == (0, 9 * USD, USD)
 
 
-async def test_a_stuck_reservation_expires_and_frees_its_money(start_metrics):
+async def test_a_stuck_reservation_expires_counted_as_spent_until_reconciled(start_metrics):
     mesh = start_metrics(
         AIPROD_METRICS_RESERVATION_TTL_SECONDS="1", AIPROD_METRICS_EXPIRY_SWEEP_SECONDS="0.2"
     )
@@ -434,24 +464,43 @@ async def test_a_stuck_reservation_expires_and_frees_its_money(start_metrics):
         before = datetime.now(UTC)
         reservation = await reserve(stub, "stuck", 4 * USD, job_id="job-stuck")
         after = datetime.now(UTC)
+        await reserve(stub, "lost", 2 * USD, job_id="job-lost")
         expires = reservation.expire_time.ToDatetime(tzinfo=UTC)
         assert before + timedelta(seconds=1) <= expires <= after + timedelta(seconds=1)
 
         async def expired() -> bool:
-            return (await budgets(stub)).budget.expired_reservations == 1
+            return (await budgets(stub)).budget.expired_reservations == 2
 
         await until(expired)
+        # Expiry frees nothing: those attempts may have been billed, so they are spent at worst case.
         response = await budgets(stub)
-        assert amounts(response.budget) == (0, 0, CAP)
-        assert response.global_budget.expired_reservations == 1
-        await until(lambda: [r["job_id"] for r in log_records(mesh, "reservation expired")] == ["job-stuck"])
+        for budget in (response.budget, response.global_budget):
+            assert amounts(budget) == (6 * USD, 0, 4 * USD)
+            assert (budget.uncertain.amount_micros, budget.expired_reservations) == (6 * USD, 2)
+        error = await failure(reserve(stub, "next", 5 * USD))  # fits only if expiry freed money
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "4.00 USD left" in error.details()
+        await until(
+            lambda: (
+                sorted(r["job_id"] for r in log_records(mesh, "reservation expired"))
+                == ["job-lost", "job-stuck"]
+            )
+        )
+        # The attempt asked again is still that attempt.
+        repeated = await stub.ReserveBudget(reserve_request("stuck", 4 * USD, job_id="job-stuck"))
+        assert (repeated.reservation, repeated.existing) == (reservation, True)
 
-        # The stuck job finished after all: the money was spent, so the spend is recorded.
+        # The stuck job finished after all: the actual replaces the worst case, late.
         await commit(stub, "stuck", 3 * USD)
         response = await budgets(stub)
-        assert amounts(response.budget) == (3 * USD, 0, 7 * USD)
-        assert response.budget.expired_reservations == 1
+        assert amounts(response.budget) == (5 * USD, 0, 5 * USD)
+        assert response.budget.uncertain.amount_micros == 2 * USD
         await until(lambda: [r["after_expiry"] for r in log_records(mesh, "spend committed")] == [True])
+        # The lost one is known not to have billed: its money is free again.
+        await release(stub, "lost")
+        response = await budgets(stub)
+        assert amounts(response.budget) == (3 * USD, 0, 7 * USD)
+        assert (response.budget.uncertain.amount_micros, response.budget.expired_reservations) == (0, 2)
 
 
 async def test_the_ledger_survives_a_killed_service(start_metrics):

@@ -12,19 +12,25 @@ Semantics every implementation keeps:
   which it was made, and so does its spend when committed later (even after midnight): a day's
   budget is checked and reported on the same reservations.
 - `reserve` checks the caps and writes in one transaction: (committed actuals + open reservations +
-  the amount) never passes the tenant's or the global cap for the day, however many callers race,
-  in one process or many sharing the store. Actuals over their estimate are recorded as they are,
-  so spend itself can pass a cap; the next reservations then find nothing left.
-- A key is one reservation forever. Repeating `reserve` with the same key, tenant, job and amount
-  returns the open reservation without reserving again; different values raise `KeyConflict`; once
-  the reservation is settled (committed, released, expired) a repeat raises `WrongState`.
-- States: reserved → committed | released | expired; expired → committed (the job finished after
-  all: its money was really spent, so the spend is recorded, late) | released. Commit and release
-  are idempotent: committing again with the same actual, or releasing a released reservation, changes
-  nothing. Committing a released one, releasing a committed one, or committing again with another
-  actual raise `WrongState`.
-- Expiry frees a stuck reservation's money; it counts among the expired reservations of the day it
-  expired on, whatever happens to it later.
+  expired reservations + the amount) never passes the tenant's or the global cap for the day, however
+  many callers race, in one process or many sharing the store. Actuals over their estimate are
+  recorded as they are, so spend itself can pass a cap; the next reservations then find nothing left.
+- A key is one attempt forever, and a reservation records the backend the attempt was reserved for.
+  Repeating `reserve` with the same key, tenant and job returns the reservation as it was made (its
+  amount and backend, whatever amount or backend is asked now) without reserving again, while it is
+  open or expired: a caller that restarted mid-attempt keeps the attempt at the backend it reserved
+  for, so one key never reaches two backends. Another tenant or job raises `KeyConflict`; once the
+  reservation is committed or released a repeat raises `WrongState` (a new attempt takes a new key).
+- States: reserved → committed | released | expired; expired → committed (the attempt was billed:
+  the actual replaces the worst case, late) | released (it is known not to have billed). Commit and
+  release are idempotent: committing again with the same actual, or releasing a released
+  reservation, changes nothing. Committing a released one, releasing a committed one, or committing
+  again with another actual raise `WrongState`.
+- Expiry frees nothing: an attempt nobody settled may well have been billed, so an expired
+  reservation counts as spent at its full amount (its worst case), in the caps and in the day's
+  spent, until a late commit or release reconciles it; until then that money is also the day's
+  uncertain money. It counts among the expired reservations of the day it expired on, whatever
+  happens to it later.
 """
 
 from abc import ABC, abstractmethod
@@ -68,6 +74,8 @@ class Reservation:
     day: str
     # The day it expired on, if it ever did.
     expired_day: str | None = None
+    # The backend the attempt was reserved for (an aiprod.common.v1.Backend value; 0: not named).
+    backend: int = 0
 
     @property
     def variance_ratio(self) -> float | None:
@@ -85,12 +93,14 @@ class Caps:
 
 @dataclass(frozen=True)
 class Totals:
-    # Committed actuals of the day.
+    # Committed actuals of the day, plus expired reservations at their full amount.
     spent: int
     # Open reservations of the day.
     reserved: int
-    # Reservations that expired that day.
+    # Reservations that expired that day (a count).
     expired: int
+    # The day's expired, unreconciled reservations' amounts: the part of spent that is a worst case.
+    uncertain: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,7 @@ class DayTotals:
 
 
 class KeyConflict(Exception):
-    """The key was already used for a different reservation (tenant, job or amount)."""
+    """The key was already used for a reservation of another tenant or job."""
 
     def __init__(self, existing: Reservation) -> None:
         super().__init__(existing.key)
@@ -136,10 +146,11 @@ class BudgetExceeded(Exception):
 class LedgerStore(ABC):
     @abstractmethod
     async def reserve(
-        self, key: str, tenant: str, job_id: str, amount: int, caps: Caps, ttl: timedelta
+        self, key: str, tenant: str, job_id: str, amount: int, caps: Caps, ttl: timedelta, backend: int = 0
     ) -> tuple[Reservation, bool]:
-        """Reserves amount for today unless the key is known; returns the reservation and whether it is
-        new. Raises BudgetExceeded (nothing written), KeyConflict, or WrongState (settled already)."""
+        """Reserves amount for today, for an attempt at backend, unless the key is known; returns the
+        reservation (a known one as it was made: open or expired) and whether it is new. Raises
+        BudgetExceeded (nothing written), KeyConflict, or WrongState (committed or released already)."""
 
     @abstractmethod
     async def commit(self, key: str, actual: int) -> tuple[Reservation, State]:
@@ -152,7 +163,8 @@ class LedgerStore(ABC):
 
     @abstractmethod
     async def expire_overdue(self) -> list[Reservation]:
-        """Marks the open reservations past their expiry expired; returns them (each once, ever)."""
+        """Marks the open reservations past their expiry expired (still counted, as spent at their full
+        amount); returns them (each once, ever)."""
 
     @abstractmethod
     async def day_totals(self, tenant: str) -> DayTotals:
@@ -187,7 +199,9 @@ CREATE TABLE IF NOT EXISTS reservations (
     settled INTEGER,
     -- budget days, YYYY-MM-DD in the configured time zone
     day TEXT NOT NULL,
-    expired_day TEXT
+    expired_day TEXT,
+    -- the aiprod.common.v1.Backend value the attempt was reserved for (0: not named)
+    backend INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS reservations_day ON reservations (day, state, tenant);
 CREATE INDEX IF NOT EXISTS reservations_due ON reservations (state, expires);
@@ -206,15 +220,20 @@ CREATE TABLE IF NOT EXISTS reservations (
     expires BIGINT NOT NULL,
     settled BIGINT,
     day TEXT NOT NULL,
-    expired_day TEXT
+    expired_day TEXT,
+    backend INTEGER NOT NULL DEFAULT 0
 );
+ALTER TABLE reservations ADD COLUMN IF NOT EXISTS backend INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS reservations_day ON reservations (day, state, tenant);
 CREATE INDEX IF NOT EXISTS reservations_due ON reservations (state, expires);
 CREATE INDEX IF NOT EXISTS reservations_expired_day ON reservations (expired_day, tenant);
 """,
 }
+# Columns added to reservations after its first version, which an older SQLite ledger gets on opening
+# (PostgreSQL's script adds them itself, SQLite has no ADD COLUMN IF NOT EXISTS).
+_SQLITE_ADDED_COLUMNS = {"backend": "INTEGER NOT NULL DEFAULT 0"}
 
-_COLUMNS = "key, tenant, job_id, amount, state, actual, created, expires, day, expired_day"
+_COLUMNS = "key, tenant, job_id, amount, state, actual, created, expires, day, expired_day, backend"
 
 
 def _micros(moment: datetime) -> int:
@@ -233,10 +252,10 @@ def _scope(day_column: str, day: str, tenant: str | None) -> tuple[str, list[str
 
 
 def _reservation(row: tuple) -> Reservation:
-    key, tenant, job_id, amount, state, actual, created, expires, day, expired_day = row
+    key, tenant, job_id, amount, state, actual, created, expires, day, expired_day, backend = row
     created_at, expires_at = _moment(created), _moment(expires)
     return Reservation(
-        key, tenant, job_id, amount, State(state), actual, created_at, expires_at, day, expired_day
+        key, tenant, job_id, amount, State(state), actual, created_at, expires_at, day, expired_day, backend
     )
 
 
@@ -262,8 +281,18 @@ class SqlLedgerStore(LedgerStore):
     async def open(
         cls, database: Database, time_zone: tzinfo = UTC, clock: Clock = system_clock
     ) -> "SqlLedgerStore":
-        """Creates the table if needed."""
+        """Creates the table if needed, and adds the columns an older SQLite ledger lacks."""
         await database.create_schema(_SCHEMAS)
+        if database.dialect == "sqlite":
+            # Read under the write lock: another process opening the same file may be adding them too.
+            async with database.transaction() as transaction:
+                rows = await transaction.fetchall("PRAGMA table_info(reservations)")
+                columns = {row[1] for row in rows}
+                for column, definition in _SQLITE_ADDED_COLUMNS.items():
+                    if column not in columns:
+                        await transaction.execute(
+                            f"ALTER TABLE reservations ADD COLUMN {column} {definition}"
+                        )
         return cls(database, time_zone, clock)
 
     def _day(self, moment: datetime) -> str:
@@ -279,18 +308,18 @@ class SqlLedgerStore(LedgerStore):
 
     @staticmethod
     async def _used(queries: Queries, day: str, tenant: str | None) -> int:
-        """Committed actuals plus open reservations of the day, micro-USD."""
+        """Committed actuals plus open and expired reservations (worst case) of the day, micro-USD."""
         where, parameters = _scope("day", day, tenant)
         row = await queries.fetchone(
             "SELECT COALESCE(SUM(CASE WHEN state = 'committed' THEN actual ELSE amount END), 0) "
-            f"FROM reservations WHERE {where} AND state IN ('committed', 'reserved')",
+            f"FROM reservations WHERE {where} AND state IN ('committed', 'reserved', 'expired')",
             parameters,
         )
         assert row is not None
         return int(row[0])  # PostgreSQL sums BIGINTs as NUMERIC
 
     async def reserve(
-        self, key: str, tenant: str, job_id: str, amount: int, caps: Caps, ttl: timedelta
+        self, key: str, tenant: str, job_id: str, amount: int, caps: Caps, ttl: timedelta, backend: int = 0
     ) -> tuple[Reservation, bool]:
         async with self._db.transaction() as transaction:
             now = self._clock()
@@ -298,9 +327,11 @@ class SqlLedgerStore(LedgerStore):
             await transaction.lock(_day_lock(day), f"ledger-key:{key}")
             existing = await self._load(transaction, key)
             if existing is not None:
-                if (existing.tenant, existing.job_id, existing.amount) != (tenant, job_id, amount):
+                if (existing.tenant, existing.job_id) != (tenant, job_id):
                     raise KeyConflict(existing)
-                if existing.state != State.RESERVED:
+                # The same attempt asked again: its amount and backend are the ones reserved, even if
+                # the caller's estimate or ranking changed since. Expired is still that attempt.
+                if existing.state not in (State.RESERVED, State.EXPIRED):
                     raise WrongState(existing, "reserve")
                 return existing, False
             refusals = []
@@ -312,11 +343,13 @@ class SqlLedgerStore(LedgerStore):
             if refusals:
                 # The tighter cap: what could still be reserved.
                 raise min(refusals, key=lambda refusal: refusal.remaining)
-            reservation = Reservation(key, tenant, job_id, amount, State.RESERVED, None, now, now + ttl, day)
+            reservation = Reservation(
+                key, tenant, job_id, amount, State.RESERVED, None, now, now + ttl, day, backend=backend
+            )
             await transaction.execute(
-                "INSERT INTO reservations (key, tenant, job_id, amount, state, created, expires, day) "
-                "VALUES (?, ?, ?, ?, 'reserved', ?, ?, ?)",
-                (key, tenant, job_id, amount, _micros(now), _micros(reservation.expires), day),
+                "INSERT INTO reservations (key, tenant, job_id, amount, state, created, expires, day, backend) "
+                "VALUES (?, ?, ?, ?, 'reserved', ?, ?, ?, ?)",
+                (key, tenant, job_id, amount, _micros(now), _micros(reservation.expires), day, backend),
             )
             return reservation, True
 
@@ -392,15 +425,18 @@ class SqlLedgerStore(LedgerStore):
         where, parameters = _scope("day", day, tenant)
         row = await queries.fetchone(
             "SELECT COALESCE(SUM(CASE WHEN state = 'committed' THEN actual END), 0), "
-            "COALESCE(SUM(CASE WHEN state = 'reserved' THEN amount END), 0) "
-            f"FROM reservations WHERE {where} AND state IN ('committed', 'reserved')",
+            "COALESCE(SUM(CASE WHEN state = 'reserved' THEN amount END), 0), "
+            "COALESCE(SUM(CASE WHEN state = 'expired' THEN amount END), 0) "
+            f"FROM reservations WHERE {where} AND state IN ('committed', 'reserved', 'expired')",
             parameters,
         )
         assert row is not None
+        committed, reserved, uncertain = (int(value) for value in row)
         where, parameters = _scope("expired_day", day, tenant)
         expired = await queries.fetchone(f"SELECT COUNT(*) FROM reservations WHERE {where}", parameters)
         assert expired is not None
-        return Totals(int(row[0]), int(row[1]), int(expired[0]))
+        # Uncertain money is spent at its worst case until reconciled.
+        return Totals(committed + uncertain, reserved, int(expired[0]), uncertain)
 
     async def day_totals(self, tenant: str) -> DayTotals:
         async with self._db.transaction(read_only=True) as transaction:

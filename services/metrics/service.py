@@ -2,19 +2,22 @@
 
 The ledger's API, on top of the store's semantics (see `aiprod_metrics.ledger`):
 
-- ReserveBudget reserves an attempt's worst-case cost against today's budgets, idempotently per
-  reservation key: a repeat with the same tenant, job and amount returns the same open reservation
-  (same expire_time) and reserves nothing more; ALREADY_EXISTS when the key was used with another
-  tenant, job or amount; FAILED_PRECONDITION when that reservation is settled already (one key per
+- ReserveBudget reserves an attempt's worst-case cost against today's budgets, for the backend the
+  attempt will render at, idempotently per reservation key: a repeat with the same tenant and job
+  returns the reservation made first (its amount, backend and expire_time, `existing` set), whatever
+  amount or backend it asks, while that reservation is open or expired, and reserves nothing more:
+  the caller keeps the attempt at that backend. ALREADY_EXISTS when the key was used with another
+  tenant or job; FAILED_PRECONDITION when that reservation was committed or released (one key per
   attempt). RESOURCE_EXHAUSTED, naming what is left, when spent + reserved + amount would pass the
   tenant's or the global cap of the day.
 - CommitSpend records what the attempt really cost (more than the estimate too: spend is what it is).
   Committing again with the same actual is OK; with another actual FAILED_PRECONDITION. A reservation
-  that expired while its job was stuck can still be committed: the money was really spent, so the
-  spend is recorded (even over the cap) and logged as late. A released one cannot (FAILED_PRECONDITION):
-  its owner said nothing would be spent.
-- ReleaseBudget frees an open (or expired) reservation unspent; releasing again is OK; a committed one
-  FAILED_PRECONDITION.
+  that expired unsettled can still be committed: its worst case gives way to the actual (even over the
+  cap), logged as late. A released one cannot (FAILED_PRECONDITION): its owner said nothing was billed.
+- ReleaseBudget frees an open (or expired: known not to have billed after all) reservation unspent;
+  releasing again is OK; a committed one FAILED_PRECONDITION.
+- Expiry frees nothing: an expired reservation is spent at its full amount until reconciled by a late
+  commit or release, and reported as the budget's uncertain money meanwhile.
 - Unknown keys are NOT_FOUND; bad input INVALID_ARGUMENT naming each field, with nothing written.
 - GetBudget reports today's budget of the tenant and of everyone together.
 
@@ -37,6 +40,7 @@ from google.protobuf import timestamp_pb2
 
 from aiprod.common.v1 import backend_pb2, job_pb2, money_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod_kit.capabilities import backend_name
 from aiprod_kit.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -238,12 +242,20 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             violations += _validate_money("amount", request.amount, positive=True)
         if len(request.job_id) > MAX_JOB_ID_LENGTH:
             violations.append(("job_id", f"must be at most {MAX_JOB_ID_LENGTH} characters"))
+        if request.backend not in backend_pb2.Backend.values():
+            violations.append(("backend", "must be a known backend"))
         if violations:
             raise InvalidArgument(violations)
         amount = request.amount.amount_micros
         try:
             reservation, fresh = await self._ledger.reserve(
-                key, tenant, request.job_id, amount, self._policy.caps, self._policy.reservation_ttl
+                key,
+                tenant,
+                request.job_id,
+                amount,
+                self._policy.caps,
+                self._policy.reservation_ttl,
+                request.backend,
             )
         except BudgetExceeded as refusal:
             self._telemetry.reservation("refused")
@@ -265,7 +277,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             existing = conflict.existing
             raise AlreadyExists(
                 f"reservation_key {key} was already used for another reservation (tenant {existing.tenant}, "
-                f"job {existing.job_id or '-'}, {format_usd(existing.amount)})"
+                f"job {existing.job_id or '-'})"
             ) from conflict
         except WrongState as wrong:
             raise FailedPrecondition(
@@ -279,7 +291,21 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                 tenant=tenant,
                 job_id=request.job_id,
                 amount_micros=amount,
+                backend=backend_name(reservation.backend),
                 day=reservation.day,
+            )
+        elif (reservation.amount, reservation.backend) != (amount, request.backend):
+            # A caller that restarted mid-attempt, with a new estimate or ranking: it keeps to the first.
+            log.info(
+                "reservation repeated with other terms; the reserved ones stand",
+                reservation_key=key,
+                tenant=tenant,
+                job_id=request.job_id,
+                amount_micros=reservation.amount,
+                asked_amount_micros=amount,
+                backend=backend_name(reservation.backend),
+                asked_backend=backend_name(request.backend),
+                state=str(reservation.state),
             )
         return metrics_pb2.ReserveBudgetResponse(
             reservation=metrics_pb2.Reservation(
@@ -287,7 +313,10 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                 tenant_id=reservation.tenant,
                 amount=usd(reservation.amount),
                 expire_time=_timestamp(reservation),
-            )
+                backend=reservation.backend,
+                job_id=reservation.job_id,
+            ),
+            existing=not fresh,
         )
 
     async def CommitSpend(
@@ -389,6 +418,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             level=self._policy.level(used_fraction, cap),
             used_fraction=used_fraction,
             expired_reservations=totals.expired,
+            uncertain=usd(totals.uncertain),
         )
 
     # Alerts and SLOs -------------------------------------------------------------------------
@@ -471,7 +501,8 @@ async def publish_state_forever(servicer: MetricsServicer, interval_seconds: flo
 async def expire_stuck_reservations(
     ledger: LedgerStore, interval_seconds: float, telemetry: MetricsTelemetry
 ) -> None:
-    """Forever: frees the money of reservations left unsettled past their expiry (their jobs got stuck)."""
+    """Forever: marks the reservations left unsettled past their expiry expired. Their attempts may have
+    been billed, so their money stays counted (as spent, uncertain) until a late commit or release."""
     while True:
         try:
             expired = await ledger.expire_overdue()
@@ -483,7 +514,9 @@ async def expire_stuck_reservations(
                     tenant=reservation.tenant,
                     job_id=reservation.job_id,
                     amount_micros=reservation.amount,
+                    backend=backend_name(reservation.backend),
                     day=reservation.day,
+                    counted="spent at its full amount until a commit or release reconciles it",
                 )
         except Exception:
             log.exception("expiring reservations failed; trying again")

@@ -38,6 +38,10 @@ class MetricsTelemetry:
             "aiprod.metrics.daily_spend": ("spent", "Today's committed spend, all tenants"),
             "aiprod.metrics.budget_reserved": ("reserved", "Money held by today's open reservations"),
             "aiprod.metrics.budget_remaining": ("remaining", "Today's cap minus spent and reserved"),
+            "aiprod.metrics.budget_uncertain": (
+                "uncertain",
+                "Today's expired, unreconciled reservations, counted in daily_spend at their full amount",
+            ),
         }
         for name, (key, description) in gauges.items():
             meter.create_observable_gauge(
@@ -76,6 +80,7 @@ class MetricsTelemetry:
         self._budget = {
             "spent": everyone.spent / 1e6,
             "reserved": everyone.reserved / 1e6,
+            "uncertain": everyone.uncertain / 1e6,
             "remaining": max(cap - everyone.spent - everyone.reserved, 0) / 1e6 if cap > 0 else 0.0,
             "level": _LEVELS[level],
         }

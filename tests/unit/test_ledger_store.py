@@ -6,7 +6,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from aiprod_kit.database import SqliteDatabase, connect_postgres
+from aiprod_kit.database import Database, SqliteDatabase, connect_postgres
 from aiprod_metrics.ledger import (
     BudgetExceeded,
     Caps,
@@ -22,6 +22,8 @@ from aiprod_metrics.ledger import (
 USD = 1_000_000
 TTL = timedelta(hours=1)
 NO_CAPS = Caps(tenant=0, everyone=0)
+# aiprod.common.v1.Backend values: the store keeps them as integers.
+RUNWAY, VEO = 2, 3
 
 
 class FakeClock:
@@ -41,17 +43,25 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-async def open_store(request, tmp_path, clock):
-    """Opens a store on the one ledger: another connection each call, as another process would have."""
-    opened: list[LedgerStore] = []
+def open_database(request, tmp_path):
+    """Opens the one database the ledger lives in: another connection each call."""
     url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
 
-    async def open_one(time_zone=UTC) -> LedgerStore:
+    async def open_one() -> Database:
         if url:
-            database = await connect_postgres(url, "test", connect_timeout=5)
-        else:
-            database = SqliteDatabase(tmp_path / "ledger.sqlite3", "ledger", "FULL")
-        store = await SqlLedgerStore.open(database, time_zone, clock)
+            return await connect_postgres(url, "test", connect_timeout=5)
+        return SqliteDatabase(tmp_path / "ledger.sqlite3", "ledger", "FULL")
+
+    return open_one
+
+
+@pytest.fixture
+async def open_store(open_database, clock):
+    """Opens a store on the one ledger: another connection each call, as another process would have."""
+    opened: list[LedgerStore] = []
+
+    async def open_one(time_zone=UTC) -> LedgerStore:
+        store = await SqlLedgerStore.open(await open_database(), time_zone, clock)
         opened.append(store)
         return store
 
@@ -75,16 +85,56 @@ async def test_a_reservation_is_made_once_per_key(store):
     assert (await store.day_totals("acme")).tenant == Totals(spent=0, reserved=2 * USD, expired=0)
 
 
-@pytest.mark.parametrize(
-    ("tenant", "job_id", "amount"),
-    [("other", "job-1", 2 * USD), ("acme", "job-2", 2 * USD), ("acme", "job-1", 3)],
-)
-async def test_a_key_reused_for_another_reservation_conflicts(store, tenant, job_id, amount):
+@pytest.mark.parametrize(("tenant", "job_id"), [("other", "job-1"), ("acme", "job-2")])
+async def test_a_key_reused_for_another_tenant_or_job_conflicts(store, tenant, job_id):
     await store.reserve("attempt-1", "acme", "job-1", 2 * USD, NO_CAPS, TTL)
     with pytest.raises(KeyConflict) as conflict:
-        await store.reserve("attempt-1", tenant, job_id, amount, NO_CAPS, TTL)
+        await store.reserve("attempt-1", tenant, job_id, 2 * USD, NO_CAPS, TTL)
     assert conflict.value.existing.amount == 2 * USD
     assert (await store.day_totals("acme")).everyone.reserved == 2 * USD
+
+
+async def test_a_repeat_with_another_amount_or_backend_returns_the_first_reservation(open_store):
+    store = await open_store()
+    caps = Caps(tenant=0, everyone=3 * USD)
+    first, _ = await store.reserve("attempt-1", "acme", "job-1", 2 * USD, caps, TTL, RUNWAY)
+    assert (first.amount, first.backend) == (2 * USD, RUNWAY)
+    # A router that restarted mid-attempt, with a new estimate and ranking: the attempt stays at
+    # Runway, at its first amount, and nothing more is reserved (3 USD more would not even fit).
+    again, fresh = await store.reserve("attempt-1", "acme", "job-1", 3 * USD, caps, TTL, VEO)
+    assert (again, fresh) == (first, False)
+    assert (await store.day_totals("acme")).tenant == Totals(spent=0, reserved=2 * USD, expired=0)
+    # The backend is kept by the ledger, not by the process.
+    await store.close()
+    reopened = await open_store()
+    assert (await reopened.get("attempt-1")).backend == RUNWAY
+    assert await reopened.reserve("attempt-1", "acme", "job-1", USD, caps, TTL) == (first, False)
+
+
+async def test_a_ledger_without_the_backend_column_gets_it_on_opening(open_database, clock):
+    database = await open_database()
+    # The reservations table as it was before reservations recorded their backend.
+    old_table = """
+CREATE TABLE reservations (
+    key TEXT PRIMARY KEY, tenant TEXT NOT NULL, job_id TEXT NOT NULL, amount BIGINT NOT NULL,
+    state TEXT NOT NULL, actual BIGINT, created BIGINT NOT NULL, expires BIGINT NOT NULL, settled BIGINT,
+    day TEXT NOT NULL, expired_day TEXT
+)"""
+    await database.create_schema({"sqlite": old_table, "postgresql": old_table})
+    async with database.transaction() as transaction:
+        await transaction.execute(
+            "INSERT INTO reservations (key, tenant, job_id, amount, state, created, expires, day) "
+            "VALUES ('old', 'acme', 'job-0', 1000000, 'reserved', 0, 9000000000000000, '2025-06-01')"
+        )
+    await database.close()
+    store = await SqlLedgerStore.open(await open_database(), UTC, clock)
+    try:
+        assert (await store.get("old")).backend == 0  # not named when it was made
+        new, _ = await store.reserve("new", "acme", "job-1", USD, NO_CAPS, TTL, VEO)
+        assert (await store.get("new")) == new and new.backend == VEO
+        assert (await store.day_totals("acme")).tenant.reserved == 2 * USD
+    finally:
+        await store.close()
 
 
 async def test_the_tenant_and_global_caps_bound_spent_plus_reserved(store):
@@ -188,11 +238,14 @@ async def test_overdue_reservations_expire_once_and_may_still_be_committed(store
     expired = await store.expire_overdue()
     assert [(r.key, r.job_id, r.state) for r in expired] == [("stuck", "job-1", State.EXPIRED)]
     assert await store.expire_overdue() == []
-    assert (await store.day_totals("acme")).tenant == Totals(spent=0, reserved=USD, expired=1)
-    # The stuck job finished after all: its money was spent, so it is recorded.
-    committed, before = await store.commit("stuck", 2 * USD)
-    assert (committed.state, before) == (State.COMMITTED, State.EXPIRED)
-    assert (await store.day_totals("acme")).tenant == Totals(spent=2 * USD, reserved=USD, expired=1)
+    # Expiry frees nothing: the attempt may have been billed, so it is spent at its worst case.
+    assert (await store.day_totals("acme")).tenant == Totals(
+        spent=2 * USD, reserved=USD, expired=1, uncertain=2 * USD
+    )
+    # The stuck job finished after all: its actual replaces the worst case.
+    committed, before = await store.commit("stuck", USD // 2)
+    assert (committed.state, committed.actual, before) == (State.COMMITTED, USD // 2, State.EXPIRED)
+    assert (await store.day_totals("acme")).tenant == Totals(spent=USD // 2, reserved=USD, expired=1)
 
 
 async def test_an_expired_reservation_may_be_released(store, clock):
@@ -201,7 +254,57 @@ async def test_an_expired_reservation_may_be_released(store, clock):
     await store.expire_overdue()
     released, before = await store.release("stuck")
     assert (released.state, before) == (State.RELEASED, State.EXPIRED)
+    # Known not to have billed: its money is free again.
     assert (await store.day_totals("acme")).tenant == Totals(spent=0, reserved=0, expired=1)
+
+
+async def test_expired_money_counts_against_the_caps_until_reconciled(store, clock):
+    caps = Caps(tenant=0, everyone=5 * USD)
+    await store.reserve("stuck", "acme", "job-1", 3 * USD, caps, TTL, RUNWAY)
+    await store.reserve("lost", "bravo", "job-2", USD, caps, TTL, VEO)
+    clock.advance(TTL)
+    assert len(await store.expire_overdue()) == 2
+    # 2 USD would fit only if the expired 4 USD were freed.
+    with pytest.raises(BudgetExceeded) as refused:
+        await store.reserve("next", "acme", "job-3", 2 * USD, caps, TTL)
+    assert (refused.value.tenant, refused.value.remaining) == (None, USD)
+    assert await store.get("next") is None
+    # A repeat of an expired attempt is still that attempt: returned as it was, reserving nothing.
+    stuck, fresh = await store.reserve("stuck", "acme", "job-1", 2 * USD, caps, TTL, VEO)
+    assert (stuck.state, stuck.amount, stuck.backend, fresh) == (State.EXPIRED, 3 * USD, RUNWAY, False)
+    # A late commit under the worst case frees the difference; a late release frees it all.
+    await store.commit("stuck", 2 * USD)
+    await store.reserve("next", "acme", "job-3", 2 * USD, caps, TTL)
+    with pytest.raises(BudgetExceeded):
+        await store.reserve("more", "acme", "job-4", 2 * USD, caps, TTL)
+    await store.release("lost")
+    await store.reserve("more", "acme", "job-4", USD, caps, TTL)
+    assert (await store.day_totals("acme")).everyone == Totals(
+        spent=2 * USD, reserved=3 * USD, expired=2, uncertain=0
+    )
+
+
+async def test_uncertain_money_is_the_days_expired_unreconciled_reservations(open_store, clock):
+    store = await open_store()
+    await store.reserve("a1", "acme", "job-1", 3 * USD, NO_CAPS, TTL)
+    await store.reserve("a2", "acme", "job-2", 2 * USD, NO_CAPS, TTL)
+    await store.reserve("b1", "bravo", "job-3", USD, NO_CAPS, TTL)
+    await store.reserve("settled", "bravo", "job-4", 4 * USD, NO_CAPS, TTL)
+    await store.commit("settled", 4 * USD)
+    clock.advance(TTL)
+    await store.reserve("open", "acme", "job-5", 5 * USD, NO_CAPS, TTL)
+    assert [r.key for r in await store.expire_overdue()] == ["a1", "a2", "b1"]
+    acme = await store.day_totals("acme")
+    assert acme.tenant == Totals(spent=5 * USD, reserved=5 * USD, expired=2, uncertain=5 * USD)
+    assert acme.everyone == Totals(spent=10 * USD, reserved=5 * USD, expired=3, uncertain=6 * USD)
+    await store.commit("a1", 3 * USD)
+    await store.release("b1")
+    acme = await store.day_totals("acme")
+    assert acme.tenant == Totals(spent=5 * USD, reserved=5 * USD, expired=2, uncertain=2 * USD)
+    assert acme.everyone == Totals(spent=9 * USD, reserved=5 * USD, expired=3, uncertain=2 * USD)
+    # It stays the same after a restart: the ledger holds it, not the process.
+    await store.close()
+    assert await (await open_store()).day_totals("acme") == acme
 
 
 async def test_days_turn_at_midnight_in_the_budget_time_zone(open_store, clock):
@@ -221,10 +324,12 @@ async def test_days_turn_at_midnight_in_the_budget_time_zone(open_store, clock):
     await store.reserve("early", "acme", "", 5 * USD, caps, TTL)
     await store.commit("late", 4 * USD)
     assert (await store.day_totals("acme")).everyone == Totals(spent=0, reserved=5 * USD, expired=0)
-    # Expiry counts on the day it happens.
+    # Expiry counts on the day it happens; its money stays the day's it was reserved on.
     clock.advance(timedelta(hours=1))
     assert [r.key for r in await store.expire_overdue()] == ["early"]
-    assert (await store.day_totals("acme")).everyone == Totals(spent=0, reserved=0, expired=1)
+    assert (await store.day_totals("acme")).everyone == Totals(
+        spent=5 * USD, reserved=0, expired=1, uncertain=5 * USD
+    )
 
 
 async def test_the_ledger_survives_reopening(open_store):
@@ -249,4 +354,6 @@ async def test_racing_sweeps_expire_each_reservation_once(open_store, clock):
     swept = await asyncio.gather(*(stores[n % 2].expire_overdue() for n in range(6)))
     keys = [reservation.key for sweep in swept for reservation in sweep]
     assert sorted(keys) == sorted(f"k{n}" for n in range(20))
-    assert (await stores[1].day_totals("acme")).tenant == Totals(spent=0, reserved=0, expired=20)
+    assert (await stores[1].day_totals("acme")).tenant == Totals(
+        spent=20 * USD, reserved=0, expired=20, uncertain=20 * USD
+    )
