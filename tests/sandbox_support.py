@@ -3,6 +3,7 @@ stub, and waiting on render and health streams."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -61,6 +62,39 @@ class Sandbox:
 
     def creates(self, provider: str) -> dict[str, int]:
         return self.counters()["creates"].get(provider, {})
+
+    def bills(self, provider: str | None = None) -> "Bills":
+        """What the sandbox billed so far, for one provider or all of them."""
+        return bills_of(self.counters(), provider)
+
+
+@dataclass(frozen=True)
+class Bills:
+    """A sandbox's bills in micro-USD: the total, and per idempotency key (the sum of that key's
+    tasks: a create sent twice is billed twice). Only tasks in their final state are billed."""
+
+    total_micros: int
+    by_key: dict[str, int]
+    # task id -> {"micros", "state", "key", "model"}, as the sandbox reports them.
+    tasks: dict[str, dict]
+
+
+def bills_of(counters: dict, provider: str | None = None) -> Bills:
+    """The bills in a `/_sandbox/counters` answer, for one provider or all of them."""
+    providers = [provider] if provider else list(counters["billing"])
+    tasks = {task_id: bill for name in providers for task_id, bill in counters["billing"][name].items()}
+    by_key: dict[str, int] = {}
+    for bill in tasks.values():
+        by_key[bill["key"]] = by_key.get(bill["key"], 0) + bill["micros"]
+    total = counters["billed_total_micros"][provider] if provider else counters["billed_total_micros_all"]
+    return Bills(total, by_key, tasks)
+
+
+def sandbox_bills(root: str, provider: str | None = None) -> Bills:
+    """The bills of the sandbox at `root` (http://host:port), for one provider or all of them."""
+    response = httpx.get(f"{root}/_sandbox/counters", timeout=10)
+    response.raise_for_status()
+    return bills_of(response.json(), provider)
 
 
 def shot(prompt: str = "A fox running through snow", seconds: float = 4, **fields: object) -> render_pb2.Shot:

@@ -31,8 +31,15 @@ from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 from PIL import Image
 from replicate.exceptions import ReplicateError
+from sandbox_support import Bills, sandbox_bills
 
 from aiprod_kit.mesh import _await_serving_port
+from aiprod_kit.settings import ReplicateSettings
+from aiprod_renderers.replicate import provider as replicate_renderer
+from aiprod_renderers.runway import provider as runway_renderer
+from aiprod_renderers.veo import provider as veo_renderer
+from aiprod_sandbox import vertex as sandbox_vertex
+from aiprod_sandbox.config import default_configs
 
 KEY = "test-key"
 START_TIMEOUT = 30.0
@@ -693,6 +700,161 @@ def test_replicate_faults_on_downloads_and_expired_outputs(sandbox: SandboxProce
     assert sandbox.counters()["requests"]["replicate"]["download"] >= 3
 
 
+# --- Billing ------------------------------------------------------------------------------------------
+
+
+def billed(sandbox: SandboxProcess, provider: str, keys: set[str]) -> Bills:
+    """The provider's bills once every one of these keys is billed. Tasks are billed when they end,
+    whether or not anyone reads them: waiting on the bills alone proves it."""
+    return poll(lambda: sandbox_bills(sandbox.root, provider), lambda bills: keys <= set(bills.by_key))[-1]
+
+
+def test_sandbox_prices_are_the_renderers_list_prices() -> None:
+    # A renderer's charge and the sandbox's bill must agree to the micro-dollar.
+    prices = default_configs(1.0)
+    for model, spec in runway_renderer.MODELS.items():
+        assert prices["runway"].price(model) == spec.credits_per_second, model
+    for model, spec in veo_renderer.MODELS.items():
+        assert model in sandbox_vertex.MODELS
+        assert prices["veo"].price(model, audio=True) == spec.usd_per_second_audio, model
+        assert prices["veo"].price(model, audio=False) == spec.usd_per_second_silent, model
+    renderer_price = ReplicateSettings.model_fields["price_per_second_usd"].default
+    default_model = ReplicateSettings.model_fields["model"].default
+    for model in (default_model, *replicate_renderer.MODELS, "acme/unknown"):
+        assert prices["replicate"].price(model) == renderer_price, model
+    assert set(prices["veo"].prices) == sandbox_vertex.MODELS
+
+
+def test_runway_bills_successes_and_cancels_not_failures(sandbox: SandboxProcess) -> None:
+    sandbox.configure(provider="runway", throttle_seconds=600)
+    client = runway_client(sandbox, max_retries=0)
+
+    def create(key: str, prompt: str, duration: int, model: str = "gen4.5", **extra: Any) -> str:
+        return client.text_to_video.create(
+            model=model,  # type: ignore[arg-type]
+            prompt_text=prompt,
+            ratio="1280:720",
+            duration=duration,  # type: ignore[arg-type]
+            extra_headers={"Idempotency-Key": key},
+            **extra,
+        ).id
+
+    done = create("done", "a lighthouse", 2)
+    silent = create("silent", "a quiet sea", 4, model="veo3.1_fast", audio=False)
+    create("safety", "[sandbox:safety]", 2)
+    create("fail", "[sandbox:fail]", 2)
+    queued = create("queued", "[sandbox:throttle]", 3)
+    running = create("running", "[sandbox:never]", 5)
+    create("endless", "[sandbox:never]", 4)
+    sandbox.fault(provider="runway", operation="create", kind="429")
+    with pytest.raises(runwayml.RateLimitError):
+        create("refused", "never created", 2)
+
+    assert client.tasks.retrieve(queued).status == "THROTTLED"
+    runway_until(client, running, {"RUNNING"})
+    client.tasks.delete(queued)
+    client.tasks.delete(running)
+    bills = billed(sandbox, "runway", {"done", "silent", "safety", "fail", "queued", "running"})
+    assert bills.by_key == {
+        "done": 2 * 12 * 10_000,  # gen4.5: 12 credits a second, 1 credit = 10,000 micro-USD
+        "silent": 4 * 10 * 10_000,  # veo3.1_fast without audio: 10 credits a second
+        "safety": 0,
+        "fail": 0,
+        "queued": 3 * 12 * 10_000,  # cancelled before it ran: the full estimate all the same
+        "running": 5 * 12 * 10_000,
+    }
+    assert bills.total_micros == sum(bills.by_key.values())
+    assert bills.tasks[done] == {"micros": 240_000, "state": "succeeded", "key": "done", "model": "gen4.5"}
+    # What the task reports is what is billed.
+    assert client.tasks.retrieve(done).cost.credits == 24
+    assert client.tasks.retrieve(silent).cost.credits == 40
+    assert client.tasks.retrieve(queued).cost.credits == 36
+
+    client.tasks.delete(done)  # deleting a finished task refunds nothing and bills nothing more
+    assert sandbox_bills(sandbox.root, "runway") == bills
+
+
+def test_veo_bills_the_videos_returned(sandbox: SandboxProcess) -> None:
+    client = veo_client(sandbox)
+
+    def generate(key: str, prompt: str, model: str, **config: Any) -> genai_types.GenerateVideosOperation:
+        headers = genai_types.HttpOptions(headers={"Idempotency-Key": key})
+        return client.models.generate_videos(
+            model=model,
+            source=genai_types.GenerateVideosSource(prompt=prompt),
+            config=veo_config(resolution="720p", http_options=headers, **config),
+        )
+
+    pair = generate(
+        "pair", "two boats", "veo-3.0-fast-generate-001", generate_audio=False, number_of_videos=2
+    )
+    generate("audio", "a choir", "veo-3.1-generate-001", generate_audio=True)
+    generate("filtered", "[sandbox:safety]", "veo-3.0-generate-001", generate_audio=False)
+    generate("broken", "[sandbox:fail]", "veo-3.0-generate-001", generate_audio=False)
+    generate("endless", "[sandbox:never]", "veo-3.0-generate-001", generate_audio=False)
+
+    bills = billed(sandbox, "veo", {"pair", "audio", "filtered", "broken"})
+    assert bills.by_key == {
+        "pair": 2 * 4 * 100_000,  # two videos of 4 s at 0.10 USD/s (fast, no audio)
+        "audio": 4 * 400_000,  # 0.40 USD/s with audio
+        "filtered": 0,
+        "broken": 0,
+    }
+    assert bills.total_micros == 2_400_000
+    done = client.operations.get(pair)
+    assert len(done.response.generated_videos) == 2
+    assert bills.tasks[pair.name.rpartition("/")[2]]["model"] == "veo-3.0-fast-generate-001"
+
+
+def test_replicate_bills_succeeded_predictions_per_output_second(sandbox: SandboxProcess) -> None:
+    sandbox.configure(provider="replicate", prices={"acme/priced": 0.12})
+    config = sandbox.control("GET", "config")["replicate"]
+    assert config["prices"] == {"minimax/video-01": 0.05, "acme/priced": 0.12}  # merged, not replaced
+
+    def create(key: str, prompt: str, model: str = "acme/video", **inputs: Any) -> Any:
+        client = replicate_client(sandbox, headers={"Idempotency-Key": key})
+        return client.predictions.create(model=model, input={"prompt": prompt, **inputs})
+
+    create("default", "a kite", duration=2)
+    create("priced", "a kite", model="acme/priced", duration=3)
+    create("safety", "[sandbox:safety]", duration=2)
+    create("fail", "[sandbox:fail]", duration=2)
+    cancelled = create("cancelled", "[sandbox:never]", duration=2)
+    create("endless", "[sandbox:never]", duration=2)
+    replicate_client(sandbox).predictions.cancel(cancelled.id)
+
+    bills = billed(sandbox, "replicate", {"default", "priced", "safety", "fail", "cancelled"})
+    assert bills.by_key == {
+        "default": 2 * 50_000,  # a model without a price of its own: 0.05 USD/s, as the renderer's default
+        "priced": 3 * 120_000,
+        "safety": 0,
+        "fail": 0,
+        "cancelled": 0,
+    }
+    assert bills.total_micros == 460_000
+    assert {bill["state"] for bill in bills.tasks.values()} == {"succeeded", "failed", "cancelled"}
+
+
+def test_reset_clears_the_bills(sandbox: SandboxProcess) -> None:
+    client = replicate_client(sandbox, headers={"Idempotency-Key": "r"})
+    client.predictions.create(model="acme/video", input={"prompt": "a kite", "duration": 1})
+    runway = runway_client(sandbox)
+    runway.text_to_video.create(
+        model="gen4.5",
+        prompt_text="a kite",
+        ratio="1280:720",
+        duration=2,
+        extra_headers={"Idempotency-Key": "w"},
+    )
+    assert billed(sandbox, "replicate", {"r"}).total_micros == 50_000
+    all_bills = poll(lambda: sandbox_bills(sandbox.root), lambda bills: {"r", "w"} <= set(bills.by_key))[-1]
+    assert all_bills.total_micros == 50_000 + 240_000
+
+    sandbox.control("POST", "reset")
+    assert sandbox_bills(sandbox.root) == Bills(0, {}, {})
+    assert sandbox.control("GET", "config")["replicate"]["prices"] == {"minimax/video-01": 0.05}
+
+
 # --- Control API and process --------------------------------------------------------------------------
 
 
@@ -718,7 +880,16 @@ def test_control_api_rules_config_counters_and_reset(sandbox: SandboxProcess) ->
     )
 
     sandbox.control("POST", "reset")
-    assert sandbox.counters() == {"creates": {}, "create_requests": {}, "tasks": {}, "requests": {}}
+    nothing_billed = {provider: {} for provider in ("runway", "veo", "replicate")}
+    assert sandbox.counters() == {
+        "creates": {},
+        "create_requests": {},
+        "tasks": {},
+        "requests": {},
+        "billing": nothing_billed,
+        "billed_total_micros": {"runway": 0, "veo": 0, "replicate": 0},
+        "billed_total_micros_all": 0,
+    }
     assert sandbox.control("GET", "faults") == []
     assert sandbox.control("GET", "config")["veo"]["max_concurrent"] is None
     with pytest.raises(runwayml.NotFoundError):

@@ -3,7 +3,8 @@
 One aiohttp server answers the three APIs under path prefixes (`/runway`, `/vertex`, `/replicate`), so
 that each official client, unmodified, reaches it through its base URL. Tasks render real MP4s with the
 local renderer's synthesiser, outputs are served with an expiry under `/outputs/`, and a control API
-under `/_sandbox/` injects faults, changes timings, reads counters and resets everything.
+under `/_sandbox/` injects faults, changes timings and prices, reads counters and what each task
+would be billed (billing.py), and resets everything.
 
 Trigger words in a prompt:
 

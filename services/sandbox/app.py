@@ -5,10 +5,13 @@ Control API (JSON):
 - `POST /_sandbox/faults` with a rule (or a list of rules, see faults.py) → the queued rule(s);
   `GET /_sandbox/faults` → `[rule, ...]` with each rule's `fired` and `remaining` counts;
   `DELETE /_sandbox/faults` clears them and answers `[]`.
-- `GET /_sandbox/counters` → `{"creates", "create_requests", "tasks", "requests"}` (see counters.py).
+- `GET /_sandbox/counters` → `{"creates", "create_requests", "tasks", "requests"}` (see counters.py),
+  and beside them what the providers would bill (see billing.py): `"billing": {provider: {task_id:
+  {"micros", "state", "key", "model"}}}`, `"billed_total_micros": {provider: micros}` and
+  `"billed_total_micros_all"`, every provider listed; only tasks in their final state are billed.
 - `POST /_sandbox/config` with `{"provider": optional, key: value, ...}` (keys in config.py) → the
   configuration in force, per provider; `GET /_sandbox/config` reads it.
-- `POST /_sandbox/reset` stops and deletes every task and file, and clears counters, faults and
+- `POST /_sandbox/reset` stops and deletes every task and file, and clears counters, bills, faults and
   configuration changes.
 """
 
@@ -91,7 +94,8 @@ async def _clear_faults(request: web.Request) -> web.Response:
 
 
 async def _counters(request: web.Request) -> web.Response:
-    return web.json_response(request.app[_SANDBOX_KEY].counters.as_json())
+    sandbox = request.app[_SANDBOX_KEY]
+    return web.json_response({**sandbox.counters.as_json(), **sandbox.billing.as_json()})
 
 
 async def _get_config(request: web.Request) -> web.Response:

@@ -1,7 +1,7 @@
 """Run-time configuration per provider: defaults from the settings, overridden through the control API."""
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 PROVIDERS = ("runway", "veo", "replicate")
@@ -12,6 +12,44 @@ CURVES = ("linear", "ease_out")
 _OUTPUT_TTL_SECONDS = {"runway": 24 * 3600.0, "veo": 3600.0, "replicate": 3600.0}
 # Replicate stops a run after 30 minutes; the others publish no such limit.
 _MAX_RUN_SECONDS = {"runway": None, "veo": None, "replicate": 1800.0}
+
+# List prices per second of video, in each provider's unit: Runway credits (1 credit = 0.01 USD), else
+# USD. They must equal the renderers' own (services/renderers/*/provider.py, AIPROD_REPLICATE_PRICE_PER_
+# SECOND_USD) so that a renderer's charge and the sandbox's bill agree to the micro-dollar; a test
+# compares them. Where a model prices audio apart, `prices` is with audio and `silent_prices` without.
+_PRICES: dict[str, dict[str, float]] = {
+    "runway": {"gen4.5": 12, "gen4_turbo": 5, "veo3.1": 40, "veo3.1_fast": 15},
+    "veo": {
+        "veo-3.0-generate-001": 0.40,
+        "veo-3.0-fast-generate-001": 0.15,
+        "veo-3.1-generate-001": 0.40,
+        "veo-3.1-fast-generate-001": 0.15,
+        "veo-3.1-lite-generate-001": 0.05,
+        "veo-3.1-generate-preview": 0.40,
+        "veo-3.1-fast-generate-preview": 0.15,
+    },
+    "replicate": {"minimax/video-01": 0.05},
+}
+_SILENT_PRICES: dict[str, dict[str, float]] = {
+    "runway": {"veo3.1": 20, "veo3.1_fast": 10},
+    "veo": {
+        "veo-3.0-generate-001": 0.20,
+        "veo-3.0-fast-generate-001": 0.10,
+        "veo-3.1-generate-001": 0.20,
+        "veo-3.1-fast-generate-001": 0.10,
+        "veo-3.1-lite-generate-001": 0.05,
+        "veo-3.1-generate-preview": 0.20,
+        "veo-3.1-fast-generate-preview": 0.10,
+    },
+    "replicate": {},
+}
+# Replicate: the price per output second of a model missing from `prices`. The Replicate renderer
+# charges its AIPROD_REPLICATE_PRICE_PER_SECOND_USD (0.05 by default) whatever the model: the same here.
+_DEFAULT_PRICE: dict[str, float | None] = {"runway": None, "veo": None, "replicate": 0.05}
+# A control request sets prices for the provider it names only: each provider counts in its own unit.
+_PRICE_KEYS = ("prices", "silent_prices", "default_price")
+# A control request's mapping is merged into the current one: setting one model's price keeps the others'.
+_MAPPING_KEYS = ("prices", "silent_prices")
 
 
 class ConfigError(ValueError):
@@ -37,6 +75,18 @@ class ProviderConfig:
     models: tuple[str, ...] | None = None
     # Replicate: the output as a one-element list of URLs instead of one URL, as some models answer.
     output_as_list: bool = False
+    # Price per second of video per model, with audio where it is priced apart (see _PRICES).
+    prices: dict[str, float] = field(default_factory=dict)
+    # Price per second without audio, for the models that price audio apart.
+    silent_prices: dict[str, float] = field(default_factory=dict)
+    # Replicate: the price per second of a model missing from `prices`.
+    default_price: float | None = None
+
+    def price(self, model: str, *, audio: bool = True) -> float:
+        """The price per second of a model's video; 0 for a model with no price and no default."""
+        if not audio and model in self.silent_prices:
+            return self.silent_prices[model]
+        return self.prices.get(model, self.default_price or 0.0)
 
 
 def _number(minimum: float, *, allow_zero: bool = True) -> Callable[[Any], float]:
@@ -78,6 +128,19 @@ def _flag(value: Any) -> bool:
     return value
 
 
+def _number_or_int(value: Any) -> float:
+    """A non-negative price, kept an int when given as one (Runway's credits are whole numbers)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"expected a non-negative number, got {value!r}")
+    return value
+
+
+def _prices(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict) or not all(isinstance(model, str) and model for model in value):
+        raise ConfigError("prices must be an object of model name to price per second")
+    return {model: _number_or_int(price) for model, price in value.items()}
+
+
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "render_seconds": _number(0),
     "output_ttl_seconds": _number(0, allow_zero=False),
@@ -87,8 +150,11 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "max_run_seconds": _optional(_number(0, allow_zero=False)),
     "models": _optional(_models),
     "output_as_list": _flag,
+    "prices": _prices,
+    "silent_prices": _prices,
+    "default_price": _optional(_number_or_int),
 }
-assert set(_CONVERTERS) == {field.name for field in fields(ProviderConfig)}
+assert set(_CONVERTERS) == {each.name for each in fields(ProviderConfig)}
 
 
 def default_configs(render_seconds: float) -> dict[str, ProviderConfig]:
@@ -97,6 +163,9 @@ def default_configs(render_seconds: float) -> dict[str, ProviderConfig]:
             render_seconds=render_seconds,
             output_ttl_seconds=_OUTPUT_TTL_SECONDS[provider],
             max_run_seconds=_MAX_RUN_SECONDS[provider],
+            prices=dict(_PRICES[provider]),
+            silent_prices=dict(_SILENT_PRICES[provider]),
+            default_price=_DEFAULT_PRICE[provider],
         )
         for provider in PROVIDERS
     }
@@ -123,9 +192,15 @@ class RuntimeConfig:
         unknown = set(changes) - set(_CONVERTERS)
         if unknown:
             raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        if provider is None and any(key in changes for key in _PRICE_KEYS):
+            raise ConfigError("prices are in each provider's own unit: name the provider")
         converted = {key: _CONVERTERS[key](value) for key, value in changes.items()}
         for name in [provider] if provider else PROVIDERS:
-            self._current[name] = replace(self._current[name], **converted)
+            current = self._current[name]
+            merged = {
+                key: {**getattr(current, key), **converted[key]} for key in _MAPPING_KEYS if key in converted
+            }
+            self._current[name] = replace(current, **{**converted, **merged})
 
     def reset(self) -> None:
         self._current = dict(self._defaults)

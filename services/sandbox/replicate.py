@@ -8,6 +8,9 @@ output URL (or a one-element list) and `metrics.predict_time`, `failed` with `er
 create up to n seconds (60 by default) for the prediction to finish, `Cancel-After` cancels it after a
 duration. Webhooks are accepted and never called. Errors are RFC 7807 problem details, except the
 429, whose body is only `detail` and `status` as Replicate's is.
+
+Billing: a succeeded prediction bills the model's price per output second (configured `prices`, else
+`default_price`) x the duration its input asked for; a failed or canceled one bills nothing.
 """
 
 import base64
@@ -107,8 +110,16 @@ class ReplicateDetails:
     model: str
     version: str
     input: dict[str, Any]
+    # The model's price per output second at create time.
+    micros_per_second: int = 0
     # Output tokens, minted once: Replicate's file URLs do not change until the files are deleted.
     output_tokens: list[str] = field(default_factory=list)
+
+    def bill_micros(self, job: Job) -> int:
+        if job.phase is not Phase.SUCCEEDED:
+            return 0
+        # The spec's duration is the input's `duration` (the default when the input has none).
+        return round(self.micros_per_second * job.spec.duration_seconds)
 
 
 class _Invalid(Exception):
@@ -214,7 +225,8 @@ class ReplicateApi:
             return error(422, detail, invalid_fields=invalid.fields)
 
         key = idempotency_key(request)
-        details = ReplicateDetails(model=model, version=version, input=inputs)
+        price = self._sandbox.config.of("replicate").price(model)
+        details = ReplicateDetails(model, version, inputs, round(price * 1_000_000))
         job = self._sandbox.tasks.submit("replicate", _prediction_id(), spec, key, details)
         self._sandbox.counters.created("replicate", key, job.id)
         if cancel_seconds is not None:

@@ -5,6 +5,11 @@ cost; `GET /v1/tasks/{id}` reports PENDING, THROTTLED, RUNNING (with progress), 
 URLs, minted afresh at each read as Runway's signed URLs are), FAILED (failure, failureCode) or
 CANCELLED. `DELETE /v1/tasks/{id}` cancels a task that has not finished, which stays readable as
 CANCELLED, and deletes one that has: it then answers 404 and its output URLs stop working.
+
+Cost: the model's credits per second (configured `prices`, `silent_prices` for a Veo model asked
+for no audio) times the duration. A SUCCEEDED task costs all of it, a FAILED one nothing, a
+CANCELLED one all of it, in whatever state it was cancelled; `cost.credits` says so and the sandbox
+bills it (billing.py).
 """
 
 import random
@@ -14,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from aiprod_sandbox.config import ProviderConfig
 from aiprod_sandbox.inputs import image_reference
 from aiprod_sandbox.outputs import output_url
 from aiprod_sandbox.state import Handler, Sandbox, bearer_token, idempotency_key
@@ -23,6 +29,8 @@ PREFIX = "/runway"
 API_VERSION = "2024-11-06"
 MAX_SEED = 4294967295
 MAX_PROMPT_UNITS = 1000
+# 1 credit = 0.01 USD.
+MICROS_PER_CREDIT = 10_000
 
 _GEN4_RATIOS = ("1280:720", "720:1280", "1104:832", "960:960", "832:1104", "1584:672")
 _VEO_RATIOS = ("1280:720", "720:1280", "1080:1920", "1920:1080")
@@ -34,15 +42,15 @@ class RunwayModel:
     image_ratios: tuple[str, ...]
     durations: tuple[int, ...]
     default_duration: int | None  # None: the request must give one
-    credits_per_second: int
-    audio_credits_per_second: int | None = None  # the Veo models: audio is priced apart
+    audio: bool = False  # the Veo models take `audio`, which is priced apart (config's silent_prices)
 
 
+# Prices are in the configuration (config.py): they change more often than the models.
 MODELS = {
-    "gen4.5": RunwayModel(("1280:720", "720:1280"), _GEN4_RATIOS, tuple(range(2, 11)), None, 12),
-    "gen4_turbo": RunwayModel((), _GEN4_RATIOS, tuple(range(2, 11)), 10, 5),
-    "veo3.1": RunwayModel(_VEO_RATIOS, _VEO_RATIOS, (4, 6, 8), 8, 20, 40),
-    "veo3.1_fast": RunwayModel(_VEO_RATIOS, _VEO_RATIOS, (4, 6, 8), 8, 10, 15),
+    "gen4.5": RunwayModel(("1280:720", "720:1280"), _GEN4_RATIOS, tuple(range(2, 11)), None),
+    "gen4_turbo": RunwayModel((), _GEN4_RATIOS, tuple(range(2, 11)), 10),
+    "veo3.1": RunwayModel(_VEO_RATIOS, _VEO_RATIOS, (4, 6, 8), 8, audio=True),
+    "veo3.1_fast": RunwayModel(_VEO_RATIOS, _VEO_RATIOS, (4, 6, 8), 8, audio=True),
 }
 
 _FAILURES = {
@@ -68,7 +76,15 @@ def error(status: int, message: str | None = None) -> web.Response:
 @dataclass(frozen=True)
 class RunwayDetails:
     model: str
-    credits: int
+    # The estimate: credits per second at create time times the duration.
+    credits: float
+
+    def cost_credits(self, job: Job) -> float:
+        """What the task costs in its state: all of it once SUCCEEDED or CANCELLED, nothing if FAILED."""
+        return self.credits if job.phase in (Phase.SUCCEEDED, Phase.CANCELLED) else 0
+
+    def bill_micros(self, job: Job) -> int:
+        return round(self.cost_credits(job) * MICROS_PER_CREDIT)
 
 
 class _Invalid(Exception):
@@ -126,7 +142,7 @@ class RunwayApi:
             body = await request.json()
             if not isinstance(body, dict):
                 raise _Invalid([{"path": [], "message": "Expected an object"}])
-            details, spec = _validate(body, with_image=with_image)
+            details, spec = _validate(body, self._sandbox.config.of("runway"), with_image=with_image)
         except ValueError:
             return error(400, "The request body is not valid JSON.")
         except _Invalid as invalid:
@@ -171,20 +187,21 @@ class RunwayApi:
                 ttl = self._sandbox.config.of("runway").output_ttl_seconds
                 tokens = [self._sandbox.outputs.publish(path, "runway", ttl) for path in job.videos]
                 task.update(
-                    cost={"credits": details.credits}, output=[output_url(request, t) for t in tokens]
+                    cost={"credits": details.cost_credits(job)},
+                    output=[output_url(request, t) for t in tokens],
                 )
             case Phase.FAILED:
                 assert job.failure is not None
                 code, message = _FAILURES[job.failure]
-                task.update(cost={"credits": 0}, failure=message, failureCode=code)
+                task.update(cost={"credits": details.cost_credits(job)}, failure=message, failureCode=code)
             case Phase.CANCELLED:
-                # A task cancelled while running is not refunded.
-                charged = details.credits if job.cancelled_in is Phase.RUNNING else 0
-                task["cost"] = {"credits": charged}
+                task["cost"] = {"credits": details.cost_credits(job)}
         return task
 
 
-def _validate(body: dict[str, Any], *, with_image: bool) -> tuple[RunwayDetails, RenderSpec]:
+def _validate(
+    body: dict[str, Any], config: ProviderConfig, *, with_image: bool
+) -> tuple[RunwayDetails, RenderSpec]:
     """The task a create body asks for, or _Invalid with every issue found."""
     issues: list[dict[str, Any]] = []
 
@@ -225,7 +242,7 @@ def _validate(body: dict[str, Any], *, with_image: bool) -> tuple[RunwayDetails,
         issue("seed", f"Must be an integer from 0 to {MAX_SEED}")
 
     audio = body.get("audio", True)
-    if model.audio_credits_per_second is None and "audio" in body:
+    if not model.audio and "audio" in body:
         issue("audio", "Not supported by this model")
     elif not isinstance(audio, bool):
         issue("audio", "Expected a boolean")
@@ -235,14 +252,9 @@ def _validate(body: dict[str, Any], *, with_image: bool) -> tuple[RunwayDetails,
 
     if issues:
         raise _Invalid(issues)
-    rate = (
-        model.audio_credits_per_second
-        if audio and model.audio_credits_per_second
-        else model.credits_per_second
-    )
     width, height = (int(side) for side in ratio.split(":"))
     spec = RenderSpec(prompt=prompt, seed=seed, duration_seconds=duration, width=width, height=height)
-    return RunwayDetails(model=name, credits=rate * duration), spec
+    return RunwayDetails(model=name, credits=config.price(name, audio=audio) * duration), spec
 
 
 def _valid_prompt_image(value: Any) -> bool:

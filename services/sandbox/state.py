@@ -7,6 +7,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from aiprod_sandbox.billing import Billing
 from aiprod_sandbox.config import RuntimeConfig, default_configs
 from aiprod_sandbox.counters import Counters
 from aiprod_sandbox.faults import ErrorFormat, FaultBook, enact
@@ -35,6 +36,7 @@ class Sandbox:
     accepted_keys: frozenset[str]
     config: RuntimeConfig
     counters: Counters
+    billing: Billing
     faults: FaultBook
     outputs: OutputStore
     tasks: TaskBoard
@@ -42,13 +44,15 @@ class Sandbox:
     @classmethod
     def create(cls, data_dir: Path, render_seconds: float, accepted_keys: frozenset[str]) -> "Sandbox":
         config = RuntimeConfig(default_configs(render_seconds))
+        billing = Billing()
         return cls(
             accepted_keys,
             config,
             Counters(),
+            billing,
             FaultBook(),
             OutputStore(),
-            TaskBoard(data_dir / "sandbox", config),
+            TaskBoard(data_dir / "sandbox", config, billing.settle),
         )
 
     def configure(self, payload: object) -> None:
@@ -57,8 +61,9 @@ class Sandbox:
         self.tasks.limits_changed()  # a higher max_concurrent lets waiting tasks run now
 
     async def reset(self) -> None:
-        await self.tasks.reset()
+        await self.tasks.reset()  # cancels what runs, which settles bills: cleared just after
         self.counters.clear()
+        self.billing.clear()
         self.faults.clear()
         self.outputs.clear()
         self.config.reset()

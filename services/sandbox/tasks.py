@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -118,13 +119,13 @@ class Job:
     started_at: datetime | None = None
     completed_at: datetime | None = None
     failure: Failure | None = None
-    # The phase the task was in when it was cancelled (Runway refunds only tasks not yet running).
-    cancelled_in: Phase | None = None
     videos: list[Path] = field(default_factory=list)
     _started: float | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: asyncio.Task[None] | None = None
+    # Called once, when the task reaches its final state (the provider's bill is settled then).
+    _on_final: Callable[["Job"], None] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -156,6 +157,8 @@ class Job:
         self.phase, self.failure, self.completed_at = phase, failure, _now()
         self._stop.set()
         self._done.set()
+        if self._on_final is not None:
+            self._on_final(self)
 
 
 class Slots:
@@ -203,9 +206,12 @@ class Slots:
 class TaskBoard:
     """Every provider's tasks, their runners, and the files they render under `directory`."""
 
-    def __init__(self, directory: Path, config: RuntimeConfig) -> None:
+    def __init__(
+        self, directory: Path, config: RuntimeConfig, on_final: Callable[[Job], None] | None = None
+    ) -> None:
         self._directory = directory
         self._config = config
+        self._on_final = on_final
         self._jobs: dict[str, dict[str, Job]] = {provider: {} for provider in PROVIDERS}
         self._slots = {provider: Slots(provider, config) for provider in PROVIDERS}
         # Encodes are CPU-bound: more at once than cores only slows every one of them down.
@@ -213,6 +219,7 @@ class TaskBoard:
 
     def submit(self, provider: str, job_id: str, spec: RenderSpec, key: str, details: object = None) -> Job:
         job = Job(job_id, provider, spec, read_triggers(spec.prompt), self._config.of(provider), key, details)
+        job._on_final = self._on_final
         self._jobs[provider][job_id] = job
         job._runner = asyncio.create_task(self._run(job), name=f"{provider}-{job_id}")
         return job
@@ -227,7 +234,6 @@ class TaskBoard:
         """Stops a task that has not finished; False when it already had."""
         if job.terminal:
             return False
-        job.cancelled_in = job.phase
         job._finish(Phase.CANCELLED)
         if job._runner is not None:
             job._runner.cancel()

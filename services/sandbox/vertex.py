@@ -6,6 +6,10 @@ starts a long-running operation and answers its name; `...:fetchPredictOperation
 `response.videos` (`bytesBase64Encoded`, or `gcsUri` when the request gave a `storageUri`; nothing is
 written to Cloud Storage) or `error: {code, message}`. Vertex has no cancel for these operations.
 Errors are Google's `{"error": {"code", "message", "status"}}`.
+
+Billing: an operation done with videos bills the model's price per second (configured `prices` with
+audio, `silent_prices` without) x durationSeconds x the videos returned; one done with an error, or
+with every video filtered, bills nothing.
 """
 
 import asyncio
@@ -17,12 +21,21 @@ from typing import Any
 
 from aiohttp import web
 
+from aiprod_sandbox.config import ProviderConfig
 from aiprod_sandbox.inputs import IMAGE_MIME_TYPES, base64_image
 from aiprod_sandbox.state import Handler, Sandbox, bearer_token, idempotency_key
 from aiprod_sandbox.tasks import Failure, Job, Phase, RenderSpec, video_size
 
 PREFIX = "/vertex"
-MODELS = {"veo-3.0-generate-001", "veo-3.0-fast-generate-001"}
+MODELS = {
+    "veo-3.0-generate-001",
+    "veo-3.0-fast-generate-001",
+    "veo-3.1-generate-001",
+    "veo-3.1-fast-generate-001",
+    "veo-3.1-lite-generate-001",
+    "veo-3.1-generate-preview",
+    "veo-3.1-fast-generate-preview",
+}
 DURATIONS = (4, 6, 8)
 ASPECT_RATIOS = ("16:9", "9:16")
 RESOLUTIONS = {"720p": 720, "1080p": 1080}
@@ -76,6 +89,16 @@ def error(status: int, message: str | None = None) -> web.Response:
 class VeoDetails:
     operation_name: str
     storage_uri: str | None
+    model: str = ""
+    # The model's price per second at create time, with or without audio as the request asked.
+    micros_per_second: int = 0
+
+    def bill_micros(self, job: Job) -> int:
+        # Filtered videos are not returned and not billed; a SAFETY outcome filters every one of them.
+        # Vertex has no cancel: only a reset cancels, and it clears the bills.
+        if job.phase is not Phase.SUCCEEDED:
+            return 0
+        return round(self.micros_per_second * job.spec.duration_seconds) * len(job.videos)
 
 
 class _Invalid(Exception):
@@ -124,13 +147,18 @@ class VertexApi:
             return error(404, f"Publisher Model `{resource}` not found.")
         try:
             body = await request.json()
-            spec, storage_uri = _validate(body)
+            spec, storage_uri, audio = _validate(body)
         except ValueError:
             return error(400, "Invalid JSON payload received.")
         except _Invalid as invalid:
             return error(400, str(invalid))
         operation_id = str(uuid.uuid4())
-        details = VeoDetails(f"{resource}/operations/{operation_id}", storage_uri)
+        details = VeoDetails(
+            f"{resource}/operations/{operation_id}",
+            storage_uri,
+            model,
+            _micros_per_second(self._sandbox.config.of("veo"), model, audio),
+        )
         key = idempotency_key(request)
         self._sandbox.tasks.submit("veo", operation_id, spec, key, details)
         self._sandbox.counters.created("veo", key, operation_id)
@@ -187,8 +215,12 @@ async def _videos(job: Job) -> list[dict[str, str]]:
     ]
 
 
-def _validate(body: Any) -> tuple[RenderSpec, str | None]:
-    """The render a predictLongRunning body asks for and its storageUri, or _Invalid."""
+def _micros_per_second(config: ProviderConfig, model: str, audio: bool) -> int:
+    return round(config.price(model, audio=audio) * 1_000_000)
+
+
+def _validate(body: Any) -> tuple[RenderSpec, str | None, bool]:
+    """The render a predictLongRunning body asks for, its storageUri and generateAudio, or _Invalid."""
     instances = body.get("instances") if isinstance(body, dict) else None
     if not isinstance(instances, list) or len(instances) != 1 or not isinstance(instances[0], dict):
         raise _Invalid("instances must hold exactly one instance.")
@@ -218,13 +250,17 @@ def _validate(body: Any) -> tuple[RenderSpec, str | None]:
     seed = parameters.get("seed", random.randint(0, MAX_SEED))
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise _Invalid(f"seed must be from 0 to {MAX_SEED}.")
+    # Vertex requires generateAudio for Veo 3 models; without it, bill as the audio the model makes.
+    audio = parameters.get("generateAudio", True)
+    if not isinstance(audio, bool):
+        raise _Invalid("generateAudio must be a boolean.")
     storage_uri = parameters.get("storageUri")
     if storage_uri is not None and (not isinstance(storage_uri, str) or not storage_uri.startswith("gs://")):
         raise _Invalid("storageUri must be a gs:// URI.")
 
     width, height = video_size(aspect_ratio, RESOLUTIONS[resolution])
     spec = RenderSpec(prompt, seed, duration, width, height, samples)
-    return spec, storage_uri
+    return spec, storage_uri, audio
 
 
 def _check_image(image: Any) -> None:
