@@ -228,6 +228,7 @@ async def test_capabilities(stub: Stub) -> None:
     assert capabilities.price_per_second.currency_code == "USD"
     assert capabilities.price_per_second.amount_micros == 0
     assert capabilities.nominal_quality == 0.5
+    assert (capabilities.max_prompt_characters, capabilities.max_image_bytes) == (2000, 0)
 
 
 async def test_render_16_9(stub: Stub, renderer: RendererProcess) -> None:
@@ -285,6 +286,9 @@ async def test_render_sizes(stub: Stub, aspect: int, size: tuple[int, int]) -> N
     started = (await stub.StartRender(request)).render
     final = (await _watch(stub, started.handle.task_id))[-1]
     assert final.state == SUCCEEDED
+    # Rendered on this machine: free, and said so.
+    assert final.HasField("charge") and final.charge.amount_micros == 0
+    assert final.model == "local-synth-v1"
     video = final.output.video
     assert (video.width, video.height, video.frame_count) == (*size, 24)
     assert _decode(Path(video.uri.removeprefix("file://"))) == (24, *size, 24.0)
@@ -325,6 +329,7 @@ async def test_cancel_mid_render(paced: Paced, paced_renderer: RendererProcess) 
         cancelled = (await paced.stub.CancelRender(renderer_pb2.CancelRenderRequest(task_id=task_id))).render
         assert cancelled.state == CANCELLED
         assert cancelled.failure.reason == "CANCELLED"
+        assert cancelled.HasField("charge") and cancelled.charge.amount_micros == 0
         assert 0 < cancelled.progress < 0.5
         rest = [message.render async for message in stream]
     assert rest[-1] == cancelled

@@ -70,6 +70,9 @@ def test_text_to_video_is_copied_checked_and_priced(mesh, sandbox):
     assert (video.width, video.height) == (1280, 720)
     assert final.output.qc.score > 0.9
     assert final.output.cost.amount_micros == 2 * 12 * 10_000  # gen4.5: 12 credits a second
+    # What Runway bills for the task: its cost.credits.
+    assert final.charge.amount_micros == 2 * 12 * 10_000 and final.charge.currency_code == "USD"
+    assert final.model == "gen4.5"
     assert sandbox.creates("runway") == {"t2v-1": 1}
 
 
@@ -95,10 +98,14 @@ def test_cancel_cancels_the_task_at_runway(mesh, sandbox):
     started = start(stub, "cancel-1", shot("[sandbox:never] a render that never ends", seconds=2))
     cancelled = stub.CancelRender(renderer_pb2.CancelRenderRequest(task_id=started.handle.task_id)).render
     assert cancelled.state == renderer_pb2.RENDER_STATE_CANCELLED
+    # Runway takes the credits at creation and keeps them on a cancel: the full estimate.
+    assert cancelled.charge.amount_micros == 2 * 12 * 10_000
     assert sandbox.counters()["tasks"]["runway"][started.handle.task_id]["cancels"] == 1
     with pytest.raises(grpc.RpcError) as again:
         stub.CancelRender(renderer_pb2.CancelRenderRequest(task_id=started.handle.task_id))
     assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # An ended render is answered as it ended, its charge included.
+    assert stub.GetRender(renderer_pb2.GetRenderRequest(task_id=started.handle.task_id)).render == cancelled
     assert sandbox.creates("runway") == {"cancel-1": 1}
 
 
@@ -120,6 +127,8 @@ def test_a_safety_refusal_ends_the_render_with_runways_reason(mesh, sandbox):
     assert final.failure.reason == "PROVIDER_SAFETY_INPUT"
     assert final.failure.provider_code.startswith("SAFETY.INPUT")
     assert not final.failure.retryable
+    # Runway refunds failed tasks, safety refusals included.
+    assert final.HasField("charge") and final.charge.amount_micros == 0
     assert sandbox.creates("runway") == {"safety-1": 1}
 
 
@@ -157,6 +166,7 @@ def test_a_create_that_may_have_reached_runway_is_never_sent_again(mesh, sandbox
     started = start(stub, "uncertain-1", shot(seconds=2))
     assert started.state == renderer_pb2.RENDER_STATE_FAILED
     assert started.failure.reason == "PROVIDER_UNCERTAIN"
+    assert not started.HasField("charge")  # whether Runway created (and bills) it is not known
     assert start(stub, "uncertain-1", shot(seconds=2)).failure.reason == "PROVIDER_UNCERTAIN"
     assert sandbox.counters()["create_requests"]["runway"]["uncertain-1"] == 1
 

@@ -319,6 +319,8 @@ async def test_cancel_stops_following_as_vertex_has_no_cancel(stub: Stub, sandbo
     assert cancelled.state == CANCELLED
     assert cancelled.failure.reason == "CANCELLED"
     assert "veo has no cancel" in cancelled.failure.message
+    # The operation runs on and bills if it succeeds: the full list price, 4 s at 0.20 USD.
+    assert cancelled.charge.amount_micros == 4 * 200_000
     assert rest[-1] == cancelled
     assert (await stub.GetRender(renderer_pb2.GetRenderRequest(task_id=task_id))).render == cancelled
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -338,6 +340,7 @@ async def test_safety_refusal(stub: Stub, sandbox: Sandbox) -> None:
     assert failure.provider_code == "SAFETY.INPUT.58061214"
     assert "Responsible AI" in failure.message
     assert not failure.retryable
+    assert render.HasField("charge") and render.charge.amount_micros == 0  # no video, no bill
     assert await sandbox.creates() == {"safety-1": 1}
 
 

@@ -34,10 +34,14 @@ class CircuitBreaker:
         self._recent: deque[bool] = deque(maxlen=max(window, 1))
         self._window = window
         self._opened_at = 0.0
+        # Half-open: whether the one trial is out (its outcome not recorded yet).
+        self._trial_out = False
         self._on_change = on_change
         self._clock = clock
 
     def _move(self, state: BreakerState) -> None:
+        if state != BreakerState.HALF_OPEN:
+            self._trial_out = False
         if state != self.state:
             self.state = state
             self._on_change(state)
@@ -76,6 +80,16 @@ class CircuitBreaker:
         if self.state == BreakerState.OPEN and self._clock() - self._opened_at >= self.cooldown_seconds:
             self._move(BreakerState.HALF_OPEN)
         return self.state == BreakerState.HALF_OPEN
+
+    def allow_request(self) -> bool:
+        """Whether a request may go now: always while closed; while half-open, to one caller only (the
+        trial), until its outcome is recorded; never while open."""
+        if self.state == BreakerState.CLOSED:
+            return True
+        if not self.probe_due() or self._trial_out:
+            return False
+        self._trial_out = True
+        return True
 
     def seconds_until_probe(self) -> float:
         return max(0.0, self._opened_at + self.cooldown_seconds - self._clock())

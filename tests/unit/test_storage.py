@@ -20,7 +20,21 @@ from google.api_core.exceptions import PreconditionFailed
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
+from aiprod.common.v1 import backend_pb2, render_pb2
+from aiprod.renderer.v1 import renderer_pb2
+from aiprod_kit.database import SqliteDatabase
+from aiprod_kit.money import usd
 from aiprod_kit.rendering import qc
+from aiprod_kit.rendering.keys import RenderKeyStore
+from aiprod_kit.rendering.provider import (
+    ErrorKind,
+    Provider,
+    ProviderError,
+    ProviderTask,
+    TaskState,
+    VideoSource,
+)
+from aiprod_kit.rendering.service import ProviderRendererService
 from aiprod_kit.rendering.storage import (
     GcsVideoStore,
     LocalVideoStore,
@@ -28,6 +42,8 @@ from aiprod_kit.rendering.storage import (
     VideoStore,
     video_store_from_settings,
 )
+from aiprod_kit.server import HealthSignal
+from aiprod_kit.settings import RunwaySettings
 from aiprod_renderers.local import synth
 
 CONTENT = b"not really a video, but bytes all the same"
@@ -303,3 +319,125 @@ async def test_gcs_lost_race_is_fine(source: Path) -> None:
     stored = await store.put(source)
     assert stored.uri == f"gs://raced/videos/{SHA256[:2]}/{SHA256}.mp4"
     assert uploads == [{"content_type": "video/mp4", "if_generation_match": 0}]
+
+
+# A renderer's output that cannot be stored, or is slow to fetch -----------------------------------
+
+
+class _PaidProvider(Provider):
+    """A provider whose every task succeeds at once with a real video; its download first meets
+    `rate_limits` 429 answers."""
+
+    backend = backend_pb2.BACKEND_RUNWAY
+    name = "paid"
+
+    def __init__(self, video: bytes, rate_limits: int = 0) -> None:
+        self._video = video
+        self.rate_limits = rate_limits
+        self.downloads = 0
+
+    def capabilities(self) -> renderer_pb2.Capabilities:
+        return renderer_pb2.Capabilities(
+            backend=self.backend,
+            models=["paid-1"],
+            min_duration_seconds=1,
+            max_duration_seconds=10,
+            aspect_ratios=[render_pb2.ASPECT_RATIO_16_9],
+            price_per_second=usd(100_000),
+        )
+
+    def missing_configuration(self) -> list[str]:
+        return []
+
+    async def create(self, shot: render_pb2.Shot, model: str, idempotency_key: str) -> str:
+        return f"task-{idempotency_key}"
+
+    async def get(self, task_id: str) -> ProviderTask:
+        return ProviderTask(
+            TaskState.SUCCEEDED, 1.0, outputs=(VideoSource(url="https://outputs.test/v.mp4"),)
+        )
+
+    async def cancel(self, task_id: str) -> bool:
+        return True
+
+    async def probe(self) -> None:
+        return None
+
+    async def download(self, source: VideoSource, destination: Path) -> None:
+        self.downloads += 1
+        if self.downloads <= self.rate_limits:
+            raise ProviderError(ErrorKind.RATE_LIMITED, "slow down", 429, retry_after=0.01)
+        await asyncio.to_thread(destination.write_bytes, self._video)
+
+    async def aclose(self) -> None:
+        return None
+
+    def charge_micros(
+        self, shot: render_pb2.Shot, task: ProviderTask | None, *, cancelled: bool = False
+    ) -> int:
+        return 123_000
+
+
+class _BrokenStore(VideoStore):
+    async def put(self, source: Path) -> StoredVideo:
+        raise OSError(28, "No space left on device")
+
+    async def fetch(self, uri: str, destination: Path) -> Path:
+        raise AssertionError("never called")
+
+
+async def _render_to_the_end(tmp_path: Path, provider: Provider, store: VideoStore) -> renderer_pb2.Render:
+    """Runs the kit's service in this process on provider and store; the render of one StartRender as
+    it ended."""
+    settings = RunwaySettings(RUNWAYML_API_SECRET="key", poll_seconds=0.01)  # type: ignore[call-arg]
+    keys = await RenderKeyStore.open(SqliteDatabase(tmp_path / "keys.sqlite3", "keys"), provider.backend)
+    serving = asyncio.Event()
+    health = HealthSignal(serving=False)
+
+    async def publish(now_serving: bool) -> None:
+        if now_serving:
+            serving.set()
+
+    await health.bind(publish)
+    service = ProviderRendererService(provider, settings, store, health, tmp_path / "work", keys)
+    await service.start()
+    try:
+        async with asyncio.timeout(30):
+            await serving.wait()
+            request = renderer_pb2.StartRenderRequest(
+                idempotency_key="paid-1",
+                shot=render_pb2.Shot(
+                    prompt="A lighthouse", duration_seconds=1, aspect_ratio=render_pb2.ASPECT_RATIO_16_9
+                ),
+            )
+            started = (await service.StartRender(request, None)).render  # type: ignore[arg-type]
+            watch = renderer_pb2.WatchRenderRequest(task_id=started.handle.task_id)
+            return [message.render async for message in service.WatchRender(watch, None)][-1]  # type: ignore[arg-type]
+    finally:
+        await service.close()
+        await keys.close()
+
+
+@pytest.fixture
+def video(tmp_path: Path) -> bytes:
+    path = tmp_path / "made.mp4"
+    synth.encode_video(path, "A lighthouse at dusk", 2, 1.0, 1280, 720)
+    return path.read_bytes()
+
+
+async def test_an_output_that_cannot_be_stored_fails_the_render_with_its_charge(
+    tmp_path: Path, video: bytes
+) -> None:
+    final = await _render_to_the_end(tmp_path, _PaidProvider(video), _BrokenStore())
+    assert final.state == renderer_pb2.RENDER_STATE_FAILED
+    assert final.failure.reason == "OUTPUT_STORE_FAILED" and final.failure.retryable
+    # The provider billed the task whatever became of its output.
+    assert final.charge.amount_micros == 123_000
+
+
+async def test_a_paid_output_is_fetched_through_rate_limits(tmp_path: Path, video: bytes) -> None:
+    provider = _PaidProvider(video, rate_limits=6)
+    final = await _render_to_the_end(tmp_path, provider, LocalVideoStore(tmp_path / "videos"))
+    assert final.state == renderer_pb2.RENDER_STATE_SUCCEEDED, final.failure
+    assert provider.downloads == 7
+    assert final.charge.amount_micros == 123_000 and final.output.cost == final.charge

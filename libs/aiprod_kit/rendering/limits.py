@@ -8,7 +8,14 @@ from typing import TypeVar
 
 import structlog
 from aiolimiter import AsyncLimiter
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential,
+)
 
 from aiprod_kit.rendering.provider import ErrorKind, ProviderError
 
@@ -48,24 +55,32 @@ class ProviderLimits:
         idempotent: bool,
         what: str,
         timeout: float | None = None,
+        within: float | None = None,
     ) -> T:
         """Runs one provider request under the limits, retrying what may be sent again: refusals that
         the provider did not act on (429, 502-504, no connection) always; ambiguous failures (timeout,
-        dropped connection) only for idempotent requests, never for a create."""
+        dropped connection) only for idempotent requests, never for a create.
+
+        timeout: of each attempt (default: the request timeout). within: a deadline for every attempt
+        together instead of a count of attempts (copying an output: as long as its URL lives); each
+        attempt then gets what is left of it."""
 
         def retryable(error: BaseException) -> bool:
             if not isinstance(error, ProviderError):
                 return False
             return error.safe_to_resend or (idempotent and error.kind == ErrorKind.AMBIGUOUS)
 
+        deadline = None if within is None else time.monotonic() + within
+        # Stop before a wait that would end past the deadline: it could only fail there.
+        stop = stop_after_attempt(self._attempts) if within is None else stop_before_delay(within)
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(retryable),
-            wait=self._wait,
-            stop=stop_after_attempt(self._attempts),
-            reraise=True,
+            retry=retry_if_exception(retryable), wait=self._wait, stop=stop, reraise=True
         ):
             with attempt:
-                return await self._once(operation, what, timeout or self._timeout)
+                limit = timeout or self._timeout
+                if deadline is not None:
+                    limit = min(limit, max(deadline - time.monotonic(), 0.001))
+                return await self._once(operation, what, limit)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def _once(self, operation: Callable[[], Awaitable[T]], what: str, timeout: float) -> T:
@@ -74,12 +89,10 @@ class ProviderLimits:
             await asyncio.sleep(pause)
         await self._requests.acquire()
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(timeout):
                 return await operation()
         except TimeoutError as error:
-            raise ProviderError(
-                ErrorKind.AMBIGUOUS, f"{what} got no answer in {self._timeout:g} s"
-            ) from error
+            raise ProviderError(ErrorKind.AMBIGUOUS, f"{what} got no answer in {timeout:g} s") from error
         except ProviderError as error:
             if error.kind == ErrorKind.RATE_LIMITED:
                 pause_for = min(error.retry_after or 1.0, _MAX_RETRY_AFTER_SECONDS)

@@ -5,6 +5,8 @@ from contextlib import asynccontextmanager
 from typing import TypeVar
 
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from aiprod_kit.database import open_database
+from aiprod_kit.rendering.keys import RenderKeyStore
 from aiprod_kit.rendering.provider import Provider
 from aiprod_kit.rendering.service import ProviderRendererService
 from aiprod_kit.rendering.storage import video_store_from_settings
@@ -26,8 +28,17 @@ def run_renderer(component: str, settings: S, make_provider: Callable[[S], Provi
         # Not serving until the first probe has passed (and never without credentials).
         health = HealthSignal(serving=False)
         store = video_store_from_settings(common.data_dir, settings.gcs_bucket)
+        # The render keys every replica of this backend shares: PostgreSQL with AIPROD_DATABASE_URL,
+        # else a SQLite file under the data directory (replicas on one machine), synced at each commit.
+        database = await open_database(
+            common,
+            common.data_dir / "renderers" / f"{provider.name}-keys.sqlite3",
+            component,
+            synchronous="FULL",
+        )
+        keys = await RenderKeyStore.open(database, provider.backend)
         service = ProviderRendererService(
-            provider, settings, store, health, common.data_dir / "tmp" / component
+            provider, settings, store, health, common.data_dir / "tmp" / component, keys
         )
         await service.start()
         try:
@@ -39,5 +50,6 @@ def run_renderer(component: str, settings: S, make_provider: Callable[[S], Provi
         finally:
             await service.close()
             await provider.aclose()
+            await keys.close()
 
     run(component, common, settings.port, build)

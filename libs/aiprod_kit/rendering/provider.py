@@ -120,8 +120,14 @@ class Provider(ABC):
         """The frame size the provider delivers for the shot (720p unless a provider says otherwise)."""
         return FRAME_SIZES_720P[shot.aspect_ratio or render_pb2.ASPECT_RATIO_16_9]
 
-    def cost_micros(self, shot: render_pb2.Shot, task: ProviderTask) -> int:
-        """The task's actual cost: the provider's figure when it gives one, else the list price."""
-        if task.cost_micros is not None:
-            return task.cost_micros
+    def list_price_micros(self, shot: render_pb2.Shot) -> int:
+        """The list price of the shot: price per second times its duration."""
         return round(self.capabilities().price_per_second.amount_micros * shot.duration_seconds)
+
+    @abstractmethod
+    def charge_micros(
+        self, shot: render_pb2.Shot, task: ProviderTask | None, *, cancelled: bool = False
+    ) -> int:
+        """What the provider bills for a task that has ended, in micro-USD: this provider's billing
+        rules, in one place. task: the task as last seen (None when the provider no longer knows it);
+        cancelled: this renderer cancelled it (whatever state it was seen in before)."""

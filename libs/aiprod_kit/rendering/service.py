@@ -1,14 +1,22 @@
 """RendererService for any provider: the kit's half of every provider renderer.
 
-- Idempotency: one render per idempotency key; a create is never sent twice for one key (the kit
-  resends only what the provider certainly did not act on, and the adapters turn their clients' own
-  retries of POST off).
+- Idempotency: one render per idempotency key, across restarts and replicas. The key's intent is
+  recorded in the key store (shared by every replica of the backend) before the create is sent, the
+  task id right after; a repeated StartRender re-attaches to that task. A key whose create may have
+  reached the provider without its task id being recorded is never sent again: it reads
+  PROVIDER_UNCERTAIN. The kit resends only what the provider certainly did not act on, and the
+  adapters turn their clients' own retries of POST off.
+- A StartRender whose caller goes away: before the create is sent, its slot and key are freed; once
+  sent, the create runs on without the caller, so that its task id is recorded.
 - One poll loop per renderer (not one per caller), each task polled no more often than poll_seconds.
 - Limits, Retry-After and backoff (ProviderLimits); a circuit breaker whose state, with the
-  credentials, drives the service's own health (NOT_SERVING while open; a half-open probe closes it).
-- On success the output is copied to durable storage before success is reported, then checked (QC).
-- The renderer keeps no durable state: a render's task id is the provider's, so after a restart
-  GetRender and WatchRender re-attach to it from the provider.
+  credentials, drives the service's own health (NOT_SERVING while open; one half-open probe closes it).
+- On success the output is copied to durable storage before success is reported, then checked (QC);
+  the copy retries rate limits and transient errors within the download timeout.
+- Every terminal render carries what the provider bills for it (the adapter's `charge_micros`), except
+  an uncertain create; the ending is recorded in the key store, so that it is answered the same after
+  the provider has forgotten the task. Whatever fails in the background ends its render FAILED with a
+  reason; nothing stays RUNNING for ever.
 """
 
 import asyncio
@@ -16,9 +24,9 @@ import contextlib
 import re
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -28,9 +36,17 @@ from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod_kit.breaker import BreakerState, CircuitBreaker
 from aiprod_kit.capabilities import shot_mismatches
-from aiprod_kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from aiprod_kit.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from aiprod_kit.money import usd
 from aiprod_kit.rendering import qc
+from aiprod_kit.rendering.keys import KeyRecord, RenderKeyStore
 from aiprod_kit.rendering.limits import ProviderLimits
 from aiprod_kit.rendering.provider import ErrorKind, Provider, ProviderError, ProviderTask, TaskState
 from aiprod_kit.rendering.storage import VideoStore
@@ -63,6 +79,14 @@ _CREATE_FAILURES = {
     ErrorKind.AMBIGUOUS: ("PROVIDER_UNCERTAIN", False),
     ErrorKind.NOT_FOUND: ("PROVIDER_REFUSED", False),
 }
+# How long after a claimant's create deadline another replica still waits for its task id: the
+# claimant's own clock and its last write.
+_DEADLINE_SLACK_SECONDS = 5.0
+# How often a replica waiting on another's create looks at the key store again.
+_KEY_POLL_SECONDS = 0.2
+# Writes of a task id or an ending to the key store: tries, and the first pause between them.
+_STORE_TRIES = 5
+_STORE_BACKOFF_SECONDS = 0.2
 
 
 def _failure(reason: str, message: str, retryable: bool, provider_code: str = "") -> render_pb2.RenderFailure:
@@ -85,13 +109,6 @@ def failure_of(task: ProviderTask) -> render_pb2.RenderFailure:
     )
 
 
-def _priced_shot(shot: render_pb2.Shot, facts: qc.Probe) -> render_pb2.Shot:
-    """The shot to price: after a re-attach the request is unknown, so the output's length stands in."""
-    if shot.duration_seconds:
-        return shot
-    return render_pb2.Shot(duration_seconds=facts.duration_seconds)
-
-
 class _Render:
     """One render at this renderer: its status and the event its watchers wait on."""
 
@@ -100,7 +117,13 @@ class _Render:
         self.model = model
         self.next_poll = 0.0
         self.holds_slot = False
+        # Set once StartRender's answer is known; abandoned: its caller went away before anything was
+        # sent, so a later call under the key starts afresh.
         self.created = asyncio.Event()
+        self.abandoned = False
+        # The task as last seen at the provider, and the output's length once probed: for the charge.
+        self.last_task: ProviderTask | None = None
+        self.output_seconds = 0.0
         self._changed = asyncio.Event()
         # The trace of the call that made this render (StartRender, or a watch after a restart): its
         # polls and download join it.
@@ -108,9 +131,14 @@ class _Render:
         self.status = renderer_pb2.Render(
             handle=backend_pb2.RenderHandle(backend=backend, idempotency_key=key),
             state=renderer_pb2.RENDER_STATE_PENDING,
+            model=model,
         )
         self.status.create_time.GetCurrentTime()
         self.status.update_time.CopyFrom(self.status.create_time)
+
+    @property
+    def key(self) -> str:
+        return self.status.handle.idempotency_key
 
     @property
     def task_id(self) -> str:
@@ -133,10 +161,16 @@ class _Render:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def end(self, state: int, failure: render_pb2.RenderFailure | None = None) -> None:
-        self.status.state = state
-        if failure is not None:
-            self.status.failure.CopyFrom(failure)
+    def adopt(self, record: KeyRecord) -> None:
+        """Takes the request as the key store kept it (after a restart, or from another replica)."""
+        self.shot = record.shot
+        self.model = record.model
+        self.status.model = record.model
+        self.status.handle.idempotency_key = record.idempotency_key
+
+    def restore(self, ended: renderer_pb2.Render) -> None:
+        """Takes the ending the key store kept."""
+        self.status.CopyFrom(ended)
         self.changed()
 
 
@@ -148,12 +182,14 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         store: VideoStore,
         health: HealthSignal,
         work_dir: Path,
+        keys: RenderKeyStore,
     ) -> None:
         self._provider = provider
         self._settings = settings
         self._store = store
         self._health = health
         self._work_dir = work_dir
+        self._keys = keys
         self._limits = ProviderLimits(
             settings.requests_per_minute, settings.max_concurrent_tasks, settings.request_timeout_seconds
         )
@@ -165,7 +201,8 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         self._by_task: dict[str, _Render] = {}
         self._wake_poller = asyncio.Event()
         self._wake_supervisor = asyncio.Event()
-        self._polls: set[asyncio.Task[None]] = set()
+        # Polls, creates and other work that outlives the call that started it.
+        self._background: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._log = log.bind(backend=provider.name)
         self._calls = ProviderCallMetrics(provider.name)
@@ -203,7 +240,8 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(self._breaker.seconds_until_probe(), 0.05)):
                     await self._wake_supervisor.wait()
-            if self._breaker.probe_due():
+            # Half-open: the probe is the one trial request.
+            if self._breaker.allow_request():
                 await self._probe()
 
     async def _probe(self) -> None:
@@ -226,10 +264,13 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         idempotent: bool,
         what: str,
         timeout: float | None = None,
+        within: float | None = None,
     ) -> T:
         """One provider call under the limits, measured, in the trace of the render it serves."""
         with self._calls.call(what, render.trace_context if render else None):
-            return await self._limits.call(operation, idempotent=idempotent, what=what, timeout=timeout)
+            return await self._limits.call(
+                operation, idempotent=idempotent, what=what, timeout=timeout, within=within
+            )
 
     def _record_outcome(self, error: ProviderError | None) -> None:
         if error is None:
@@ -245,11 +286,17 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         self._loops = [asyncio.create_task(self._supervise()), asyncio.create_task(self._poll_forever())]
 
     async def close(self) -> None:
-        for task in [*self._loops, *self._polls]:
+        for task in [*self._loops, *self._background]:
             task.cancel()
-        for task in [*self._loops, *self._polls]:
+        for task in [*self._loops, *self._background]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    def _spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     # RPCs ---------------------------------------------------------------------------------------
 
@@ -258,11 +305,8 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
     ) -> renderer_pb2.GetCapabilitiesResponse:
         return renderer_pb2.GetCapabilitiesResponse(capabilities=self._provider.capabilities())
 
-    async def StartRender(
-        self, request: renderer_pb2.StartRenderRequest, context: grpc.aio.ServicerContext
-    ) -> renderer_pb2.StartRenderResponse:
+    def _violations(self, request: renderer_pb2.StartRenderRequest, model: str) -> list[tuple[str, str]]:
         capabilities = self._provider.capabilities()
-        model = request.model or capabilities.models[0]
         violations = []
         if not _KEY.fullmatch(request.idempotency_key):
             violations.append(
@@ -275,63 +319,220 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
             violations.append(
                 ("model", f"unknown model {model!r}; this backend has {', '.join(capabilities.models)}")
             )
-        if violations:
-            raise InvalidArgument(violations)
+        return violations
 
-        render = self._by_key.get(request.idempotency_key)
-        if render is not None:
-            await render.created.wait()
-            return renderer_pb2.StartRenderResponse(render=render.snapshot())
-        if not self.serving:
-            # Nothing was sent: the caller may try elsewhere, or here again later under the same key.
-            raise Unavailable(self._not_serving_reason())
-        render = _Render(request.idempotency_key, request.shot, model, self._provider.backend)
-        self._by_key[request.idempotency_key] = render
+    async def StartRender(
+        self, request: renderer_pb2.StartRenderRequest, context: grpc.aio.ServicerContext
+    ) -> renderer_pb2.StartRenderResponse:
+        model = request.model or self._provider.capabilities().models[0]
+        if violations := self._violations(request, model):
+            raise InvalidArgument(violations)
+        key = request.idempotency_key
+        while True:
+            render = self._by_key.get(key)
+            if render is not None:
+                await render.created.wait()
+                if render.abandoned:
+                    continue  # its caller went away before anything was sent: this call starts it
+                return renderer_pb2.StartRenderResponse(render=render.snapshot())
+            record = await self._read_key(key)
+            if key in self._by_key:
+                continue  # another call got here while the store was read
+            render = _Render(key, request.shot, model, self._provider.backend)
+            self._by_key[key] = render
+            break
         try:
-            await self._create(render)
-        finally:
-            render.created.set()
-        return renderer_pb2.StartRenderResponse(render=render.snapshot())
+            if record is not None:
+                answer = await self._resume(render, record)
+            else:
+                if not self.serving:
+                    # Nothing was sent: the caller may try elsewhere, or here again later under the same key.
+                    raise Unavailable(self._not_serving_reason())
+                await self._take_slot(render)
+        except BaseException:
+            self._abandon(render)
+            raise
+        if record is None:
+            # From here the create runs on if the caller goes away: its task id must be recorded and its
+            # slot freed when the render ends.
+            answer = await asyncio.shield(self._spawn(self._create(render)))
+        return renderer_pb2.StartRenderResponse(render=answer.snapshot())
 
     def _not_serving_reason(self) -> str:
         if self._missing:
             return f"the {self._provider.name} renderer has no credentials: set {', '.join(self._missing)}"
         return f"the {self._provider.name} renderer is not serving: its circuit breaker is {self._breaker.state.value}"
 
-    async def _create(self, render: _Render) -> None:
+    def _abandon(self, render: _Render) -> None:
+        """Frees a key whose create was never sent (its caller went away, or it could not start)."""
+        if render.created.is_set():
+            return
+        self._release(render)
+        render.abandoned = True
+        if self._by_key.get(render.key) is render:
+            del self._by_key[render.key]
+        render.created.set()
+
+    async def _read_key(self, key: str) -> KeyRecord | None:
+        try:
+            return await self._keys.get(key)
+        except ServiceError:
+            raise
+        except Exception as error:
+            self._log.exception("render key store unreadable", idempotency_key=key)
+            raise Unavailable(f"the render key store cannot be read now: {type(error).__name__}") from error
+
+    async def _take_slot(self, render: _Render) -> None:
         try:
             async with asyncio.timeout(self._settings.slot_wait_seconds):
                 await self._limits.task_slots.acquire()
         except TimeoutError:
-            del self._by_key[render.status.handle.idempotency_key]
             raise ResourceExhausted(
                 f"the {self._provider.name} renderer is at its limit of "
                 f"{self._settings.max_concurrent_tasks} concurrent tasks"
             ) from None
         render.holds_slot = True
-        key = render.status.handle.idempotency_key
+
+    async def _create(self, render: _Render) -> _Render:
+        """Claims the key, sends the create and records its task id; returns the render that answers
+        (another replica's, when it claimed the key first)."""
+        key = render.key
         try:
-            task_id = await self._call(
-                render,
-                lambda: self._provider.create(render.shot, render.model, key),
-                idempotent=False,
-                what="create",
-            )
-        except ProviderError as error:
-            self._record_outcome(error)
+            won, record = await self._keys.claim(key, render.model, render.shot)
+        except BaseException as error:
+            # Nothing was sent: the key and the slot are free again.
+            self._abandon(render)
+            if isinstance(error, ServiceError) or not isinstance(error, Exception):
+                raise
+            self._log.exception("render key store unwritable", idempotency_key=key)
+            raise Unavailable(
+                f"the render key store cannot be written now: {type(error).__name__}"
+            ) from error
+        if not won:
             self._release(render)
+            try:
+                return await self._resume(render, record)
+            except BaseException:
+                self._abandon(render)  # this process sent nothing: the next call tries again
+                raise
+        deadline = record.claimed + self._settings.create_deadline_seconds
+        try:
+            async with asyncio.timeout(max(deadline - time.time(), 0.0)):
+                task_id = await self._call(
+                    render,
+                    lambda: self._provider.create(render.shot, render.model, key),
+                    idempotent=False,
+                    what="create",
+                )
+        except (ProviderError, TimeoutError) as caught:
+            error = (
+                caught
+                if isinstance(caught, ProviderError)
+                else ProviderError(
+                    ErrorKind.AMBIGUOUS,
+                    f"the create got no answer within {self._settings.create_deadline_seconds:g} s",
+                )
+            )
+            self._record_outcome(error)
             reason, retryable = _CREATE_FAILURES[error.kind]
             self._log.warning("create failed", idempotency_key=key, error=str(error))
-            render.end(
-                renderer_pb2.RENDER_STATE_FAILED, _failure(reason, str(error), retryable, error.provider_code)
+            # Refused for sure: nothing was created, nothing is billed. Uncertain: no charge is known.
+            charge = None if error.kind == ErrorKind.AMBIGUOUS else 0
+            render.created.set()
+            await self._conclude(
+                render,
+                renderer_pb2.RENDER_STATE_FAILED,
+                _failure(reason, str(error), retryable, error.provider_code),
+                charge,
             )
             await self._publish_health()
-            return
+            return render
         self._record_outcome(None)
         render.status.handle.task_id = task_id
         self._by_task[task_id] = render
+        await self._durably("record task id", key, lambda: self._keys.record_task(key, task_id))
+        render.created.set()
         self._log.info("render started", idempotency_key=key, task_id=task_id)
         self._schedule(render, delay=self._settings.poll_seconds)
+        return render
+
+    async def _durably(self, what: str, key: str, write: Callable[[], Awaitable[None]]) -> bool:
+        """A key store write, tried again over a short outage; False (logged) when it could not be made:
+        the render goes on, only its answer after a restart or on another replica suffers."""
+        pause = _STORE_BACKOFF_SECONDS
+        for attempt in range(_STORE_TRIES):
+            try:
+                await write()
+                return True
+            except Exception:
+                if attempt == _STORE_TRIES - 1:
+                    self._log.exception(f"render key store: could not {what}", idempotency_key=key)
+                    return False
+                await asyncio.sleep(pause)
+                pause *= 2
+        return False
+
+    async def _resume(self, render: _Render, record: KeyRecord) -> _Render:
+        """Answers a key the store knows: as it ended, by re-attaching to its task, or uncertain."""
+        render.adopt(record)
+        if record.ended is None and not record.task_id:
+            record = await self._await_task_id(record)
+        if record.ended is not None:
+            render.restore(record.ended)
+            if render.task_id:
+                render = self._by_task.setdefault(render.task_id, render)
+            render.created.set()
+            return render
+        if not record.task_id:
+            render.created.set()
+            await self._conclude(
+                render,
+                renderer_pb2.RENDER_STATE_FAILED,
+                _failure(
+                    "PROVIDER_UNCERTAIN",
+                    "an earlier create under this key may have reached the provider; it is not sent again",
+                    False,
+                ),
+                None,
+            )
+            return render
+        existing = self._by_task.get(record.task_id)
+        if existing is not None:
+            # Already followed here (a GetRender re-attached it): answer that one, and send waiters to it.
+            render.abandoned = True
+            self._by_key[render.key] = existing
+            render.created.set()
+            return existing
+        render.status.handle.task_id = record.task_id
+        self._by_task[record.task_id] = render
+        render.created.set()
+        self._log.info("render re-attached by key", idempotency_key=render.key, task_id=record.task_id)
+        # Shielded: a caller going away must not leave the render neither followed nor ended.
+        await asyncio.shield(self._spawn(self._attach(render)))
+        return render
+
+    async def _await_task_id(self, record: KeyRecord) -> KeyRecord:
+        """Waits while another process may still be creating the key's task (until its create deadline)."""
+        give_up = record.claimed + self._settings.create_deadline_seconds + _DEADLINE_SLACK_SECONDS
+        while record.ended is None and not record.task_id and time.time() < give_up:
+            await asyncio.sleep(_KEY_POLL_SECONDS)
+            record = await self._read_key(record.idempotency_key) or record
+        return record
+
+    async def _attach(self, render: _Render) -> None:
+        """Reads a task this process did not create; if the provider cannot be asked now, the poll
+        loop asks later."""
+        try:
+            task = await self._call(
+                render, lambda: self._provider.get(render.task_id), idempotent=True, what="get"
+            )
+        except ProviderError as error:
+            if error.kind == ErrorKind.NOT_FOUND:
+                await self._lost(render, error)
+            else:
+                self._schedule(render, self._settings.poll_seconds)
+            return
+        await self._settle(render, task)
 
     async def GetRender(
         self, request: renderer_pb2.GetRenderRequest, context: grpc.aio.ServicerContext
@@ -364,32 +565,105 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
                 f"the {self._provider.name} provider did not take the cancel: {error}"
             ) from error
         message = "cancelled" if cancelled else f"stopped following; {self._provider.name} has no cancel"
-        self._release(render)
-        render.end(renderer_pb2.RENDER_STATE_CANCELLED, _failure("CANCELLED", message, False))
+        # What the provider bills for a cancelled task, whatever it was doing.
+        charge = self._charge(render, render.last_task, cancelled=True)
+        await self._conclude(
+            render, renderer_pb2.RENDER_STATE_CANCELLED, _failure("CANCELLED", message, False), charge
+        )
         return renderer_pb2.CancelRenderResponse(render=render.snapshot())
 
     async def _find(self, task_id: str) -> _Render:
-        """The render with this task id, re-attached from the provider when this process never saw it."""
+        """The render with this task id, re-attached from the key store or the provider when this
+        process never saw it."""
         if not task_id:
             raise InvalidArgument([("task_id", "must not be empty")])
         render = self._by_task.get(task_id)
         if render is not None:
             return render
         try:
+            record = await self._keys.by_task(task_id)
+        except Exception:
+            # The provider can still say where the task is; only its request stays unknown.
+            self._log.exception("render key store unreadable", task_id=task_id)
+            record = None
+        if record is not None and record.ended is not None:
+            render = _Render(record.idempotency_key, record.shot, record.model, self._provider.backend)
+            render.restore(record.ended)
+            render.created.set()
+            return self._by_task.setdefault(task_id, render)
+        try:
             task = await self._call(None, lambda: self._provider.get(task_id), idempotent=True, what="get")
         except ProviderError as error:
             if error.kind in (ErrorKind.NOT_FOUND, ErrorKind.REFUSED):
                 raise NotFound(f"{self._provider.name} has no task {task_id}") from error
             raise Unavailable(f"{self._provider.name} could not be asked about {task_id}: {error}") from error
-        # The shot is unknown after a restart: QC then checks the output against what it is.
+        # Without a key record the shot is unknown (a task from before the key store): QC then checks
+        # the output against what it is.
         render = _Render("", render_pb2.Shot(), "", self._provider.backend)
+        if record is not None:
+            render.adopt(record)
         render.status.handle.task_id = task_id
         render.created.set()
         self._by_task.setdefault(task_id, render)
         render = self._by_task[task_id]
+        if render.key and render.key not in self._by_key:
+            self._by_key[render.key] = render
         self._log.info("render re-attached", task_id=task_id)
-        await self._apply(render, task)
+        # Shielded: finishing an output must not stop halfway because this caller went away.
+        await asyncio.shield(self._spawn(self._settle(render, task)))
         return render
+
+    # Endings ------------------------------------------------------------------------------------
+
+    def _charge(self, render: _Render, task: ProviderTask | None, *, cancelled: bool = False) -> int:
+        """The provider's bill for the render's task by the adapter's rules; task None: not known to
+        have ended (lost, or given up on), which the rules price at the worst case."""
+        shot = render.shot
+        if not shot.duration_seconds:
+            # Re-attached without its request: the output's length stands in.
+            shot = render_pb2.Shot(duration_seconds=render.output_seconds)
+        if task is not None and task.state in _STATES and not cancelled:
+            task = None
+        return self._provider.charge_micros(shot, task, cancelled=cancelled)
+
+    async def _conclude(
+        self,
+        render: _Render,
+        state: int,
+        failure: render_pb2.RenderFailure | None = None,
+        charge_micros: int | None = None,
+    ) -> None:
+        """Ends the render (once): its state, failure and charge, announced, then kept in the key store."""
+        if render.ended:
+            return
+        self._release(render)
+        render.status.state = state
+        if failure is not None:
+            render.status.failure.CopyFrom(failure)
+        if charge_micros is not None:
+            render.status.charge.CopyFrom(usd(charge_micros))
+        render.changed()
+        self._log.info(
+            "render ended",
+            idempotency_key=render.key,
+            task_id=render.task_id,
+            state=renderer_pb2.RenderState.Name(state),
+            reason=failure.reason if failure else "",
+            charge_micros=charge_micros,
+        )
+        if render.key:
+            ended = render.snapshot()
+            await self._durably(
+                "record the ending", render.key, lambda: self._keys.record_end(render.key, ended)
+            )
+
+    async def _lost(self, render: _Render, error: ProviderError) -> None:
+        await self._conclude(
+            render,
+            renderer_pb2.RENDER_STATE_FAILED,
+            _failure("RENDER_LOST", str(error), True),
+            self._charge(render, None),
+        )
 
     # Polling ------------------------------------------------------------------------------------
 
@@ -406,9 +680,7 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
             for render in waiting:
                 if render.next_poll <= now and self._breaker.allows_requests:
                     render.next_poll = 0  # in flight; set again when the poll ends
-                    poll = asyncio.create_task(self._poll(render))
-                    self._polls.add(poll)
-                    poll.add_done_callback(self._polls.discard)
+                    self._spawn(self._poll(render))
             upcoming = [r.next_poll for r in waiting if r.next_poll > 0]
             timeout = max(min(upcoming) - now, 0.01) if upcoming else None
             if not self._breaker.allows_requests and upcoming:
@@ -419,6 +691,29 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
 
     async def _poll(self, render: _Render) -> None:
         try:
+            await self._poll_once(render)
+        except Exception as error:
+            await self._failed_here(render, error)
+
+    async def _settle(self, render: _Render, task: ProviderTask) -> None:
+        """Applies what the provider said of the task; whatever goes wrong in doing so ends the render
+        with a reason rather than leaving it RUNNING for ever."""
+        try:
+            await self._apply(render, task)
+        except Exception as error:
+            await self._failed_here(render, error)
+
+    async def _failed_here(self, render: _Render, error: Exception) -> None:
+        self._log.exception("render failed in the renderer", task_id=render.task_id, exc_info=error)
+        await self._conclude(
+            render,
+            renderer_pb2.RENDER_STATE_FAILED,
+            _failure("RENDERER_INTERNAL", f"the renderer failed: {type(error).__name__}", True),
+            self._charge(render, render.last_task),
+        )
+
+    async def _poll_once(self, render: _Render) -> None:
+        try:
             task = await self._call(
                 render, lambda: self._provider.get(render.task_id), idempotent=True, what="get"
             )
@@ -426,20 +721,20 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
             self._record_outcome(error)
             await self._publish_health()
             if error.kind == ErrorKind.NOT_FOUND:
-                self._release(render)
-                render.end(renderer_pb2.RENDER_STATE_FAILED, _failure("RENDER_LOST", str(error), True))
+                await self._lost(render, error)
                 return
             self._log.warning("poll failed", task_id=render.task_id, error=str(error))
             self._schedule(render, self._settings.poll_seconds)
             return
         self._record_outcome(None)
-        await self._apply(render, task)
-        if not render.ended:
+        await self._settle(render, task)
+        if not render.ended and render.next_poll == 0:
             self._schedule(render, self._settings.poll_seconds)
 
     async def _apply(self, render: _Render, task: ProviderTask) -> None:
         if render.ended:
             return  # cancelled meanwhile
+        render.last_task = task
         if task.state in _STATES:
             if render.status.state != _STATES[task.state] or render.status.progress != task.progress:
                 render.status.state = _STATES[task.state]
@@ -452,45 +747,69 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         if task.state == TaskState.SUCCEEDED:
             await self._finish(render, task)
         elif task.state == TaskState.CANCELLED:
-            render.end(
-                renderer_pb2.RENDER_STATE_CANCELLED, _failure("CANCELLED", "cancelled at the provider", False)
+            await self._conclude(
+                render,
+                renderer_pb2.RENDER_STATE_CANCELLED,
+                _failure("CANCELLED", "cancelled at the provider", False),
+                self._charge(render, task),
             )
         else:
-            render.end(renderer_pb2.RENDER_STATE_FAILED, failure_of(task))
+            await self._conclude(
+                render, renderer_pb2.RENDER_STATE_FAILED, failure_of(task), self._charge(render, task)
+            )
 
     async def _finish(self, render: _Render, task: ProviderTask) -> None:
-        """Copies the output to durable storage, checks it, and only then reports success."""
-        if not task.outputs:
-            render.end(
+        """Copies the output to durable storage, checks it, and only then reports success. The provider
+        billed the task whatever becomes of its output, so every ending here carries its charge."""
+
+        async def fail(reason: str, message: str, retryable: bool) -> None:
+            await self._conclude(
+                render,
                 renderer_pb2.RENDER_STATE_FAILED,
-                _failure("PROVIDER_NO_OUTPUT", "no video in the result", True),
+                _failure(reason, message, retryable),
+                self._charge(render, task),
             )
+
+        if not task.outputs:
+            await fail("PROVIDER_NO_OUTPUT", "no video in the result", True)
             return
         self._work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self._work_dir) as scratch:
             local = Path(scratch) / "output.mp4"
             try:
+                # Rate limits and transient errors are waited out for as long as the download may take.
                 await self._call(
                     render,
                     lambda: self._provider.download(task.outputs[0], local),
                     idempotent=True,
                     what="download",
                     timeout=self._settings.download_timeout_seconds,
+                    within=self._settings.download_timeout_seconds,
                 )
             except ProviderError as error:
                 self._log.warning("output not copied", task_id=render.task_id, error=str(error))
-                render.end(renderer_pb2.RENDER_STATE_FAILED, _failure("OUTPUT_LOST", str(error), False))
+                await fail("OUTPUT_LOST", str(error), False)
                 return
             try:
                 facts = await asyncio.to_thread(qc.probe, local)
             except qc.DecodeError as error:
-                render.end(
-                    renderer_pb2.RENDER_STATE_FAILED,
-                    _failure("OUTPUT_UNDECODABLE", f"the output: {error}", True),
-                )
+                await fail("OUTPUT_UNDECODABLE", f"the output: {error}", True)
                 return
-            stored = await self._store.put(local)
-        report = self._check(facts, render.shot)
+            render.output_seconds = facts.duration_seconds
+            try:
+                stored = await self._store.put(local)
+            except Exception as error:
+                self._log.exception("output not stored", task_id=render.task_id)
+                await fail("OUTPUT_STORE_FAILED", f"the output could not be stored: {error}", True)
+                return
+        try:
+            report = self._check(facts, render.shot)
+        except Exception as error:
+            self._log.exception("output not checked", task_id=render.task_id)
+            await fail(
+                "OUTPUT_CHECK_FAILED", f"the output could not be checked: {type(error).__name__}", True
+            )
+            return
         video = render_pb2.VideoArtifact(
             uri=stored.uri,
             sha256=stored.sha256,
@@ -502,17 +821,13 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
             frame_rate=facts.frame_rate,
             frame_count=facts.frame_count,
         )
+        charge = self._charge(render, task)
         render.status.progress = 1.0
         render.status.output.CopyFrom(
-            render_pb2.RenderOutput(
-                backend=self._provider.backend,
-                video=video,
-                qc=report,
-                cost=usd(self._provider.cost_micros(_priced_shot(render.shot, facts), task)),
-            )
+            render_pb2.RenderOutput(backend=self._provider.backend, video=video, qc=report, cost=usd(charge))
         )
-        render.end(renderer_pb2.RENDER_STATE_SUCCEEDED)
         self._log.info("render stored", task_id=render.task_id, uri=stored.uri, qc=round(report.score, 3))
+        await self._conclude(render, renderer_pb2.RENDER_STATE_SUCCEEDED, None, charge)
 
     def _check(self, facts: qc.Probe, shot: render_pb2.Shot) -> render_pb2.QcReport:
         if not shot.duration_seconds:

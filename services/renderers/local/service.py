@@ -63,6 +63,7 @@ def capabilities() -> renderer_pb2.Capabilities:
         audio=False,
         price_per_second=usd(0),
         nominal_quality=0.5,
+        max_prompt_characters=MAX_PROMPT_CHARACTERS,
     )
 
 
@@ -103,6 +104,7 @@ class _Render:
                 backend=backend_pb2.BACKEND_LOCAL, task_id=task_id, idempotency_key=request.idempotency_key
             ),
             state=renderer_pb2.RENDER_STATE_PENDING,
+            model=MODEL,
         )
         self._status.create_time.GetCurrentTime()
         self._status.update_time.CopyFrom(self._status.create_time)
@@ -143,6 +145,7 @@ class _Render:
         self._status.state = renderer_pb2.RENDER_STATE_SUCCEEDED
         self._status.progress = 1.0
         self._status.output.CopyFrom(output)
+        self._status.charge.CopyFrom(usd(0))  # rendered here: nobody bills
         self._changed_now()
 
     def fail(self, reason: str, message: str, retryable: bool) -> None:
@@ -156,6 +159,7 @@ class _Render:
         self._status.failure.CopyFrom(
             render_pb2.RenderFailure(reason=reason, message=message, retryable=retryable)
         )
+        self._status.charge.CopyFrom(usd(0))
         self._changed_now()
 
 

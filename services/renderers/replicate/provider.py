@@ -258,7 +258,25 @@ class ReplicateProvider(Provider):
             audio=False,
             price_per_second=usd(round(self._settings.price_per_second_usd * MICROS_PER_UNIT)),
             nominal_quality=NOMINAL_QUALITY,
+            max_prompt_characters=self._settings.max_prompt_characters,
+            max_image_bytes=self._settings.max_image_bytes,
         )
+
+    def charge_micros(
+        self, shot: render_pb2.Shot, task: ProviderTask | None, *, cancelled: bool = False
+    ) -> int:
+        """Replicate's billing of a model priced per second of output (the configured price):
+
+        - succeeded: price per second * the output's duration (the shot's: the model renders the
+          durations its capabilities allow);
+        - failed or canceled (by this renderer or at Replicate): 0;
+        - a prediction Replicate no longer knows: the list price, the worst case.
+        """
+        if task is None and not cancelled:
+            return self.list_price_micros(shot)
+        if not cancelled and task is not None and task.state == TaskState.SUCCEEDED:
+            return self.list_price_micros(shot)
+        return 0
 
     def frame_size(self, shot: render_pb2.Shot) -> tuple[int, int]:
         return self._frames[shot.aspect_ratio or render_pb2.ASPECT_RATIO_16_9]

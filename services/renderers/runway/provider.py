@@ -25,6 +25,10 @@ from aiprod_kit.settings import ConfigurationError, RunwaySettings
 # 1 credit = 0.01 USD.
 MICROS_PER_CREDIT = 10_000
 RUNWAY_VERSION = "2024-11-06"
+# Runway's limits on what a create takes: promptText up to 1000 characters; an image as a data URI up
+# to 5 MB (docs.dev.runwayml.com, "Inputs").
+MAX_PROMPT_CHARACTERS = 1000
+MAX_IMAGE_BYTES = 5 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,27 @@ class RunwayProvider(Provider):
             audio=False,
             price_per_second=usd(model.credits_per_second * MICROS_PER_CREDIT),
             nominal_quality=model.quality,
+            max_prompt_characters=MAX_PROMPT_CHARACTERS,
+            max_image_bytes=MAX_IMAGE_BYTES,
         )
+
+    def charge_micros(
+        self, shot: render_pb2.Shot, task: ProviderTask | None, *, cancelled: bool = False
+    ) -> int:
+        """Runway's billing, in credits of 0.01 USD:
+
+        - SUCCEEDED: the task's `cost.credits` when it reports them, else the list price * duration;
+        - FAILED, whatever its failureCode (safety refusals included): 0, Runway refunds failed tasks;
+        - CANCELLED (a DELETE this renderer sent, in any state, or a cancel seen at Runway): the full
+          estimate, list price * the shot's duration: credits are taken at creation and a cancel does
+          not refund them;
+        - a task Runway no longer knows: the full estimate, the worst case.
+        """
+        if cancelled or task is None or task.state == TaskState.CANCELLED:
+            return self.list_price_micros(shot)
+        if task.state == TaskState.SUCCEEDED:
+            return task.cost_micros if task.cost_micros is not None else self.list_price_micros(shot)
+        return 0
 
     def frame_size(self, shot: render_pb2.Shot) -> tuple[int, int]:
         width, height = self._model.ratios[shot.aspect_ratio or render_pb2.ASPECT_RATIO_16_9].split(":")

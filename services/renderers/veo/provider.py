@@ -76,6 +76,10 @@ MODELS = {
 }
 # What this renderer asks for: the kit's QC and frame sizes are 720p.
 RESOLUTION = "720p"
+# Veo's prompt takes up to 1024 tokens: about 4000 characters of English. An inline image rides in the
+# request, which Vertex AI caps at about 20 MB (base64 makes it a third larger).
+MAX_PROMPT_CHARACTERS = 4000
+MAX_IMAGE_BYTES = 15 * 1024 * 1024
 
 # google.rpc.Code names, for the failure codes of failed operations.
 _RPC_CODES = {
@@ -250,7 +254,27 @@ class VeoProvider(Provider):
             audio=self._settings.generate_audio,
             price_per_second=usd_from_units(self._usd_per_second()),
             nominal_quality=model.quality,
+            max_prompt_characters=MAX_PROMPT_CHARACTERS,
+            max_image_bytes=MAX_IMAGE_BYTES,
         )
+
+    def charge_micros(
+        self, shot: render_pb2.Shot, task: ProviderTask | None, *, cancelled: bool = False
+    ) -> int:
+        """Vertex AI's billing of Veo, per second of video delivered:
+
+        - done with videos: price per second * duration * the number of videos;
+        - done with an error, or every video held back by the Responsible AI filters
+          (raiMediaFilteredCount): 0;
+        - cancelled: Vertex has no cancel, the operation runs on and bills if it succeeds, so the
+          charge is the full list price of the one video asked for (the worst case);
+        - an operation Vertex no longer knows: the full list price, the worst case.
+        """
+        if cancelled or task is None:
+            return self.list_price_micros(shot)
+        if task.state == TaskState.SUCCEEDED:
+            return self.list_price_micros(shot) * len(task.outputs)
+        return 0
 
     # Calls --------------------------------------------------------------------------------------
 
