@@ -14,6 +14,11 @@ FRAME_SIZES_720P = {
 # Tolerance when comparing a requested duration with a backend's exact allowed ones.
 _DURATION_EPSILON = 1e-6
 
+# The largest first frame the public API takes inline (Image.data), and the most a renderer may read
+# of one it fetches from a URI: the gateway refuses larger inline images, and every gRPC server and
+# channel of the mesh is sized to carry one (aiprod_kit.channels.MAX_MESSAGE_BYTES).
+MAX_INLINE_IMAGE_BYTES = 10 * 1024 * 1024
+
 
 def shot_mismatches(shot: render_pb2.Shot, capabilities: renderer_pb2.Capabilities) -> list[tuple[str, str]]:
     """The shot's fields the backend cannot satisfy, each with the reason, as (field, reason)."""
@@ -37,6 +42,32 @@ def shot_mismatches(shot: render_pb2.Shot, capabilities: renderer_pb2.Capabiliti
         mismatches.append(("aspect_ratio", f"does not render {render_pb2.AspectRatio.Name(aspect_ratio)}"))
     if (shot.first_frame.data or shot.first_frame.uri) and not capabilities.image_input:
         mismatches.append(("first_frame", "does not take a first frame"))
+    # Limits of the provider's own API (0: none known): checked here so that the router ranks a long
+    # prompt or a large image to a backend that takes it instead of failing at one that does not.
+    # Characters are code points, as the providers count them.
+    prompt_characters = len(shot.prompt)
+    if capabilities.max_prompt_characters and prompt_characters > capabilities.max_prompt_characters:
+        mismatches.append(
+            (
+                "prompt",
+                f"takes prompts of at most {capabilities.max_prompt_characters} characters: "
+                f"this one of {prompt_characters} is too long",
+            )
+        )
+    # Only an inline image has a size known before the render; one behind a URI is capped where read.
+    image_bytes = len(shot.first_frame.data)
+    if (
+        capabilities.image_input
+        and capabilities.max_image_bytes
+        and image_bytes > capabilities.max_image_bytes
+    ):
+        mismatches.append(
+            (
+                "first_frame.data",
+                f"takes first frames of at most {capabilities.max_image_bytes} bytes: "
+                f"this one of {image_bytes} is too large",
+            )
+        )
     return mismatches
 
 

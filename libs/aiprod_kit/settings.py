@@ -1,9 +1,10 @@
 """Typed settings, read once at start-up from environment variables prefixed ``AIPROD_``."""
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The documented ports of `aiprod up`; tests set 0 to get free ones.
@@ -15,6 +16,10 @@ RUNWAY_RENDERER_PORT = 50061
 VEO_RENDERER_PORT = 50062
 REPLICATE_RENDERER_PORT = 50063
 SANDBOX_PORT = 50080
+
+
+# A Cloud Storage bucket name (lower case letters, digits, dots, dashes and underscores).
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 
 
 class ConfigurationError(Exception):
@@ -70,6 +75,26 @@ class GatewaySettings(CommonSettings):
     # the jobs of a replica that died are taken over by another once their claims run out, so within
     # about this long. Shorter: faster take-overs, more writes to the job store.
     gateway_job_lease_seconds: float = 30.0
+    # The Cloud Storage buckets a request's first frame may name (gs://BUCKET/...), comma-separated;
+    # empty: no gs:// first frame is accepted. The renderers read them with their own credentials, so
+    # an open list would let any caller have a private object rendered.
+    gateway_image_buckets: str = ""
+    # Whether a first frame may be a file:// path, read by the renderer from its own disk: local
+    # development only (`aiprod up`); anywhere else it would hand out the renderer's files.
+    gateway_allow_file_images: bool = False
+
+    @field_validator("gateway_image_buckets")
+    @classmethod
+    def _bucket_names(cls, value: str) -> str:
+        for name in filter(None, (part.strip() for part in value.split(","))):
+            if not _BUCKET.fullmatch(name):
+                raise ValueError(f"{name[:80]!r} is not a Cloud Storage bucket name (no gs://, no path)")
+        return value
+
+    @property
+    def image_buckets(self) -> frozenset[str]:
+        """The buckets of gateway_image_buckets, as a set."""
+        return frozenset(filter(None, (part.strip() for part in self.gateway_image_buckets.split(","))))
 
 
 class RouterSettings(CommonSettings):
@@ -110,7 +135,8 @@ class MetricsSettings(CommonSettings):
     # it is EXHAUSTED at the cap itself.
     metrics_notify_threshold: float = 0.7
     metrics_economy_threshold: float = 0.9
-    # How long a reservation lasts unsettled before it expires and its money is freed.
+    # How long a reservation lasts unsettled before it expires. Expiry frees nothing: the attempt may have
+    # been billed, so its money counts as spent (uncertain) until a late commit or release reconciles it.
     metrics_reservation_ttl_seconds: float = 3600.0
     # How often overdue reservations are looked for.
     metrics_expiry_sweep_seconds: float = 5.0
@@ -164,7 +190,12 @@ class ProviderSettings(BaseSettings):
     # How long StartRender waits for one of the concurrent task slots before saying RESOURCE_EXHAUSTED.
     slot_wait_seconds: float = 30.0
     request_timeout_seconds: float = 30.0
-    # Copying an output can take longer than an API call.
+    # How long a create may take, its retries of what the provider did not act on included; cut there,
+    # its outcome is unknown (PROVIDER_UNCERTAIN). Another replica asked for the same key meanwhile
+    # waits this long for the create's task id before it reports the key uncertain too.
+    create_deadline_seconds: float = 120.0
+    # Copying an output can take longer than an API call: the whole copy, retries of rate limits and
+    # transient errors included, within this (output URLs live an hour or more).
     download_timeout_seconds: float = 300.0
     # Consecutive provider failures that open the breaker, and how long it stays open before a probe.
     breaker_failures: int = 5
@@ -209,6 +240,9 @@ class ReplicateSettings(ProviderSettings):
     base_url: str = Field("https://api.replicate.com", validation_alias="REPLICATE_BASE_URL")
     # The model's price per second of video in USD (Replicate prices vary per model).
     price_per_second_usd: float = 0.05
+    # The model's longest prompt in characters and largest first frame in bytes; 0: not known.
+    max_prompt_characters: int = 0
+    max_image_bytes: int = 0
     # How the model's input is named: JSON mapping our fields to the model's input keys.
     input_mapping: str = (
         '{"prompt": "prompt", "first_frame": "first_frame_image", "duration_seconds": "duration"}'

@@ -1,17 +1,55 @@
-"""Checks of the gateway's requests. Every problem is reported at once, each naming its field."""
+"""Checks of the gateway's requests. Every problem is reported at once, each naming its field.
 
+A first frame comes from an untrusted caller and is read by a renderer with the mesh's own network
+and credentials, so its URI is held to what the operator allows:
+
+- inline (`data`): at most MAX_FIRST_FRAME_BYTES;
+- `gs://BUCKET/OBJECT`: only in the buckets of AIPROD_GATEWAY_IMAGE_BUCKETS (none by default);
+- `https://HOST/...`: no user name or password, and HOST, a name or an address, must be a public
+  (globally routable) address: never loopback, private, link-local, multicast or reserved. The gateway
+  does not fetch the image; whoever fetches it reads at most MAX_FIRST_FRAME_BYTES and follows no
+  redirect to an address these rules refuse;
+- `file://`: only when AIPROD_GATEWAY_ALLOW_FILE_IMAGES is set (local development).
+
+Errors quote at most a short prefix of what the caller sent.
+"""
+
+import asyncio
 import base64
+import functools
 import hashlib
+import ipaddress
 import math
 import re
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import SplitResult, urlsplit
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
-from aiprod_kit.errors import InvalidArgument
+from aiprod_kit.capabilities import MAX_INLINE_IMAGE_BYTES
+from aiprod_kit.errors import InvalidArgument, Unavailable
 from aiprod_kit.presets import DEFAULT_PRESET, PRESETS, Preset
+from aiprod_kit.settings import GatewaySettings
 
 MAX_PROMPT_CHARS = 2000
-MAX_FIRST_FRAME_BYTES = 10 * 1024 * 1024
+MAX_FIRST_FRAME_BYTES = MAX_INLINE_IMAGE_BYTES
+# Longer URIs are refused outright: no provider takes more, and a bound keeps errors and logs short.
+MAX_IMAGE_URI_CHARS = 2048
+# How much of a caller's value an error quotes.
+_ECHO_CHARS = 64
+# How long resolving a first frame's host may take before the request is answered UNAVAILABLE.
+_RESOLVE_TIMEOUT_SECONDS = 5.0
+# A DNS host name: letters, digits and dashes in dot-separated labels, the last one (the top-level
+# domain) not all digits, so that numeric forms such as "2130706433" or "0x7f.1", which resolvers
+# read as IPv4 addresses, never pass as names.
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z]([a-z0-9-]{0,61}[a-z0-9])?"
+)
+_IMAGE_URI_FIELD = "spec.first_frame.uri"
+# Resolves (host, port) to addresses; the event loop's getaddrinfo unless a test gives another.
+Resolver = Callable[[str, int], Awaitable[list[str]]]
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -19,8 +57,36 @@ _JOB_ID = re.compile(r"job_[0-9a-f]{32}")
 _PAGE_TOKEN_PREFIX = "v1:"
 
 
-def normalized_spec(spec: render_pb2.RenderSpec) -> tuple[render_pb2.RenderSpec, Preset]:
-    """The spec with its preset's defaults applied; INVALID_ARGUMENT naming every bad field."""
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Where first frames may come from: the operator's choice (GatewaySettings)."""
+
+    buckets: frozenset[str] = frozenset()
+    allow_files: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> "ImagePolicy":
+        return cls(settings.image_buckets, settings.gateway_allow_file_images)
+
+
+@functools.cache
+def _configured_policy() -> ImagePolicy:
+    # The gateway process's own settings, read once (as its __main__ does at start-up).
+    return ImagePolicy.from_settings(GatewaySettings())
+
+
+def _echo(value: str) -> str:
+    """A caller's value, quoted, cut to a short prefix."""
+    return repr(value[:_ECHO_CHARS]) + ("..." if len(value) > _ECHO_CHARS else "")
+
+
+def normalized_spec(
+    spec: render_pb2.RenderSpec, images: ImagePolicy | None = None
+) -> tuple[render_pb2.RenderSpec, Preset]:
+    """The spec with its preset's defaults applied; INVALID_ARGUMENT naming every bad field.
+
+    Checks everything but what takes I/O: `checked_spec` also resolves a first frame's host name.
+    """
     violations: list[tuple[str, str]] = []
     prompt = spec.prompt.strip()
     if not prompt:
@@ -44,7 +110,16 @@ def normalized_spec(spec: render_pb2.RenderSpec) -> tuple[render_pb2.RenderSpec,
     if spec.first_frame.data and spec.first_frame.uri:
         violations.append(("spec.first_frame", "give data or uri, not both"))
     if len(spec.first_frame.data) > MAX_FIRST_FRAME_BYTES:
-        violations.append(("spec.first_frame.data", f"must be at most {MAX_FIRST_FRAME_BYTES} bytes"))
+        violations.append(
+            (
+                "spec.first_frame.data",
+                f"must be at most {MAX_FIRST_FRAME_BYTES} bytes, not {len(spec.first_frame.data)}",
+            )
+        )
+    if spec.first_frame.uri:
+        violations += image_uri_violations(
+            spec.first_frame.uri, images or _configured_policy(), _IMAGE_URI_FIELD
+        )
     constraints = spec.constraints
     if not 0 <= constraints.quality_floor <= 1:
         violations.append(("spec.constraints.quality_floor", "must be between 0 and 1"))
@@ -67,6 +142,166 @@ def normalized_spec(spec: render_pb2.RenderSpec) -> tuple[render_pb2.RenderSpec,
         # Deterministic: the same prompt renders the same video unless the caller picks a seed.
         normalized.seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:6], "big")
     return normalized, preset
+
+
+async def checked_spec(
+    spec: render_pb2.RenderSpec, images: ImagePolicy | None = None, resolve: Resolver | None = None
+) -> tuple[render_pb2.RenderSpec, Preset]:
+    """normalized_spec, and a first frame's https:// host resolved to public addresses only."""
+    normalized, preset = normalized_spec(spec, images)
+    await check_image_host(normalized.first_frame.uri, _IMAGE_URI_FIELD, resolve)
+    return normalized, preset
+
+
+async def check_plan_first_frames(
+    plan: render_pb2.RenderPlan, images: ImagePolicy | None = None, resolve: Resolver | None = None
+) -> None:
+    """The first frames of an edited plan (UpdateRenderManifest) held to the rules of a spec's:
+    INVALID_ARGUMENT naming each bad `plan.shots[i].first_frame` field."""
+    policy = images or _configured_policy()
+    violations: list[tuple[str, str]] = []
+    for index, shot in enumerate(plan.shots):
+        field = f"plan.shots[{index}].first_frame"
+        image = shot.first_frame
+        if image.data and image.uri:
+            violations.append((field, "give data or uri, not both"))
+        if len(image.data) > MAX_FIRST_FRAME_BYTES:
+            violations.append(
+                (f"{field}.data", f"must be at most {MAX_FIRST_FRAME_BYTES} bytes, not {len(image.data)}")
+            )
+        if image.uri:
+            violations += image_uri_violations(image.uri, policy, f"{field}.uri")
+    if violations:
+        raise InvalidArgument(violations)
+    for index, shot in enumerate(plan.shots):
+        await check_image_host(shot.first_frame.uri, f"plan.shots[{index}].first_frame.uri", resolve)
+
+
+def image_uri_violations(uri: str, images: ImagePolicy, field: str) -> list[tuple[str, str]]:
+    """What is wrong with a first frame's URI without resolving it, as (field, reason)."""
+    if len(uri) > MAX_IMAGE_URI_CHARS:
+        return [(field, f"must be at most {MAX_IMAGE_URI_CHARS} characters, not {len(uri)}")]
+    # Only printable ASCII: parsers disagree on spaces, controls and Unicode look-alikes, and a
+    # disagreement between this check and the fetcher is how such checks are bypassed.
+    if not uri.isascii() or not uri.isprintable() or " " in uri:
+        return [(field, "must be printable ASCII without spaces (percent-encode other characters)")]
+    try:
+        parts = urlsplit(uri)
+        _ = parts.port  # a bad port raises ValueError only when read
+    except ValueError:
+        return [(field, f"is not a valid URI: {_echo(uri)}")]
+    if parts.scheme == "gs":
+        return [(field, why) for why in _gs_problems(parts, images)]
+    if parts.scheme == "https":
+        return [(field, why) for why in _https_problems(parts)]
+    if parts.scheme == "file":
+        if not images.allow_files:
+            return [
+                (field, "file:// first frames are not accepted here; send the image inline or by https://")
+            ]
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            return [(field, "must be file:///ABSOLUTE/PATH, on the renderer's own disk")]
+        return []
+    if parts.scheme == "http":
+        return [(field, "must use https://, not http://")]
+    return [(field, f"must be a gs://, https:// or file:// URI, not {_echo(uri)}")]
+
+
+def _gs_problems(parts: SplitResult, images: ImagePolicy) -> list[str]:
+    bucket = parts.netloc
+    if not bucket or parts.path in ("", "/"):
+        return ["must be gs://BUCKET/OBJECT"]
+    if bucket not in images.buckets:
+        if not images.buckets:
+            return ["gs:// first frames are not accepted here; send the image inline or by https://"]
+        allowed = ", ".join(sorted(images.buckets)[:10])
+        return [f"bucket {_echo(bucket)} is not one this gateway takes first frames from ({allowed})"]
+    return []
+
+
+def _https_problems(parts: SplitResult) -> list[str]:
+    # Credentials in a URL end up in logs and provider requests; "user@host" also hides the real host
+    # from a reader.
+    if "@" in parts.netloc:
+        return ["must not carry a user name or password"]
+    host = (parts.hostname or "").rstrip(".")
+    if not host:
+        return ["must name a host: https://HOST/PATH"]
+    address = _ip_literal(host)
+    if address is not None:
+        refused = _refused_address(address)
+        return (
+            [f"host {_echo(host)} is a {refused} address; only public addresses are fetched"]
+            if refused
+            else []
+        )
+    if not _HOST_NAME.fullmatch(host):
+        return [f"host {_echo(host)} is neither a DNS name nor an IP address"]
+    # RFC 6761: these always mean this machine, whatever a resolver says.
+    if host == "localhost" or host.endswith(".localhost"):
+        return [f"host {_echo(host)} is this machine; only public addresses are fetched"]
+    return []
+
+
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 zone ("%eth0") is link-local anyway
+    except ValueError:
+        return None
+
+
+def _refused_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why the address is not public (loopback, private, ...); None for a globally routable one."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 reaches 127.0.0.1
+    for kind, test in (
+        ("loopback", address.is_loopback),
+        ("unspecified", address.is_unspecified),
+        ("link-local", address.is_link_local),
+        ("multicast", address.is_multicast),
+        ("private", address.is_private),
+        ("reserved", address.is_reserved),
+    ):
+        if test:
+            return kind
+    if not address.is_global:
+        return "non-public"  # shared (carrier-grade NAT) space and the like
+    return None
+
+
+async def _getaddrinfo(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+async def check_image_host(uri: str, field: str, resolve: Resolver | None = None) -> None:
+    """For an https:// URI that passed image_uri_violations: INVALID_ARGUMENT when its host name
+    resolves to any address that is not public (a name pointing at 10.0.0.1 or 127.0.0.1 is refused
+    as the address itself would be); UNAVAILABLE when it cannot be resolved now."""
+    if not uri.startswith("https://"):
+        return
+    parts = urlsplit(uri)
+    host = (parts.hostname or "").rstrip(".")
+    if not host or _ip_literal(host) is not None:
+        return  # checked without I/O
+    try:
+        addresses = await asyncio.wait_for(
+            (resolve or _getaddrinfo)(host, parts.port or 443), _RESOLVE_TIMEOUT_SECONDS
+        )
+    except socket.gaierror as error:
+        if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+            raise InvalidArgument([(field, f"host {host} does not resolve")]) from error
+        raise Unavailable(f"the host of {field} cannot be resolved now; try again") from error
+    except TimeoutError as error:
+        raise Unavailable(f"the host of {field} cannot be resolved now; try again") from error
+    for address in addresses:
+        refused = _refused_address(ipaddress.ip_address(address.split("%", 1)[0]))
+        if refused:
+            raise InvalidArgument(
+                [(field, f"host {host} resolves to a {refused} address; only public addresses are fetched")]
+            )
+    if not addresses:
+        raise InvalidArgument([(field, f"host {host} does not resolve")])
 
 
 def plan_of(spec: render_pb2.RenderSpec) -> render_pb2.RenderPlan:

@@ -1,8 +1,10 @@
 """The routing policy: which backends can take a render, and in what order. Pure: no I/O, no clock.
 
-Candidates are filtered by capability (duration, aspect ratio, first frame), health, the router's own
-breaker, the quality floor, the job's cost limit, the remaining budget and the deadline (observed p95
-against the time left), each exclusion with a code for programs and a reason for people, then ranked:
+Candidates are filtered by capability (duration, aspect ratio, first frame, and the provider's limits
+on prompt length and image size, so that a long prompt goes to a backend that takes it instead of
+failing at one that does not), health, the router's own breaker, the quality floor, the job's cost
+limit, the remaining budget and the deadline (observed p95 against the time left), each exclusion with
+a code for programs and a reason for people, then ranked:
 
 - by expected cost, retries included (list price over the observed success rate), with quality, then
   expected latency breaking ties: the cheapest render that meets the floor;

@@ -23,7 +23,7 @@ LANDSCAPE, PORTRAIT, SQUARE = (
 )
 
 
-def capabilities(price: float, quality: float, durations=(), low=1.0, high=60.0, ratios=(LANDSCAPE, PORTRAIT, SQUARE), image=False):  # fmt: skip
+def capabilities(price: float, quality: float, durations=(), low=1.0, high=60.0, ratios=(LANDSCAPE, PORTRAIT, SQUARE), image=False, prompt_limit=0, image_limit=0):  # fmt: skip
     return renderer_pb2.Capabilities(
         min_duration_seconds=low,
         max_duration_seconds=high,
@@ -32,6 +32,8 @@ def capabilities(price: float, quality: float, durations=(), low=1.0, high=60.0,
         image_input=image,
         price_per_second=usd_from_units(price),
         nominal_quality=quality,
+        max_prompt_characters=prompt_limit,
+        max_image_bytes=image_limit,
     )
 
 
@@ -168,3 +170,51 @@ def test_local_under_the_floor_says_why_it_is_left_out():
     local = next(c for c in rank_backends(RouteRequest(shot(), 0.6), views()) if c.backend == LOCAL)
     assert not local.eligible
     assert "quality 0.50 under the floor 0.60" in local.reasons
+
+
+# Each provider's own limits on a prompt and an image, as their renderers report them (0: none known).
+LIMITED = {
+    "runway": {"capabilities": capabilities(0.12, 0.95, low=2, high=10, ratios=(LANDSCAPE, PORTRAIT), image=True, prompt_limit=1000, image_limit=5 * 2**20)},
+    "veo": {"capabilities": capabilities(0.20, 0.92, durations=(4, 6, 8), low=4, high=8, ratios=(LANDSCAPE, PORTRAIT), image=True, prompt_limit=4000, image_limit=15 * 2**20)},
+}  # fmt: skip
+
+
+def long_shot(characters: int = 0, image_bytes: int = 0) -> render_pb2.Shot:
+    first_frame = render_pb2.Image(data=b"i" * image_bytes, mime_type="image/png") if image_bytes else None
+    return render_pb2.Shot(
+        prompt="p" * characters or "p", duration_seconds=4, aspect_ratio=LANDSCAPE, first_frame=first_frame
+    )
+
+
+def test_a_long_prompt_is_ranked_to_a_backend_that_takes_it():
+    # Runway would rank first on price at a 0.9 floor; its 1,000-character limit leaves the prompt to Veo.
+    assert [
+        c.backend for c in rank_backends(RouteRequest(long_shot(1000), 0.9), views(**LIMITED)) if c.eligible
+    ] == [RUNWAY, VEO]
+    ranked = {c.backend: c for c in rank_backends(RouteRequest(long_shot(1500), 0.9), views(**LIMITED))}
+    assert [b for b, c in ranked.items() if c.eligible] == [VEO]
+    assert ranked[RUNWAY].exclusions == [UNSUPPORTED]
+    assert ranked[RUNWAY].reasons == [
+        "prompt: takes prompts of at most 1000 characters: this one of 1500 is too long"
+    ]
+    # A backend with no known limit (Replicate here) takes it too.
+    assert [
+        c.backend for c in rank_backends(RouteRequest(long_shot(1500), 0.6), views(**LIMITED)) if c.eligible
+    ] == [REPLICATE, VEO]
+    assert not any(c.eligible for c in rank_backends(RouteRequest(long_shot(4001), 0.9), views(**LIMITED)))
+
+
+def test_a_large_inline_image_is_ranked_to_a_backend_that_takes_it():
+    ranked = {
+        c.backend: c
+        for c in rank_backends(RouteRequest(long_shot(image_bytes=6 * 2**20), 0.6), views(**LIMITED))
+    }
+    assert [b for b, c in ranked.items() if c.eligible] == [VEO]
+    assert ranked[RUNWAY].exclusions == [UNSUPPORTED]
+    assert ranked[RUNWAY].reasons == [
+        f"first_frame.data: takes first frames of at most {5 * 2**20} bytes: this one of {6 * 2**20} is too large"
+    ]
+    # A backend that takes no image says only that, not also that the image is too large.
+    assert ranked[REPLICATE].reasons == ["first_frame: does not take a first frame"]
+    small = rank_backends(RouteRequest(long_shot(image_bytes=5 * 2**20), 0.6), views(**LIMITED))
+    assert [c.backend for c in small if c.eligible] == [RUNWAY, VEO]
