@@ -7,6 +7,7 @@ from aiprod.router.v1 import router_pb2_grpc
 from aiprod_gateway.dispatcher import BudgetPolicy, Dispatcher, job_lease_seconds, owner_id
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.service import GatewayServicer
+from aiprod_gateway.settlement import Settlement
 from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import SqlJobStore
 from aiprod_kit.channels import open_channel
@@ -33,28 +34,32 @@ async def build() -> AsyncIterator[list[Registration]]:
     router = router_pb2_grpc.RouterServiceStub(router_channel)
     metrics = metrics_pb2_grpc.MetricsServiceStub(metrics_channel)
     reporter = MetricsReporter(metrics)
-    spending = Spending(metrics, router)
+    spending = Spending(metrics)
+    settlement = Settlement(store, metrics)
     dispatcher = Dispatcher(
         store,
         router,
         reporter,
         spending,
+        settlement,
         settings.dispatch_concurrency,
         budget_policy,
         owner_id(),
         lease_seconds,
     )
+    await settlement.start()
     await dispatcher.start()
     try:
         yield [
             Registration(
                 gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
-                GatewayServicer(store, dispatcher, router, metrics, reporter, spending),
+                GatewayServicer(store, dispatcher, router, metrics, reporter, spending, settlement),
                 gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
             )
         ]
     finally:
         await dispatcher.stop()
+        await settlement.stop()
         await reporter.close()
         await router_channel.close()
         await metrics_channel.close()

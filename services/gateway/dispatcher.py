@@ -14,9 +14,12 @@ again under the same idempotency key, which the renderer answers with the render
 A driver that crashes (the store unreachable, anything unexpected) lets go of its job, which is tried
 again after a backoff, here or by another replica.
 
-A job runs once its worst case is reserved. One that today's budget cannot pay fails, or waits queued
-(the budget policy): a waiting job holds no worker (it keeps its claim), so the jobs whose ends free
-money keep running, and tries again at an interval or as soon as a job of this gateway settles.
+A job runs once its first attempt is reserved (the router reserves each attempt before its provider is
+called); the job's attempts, what each reserved and cost, are recorded from the router's events, and
+the settlement outbox tells the ledger. One that today's budget cannot pay before anything was spent
+on it fails, or waits queued (the budget policy): a waiting job holds no worker (it keeps its claim), so
+the jobs whose ends free money keep running, and tries again at an interval or as soon as a settlement
+here frees money.
 """
 
 import asyncio
@@ -36,11 +39,12 @@ from opentelemetry import propagate, trace
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod_gateway import attempts
 from aiprod_gateway.reporting import MetricsReporter
+from aiprod_gateway.settlement import Settlement
 from aiprod_gateway.spending import BudgetRefused, Spending
 from aiprod_gateway.store import TERMINAL_STATES, ClaimLost, JobStore, JobUpdate
 from aiprod_kit.capabilities import backend_name
-from aiprod_kit.money import usd
 from aiprod_kit.settings import ConfigurationError, GatewaySettings
 
 log = structlog.get_logger()
@@ -66,9 +70,16 @@ def _apply(event: event_pb2.RenderEvent) -> tuple[str, JobUpdate]:
     def update(job: gateway_pb2.RenderJob) -> None:
         if kind == "routed":
             job.backend = event.routed.backend
+            attempts.routed(job, event.attempt, event.routed)
+            if job.state == job_pb2.JOB_STATE_QUEUED:
+                # Running once its first attempt is paid for: a job the budget cannot pay stays queued.
+                job.state = job_pb2.JOB_STATE_RUNNING
         elif kind == "submitted":
             job.handle.CopyFrom(event.submitted)
             job.attempt = event.attempt
+            attempts.submitted(job, event.attempt, event.submitted)
+        elif kind == "charged":
+            attempts.charged(job, event.attempt, event.charged)
         elif kind == "progress":
             job.progress = event.progress.fraction
         elif kind == "succeeded":
@@ -90,10 +101,20 @@ def _apply(event: event_pb2.RenderEvent) -> tuple[str, JobUpdate]:
             f"fell back from {backend_name(event.fallback.from_backend)} to "
             f"{backend_name(event.fallback.to_backend)}: {event.fallback.cause.message}"
         ),
+        "charged": lambda: _charge_message(event.charged),
         "succeeded": lambda: "video ready",
         "failed": lambda: f"render failed: {event.failed.reason}: {event.failed.message}",
     }
     return messages[kind](), update
+
+
+def _charge_message(charge: event_pb2.AttemptCharge) -> str:
+    name = backend_name(charge.backend)
+    if charge.outcome == event_pb2.CHARGE_OUTCOME_COMMIT:
+        return f"{name} bills {charge.billed.amount_micros / 1e6:.2f} USD for the attempt"
+    if charge.outcome == event_pb2.CHARGE_OUTCOME_HOLD:
+        return f"whether {name} bills the attempt is not known: its reservation is held until reconciled"
+    return f"{name} bills nothing for the attempt"
 
 
 @dataclass(frozen=True)
@@ -134,24 +155,34 @@ def owner_id() -> str:
 
 async def cancel_render(
     router: router_pb2_grpc.RouterServiceStub, job_id: str, handle: backend_pb2.RenderHandle
-) -> None:
-    """Cancels a render at its backend, through the router; best effort, logged when it fails."""
+) -> event_pb2.AttemptCharge | None:
+    """Cancels a render at its backend, through the router; returns what the cancelled attempt costs by
+    its provider's rules. Best effort: None, logged, when it fails (the attempt's reservation is then
+    held, and counts at its worst case once it expires)."""
     try:
-        await router.CancelRender(router_pb2.CancelRenderRequest(handle=handle), timeout=_CANCEL_TIMEOUT)
+        response = await router.CancelRender(
+            router_pb2.CancelRenderRequest(handle=handle), timeout=_CANCEL_TIMEOUT
+        )
     except grpc.aio.AioRpcError as error:
         log.warning("render not cancelled at its backend", job_id=job_id, code=error.code().name)
+        return None
+    return response.charge
 
 
 @dataclass(eq=False)
 class _Driver:
     """A job this replica drives: its task, and what the dispatcher needs to know once it stops."""
 
-    # The render the driver follows, as its stream named it (recorded on the job or not yet).
+    # The render the driver follows, as its stream named it (recorded on the job or not yet), and its
+    # attempt's number.
     handle: backend_pb2.RenderHandle | None = None
+    attempt: int = 0
     # The driver recorded the job's end itself (which ended its claim) and is settling it.
     ended: bool = False
     # Stopped for a cancel made here: the canceller records the end.
     cancelled: bool = False
+    # An attempt of this run was charged or held: money went out, whatever the budget says next.
+    charged: bool = False
     task: asyncio.Task[None] = field(init=False)
 
 
@@ -162,6 +193,7 @@ class Dispatcher:
         router: router_pb2_grpc.RouterServiceStub,
         reporter: MetricsReporter,
         spending: Spending,
+        settlement: Settlement,
         concurrency: int,
         budget_policy: BudgetPolicy,
         owner: str,
@@ -171,6 +203,7 @@ class Dispatcher:
         self._router = router
         self._reporter = reporter
         self._spending = spending
+        self._settlement = settlement
         self._concurrency = concurrency
         self._budget_policy = budget_policy
         self._owner = owner
@@ -382,10 +415,12 @@ class Dispatcher:
             return
         log.info("job cancelled elsewhere; stopped driving it", job_id=job_id)
         if driver.handle is not None and driver.handle.task_id != job.handle.task_id:
-            # A render this driver saw start but could not record: nobody else knows to cancel it.
-            await cancel_render(self._router, job_id, driver.handle)
-        # Whatever was reserved here after the canceller released the job's reservation.
-        await self._spending.settle(job)
+            # A render this driver saw start but could not record: nobody else knows to cancel it, nor
+            # to record what it costs.
+            charge = await cancel_render(self._router, job_id, driver.handle)
+            if charge is not None:
+                await record_charge(self._store, job_id, driver.attempt, driver.handle, charge)
+                self._settlement.charged()
 
     def _crashed(self, job_id: str, error: BaseException) -> None:
         """A driver that failed unexpectedly (the store unreachable, a bug): the job is let go of, for any
@@ -452,26 +487,11 @@ class Dispatcher:
         delay = _BACKOFF[0]
         while job.state not in TERMINAL_STATES:
             try:
-                if not job.HasField("reserved"):
-                    job = await self._reserve(job, driver)
-                if job.state == job_pb2.JOB_STATE_QUEUED:
-                    # Running once paid for: a job the budget cannot pay stays queued.
-                    await self._record(driver, job_id, "rendering", _set_running)
-                    job = await self._store.get_job(job_id)
-                    assert job is not None
-                    self._reporter.job_changed(job)
                 # Read to the stream's end (the router ends it after the final event): a call left open
                 # would keep its span, and the job's trace, unfinished.
                 async with contextlib.aclosing(self._render_events(job)) as events:
                     async for event in events:
-                        if event.HasField("submitted"):
-                            # Known before it is recorded: should the job be cancelled elsewhere
-                            # meanwhile, this replica cancels the render.
-                            driver.handle = event.submitted
-                        message, update = _apply(event)
-                        await self._record(driver, job_id, message, update, render_event=event)
-                        if event.HasField("fallback"):
-                            self._reporter.backend_failed(job, event.fallback)
+                        await self._on_event(job, event, driver)
             except BudgetRefused as refused:
                 if await self._budget_refused(job, refused, driver):
                     return  # waits, queued; _enqueue_later queues it again
@@ -494,19 +514,38 @@ class Dispatcher:
         if not driver.ended:
             # It ended elsewhere while this driver recorded nothing (a cancel while the router was away).
             raise ClaimLost(f"job {job_id} ended elsewhere")
-        await self._spending.settle(job)
         self._reporter.job_changed(job)
 
-    async def _reserve(self, job: gateway_pb2.RenderJob, driver: _Driver) -> gateway_pb2.RenderJob:
-        """Reserves the job's worst case and records the amount on the job: a resumed job passes it to
-        the router without reserving again. A free render records nothing (it has nothing to settle)."""
-        amount = await self._spending.reserve(job)
-        if amount:
-            message = await self._spending.describe_reservation(amount)
-            await self._record(driver, job.job_id, message, _reserved(amount))
-            job = await self._store.get_job(job.job_id)
-            assert job is not None
-        return job
+    async def _on_event(
+        self, job: gateway_pb2.RenderJob, event: event_pb2.RenderEvent, driver: _Driver
+    ) -> None:
+        """Records one render event on the job (job: as it was when its stream began)."""
+        if (
+            event.HasField("failed")
+            and event.failed.reason == "BUDGET_EXHAUSTED"
+            and not attempts.may_have_billed(job)
+            and not driver.charged
+        ):
+            # Nothing was spent on it: the budget policy decides (wait, or fail).
+            raise BudgetRefused(event.failed.message)
+        if event.HasField("submitted"):
+            # Known before it is recorded: should the job be cancelled elsewhere meanwhile, this
+            # replica cancels the render.
+            driver.handle = event.submitted
+            driver.attempt = event.attempt
+        message, update = _apply(event)
+        if event.HasField("routed") and event.routed.reserved.amount_micros:
+            message += await self._spending.level_note()
+        was_queued = job.state == job_pb2.JOB_STATE_QUEUED and event.HasField("routed")
+        await self._record(driver, job.job_id, message, update, render_event=event)
+        if event.HasField("charged"):
+            driver.charged = driver.charged or event.charged.outcome != event_pb2.CHARGE_OUTCOME_RELEASE
+            self._settlement.charged()
+        if event.HasField("fallback"):
+            self._reporter.backend_failed(job, event.fallback)
+        if was_queued:
+            job.state = job_pb2.JOB_STATE_RUNNING
+            self._reporter.job_changed(job)
 
     async def _budget_refused(
         self, job: gateway_pb2.RenderJob, refused: BudgetRefused, driver: _Driver
@@ -528,7 +567,7 @@ class Dispatcher:
         if policy.max_wait_seconds is not None:
             delay = min(delay, policy.max_wait_seconds - waited)
         # Again after delay, or as soon as a job of this gateway frees money.
-        self._enqueue_later(job.job_id, lambda: self._spending.money_freed(delay))
+        self._enqueue_later(job.job_id, lambda: self._settlement.money_freed(delay))
         return True
 
     async def _render_events(self, job: gateway_pb2.RenderJob) -> AsyncIterator[event_pb2.RenderEvent]:
@@ -540,7 +579,6 @@ class Dispatcher:
                 shot=shot,
                 constraints=job.spec.constraints,
                 attempt=job.attempt,
-                reserved=job.reserved,
             )
             stream = self._router.ResumeRender(request)
         else:
@@ -549,7 +587,6 @@ class Dispatcher:
                 shot=shot,
                 constraints=job.spec.constraints,
                 idempotency_key=job.job_id,
-                reserved=job.reserved,
             )
             stream = self._router.ExecuteRender(request)
         try:
@@ -560,19 +597,27 @@ class Dispatcher:
             stream.cancel()
 
 
-def _reserved(amount_micros: int) -> JobUpdate:
-    def update(job: gateway_pb2.RenderJob) -> None:
-        job.reserved.CopyFrom(usd(amount_micros))
-
-    return update
-
-
 def _waiting_for_budget(job: gateway_pb2.RenderJob) -> None:
     job.budget_wait_start_time.GetCurrentTime()
 
 
-def _set_running(job: gateway_pb2.RenderJob) -> None:
-    job.state = job_pb2.JOB_STATE_RUNNING
+async def record_charge(
+    store: JobStore,
+    job_id: str,
+    attempt: int,
+    handle: backend_pb2.RenderHandle,
+    charge: event_pb2.AttemptCharge,
+) -> None:
+    """Records what a cancelled attempt costs on its job, which has ended (the settlement outbox then
+    tells the ledger)."""
+    render_event = event_pb2.RenderEvent(attempt=attempt, charged=charge)
+    render_event.time.GetCurrentTime()
+
+    def update(job: gateway_pb2.RenderJob) -> None:
+        attempts.submitted(job, attempt, handle)
+        attempts.charged(job, attempt, charge)
+
+    await store.append_event(job_id, _charge_message(charge), update, render_event)
 
 
 def _failed(reason: str, message: str) -> JobUpdate:

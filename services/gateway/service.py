@@ -12,10 +12,11 @@ from aiprod.common.v1 import job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
-from aiprod_gateway import validation
+from aiprod_gateway import attempts, validation
 from aiprod_gateway.catalog import BackendCatalog
 from aiprod_gateway.dispatcher import Dispatcher, cancel_render
 from aiprod_gateway.reporting import MetricsReporter
+from aiprod_gateway.settlement import Settlement
 from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import TERMINAL_STATES, JobStore, RequestIdConflict
 from aiprod_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -36,6 +37,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         metrics: metrics_pb2_grpc.MetricsServiceStub,
         reporter: MetricsReporter,
         spending: Spending,
+        settlement: Settlement,
     ) -> None:
         self._store = store
         self._dispatcher = dispatcher
@@ -43,6 +45,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._metrics = metrics
         self._reporter = reporter
         self._spending = spending
+        self._settlement = settlement
         self._catalog = BackendCatalog(router)
 
     async def _job(self, job_id: str) -> gateway_pb2.RenderJob:
@@ -55,7 +58,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.CreateRenderJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.CreateRenderJobResponse:
         request_id = validation.request_id(request.request_id) or uuid.uuid4().hex
-        spec, preset = validation.normalized_spec(request.spec)
+        spec, preset = await validation.checked_spec(request.spec)
         plan = validation.plan_of(spec)
         await self._catalog.check_renderable(plan.shots[0])
         await self._spending.refuse_when_exhausted()
@@ -115,20 +118,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         _require_unfinished(job)
         await self._dispatcher.stop_driving(job.job_id)
         reason = request.reason or "cancelled by the client"
+        job = await self._job(job.job_id)  # as its driver left it
+        charge = None
+        if job.HasField("handle") and not _attempt_ended(job):
+            # Here, whichever replica drives the job: that one may be away, and stops on its own once it
+            # finds the job ended (and cancels a render it started but could not record).
+            charge = await cancel_render(self._router, job.job_id, job.handle)
 
         def cancel(job: gateway_pb2.RenderJob) -> None:
             _require_unfinished(job)  # it may have finished while the dispatcher let go of it
             job.state = job_pb2.JOB_STATE_CANCELLED
             job.error.CopyFrom(render_pb2.RenderFailure(reason="CANCELLED", message=reason))
+            if charge is not None:
+                attempts.charged(job, job.attempt, charge)
 
         await self._store.append_event(job.job_id, f"cancelled: {reason}", cancel)
+        self._settlement.charged()
         job = await self._job(job.job_id)
         self._reporter.job_changed(job)
-        await self._spending.settle(job)
-        if job.HasField("handle"):
-            # Here, whichever replica drives the job: that one may be away, and stops on its own once it
-            # finds the job ended (and cancels a render it started but could not record).
-            await cancel_render(self._router, job.job_id, job.handle)
         return gateway_pb2.CancelRenderJobResponse(job=job)
 
     async def WatchRenderJob(
@@ -144,7 +151,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def QuoteRender(
         self, request: gateway_pb2.QuoteRenderRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.QuoteRenderResponse:
-        spec, preset = validation.normalized_spec(request.spec)
+        spec, preset = await validation.checked_spec(request.spec)
         shot = validation.plan_of(spec).shots[0]
         try:
             plan = await self._router.PlanRoute(
@@ -221,6 +228,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 )
         if violations:
             raise InvalidArgument(violations)
+        await validation.check_plan_first_frames(request.plan)
 
         def replace_plan(job: gateway_pb2.RenderJob) -> None:
             if job.state != job_pb2.JOB_STATE_AWAITING_APPROVAL:
@@ -249,6 +257,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             ],
             spend_today=budget.budget.spent,
         )
+
+
+def _attempt_ended(job: gateway_pb2.RenderJob) -> bool:
+    """Whether the job's current attempt has ended at its backend already (its charge is known)."""
+    return any(attempt.attempt == job.attempt and attempt.HasField("charge") for attempt in job.attempts)
 
 
 def _require_unfinished(job: gateway_pb2.RenderJob) -> None:

@@ -6,6 +6,10 @@ every gateway replica. Writers of one job, or of one request_id, take that one l
 database's); an appended event is announced to every replica's watchers (NOTIFY), which also poll
 now and then in case an announcement was lost with a connection.
 
+It also keeps which jobs have attempt charges the spend ledger has not acknowledged yet (`unsettled`, a
+count derived from the job on every write): the gateway's settlement outbox, retried until the ledger
+has each one, also across restarts and by any replica.
+
 It also keeps who drives each unfinished job: a claim, held by one gateway process (its owner id) for
 a lease it renews. A claim is taken only when nobody holds it, its owner already does, or its lease
 ran out (the owner died); the events a driver records are fenced by it, and a job that ends lets go of
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 
-from aiprod.common.v1 import job_pb2
+from aiprod.common.v1 import event_pb2, job_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_kit.database import Database, Queries
 
@@ -115,6 +119,14 @@ class JobStore(ABC):
         """Lets go of owner's claims on these jobs (a claim another owner holds stays)."""
 
     @abstractmethod
+    async def unsettled_jobs(self, limit: int) -> list[str]:
+        """Up to limit ids of jobs with attempt charges the ledger has not acknowledged, oldest first."""
+
+    @abstractmethod
+    async def mark_settled(self, job_id: str, reservation_keys: Sequence[str]) -> gateway_pb2.RenderJob:
+        """Records that the ledger has these attempts' settlements (no event: it changes no state)."""
+
+    @abstractmethod
     async def count_by_state(self) -> dict[int, int]: ...
 
     @abstractmethod
@@ -136,6 +148,24 @@ class JobStore(ABC):
 
 
 _UNFINISHED = (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING)
+_SETTLED_BY_LEDGER = (event_pb2.CHARGE_OUTCOME_COMMIT, event_pb2.CHARGE_OUTCOME_RELEASE)
+
+
+def to_settle(job: gateway_pb2.RenderJob) -> list[gateway_pb2.RenderAttempt]:
+    """The job's attempts whose charge the ledger must still be told: ended, reserved, to commit or
+    release (a held one waits for reconciliation), and not acknowledged yet."""
+    return [
+        attempt
+        for attempt in job.attempts
+        if attempt.reservation_key
+        and attempt.HasField("charge")
+        and attempt.charge.outcome in _SETTLED_BY_LEDGER
+        and not attempt.settled
+    ]
+
+
+def unsettled_count(job: gateway_pb2.RenderJob) -> int:
+    return len(to_settle(job))
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -155,7 +185,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     job BLOB NOT NULL,
     trace_context TEXT NOT NULL DEFAULT '{}',
     claim_owner TEXT,
-    claim_expires REAL
+    claim_expires REAL,
+    unsettled INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, position);
 CREATE TABLE IF NOT EXISTS job_events (
@@ -175,10 +206,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     job BYTEA NOT NULL,
     trace_context TEXT NOT NULL DEFAULT '{}',
     claim_owner TEXT,
-    claim_expires DOUBLE PRECISION
+    claim_expires DOUBLE PRECISION,
+    unsettled INTEGER NOT NULL DEFAULT 0
 );
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS claim_owner TEXT;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS claim_expires DOUBLE PRECISION;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS unsettled INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS jobs_unsettled ON jobs (position) WHERE unsettled > 0;
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, position);
 CREATE TABLE IF NOT EXISTS job_events (
     job_id TEXT NOT NULL,
@@ -195,6 +229,8 @@ _SQLITE_ADDED_COLUMNS = {
     "trace_context": "TEXT NOT NULL DEFAULT '{}'",
     "claim_owner": "TEXT",
     "claim_expires": "REAL",
+    # Attempt charges the spend ledger has not acknowledged yet.
+    "unsettled": "INTEGER NOT NULL DEFAULT 0",
 }
 
 
@@ -223,6 +259,9 @@ class SqlJobStore(JobStore):
                 # dead, and its jobs are resumed at once rather than after their leases.
                 await transaction.execute(
                     "UPDATE jobs SET claim_owner = NULL, claim_expires = NULL WHERE claim_owner IS NOT NULL"
+                )
+                await transaction.execute(
+                    "CREATE INDEX IF NOT EXISTS jobs_unsettled ON jobs (position) WHERE unsettled > 0"
                 )
         store = cls(database, clock)
         await database.listen(_CHANNEL, store._announced)
@@ -331,8 +370,8 @@ class SqlJobStore(JobStore):
                 render=render_event,
             )
             await transaction.execute(
-                "UPDATE jobs SET state = ?, job = ? WHERE job_id = ?",
-                (job.state, job.SerializeToString(), job_id),
+                "UPDATE jobs SET state = ?, job = ?, unsettled = ? WHERE job_id = ?",
+                (job.state, job.SerializeToString(), unsettled_count(job), job_id),
             )
             if job.state in TERMINAL_STATES:
                 # Nothing is left to drive: whoever ended it, the claim ends with it.
@@ -403,6 +442,27 @@ class SqlJobStore(JobStore):
                 f" WHERE claim_owner = ? AND job_id IN ({', '.join('?' * len(job_ids))})",
                 (owner, *job_ids),
             )
+
+    async def unsettled_jobs(self, limit: int) -> list[str]:
+        rows = await self._db.fetchall(
+            "SELECT job_id FROM jobs WHERE unsettled > 0 ORDER BY position LIMIT ?", (limit,)
+        )
+        return [row[0] for row in rows]
+
+    async def mark_settled(self, job_id: str, reservation_keys: Sequence[str]) -> gateway_pb2.RenderJob:
+        async with self._db.transaction() as transaction:
+            await transaction.lock(f"job:{job_id}")
+            job = await self._load(transaction, job_id)
+            if job is None:
+                raise KeyError(job_id)
+            for attempt in job.attempts:
+                if attempt.reservation_key in reservation_keys and attempt.HasField("charge"):
+                    attempt.settled = True
+            await transaction.execute(
+                "UPDATE jobs SET job = ?, unsettled = ? WHERE job_id = ?",
+                (job.SerializeToString(), unsettled_count(job), job_id),
+            )
+        return job
 
     async def count_by_state(self) -> dict[int, int]:
         rows = await self._db.fetchall("SELECT state, COUNT(*) FROM jobs GROUP BY state")

@@ -1,10 +1,18 @@
-"""The fallback chain of one render: route, start, follow, and on a retryable failure or a QC score
-under the floor, move to the next backend, within the job's attempt and cost limits.
+"""The fallback chain of one render: route, reserve, start, follow, and on a retryable failure or a
+QC score under the floor, move to the next backend, within the job's attempt and cost limits.
 
 Paying once: an attempt ends at its backend (succeeded, failed, cancelled, or known never started)
 before the next one starts. A renderer that vanishes mid-render is waited for and re-attached to; the
 local renderer's renders die with its process, so there the attempt is known to have ended. A render
 that may still run somewhere unseen is reported as uncertain and never sent again.
+
+Recording every dollar: each attempt at a paid backend reserves its worst case in the ledger under its
+own key (the render's idempotency key) before its provider is called; the chain never starts an
+attempt it cannot reserve. A repeated reservation (this attempt was started before a restart) names
+the backend it was made for, and the attempt goes there again, so one key never reaches two backends.
+When an attempt ends the chain says what it costs (a `charged` event: commit what the provider bills,
+release when it is known not to bill, hold when nobody can know); the gateway records that and settles
+the ledger, durably.
 """
 
 import time
@@ -20,6 +28,7 @@ from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2
+from aiprod_kit.errors import Unavailable
 from aiprod_kit.exclusions import budget_alone_blocks
 from aiprod_kit.money import usd
 from aiprod_kit.settings import RouterSettings
@@ -38,6 +47,9 @@ _REFUSALS = frozenset(
     {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE}
 )
 _BUDGET_TIMEOUT = 2.0
+_LEDGER_TIMEOUT = 5.0
+# A StartRender waits for a task slot at its renderer and for the provider's create: long, but bounded.
+_START_TIMEOUT = 300.0
 
 
 def event(attempt: int, **kind: object) -> event_pb2.RenderEvent:
@@ -52,6 +64,11 @@ def failure(reason: str, message: str, retryable: bool, provider_code: str = "")
     )
 
 
+def attempt_key(idempotency_key: str, attempt: int) -> str:
+    """An attempt's key: its render's idempotency key at the backend and its line in the ledger."""
+    return f"{idempotency_key}:{attempt}"
+
+
 @dataclass(frozen=True)
 class RenderJob:
     """What a chain needs of the job."""
@@ -60,8 +77,10 @@ class RenderJob:
     shot: render_pb2.Shot
     constraints: render_pb2.RenderConstraints
     idempotency_key: str
-    # What the caller reserved in the ledger for this render: the ledger's remaining excludes it.
-    reserved_micros: int = 0
+
+
+class _BudgetRefused(Exception):
+    """The ledger would not reserve an attempt: the chain stops rather than start it unpaid."""
 
 
 @dataclass
@@ -79,7 +98,9 @@ class AttemptResult:
     yield: the chain is an async generator, and a span made current there would leak to its reader).
     """
 
-    def __init__(self, attempt: int, renderer: Renderer, job: RenderJob, resumed: bool = False) -> None:
+    def __init__(
+        self, attempt: int, renderer: Renderer, job: RenderJob, reservation_key: str, resumed: bool = False
+    ) -> None:
         self.attempt = attempt
         self.span = _tracer.start_span(
             "render attempt",
@@ -94,10 +115,37 @@ class AttemptResult:
         self.cause: Cause | None = None
         self.cost_micros = 0
         self.seconds = 0.0
+        # What the attempt costs, once it ended (the chain's `charged` event).
+        self.charge = event_pb2.AttemptCharge(reservation_key=reservation_key, backend=renderer.backend)
 
-    def end(self, renderer: Renderer, reason: render_pb2.RenderFailure, seconds: float = 0.0) -> None:
+    def end(
+        self,
+        renderer: Renderer,
+        reason: render_pb2.RenderFailure,
+        seconds: float = 0.0,
+        outcome: int = event_pb2.CHARGE_OUTCOME_RELEASE,
+    ) -> None:
         self.cause = Cause(renderer.backend, reason)
         self.seconds = seconds
+        self.charge.outcome = outcome
+        self.charge.failure.CopyFrom(reason)
+
+    @staticmethod
+    def charge_of(
+        renderer: Renderer, reservation_key: str, render: renderer_pb2.Render
+    ) -> event_pb2.AttemptCharge:
+        """What a render that ended costs, for a caller outside a chain (a cancel)."""
+        charge = event_pb2.AttemptCharge(reservation_key=reservation_key, backend=renderer.backend)
+        charge.failure.CopyFrom(render.failure)
+        if render.state == renderer_pb2.RENDER_STATE_SUCCEEDED:
+            charge.output.CopyFrom(render.output)
+        _price(charge, render)
+        return charge
+
+    def ended_at_backend(self, render: renderer_pb2.Render) -> None:
+        """What a render that ended at its renderer costs, by its provider's rules as the renderer
+        applied them. A create whose outcome is unknown bills or not: held until reconciled."""
+        self.cost_micros = _price(self.charge, render)
 
     def close(self) -> None:
         if self.cause is not None:
@@ -124,10 +172,6 @@ class RenderChain:
     async def route_request(self, job: RenderJob, tried: frozenset[int], spent_micros: int) -> RouteRequest:
         constraints = job.constraints
         remaining, economy = await self._budget()
-        if remaining is not None:
-            # The job's own reservation pays for this render: what its attempts have not used of it is
-            # budget left for it, or near the cap the very backend it reserved for would be excluded.
-            remaining = max(remaining + job.reserved_micros - spent_micros, 0)
         max_cost = None
         if constraints.HasField("max_cost"):
             max_cost = max(constraints.max_cost.amount_micros - spent_micros, 0)
@@ -179,10 +223,12 @@ class RenderChain:
     async def run(
         self, job: RenderJob, resume: backend_pb2.RenderHandle | None = None, resume_attempt: int = 1
     ) -> AsyncIterator[event_pb2.RenderEvent]:
-        """Every event of the render, ending with exactly one final event (succeeded or failed)."""
+        """Every event of the render, each attempt's `charged` among them, ending with exactly one final
+        event (succeeded or failed)."""
         tried: set[int] = set()
         spent = 0
         attempt = resume_attempt if resume is not None else 1
+        cause: Cause | None = None
         if resume is not None:
             renderer = self._pool.get(resume.backend)
             if renderer is None:
@@ -191,9 +237,10 @@ class RenderChain:
                     failed=failure("UNKNOWN_BACKEND", "the recorded backend is not configured", False),
                 )
                 return
-            result = AttemptResult(attempt, renderer, job, resumed=True)
+            result = AttemptResult(attempt, renderer, job, resume.idempotency_key, resumed=True)
             async for item in _spanned(result, self._follow(renderer, resume.task_id, attempt, job, result)):
                 yield item
+            yield event(attempt, charged=result.charge)
             if result.final is not None:
                 yield result.final
                 return
@@ -201,8 +248,6 @@ class RenderChain:
             spent += result.cost_micros
             cause = result.cause
             attempt += 1
-        else:
-            cause = None
         while True:
             request = await self.route_request(job, frozenset(tried), spent)
             candidates = self.rank(request)
@@ -217,65 +262,142 @@ class RenderChain:
                         why = "no other backend qualifies"
                     yield _last_word(cause, attempt - 1, why)
                     return
-                self._telemetry.fell_back(cause.backend, eligible[0].backend, cause.failure.reason)
-                yield event(
-                    attempt - 1,
-                    fallback=event_pb2.Fallback(
-                        from_backend=cause.backend, to_backend=eligible[0].backend, cause=cause.failure
-                    ),
-                )
             if not eligible:
                 yield event(attempt, failed=_no_backend(request, candidates))
                 return
             chosen = eligible[0]
-            renderer = self._pool.get(chosen.backend)
-            assert renderer is not None
+            try:
+                reservation = await self._reserve(job, attempt, chosen)
+            except _BudgetRefused as refused:
+                if cause is not None:
+                    yield _last_word(cause, attempt - 1, f"no budget for another attempt: {refused}")
+                else:
+                    yield event(attempt, failed=failure("BUDGET_EXHAUSTED", str(refused), False))
+                return
+            if reservation is None:
+                # This attempt ended in an earlier run (its ledger line is settled): go on after it.
+                tried.add(chosen.backend)
+                attempt += 1
+                continue
+            renderer, key, reserved = reservation
+            if cause is not None:
+                self._telemetry.fell_back(cause.backend, renderer.backend, cause.failure.reason)
+                yield event(
+                    attempt - 1,
+                    fallback=event_pb2.Fallback(
+                        from_backend=cause.backend, to_backend=renderer.backend, cause=cause.failure
+                    ),
+                )
+            reason = describe(chosen)
+            if renderer.backend != chosen.backend:
+                reason = f"the backend this attempt reserved for before a restart ({reason} now ranks first)"
             yield event(
                 attempt,
                 routed=event_pb2.RouteDecision(
-                    backend=chosen.backend,
-                    reason=describe(chosen),
+                    backend=renderer.backend,
+                    reason=reason,
                     estimated_cost=usd(chosen.list_cost_micros),
+                    reservation_key=key,
+                    reserved=usd(reserved),
                 ),
             )
-            result = AttemptResult(attempt, renderer, job)
+            result = AttemptResult(attempt, renderer, job, key)
             async for item in _spanned(result, self._attempt(renderer, job, attempt, result)):
                 yield item
+            yield event(attempt, charged=result.charge)
             if result.final is not None:
                 yield result.final
                 return
-            tried.add(chosen.backend)
+            tried.add(renderer.backend)
             spent += result.cost_micros
             cause = result.cause
             attempt += 1
+
+    async def _reserve(
+        self, job: RenderJob, attempt: int, chosen: Candidate
+    ) -> tuple[Renderer, str, int] | None:
+        """Reserves the attempt's worst case at the chosen backend before its provider is called; returns
+        the renderer to start it at, its key and the amount (no key for a free render), or None when the
+        attempt's line is settled already. Raises _BudgetRefused, or Unavailable when the ledger is away
+        (the caller tries again later: nothing starts unreserved)."""
+        renderer = self._pool.get(chosen.backend)
+        assert renderer is not None
+        if chosen.list_cost_micros <= 0:
+            return renderer, "", 0
+        key = attempt_key(job.idempotency_key, attempt)
+        request = metrics_pb2.ReserveBudgetRequest(
+            reservation_key=key,
+            amount=usd(chosen.list_cost_micros),
+            job_id=job.job_id,
+            backend=chosen.backend,
+        )
+        try:
+            response = await self._metrics.ReserveBudget(request, timeout=_LEDGER_TIMEOUT)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _BudgetRefused(error.details() or "today's budget is spent") from error
+            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                log.info("attempt settled in an earlier run; going on after it", job_id=job.job_id, key=key)
+                return None
+            raise Unavailable(
+                f"the spend ledger cannot reserve attempt {attempt} ({error.code().name}): not started"
+            ) from error
+        reservation = response.reservation
+        if response.existing and reservation.backend != chosen.backend:
+            pinned = self._pool.get(reservation.backend)
+            if pinned is not None:
+                log.info(
+                    "attempt goes to the backend it reserved for", job_id=job.job_id, backend=pinned.name
+                )
+                renderer = pinned
+        return renderer, key, reservation.amount.amount_micros
 
     async def _attempt(
         self, renderer: Renderer, job: RenderJob, attempt: int, result: AttemptResult
     ) -> AsyncIterator[event_pb2.RenderEvent]:
         # One key per attempt: a retried call or a restarted caller never starts a second render.
         request = renderer_pb2.StartRenderRequest(
-            idempotency_key=f"{job.idempotency_key}:{attempt}", shot=job.shot
+            idempotency_key=attempt_key(job.idempotency_key, attempt), shot=job.shot
         )
-        try:
-            with trace.use_span(result.span):
-                started = (await renderer.stub.StartRender(request)).render
-        except grpc.aio.AioRpcError as error:
-            if error.code() in _REFUSALS:
-                result.end(renderer, failure("RENDER_REFUSED", error.details() or "", False))
-            else:
-                # Not started (the renderer answers only after its create): safe to try elsewhere.
-                result.end(
-                    renderer, failure("RENDERER_UNAVAILABLE", f"{error.code().name}: {error.details()}", True)
-                )
+        started = await self._start(renderer, request, result)
+        if started is None:
             self._settle(renderer, result, self._settings)
             return
         if not started.handle.task_id:
             result.end(renderer, started.failure)
+            result.ended_at_backend(started)
             self._settle(renderer, result, self._settings)
             return
         yield event(attempt, submitted=started.handle)
         async for item in self._follow(renderer, started.handle.task_id, attempt, job, result):
             yield item
+
+    async def _start(
+        self, renderer: Renderer, request: renderer_pb2.StartRenderRequest, result: AttemptResult
+    ) -> renderer_pb2.Render | None:
+        """StartRender, asked again under the same key when the call broke: the renderer's key store
+        answers for the key (its task, or that the create's outcome is unknown). None: the attempt
+        ended without a render (result says why and what it costs)."""
+        for asked in range(2):
+            try:
+                with trace.use_span(result.span):
+                    return (await renderer.stub.StartRender(request, timeout=_START_TIMEOUT)).render
+            except grpc.aio.AioRpcError as error:
+                if error.code() in _REFUSALS:
+                    result.end(renderer, failure("RENDER_REFUSED", error.details() or "", False))
+                    return None
+                broken = failure("RENDERER_UNAVAILABLE", f"{error.code().name}: {error.details()}", True)
+                if asked == 0 and await self._reachable(renderer, self._settings.router_reattach_seconds):
+                    continue
+                if asked == 0:
+                    # Never answered again: the create may have been sent, so the key is not reused and
+                    # its money stays held until reconciled.
+                    result.end(renderer, broken, outcome=event_pb2.CHARGE_OUTCOME_HOLD)
+                else:
+                    # The renderer answered for the key and started nothing.
+                    result.end(renderer, broken)
+                return None
+        return None
 
     async def _follow(
         self, renderer: Renderer, task_id: str, attempt: int, job: RenderJob, result: AttemptResult
@@ -301,7 +423,9 @@ class RenderChain:
                 if error.code() == grpc.StatusCode.NOT_FOUND:
                     # The renderer came back without it: the render died with the renderer's process.
                     result.end(
-                        renderer, failure("RENDER_LOST", "the renderer lost the render (restarted)", True)
+                        renderer,
+                        failure("RENDER_LOST", "the renderer lost the render (restarted)", True),
+                        outcome=_unknown(renderer),
                     )
                     self._settle(renderer, result, self._settings)
                     return
@@ -321,6 +445,7 @@ class RenderChain:
                         "provider, so it is not sent again",
                         False,
                     ),
+                    outcome=_unknown(renderer),
                 )
                 log.error("uncertain attempt", backend=renderer.name, task_id=task_id, job_id=job.job_id)
                 self._telemetry.uncertain(renderer.backend)
@@ -348,11 +473,14 @@ class RenderChain:
         seconds = time.monotonic() - started
         if render.state != renderer_pb2.RENDER_STATE_SUCCEEDED:
             result.end(renderer, render.failure, seconds)
+            result.ended_at_backend(render)
             self._settle(renderer, result, self._settings)
             return
         output = render.output
         yield event(attempt, qc=output.qc)
-        result.cost_micros = output.cost.amount_micros
+        result.ended_at_backend(render)
+        # Paid for either way: kept on the job even when a later attempt replaces it.
+        result.charge.output.CopyFrom(output)
         floor = job.constraints.quality_floor
         renderer.stats.record(
             Outcome(True, seconds, output.qc.score, output.cost.amount_micros, output.video.duration_seconds)
@@ -367,13 +495,11 @@ class RenderChain:
             "QC_UNDER_FLOOR" if under_floor else "",
         )
         if under_floor and attempt < self._settings.router_max_attempts:
-            result.cause = Cause(
-                renderer.backend,
-                failure(
-                    "QC_UNDER_FLOOR", f"QC score {output.qc.score:.2f} under the floor {floor:.2f}", True
-                ),
-                output,
+            under = failure(
+                "QC_UNDER_FLOOR", f"QC score {output.qc.score:.2f} under the floor {floor:.2f}", True
             )
+            result.cause = Cause(renderer.backend, under, output)
+            result.charge.failure.CopyFrom(under)
             return
         result.final = event(attempt, succeeded=output)
 
@@ -388,6 +514,30 @@ class RenderChain:
         safety = cause.failure.reason.startswith("PROVIDER_SAFETY_INPUT")
         if not cause.failure.retryable and not (safety and settings.router_fallback_on_safety):
             result.final = event(result.attempt, failed=cause.failure)
+
+
+def _price(charge: event_pb2.AttemptCharge, render: renderer_pb2.Render) -> int:
+    """Sets what an ended render bills on its charge, by its provider's rules as the renderer applied
+    them; returns the amount. A create whose outcome is unknown bills or not: held until reconciled."""
+    charge.task_id = render.handle.task_id
+    charge.model = render.model
+    if render.failure.reason == "PROVIDER_UNCERTAIN":
+        charge.outcome = event_pb2.CHARGE_OUTCOME_HOLD
+        return 0
+    billed = render.charge.amount_micros
+    if not render.HasField("charge") and render.state == renderer_pb2.RENDER_STATE_SUCCEEDED:
+        billed = render.output.cost.amount_micros
+    charge.billed.CopyFrom(usd(billed))
+    charge.outcome = event_pb2.CHARGE_OUTCOME_COMMIT if billed else event_pb2.CHARGE_OUTCOME_RELEASE
+    return billed
+
+
+def _unknown(renderer: Renderer) -> int:
+    """The outcome of an attempt whose end nobody saw: the local renderer's renders die with it (free);
+    a provider's task may have run on and billed."""
+    if renderer.backend == backend_pb2.BACKEND_LOCAL:
+        return event_pb2.CHARGE_OUTCOME_RELEASE
+    return event_pb2.CHARGE_OUTCOME_HOLD
 
 
 async def _spanned(

@@ -5,15 +5,16 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import duration_pb2
 
-from aiprod.common.v1 import backend_pb2, money_pb2, render_pb2
+from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_kit.breaker import BreakerState
-from aiprod_kit.errors import FailedPrecondition, InvalidArgument, NotFound
+from aiprod_kit.errors import InvalidArgument, NotFound
 from aiprod_kit.money import usd
 from aiprod_router.backends import Renderer, RendererPool
-from aiprod_router.chain import RenderChain, RenderJob
+from aiprod_router.chain import AttemptResult, RenderChain, RenderJob
 
+_CALL_TIMEOUT = 10.0
 _BREAKER_STATES = {
     BreakerState.CLOSED: router_pb2.BREAKER_STATE_CLOSED,
     BreakerState.OPEN: router_pb2.BREAKER_STATE_OPEN,
@@ -36,12 +37,6 @@ def _require_shot(shot: render_pb2.Shot) -> None:
         violations.append(("shot.duration_seconds", "must be positive"))
     if violations:
         raise InvalidArgument(violations)
-
-
-def _reserved_micros(reserved: money_pb2.Money) -> int:
-    if reserved.amount_micros < 0:
-        raise InvalidArgument([("reserved.amount_micros", "must not be negative")])
-    return reserved.amount_micros
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -78,13 +73,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         _require_shot(request.shot)
         if not request.idempotency_key:
             raise InvalidArgument([("idempotency_key", "must not be empty")])
-        job = RenderJob(
-            request.job_id,
-            request.shot,
-            request.constraints,
-            request.idempotency_key,
-            reserved_micros=_reserved_micros(request.reserved),
-        )
+        job = RenderJob(request.job_id, request.shot, request.constraints, request.idempotency_key)
         async for event in self._chain.run(job):
             yield router_pb2.ExecuteRenderResponse(event=event)
 
@@ -94,29 +83,35 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._renderer_of(request.handle)
         # The original idempotency key without its attempt suffix: later attempts continue its series.
         base_key = request.handle.idempotency_key.rpartition(":")[0] or request.job_id
-        job = RenderJob(
-            request.job_id,
-            request.shot,
-            request.constraints,
-            base_key,
-            reserved_micros=_reserved_micros(request.reserved),
-        )
+        job = RenderJob(request.job_id, request.shot, request.constraints, base_key)
         async for event in self._chain.run(job, resume=request.handle, resume_attempt=request.attempt or 1):
             yield router_pb2.ResumeRenderResponse(event=event)
 
     async def CancelRender(
         self, request: router_pb2.CancelRenderRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.CancelRenderResponse:
+        """Cancels the render and says what the cancelled attempt costs by its provider's rules; a
+        render that had already ended answers with what it cost as it ended."""
         renderer = self._renderer_of(request.handle)
+        task_id = request.handle.task_id
         try:
-            await renderer.stub.CancelRender(renderer_pb2.CancelRenderRequest(task_id=request.handle.task_id))
+            render = (
+                await renderer.stub.CancelRender(
+                    renderer_pb2.CancelRenderRequest(task_id=task_id), timeout=_CALL_TIMEOUT
+                )
+            ).render
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"render {request.handle.task_id} is not known to its renderer") from error
-            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                raise FailedPrecondition(error.details() or "the render has already ended") from error
-            raise
-        return router_pb2.CancelRenderResponse()
+                raise NotFound(f"render {task_id} is not known to its renderer") from error
+            if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            render = (
+                await renderer.stub.GetRender(
+                    renderer_pb2.GetRenderRequest(task_id=task_id), timeout=_CALL_TIMEOUT
+                )
+            ).render
+        charge = AttemptResult.charge_of(renderer, request.handle.idempotency_key, render)
+        return router_pb2.CancelRenderResponse(charge=charge)
 
     async def ListBackends(
         self, request: router_pb2.ListBackendsRequest, context: grpc.aio.ServicerContext

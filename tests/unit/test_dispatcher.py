@@ -16,6 +16,7 @@ from aiprod.router.v1 import router_pb2
 from aiprod_gateway import dispatcher as dispatcher_module
 from aiprod_gateway.dispatcher import BudgetPolicy, Dispatcher
 from aiprod_gateway.reporting import MetricsReporter
+from aiprod_gateway.settlement import Settlement
 from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import JobStore, JobUpdate, SqlJobStore
 from aiprod_kit.database import DatabaseUnavailable, SqliteDatabase
@@ -81,7 +82,13 @@ class Router:
         self, request: router_pb2.CancelRenderRequest, timeout: float | None = None
     ) -> router_pb2.CancelRenderResponse:
         self.cancelled.append(request.handle.task_id)
-        return router_pb2.CancelRenderResponse()
+        return router_pb2.CancelRenderResponse(
+            charge=event_pb2.AttemptCharge(
+                backend=request.handle.backend,
+                task_id=request.handle.task_id,
+                outcome=event_pb2.CHARGE_OUTCOME_RELEASE,
+            )
+        )
 
 
 class Metrics:
@@ -130,20 +137,26 @@ Start = Callable[..., Awaitable[Dispatcher]]
 async def start(store: JobStore) -> AsyncIterator[Start]:
     """Starts a dispatcher (on the store, unless told another) with the router given; stops it after."""
     started: list[tuple[Dispatcher, MetricsReporter]] = []
+    settlements: list[Settlement] = []
 
     async def start_one(router: Router, on: JobStore = store, lease: float = LEASE) -> Dispatcher:
         metrics = Metrics()
         reporter = MetricsReporter(metrics)  # type: ignore[arg-type]
-        spending = Spending(metrics, router)  # type: ignore[arg-type]
-        dispatcher = Dispatcher(on, router, reporter, spending, 2, BudgetPolicy(), OWNER, lease)  # type: ignore[arg-type]
+        spending = Spending(metrics)  # type: ignore[arg-type]
+        settlement = Settlement(on, metrics)  # type: ignore[arg-type]
+        dispatcher = Dispatcher(on, router, reporter, spending, settlement, 2, BudgetPolicy(), OWNER, lease)  # type: ignore[arg-type]
+        await settlement.start()
         await dispatcher.start()
         started.append((dispatcher, reporter))
+        settlements.append(settlement)
         return dispatcher
 
     yield start_one
     for dispatcher, reporter in started:
         await dispatcher.stop()
         await reporter.close()
+    for settlement in settlements:
+        await settlement.stop()
 
 
 async def create(store: JobStore, job_id: str = "job_a") -> None:
@@ -296,6 +309,11 @@ async def test_a_driver_cancels_a_render_it_could_not_record_for_a_job_cancelled
     go_on.set()
     await eventually(lambda: router.cancelled == ["task-unrecorded"])
     assert router.streams[0].cancelled
+    # What the cancelled render costs is recorded on the ended job, for the ledger.
+    await eventually(lambda: has_message(store, "runway bills nothing"))
     log = await messages(store)
-    assert log[-1] == "cancelled: by a client"
+    assert log[-2:] == ["cancelled: by a client", "runway bills nothing for the attempt"]
     assert not any(message.startswith("submitted") for message in log)
+    job = await store.get_job("job_a")
+    assert job is not None and job.state == job_pb2.JOB_STATE_CANCELLED
+    assert [attempt.charge.task_id for attempt in job.attempts] == ["task-unrecorded"]

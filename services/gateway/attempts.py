@@ -1,0 +1,61 @@
+"""A job's attempts as the ledger sees them: the line each reserved, its render, and what it cost.
+
+Every change to them comes from a render event (or a cancel's answer) and is applied in the same
+transaction as the event that records it, so the job's cost and its settlement outbox never disagree
+with its log. Events may come twice (a router re-attached after a restart repeats an attempt's end):
+applying one again changes nothing.
+"""
+
+from aiprod.common.v1 import backend_pb2, event_pb2
+from aiprod.gateway.v1 import gateway_pb2
+from aiprod_kit.money import usd
+
+
+def _attempt(job: gateway_pb2.RenderJob, number: int) -> gateway_pb2.RenderAttempt:
+    for attempt in job.attempts:
+        if attempt.attempt == number:
+            return attempt
+    # Attempts are numbered in the order they start, so a new one is always the last.
+    return job.attempts.add(attempt=number)
+
+
+def routed(job: gateway_pb2.RenderJob, number: int, decision: event_pb2.RouteDecision) -> None:
+    attempt = _attempt(job, number)
+    attempt.backend = decision.backend
+    attempt.reservation_key = decision.reservation_key
+    attempt.reserved.CopyFrom(decision.reserved)
+    job.reserved.CopyFrom(usd(sum(item.reserved.amount_micros for item in job.attempts)))
+
+
+def submitted(job: gateway_pb2.RenderJob, number: int, handle: backend_pb2.RenderHandle) -> None:
+    attempt = _attempt(job, number)
+    attempt.backend = handle.backend
+    attempt.handle.CopyFrom(handle)
+
+
+def charged(job: gateway_pb2.RenderJob, number: int, charge: event_pb2.AttemptCharge) -> None:
+    attempt = _attempt(job, number)
+    if attempt.HasField("charge") and attempt.charge == charge:
+        return  # a repeat: its settlement stands
+    attempt.charge.CopyFrom(charge)
+    attempt.settled = False
+    if not attempt.reservation_key and charge.reservation_key:
+        attempt.reservation_key = charge.reservation_key
+    job.cost.CopyFrom(
+        usd(
+            sum(
+                item.charge.billed.amount_micros
+                for item in job.attempts
+                if item.charge.outcome == event_pb2.CHARGE_OUTCOME_COMMIT
+            )
+        )
+    )
+
+
+def may_have_billed(job: gateway_pb2.RenderJob) -> bool:
+    """Whether any attempt of the job reached a provider's bill (or may have)."""
+    return any(
+        attempt.charge.outcome in (event_pb2.CHARGE_OUTCOME_COMMIT, event_pb2.CHARGE_OUTCOME_HOLD)
+        or (attempt.HasField("handle") and not attempt.HasField("charge"))
+        for attempt in job.attempts
+    )
