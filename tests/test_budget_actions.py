@@ -11,7 +11,7 @@ import pytest
 from sandbox_support import Sandbox, sandbox_mesh
 from support import eventually, wait_terminal, watch_until
 
-from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
+from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
@@ -151,11 +151,17 @@ def wait_for_waiting(mesh: Mesh, job_id: str) -> gateway_pb2.JobEvent:
 
 
 def never_reserved(mesh: Mesh, job: gateway_pb2.RenderJob) -> bool:
+    """Whether the job's first attempt never got a line in the ledger."""
     try:
-        metrics(mesh).ReleaseBudget(metrics_pb2.ReleaseBudgetRequest(reservation_key=f"{job.job_id}:render"))
+        metrics(mesh).ReleaseBudget(metrics_pb2.ReleaseBudgetRequest(reservation_key=f"{job.job_id}:1"))
     except grpc.RpcError as error:
         return error.code() == grpc.StatusCode.NOT_FOUND
     return False
+
+
+def level_notes(mesh: Mesh, job_id: str) -> list[str]:
+    """The job's events that say how much of today's budget is used (its attempts' reservations)."""
+    return [event.message for event in events(mesh, job_id) if "today's budget is" in event.message]
 
 
 def first_choice(mesh: Mesh) -> int:
@@ -178,9 +184,17 @@ def test_at_70_percent_the_jobs_reservation_tells_that_the_budget_is_at_notify(m
     assert done.state == SUCCEEDED, done.error
     # Not economy yet: the best quality, as 0.5 USD or more is left.
     assert done.backend == RUNWAY
-    assert done.reserved.amount_micros == VEO_COST  # the dearest backend that could take it
-    reserved = [event.message for event in events(mesh, done.job_id) if event.message.startswith("budget")]
-    assert reserved == ["budget reserved: 1.20 USD; today's budget is 87% used (notify)"]
+    # The attempt reserved its own worst case, at the backend it went to, and paid what Runway bills.
+    assert done.reserved.amount_micros == RUNWAY_COST
+    [attempt] = done.attempts
+    assert attempt.reservation_key == f"{done.job_id}:1"
+    assert (attempt.charge.outcome, attempt.charge.billed.amount_micros) == (
+        event_pb2.CHARGE_OUTCOME_COMMIT,
+        RUNWAY_COST,
+    )
+    assert done.cost.amount_micros == RUNWAY_COST
+    [note] = level_notes(mesh, done.job_id)
+    assert note.startswith("routed to runway") and note.endswith("today's budget is 82% used (notify)")
 
 
 def test_at_90_percent_economy_the_router_goes_for_the_cheapest(mesh, sandbox):
@@ -194,8 +208,8 @@ def test_at_90_percent_economy_the_router_goes_for_the_cheapest(mesh, sandbox):
     assert done.state == SUCCEEDED, done.error
     assert done.backend == REPLICATE
     assert done.result.cost.amount_micros == REPLICATE_COST
-    reserved = [event.message for event in events(mesh, done.job_id) if event.message.startswith("budget")]
-    assert len(reserved) == 1 and reserved[0].endswith("(economy)"), reserved
+    notes = level_notes(mesh, done.job_id)
+    assert len(notes) == 1 and notes[0].endswith("(economy)"), notes
 
 
 def test_at_100_percent_new_jobs_are_refused(mesh, sandbox):
@@ -218,11 +232,21 @@ def test_at_100_percent_new_jobs_are_refused(mesh, sandbox):
         assert "budget is spent" in raised.value.details()
 
 
-# The router: exclusion codes, its failure, the job's own reservation -------------------------------
+# The router: exclusion codes, its failure, each attempt's own reservation -----------------------------
 
 
-def test_the_router_fails_budget_exhausted_and_counts_the_jobs_own_reservation(mesh, sandbox):
+def test_the_router_fails_budget_exhausted_and_reserves_each_attempt_itself(mesh, sandbox):
     constraints = render_pb2.RenderConstraints(quality_floor=FLOOR)
+
+    def render() -> list:
+        request = router_pb2.ExecuteRenderRequest(
+            job_id="job-direct",
+            shot=shot(),
+            constraints=constraints,
+            idempotency_key=f"direct-{uuid.uuid4().hex}",
+        )
+        return [response.event for response in router(mesh).ExecuteRender(request, timeout=120)]
+
     with budget_left(mesh, 100_000):
         plan = router(mesh).PlanRoute(router_pb2.PlanRouteRequest(shot=shot(), constraints=constraints))
         assert {candidate.backend: list(candidate.exclusions) for candidate in plan.candidates} == {
@@ -231,25 +255,27 @@ def test_the_router_fails_budget_exhausted_and_counts_the_jobs_own_reservation(m
             RUNWAY: [router_pb2.EXCLUSION_OVER_BUDGET],
             VEO: [router_pb2.EXCLUSION_OVER_BUDGET],
         }
-
-        def render(reserved: int) -> list:
-            request = router_pb2.ExecuteRenderRequest(
-                job_id="job-direct",
-                shot=shot(),
-                constraints=constraints,
-                idempotency_key=f"direct-{uuid.uuid4().hex}",
-                reserved=usd(reserved),
-            )
-            return [response.event for response in router(mesh).ExecuteRender(request, timeout=120)]
-
-        unpaid = render(0)
+        unpaid = render()
         assert [event.WhichOneof("kind") for event in unpaid] == ["failed"]
         assert unpaid[0].failed.reason == "BUDGET_EXHAUSTED"
         assert "over the budget left 0.10 USD" in unpaid[0].failed.message
-        # With the reservation the gateway made for it, Replicate fits: 0.10 left + 0.30 reserved.
-        paid = render(REPLICATE_COST)
+    with budget_left(mesh, 400_000):
+        # Replicate fits: the router reserves the attempt before its provider is called, and says
+        # what it cost once it ended; settling is the caller's (the gateway's) part.
+        paid = render()
         assert paid[-1].HasField("succeeded"), paid[-1]
-        assert [event.routed.backend for event in paid if event.HasField("routed")] == [REPLICATE]
+        [routed] = [event.routed for event in paid if event.HasField("routed")]
+        assert (routed.backend, routed.reserved.amount_micros) == (REPLICATE, REPLICATE_COST)
+        [charged] = [event.charged for event in paid if event.HasField("charged")]
+        assert charged.reservation_key == routed.reservation_key
+        assert (charged.outcome, charged.billed.amount_micros) == (
+            event_pb2.CHARGE_OUTCOME_COMMIT,
+            REPLICATE_COST,
+        )
+        assert budgets(mesh).budget.reserved.amount_micros >= REPLICATE_COST
+        metrics(mesh).CommitSpend(
+            metrics_pb2.CommitSpendRequest(reservation_key=charged.reservation_key, actual=charged.billed)
+        )
 
 
 # The wait policy --------------------------------------------------------------------------------------
@@ -263,7 +289,7 @@ def test_a_job_the_ledger_refuses_waits_queued_through_a_restart_and_renders_onc
         job = create(mesh, "Waits for the ledger")
         waiting = wait_for_waiting(mesh, job.job_id)
         assert waiting.state == QUEUED
-        assert "0.10 USD left of 10.00 USD, 1.20 USD asked" in waiting.message
+        assert "0.10 USD left of 10.00 USD, 0.72 USD asked" in waiting.message
         assert get(mesh, job.job_id).HasField("budget_wait_start_time")
         mesh.stop_service("gateway")
         mesh.start_service("gateway")
@@ -271,7 +297,7 @@ def test_a_job_the_ledger_refuses_waits_queued_through_a_restart_and_renders_onc
         release()
         done = wait_terminal(gateway(mesh), job.job_id)
     assert done.state == SUCCEEDED, done.error
-    assert done.reserved.amount_micros == VEO_COST
+    assert done.reserved.amount_micros == RUNWAY_COST
     log = events(mesh, job.job_id)
     assert sum(event.message.startswith(WAITING) for event in log) == 1  # once, restart or not
     states = [event.state for event in log]
@@ -311,22 +337,25 @@ def test_a_job_waits_no_longer_than_the_max_wait(mesh, sandbox):
 
 
 def test_a_waiting_job_goes_as_soon_as_a_settled_job_frees_money(mesh, sandbox):
-    # Retries far apart: only the settle of the cancelled job can wake the waiting one in time.
+    # Retries far apart: only the settlement of the cancelled job can wake the waiting one in time.
     configure_gateway(mesh, AIPROD_GATEWAY_BUDGET_RETRY_SECONDS="600")
-    sandbox.reset(provider="runway", render_seconds=120)
-    with budget_left(mesh, 900_000):
-        slow = create(mesh, "Holds the money", preferred=RUNWAY)
+    with budget_left(mesh, 400_000):
+        slow = create(mesh, "Holds the money [sandbox:never]", preferred=REPLICATE)
         watch_until(gateway(mesh), slow.job_id, lambda event: event.render.HasField("submitted"))
-        # 0.90 left: Runway is the dearest that fits, and 0.18 is left after its reservation.
-        assert get(mesh, slow.job_id).reserved.amount_micros == RUNWAY_COST
+        # 0.40 left: the slow job's attempt reserved 0.30, and 0.10 is left.
+        assert get(mesh, slow.job_id).reserved.amount_micros == REPLICATE_COST
         waiter = create(mesh, "Waits for it", preferred=REPLICATE)
         waiting = wait_for_waiting(mesh, waiter.job_id)
-        assert "replicate: cost 0.30 USD over the budget left 0.18 USD" in waiting.message
+        assert "replicate: cost 0.30 USD over the budget left 0.10 USD" in waiting.message
         assert get(mesh, waiter.job_id).state == QUEUED
+        # Replicate bills nothing for a cancelled prediction: its reservation is released.
         gateway(mesh).CancelRenderJob(gateway_pb2.CancelRenderJobRequest(job_id=slow.job_id))
         done = wait_terminal(gateway(mesh), waiter.job_id)
     assert done.state == SUCCEEDED, done.error
-    assert (done.backend, done.reserved.amount_micros) == (REPLICATE, RUNWAY_COST)
+    assert (done.backend, done.reserved.amount_micros) == (REPLICATE, REPLICATE_COST)
+    cancelled = get(mesh, slow.job_id)
+    assert [attempt.charge.outcome for attempt in cancelled.attempts] == [event_pb2.CHARGE_OUTCOME_RELEASE]
+    assert cancelled.cost.amount_micros == 0
 
 
 # The fail policy --------------------------------------------------------------------------------------
@@ -335,8 +364,8 @@ def test_a_waiting_job_goes_as_soon_as_a_settled_job_frees_money(mesh, sandbox):
 @pytest.mark.parametrize(
     ("tenant", "why"),
     [
-        ("", "no backend within the budget left: replicate: cost 0.30 USD over the budget left 0.10 USD"),
-        ("other", "0.10 USD left of 10.00 USD, 1.20 USD asked"),
+        ("", "replicate: cost 0.30 USD over the budget left 0.10 USD"),
+        ("other", "0.10 USD left of 10.00 USD, 0.72 USD asked"),
     ],
     ids=["the router excludes every backend", "the ledger refuses"],
 )
