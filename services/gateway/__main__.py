@@ -35,7 +35,7 @@ async def build() -> AsyncIterator[list[Registration]]:
     metrics = metrics_pb2_grpc.MetricsServiceStub(metrics_channel)
     reporter = MetricsReporter(metrics)
     spending = Spending(metrics)
-    settlement = Settlement(store, metrics)
+    settlement = Settlement(store, metrics, router)
     dispatcher = Dispatcher(
         store,
         router,

@@ -8,6 +8,7 @@ applying one again changes nothing.
 
 from aiprod.common.v1 import backend_pb2, event_pb2
 from aiprod.gateway.v1 import gateway_pb2
+from aiprod_kit.capabilities import backend_name
 from aiprod_kit.money import usd
 
 
@@ -59,3 +60,13 @@ def may_have_billed(job: gateway_pb2.RenderJob) -> bool:
         or (attempt.HasField("handle") and not attempt.HasField("charge"))
         for attempt in job.attempts
     )
+
+
+def charge_message(charge: event_pb2.AttemptCharge) -> str:
+    """What an attempt's charge says, for people."""
+    name = backend_name(charge.backend)
+    if charge.outcome == event_pb2.CHARGE_OUTCOME_COMMIT:
+        return f"{name} bills {charge.billed.amount_micros / 1e6:.2f} USD for the attempt"
+    if charge.outcome == event_pb2.CHARGE_OUTCOME_HOLD:
+        return f"whether {name} bills the attempt is not known: its reservation is held until reconciled"
+    return f"{name} bills nothing for the attempt"

@@ -41,7 +41,7 @@ from aiprod.gateway.v1 import gateway_pb2
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_gateway import attempts
 from aiprod_gateway.reporting import MetricsReporter
-from aiprod_gateway.settlement import Settlement
+from aiprod_gateway.settlement import Settlement, record_charge
 from aiprod_gateway.spending import BudgetRefused, Spending
 from aiprod_gateway.store import TERMINAL_STATES, ClaimLost, JobStore, JobUpdate
 from aiprod_kit.capabilities import backend_name
@@ -101,20 +101,11 @@ def _apply(event: event_pb2.RenderEvent) -> tuple[str, JobUpdate]:
             f"fell back from {backend_name(event.fallback.from_backend)} to "
             f"{backend_name(event.fallback.to_backend)}: {event.fallback.cause.message}"
         ),
-        "charged": lambda: _charge_message(event.charged),
+        "charged": lambda: attempts.charge_message(event.charged),
         "succeeded": lambda: "video ready",
         "failed": lambda: f"render failed: {event.failed.reason}: {event.failed.message}",
     }
     return messages[kind](), update
-
-
-def _charge_message(charge: event_pb2.AttemptCharge) -> str:
-    name = backend_name(charge.backend)
-    if charge.outcome == event_pb2.CHARGE_OUTCOME_COMMIT:
-        return f"{name} bills {charge.billed.amount_micros / 1e6:.2f} USD for the attempt"
-    if charge.outcome == event_pb2.CHARGE_OUTCOME_HOLD:
-        return f"whether {name} bills the attempt is not known: its reservation is held until reconciled"
-    return f"{name} bills nothing for the attempt"
 
 
 @dataclass(frozen=True)
@@ -419,7 +410,7 @@ class Dispatcher:
             # to record what it costs.
             charge = await cancel_render(self._router, job_id, driver.handle)
             if charge is not None:
-                await record_charge(self._store, job_id, driver.attempt, driver.handle, charge)
+                await record_charge(self._store, job_id, driver.attempt, charge, driver.handle)
                 self._settlement.charged()
 
     def _crashed(self, job_id: str, error: BaseException) -> None:
@@ -599,25 +590,6 @@ class Dispatcher:
 
 def _waiting_for_budget(job: gateway_pb2.RenderJob) -> None:
     job.budget_wait_start_time.GetCurrentTime()
-
-
-async def record_charge(
-    store: JobStore,
-    job_id: str,
-    attempt: int,
-    handle: backend_pb2.RenderHandle,
-    charge: event_pb2.AttemptCharge,
-) -> None:
-    """Records what a cancelled attempt costs on its job, which has ended (the settlement outbox then
-    tells the ledger)."""
-    render_event = event_pb2.RenderEvent(attempt=attempt, charged=charge)
-    render_event.time.GetCurrentTime()
-
-    def update(job: gateway_pb2.RenderJob) -> None:
-        attempts.submitted(job, attempt, handle)
-        attempts.charged(job, attempt, charge)
-
-    await store.append_event(job_id, _charge_message(charge), update, render_event)
 
 
 def _failed(reason: str, message: str) -> JobUpdate:

@@ -6,20 +6,28 @@ the job, in the same transaction as the event, and the job store counts the job 
 outbox then tells the ledger: commit what the provider billed, or release a reservation known not to
 bill. A ledger that is away is tried again, with a growing pause, until it answers, also after a
 gateway restart and by any replica (commit and release are idempotent in the ledger, so two replicas
-settling one attempt change nothing). A held charge (an uncertain attempt) is left to the ledger: its
-reservation stays until reconciled, and counts at its worst case once it expires.
+settling one attempt change nothing).
+
+A held charge (an attempt whose end nobody saw) keeps its reservation, and the outbox asks its backend,
+through the router, what became of it, less and less often, until the backend knows: the render ended
+(then its charge is recorded on the job like any other and settled), or no create was ever made under
+its key (released). One whose create outcome even its backend lost stays held; its reservation then
+counts at its worst case once it expires.
 """
 
 import asyncio
 import contextlib
+import time
 
 import grpc
 import structlog
 
-from aiprod.common.v1 import event_pb2
+from aiprod.common.v1 import backend_pb2, event_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
-from aiprod_gateway.store import JobStore, to_settle
+from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod_gateway import attempts
+from aiprod_gateway.store import JobStore, to_reconcile, to_settle
 
 log = structlog.get_logger()
 
@@ -29,12 +37,42 @@ _TIMEOUT = 5.0
 _IDLE_SECONDS = 5.0
 _BACKOFF = (0.2, 10.0)
 _BATCH = 100
+# How soon a held attempt's backend is asked again, doubling up to the most.
+_RECONCILE_BACKOFF = (2.0, 60.0)
+
+
+async def record_charge(
+    store: JobStore,
+    job_id: str,
+    attempt: int,
+    charge: event_pb2.AttemptCharge,
+    handle: backend_pb2.RenderHandle | None = None,
+) -> None:
+    """Records what an attempt costs on its job, which may have ended (a cancelled render, a held one
+    reconciled); the outbox then tells the ledger."""
+    render_event = event_pb2.RenderEvent(attempt=attempt, charged=charge)
+    render_event.time.GetCurrentTime()
+
+    def update(job: gateway_pb2.RenderJob) -> None:
+        if handle is not None:
+            attempts.submitted(job, attempt, handle)
+        attempts.charged(job, attempt, charge)
+
+    await store.append_event(job_id, attempts.charge_message(charge), update, render_event)
 
 
 class Settlement:
-    def __init__(self, store: JobStore, metrics: metrics_pb2_grpc.MetricsServiceStub) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        metrics: metrics_pb2_grpc.MetricsServiceStub,
+        router: router_pb2_grpc.RouterServiceStub,
+    ) -> None:
         self._store = store
         self._metrics = metrics
+        self._router = router
+        # Held attempts: when to ask again, and the pause after that.
+        self._next_ask: dict[str, tuple[float, float]] = {}
         self._wake = asyncio.Event()
         # Set, then replaced, each time a settlement frees money: what jobs waiting for budget wait on.
         self._freed = asyncio.Event()
@@ -84,7 +122,42 @@ class Settlement:
             ]
             if settled:
                 await self._store.mark_settled(job_id, settled)
-        return len(job_ids) < _BATCH and not await self._store.unsettled_jobs(1)
+            for attempt in to_reconcile(job):
+                await self._reconcile(job, attempt)
+        # Held attempts wait for their backends at their own pace: only charges to tell count here.
+        return len(job_ids) < _BATCH
+
+    async def _reconcile(self, job: gateway_pb2.RenderJob, attempt: gateway_pb2.RenderAttempt) -> None:
+        """Asks a held attempt's backend what became of it, when due; records its charge once known."""
+        key = attempt.reservation_key
+        due, pause = self._next_ask.get(key, (0.0, _RECONCILE_BACKOFF[0]))
+        if time.monotonic() < due:
+            return
+        self._next_ask[key] = (time.monotonic() + pause, min(pause * 2, _RECONCILE_BACKOFF[1]))
+        request = router_pb2.ReconcileAttemptRequest(
+            backend=attempt.backend,
+            idempotency_key=key,
+            task_id=attempt.charge.task_id or attempt.handle.task_id,
+        )
+        try:
+            response = await self._router.ReconcileAttempt(request, timeout=_TIMEOUT)
+        except grpc.aio.AioRpcError as error:
+            log.info(
+                "held attempt not reconciled yet",
+                job_id=job.job_id,
+                reservation_key=key,
+                code=error.code().name,
+            )
+            return
+        if not response.ended:
+            return
+        charge = event_pb2.AttemptCharge()
+        charge.CopyFrom(response.charge)
+        charge.reservation_key = key
+        log.info("held attempt reconciled", job_id=job.job_id, reservation_key=key, outcome=charge.outcome)
+        await record_charge(self._store, job.job_id, attempt.attempt, charge)
+        self._next_ask.pop(key, None)
+        self._wake.set()
 
     async def _settle(self, job: gateway_pb2.RenderJob, attempt: gateway_pb2.RenderAttempt) -> bool:
         """Tells the ledger one attempt's charge; True once it has it. Raises grpc errors to retry."""

@@ -120,7 +120,8 @@ class JobStore(ABC):
 
     @abstractmethod
     async def unsettled_jobs(self, limit: int) -> list[str]:
-        """Up to limit ids of jobs with attempt charges the ledger has not acknowledged, oldest first."""
+        """Up to limit ids of jobs with attempt charges the ledger has not acknowledged, or held attempts to
+        reconcile, oldest first."""
 
     @abstractmethod
     async def mark_settled(self, job_id: str, reservation_keys: Sequence[str]) -> gateway_pb2.RenderJob:
@@ -164,8 +165,21 @@ def to_settle(job: gateway_pb2.RenderJob) -> list[gateway_pb2.RenderAttempt]:
     ]
 
 
+def to_reconcile(job: gateway_pb2.RenderJob) -> list[gateway_pb2.RenderAttempt]:
+    """The job's held attempts that their backend may yet account for (a render whose end nobody saw,
+    a create that may not have reached it); a create whose outcome even its backend lost stays held."""
+    return [
+        attempt
+        for attempt in job.attempts
+        if attempt.reservation_key
+        and attempt.charge.outcome == event_pb2.CHARGE_OUTCOME_HOLD
+        and attempt.charge.failure.reason != "PROVIDER_UNCERTAIN"
+    ]
+
+
 def unsettled_count(job: gateway_pb2.RenderJob) -> int:
-    return len(to_settle(job))
+    """Attempts the outbox still has work for: charges to tell the ledger, held ones to reconcile."""
+    return len(to_settle(job)) + len(to_reconcile(job))
 
 
 def _now() -> timestamp_pb2.Timestamp:

@@ -5,16 +5,23 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import duration_pb2
 
-from aiprod.common.v1 import backend_pb2, render_pb2
+from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_kit.breaker import BreakerState
-from aiprod_kit.errors import InvalidArgument, NotFound
+from aiprod_kit.errors import InvalidArgument, NotFound, Unavailable
 from aiprod_kit.money import usd
 from aiprod_router.backends import Renderer, RendererPool
 from aiprod_router.chain import AttemptResult, RenderChain, RenderJob
 
 _CALL_TIMEOUT = 10.0
+_ENDED = frozenset(
+    {
+        renderer_pb2.RENDER_STATE_SUCCEEDED,
+        renderer_pb2.RENDER_STATE_FAILED,
+        renderer_pb2.RENDER_STATE_CANCELLED,
+    }
+)
 _BREAKER_STATES = {
     BreakerState.CLOSED: router_pb2.BREAKER_STATE_CLOSED,
     BreakerState.OPEN: router_pb2.BREAKER_STATE_OPEN,
@@ -112,6 +119,35 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             ).render
         charge = AttemptResult.charge_of(renderer, request.handle.idempotency_key, render)
         return router_pb2.CancelRenderResponse(charge=charge)
+
+    async def ReconcileAttempt(
+        self, request: router_pb2.ReconcileAttemptRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ReconcileAttemptResponse:
+        renderer = self._pool.get(request.backend)
+        if renderer is None:
+            raise InvalidArgument([("backend", "is not a backend this router is configured with")])
+        if not (request.task_id or request.idempotency_key):
+            raise InvalidArgument([("idempotency_key", "must be set when task_id is not")])
+        lookup = renderer_pb2.GetRenderRequest(
+            task_id=request.task_id, idempotency_key=request.idempotency_key
+        )
+        try:
+            render = (await renderer.stub.GetRender(lookup, timeout=_CALL_TIMEOUT)).render
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND or request.task_id:
+                # Away, or a task its provider no longer knows: nobody can say yet.
+                raise Unavailable(f"the {renderer.name} renderer cannot say ({error.code().name})") from error
+            # No create was ever claimed under the key: nothing reached the provider.
+            charge = event_pb2.AttemptCharge(
+                reservation_key=request.idempotency_key,
+                backend=renderer.backend,
+                outcome=event_pb2.CHARGE_OUTCOME_RELEASE,
+            )
+            return router_pb2.ReconcileAttemptResponse(ended=True, charge=charge)
+        if render.state not in _ENDED:
+            return router_pb2.ReconcileAttemptResponse(ended=False)
+        charge = AttemptResult.charge_of(renderer, request.idempotency_key, render)
+        return router_pb2.ReconcileAttemptResponse(ended=True, charge=charge)
 
     async def ListBackends(
         self, request: router_pb2.ListBackendsRequest, context: grpc.aio.ServicerContext

@@ -143,7 +143,7 @@ async def start(store: JobStore) -> AsyncIterator[Start]:
         metrics = Metrics()
         reporter = MetricsReporter(metrics)  # type: ignore[arg-type]
         spending = Spending(metrics)  # type: ignore[arg-type]
-        settlement = Settlement(on, metrics)  # type: ignore[arg-type]
+        settlement = Settlement(on, metrics, router)  # type: ignore[arg-type]
         dispatcher = Dispatcher(on, router, reporter, spending, settlement, 2, BudgetPolicy(), OWNER, lease)  # type: ignore[arg-type]
         await settlement.start()
         await dispatcher.start()

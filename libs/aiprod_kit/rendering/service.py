@@ -537,7 +537,37 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
     async def GetRender(
         self, request: renderer_pb2.GetRenderRequest, context: grpc.aio.ServicerContext
     ) -> renderer_pb2.GetRenderResponse:
+        if request.idempotency_key and not request.task_id:
+            return renderer_pb2.GetRenderResponse(
+                render=(await self._find_by_key(request.idempotency_key)).snapshot()
+            )
         return renderer_pb2.GetRenderResponse(render=(await self._find(request.task_id)).snapshot())
+
+    async def _find_by_key(self, key: str) -> _Render:
+        """The render started under a key, as StartRender would answer it, without ever creating one:
+        NOT_FOUND when no create was ever claimed under the key here (nothing reached the provider)."""
+        if not _KEY.fullmatch(key):
+            raise InvalidArgument(
+                [("idempotency_key", "must be 1 to 128 characters from A-Z, a-z, 0-9 and . _ : -")]
+            )
+        while True:
+            render = self._by_key.get(key)
+            if render is not None:
+                await render.created.wait()
+                if not render.abandoned:
+                    return render
+            record = await self._read_key(key)
+            if record is None:
+                raise NotFound(f"no render was started under key {key} at {self._provider.name}")
+            if key in self._by_key:
+                continue  # another call got here while the store was read
+            render = _Render(key, record.shot, record.model, self._provider.backend)
+            self._by_key[key] = render
+            try:
+                return await self._resume(render, record)
+            except BaseException:
+                self._abandon(render)
+                raise
 
     async def WatchRender(
         self, request: renderer_pb2.WatchRenderRequest, context: grpc.aio.ServicerContext

@@ -107,10 +107,12 @@ class StartRenderResponse(_message.Message):
     def __init__(self, render: _Optional[_Union[Render, _Mapping]] = ...) -> None: ...
 
 class GetRenderRequest(_message.Message):
-    __slots__ = ("task_id",)
+    __slots__ = ("task_id", "idempotency_key")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
-    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, task_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class GetRenderResponse(_message.Message):
     __slots__ = ("render",)

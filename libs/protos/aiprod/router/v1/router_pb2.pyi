@@ -140,6 +140,24 @@ class CancelRenderResponse(_message.Message):
     charge: _event_pb2.AttemptCharge
     def __init__(self, charge: _Optional[_Union[_event_pb2.AttemptCharge, _Mapping]] = ...) -> None: ...
 
+class ReconcileAttemptRequest(_message.Message):
+    __slots__ = ("backend", "idempotency_key", "task_id")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    backend: _backend_pb2.Backend
+    idempotency_key: str
+    task_id: str
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., idempotency_key: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class ReconcileAttemptResponse(_message.Message):
+    __slots__ = ("ended", "charge")
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    CHARGE_FIELD_NUMBER: _ClassVar[int]
+    ended: bool
+    charge: _event_pb2.AttemptCharge
+    def __init__(self, ended: _Optional[bool] = ..., charge: _Optional[_Union[_event_pb2.AttemptCharge, _Mapping]] = ...) -> None: ...
+
 class ListBackendsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

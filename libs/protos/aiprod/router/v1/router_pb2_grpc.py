@@ -55,6 +55,11 @@ class RouterServiceStub:
                 request_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.CancelRenderRequest.SerializeToString,
                 response_deserializer=aiprod_dot_router_dot_v1_dot_router__pb2.CancelRenderResponse.FromString,
                 _registered_method=True)
+        self.ReconcileAttempt = channel.unary_unary(
+                '/aiprod.router.v1.RouterService/ReconcileAttempt',
+                request_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.ReconcileAttemptRequest.SerializeToString,
+                response_deserializer=aiprod_dot_router_dot_v1_dot_router__pb2.ReconcileAttemptResponse.FromString,
+                _registered_method=True)
         self.ListBackends = channel.unary_unary(
                 '/aiprod.router.v1.RouterService/ListBackends',
                 request_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.ListBackendsRequest.SerializeToString,
@@ -95,6 +100,14 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReconcileAttempt(self, request, context):
+        """Says what an attempt whose end nobody saw has cost, once its backend knows: the render it started
+        (by task id, or by its key when the task id was never learnt) has ended, or was never created.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListBackends(self, request, context):
         """Lists the backends the router knows, with their health and statistics.
         """
@@ -124,6 +137,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.CancelRender,
                     request_deserializer=aiprod_dot_router_dot_v1_dot_router__pb2.CancelRenderRequest.FromString,
                     response_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.CancelRenderResponse.SerializeToString,
+            ),
+            'ReconcileAttempt': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReconcileAttempt,
+                    request_deserializer=aiprod_dot_router_dot_v1_dot_router__pb2.ReconcileAttemptRequest.FromString,
+                    response_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.ReconcileAttemptResponse.SerializeToString,
             ),
             'ListBackends': grpc.unary_unary_rpc_method_handler(
                     servicer.ListBackends,
@@ -240,6 +258,33 @@ class RouterService:
             '/aiprod.router.v1.RouterService/CancelRender',
             aiprod_dot_router_dot_v1_dot_router__pb2.CancelRenderRequest.SerializeToString,
             aiprod_dot_router_dot_v1_dot_router__pb2.CancelRenderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReconcileAttempt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiprod.router.v1.RouterService/ReconcileAttempt',
+            aiprod_dot_router_dot_v1_dot_router__pb2.ReconcileAttemptRequest.SerializeToString,
+            aiprod_dot_router_dot_v1_dot_router__pb2.ReconcileAttemptResponse.FromString,
             options,
             channel_credentials,
             insecure,
