@@ -34,8 +34,10 @@ class CircuitBreaker:
         self._recent: deque[bool] = deque(maxlen=max(window, 1))
         self._window = window
         self._opened_at = 0.0
-        # Half-open: whether the one trial is out (its outcome not recorded yet).
+        # Half-open: whether the one trial is out (its outcome not recorded yet), and since when: a trial
+        # whose outcome never comes (its caller went away) gives way to another after a cooldown.
         self._trial_out = False
+        self._trial_at = 0.0
         self._on_change = on_change
         self._clock = clock
 
@@ -81,14 +83,22 @@ class CircuitBreaker:
             self._move(BreakerState.HALF_OPEN)
         return self.state == BreakerState.HALF_OPEN
 
+    def trial_available(self) -> bool:
+        """Whether a request could go now (closed, or half-open with no trial out), without taking it."""
+        if self.state == BreakerState.CLOSED:
+            return True
+        trial_pending = self._trial_out and self._clock() - self._trial_at < self.cooldown_seconds
+        return self.probe_due() and not trial_pending
+
     def allow_request(self) -> bool:
         """Whether a request may go now: always while closed; while half-open, to one caller only (the
         trial), until its outcome is recorded; never while open."""
         if self.state == BreakerState.CLOSED:
             return True
-        if not self.probe_due() or self._trial_out:
+        if not self.trial_available():
             return False
         self._trial_out = True
+        self._trial_at = self._clock()
         return True
 
     def seconds_until_probe(self) -> float:

@@ -210,7 +210,8 @@ class RenderChain:
                 renderer.backend,
                 renderer.capabilities,
                 renderer.serving,
-                breaker_open=not renderer.breaker.allows_requests and not renderer.breaker.probe_due(),
+                # Half-open: eligible for one trial render at a time.
+                breaker_open=not renderer.breaker.trial_available(),
                 p95_seconds=renderer.stats.percentile_seconds(95),
                 success_rate=renderer.stats.success_rate,
             )
@@ -266,6 +267,8 @@ class RenderChain:
                 yield event(attempt, failed=_no_backend(request, candidates))
                 return
             chosen = eligible[0]
+            # Takes a half-open breaker's one trial: granted, as ranking just saw it free with no await since.
+            self._pool.get(chosen.backend).breaker.allow_request()  # type: ignore[union-attr]
             try:
                 reservation = await self._reserve(job, attempt, chosen)
             except _BudgetRefused as refused:
