@@ -1,7 +1,10 @@
 """Attempts whose end nobody saw, through the real mesh against the sandbox: their money is held, never
 freed; one whose backend can tell later is reconciled to what its provider billed, one that nobody can
-tell counts as spent at its worst case once its reservation expires."""
+tell counts as spent at its worst case once its reservation expires. A renderer that hangs without
+closing its connections (SIGSTOP) is found out by gRPC keepalive, not waited on for ever."""
 
+import os
+import signal
 from collections.abc import Iterator
 
 import grpc
@@ -24,6 +27,9 @@ ENVIRONMENT = {
     "AIPROD_ROUTER_REATTACH_SECONDS": "1",
     "AIPROD_METRICS_RESERVATION_TTL_SECONDS": str(TTL_SECONDS),
     "AIPROD_METRICS_EXPIRY_SWEEP_SECONDS": "0.5",
+    # A peer that stops answering is given up within about two seconds.
+    "AIPROD_GRPC_KEEPALIVE_SECONDS": "1",
+    "AIPROD_GRPC_KEEPALIVE_TIMEOUT_SECONDS": "1",
 }
 
 
@@ -62,19 +68,30 @@ def get(mesh: Mesh, job_id: str) -> gateway_pb2.RenderJob:
     return gateway(mesh).GetRenderJob(gateway_pb2.GetRenderJobRequest(job_id=job_id), timeout=10).job
 
 
-def test_an_uncertain_render_is_reconciled_to_what_its_provider_billed(mesh, sandbox):
+@pytest.mark.parametrize("vanishes", ["killed", "hung"])
+def test_an_uncertain_render_is_reconciled_to_what_its_provider_billed(mesh, sandbox, vanishes):
     sandbox.reset(provider="runway", render_seconds=6)
     spent_before = budget(mesh).spent.amount_micros
     job = create(mesh, "A render whose renderer vanishes")
     watch_until(gateway(mesh), job.job_id, lambda event: event.render.HasField("progress"))
-    mesh.kill("renderer-runway")
+    renderer = mesh.services["renderer-runway"].process
+    if vanishes == "killed":
+        mesh.kill("renderer-runway")
+    else:
+        # Its connections stay open and silent: only keepalive tells the router it is gone.
+        os.kill(renderer.pid, signal.SIGSTOP)
     done = wait_terminal(gateway(mesh), job.job_id)
     # Nobody saw its end: the job fails uncertain, and the attempt's money stays reserved.
     assert (done.state, done.error.reason) == (job_pb2.JOB_STATE_FAILED, "RENDER_UNCERTAIN")
     [attempt] = done.attempts
     assert attempt.charge.outcome == event_pb2.CHARGE_OUTCOME_HOLD
-    assert budget(mesh).reserved.amount_micros >= RUNWAY_COST
-    mesh.start_service("renderer-runway")
+    # Reserved, or, once the reservation expired, spent at its worst case as uncertain money.
+    held = budget(mesh)
+    assert held.reserved.amount_micros + held.uncertain.amount_micros >= RUNWAY_COST
+    if vanishes == "killed":
+        mesh.start_service("renderer-runway")
+    else:
+        os.kill(renderer.pid, signal.SIGCONT)
     # Back, the renderer follows the task to its end; the gateway asks, and records what it cost.
     assert eventually(lambda: len(sandbox.bills("runway").tasks) == 1, timeout=60)
     assert eventually(

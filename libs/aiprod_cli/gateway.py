@@ -12,6 +12,7 @@ from grpc_status import rpc_status
 
 from aiprod.gateway.v1 import gateway_pb2_grpc
 from aiprod_cli.output import stderr
+from aiprod_kit.channels import MESSAGE_SIZE_OPTIONS
 from aiprod_kit.settings import GATEWAY_PORT
 
 GatewayOption = Annotated[
@@ -27,7 +28,12 @@ EXIT_RPC_ERROR = 2
 
 # gRPC's default reconnect backoff grows to two minutes; a watch resuming after a gateway restart
 # should notice the gateway within seconds.
-_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+# Jobs may carry an inline first frame up to the documented size: read them as the mesh does.
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    *MESSAGE_SIZE_OPTIONS,
+]
 
 
 @dataclass(frozen=True)

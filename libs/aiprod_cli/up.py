@@ -1,6 +1,7 @@
 """`aiprod up`: runs the whole mesh in the foreground until Ctrl-C or SIGTERM."""
 
 import errno
+import os
 import signal
 import socket
 import time
@@ -146,7 +147,13 @@ def up(
     if unknown:
         stderr.print(f"error: --backends: unknown backend {', '.join(unknown)}", markup=False)
         raise typer.Exit(2)
-    mesh = Mesh(data_dir.resolve(), free_ports=free_ports, backends=names, sandbox=sandbox)
+    # On one's own machine, a first frame may be a local file.
+    development = {
+        "AIPROD_GATEWAY_ALLOW_FILE_IMAGES": os.environ.get("AIPROD_GATEWAY_ALLOW_FILE_IMAGES", "true")
+    }
+    mesh = Mesh(
+        data_dir.resolve(), free_ports=free_ports, backends=names, sandbox=sandbox, environment=development
+    )
     if not free_ports:
         busy = [
             f"{spec.name} ({spec.default_port})" for spec in mesh.wanted() if port_in_use(spec.default_port)

@@ -5,6 +5,7 @@ import json
 import grpc
 
 from aiprod_kit.capabilities import MAX_INLINE_IMAGE_BYTES
+from aiprod_kit.settings import CommonSettings
 from aiprod_kit.telemetry import client_interceptors
 
 # gRPC's default 4 MiB receive limit would refuse the inline first frame the API documents (up to
@@ -36,7 +37,32 @@ _SERVICE_CONFIG = {
 }
 
 
-def open_channel(target: str, health_service: str | None = None) -> grpc.aio.Channel:
+def keepalive_options(settings: CommonSettings, server: bool = False) -> list[tuple[str, int]]:
+    """gRPC keepalive (AIPROD_GRPC_KEEPALIVE_*): pings while calls are open, also on a stream that
+    carries no data for minutes, so that a vanished peer fails its calls within keepalive + timeout.
+    A server accepts its clients' pings at that pace rather than answering them with GOAWAY."""
+    interval_ms = round(settings.grpc_keepalive_seconds * 1000)
+    timeout_ms = round(settings.grpc_keepalive_timeout_seconds * 1000)
+    options = [
+        ("grpc.keepalive_time_ms", interval_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        # The timeout gRPC really applies to an unanswered ping (a minute by default, whatever the
+        # keepalive timeout says).
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if server:
+        options += [
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", interval_ms // 2),
+            ("grpc.http2.max_ping_strikes", 0),
+        ]
+    return options
+
+
+def open_channel(
+    target: str, settings: CommonSettings, health_service: str | None = None
+) -> grpc.aio.Channel:
     """Opens a channel to target ("host:port", "dns:///host:port", "ipv4:a:p,b:p"); call inside the
     running loop. With health_service, round_robin sends calls only to replicas whose standard health
     reports that service SERVING (gRPC client-side health checking)."""
@@ -49,6 +75,7 @@ def open_channel(target: str, health_service: str | None = None) -> grpc.aio.Cha
             ("grpc.service_config", json.dumps(config)),
             ("grpc.enable_retries", 1),
             *MESSAGE_SIZE_OPTIONS,
+            *keepalive_options(settings),
         ],
         interceptors=client_interceptors(),
     )

@@ -20,7 +20,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from aiprod_kit.channels import MESSAGE_SIZE_OPTIONS
+from aiprod_kit.channels import MESSAGE_SIZE_OPTIONS, keepalive_options
 from aiprod_kit.errors import ErrorInterceptor
 from aiprod_kit.logs import configure_logging
 from aiprod_kit.settings import CommonSettings, ConfigurationError
@@ -74,7 +74,8 @@ async def serve(component: str, settings: CommonSettings, port: int, build: Serv
 
     async with build() as registrations:
         server = grpc.aio.server(
-            interceptors=[*server_interceptors(), ErrorInterceptor()], options=MESSAGE_SIZE_OPTIONS
+            interceptors=[*server_interceptors(), ErrorInterceptor()],
+            options=[*MESSAGE_SIZE_OPTIONS, *keepalive_options(settings, server=True)],
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

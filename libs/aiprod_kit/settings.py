@@ -53,6 +53,12 @@ class CommonSettings(BaseSettings):
     database_url: SecretStr = SecretStr("")
     # How long start-up waits for PostgreSQL to accept connections (it may come up with the pod).
     database_connect_timeout_seconds: float = 30.0
+    # gRPC keepalive on every server and channel: a ping after this long without data, and the peer
+    # given up (its calls failed, a long stream included) when the ping is not answered in the timeout.
+    # A peer that vanishes without a reset (a node lost, a network partition) so ends its streams
+    # instead of leaving a job following a dead one.
+    grpc_keepalive_seconds: float = Field(20.0, gt=0)
+    grpc_keepalive_timeout_seconds: float = Field(10.0, gt=0)
 
 
 class GatewaySettings(CommonSettings):

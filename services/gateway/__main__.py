@@ -29,8 +29,8 @@ async def build() -> AsyncIterator[list[Registration]]:
         settings, settings.data_dir / "gateway" / "jobs.sqlite3", "gateway", "NORMAL", private=True
     )
     store = await SqlJobStore.open(database)
-    router_channel = open_channel(settings.router_target)
-    metrics_channel = open_channel(settings.metrics_target)
+    router_channel = open_channel(settings.router_target, settings)
+    metrics_channel = open_channel(settings.metrics_target, settings)
     router = router_pb2_grpc.RouterServiceStub(router_channel)
     metrics = metrics_pb2_grpc.MetricsServiceStub(metrics_channel)
     reporter = MetricsReporter(metrics)

@@ -27,8 +27,8 @@ def breaker() -> CircuitBreaker:
 
 @asynccontextmanager
 async def build() -> AsyncIterator[list[Registration]]:
-    pool = RendererPool(targets, breaker)
-    metrics_channel = open_channel(settings.metrics_target)
+    pool = RendererPool(targets, breaker, settings)
+    metrics_channel = open_channel(settings.metrics_target, settings)
     await pool.first_look(timeout=5.0)
     telemetry = RouterMetrics(pool.renderers.values)
     chain = RenderChain(pool, metrics_pb2_grpc.MetricsServiceStub(metrics_channel), settings, telemetry)

@@ -19,6 +19,7 @@ from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod_kit.breaker import CircuitBreaker
 from aiprod_kit.capabilities import backend_name
 from aiprod_kit.channels import open_channel
+from aiprod_kit.settings import CommonSettings
 from aiprod_router.stats import BackendStats
 
 RENDERER_SERVICE = renderer_pb2.DESCRIPTOR.services_by_name["RendererService"].full_name
@@ -165,11 +166,13 @@ class Renderer:
 class RendererPool:
     """Every configured renderer, one channel and one health watch each, in the running event loop."""
 
-    def __init__(self, targets: dict[int, str], breaker: Callable[[], CircuitBreaker]) -> None:
+    def __init__(
+        self, targets: dict[int, str], breaker: Callable[[], CircuitBreaker], settings: CommonSettings
+    ) -> None:
         self.renderers: dict[int, Renderer] = {}
         for backend, target in targets.items():
             # Calls go only to replicas that report SERVING (client-side health checking).
-            channel = open_channel(target, health_service=RENDERER_SERVICE)
+            channel = open_channel(target, settings, health_service=RENDERER_SERVICE)
             stub = renderer_pb2_grpc.RendererServiceStub(channel)
             self.renderers[backend] = Renderer(backend, target, channel, stub, breaker=breaker())
         self._watches = [
