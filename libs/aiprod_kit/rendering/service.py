@@ -121,6 +121,8 @@ class _Render:
         # sent, so a later call under the key starts afresh.
         self.created = asyncio.Event()
         self.abandoned = False
+        # Its end is being recorded: known to this process, not announced yet.
+        self.concluding = False
         # The task as last seen at the provider, and the output's length once probed: for the charge.
         self.last_task: ProviderTask | None = None
         self.output_seconds = 0.0
@@ -663,15 +665,24 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         failure: render_pb2.RenderFailure | None = None,
         charge_micros: int | None = None,
     ) -> None:
-        """Ends the render (once): its state, failure and charge, announced, then kept in the key store."""
-        if render.ended:
+        """Ends the render (once): its state, failure and charge, kept in the key store, then announced:
+        a caller told of the end finds it answered the same after a restart."""
+        if render.ended or render.concluding:
             return
+        render.concluding = True
         self._release(render)
-        render.status.state = state
+        ended = render.snapshot()
+        ended.state = state
         if failure is not None:
-            render.status.failure.CopyFrom(failure)
+            ended.failure.CopyFrom(failure)
         if charge_micros is not None:
-            render.status.charge.CopyFrom(usd(charge_micros))
+            ended.charge.CopyFrom(usd(charge_micros))
+        ended.update_time.GetCurrentTime()
+        if render.key:
+            await self._durably(
+                "record the ending", render.key, lambda: self._keys.record_end(render.key, ended)
+            )
+        render.status.CopyFrom(ended)
         render.changed()
         self._log.info(
             "render ended",
@@ -681,11 +692,6 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
             reason=failure.reason if failure else "",
             charge_micros=charge_micros,
         )
-        if render.key:
-            ended = render.snapshot()
-            await self._durably(
-                "record the ending", render.key, lambda: self._keys.record_end(render.key, ended)
-            )
 
     async def _lost(self, render: _Render, error: ProviderError) -> None:
         await self._conclude(
