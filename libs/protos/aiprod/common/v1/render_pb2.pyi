@@ -18,10 +18,71 @@ class AspectRatio(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ASPECT_RATIO_16_9: _ClassVar[AspectRatio]
     ASPECT_RATIO_9_16: _ClassVar[AspectRatio]
     ASPECT_RATIO_1_1: _ClassVar[AspectRatio]
+
+class FailureReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FAILURE_REASON_UNSPECIFIED: _ClassVar[FailureReason]
+    FAILURE_REASON_CANCELLED: _ClassVar[FailureReason]
+    FAILURE_REASON_INTERNAL: _ClassVar[FailureReason]
+    FAILURE_REASON_BUDGET_EXHAUSTED: _ClassVar[FailureReason]
+    FAILURE_REASON_NO_BACKEND: _ClassVar[FailureReason]
+    FAILURE_REASON_DEADLINE_PASSED: _ClassVar[FailureReason]
+    FAILURE_REASON_DEADLINE_UNMEETABLE: _ClassVar[FailureReason]
+    FAILURE_REASON_ROUTER_REFUSED: _ClassVar[FailureReason]
+    FAILURE_REASON_UNKNOWN_BACKEND: _ClassVar[FailureReason]
+    FAILURE_REASON_RENDER_REFUSED: _ClassVar[FailureReason]
+    FAILURE_REASON_RENDERER_UNAVAILABLE: _ClassVar[FailureReason]
+    FAILURE_REASON_RENDERER_INTERNAL: _ClassVar[FailureReason]
+    FAILURE_REASON_RENDER_LOST: _ClassVar[FailureReason]
+    FAILURE_REASON_RENDER_UNCERTAIN: _ClassVar[FailureReason]
+    FAILURE_REASON_PROVIDER_FAILED: _ClassVar[FailureReason]
+    FAILURE_REASON_PROVIDER_REFUSED: _ClassVar[FailureReason]
+    FAILURE_REASON_PROVIDER_AUTH: _ClassVar[FailureReason]
+    FAILURE_REASON_PROVIDER_RATE_LIMITED: _ClassVar[FailureReason]
+    FAILURE_REASON_PROVIDER_UNAVAILABLE: _ClassVar[FailureReason]
+    FAILURE_REASON_PROVIDER_UNCERTAIN: _ClassVar[FailureReason]
+    FAILURE_REASON_PROVIDER_SAFETY_INPUT: _ClassVar[FailureReason]
+    FAILURE_REASON_PROVIDER_SAFETY_OUTPUT: _ClassVar[FailureReason]
+    FAILURE_REASON_PROVIDER_BAD_INPUT: _ClassVar[FailureReason]
+    FAILURE_REASON_PROVIDER_NO_OUTPUT: _ClassVar[FailureReason]
+    FAILURE_REASON_OUTPUT_LOST: _ClassVar[FailureReason]
+    FAILURE_REASON_OUTPUT_UNDECODABLE: _ClassVar[FailureReason]
+    FAILURE_REASON_OUTPUT_STORE_FAILED: _ClassVar[FailureReason]
+    FAILURE_REASON_OUTPUT_CHECK_FAILED: _ClassVar[FailureReason]
+    FAILURE_REASON_QC_UNDER_FLOOR: _ClassVar[FailureReason]
 ASPECT_RATIO_UNSPECIFIED: AspectRatio
 ASPECT_RATIO_16_9: AspectRatio
 ASPECT_RATIO_9_16: AspectRatio
 ASPECT_RATIO_1_1: AspectRatio
+FAILURE_REASON_UNSPECIFIED: FailureReason
+FAILURE_REASON_CANCELLED: FailureReason
+FAILURE_REASON_INTERNAL: FailureReason
+FAILURE_REASON_BUDGET_EXHAUSTED: FailureReason
+FAILURE_REASON_NO_BACKEND: FailureReason
+FAILURE_REASON_DEADLINE_PASSED: FailureReason
+FAILURE_REASON_DEADLINE_UNMEETABLE: FailureReason
+FAILURE_REASON_ROUTER_REFUSED: FailureReason
+FAILURE_REASON_UNKNOWN_BACKEND: FailureReason
+FAILURE_REASON_RENDER_REFUSED: FailureReason
+FAILURE_REASON_RENDERER_UNAVAILABLE: FailureReason
+FAILURE_REASON_RENDERER_INTERNAL: FailureReason
+FAILURE_REASON_RENDER_LOST: FailureReason
+FAILURE_REASON_RENDER_UNCERTAIN: FailureReason
+FAILURE_REASON_PROVIDER_FAILED: FailureReason
+FAILURE_REASON_PROVIDER_REFUSED: FailureReason
+FAILURE_REASON_PROVIDER_AUTH: FailureReason
+FAILURE_REASON_PROVIDER_RATE_LIMITED: FailureReason
+FAILURE_REASON_PROVIDER_UNAVAILABLE: FailureReason
+FAILURE_REASON_PROVIDER_UNCERTAIN: FailureReason
+FAILURE_REASON_PROVIDER_SAFETY_INPUT: FailureReason
+FAILURE_REASON_PROVIDER_SAFETY_OUTPUT: FailureReason
+FAILURE_REASON_PROVIDER_BAD_INPUT: FailureReason
+FAILURE_REASON_PROVIDER_NO_OUTPUT: FailureReason
+FAILURE_REASON_OUTPUT_LOST: FailureReason
+FAILURE_REASON_OUTPUT_UNDECODABLE: FailureReason
+FAILURE_REASON_OUTPUT_STORE_FAILED: FailureReason
+FAILURE_REASON_OUTPUT_CHECK_FAILED: FailureReason
+FAILURE_REASON_QC_UNDER_FLOOR: FailureReason
 
 class Image(_message.Message):
     __slots__ = ("data", "mime_type", "uri")
@@ -141,8 +202,8 @@ class RenderFailure(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RETRYABLE_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_CODE_FIELD_NUMBER: _ClassVar[int]
-    reason: str
+    reason: FailureReason
     message: str
     retryable: bool
     provider_code: str
-    def __init__(self, reason: _Optional[str] = ..., message: _Optional[str] = ..., retryable: _Optional[bool] = ..., provider_code: _Optional[str] = ...) -> None: ...
+    def __init__(self, reason: _Optional[_Union[FailureReason, str]] = ..., message: _Optional[str] = ..., retryable: _Optional[bool] = ..., provider_code: _Optional[str] = ...) -> None: ...

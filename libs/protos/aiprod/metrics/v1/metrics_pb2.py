@@ -25,63 +25,64 @@ _sym_db = _symbol_database.Default()
 from aiprod.common.v1 import backend_pb2 as aiprod_dot_common_dot_v1_dot_backend__pb2
 from aiprod.common.v1 import job_pb2 as aiprod_dot_common_dot_v1_dot_job__pb2
 from aiprod.common.v1 import money_pb2 as aiprod_dot_common_dot_v1_dot_money__pb2
+from aiprod.common.v1 import render_pb2 as aiprod_dot_common_dot_v1_dot_render__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61iprod/metrics/v1/metrics.proto\x12\x11\x61iprod.metrics.v1\x1a\x1e\x61iprod/common/v1/backend.proto\x1a\x1a\x61iprod/common/v1/job.proto\x1a\x1c\x61iprod/common/v1/money.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x02\n\x0eJobEventRecord\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12*\n\x07\x62\x61\x63kend\x18\x03 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06preset\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08qc_score\x18\x06 \x01(\x01\x12/\n\x0cjob_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x04\x63ost\x18\x08 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x16\n\x0e\x66\x61ilure_reason\x18\t \x01(\t\"J\n\x15RecordJobEventRequest\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.aiprod.metrics.v1.JobEventRecord\"\x18\n\x16RecordJobEventResponse\"\x14\n\x12GetJobStatsRequest\"o\n\x07JobStat\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\"@\n\x13GetJobStatsResponse\x12)\n\x05stats\x18\x01 \x03(\x0b\x32\x1a.aiprod.metrics.v1.JobStat\"\xcf\x01\n\x0bReservation\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\'\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06job_id\x18\x06 \x01(\t\"\xa7\x01\n\x14ReserveBudgetRequest\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\'\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12*\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\"^\n\x15ReserveBudgetResponse\x12\x33\n\x0breservation\x18\x01 \x01(\x0b\x32\x1e.aiprod.metrics.v1.Reservation\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"V\n\x12\x43ommitSpendRequest\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\x12\'\n\x06\x61\x63tual\x18\x02 \x01(\x0b\x32\x17.aiprod.common.v1.Money\"\x15\n\x13\x43ommitSpendResponse\"/\n\x14ReleaseBudgetRequest\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\"\x17\n\x15ReleaseBudgetResponse\"%\n\x10GetBudgetRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\xdd\x02\n\x06\x42udget\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x02 \x01(\t\x12$\n\x03\x63\x61p\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12&\n\x05spent\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12)\n\x08reserved\x18\x05 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12*\n\tremaining\x18\x06 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12-\n\x05level\x18\x07 \x01(\x0e\x32\x1e.aiprod.metrics.v1.BudgetLevel\x12\x15\n\rused_fraction\x18\x08 \x01(\x01\x12\x1c\n\x14\x65xpired_reservations\x18\t \x01(\x03\x12*\n\tuncertain\x18\n \x01(\x0b\x32\x17.aiprod.common.v1.Money\"p\n\x11GetBudgetResponse\x12)\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x19.aiprod.metrics.v1.Budget\x12\x30\n\rglobal_budget\x18\x02 \x01(\x0b\x32\x19.aiprod.metrics.v1.Budget\"\x13\n\x11ListAlertsRequest\"\xb7\x01\n\x05\x41lert\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0e\n\x06\x66iring\x18\x02 \x01(\x08\x12.\n\nsince_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x10\n\x08severity\x18\x06 \x01(\t\x12*\n\x07\x62\x61\x63kend\x18\x07 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\">\n\x12ListAlertsResponse\x12(\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x18.aiprod.metrics.v1.Alert\"\x15\n\x13GetSloReportRequest\"p\n\tSloStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\x01\x12\x12\n\nattainment\x18\x03 \x01(\x01\x12\x1e\n\x16\x65rror_budget_remaining\x18\x04 \x01(\x01\x12\x13\n\x0bwindow_days\x18\x05 \x01(\x05\"B\n\x14GetSloReportResponse\x12*\n\x04slos\x18\x01 \x03(\x0b\x32\x1c.aiprod.metrics.v1.SloStatus*\x8f\x01\n\x0b\x42udgetLevel\x12\x1c\n\x18\x42UDGET_LEVEL_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42UDGET_LEVEL_OK\x10\x01\x12\x17\n\x13\x42UDGET_LEVEL_NOTIFY\x10\x02\x12\x18\n\x14\x42UDGET_LEVEL_ECONOMY\x10\x03\x12\x1a\n\x16\x42UDGET_LEVEL_EXHAUSTED\x10\x04\x32\x8f\x06\n\x0eMetricsService\x12\x65\n\x0eRecordJobEvent\x12(.aiprod.metrics.v1.RecordJobEventRequest\x1a).aiprod.metrics.v1.RecordJobEventResponse\x12\\\n\x0bGetJobStats\x12%.aiprod.metrics.v1.GetJobStatsRequest\x1a&.aiprod.metrics.v1.GetJobStatsResponse\x12\x62\n\rReserveBudget\x12\'.aiprod.metrics.v1.ReserveBudgetRequest\x1a(.aiprod.metrics.v1.ReserveBudgetResponse\x12\\\n\x0b\x43ommitSpend\x12%.aiprod.metrics.v1.CommitSpendRequest\x1a&.aiprod.metrics.v1.CommitSpendResponse\x12\x62\n\rReleaseBudget\x12\'.aiprod.metrics.v1.ReleaseBudgetRequest\x1a(.aiprod.metrics.v1.ReleaseBudgetResponse\x12V\n\tGetBudget\x12#.aiprod.metrics.v1.GetBudgetRequest\x1a$.aiprod.metrics.v1.GetBudgetResponse\x12Y\n\nListAlerts\x12$.aiprod.metrics.v1.ListAlertsRequest\x1a%.aiprod.metrics.v1.ListAlertsResponse\x12_\n\x0cGetSloReport\x12&.aiprod.metrics.v1.GetSloReportRequest\x1a\'.aiprod.metrics.v1.GetSloReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61iprod/metrics/v1/metrics.proto\x12\x11\x61iprod.metrics.v1\x1a\x1e\x61iprod/common/v1/backend.proto\x1a\x1a\x61iprod/common/v1/job.proto\x1a\x1c\x61iprod/common/v1/money.proto\x1a\x1d\x61iprod/common/v1/render.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd4\x02\n\x0eJobEventRecord\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12*\n\x07\x62\x61\x63kend\x18\x03 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06preset\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08qc_score\x18\x06 \x01(\x01\x12/\n\x0cjob_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x04\x63ost\x18\x08 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x37\n\x0e\x66\x61ilure_reason\x18\t \x01(\x0e\x32\x1f.aiprod.common.v1.FailureReason\"J\n\x15RecordJobEventRequest\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.aiprod.metrics.v1.JobEventRecord\"\x18\n\x16RecordJobEventResponse\"\x14\n\x12GetJobStatsRequest\"o\n\x07JobStat\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\"@\n\x13GetJobStatsResponse\x12)\n\x05stats\x18\x01 \x03(\x0b\x32\x1a.aiprod.metrics.v1.JobStat\"\xcf\x01\n\x0bReservation\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\'\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06job_id\x18\x06 \x01(\t\"\xa7\x01\n\x14ReserveBudgetRequest\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\'\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12*\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\"^\n\x15ReserveBudgetResponse\x12\x33\n\x0breservation\x18\x01 \x01(\x0b\x32\x1e.aiprod.metrics.v1.Reservation\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"V\n\x12\x43ommitSpendRequest\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\x12\'\n\x06\x61\x63tual\x18\x02 \x01(\x0b\x32\x17.aiprod.common.v1.Money\"\x15\n\x13\x43ommitSpendResponse\"/\n\x14ReleaseBudgetRequest\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\"\x17\n\x15ReleaseBudgetResponse\"%\n\x10GetBudgetRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\xdd\x02\n\x06\x42udget\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x02 \x01(\t\x12$\n\x03\x63\x61p\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12&\n\x05spent\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12)\n\x08reserved\x18\x05 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12*\n\tremaining\x18\x06 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12-\n\x05level\x18\x07 \x01(\x0e\x32\x1e.aiprod.metrics.v1.BudgetLevel\x12\x15\n\rused_fraction\x18\x08 \x01(\x01\x12\x1c\n\x14\x65xpired_reservations\x18\t \x01(\x03\x12*\n\tuncertain\x18\n \x01(\x0b\x32\x17.aiprod.common.v1.Money\"p\n\x11GetBudgetResponse\x12)\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x19.aiprod.metrics.v1.Budget\x12\x30\n\rglobal_budget\x18\x02 \x01(\x0b\x32\x19.aiprod.metrics.v1.Budget\"\x13\n\x11ListAlertsRequest\"\xb7\x01\n\x05\x41lert\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0e\n\x06\x66iring\x18\x02 \x01(\x08\x12.\n\nsince_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x10\n\x08severity\x18\x06 \x01(\t\x12*\n\x07\x62\x61\x63kend\x18\x07 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\">\n\x12ListAlertsResponse\x12(\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x18.aiprod.metrics.v1.Alert\"\x15\n\x13GetSloReportRequest\"p\n\tSloStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\x01\x12\x12\n\nattainment\x18\x03 \x01(\x01\x12\x1e\n\x16\x65rror_budget_remaining\x18\x04 \x01(\x01\x12\x13\n\x0bwindow_days\x18\x05 \x01(\x05\"B\n\x14GetSloReportResponse\x12*\n\x04slos\x18\x01 \x03(\x0b\x32\x1c.aiprod.metrics.v1.SloStatus*\x8f\x01\n\x0b\x42udgetLevel\x12\x1c\n\x18\x42UDGET_LEVEL_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42UDGET_LEVEL_OK\x10\x01\x12\x17\n\x13\x42UDGET_LEVEL_NOTIFY\x10\x02\x12\x18\n\x14\x42UDGET_LEVEL_ECONOMY\x10\x03\x12\x1a\n\x16\x42UDGET_LEVEL_EXHAUSTED\x10\x04\x32\x8f\x06\n\x0eMetricsService\x12\x65\n\x0eRecordJobEvent\x12(.aiprod.metrics.v1.RecordJobEventRequest\x1a).aiprod.metrics.v1.RecordJobEventResponse\x12\\\n\x0bGetJobStats\x12%.aiprod.metrics.v1.GetJobStatsRequest\x1a&.aiprod.metrics.v1.GetJobStatsResponse\x12\x62\n\rReserveBudget\x12\'.aiprod.metrics.v1.ReserveBudgetRequest\x1a(.aiprod.metrics.v1.ReserveBudgetResponse\x12\\\n\x0b\x43ommitSpend\x12%.aiprod.metrics.v1.CommitSpendRequest\x1a&.aiprod.metrics.v1.CommitSpendResponse\x12\x62\n\rReleaseBudget\x12\'.aiprod.metrics.v1.ReleaseBudgetRequest\x1a(.aiprod.metrics.v1.ReleaseBudgetResponse\x12V\n\tGetBudget\x12#.aiprod.metrics.v1.GetBudgetRequest\x1a$.aiprod.metrics.v1.GetBudgetResponse\x12Y\n\nListAlerts\x12$.aiprod.metrics.v1.ListAlertsRequest\x1a%.aiprod.metrics.v1.ListAlertsResponse\x12_\n\x0cGetSloReport\x12&.aiprod.metrics.v1.GetSloReportRequest\x1a\'.aiprod.metrics.v1.GetSloReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aiprod.metrics.v1.metrics_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BUDGETLEVEL']._serialized_start=2465
-  _globals['_BUDGETLEVEL']._serialized_end=2608
-  _globals['_JOBEVENTRECORD']._serialized_start=210
-  _globals['_JOBEVENTRECORD']._serialized_end=517
-  _globals['_RECORDJOBEVENTREQUEST']._serialized_start=519
-  _globals['_RECORDJOBEVENTREQUEST']._serialized_end=593
-  _globals['_RECORDJOBEVENTRESPONSE']._serialized_start=595
-  _globals['_RECORDJOBEVENTRESPONSE']._serialized_end=619
-  _globals['_GETJOBSTATSREQUEST']._serialized_start=621
-  _globals['_GETJOBSTATSREQUEST']._serialized_end=641
-  _globals['_JOBSTAT']._serialized_start=643
-  _globals['_JOBSTAT']._serialized_end=754
-  _globals['_GETJOBSTATSRESPONSE']._serialized_start=756
-  _globals['_GETJOBSTATSRESPONSE']._serialized_end=820
-  _globals['_RESERVATION']._serialized_start=823
-  _globals['_RESERVATION']._serialized_end=1030
-  _globals['_RESERVEBUDGETREQUEST']._serialized_start=1033
-  _globals['_RESERVEBUDGETREQUEST']._serialized_end=1200
-  _globals['_RESERVEBUDGETRESPONSE']._serialized_start=1202
-  _globals['_RESERVEBUDGETRESPONSE']._serialized_end=1296
-  _globals['_COMMITSPENDREQUEST']._serialized_start=1298
-  _globals['_COMMITSPENDREQUEST']._serialized_end=1384
-  _globals['_COMMITSPENDRESPONSE']._serialized_start=1386
-  _globals['_COMMITSPENDRESPONSE']._serialized_end=1407
-  _globals['_RELEASEBUDGETREQUEST']._serialized_start=1409
-  _globals['_RELEASEBUDGETREQUEST']._serialized_end=1456
-  _globals['_RELEASEBUDGETRESPONSE']._serialized_start=1458
-  _globals['_RELEASEBUDGETRESPONSE']._serialized_end=1481
-  _globals['_GETBUDGETREQUEST']._serialized_start=1483
-  _globals['_GETBUDGETREQUEST']._serialized_end=1520
-  _globals['_BUDGET']._serialized_start=1523
-  _globals['_BUDGET']._serialized_end=1872
-  _globals['_GETBUDGETRESPONSE']._serialized_start=1874
-  _globals['_GETBUDGETRESPONSE']._serialized_end=1986
-  _globals['_LISTALERTSREQUEST']._serialized_start=1988
-  _globals['_LISTALERTSREQUEST']._serialized_end=2007
-  _globals['_ALERT']._serialized_start=2010
-  _globals['_ALERT']._serialized_end=2193
-  _globals['_LISTALERTSRESPONSE']._serialized_start=2195
-  _globals['_LISTALERTSRESPONSE']._serialized_end=2257
-  _globals['_GETSLOREPORTREQUEST']._serialized_start=2259
-  _globals['_GETSLOREPORTREQUEST']._serialized_end=2280
-  _globals['_SLOSTATUS']._serialized_start=2282
-  _globals['_SLOSTATUS']._serialized_end=2394
-  _globals['_GETSLOREPORTRESPONSE']._serialized_start=2396
-  _globals['_GETSLOREPORTRESPONSE']._serialized_end=2462
-  _globals['_METRICSSERVICE']._serialized_start=2611
-  _globals['_METRICSSERVICE']._serialized_end=3394
+  _globals['_BUDGETLEVEL']._serialized_start=2529
+  _globals['_BUDGETLEVEL']._serialized_end=2672
+  _globals['_JOBEVENTRECORD']._serialized_start=241
+  _globals['_JOBEVENTRECORD']._serialized_end=581
+  _globals['_RECORDJOBEVENTREQUEST']._serialized_start=583
+  _globals['_RECORDJOBEVENTREQUEST']._serialized_end=657
+  _globals['_RECORDJOBEVENTRESPONSE']._serialized_start=659
+  _globals['_RECORDJOBEVENTRESPONSE']._serialized_end=683
+  _globals['_GETJOBSTATSREQUEST']._serialized_start=685
+  _globals['_GETJOBSTATSREQUEST']._serialized_end=705
+  _globals['_JOBSTAT']._serialized_start=707
+  _globals['_JOBSTAT']._serialized_end=818
+  _globals['_GETJOBSTATSRESPONSE']._serialized_start=820
+  _globals['_GETJOBSTATSRESPONSE']._serialized_end=884
+  _globals['_RESERVATION']._serialized_start=887
+  _globals['_RESERVATION']._serialized_end=1094
+  _globals['_RESERVEBUDGETREQUEST']._serialized_start=1097
+  _globals['_RESERVEBUDGETREQUEST']._serialized_end=1264
+  _globals['_RESERVEBUDGETRESPONSE']._serialized_start=1266
+  _globals['_RESERVEBUDGETRESPONSE']._serialized_end=1360
+  _globals['_COMMITSPENDREQUEST']._serialized_start=1362
+  _globals['_COMMITSPENDREQUEST']._serialized_end=1448
+  _globals['_COMMITSPENDRESPONSE']._serialized_start=1450
+  _globals['_COMMITSPENDRESPONSE']._serialized_end=1471
+  _globals['_RELEASEBUDGETREQUEST']._serialized_start=1473
+  _globals['_RELEASEBUDGETREQUEST']._serialized_end=1520
+  _globals['_RELEASEBUDGETRESPONSE']._serialized_start=1522
+  _globals['_RELEASEBUDGETRESPONSE']._serialized_end=1545
+  _globals['_GETBUDGETREQUEST']._serialized_start=1547
+  _globals['_GETBUDGETREQUEST']._serialized_end=1584
+  _globals['_BUDGET']._serialized_start=1587
+  _globals['_BUDGET']._serialized_end=1936
+  _globals['_GETBUDGETRESPONSE']._serialized_start=1938
+  _globals['_GETBUDGETRESPONSE']._serialized_end=2050
+  _globals['_LISTALERTSREQUEST']._serialized_start=2052
+  _globals['_LISTALERTSREQUEST']._serialized_end=2071
+  _globals['_ALERT']._serialized_start=2074
+  _globals['_ALERT']._serialized_end=2257
+  _globals['_LISTALERTSRESPONSE']._serialized_start=2259
+  _globals['_LISTALERTSRESPONSE']._serialized_end=2321
+  _globals['_GETSLOREPORTREQUEST']._serialized_start=2323
+  _globals['_GETSLOREPORTREQUEST']._serialized_end=2344
+  _globals['_SLOSTATUS']._serialized_start=2346
+  _globals['_SLOSTATUS']._serialized_end=2458
+  _globals['_GETSLOREPORTRESPONSE']._serialized_start=2460
+  _globals['_GETSLOREPORTRESPONSE']._serialized_end=2526
+  _globals['_METRICSSERVICE']._serialized_start=2675
+  _globals['_METRICSSERVICE']._serialized_end=3458
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@ import datetime
 from aiprod.common.v1 import backend_pb2 as _backend_pb2
 from aiprod.common.v1 import job_pb2 as _job_pb2
 from aiprod.common.v1 import money_pb2 as _money_pb2
+from aiprod.common.v1 import render_pb2 as _render_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -46,8 +47,8 @@ class JobEventRecord(_message.Message):
     qc_score: float
     job_duration: _duration_pb2.Duration
     cost: _money_pb2.Money
-    failure_reason: str
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., preset: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., qc_score: _Optional[float] = ..., job_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., failure_reason: _Optional[str] = ...) -> None: ...
+    failure_reason: _render_pb2.FailureReason
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., preset: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., qc_score: _Optional[float] = ..., job_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., failure_reason: _Optional[_Union[_render_pb2.FailureReason, str]] = ...) -> None: ...
 
 class RecordJobEventRequest(_message.Message):
     __slots__ = ("events",)
