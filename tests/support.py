@@ -6,6 +6,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -13,6 +15,33 @@ from aiprod.metrics.v1 import metrics_pb2_grpc
 from aiprod_kit.mesh import Mesh
 
 TERMINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    """The google.rpc.ErrorInfo of an error status, read as a caller would (asserts it is there, once)."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "the error carries no google.rpc.Status"
+    infos = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            infos.append(info)
+    assert len(infos) == 1, f"expected one ErrorInfo, got {infos}"
+    assert infos[0].domain == "aiprod.dev", infos[0]
+    return infos[0]
+
+
+def field_violations(error: grpc.RpcError) -> dict[str, str]:
+    """The fields a google.rpc.BadRequest in the error status names, with why."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "the error carries no google.rpc.Status"
+    violations = {}
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            violations.update({v.field: v.description for v in bad_request.field_violations})
+    return violations
 
 
 def start_mesh(data_dir: Path, **environment: str) -> Mesh:

@@ -13,6 +13,7 @@ from support import connect_metrics
 
 from aiprod.common.v1 import backend_pb2, job_pb2
 from aiprod.metrics.v1 import metrics_pb2
+from aiprod_kit.failures import Reason
 from aiprod_kit.mesh import Mesh
 from aiprod_kit.money import usd
 
@@ -51,7 +52,13 @@ def start_metrics(tmp_path, database_environment) -> Iterator[StartMetrics]:
         mesh.stop()
 
 
-def job(state: int, backend: int = RUNWAY, qc: float = 0.0, seconds: float | None = None, reason: str = ""):
+def job(
+    state: int,
+    backend: int = RUNWAY,
+    qc: float = 0.0,
+    seconds: float | None = None,
+    reason: int = Reason.UNSPECIFIED,
+):
     event = metrics_pb2.JobEventRecord(
         job_id=f"job-{uuid.uuid4().hex}", state=state, backend=backend, qc_score=qc, failure_reason=reason
     )
@@ -166,9 +173,10 @@ async def test_backend_errors_fire_per_backend_and_age_out(start_metrics):
     async with connect_metrics(mesh) as stub:
         await record(
             stub,
-            *(job(FAILED, RUNWAY, seconds=10, reason="PROVIDER_ERROR") for _ in range(3)),
-            *(job(RUNNING, RUNWAY, reason="TIMEOUT") for _ in range(3)),  # attempts given up
-            *(job(FAILED, VEO, seconds=10, reason="PROVIDER_ERROR") for _ in range(2)),
+            *(job(FAILED, RUNWAY, seconds=10, reason=Reason.PROVIDER_FAILED) for _ in range(3)),
+            # Attempts given up for another backend.
+            *(job(RUNNING, RUNWAY, reason=Reason.RENDERER_UNAVAILABLE) for _ in range(3)),
+            *(job(FAILED, VEO, seconds=10, reason=Reason.PROVIDER_FAILED) for _ in range(2)),
             job(FAILED, RUNWAY, seconds=10),  # no reason: not a backend error
         )
         firing = await wait_for(stub, "backend_errors_high", True, RUNWAY)
@@ -212,7 +220,7 @@ async def test_a_repeated_batch_counts_once(start_metrics):
 async def test_cli_alerts_and_slo_json(start_metrics):
     mesh = start_metrics()
     async with connect_metrics(mesh) as stub:
-        await record(stub, *(job(FAILED, VEO, seconds=10, reason="PROVIDER_ERROR") for _ in range(6)))
+        await record(stub, *(job(FAILED, VEO, seconds=10, reason=Reason.PROVIDER_FAILED) for _ in range(6)))
     shown = aiprod("alerts", "--json", "--metrics", mesh.address("metrics"))
     assert shown.returncode == 0, shown.stderr
     listed = {(alert["policy"], alert["backend"]): alert for alert in json.loads(shown.stdout)["alerts"]}

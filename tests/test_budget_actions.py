@@ -9,12 +9,13 @@ from contextlib import contextmanager
 import grpc
 import pytest
 from sandbox_support import Sandbox, sandbox_mesh
-from support import eventually, wait_terminal, watch_until
+from support import error_info, eventually, wait_terminal, watch_until
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod_kit.failures import Reason
 from aiprod_kit.mesh import Mesh, ServiceStartError
 from aiprod_kit.money import usd
 
@@ -229,7 +230,16 @@ def test_at_100_percent_new_jobs_are_refused(mesh, sandbox):
         with pytest.raises(grpc.RpcError) as raised:
             create(mesh, "Another one at the cap")
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "budget is spent" in raised.value.details()
+        info = error_info(raised.value)
+        assert info.reason == "BUDGET_EXHAUSTED"
+        spent = budgets(mesh).global_budget
+        assert dict(info.metadata) == {
+            "scope": "global",
+            "tenant_id": "",
+            "day": spent.day,
+            "remaining_micros": "0",
+            "cap_micros": str(spent.cap.amount_micros),
+        }
 
 
 # The router: exclusion codes, its failure, each attempt's own reservation -----------------------------
@@ -257,7 +267,7 @@ def test_the_router_fails_budget_exhausted_and_reserves_each_attempt_itself(mesh
         }
         unpaid = render()
         assert [event.WhichOneof("kind") for event in unpaid] == ["failed"]
-        assert unpaid[0].failed.reason == "BUDGET_EXHAUSTED"
+        assert unpaid[0].failed.reason == Reason.BUDGET_EXHAUSTED
         assert "over the budget left 0.10 USD" in unpaid[0].failed.message
     with budget_left(mesh, 400_000):
         # Replicate fits: the router reserves the attempt before its provider is called, and says
@@ -328,7 +338,7 @@ def test_a_job_waits_no_longer_than_the_max_wait(mesh, sandbox):
     configure_gateway(mesh, AIPROD_GATEWAY_BUDGET_MAX_WAIT_SECONDS="1")
     with budget_left(mesh, 100_000):
         done = wait_terminal(gateway(mesh), create(mesh, "Waits too long").job_id)
-    assert (done.state, done.error.reason) == (FAILED, "BUDGET_EXHAUSTED")
+    assert (done.state, done.error.reason) == (FAILED, Reason.BUDGET_EXHAUSTED)
     assert "after 1 s waiting for budget" in done.error.message
     log = events(mesh, done.job_id)
     assert [event.state for event in log] == [QUEUED, QUEUED, FAILED]
@@ -373,7 +383,7 @@ def test_with_the_fail_policy_a_job_the_budget_cannot_pay_fails_budget_exhausted
     configure_gateway(mesh, AIPROD_GATEWAY_BUDGET_POLICY="fail")
     with budget_left(mesh, 100_000, tenant=tenant):
         done = wait_terminal(gateway(mesh), create(mesh, "Cannot be paid").job_id)
-    assert (done.state, done.error.reason) == (FAILED, "BUDGET_EXHAUSTED")
+    assert (done.state, done.error.reason) == (FAILED, Reason.BUDGET_EXHAUSTED)
     assert why in done.error.message
     assert [event.state for event in events(mesh, done.job_id)] == [QUEUED, FAILED]
     assert never_reserved(mesh, done)

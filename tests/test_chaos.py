@@ -32,6 +32,7 @@ from support import TERMINAL, eventually
 from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod_kit.failures import reason_name
 from aiprod_kit.mesh import PROVIDER_BACKENDS, Mesh
 
 T = TypeVar("T")
@@ -337,7 +338,7 @@ def test_jobs_outlive_sigkills_and_a_dropped_create_each_task_created_once_and_t
         "states": dict(states),
         "attempts": len(attempts),
         "held": [key for key, (_, a) in attempts.items() if a.charge.outcome == HOLD],
-        "failures": dict(Counter(job.error.reason for job in done.values() if job.error.reason)),
+        "failures": dict(Counter(reason_name(job.error.reason) for job in done.values() if job.error.reason)),
         "creates": {provider: sum(keys.values()) for provider, keys in counters["creates"].items()},
         "billed_total": bills.total_micros,
         "faults": faults,

@@ -10,10 +10,8 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from sandbox_support import FAST_PROVIDERS
-from support import eventually
+from support import eventually, field_violations
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -56,14 +54,7 @@ def a_spec(preset: str = "brand_campaign", **first_frame: object) -> render_pb2.
 
 def violations(error: grpc.RpcError) -> dict[str, str]:
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
-    status = rpc_status.from_call(error)
-    assert status is not None
-    found = {}
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        assert detail.Unpack(bad_request)
-        found.update({v.field: v.description for v in bad_request.field_violations})
-    return found
+    return field_violations(error)
 
 
 def png(size: int) -> bytes:

@@ -3,9 +3,7 @@
 import av
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from support import TERMINAL, eventually, wait_terminal, watch_until
+from support import TERMINAL, error_info, eventually, field_violations, wait_terminal, watch_until
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
@@ -17,17 +15,6 @@ def create(gateway, request_id: str = "", **spec) -> gateway_pb2.RenderJob:
     spec.setdefault("duration_seconds", 1)
     request = gateway_pb2.CreateRenderJobRequest(request_id=request_id, spec=render_pb2.RenderSpec(**spec))
     return gateway.CreateRenderJob(request).job
-
-
-def field_violations(error: grpc.RpcError) -> dict[str, str]:
-    status = rpc_status.from_call(error)
-    assert status is not None, "the error carries no google.rpc.Status"
-    violations = {}
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        assert detail.Unpack(bad_request)
-        violations.update({v.field: v.description for v in bad_request.field_violations})
-    return violations
 
 
 def all_jobs(gateway) -> list[gateway_pb2.RenderJob]:
@@ -135,10 +122,14 @@ def test_unknown_job_is_not_found_and_a_malformed_id_is_invalid(gateway):
     with pytest.raises(grpc.RpcError) as missing:
         gateway.GetRenderJob(gateway_pb2.GetRenderJobRequest(job_id="job_" + "0" * 32))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    # A program branches on the ErrorInfo, not on the text.
+    info = error_info(missing.value)
+    assert (info.reason, dict(info.metadata)) == ("JOB_NOT_FOUND", {"job_id": "job_" + "0" * 32})
     with pytest.raises(grpc.RpcError) as malformed:
         gateway.GetRenderJob(gateway_pb2.GetRenderJobRequest(job_id="nope"))
     assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "job_id" in field_violations(malformed.value)
+    assert error_info(malformed.value).reason == "INVALID_ARGUMENT"
 
 
 def test_cancelling_a_finished_job_is_a_failed_precondition(gateway):
@@ -146,6 +137,11 @@ def test_cancelling_a_finished_job_is_a_failed_precondition(gateway):
     with pytest.raises(grpc.RpcError) as refused:
         gateway.CancelRenderJob(gateway_pb2.CancelRenderJobRequest(job_id=done.job_id))
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(refused.value)
+    assert (info.reason, dict(info.metadata)) == (
+        "JOB_WRONG_STATE",
+        {"job_id": done.job_id, "state": "JOB_STATE_SUCCEEDED"},
+    )
     after = gateway.GetRenderJob(gateway_pb2.GetRenderJobRequest(job_id=done.job_id)).job
     assert after.state == job_pb2.JOB_STATE_SUCCEEDED
     assert after.last_sequence == done.last_sequence

@@ -10,10 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from postgres_support import assert_runs_on_its_store
-from support import connect_metrics
+from support import connect_metrics, error_info, field_violations
 
 from aiprod.common.v1 import backend_pb2, money_pb2
 from aiprod.metrics.v1 import metrics_pb2
@@ -102,14 +100,7 @@ async def failure(call) -> grpc.aio.AioRpcError:  # type: ignore[no-untyped-def]
 
 
 def violated_fields(error: grpc.aio.AioRpcError) -> set[str]:
-    status = rpc_status.from_call(error)
-    assert status is not None, "the error carries no google.rpc.Status"
-    fields = set()
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        assert detail.Unpack(bad_request)
-        fields |= {violation.field for violation in bad_request.field_violations}
-    return fields
+    return set(field_violations(error))
 
 
 def amounts(budget: metrics_pb2.Budget) -> tuple[int, int, int]:
@@ -341,6 +332,11 @@ async def test_unknown_keys_are_not_found(start_metrics):
             error = await failure(call)
             assert error.code() == grpc.StatusCode.NOT_FOUND
             assert "never-reserved" in error.details()
+            info = error_info(error)
+            assert (info.reason, dict(info.metadata)) == (
+                "RESERVATION_NOT_FOUND",
+                {"reservation_key": "never-reserved"},
+            )
 
 
 async def test_bad_input_names_the_field_and_writes_nothing(start_metrics):
@@ -454,6 +450,36 @@ async def test_a_tenant_cap_bounds_each_tenant_under_the_global_cap(start_metric
         assert (response.budget.tenant_id, response.budget.cap.amount_micros) == ("carol", 4 * USD)
         assert amounts(response.budget) == (0, USD, 3 * USD)
         assert amounts(response.global_budget) == (0, 9 * USD, USD)
+
+
+async def test_a_budget_refusal_carries_error_info_with_the_amounts(start_metrics):
+    """A caller (the router) branches on the ErrorInfo's reason and reads the amounts from its metadata,
+    never from the status text."""
+    mesh = start_metrics(AIPROD_METRICS_TENANT_DAILY_CAP_USD="4")
+    async with connect_metrics(mesh) as stub:
+        await reserve(stub, "acme-1", 3 * USD, tenant="acme")
+        error = await failure(reserve(stub, "acme-2", 2 * USD, tenant="acme"))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info = error_info(error)
+        assert info.reason == "BUDGET_EXHAUSTED"
+        metadata = dict(info.metadata)
+        assert metadata.pop("day") == (await budgets(stub, "acme")).budget.day
+        assert metadata == {
+            "scope": "tenant",
+            "tenant_id": "acme",
+            "remaining_micros": str(USD),
+            "asked_micros": str(2 * USD),
+            "cap_micros": str(4 * USD),
+        }
+        await reserve(stub, "bravo-1", 4 * USD, tenant="bravo")
+        error = await failure(reserve(stub, "carol-1", 4 * USD, tenant="carol"))
+        metadata = dict(error_info(error).metadata)
+        assert (metadata["scope"], metadata["tenant_id"]) == ("global", "")
+        assert (metadata["remaining_micros"], metadata["asked_micros"], metadata["cap_micros"]) == (
+            str(3 * USD),
+            str(4 * USD),
+            str(CAP),
+        )
 
 
 async def test_a_stuck_reservation_expires_counted_as_spent_until_reconciled(start_metrics):

@@ -18,6 +18,7 @@ from support import eventually, wait_terminal, watch_until
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod_kit.failures import SAFETY_REASONS, Reason
 from aiprod_kit.mesh import Mesh
 
 RUNWAY, VEO, REPLICATE = backend_pb2.BACKEND_RUNWAY, backend_pb2.BACKEND_VEO, backend_pb2.BACKEND_REPLICATE
@@ -170,7 +171,7 @@ def test_a_qc_fallback_is_paid_twice_and_recorded_twice(mesh, sandbox):
         assert attempt.charge.outcome == COMMIT, attempt
         assert attempt.charge.task_id == attempt.handle.task_id
     # The first attempt's paid output stays listed on its charge, with the QC that replaced it.
-    assert first.charge.failure.reason == "QC_UNDER_FLOOR"
+    assert first.charge.failure.reason == Reason.QC_UNDER_FLOOR
     assert first.charge.output.video.uri
     assert first.charge.output.qc.score < FLOOR
     assert first.charge.billed.amount_micros == ODD_MODEL_COST
@@ -241,7 +242,7 @@ def test_a_job_refused_for_safety_commits_nothing_and_releases_its_reservation(m
     job = create(mesh, "A refused prompt [sandbox:safety]", RUNWAY, seconds=4)
     done = wait_terminal(gateway(mesh), job.job_id)
     assert done.state == FAILED
-    assert done.error.reason.startswith("PROVIDER_SAFETY"), done.error
+    assert done.error.reason in SAFETY_REASONS, done.error
     done = settled(mesh, job.job_id)
 
     assert done.attempts

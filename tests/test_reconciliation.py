@@ -15,6 +15,7 @@ from support import eventually, wait_terminal, watch_until
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod_kit.failures import Reason
 from aiprod_kit.mesh import Mesh
 
 RUNWAY = backend_pb2.BACKEND_RUNWAY
@@ -82,7 +83,7 @@ def test_an_uncertain_render_is_reconciled_to_what_its_provider_billed(mesh, san
         os.kill(renderer.pid, signal.SIGSTOP)
     done = wait_terminal(gateway(mesh), job.job_id)
     # Nobody saw its end: the job fails uncertain, and the attempt's money stays reserved.
-    assert (done.state, done.error.reason) == (job_pb2.JOB_STATE_FAILED, "RENDER_UNCERTAIN")
+    assert (done.state, done.error.reason) == (job_pb2.JOB_STATE_FAILED, Reason.RENDER_UNCERTAIN)
     [attempt] = done.attempts
     assert attempt.charge.outcome == event_pb2.CHARGE_OUTCOME_HOLD
     # Reserved, or, once the reservation expired, spent at its worst case as uncertain money.
@@ -115,7 +116,7 @@ def test_a_create_nobody_can_account_for_counts_at_its_worst_case_once_expired(m
     # The task is created, but its answer never reaches the renderer: whether it bills is unknown.
     sandbox.fault("runway", "create", "drop", times=1, phase="after")
     done = wait_terminal(gateway(mesh), create(mesh, "A create whose answer is lost").job_id)
-    assert (done.state, done.error.reason) == (job_pb2.JOB_STATE_FAILED, "PROVIDER_UNCERTAIN")
+    assert (done.state, done.error.reason) == (job_pb2.JOB_STATE_FAILED, Reason.PROVIDER_UNCERTAIN)
     [attempt] = done.attempts
     assert attempt.charge.outcome == event_pb2.CHARGE_OUTCOME_HOLD
     # Never freed: reserved, then, once expired, spent at its full amount and shown as uncertain.

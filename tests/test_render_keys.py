@@ -15,6 +15,7 @@ from sandbox_support import SERVING, Sandbox, follow, health_watch, renderer, sh
 from aiprod.common.v1 import backend_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod_kit.database import SqliteDatabase
+from aiprod_kit.failures import Reason
 from aiprod_kit.mesh import Mesh
 from aiprod_kit.rendering.keys import RenderKeyStore
 
@@ -132,7 +133,7 @@ def test_an_intent_without_a_task_id_is_uncertain_and_never_sent(mesh: Mesh, san
     for stub in (renderer(mesh, "runway"), replica(mesh)):
         answer = start(stub, "crashed-1", shot(seconds=2))
         assert answer.state == FAILED
-        assert answer.failure.reason == "PROVIDER_UNCERTAIN" and not answer.failure.retryable
+        assert answer.failure.reason == Reason.PROVIDER_UNCERTAIN and not answer.failure.retryable
         assert not answer.HasField("charge")
     assert sandbox.counters()["create_requests"].get("runway", {}) == {}
 
@@ -140,11 +141,11 @@ def test_an_intent_without_a_task_id_is_uncertain_and_never_sent(mesh: Mesh, san
 def test_a_create_whose_answer_was_lost_stays_uncertain_after_a_restart(mesh: Mesh, sandbox: Sandbox) -> None:
     sandbox.fault("runway", "create", "drop", times=1, phase="after")
     answer = start(renderer(mesh, "runway"), "dropped-1", shot(seconds=2))
-    assert answer.failure.reason == "PROVIDER_UNCERTAIN"
+    assert answer.failure.reason == Reason.PROVIDER_UNCERTAIN
     assert not answer.HasField("charge")
     again = start(restart(mesh), "dropped-1", shot(seconds=2))
-    assert again.state == FAILED and again.failure.reason == "PROVIDER_UNCERTAIN"
-    assert start(replica(mesh), "dropped-1", shot(seconds=2)).failure.reason == "PROVIDER_UNCERTAIN"
+    assert again.state == FAILED and again.failure.reason == Reason.PROVIDER_UNCERTAIN
+    assert start(replica(mesh), "dropped-1", shot(seconds=2)).failure.reason == Reason.PROVIDER_UNCERTAIN
     assert sandbox.counters()["create_requests"]["runway"] == {"dropped-1": 1}
 
 

@@ -26,6 +26,7 @@ from support import eventually
 
 from aiprod.common.v1 import render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from aiprod_kit.failures import SAFETY_REASONS, Reason
 from aiprod_kit.mesh import SANDBOX_API_KEY, Mesh
 from aiprod_kit.rendering.provider import ErrorKind, ProviderError, TaskState, VideoSource
 from aiprod_kit.settings import ConfigurationError, ReplicateSettings
@@ -579,7 +580,7 @@ def test_output_is_copied_before_its_url_expires(
 def test_safety_refusal(sandbox: Sandbox, stub: renderer_pb2_grpc.RendererServiceStub) -> None:
     final = render(stub, "safety-1", a_shot("[sandbox:safety] something unsafe"))[-1]
     assert final.state == renderer_pb2.RENDER_STATE_FAILED
-    assert final.failure.reason.startswith("PROVIDER_SAFETY_")
+    assert final.failure.reason in SAFETY_REASONS
     assert final.failure.provider_code.startswith("SAFETY.")
     assert not final.failure.retryable
     assert final.failure.message
@@ -589,7 +590,7 @@ def test_safety_refusal(sandbox: Sandbox, stub: renderer_pb2_grpc.RendererServic
 def test_model_failure(sandbox: Sandbox, stub: renderer_pb2_grpc.RendererServiceStub) -> None:
     final = render(stub, "fail-1", a_shot("[sandbox:fail] a broken take"))[-1]
     assert final.state == renderer_pb2.RENDER_STATE_FAILED
-    assert final.failure.reason == "PROVIDER_FAILED"
+    assert final.failure.reason == Reason.PROVIDER_FAILED
     assert final.failure.retryable
     assert_one_create_per_key(sandbox, "fail-1")
 
@@ -634,11 +635,11 @@ def test_ambiguous_create_is_not_sent_again(
     sandbox.fault("create", **fault)  # type: ignore[arg-type]
     final = start(stub, key, a_shot(seconds=2))
     assert final.state == renderer_pb2.RENDER_STATE_FAILED
-    assert final.failure.reason == "PROVIDER_UNCERTAIN"
+    assert final.failure.reason == Reason.PROVIDER_UNCERTAIN
     assert not final.failure.retryable
     assert sandbox.counters("create_requests")[key] == 1
     # Asked again under its key, the renderer answers with the same failed render: nothing is sent.
-    assert start(stub, key, a_shot(seconds=2)).failure.reason == "PROVIDER_UNCERTAIN"
+    assert start(stub, key, a_shot(seconds=2)).failure.reason == Reason.PROVIDER_UNCERTAIN
     assert sandbox.counters("create_requests")[key] == 1
     created = sandbox.creates().get(key, 0)
     assert created == (1 if fault.get("phase") == "after" else 0)
@@ -680,7 +681,7 @@ def test_rejected_credentials_stop_serving_until_a_probe_passes(
         wait_for_status(statuses, SERVING)
         refused = start(stub, f"auth-{kind}", a_shot(seconds=2))
         assert refused.state == renderer_pb2.RENDER_STATE_FAILED
-        assert refused.failure.reason == "PROVIDER_AUTH"
+        assert refused.failure.reason == Reason.PROVIDER_AUTH
         wait_for_status(statuses, NOT_SERVING)
         with pytest.raises(grpc.RpcError) as error:
             start(stub, f"auth-{kind}-while-open", a_shot(seconds=2))

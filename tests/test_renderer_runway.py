@@ -21,6 +21,7 @@ from sandbox_support import (
 
 from aiprod.common.v1 import render_pb2
 from aiprod.renderer.v1 import renderer_pb2
+from aiprod_kit.failures import Reason
 from aiprod_kit.mesh import Mesh
 
 FAST = {
@@ -124,7 +125,7 @@ def test_a_safety_refusal_ends_the_render_with_runways_reason(mesh, sandbox):
         stub, start(stub, "safety-1", shot("[sandbox:safety] something unsafe", seconds=2)).handle.task_id
     )[-1]
     assert final.state == renderer_pb2.RENDER_STATE_FAILED
-    assert final.failure.reason == "PROVIDER_SAFETY_INPUT"
+    assert final.failure.reason == Reason.PROVIDER_SAFETY_INPUT
     assert final.failure.provider_code.startswith("SAFETY.INPUT")
     assert not final.failure.retryable
     # Runway refunds failed tasks, safety refusals included.
@@ -165,9 +166,9 @@ def test_a_create_that_may_have_reached_runway_is_never_sent_again(mesh, sandbox
     stub = renderer(mesh, "runway")
     started = start(stub, "uncertain-1", shot(seconds=2))
     assert started.state == renderer_pb2.RENDER_STATE_FAILED
-    assert started.failure.reason == "PROVIDER_UNCERTAIN"
+    assert started.failure.reason == Reason.PROVIDER_UNCERTAIN
     assert not started.HasField("charge")  # whether Runway created (and bills) it is not known
-    assert start(stub, "uncertain-1", shot(seconds=2)).failure.reason == "PROVIDER_UNCERTAIN"
+    assert start(stub, "uncertain-1", shot(seconds=2)).failure.reason == Reason.PROVIDER_UNCERTAIN
     assert sandbox.counters()["create_requests"]["runway"]["uncertain-1"] == 1
 
 
@@ -177,7 +178,7 @@ def test_rejected_credentials_turn_the_renderer_not_serving_until_a_probe_passes
         sandbox.fault("runway", "*", "401", times=2)  # the create, then the first probe
         stub = renderer(mesh, "runway")
         refused = start(stub, "auth-1", shot(seconds=2))
-        assert refused.failure.reason == "PROVIDER_AUTH"
+        assert refused.failure.reason == Reason.PROVIDER_AUTH
         wait_for_status(statuses, NOT_SERVING)
         with pytest.raises(grpc.RpcError) as unavailable:
             start(stub, "auth-2", shot(seconds=2))

@@ -27,6 +27,7 @@ from PIL import Image
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from aiprod_kit.failures import Reason
 from aiprod_kit.mesh import Mesh, sandbox_environment
 from aiprod_kit.rendering.provider import ErrorKind, TaskState
 from aiprod_renderers.veo.provider import provider_error, task_of
@@ -292,7 +293,7 @@ async def test_an_image_vertex_cannot_read_is_refused(stub: Stub, sandbox: Sandb
     first_frame = render_pb2.Image(data=b"\x89PNG but not an image", mime_type="image/png")
     render = await _start(stub, _request("i2v-bad", "The scene comes to life", first_frame=first_frame))
     assert render.state == FAILED
-    assert render.failure.reason == "PROVIDER_REFUSED" and not render.failure.retryable
+    assert render.failure.reason == Reason.PROVIDER_REFUSED and not render.failure.retryable
     assert "not a valid image" in render.failure.message
     assert await sandbox.creates() == {}
     assert await sandbox.create_requests() == {"i2v-bad": 1}
@@ -317,7 +318,7 @@ async def test_cancel_stops_following_as_vertex_has_no_cancel(stub: Stub, sandbo
         cancelled = (await stub.CancelRender(renderer_pb2.CancelRenderRequest(task_id=task_id))).render
         rest = [message.render async for message in stream]
     assert cancelled.state == CANCELLED
-    assert cancelled.failure.reason == "CANCELLED"
+    assert cancelled.failure.reason == Reason.CANCELLED
     assert "veo has no cancel" in cancelled.failure.message
     # The operation runs on and bills if it succeeds: the full list price, 4 s at 0.20 USD.
     assert cancelled.charge.amount_micros == 4 * 200_000
@@ -336,7 +337,7 @@ async def test_safety_refusal(stub: Stub, sandbox: Sandbox) -> None:
     assert render.state == FAILED
     failure = render.failure
     # Vertex's Responsible AI filter blames the prompt; its support code is kept.
-    assert failure.reason == "PROVIDER_SAFETY_INPUT"
+    assert failure.reason == Reason.PROVIDER_SAFETY_INPUT
     assert failure.provider_code == "SAFETY.INPUT.58061214"
     assert "Responsible AI" in failure.message
     assert not failure.retryable
@@ -347,7 +348,7 @@ async def test_safety_refusal(stub: Stub, sandbox: Sandbox) -> None:
 async def test_failed_operation(stub: Stub, sandbox: Sandbox) -> None:
     render = await _render(stub, _request("fail-1", "A render that breaks halfway [sandbox:fail]"))
     assert render.state == FAILED
-    assert (render.failure.reason, render.failure.provider_code) == ("PROVIDER_FAILED", "INTERNAL")
+    assert (render.failure.reason, render.failure.provider_code) == (Reason.PROVIDER_FAILED, "INTERNAL")
     assert render.failure.retryable
     assert await sandbox.creates() == {"fail-1": 1}
 
@@ -403,7 +404,7 @@ async def test_internal_error_on_create_is_not_sent_again(stub: Stub, sandbox: S
     await sandbox.fault("5xx", "create", status=500)
     render = await _start(stub, _request("500-1", "Uncertain"))
     assert render.state == FAILED
-    assert render.failure.reason == "PROVIDER_UNCERTAIN" and not render.failure.retryable
+    assert render.failure.reason == Reason.PROVIDER_UNCERTAIN and not render.failure.retryable
     assert await sandbox.create_requests() == {"500-1": 1}
     assert await sandbox.creates() == {}
 
@@ -414,7 +415,7 @@ async def test_lost_create_answer_is_not_sent_again(stub: Stub, sandbox: Sandbox
     await sandbox.fault("drop", "create", phase="after")
     render = await _start(stub, _request("drop-create-1", "Started, answer lost"))
     assert render.state == FAILED
-    assert render.failure.reason == "PROVIDER_UNCERTAIN"
+    assert render.failure.reason == Reason.PROVIDER_UNCERTAIN
     assert await sandbox.create_requests() == {"drop-create-1": 1}
     assert await sandbox.creates() == {"drop-create-1": 1}
 
@@ -455,7 +456,7 @@ async def test_rejected_credentials_stop_serving_until_a_probe_passes(
             await sandbox.fault(kind, "create")
             render = await _start(stub, _request(f"auth-{kind}", "Refused credentials"))
             assert render.state == FAILED
-            assert render.failure.reason == "PROVIDER_AUTH" and render.failure.retryable
+            assert render.failure.reason == Reason.PROVIDER_AUTH and render.failure.retryable
             assert (await anext(statuses)).status == NOT_SERVING
             began = time.monotonic()
             # While the breaker is open nothing is sent.

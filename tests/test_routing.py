@@ -11,6 +11,7 @@ from support import eventually, wait_terminal, watch_until
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod_kit.failures import Reason
 from aiprod_kit.mesh import Mesh
 
 ENVIRONMENT = {
@@ -81,7 +82,7 @@ def test_a_renderer_killed_mid_render_falls_back_and_the_events_say_why(mesh, sa
         ]
         assert len(fallbacks) == 1
         assert (fallbacks[0].from_backend, fallbacks[0].to_backend) == (LOCAL, RUNWAY)
-        assert fallbacks[0].cause.reason == "RENDERER_LOST"
+        assert fallbacks[0].cause.reason == Reason.RENDER_LOST
     finally:
         mesh.start_service("renderer-local")
 

@@ -22,6 +22,7 @@ from telemetry_support import (
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod_kit.capabilities import backend_name
+from aiprod_kit.failures import Reason
 from aiprod_kit.mesh import Mesh
 
 RUNWAY = backend_pb2.BACKEND_RUNWAY
@@ -82,7 +83,7 @@ def run_jobs(mesh: Mesh) -> gateway_pb2.RenderJob:
     watch_until(stub, lost.job_id, lambda event: event.render.WhichOneof("kind") == "submitted")
     mesh.kill("renderer-runway")
     try:
-        assert wait_terminal(stub, lost.job_id).error.reason == "RENDER_UNCERTAIN"
+        assert wait_terminal(stub, lost.job_id).error.reason == Reason.RENDER_UNCERTAIN
     finally:
         mesh.start_service("renderer-runway")
         Sandbox(mesh.address("sandbox")).reset(render_seconds=1)

@@ -16,6 +16,7 @@ from aiprod.common.v1 import job_pb2, money_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod.router.v1 import router_pb2
 from aiprod_kit.capabilities import backend_name
+from aiprod_kit.failures import reason_name
 
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")
@@ -127,7 +128,7 @@ def job_table(job: gateway_pb2.RenderJob) -> Table:
     if job.HasField("result"):
         rows.append(("video", job.result.video.uri))
     if job.HasField("error"):
-        rows.append(("error", f"{job.error.reason}: {job.error.message}"))
+        rows.append(("error", f"{reason_name(job.error.reason)}: {job.error.message}"))
     for name, value in rows:
         table.add_row(name, Text(value))
     return table

@@ -19,6 +19,7 @@ from rich.progress import (
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_cli.output import state_name
 from aiprod_kit.capabilities import backend_name
+from aiprod_kit.failures import reason_name
 
 
 class Reporter(Protocol):
@@ -80,11 +81,11 @@ class ProgressReporter:
                 cause = fallback.cause
                 self._note(
                     f"  [yellow]falling back[/yellow] from {backend_name(fallback.from_backend)} to "
-                    f"{backend_name(fallback.to_backend)}: {escape(cause.reason)}: {escape(cause.message)}"
+                    f"{backend_name(fallback.to_backend)}: {reason_name(cause.reason)}: {escape(cause.message)}"
                 )
             case "failed":
                 self._note(
-                    f"  [red]failed[/red]: {escape(render.failed.reason)}: {escape(render.failed.message)}"
+                    f"  [red]failed[/red]: {reason_name(render.failed.reason)}: {escape(render.failed.message)}"
                 )
             case "succeeded":
                 self._progress.update(self._task, completed=1.0)

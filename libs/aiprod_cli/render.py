@@ -34,6 +34,7 @@ from aiprod_cli.output import (
 from aiprod_cli.progress import Reporter, SilentReporter, progress_reporter
 from aiprod_cli.router import DEFAULT_ROUTER, RouterOption
 from aiprod_cli.watch import GatewayLost, follow_job
+from aiprod_kit.failures import reason_name
 
 # The exit status when no video came out: the job failed, or the CLI stopped following it.
 EXIT_RENDER_FAILED = 1
@@ -138,7 +139,7 @@ def render_video(
             gateway_pb2.GetRenderJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_SECONDS
         ).job
     if job.state != job_pb2.JOB_STATE_SUCCEEDED:
-        reason = job.error.reason or "no reason given"
+        reason = reason_name(job.error.reason) if job.error.reason else "no reason given"
         raise RenderError(f"job {job_id} {state_name(job.state)}: {reason}: {job.error.message}", job)
     return RenderResult(job, _deliver(job, out))
 

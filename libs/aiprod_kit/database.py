@@ -32,7 +32,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from aiprod_kit.errors import Unavailable
+from aiprod_kit.errors import ErrorReason, Unavailable
 from aiprod_kit.settings import CommonSettings, ConfigurationError
 
 log = structlog.get_logger()
@@ -49,6 +49,8 @@ Listener = Callable[[str | None], None]
 
 class DatabaseUnavailable(Unavailable):
     """The database cannot be reached now: callers get UNAVAILABLE and may try again."""
+
+    reason = ErrorReason.DATABASE_UNAVAILABLE
 
 
 class Queries(ABC):

@@ -2,10 +2,14 @@
 
 Handlers raise; they never build statuses themselves. An unexpected exception becomes INTERNAL
 with a generic message, so that nothing private (a prompt, a secret) leaks to the caller.
+
+Every status carries a `google.rpc.ErrorInfo` (AIP-193): a `reason` from `ErrorReason`, the domain
+`aiprod.dev`, and metadata where it helps a program (the amount left on a budget refusal, the job id on
+NOT_FOUND). Callers branch on `error_reason(error)`, never on the status text.
 """
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -16,17 +20,70 @@ from grpc_status import rpc_status
 
 log = structlog.get_logger()
 
+DOMAIN = "aiprod.dev"
+
+
+class ErrorReason:
+    """The `ErrorInfo.reason` values (UPPER_SNAKE, stable: callers branch on them)."""
+
+    # A class's default, when nothing more precise is known: the status code's name.
+    INTERNAL = "INTERNAL"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    # Money.
+    BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"  # the ledger refused a reservation, or the gateway a new job
+    RESERVATION_NOT_FOUND = "RESERVATION_NOT_FOUND"
+    RESERVATION_KEY_CONFLICT = "RESERVATION_KEY_CONFLICT"  # a key reused for other terms
+    RESERVATION_SETTLED = "RESERVATION_SETTLED"  # committed, released or expired already
+    LEDGER_UNAVAILABLE = "LEDGER_UNAVAILABLE"
+    # Jobs.
+    JOB_NOT_FOUND = "JOB_NOT_FOUND"
+    JOB_ALREADY_EXISTS = "JOB_ALREADY_EXISTS"  # a request id reused for another request
+    JOB_WRONG_STATE = (
+        "JOB_WRONG_STATE"  # the job's state does not allow the call (ended, not awaiting approval)
+    )
+    NO_BACKEND = "NO_BACKEND"  # nothing configured can take the render now
+    # Renders.
+    RENDER_NOT_FOUND = "RENDER_NOT_FOUND"
+    RENDER_ENDED = "RENDER_ENDED"
+    RENDERER_NOT_SERVING = "RENDERER_NOT_SERVING"
+    RENDERER_BUSY = "RENDERER_BUSY"  # no task slot free
+    ROUTER_UNAVAILABLE = "ROUTER_UNAVAILABLE"
+    RENDERER_UNAVAILABLE = "RENDERER_UNAVAILABLE"
+    # Infrastructure.
+    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+    HOST_UNRESOLVABLE = "HOST_UNRESOLVABLE"  # a URI's host cannot be resolved now
+
 
 class ServiceError(Exception):
-    """An error meant for the caller: its code and message reach them as they are."""
+    """An error meant for the caller: its code and message reach them as they are, with an ErrorInfo
+    naming `reason` (the class's default unless given) and `metadata` (string values)."""
 
     code = grpc.StatusCode.INTERNAL
+    reason = ErrorReason.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(
+        self, message: str, *, reason: str | None = None, metadata: Mapping[str, object] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = {key: str(value) for key, value in (metadata or {}).items()}
+
+    def error_info(self) -> error_details_pb2.ErrorInfo:
+        return error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
 
     def details(self) -> list[any_pb2.Any]:
+        """The status details: the ErrorInfo first, then any a subclass adds."""
+        return [_packed(self.error_info()), *(_packed(detail) for detail in self.extra_details())]
+
+    def extra_details(self) -> list[Any]:
         return []
 
 
@@ -34,45 +91,94 @@ class InvalidArgument(ServiceError):
     """Bad input: names every offending field (google.rpc.BadRequest)."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = ErrorReason.INVALID_ARGUMENT
 
-    def __init__(self, violations: list[tuple[str, str]]) -> None:
-        super().__init__("; ".join(f"{field}: {why}" for field, why in violations))
+    def __init__(
+        self,
+        violations: list[tuple[str, str]],
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, object] | None = None,
+    ) -> None:
+        super().__init__(
+            "; ".join(f"{field}: {why}" for field, why in violations), reason=reason, metadata=metadata
+        )
         self.violations = violations
 
-    def details(self) -> list[any_pb2.Any]:
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=field, description=why)
-                for field, why in self.violations
-            ]
-        )
-        packed = any_pb2.Any()
-        packed.Pack(bad_request)
-        return [packed]
+    def extra_details(self) -> list[Any]:
+        return [
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=field, description=why)
+                    for field, why in self.violations
+                ]
+            )
+        ]
 
 
 class NotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
+    reason = ErrorReason.NOT_FOUND
 
 
 class AlreadyExists(ServiceError):
     code = grpc.StatusCode.ALREADY_EXISTS
+    reason = ErrorReason.ALREADY_EXISTS
 
 
 class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = ErrorReason.FAILED_PRECONDITION
 
 
 class Unimplemented(ServiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
+    reason = ErrorReason.UNIMPLEMENTED
 
 
 class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = ErrorReason.RESOURCE_EXHAUSTED
 
 
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
+    reason = ErrorReason.UNAVAILABLE
+
+
+def _packed(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+# The caller's side ------------------------------------------------------------------------------
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo an error status carries, or None (a status from gRPC itself, or from a peer
+    that sends none)."""
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except (ValueError, AttributeError):
+        return None
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def error_reason(error: grpc.RpcError) -> str:
+    """The ErrorInfo reason of an error status from an AIPROD service ("" when it has none)."""
+    info = error_info(error)
+    return info.reason if info is not None and info.domain == DOMAIN else ""
+
+
+# The server's side ------------------------------------------------------------------------------
 
 
 def _status_of(error: ServiceError) -> grpc.Status:
@@ -82,12 +188,16 @@ def _status_of(error: ServiceError) -> grpc.Status:
     return rpc_status.to_status(proto)
 
 
+_INTERNAL = ServiceError("internal error; the service log has the details")
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
     if isinstance(error, ServiceError):
         status = _status_of(error)
         await context.abort(status.code, status.details, status.trailing_metadata)
     log.exception("unexpected error", method=method)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error; the service log has the details")
+    status = _status_of(_INTERNAL)
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

@@ -36,7 +36,7 @@ import grpc
 import structlog
 from opentelemetry import propagate, trace
 
-from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
+from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_gateway import attempts
@@ -45,6 +45,7 @@ from aiprod_gateway.settlement import Settlement, record_charge
 from aiprod_gateway.spending import BudgetRefused, Spending
 from aiprod_gateway.store import TERMINAL_STATES, ClaimLost, JobStore, JobUpdate
 from aiprod_kit.capabilities import backend_name
+from aiprod_kit.failures import Reason, failure, reason_name
 from aiprod_kit.settings import ConfigurationError, GatewaySettings
 
 log = structlog.get_logger()
@@ -103,7 +104,7 @@ def _apply(event: event_pb2.RenderEvent) -> tuple[str, JobUpdate]:
         ),
         "charged": lambda: attempts.charge_message(event.charged),
         "succeeded": lambda: "video ready",
-        "failed": lambda: f"render failed: {event.failed.reason}: {event.failed.message}",
+        "failed": lambda: f"render failed: {reason_name(event.failed.reason)}: {event.failed.message}",
     }
     return messages[kind](), update
 
@@ -492,7 +493,7 @@ class Dispatcher:
                         driver,
                         job_id,
                         f"render refused: {error.details()}",
-                        _failed("ROUTER_REFUSED", error.details()),
+                        _failed(Reason.ROUTER_REFUSED, error.details() or ""),
                     )
                 else:
                     log.warning("router call broke; will resume", job_id=job_id, code=error.code().name)
@@ -513,7 +514,7 @@ class Dispatcher:
         """Records one render event on the job (job: as it was when its stream began)."""
         if (
             event.HasField("failed")
-            and event.failed.reason == "BUDGET_EXHAUSTED"
+            and event.failed.reason == Reason.BUDGET_EXHAUSTED
             and not attempts.may_have_billed(job)
             and not driver.charged
         ):
@@ -549,7 +550,9 @@ class Dispatcher:
         waited = time.time() - job.budget_wait_start_time.ToNanoseconds() / 1e9 if started else 0.0
         if not policy.wait or (policy.max_wait_seconds is not None and waited >= policy.max_wait_seconds):
             why = f"{refused} (after {waited:.0f} s waiting for budget)" if policy.wait else str(refused)
-            await self._record(driver, job.job_id, f"budget refused: {why}", _failed("BUDGET_EXHAUSTED", why))
+            await self._record(
+                driver, job.job_id, f"budget refused: {why}", _failed(Reason.BUDGET_EXHAUSTED, why)
+            )
             return False
         if not started:
             log.info("job waits for budget", job_id=job.job_id, why=str(refused))
@@ -592,9 +595,9 @@ def _waiting_for_budget(job: gateway_pb2.RenderJob) -> None:
     job.budget_wait_start_time.GetCurrentTime()
 
 
-def _failed(reason: str, message: str) -> JobUpdate:
+def _failed(reason: int, message: str) -> JobUpdate:
     def update(job: gateway_pb2.RenderJob) -> None:
         job.state = job_pb2.JOB_STATE_FAILED
-        job.error.CopyFrom(render_pb2.RenderFailure(reason=reason, message=message, retryable=False))
+        job.error.CopyFrom(failure(reason, message, retryable=False))
 
     return update

@@ -8,7 +8,7 @@ import structlog
 from google.protobuf import timestamp_pb2
 from opentelemetry import propagate, trace
 
-from aiprod.common.v1 import job_pb2, render_pb2
+from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
@@ -19,7 +19,15 @@ from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement
 from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import TERMINAL_STATES, JobStore, RequestIdConflict
-from aiprod_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from aiprod_kit.errors import (
+    AlreadyExists,
+    ErrorReason,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from aiprod_kit.failures import Reason, failure
 from aiprod_kit.money import usd
 from aiprod_kit.presets import PRESETS, runway_only_micros
 
@@ -51,7 +59,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def _job(self, job_id: str) -> gateway_pb2.RenderJob:
         job = await self._store.get_job(validation.job_id(job_id))
         if job is None:
-            raise NotFound(f"job {job_id} does not exist")
+            raise NotFound(
+                f"job {job_id} does not exist", reason=ErrorReason.JOB_NOT_FOUND, metadata={"job_id": job_id}
+            )
         return job
 
     async def CreateRenderJob(
@@ -86,7 +96,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
         except RequestIdConflict as error:
             raise AlreadyExists(
-                f"request_id {request_id} was already used for a different request"
+                f"request_id {request_id} was already used for a different request",
+                reason=ErrorReason.JOB_ALREADY_EXISTS,
+                metadata={"request_id": request_id},
             ) from error
         if created:
             log.info(
@@ -128,7 +140,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         def cancel(job: gateway_pb2.RenderJob) -> None:
             _require_unfinished(job)  # it may have finished while the dispatcher let go of it
             job.state = job_pb2.JOB_STATE_CANCELLED
-            job.error.CopyFrom(render_pb2.RenderFailure(reason="CANCELLED", message=reason))
+            job.error.CopyFrom(failure(Reason.CANCELLED, reason, retryable=False))
             if charge is not None:
                 attempts.charged(job, job.attempt, charge)
 
@@ -159,10 +171,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 timeout=_DOWNSTREAM_TIMEOUT,
             )
         except grpc.aio.AioRpcError as error:
-            raise Unavailable(f"the router cannot price renders now ({error.code().name})") from error
+            raise Unavailable(
+                f"the router cannot price renders now ({error.code().name})",
+                reason=ErrorReason.ROUTER_UNAVAILABLE,
+            ) from error
         best = next((candidate for candidate in plan.candidates if candidate.eligible), None)
         if best is None:
-            raise FailedPrecondition("no backend can take this render now")
+            raise FailedPrecondition("no backend can take this render now", reason=ErrorReason.NO_BACKEND)
         minutes = spec.duration_seconds / 60
         max_cost = (
             spec.constraints.max_cost.amount_micros
@@ -194,7 +209,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         def approve(job: gateway_pb2.RenderJob) -> None:
             if job.state != job_pb2.JOB_STATE_AWAITING_APPROVAL:
                 raise FailedPrecondition(
-                    f"job {job.job_id} is {job_pb2.JobState.Name(job.state)}, not awaiting approval"
+                    f"job {job.job_id} is {job_pb2.JobState.Name(job.state)}, not awaiting approval",
+                    reason=ErrorReason.JOB_WRONG_STATE,
+                    metadata=_state_metadata(job),
                 )
             job.state = job_pb2.JOB_STATE_QUEUED
 
@@ -232,7 +249,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
         def replace_plan(job: gateway_pb2.RenderJob) -> None:
             if job.state != job_pb2.JOB_STATE_AWAITING_APPROVAL:
-                raise FailedPrecondition("only the plan of a job awaiting approval can change")
+                raise FailedPrecondition(
+                    "only the plan of a job awaiting approval can change",
+                    reason=ErrorReason.JOB_WRONG_STATE,
+                    metadata=_state_metadata(job),
+                )
             job.plan.CopyFrom(request.plan)
             for shot in job.plan.shots:
                 shot.aspect_ratio = shot.aspect_ratio or job.spec.aspect_ratio
@@ -250,7 +271,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 metrics_pb2.GetBudgetRequest(), timeout=_DOWNSTREAM_TIMEOUT
             )
         except grpc.aio.AioRpcError as error:
-            raise Unavailable(f"the metrics service cannot report spend now ({error.code().name})") from error
+            raise Unavailable(
+                f"the metrics service cannot report spend now ({error.code().name})",
+                reason=ErrorReason.LEDGER_UNAVAILABLE,
+            ) from error
         return gateway_pb2.GetUsageResponse(
             jobs=[
                 gateway_pb2.JobStateCount(state=state, count=count) for state, count in sorted(counts.items())
@@ -266,4 +290,13 @@ def _attempt_ended(job: gateway_pb2.RenderJob) -> bool:
 
 def _require_unfinished(job: gateway_pb2.RenderJob) -> None:
     if job.state in TERMINAL_STATES:
-        raise FailedPrecondition(f"job {job.job_id} has already ended ({job_pb2.JobState.Name(job.state)})")
+        raise FailedPrecondition(
+            f"job {job.job_id} has already ended ({job_pb2.JobState.Name(job.state)})",
+            reason=ErrorReason.JOB_WRONG_STATE,
+            metadata=_state_metadata(job),
+        )
+
+
+def _state_metadata(job: gateway_pb2.RenderJob) -> dict[str, object]:
+    """A FAILED_PRECONDITION's metadata: the job and the state it is in ("JOB_STATE_SUCCEEDED")."""
+    return {"job_id": job.job_id, "state": job_pb2.JobState.Name(job.state)}

@@ -28,6 +28,7 @@ from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_gateway import attempts
 from aiprod_gateway.store import JobStore, to_reconcile, to_settle
+from aiprod_kit.errors import ErrorReason, error_reason
 
 log = structlog.get_logger()
 
@@ -174,7 +175,8 @@ class Settlement:
                     metrics_pb2.ReleaseBudgetRequest(reservation_key=key), timeout=_TIMEOUT
                 )
         except grpc.aio.AioRpcError as error:
-            if error.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+            reason = error_reason(error)
+            if reason not in (ErrorReason.RESERVATION_NOT_FOUND, ErrorReason.RESERVATION_SETTLED):
                 raise
             # Nothing to retry: no such reservation, or settled otherwise already (the ledger says how).
             log.error(
@@ -182,6 +184,7 @@ class Settlement:
                 job_id=job.job_id,
                 reservation_key=key,
                 code=error.code().name,
+                reason=reason,
                 details=error.details(),
             )
             return True

@@ -13,7 +13,7 @@ import grpc
 import structlog
 
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
-from aiprod_kit.errors import ResourceExhausted
+from aiprod_kit.errors import ErrorReason, ResourceExhausted
 
 log = structlog.get_logger()
 
@@ -33,6 +33,7 @@ class Spending:
         self._metrics = metrics
         self._level = metrics_pb2.BUDGET_LEVEL_UNSPECIFIED
         self._level_read_at = -_LEVEL_FRESH_SECONDS
+        self._last: metrics_pb2.GetBudgetResponse | None = None
 
     async def _read_budget(self) -> metrics_pb2.GetBudgetResponse | None:
         """Today's budgets (None when the ledger cannot answer). The first read past the notify level,
@@ -45,6 +46,7 @@ class Spending:
         if level > self._level and level >= metrics_pb2.BUDGET_LEVEL_NOTIFY:
             log.warning("budget level reached", **_level_fields(response))
         self._level = level
+        self._last = response
         self._level_read_at = time.monotonic()
         return response
 
@@ -54,7 +56,11 @@ class Spending:
         if time.monotonic() - self._level_read_at >= _LEVEL_FRESH_SECONDS:
             await self._read_budget()
         if self._level == metrics_pb2.BUDGET_LEVEL_EXHAUSTED:
-            raise ResourceExhausted("today's render budget is spent: no new jobs until it resets")
+            raise ResourceExhausted(
+                "today's render budget is spent: no new jobs until it resets",
+                reason=ErrorReason.BUDGET_EXHAUSTED,
+                metadata=_exhausted_metadata(self._last),
+            )
 
     async def level_note(self) -> str:
         """From the notify level on, how much of today's budget is used, for the event of an attempt's
@@ -71,3 +77,19 @@ def _level_fields(response: metrics_pb2.GetBudgetResponse) -> dict[str, str]:
     budget = max((response.budget, response.global_budget), key=lambda budget: budget.level)
     level = metrics_pb2.BudgetLevel.Name(budget.level).removeprefix("BUDGET_LEVEL_").lower()
     return {"level": level, "used": f"{budget.used_fraction:.0%}"}
+
+
+def _exhausted_metadata(response: metrics_pb2.GetBudgetResponse | None) -> dict[str, object]:
+    """For a caller's program: which budget is spent (everyone's, or else the tenant's), its day, its cap
+    and what is left of it."""
+    if response is None:
+        return {}
+    tenant = response.global_budget.level != metrics_pb2.BUDGET_LEVEL_EXHAUSTED
+    budget = response.budget if tenant else response.global_budget
+    return {
+        "scope": "tenant" if tenant else "global",
+        "tenant_id": budget.tenant_id if tenant else "",
+        "day": budget.day,
+        "remaining_micros": budget.remaining.amount_micros,
+        "cap_micros": budget.cap.amount_micros,
+    }

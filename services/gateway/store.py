@@ -30,6 +30,7 @@ from google.protobuf import timestamp_pb2
 from aiprod.common.v1 import event_pb2, job_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_kit.database import Database, Queries
+from aiprod_kit.failures import Reason
 
 TERMINAL_STATES = frozenset(
     {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
@@ -173,7 +174,7 @@ def to_reconcile(job: gateway_pb2.RenderJob) -> list[gateway_pb2.RenderAttempt]:
         for attempt in job.attempts
         if attempt.reservation_key
         and attempt.charge.outcome == event_pb2.CHARGE_OUTCOME_HOLD
-        and attempt.charge.failure.reason != "PROVIDER_UNCERTAIN"
+        and attempt.charge.failure.reason != Reason.PROVIDER_UNCERTAIN
     ]
 
 

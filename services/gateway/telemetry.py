@@ -8,6 +8,7 @@ from opentelemetry import metrics
 from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_kit.capabilities import backend_name
+from aiprod_kit.failures import reason_name
 from aiprod_kit.presets import runway_only_micros
 
 
@@ -45,7 +46,7 @@ class GatewayMetrics:
         if job.state == job_pb2.JOB_STATE_CANCELLED:
             self._cancelled.add(1, preset)
         elif job.state == job_pb2.JOB_STATE_FAILED:
-            self._failed.add(1, {**labels, "reason": job.error.reason})
+            self._failed.add(1, {**labels, "reason": reason_name(job.error.reason)})
             self._record_duration(job, labels, "failed")
         elif job.state == job_pb2.JOB_STATE_SUCCEEDED:
             self._completed.add(1, labels)

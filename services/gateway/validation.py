@@ -29,7 +29,7 @@ from urllib.parse import SplitResult, urlsplit
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_kit.capabilities import MAX_INLINE_IMAGE_BYTES
-from aiprod_kit.errors import InvalidArgument, Unavailable
+from aiprod_kit.errors import ErrorReason, InvalidArgument, Unavailable
 from aiprod_kit.presets import DEFAULT_PRESET, PRESETS, Preset
 from aiprod_kit.settings import GatewaySettings
 
@@ -291,9 +291,9 @@ async def check_image_host(uri: str, field: str, resolve: Resolver | None = None
     except socket.gaierror as error:
         if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
             raise InvalidArgument([(field, f"host {host} does not resolve")]) from error
-        raise Unavailable(f"the host of {field} cannot be resolved now; try again") from error
+        raise _unresolvable(field, host) from error
     except TimeoutError as error:
-        raise Unavailable(f"the host of {field} cannot be resolved now; try again") from error
+        raise _unresolvable(field, host) from error
     for address in addresses:
         refused = _refused_address(ipaddress.ip_address(address.split("%", 1)[0]))
         if refused:
@@ -302,6 +302,14 @@ async def check_image_host(uri: str, field: str, resolve: Resolver | None = None
             )
     if not addresses:
         raise InvalidArgument([(field, f"host {host} does not resolve")])
+
+
+def _unresolvable(field: str, host: str) -> Unavailable:
+    return Unavailable(
+        f"the host of {field} cannot be resolved now; try again",
+        reason=ErrorReason.HOST_UNRESOLVABLE,
+        metadata={"field": field, "host": host},
+    )
 
 
 def plan_of(spec: render_pb2.RenderSpec) -> render_pb2.RenderPlan:

@@ -40,7 +40,7 @@ class BackendError:
     job_id: str
     time: datetime
     backend: int
-    reason: str
+    reason: str  # the failure reason's short name, as `aiprod_kit.failures.reason_name` gives it
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,13 @@ from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod_kit.capabilities import backend_name
 from aiprod_kit.errors import (
     AlreadyExists,
+    ErrorReason,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
+from aiprod_kit.failures import reason_name
 from aiprod_kit.money import MICROS_PER_UNIT, usd
 from aiprod_kit.settings import ConfigurationError, MetricsSettings
 from aiprod_metrics.alerts import AlertEvaluator
@@ -271,17 +273,30 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             )
             raise ResourceExhausted(
                 f"budget exhausted for {scope} on {refusal.day}: {format_usd(refusal.remaining)} left of "
-                f"{format_usd(refusal.cap)}, {format_usd(refusal.asked)} asked"
+                f"{format_usd(refusal.cap)}, {format_usd(refusal.asked)} asked",
+                reason=ErrorReason.BUDGET_EXHAUSTED,
+                metadata={
+                    "scope": "tenant" if refusal.tenant is not None else "global",
+                    "tenant_id": refusal.tenant if refusal.tenant is not None else "",
+                    "day": refusal.day,
+                    "remaining_micros": refusal.remaining,
+                    "asked_micros": refusal.asked,
+                    "cap_micros": refusal.cap,
+                },
             ) from refusal
         except KeyConflict as conflict:
             existing = conflict.existing
             raise AlreadyExists(
                 f"reservation_key {key} was already used for another reservation (tenant {existing.tenant}, "
-                f"job {existing.job_id or '-'})"
+                f"job {existing.job_id or '-'})",
+                reason=ErrorReason.RESERVATION_KEY_CONFLICT,
+                metadata={"reservation_key": key},
             ) from conflict
         except WrongState as wrong:
             raise FailedPrecondition(
-                f"reservation {key} is {wrong.reservation.state} already; use a new key for a new attempt"
+                f"reservation {key} is {wrong.reservation.state} already; use a new key for a new attempt",
+                reason=ErrorReason.RESERVATION_SETTLED,
+                metadata={"reservation_key": key, "state": str(wrong.reservation.state)},
             ) from wrong
         if fresh:
             self._telemetry.reservation("reserved")
@@ -334,16 +349,24 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         try:
             reservation, before = await self._ledger.commit(key, actual)
         except UnknownKey as error:
-            raise NotFound(f"no reservation has the key {key}") from error
+            raise NotFound(
+                f"no reservation has the key {key}",
+                reason=ErrorReason.RESERVATION_NOT_FOUND,
+                metadata={"reservation_key": key},
+            ) from error
         except WrongState as wrong:
             recorded = wrong.reservation
             if recorded.state == State.COMMITTED:
                 raise FailedPrecondition(
                     f"reservation {key} was committed already with {format_usd(recorded.actual or 0)}, "
-                    f"not {format_usd(actual)}"
+                    f"not {format_usd(actual)}",
+                    reason=ErrorReason.RESERVATION_SETTLED,
+                    metadata={"reservation_key": key, "state": str(recorded.state)},
                 ) from wrong
             raise FailedPrecondition(
-                f"reservation {key} was {recorded.state}: nothing may be committed against it"
+                f"reservation {key} was {recorded.state}: nothing may be committed against it",
+                reason=ErrorReason.RESERVATION_SETTLED,
+                metadata={"reservation_key": key, "state": str(recorded.state)},
             ) from wrong
         if before != State.COMMITTED:
             self._telemetry.committed(reservation.variance_ratio)
@@ -370,11 +393,17 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         try:
             reservation, before = await self._ledger.release(key)
         except UnknownKey as error:
-            raise NotFound(f"no reservation has the key {key}") from error
+            raise NotFound(
+                f"no reservation has the key {key}",
+                reason=ErrorReason.RESERVATION_NOT_FOUND,
+                metadata={"reservation_key": key},
+            ) from error
         except WrongState as wrong:
             raise FailedPrecondition(
                 f"reservation {key} was committed already ({format_usd(wrong.reservation.actual or 0)}): "
-                "spent money cannot be released"
+                "spent money cannot be released",
+                reason=ErrorReason.RESERVATION_SETTLED,
+                metadata={"reservation_key": key, "state": str(wrong.reservation.state)},
             ) from wrong
         if before != State.RELEASED:
             self._telemetry.reservation("released")
@@ -484,7 +513,8 @@ def _outcomes_and_errors(
             and event.backend != backend_pb2.BACKEND_UNSPECIFIED
             and event.state in (job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_RUNNING)
         ):
-            errors.append(BackendError(event.job_id, time, event.backend, event.failure_reason))
+            # Kept and labelled by its short name ("PROVIDER_FAILED"), as dashboards and alerts know it.
+            errors.append(BackendError(event.job_id, time, event.backend, reason_name(event.failure_reason)))
     return outcomes, errors
 
 

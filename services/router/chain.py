@@ -28,8 +28,9 @@ from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2
-from aiprod_kit.errors import Unavailable
+from aiprod_kit.errors import ErrorReason, Unavailable, error_reason
 from aiprod_kit.exclusions import budget_alone_blocks
+from aiprod_kit.failures import Reason, failure, reason_name
 from aiprod_kit.money import usd
 from aiprod_kit.settings import RouterSettings
 from aiprod_router.backends import Renderer, RendererPool
@@ -56,12 +57,6 @@ def event(attempt: int, **kind: object) -> event_pb2.RenderEvent:
     time_now = timestamp_pb2.Timestamp()
     time_now.GetCurrentTime()
     return event_pb2.RenderEvent(time=time_now, attempt=attempt, **kind)  # type: ignore[arg-type]
-
-
-def failure(reason: str, message: str, retryable: bool, provider_code: str = "") -> render_pb2.RenderFailure:
-    return render_pb2.RenderFailure(
-        reason=reason, message=message, retryable=retryable, provider_code=provider_code
-    )
 
 
 def attempt_key(idempotency_key: str, attempt: int) -> str:
@@ -149,7 +144,7 @@ class AttemptResult:
 
     def close(self) -> None:
         if self.cause is not None:
-            self.span.set_attribute("aiprod.failure_reason", self.cause.failure.reason)
+            self.span.set_attribute("aiprod.failure_reason", reason_name(self.cause.failure.reason))
             self.span.set_status(trace.StatusCode.ERROR, self.cause.failure.message)
         self.span.end()
 
@@ -235,7 +230,7 @@ class RenderChain:
             if renderer is None:
                 yield event(
                     attempt,
-                    failed=failure("UNKNOWN_BACKEND", "the recorded backend is not configured", False),
+                    failed=failure(Reason.UNKNOWN_BACKEND, "the recorded backend is not configured", False),
                 )
                 return
             result = AttemptResult(attempt, renderer, job, resume.idempotency_key, resumed=True)
@@ -275,7 +270,7 @@ class RenderChain:
                 if cause is not None:
                     yield _last_word(cause, attempt - 1, f"no budget for another attempt: {refused}")
                 else:
-                    yield event(attempt, failed=failure("BUDGET_EXHAUSTED", str(refused), False))
+                    yield event(attempt, failed=failure(Reason.BUDGET_EXHAUSTED, str(refused), False))
                 return
             if reservation is None:
                 # This attempt ended in an earlier run (its ledger line is settled): go on after it.
@@ -337,13 +332,15 @@ class RenderChain:
         try:
             response = await self._metrics.ReserveBudget(request, timeout=_LEDGER_TIMEOUT)
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            reason = error_reason(error)
+            if reason == ErrorReason.BUDGET_EXHAUSTED:
                 raise _BudgetRefused(error.details() or "today's budget is spent") from error
-            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            if reason == ErrorReason.RESERVATION_SETTLED:
                 log.info("attempt settled in an earlier run; going on after it", job_id=job.job_id, key=key)
                 return None
             raise Unavailable(
-                f"the spend ledger cannot reserve attempt {attempt} ({error.code().name}): not started"
+                f"the spend ledger cannot reserve attempt {attempt} ({error.code().name}): not started",
+                reason=ErrorReason.LEDGER_UNAVAILABLE,
             ) from error
         reservation = response.reservation
         if response.existing and reservation.backend != chosen.backend:
@@ -387,9 +384,9 @@ class RenderChain:
                     return (await renderer.stub.StartRender(request, timeout=_START_TIMEOUT)).render
             except grpc.aio.AioRpcError as error:
                 if error.code() in _REFUSALS:
-                    result.end(renderer, failure("RENDER_REFUSED", error.details() or "", False))
+                    result.end(renderer, failure(Reason.RENDER_REFUSED, error.details() or "", False))
                     return None
-                broken = failure("RENDERER_UNAVAILABLE", f"{error.code().name}: {error.details()}", True)
+                broken = failure(Reason.RENDERER_UNAVAILABLE, f"{error.code().name}: {error.details()}", True)
                 if asked == 0 and await self._reachable(renderer, self._settings.router_reattach_seconds):
                     continue
                 if asked == 0:
@@ -427,7 +424,7 @@ class RenderChain:
                     # The renderer came back without it: the render died with the renderer's process.
                     result.end(
                         renderer,
-                        failure("RENDER_LOST", "the renderer lost the render (restarted)", True),
+                        failure(Reason.RENDER_LOST, "the renderer lost the render (restarted)", True),
                         outcome=_unknown(renderer),
                     )
                     self._settle(renderer, result, self._settings)
@@ -436,14 +433,16 @@ class RenderChain:
                     "renderer stream broke", backend=renderer.name, task_id=task_id, code=error.code().name
                 )
             if renderer.backend == backend_pb2.BACKEND_LOCAL and not await self._reachable(renderer, 0.5):
-                result.end(renderer, failure("RENDERER_LOST", "the local renderer stopped mid-render", True))
+                result.end(
+                    renderer, failure(Reason.RENDER_LOST, "the local renderer stopped mid-render", True)
+                )
                 self._settle(renderer, result, self._settings)
                 return
             if not await self._reachable(renderer, self._settings.router_reattach_seconds):
                 result.end(
                     renderer,
                     failure(
-                        "RENDER_UNCERTAIN",
+                        Reason.RENDER_UNCERTAIN,
                         f"the {renderer.name} renderer vanished mid-render; the task may still run at the "
                         "provider, so it is not sent again",
                         False,
@@ -495,11 +494,11 @@ class RenderChain:
             "qc_under_floor" if under_floor else "succeeded",
             seconds,
             output.qc.score,
-            "QC_UNDER_FLOOR" if under_floor else "",
+            Reason.QC_UNDER_FLOOR if under_floor else Reason.UNSPECIFIED,
         )
         if under_floor and attempt < self._settings.router_max_attempts:
             under = failure(
-                "QC_UNDER_FLOOR", f"QC score {output.qc.score:.2f} under the floor {floor:.2f}", True
+                Reason.QC_UNDER_FLOOR, f"QC score {output.qc.score:.2f} under the floor {floor:.2f}", True
             )
             result.cause = Cause(renderer.backend, under, output)
             result.charge.failure.CopyFrom(under)
@@ -514,7 +513,7 @@ class RenderChain:
         self._telemetry.attempt_ended(renderer.backend, "failed", result.seconds, None, cause.failure.reason)
         if cause.failure.retryable:
             renderer.breaker.record_failure()
-        safety = cause.failure.reason.startswith("PROVIDER_SAFETY_INPUT")
+        safety = cause.failure.reason == Reason.PROVIDER_SAFETY_INPUT
         if not cause.failure.retryable and not (safety and settings.router_fallback_on_safety):
             result.final = event(result.attempt, failed=cause.failure)
 
@@ -524,7 +523,7 @@ def _price(charge: event_pb2.AttemptCharge, render: renderer_pb2.Render) -> int:
     them; returns the amount. A create whose outcome is unknown bills or not: held until reconciled."""
     charge.task_id = render.handle.task_id
     charge.model = render.model
-    if render.failure.reason == "PROVIDER_UNCERTAIN":
+    if render.failure.reason == Reason.PROVIDER_UNCERTAIN:
         charge.outcome = event_pb2.CHARGE_OUTCOME_HOLD
         return 0
     billed = render.charge.amount_micros
@@ -566,14 +565,14 @@ def _last_word(cause: Cause, attempt: int, why: str) -> event_pb2.RenderEvent:
 
 
 def _no_backend(request: RouteRequest, candidates: list[Candidate]) -> render_pb2.RenderFailure:
-    reason = "NO_BACKEND"
+    reason = Reason.NO_BACKEND
     if request.seconds_left is not None and request.seconds_left <= 0:
-        reason = "DEADLINE_PASSED"
+        reason = Reason.DEADLINE_PASSED
     elif budget_alone_blocks(c.exclusions for c in candidates):
         # The gateway's budget policy and its clients tell a spent budget from a mesh that cannot render.
-        reason = "BUDGET_EXHAUSTED"
+        reason = Reason.BUDGET_EXHAUSTED
     elif candidates and all(
         router_pb2.EXCLUSION_DEADLINE in c.exclusions for c in candidates if not c.eligible
     ):
-        reason = "DEADLINE_UNMEETABLE"
+        reason = Reason.DEADLINE_UNMEETABLE
     return failure(reason, "; ".join(describe(candidate) for candidate in candidates) or "no backend", False)

@@ -9,7 +9,7 @@ from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_kit.breaker import BreakerState
-from aiprod_kit.errors import InvalidArgument, NotFound, Unavailable
+from aiprod_kit.errors import ErrorReason, InvalidArgument, NotFound, Unavailable
 from aiprod_kit.money import usd
 from aiprod_router.backends import Renderer, RendererPool
 from aiprod_router.chain import AttemptResult, RenderChain, RenderJob
@@ -109,7 +109,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             ).render
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"render {task_id} is not known to its renderer") from error
+                raise NotFound(
+                    f"render {task_id} is not known to its renderer",
+                    reason=ErrorReason.RENDER_NOT_FOUND,
+                    metadata={"task_id": task_id, "backend": renderer.name},
+                ) from error
             if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
             render = (
@@ -136,7 +140,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.NOT_FOUND or request.task_id:
                 # Away, or a task its provider no longer knows: nobody can say yet.
-                raise Unavailable(f"the {renderer.name} renderer cannot say ({error.code().name})") from error
+                raise Unavailable(
+                    f"the {renderer.name} renderer cannot say ({error.code().name})",
+                    reason=ErrorReason.RENDERER_UNAVAILABLE,
+                    metadata={"backend": renderer.name},
+                ) from error
             # No create was ever claimed under the key: nothing reached the provider.
             charge = event_pb2.AttemptCharge(
                 reservation_key=request.idempotency_key,

@@ -11,6 +11,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from aiprod_kit.breaker import BreakerState
 from aiprod_kit.capabilities import backend_name
+from aiprod_kit.failures import reason_name
 from aiprod_router.backends import Renderer
 
 _BREAKER_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -72,25 +73,33 @@ class RouterMetrics:
         outcome: str,
         seconds: float | None,
         qc_score: float | None,
-        failure_reason: str = "",
+        failure_reason: int = 0,
     ) -> None:
-        """outcome: succeeded, failed or qc_under_floor; the last two count as errors of the backend."""
+        """outcome: succeeded, failed or qc_under_floor; the last two count as errors of the backend,
+        labelled with the failure reason's short name (the outcome when there is none)."""
         labels = {"backend": backend_name(backend), "outcome": outcome}
         self._attempts.add(1, labels)
         if outcome != "succeeded":
-            self._errors.add(1, {"backend": backend_name(backend), "reason": failure_reason or outcome})
+            self._errors.add(
+                1,
+                {
+                    "backend": backend_name(backend),
+                    "reason": reason_name(failure_reason) if failure_reason else outcome,
+                },
+            )
         if seconds:
             self._render_seconds.record(seconds, labels)
         if qc_score is not None:
             self._qc.record(qc_score, {"backend": backend_name(backend)})
 
-    def fell_back(self, from_backend: int, to_backend: int, reason: str) -> None:
+    def fell_back(self, from_backend: int, to_backend: int, reason: int) -> None:
+        """reason: the cause's failure reason (labelled with its short name, "PROVIDER_UNAVAILABLE")."""
         self._fallbacks.add(
             1,
             {
                 "from_backend": backend_name(from_backend),
                 "to_backend": backend_name(to_backend),
-                "reason": reason,
+                "reason": reason_name(reason),
             },
         )
 

@@ -8,6 +8,7 @@ from telemetry_support import collected
 from aiprod.common.v1 import backend_pb2, job_pb2, money_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_gateway.telemetry import GatewayMetrics
+from aiprod_kit.failures import Reason
 
 
 def job(state: int, sequence: int, **fields: object) -> gateway_pb2.RenderJob:
@@ -57,7 +58,7 @@ def test_a_delivered_job_records_its_duration_quality_cost_and_savings():
 
 
 def test_a_failed_job_counts_its_reason_and_a_cancelled_one_only_itself():
-    failure = render_pb2.RenderFailure(reason="PROVIDER_FAILED", message="the provider failed the task")
+    failure = render_pb2.RenderFailure(reason=Reason.PROVIDER_FAILED, message="the provider failed the task")
     points = metrics_of(
         job(job_pb2.JOB_STATE_FAILED, 7, error=failure),
         job(job_pb2.JOB_STATE_CANCELLED, 4),

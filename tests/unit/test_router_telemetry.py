@@ -8,6 +8,7 @@ from telemetry_support import collected
 
 from aiprod.common.v1 import backend_pb2
 from aiprod_kit.breaker import CircuitBreaker
+from aiprod_kit.failures import Reason
 from aiprod_router.stats import BackendStats, Outcome
 from aiprod_router.telemetry import RouterMetrics
 
@@ -30,7 +31,7 @@ def test_every_router_metric_with_low_cardinality_labels():
 
     telemetry.attempt_ended(backend_pb2.BACKEND_RUNWAY, "succeeded", 40.0, 0.97)
     telemetry.attempt_ended(backend_pb2.BACKEND_VEO, "failed", 3.0, None)
-    telemetry.fell_back(backend_pb2.BACKEND_VEO, backend_pb2.BACKEND_RUNWAY, "PROVIDER_UNAVAILABLE")
+    telemetry.fell_back(backend_pb2.BACKEND_VEO, backend_pb2.BACKEND_RUNWAY, Reason.PROVIDER_UNAVAILABLE)
     telemetry.uncertain(backend_pb2.BACKEND_VEO)
     points = collected(reader)
 

@@ -23,6 +23,7 @@ from google.cloud import storage
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod_kit.database import SqliteDatabase
+from aiprod_kit.failures import Reason
 from aiprod_kit.money import usd
 from aiprod_kit.rendering import qc
 from aiprod_kit.rendering.keys import RenderKeyStore
@@ -430,7 +431,7 @@ async def test_an_output_that_cannot_be_stored_fails_the_render_with_its_charge(
 ) -> None:
     final = await _render_to_the_end(tmp_path, _PaidProvider(video), _BrokenStore())
     assert final.state == renderer_pb2.RENDER_STATE_FAILED
-    assert final.failure.reason == "OUTPUT_STORE_FAILED" and final.failure.retryable
+    assert final.failure.reason == Reason.OUTPUT_STORE_FAILED and final.failure.retryable
     # The provider billed the task whatever became of its output.
     assert final.charge.amount_micros == 123_000
 

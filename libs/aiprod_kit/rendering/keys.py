@@ -17,6 +17,7 @@ one machine; PostgreSQL (`AIPROD_DATABASE_URL`) for replicas on many. Rows of ev
 table, keyed by backend and key.
 """
 
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ CREATE TABLE IF NOT EXISTS render_keys (
 CREATE INDEX IF NOT EXISTS render_keys_task ON render_keys (backend, task_id);
 """,
 }
+# What an idempotency key may be, and the rule as told to a caller who broke it.
+KEY_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+KEY_RULE = "must be 1 to 128 characters from A-Z, a-z, 0-9 and . _ : -"
 _COLUMNS = "idempotency_key, owner, claimed, model, shot, task_id, ended"
 
 

@@ -1,0 +1,173 @@
+"""Reasons are codes: the failure-reason catalogue's helper, and the ErrorInfo every error status carries,
+read back through a real in-process gRPC server with the error interceptor, as a caller reads it."""
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from aiprod.common.v1 import render_pb2
+from aiprod_kit import errors
+from aiprod_kit.errors import (
+    DOMAIN,
+    AlreadyExists,
+    ErrorInterceptor,
+    ErrorReason,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    Unimplemented,
+    error_info,
+    error_reason,
+)
+from aiprod_kit.failures import Reason, failure, reason_name, reason_value
+
+# The failure catalogue -------------------------------------------------------------------------------
+
+
+def test_every_failure_reason_has_a_short_constant_and_name():
+    for full, value in render_pb2.FailureReason.items():
+        short = full.removeprefix("FAILURE_REASON_")
+        assert getattr(Reason, short) == value
+        assert reason_name(value) == short
+        assert reason_value(short) == reason_value(full) == value
+    constants = {name for name in vars(Reason) if name.isupper()}
+    assert len(constants) == len(render_pb2.FailureReason.keys())
+
+
+def test_the_merged_near_duplicate_and_an_unknown_value():
+    assert not hasattr(Reason, "RENDERER_LOST")
+    assert reason_name(Reason.RENDER_LOST) == "RENDER_LOST"
+    assert reason_name(9999) == "9999"  # a newer peer's value: shown, never an exception
+    with pytest.raises(ValueError):
+        reason_value("RENDERER_LOST")
+
+
+def test_failure_builds_a_render_failure():
+    built = failure(Reason.PROVIDER_FAILED, "the task failed", True, provider_code="E42")
+    assert built == render_pb2.RenderFailure(
+        reason=render_pb2.FAILURE_REASON_PROVIDER_FAILED,
+        message="the task failed",
+        retryable=True,
+        provider_code="E42",
+    )
+
+
+# ErrorInfo on every status -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (ServiceError("x"), "INTERNAL"),
+        (InvalidArgument([("f", "bad")]), "INVALID_ARGUMENT"),
+        (NotFound("x"), "NOT_FOUND"),
+        (AlreadyExists("x"), "ALREADY_EXISTS"),
+        (FailedPrecondition("x"), "FAILED_PRECONDITION"),
+        (Unimplemented("x"), "UNIMPLEMENTED"),
+        (ResourceExhausted("x"), "RESOURCE_EXHAUSTED"),
+        (Unavailable("x"), "UNAVAILABLE"),
+    ],
+)
+def test_each_error_class_has_a_default_reason(error: ServiceError, reason: str):
+    info = error.error_info()
+    assert (info.reason, info.domain, dict(info.metadata)) == (reason, DOMAIN, {})
+    # The default is the status code's name.
+    assert reason == error.code.name
+
+
+def test_a_given_reason_and_metadata_override_the_default_and_metadata_is_text():
+    error = ResourceExhausted(
+        "spent", reason=ErrorReason.BUDGET_EXHAUSTED, metadata={"remaining_micros": 0, "scope": "global"}
+    )
+    assert error.message == "spent"
+    assert error.error_info().reason == "BUDGET_EXHAUSTED"
+    assert dict(error.error_info().metadata) == {"remaining_micros": "0", "scope": "global"}
+    assert ResourceExhausted("other").reason == "RESOURCE_EXHAUSTED"  # the class default is untouched
+
+
+def test_every_error_reason_is_upper_snake():
+    for name, value in vars(ErrorReason).items():
+        if name.isupper():
+            assert value == name and value.replace("_", "").isalnum() and value.isupper()
+
+
+# Through a server ----------------------------------------------------------------------------------------
+
+_RAISED: dict[str, Exception] = {
+    "not_found": NotFound("job x does not exist", reason=ErrorReason.JOB_NOT_FOUND, metadata={"job_id": "x"}),
+    "invalid": InvalidArgument([("spec.prompt", "must not be empty")]),
+    "unexpected": RuntimeError("a secret in the text"),
+}
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[grpc.aio.Channel]:
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise _RAISED[request.decode()]
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Errors", {"Raise": grpc.unary_unary_rpc_method_handler(unary)}
+    )
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as opened:
+        yield opened
+    await server.stop(None)
+
+
+async def _raised(channel: grpc.aio.Channel, which: str) -> grpc.aio.AioRpcError:
+    call = channel.unary_unary("/test.Errors/Raise")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call(which.encode(), timeout=10)
+    return raised.value
+
+
+async def test_a_caller_reads_the_reason_and_metadata(channel):
+    error = await _raised(channel, "not_found")
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error_reason(error) == "JOB_NOT_FOUND"
+    info = error_info(error)
+    assert info is not None and dict(info.metadata) == {"job_id": "x"}
+
+
+async def test_bad_input_carries_error_info_beside_bad_request(channel):
+    error = await _raised(channel, "invalid")
+    status = rpc_status.from_call(error)
+    assert status is not None
+    kinds = [detail.TypeName() for detail in status.details]
+    assert kinds == ["google.rpc.ErrorInfo", "google.rpc.BadRequest"]
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[1].Unpack(bad_request)
+    assert [v.field for v in bad_request.field_violations] == ["spec.prompt"]
+    assert error_reason(error) == "INVALID_ARGUMENT"
+
+
+async def test_an_unexpected_error_is_internal_with_error_info_and_nothing_private(channel):
+    error = await _raised(channel, "unexpected")
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in (error.details() or "")
+    assert error_reason(error) == "INTERNAL"
+
+
+def test_a_status_without_error_info_reads_as_no_reason():
+    class Bare(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "gone"
+
+        def trailing_metadata(self) -> tuple:
+            return ()
+
+    assert error_info(Bare()) is None
+    assert error_reason(Bare()) == ""
+    assert errors.DOMAIN == "aiprod.dev"
