@@ -15,7 +15,7 @@ from postgres_support import assert_runs_on_its_store, fresh_schema
 from sandbox_support import Sandbox, sandbox_mesh
 from support import eventually, wait_terminal, watch_until
 
-from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
+from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod_kit.mesh import Mesh, ServiceStartError
@@ -212,7 +212,10 @@ def test_a_cancel_sent_to_the_replica_not_driving_the_job_ends_it_and_its_render
     assert log[-1].state == job_pb2.JOB_STATE_CANCELLED
     assert log[-1].message == "cancelled: not wanted"
     stored = gateway.GetRenderJob(gateway_pb2.GetRenderJobRequest(job_id=job.job_id)).job
-    assert (stored.state, stored.last_sequence) == (job_pb2.JOB_STATE_CANCELLED, log[-1].sequence)
+    # After the cancel, one more line on the ended job: what Runway bills for the cancelled task.
+    assert (stored.state, stored.last_sequence) == (job_pb2.JOB_STATE_CANCELLED, log[-1].sequence + 1)
+    [attempt] = stored.attempts
+    assert attempt.charge.outcome == event_pb2.CHARGE_OUTCOME_COMMIT
     assert sandbox.creates("runway") == {f"{job.job_id}:1": 1}
     assert claim_owner(database_url, job.job_id) is None
 

@@ -4,7 +4,9 @@ from contextlib import asynccontextmanager
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2_grpc
-from aiprod_gateway.dispatcher import BudgetPolicy, Dispatcher, job_lease_seconds, owner_id
+from aiprod_gateway.claims import job_lease_seconds, owner_id
+from aiprod_gateway.dispatcher import Dispatcher
+from aiprod_gateway.driving import BudgetPolicy
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.service import GatewayServicer
 from aiprod_gateway.settlement import Settlement

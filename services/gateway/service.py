@@ -12,11 +12,12 @@ from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
-from aiprod_gateway import attempts, validation
+from aiprod_gateway import validation
 from aiprod_gateway.catalog import BackendCatalog
-from aiprod_gateway.dispatcher import Dispatcher, cancel_render
+from aiprod_gateway.dispatcher import Dispatcher
+from aiprod_gateway.driving import cancel_render
 from aiprod_gateway.reporting import MetricsReporter
-from aiprod_gateway.settlement import Settlement
+from aiprod_gateway.settlement import Settlement, record_charge
 from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import TERMINAL_STATES, JobStore, RequestIdConflict
 from aiprod_kit.errors import (
@@ -130,23 +131,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         _require_unfinished(job)
         await self._dispatcher.stop_driving(job.job_id)
         reason = request.reason or "cancelled by the client"
-        job = await self._job(job.job_id)  # as its driver left it
-        charge = None
-        if job.HasField("handle") and not _attempt_ended(job):
-            # Here, whichever replica drives the job: that one may be away, and stops on its own once it
-            # finds the job ended (and cancels a render it started but could not record).
-            charge = await cancel_render(self._router, job.job_id, job.handle)
 
         def cancel(job: gateway_pb2.RenderJob) -> None:
             _require_unfinished(job)  # it may have finished while the dispatcher let go of it
             job.state = job_pb2.JOB_STATE_CANCELLED
             job.error.CopyFrom(failure(Reason.CANCELLED, reason, retryable=False))
-            if charge is not None:
-                attempts.charged(job, job.attempt, charge)
 
+        # The job ends first: a replica driving it elsewhere then records nothing more, not even the
+        # failure its render's cancel would bring.
         await self._store.append_event(job.job_id, f"cancelled: {reason}", cancel)
-        self._settlement.charged()
         job = await self._job(job.job_id)
+        if job.HasField("handle") and not _attempt_ended(job):
+            # Here, whichever replica drove the job: that one may be away, and stops on its own once it
+            # finds the job ended (and cancels a render it started but could not record).
+            charge = await cancel_render(self._router, job.job_id, job.handle)
+            if charge is not None:
+                await record_charge(self._store, job.job_id, job.attempt, charge)
+                job = await self._job(job.job_id)
+        self._settlement.charged()
         self._reporter.job_changed(job)
         return gateway_pb2.CancelRenderJobResponse(job=job)
 

@@ -14,7 +14,8 @@ from aiprod.gateway.v1 import gateway_pb2
 from aiprod.metrics.v1 import metrics_pb2
 from aiprod.router.v1 import router_pb2
 from aiprod_gateway import dispatcher as dispatcher_module
-from aiprod_gateway.dispatcher import BudgetPolicy, Dispatcher
+from aiprod_gateway.dispatcher import Dispatcher
+from aiprod_gateway.driving import BudgetPolicy
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement
 from aiprod_gateway.spending import Spending
