@@ -1,4 +1,4 @@
-"""Helpers the tests share: starting a mesh, following a job."""
+"""Helpers the tests share: starting a mesh, reaching its services, following a job."""
 
 import time
 from collections.abc import AsyncIterator, Callable
@@ -11,10 +11,29 @@ from grpc_status import rpc_status
 
 from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from aiprod.metrics.v1 import metrics_pb2_grpc
+from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod.router.v1 import router_pb2_grpc
 from aiprod_kit.mesh import Mesh
 
 TERMINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
+
+
+# Stubs on fresh channels for each call: tests restart services, and a new channel finds the new one.
+def gateway(mesh: Mesh) -> gateway_pb2_grpc.GatewayServiceStub:
+    return gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(mesh.address("gateway")))
+
+
+def router(mesh: Mesh) -> router_pb2_grpc.RouterServiceStub:
+    return router_pb2_grpc.RouterServiceStub(grpc.insecure_channel(mesh.address("router")))
+
+
+def metrics(mesh: Mesh) -> metrics_pb2_grpc.MetricsServiceStub:
+    return metrics_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(mesh.address("metrics")))
+
+
+def budget(mesh: Mesh) -> metrics_pb2.Budget:
+    """Today's budget of the default tenant."""
+    return metrics(mesh).GetBudget(metrics_pb2.GetBudgetRequest(), timeout=10).budget
 
 
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:

@@ -9,12 +9,12 @@ from contextlib import contextmanager
 import grpc
 import pytest
 from sandbox_support import Sandbox, sandbox_mesh
-from support import error_info, eventually, wait_terminal, watch_until
+from support import error_info, eventually, gateway, metrics, router, wait_terminal, watch_until
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
-from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
-from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod.gateway.v1 import gateway_pb2
+from aiprod.metrics.v1 import metrics_pb2
+from aiprod.router.v1 import router_pb2
 from aiprod_kit.failures import Reason
 from aiprod_kit.mesh import Mesh, ServiceStartError
 from aiprod_kit.money import usd
@@ -73,19 +73,6 @@ def configure_gateway(mesh: Mesh, **settings: str) -> None:
     mesh.environment.update(wanted)
     mesh.stop_service("gateway")
     mesh.start_service("gateway")
-
-
-# Fresh channels for each call: the gateway restarts between tests.
-def gateway(mesh: Mesh) -> gateway_pb2_grpc.GatewayServiceStub:
-    return gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(mesh.address("gateway")))
-
-
-def router(mesh: Mesh) -> router_pb2_grpc.RouterServiceStub:
-    return router_pb2_grpc.RouterServiceStub(grpc.insecure_channel(mesh.address("router")))
-
-
-def metrics(mesh: Mesh) -> metrics_pb2_grpc.MetricsServiceStub:
-    return metrics_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(mesh.address("metrics")))
 
 
 def budgets(mesh: Mesh) -> metrics_pb2.GetBudgetResponse:

@@ -27,11 +27,10 @@ import httpx
 import pytest
 from postgres_support import assert_runs_on_its_store
 from sandbox_support import Sandbox, sandbox_mesh
-from support import TERMINAL, eventually
+from support import TERMINAL, budget, eventually, gateway
 
 from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
-from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod.gateway.v1 import gateway_pb2
 from aiprod_kit.failures import reason_name
 from aiprod_kit.mesh import PROVIDER_BACKENDS, Mesh
 
@@ -105,15 +104,6 @@ def mesh(tmp_path: Path, database_environment: dict[str, str]) -> Iterator[Mesh]
         for service in ("gateway", "metrics", *RUNWAY_REPLICAS):
             assert_runs_on_its_store(running, service, environment)
         yield running
-
-
-def gateway(mesh: Mesh) -> gateway_pb2_grpc.GatewayServiceStub:
-    return gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(mesh.address("gateway")))
-
-
-def budget(mesh: Mesh) -> metrics_pb2.Budget:
-    stub = metrics_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(mesh.address("metrics")))
-    return stub.GetBudget(metrics_pb2.GetBudgetRequest(), timeout=10).budget
 
 
 def committed(mesh: Mesh) -> int:

@@ -10,14 +10,12 @@ reset at its start, billed.
 import json
 from collections.abc import Iterator
 
-import grpc
 import pytest
 from sandbox_support import Sandbox, sandbox_mesh
-from support import eventually, wait_terminal, watch_until
+from support import budget, eventually, gateway, wait_terminal, watch_until
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
-from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod.gateway.v1 import gateway_pb2
 from aiprod_kit.failures import SAFETY_REASONS, Reason
 from aiprod_kit.mesh import Mesh
 
@@ -67,16 +65,6 @@ def sandbox(mesh: Mesh) -> Sandbox:
     control.reset(render_seconds=1)
     control.reset(provider="replicate", prices={ODD_MODEL: ODD_MODEL_SANDBOX_PRICE})
     return control
-
-
-# Fresh channels for each call: services restart within tests.
-def gateway(mesh: Mesh) -> gateway_pb2_grpc.GatewayServiceStub:
-    return gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(mesh.address("gateway")))
-
-
-def budget(mesh: Mesh) -> metrics_pb2.Budget:
-    stub = metrics_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(mesh.address("metrics")))
-    return stub.GetBudget(metrics_pb2.GetBudgetRequest(), timeout=10).budget
 
 
 def spent(mesh: Mesh) -> int:

@@ -3,14 +3,13 @@ driven routing, and a render that survives the gateway and the router both being
 
 from collections.abc import Iterator
 
-import grpc
 import pytest
 from sandbox_support import NOT_SERVING, SERVING, Sandbox, health_watch, sandbox_mesh, wait_for_status
-from support import eventually, wait_terminal, watch_until
+from support import eventually, gateway, router, wait_terminal, watch_until
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
-from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod.gateway.v1 import gateway_pb2
+from aiprod.router.v1 import router_pb2
 from aiprod_kit.failures import Reason
 from aiprod_kit.mesh import Mesh
 
@@ -41,14 +40,6 @@ def sandbox(mesh: Mesh) -> Sandbox:
     control = Sandbox(mesh.address("sandbox"))
     control.reset(render_seconds=1)
     return control
-
-
-def gateway(mesh: Mesh) -> gateway_pb2_grpc.GatewayServiceStub:
-    return gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(mesh.address("gateway")))
-
-
-def router(mesh: Mesh) -> router_pb2_grpc.RouterServiceStub:
-    return router_pb2_grpc.RouterServiceStub(grpc.insecure_channel(mesh.address("router")))
 
 
 def create(mesh: Mesh, prompt: str, seconds: float, preferred: int = 0) -> gateway_pb2.RenderJob:
