@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 GEN_DIR := libs/protos
 
-.PHONY: demo test lint protos bench clean
+.PHONY: demo test test-fast lint protos bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(BIN)/pytest -q
+
+# The unit tier: single modules, injected clocks, no processes.
+test-fast: lint
+	$(BIN)/pytest -q tests/unit
 
 demo: $(VENV)/.installed
 	$(BIN)/python -m aiprod_cli.demo
