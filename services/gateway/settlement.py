@@ -72,8 +72,9 @@ class Settlement:
         self._store = store
         self._metrics = metrics
         self._router = router
-        # Held attempts: when to ask again, and the pause after that.
+        # Held attempts: when to ask again, and the pause after that; and where the last pass stopped.
         self._next_ask: dict[str, tuple[float, float]] = {}
+        self._held_after = 0
         self._wake = asyncio.Event()
         # Set, then replaced, each time a settlement frees money: what jobs waiting for budget wait on.
         self._freed = asyncio.Event()
@@ -112,7 +113,8 @@ class Settlement:
                 await asyncio.wait_for(self._wake.wait(), _IDLE_SECONDS if done else pause)
 
     async def settle_pending(self) -> bool:
-        """One pass over the jobs with unsettled charges; True when every one was settled."""
+        """One pass: the charges to tell the ledger, then a batch of held attempts (at their own pace).
+        True unless more charges than a batch were waiting."""
         job_ids = await self._store.unsettled_jobs(_BATCH)
         for job_id in job_ids:
             job = await self._store.get_job(job_id)
@@ -123,9 +125,14 @@ class Settlement:
             ]
             if settled:
                 await self._store.mark_settled(job_id, settled)
+        held = await self._store.held_jobs(_BATCH, self._held_after)
+        self._held_after = held[-1][0] if len(held) == _BATCH else 0
+        for _, job_id in held:
+            job = await self._store.get_job(job_id)
+            if job is None:
+                continue
             for attempt in to_reconcile(job):
                 await self._reconcile(job, attempt)
-        # Held attempts wait for their backends at their own pace: only charges to tell count here.
         return len(job_ids) < _BATCH
 
     async def _reconcile(self, job: gateway_pb2.RenderJob, attempt: gateway_pb2.RenderAttempt) -> None:

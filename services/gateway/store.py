@@ -6,9 +6,10 @@ every gateway replica. Writers of one job, or of one request_id, take that one l
 database's); an appended event is announced to every replica's watchers (NOTIFY), which also poll
 now and then in case an announcement was lost with a connection.
 
-It also keeps which jobs have attempt charges the spend ledger has not acknowledged yet (`unsettled`, a
-count derived from the job on every write): the gateway's settlement outbox, retried until the ledger
-has each one, also across restarts and by any replica.
+It also keeps which jobs have attempt charges the spend ledger has not acknowledged yet (`unsettled`)
+and held attempts their backends may yet account for (`held`), counts derived from the job on every
+write: the gateway's settlement outbox, retried until the ledger has each one, also across restarts and
+by any replica. Two counts, so that attempts held for long never stand in the way of charges to tell.
 
 It also keeps who drives each unfinished job: a claim, held by one gateway process (its owner id) for
 a lease it renews. A claim is taken only when nobody holds it, its owner already does, or its lease
@@ -121,8 +122,12 @@ class JobStore(ABC):
 
     @abstractmethod
     async def unsettled_jobs(self, limit: int) -> list[str]:
-        """Up to limit ids of jobs with attempt charges the ledger has not acknowledged, or held attempts to
-        reconcile, oldest first."""
+        """Up to limit ids of jobs with attempt charges the ledger has not acknowledged, oldest first."""
+
+    @abstractmethod
+    async def held_jobs(self, limit: int, after: int) -> list[tuple[int, str]]:
+        """Up to limit jobs with held attempts to reconcile, as (position, id), after position `after`
+        (a cursor: each pass goes on where the last one stopped)."""
 
     @abstractmethod
     async def mark_settled(self, job_id: str, reservation_keys: Sequence[str]) -> gateway_pb2.RenderJob:
@@ -178,9 +183,9 @@ def to_reconcile(job: gateway_pb2.RenderJob) -> list[gateway_pb2.RenderAttempt]:
     ]
 
 
-def unsettled_count(job: gateway_pb2.RenderJob) -> int:
-    """Attempts the outbox still has work for: charges to tell the ledger, held ones to reconcile."""
-    return len(to_settle(job)) + len(to_reconcile(job))
+def _outbox_counts(job: gateway_pb2.RenderJob) -> tuple[int, int]:
+    """The job's charges to tell the ledger, and its held attempts to reconcile."""
+    return len(to_settle(job)), len(to_reconcile(job))
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -201,7 +206,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     trace_context TEXT NOT NULL DEFAULT '{}',
     claim_owner TEXT,
     claim_expires REAL,
-    unsettled INTEGER NOT NULL DEFAULT 0
+    unsettled INTEGER NOT NULL DEFAULT 0,
+    held INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, position);
 CREATE TABLE IF NOT EXISTS job_events (
@@ -222,12 +228,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     trace_context TEXT NOT NULL DEFAULT '{}',
     claim_owner TEXT,
     claim_expires DOUBLE PRECISION,
-    unsettled INTEGER NOT NULL DEFAULT 0
+    unsettled INTEGER NOT NULL DEFAULT 0,
+    held INTEGER NOT NULL DEFAULT 0
 );
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS claim_owner TEXT;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS claim_expires DOUBLE PRECISION;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS unsettled INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS held INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS jobs_unsettled ON jobs (position) WHERE unsettled > 0;
+CREATE INDEX IF NOT EXISTS jobs_held ON jobs (position) WHERE held > 0;
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, position);
 CREATE TABLE IF NOT EXISTS job_events (
     job_id TEXT NOT NULL,
@@ -246,6 +255,8 @@ _SQLITE_ADDED_COLUMNS = {
     "claim_expires": "REAL",
     # Attempt charges the spend ledger has not acknowledged yet.
     "unsettled": "INTEGER NOT NULL DEFAULT 0",
+    # Held attempts their backends may yet account for.
+    "held": "INTEGER NOT NULL DEFAULT 0",
 }
 
 
@@ -275,9 +286,10 @@ class SqlJobStore(JobStore):
                 await transaction.execute(
                     "UPDATE jobs SET claim_owner = NULL, claim_expires = NULL WHERE claim_owner IS NOT NULL"
                 )
-                await transaction.execute(
-                    "CREATE INDEX IF NOT EXISTS jobs_unsettled ON jobs (position) WHERE unsettled > 0"
-                )
+                for column in ("unsettled", "held"):
+                    await transaction.execute(
+                        f"CREATE INDEX IF NOT EXISTS jobs_{column} ON jobs (position) WHERE {column} > 0"
+                    )
         store = cls(database, clock)
         await database.listen(_CHANNEL, store._announced)
         return store
@@ -385,8 +397,8 @@ class SqlJobStore(JobStore):
                 render=render_event,
             )
             await transaction.execute(
-                "UPDATE jobs SET state = ?, job = ?, unsettled = ? WHERE job_id = ?",
-                (job.state, job.SerializeToString(), unsettled_count(job), job_id),
+                "UPDATE jobs SET state = ?, job = ?, unsettled = ?, held = ? WHERE job_id = ?",
+                (job.state, job.SerializeToString(), *_outbox_counts(job), job_id),
             )
             if job.state in TERMINAL_STATES:
                 # Nothing is left to drive: whoever ended it, the claim ends with it.
@@ -464,6 +476,13 @@ class SqlJobStore(JobStore):
         )
         return [row[0] for row in rows]
 
+    async def held_jobs(self, limit: int, after: int) -> list[tuple[int, str]]:
+        rows = await self._db.fetchall(
+            "SELECT position, job_id FROM jobs WHERE held > 0 AND position > ? ORDER BY position LIMIT ?",
+            (after, limit),
+        )
+        return [(row[0], row[1]) for row in rows]
+
     async def mark_settled(self, job_id: str, reservation_keys: Sequence[str]) -> gateway_pb2.RenderJob:
         async with self._db.transaction() as transaction:
             await transaction.lock(f"job:{job_id}")
@@ -474,8 +493,8 @@ class SqlJobStore(JobStore):
                 if attempt.reservation_key in reservation_keys and attempt.HasField("charge"):
                     attempt.settled = True
             await transaction.execute(
-                "UPDATE jobs SET job = ?, unsettled = ? WHERE job_id = ?",
-                (job.SerializeToString(), unsettled_count(job), job_id),
+                "UPDATE jobs SET job = ?, unsettled = ?, held = ? WHERE job_id = ?",
+                (job.SerializeToString(), *_outbox_counts(job), job_id),
             )
         return job
 

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from aiprod.common.v1 import job_pb2
+from aiprod.common.v1 import event_pb2, job_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_gateway.store import ClaimLost, JobStore, RequestIdConflict, SqlJobStore
 from aiprod_kit.database import SqliteDatabase, connect_postgres
@@ -279,3 +279,30 @@ async def test_claims_outlive_a_reopened_store_on_postgres_not_on_sqlite(open_st
     second = await open_store()
     expected = [] if request.node.callspec.params["open_store"] == "postgres" else ["job_a"]
     assert await second.claimable_jobs(10) == expected
+
+
+async def test_charges_to_tell_and_held_attempts_are_found_apart_until_settled(store):
+    for job_id in ("job_paid", "job_held"):
+        await store.create_job(job(job_id, job_id), "f")
+
+    def charge(outcome: int):
+        def update(stored: gateway_pb2.RenderJob) -> None:
+            stored.attempts.add(
+                attempt=1,
+                reservation_key=f"{stored.job_id}:1",
+                charge=event_pb2.AttemptCharge(outcome=outcome),
+            )
+
+        return update
+
+    await store.append_event("job_paid", "charged", charge(event_pb2.CHARGE_OUTCOME_COMMIT))
+    await store.append_event("job_held", "charged", charge(event_pb2.CHARGE_OUTCOME_HOLD))
+    # A held attempt never stands in the way of a charge to tell the ledger, and the other way round.
+    assert await store.unsettled_jobs(1) == ["job_paid"]
+    assert [job_id for _, job_id in await store.held_jobs(10, 0)] == ["job_held"]
+    settled = await store.mark_settled("job_paid", ["job_paid:1"])
+    assert settled.attempts[0].settled
+    assert await store.unsettled_jobs(10) == []
+    # A cursor past the last held job finds nothing more: the next pass starts again from 0.
+    [(position, _)] = await store.held_jobs(10, 0)
+    assert await store.held_jobs(10, position) == []
