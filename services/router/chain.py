@@ -41,7 +41,7 @@ from aiprod_router.telemetry import RouterMetrics
 log = structlog.get_logger()
 _tracer = trace.get_tracer("aiprod.router")
 
-_FINAL_RENDER_STATES = (renderer_pb2.RENDER_STATE_SUCCEEDED, renderer_pb2.RENDER_STATE_FAILED,
+FINAL_RENDER_STATES = (renderer_pb2.RENDER_STATE_SUCCEEDED, renderer_pb2.RENDER_STATE_FAILED,
                         renderer_pb2.RENDER_STATE_CANCELLED)  # fmt: skip
 # A renderer's answers that say the render itself is wrong: no retry there can help.
 _REFUSALS = frozenset(
@@ -412,7 +412,7 @@ class RenderChain:
             try:
                 async for update in watch:
                     render = update.render
-                    if render.state in _FINAL_RENDER_STATES:
+                    if render.state in FINAL_RENDER_STATES:
                         async for item in self._finish(renderer, render, attempt, job, result, started):
                             yield item
                         return

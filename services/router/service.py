@@ -12,16 +12,9 @@ from aiprod_kit.breaker import BreakerState
 from aiprod_kit.errors import ErrorReason, InvalidArgument, NotFound, Unavailable
 from aiprod_kit.money import usd
 from aiprod_router.backends import Renderer, RendererPool
-from aiprod_router.chain import AttemptResult, RenderChain, RenderJob
+from aiprod_router.chain import FINAL_RENDER_STATES, AttemptResult, RenderChain, RenderJob
 
 _CALL_TIMEOUT = 10.0
-_ENDED = frozenset(
-    {
-        renderer_pb2.RENDER_STATE_SUCCEEDED,
-        renderer_pb2.RENDER_STATE_FAILED,
-        renderer_pb2.RENDER_STATE_CANCELLED,
-    }
-)
 _BREAKER_STATES = {
     BreakerState.CLOSED: router_pb2.BREAKER_STATE_CLOSED,
     BreakerState.OPEN: router_pb2.BREAKER_STATE_OPEN,
@@ -152,7 +145,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 outcome=event_pb2.CHARGE_OUTCOME_RELEASE,
             )
             return router_pb2.ReconcileAttemptResponse(ended=True, charge=charge)
-        if render.state not in _ENDED:
+        if render.state not in FINAL_RENDER_STATES:
             return router_pb2.ReconcileAttemptResponse(ended=False)
         charge = AttemptResult.charge_of(renderer, request.idempotency_key, render)
         return router_pb2.ReconcileAttemptResponse(ended=True, charge=charge)
