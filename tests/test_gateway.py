@@ -237,7 +237,7 @@ def test_presets_quote_and_usage(gateway):
     ).quote
     assert quote.backend == backend_pb2.BACKEND_LOCAL
     assert quote.estimated_cost.amount_micros == 0
-    assert quote.runway_only_cost.amount_micros == 250_000  # 2.50 USD per minute for 6 s
+    assert quote.baseline_cost.amount_micros == 250_000  # 2.50 USD per minute for 6 s
     usage = gateway.GetUsage(gateway_pb2.GetUsageRequest())
     assert sum(count.count for count in usage.jobs) == len(all_jobs(gateway))
     assert usage.spend_today.amount_micros == 0

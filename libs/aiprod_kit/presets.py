@@ -32,13 +32,13 @@ class Preset:
         return gateway_pb2.Preset(
             name=self.name,
             description=self.description,
-            pipeline=self.pipeline,
+            pipeline=gateway_pb2.Pipeline.Value(f"PIPELINE_{self.pipeline.upper()}"),
             quality_floor=self.quality_floor,
             max_duration_seconds=self.max_duration_seconds,
             default_duration_seconds=self.default_duration_seconds,
             max_price_per_minute=usd_from_units(self.max_price_per_minute_usd),
             requires_approval=self.requires_approval,
-            priority=self.priority,
+            priority=gateway_pb2.Priority.Value(f"PRIORITY_{self.priority.upper()}"),
         )
 
 

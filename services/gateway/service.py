@@ -192,7 +192,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             quote=gateway_pb2.Quote(
                 estimated_cost=usd(estimated),
                 max_cost=usd(max_cost),
-                runway_only_cost=usd(runway_only),
+                baseline_cost=usd(runway_only),
                 savings=usd(runway_only - estimated),
                 backend=best.backend,
             )

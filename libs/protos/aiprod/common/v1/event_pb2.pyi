@@ -24,18 +24,22 @@ CHARGE_OUTCOME_RELEASE: ChargeOutcome
 CHARGE_OUTCOME_HOLD: ChargeOutcome
 
 class RouteDecision(_message.Message):
-    __slots__ = ("backend", "reason", "estimated_cost", "reservation_key", "reserved")
+    __slots__ = ("backend", "reason", "estimated_cost", "reservation_key", "reserved", "account", "rerender")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COST_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_KEY_FIELD_NUMBER: _ClassVar[int]
     RESERVED_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    RERENDER_FIELD_NUMBER: _ClassVar[int]
     backend: _backend_pb2.Backend
     reason: str
     estimated_cost: _money_pb2.Money
     reservation_key: str
     reserved: _money_pb2.Money
-    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., reason: _Optional[str] = ..., estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., reservation_key: _Optional[str] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
+    account: str
+    rerender: bool
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., reason: _Optional[str] = ..., estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., reservation_key: _Optional[str] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., account: _Optional[str] = ..., rerender: _Optional[bool] = ...) -> None: ...
 
 class RenderProgress(_message.Message):
     __slots__ = ("fraction", "message")
@@ -56,7 +60,7 @@ class Fallback(_message.Message):
     def __init__(self, from_backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., to_backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., cause: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ...) -> None: ...
 
 class AttemptCharge(_message.Message):
-    __slots__ = ("reservation_key", "backend", "model", "task_id", "outcome", "billed", "failure", "output")
+    __slots__ = ("reservation_key", "backend", "model", "task_id", "outcome", "billed", "failure", "output", "account")
     RESERVATION_KEY_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +69,7 @@ class AttemptCharge(_message.Message):
     BILLED_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     reservation_key: str
     backend: _backend_pb2.Backend
     model: str
@@ -73,7 +78,8 @@ class AttemptCharge(_message.Message):
     billed: _money_pb2.Money
     failure: _render_pb2.RenderFailure
     output: _render_pb2.RenderOutput
-    def __init__(self, reservation_key: _Optional[str] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., model: _Optional[str] = ..., task_id: _Optional[str] = ..., outcome: _Optional[_Union[ChargeOutcome, str]] = ..., billed: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., failure: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., output: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ...) -> None: ...
+    account: str
+    def __init__(self, reservation_key: _Optional[str] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., model: _Optional[str] = ..., task_id: _Optional[str] = ..., outcome: _Optional[_Union[ChargeOutcome, str]] = ..., billed: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., failure: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., output: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., account: _Optional[str] = ...) -> None: ...
 
 class RenderEvent(_message.Message):
     __slots__ = ("time", "attempt", "routed", "submitted", "progress", "qc", "fallback", "succeeded", "failed", "charged")

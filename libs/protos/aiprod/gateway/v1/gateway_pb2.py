@@ -27,69 +27,87 @@ from aiprod.common.v1 import event_pb2 as aiprod_dot_common_dot_v1_dot_event__pb
 from aiprod.common.v1 import job_pb2 as aiprod_dot_common_dot_v1_dot_job__pb2
 from aiprod.common.v1 import money_pb2 as aiprod_dot_common_dot_v1_dot_money__pb2
 from aiprod.common.v1 import render_pb2 as aiprod_dot_common_dot_v1_dot_render__pb2
+from aiprod.gateway.v1 import admin_pb2 as aiprod_dot_gateway_dot_v1_dot_admin__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61iprod/gateway/v1/gateway.proto\x12\x11\x61iprod.gateway.v1\x1a\x1e\x61iprod/common/v1/backend.proto\x1a\x1c\x61iprod/common/v1/event.proto\x1a\x1a\x61iprod/common/v1/job.proto\x1a\x1c\x61iprod/common/v1/money.proto\x1a\x1d\x61iprod/common/v1/render.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x05\n\tRenderJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12*\n\x04spec\x18\x04 \x01(\x0b\x32\x1c.aiprod.common.v1.RenderSpec\x12*\n\x04plan\x18\x05 \x01(\x0b\x32\x1c.aiprod.common.v1.RenderPlan\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x06result\x18\x08 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderOutput\x12.\n\x05\x65rror\x18\t \x01(\x0b\x32\x1f.aiprod.common.v1.RenderFailure\x12\x15\n\rlast_sequence\x18\n \x01(\x03\x12\x10\n\x08progress\x18\x0b \x01(\x01\x12*\n\x07\x62\x61\x63kend\x18\x0c \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12.\n\x06handle\x18\r \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandle\x12\x0f\n\x07\x61ttempt\x18\x0e \x01(\x05\x12)\n\x08reserved\x18\x0f \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12:\n\x16\x62udget_wait_start_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x08\x61ttempts\x18\x11 \x03(\x0b\x32 .aiprod.gateway.v1.RenderAttempt\x12%\n\x04\x63ost\x18\x12 \x01(\x0b\x32\x17.aiprod.common.v1.Money\"\x82\x02\n\rRenderAttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12*\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x17\n\x0freservation_key\x18\x03 \x01(\t\x12)\n\x08reserved\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12.\n\x06handle\x18\x05 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandle\x12/\n\x06\x63harge\x18\x06 \x01(\x0b\x32\x1f.aiprod.common.v1.AttemptCharge\x12\x0f\n\x07settled\x18\x07 \x01(\x08\"\xc8\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12-\n\x06render\x18\x05 \x01(\x0b\x32\x1d.aiprod.common.v1.RenderEvent\x12\x0f\n\x07message\x18\x06 \x01(\t\"X\n\x16\x43reateRenderJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x04spec\x18\x02 \x01(\x0b\x32\x1c.aiprod.common.v1.RenderSpec\"D\n\x17\x43reateRenderJobResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.aiprod.gateway.v1.RenderJob\"%\n\x13GetRenderJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"A\n\x14GetRenderJobResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.aiprod.gateway.v1.RenderJob\"j\n\x15ListRenderJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x06states\x18\x03 \x03(\x0e\x32\x1a.aiprod.common.v1.JobState\"]\n\x16ListRenderJobsResponse\x12*\n\x04jobs\x18\x01 \x03(\x0b\x32\x1c.aiprod.gateway.v1.RenderJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x16\x43\x61ncelRenderJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"D\n\x17\x43\x61ncelRenderJobResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.aiprod.gateway.v1.RenderJob\"?\n\x15WatchRenderJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"{\n\x16WatchRenderJobResponse\x12+\n\x03job\x18\x01 \x01(\x0b\x32\x1c.aiprod.gateway.v1.RenderJobH\x00\x12,\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1b.aiprod.gateway.v1.JobEventH\x00\x42\x06\n\x04kind\"@\n\x12QuoteRenderRequest\x12*\n\x04spec\x18\x01 \x01(\x0b\x32\x1c.aiprod.common.v1.RenderSpec\"\xec\x01\n\x05Quote\x12/\n\x0e\x65stimated_cost\x18\x01 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12)\n\x08max_cost\x18\x02 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x31\n\x10runway_only_cost\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12(\n\x07savings\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12*\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\">\n\x13QuoteRenderResponse\x12\'\n\x05quote\x18\x01 \x01(\x0b\x32\x18.aiprod.gateway.v1.Quote\"\x14\n\x12ListPresetsRequest\"\xf8\x01\n\x06Preset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x15\n\rquality_floor\x18\x03 \x01(\x01\x12\x1c\n\x14max_duration_seconds\x18\x04 \x01(\x01\x12 \n\x18\x64\x65\x66\x61ult_duration_seconds\x18\x05 \x01(\x01\x12\x35\n\x14max_price_per_minute\x18\x06 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x19\n\x11requires_approval\x18\x07 \x01(\x08\x12\x10\n\x08priority\x18\x08 \x01(\t\x12\x10\n\x08pipeline\x18\t \x01(\t\"A\n\x13ListPresetsResponse\x12*\n\x07presets\x18\x01 \x03(\x0b\x32\x19.aiprod.gateway.v1.Preset\")\n\x17\x41pproveRenderJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"E\n\x18\x41pproveRenderJobResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.aiprod.gateway.v1.RenderJob\"\x8a\x01\n\x1bUpdateRenderManifestRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12*\n\x04plan\x18\x02 \x01(\x0b\x32\x1c.aiprod.common.v1.RenderPlan\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"I\n\x1cUpdateRenderManifestResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.aiprod.gateway.v1.RenderJob\"\x11\n\x0fGetUsageRequest\"I\n\rJobStateCount\x12)\n\x05state\x18\x01 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"p\n\x10GetUsageResponse\x12.\n\x04jobs\x18\x01 \x03(\x0b\x32 .aiprod.gateway.v1.JobStateCount\x12,\n\x0bspend_today\x18\x02 \x01(\x0b\x32\x17.aiprod.common.v1.Money2\x8c\x08\n\x0eGatewayService\x12h\n\x0f\x43reateRenderJob\x12).aiprod.gateway.v1.CreateRenderJobRequest\x1a*.aiprod.gateway.v1.CreateRenderJobResponse\x12_\n\x0cGetRenderJob\x12&.aiprod.gateway.v1.GetRenderJobRequest\x1a\'.aiprod.gateway.v1.GetRenderJobResponse\x12\x65\n\x0eListRenderJobs\x12(.aiprod.gateway.v1.ListRenderJobsRequest\x1a).aiprod.gateway.v1.ListRenderJobsResponse\x12h\n\x0f\x43\x61ncelRenderJob\x12).aiprod.gateway.v1.CancelRenderJobRequest\x1a*.aiprod.gateway.v1.CancelRenderJobResponse\x12g\n\x0eWatchRenderJob\x12(.aiprod.gateway.v1.WatchRenderJobRequest\x1a).aiprod.gateway.v1.WatchRenderJobResponse0\x01\x12\\\n\x0bQuoteRender\x12%.aiprod.gateway.v1.QuoteRenderRequest\x1a&.aiprod.gateway.v1.QuoteRenderResponse\x12\\\n\x0bListPresets\x12%.aiprod.gateway.v1.ListPresetsRequest\x1a&.aiprod.gateway.v1.ListPresetsResponse\x12k\n\x10\x41pproveRenderJob\x12*.aiprod.gateway.v1.ApproveRenderJobRequest\x1a+.aiprod.gateway.v1.ApproveRenderJobResponse\x12w\n\x14UpdateRenderManifest\x12..aiprod.gateway.v1.UpdateRenderManifestRequest\x1a/.aiprod.gateway.v1.UpdateRenderManifestResponse\x12S\n\x08GetUsage\x12\".aiprod.gateway.v1.GetUsageRequest\x1a#.aiprod.gateway.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61iprod/gateway/v1/gateway.proto\x12\x11\x61iprod.gateway.v1\x1a\x1e\x61iprod/common/v1/backend.proto\x1a\x1c\x61iprod/common/v1/event.proto\x1a\x1a\x61iprod/common/v1/job.proto\x1a\x1c\x61iprod/common/v1/money.proto\x1a\x1d\x61iprod/common/v1/render.proto\x1a\x1d\x61iprod/gateway/v1/admin.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfc\x06\n\tRenderJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12*\n\x04spec\x18\x04 \x01(\x0b\x32\x1c.aiprod.common.v1.RenderSpec\x12*\n\x04plan\x18\x05 \x01(\x0b\x32\x1c.aiprod.common.v1.RenderPlan\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x06result\x18\x08 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderOutput\x12.\n\x05\x65rror\x18\t \x01(\x0b\x32\x1f.aiprod.common.v1.RenderFailure\x12\x15\n\rlast_sequence\x18\n \x01(\x03\x12\x10\n\x08progress\x18\x0b \x01(\x01\x12*\n\x07\x62\x61\x63kend\x18\x0c \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12.\n\x06handle\x18\r \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandle\x12\x0f\n\x07\x61ttempt\x18\x0e \x01(\x05\x12)\n\x08reserved\x18\x0f \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12:\n\x16\x62udget_wait_start_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x08\x61ttempts\x18\x11 \x03(\x0b\x32 .aiprod.gateway.v1.RenderAttempt\x12%\n\x04\x63ost\x18\x12 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x11\n\ttenant_id\x18\x13 \x01(\t\x12\x14\n\x0cplan_version\x18\x14 \x01(\x03\x12\'\n\x05quote\x18\x15 \x01(\x0b\x32\x18.aiprod.gateway.v1.Quote\x12-\n\x08priority\x18\x16 \x01(\x0e\x32\x1b.aiprod.gateway.v1.Priority\x12-\n\x0c\x63ompany_cost\x18\x17 \x01(\x0b\x32\x17.aiprod.common.v1.Money\"\x82\x02\n\rRenderAttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12*\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x17\n\x0freservation_key\x18\x03 \x01(\t\x12)\n\x08reserved\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12.\n\x06handle\x18\x05 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandle\x12/\n\x06\x63harge\x18\x06 \x01(\x0b\x32\x1f.aiprod.common.v1.AttemptCharge\x12\x0f\n\x07settled\x18\x07 \x01(\x08\"\xc0\x03\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12-\n\x06render\x18\x05 \x01(\x0b\x32\x1d.aiprod.common.v1.RenderEvent\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x32\n\x0eprevious_state\x18\x07 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12\x35\n\x0cplan_updated\x18\x08 \x01(\x0b\x32\x1f.aiprod.gateway.v1.PlanRevision\x12(\n\x06quoted\x18\t \x01(\x0b\x32\x18.aiprod.gateway.v1.Quote\x12-\n\x08\x61pproved\x18\n \x01(\x0b\x32\x1b.aiprod.gateway.v1.Approval\x12\x32\n\tcancelled\x18\x0b \x01(\x0b\x32\x1f.aiprod.gateway.v1.Cancellation\"2\n\x08\x41pproval\x12\x14\n\x0cplan_version\x18\x01 \x01(\x03\x12\x10\n\x08\x61pprover\x18\x02 \x01(\t\"4\n\x0c\x43\x61ncellation\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61ncelled_by\x18\x02 \x01(\t\"\xcb\x01\n\x0cPlanRevision\x12\x14\n\x0cplan_version\x18\x01 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12*\n\x04plan\x18\x04 \x01(\x0b\x32\x1c.aiprod.common.v1.RenderPlan\x12\x0f\n\x07\x63hanges\x18\x05 \x03(\t\x12\'\n\x05quote\x18\x06 \x01(\x0b\x32\x18.aiprod.gateway.v1.Quote\"z\n\x16\x43reateRenderJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x04spec\x18\x02 \x01(\x0b\x32\x1c.aiprod.common.v1.RenderSpec\x12\x10\n\x08quote_id\x18\x03 \x01(\t\x12\x0e\n\x06review\x18\x04 \x01(\x08\"D\n\x17\x43reateRenderJobResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.aiprod.gateway.v1.RenderJob\"%\n\x13GetRenderJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"A\n\x14GetRenderJobResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.aiprod.gateway.v1.RenderJob\"j\n\x15ListRenderJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x06states\x18\x03 \x03(\x0e\x32\x1a.aiprod.common.v1.JobState\"]\n\x16ListRenderJobsResponse\x12*\n\x04jobs\x18\x01 \x03(\x0b\x32\x1c.aiprod.gateway.v1.RenderJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x16\x43\x61ncelRenderJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"D\n\x17\x43\x61ncelRenderJobResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.aiprod.gateway.v1.RenderJob\"?\n\x15WatchRenderJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"{\n\x16WatchRenderJobResponse\x12+\n\x03job\x18\x01 \x01(\x0b\x32\x1c.aiprod.gateway.v1.RenderJobH\x00\x12,\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1b.aiprod.gateway.v1.JobEventH\x00\x42\x06\n\x04kind\"@\n\x12QuoteRenderRequest\x12*\n\x04spec\x18\x01 \x01(\x0b\x32\x1c.aiprod.common.v1.RenderSpec\"\xa1\x04\n\x05Quote\x12/\n\x0e\x65stimated_cost\x18\x01 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12)\n\x08max_cost\x18\x02 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12.\n\rbaseline_cost\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12(\n\x07savings\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12*\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x10\n\x08quote_id\x18\x06 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05price\x18\x08 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x35\n\testimates\x18\t \x03(\x0b\x32\".aiprod.gateway.v1.BackendEstimate\x12\x33\n\x10\x62\x61seline_backend\x18\n \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\rcheapest_cost\x18\x0c \x01(\x0b\x32\x17.aiprod.common.v1.Money\"\xd6\x01\n\x0f\x42\x61\x63kendEstimate\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12/\n\x0e\x65stimated_cost\x18\x02 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x11\n\tqualifies\x18\x03 \x01(\x08\x12\x0f\n\x07reasons\x18\x04 \x03(\t\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x34\n\x11\x65stimated_latency\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\">\n\x13QuoteRenderResponse\x12\'\n\x05quote\x18\x01 \x01(\x0b\x32\x18.aiprod.gateway.v1.Quote\"\x14\n\x12ListPresetsRequest\"\xbe\x02\n\x06Preset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x15\n\rquality_floor\x18\x03 \x01(\x01\x12\x1c\n\x14max_duration_seconds\x18\x04 \x01(\x01\x12 \n\x18\x64\x65\x66\x61ult_duration_seconds\x18\x05 \x01(\x01\x12\x35\n\x14max_price_per_minute\x18\x06 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x19\n\x11requires_approval\x18\x07 \x01(\x08\x12-\n\x08priority\x18\n \x01(\x0e\x32\x1b.aiprod.gateway.v1.Priority\x12-\n\x08pipeline\x18\x0b \x01(\x0e\x32\x1b.aiprod.gateway.v1.PipelineJ\x04\x08\x08\x10\tJ\x04\x08\t\x10\n\"A\n\x13ListPresetsResponse\x12*\n\x07presets\x18\x01 \x03(\x0b\x32\x19.aiprod.gateway.v1.Preset\"?\n\x17\x41pproveRenderJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0cplan_version\x18\x02 \x01(\x03\"E\n\x18\x41pproveRenderJobResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.aiprod.gateway.v1.RenderJob\"\xa0\x01\n\x1bUpdateRenderManifestRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12*\n\x04plan\x18\x02 \x01(\x0b\x32\x1c.aiprod.common.v1.RenderPlan\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x14\n\x0cplan_version\x18\x04 \x01(\x03\"I\n\x1cUpdateRenderManifestResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.aiprod.gateway.v1.RenderJob\",\n\x1aListRenderRevisionsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"Q\n\x1bListRenderRevisionsResponse\x12\x32\n\trevisions\x18\x01 \x03(\x0b\x32\x1f.aiprod.gateway.v1.PlanRevision\"6\n\x0fGetUsageRequest\x12\x11\n\tfirst_day\x18\x01 \x01(\t\x12\x10\n\x08last_day\x18\x02 \x01(\t\"I\n\rJobStateCount\x12)\n\x05state\x18\x01 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\x80\x04\n\x10GetUsageResponse\x12.\n\x04jobs\x18\x01 \x03(\x0b\x32 .aiprod.gateway.v1.JobStateCount\x12,\n\x0bspend_today\x18\x02 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12(\n\x04tier\x18\x04 \x01(\x0e\x32\x1a.aiprod.gateway.v1.SlaTier\x12\x15\n\rapproval_rate\x18\x05 \x01(\x01\x12/\n\x0espend_in_range\x18\x06 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12)\n\x08reserved\x18\x07 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12,\n\x0b\x62udget_left\x18\x08 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12-\n\x0c\x64\x61ily_budget\x18\t \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12-\n\x0cquoted_total\x18\n \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12-\n\x0c\x61\x63tual_total\x18\x0b \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x11\n\tfirst_day\x18\x0c \x01(\t\x12\x10\n\x08last_day\x18\r \x01(\t*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_MEDIUM\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*J\n\x08Pipeline\x12\x18\n\x14PIPELINE_UNSPECIFIED\x10\x00\x12\x11\n\rPIPELINE_FAST\x10\x01\x12\x11\n\rPIPELINE_FULL\x10\x02\x32\x82\t\n\x0eGatewayService\x12h\n\x0f\x43reateRenderJob\x12).aiprod.gateway.v1.CreateRenderJobRequest\x1a*.aiprod.gateway.v1.CreateRenderJobResponse\x12_\n\x0cGetRenderJob\x12&.aiprod.gateway.v1.GetRenderJobRequest\x1a\'.aiprod.gateway.v1.GetRenderJobResponse\x12\x65\n\x0eListRenderJobs\x12(.aiprod.gateway.v1.ListRenderJobsRequest\x1a).aiprod.gateway.v1.ListRenderJobsResponse\x12h\n\x0f\x43\x61ncelRenderJob\x12).aiprod.gateway.v1.CancelRenderJobRequest\x1a*.aiprod.gateway.v1.CancelRenderJobResponse\x12g\n\x0eWatchRenderJob\x12(.aiprod.gateway.v1.WatchRenderJobRequest\x1a).aiprod.gateway.v1.WatchRenderJobResponse0\x01\x12\\\n\x0bQuoteRender\x12%.aiprod.gateway.v1.QuoteRenderRequest\x1a&.aiprod.gateway.v1.QuoteRenderResponse\x12\\\n\x0bListPresets\x12%.aiprod.gateway.v1.ListPresetsRequest\x1a&.aiprod.gateway.v1.ListPresetsResponse\x12k\n\x10\x41pproveRenderJob\x12*.aiprod.gateway.v1.ApproveRenderJobRequest\x1a+.aiprod.gateway.v1.ApproveRenderJobResponse\x12w\n\x14UpdateRenderManifest\x12..aiprod.gateway.v1.UpdateRenderManifestRequest\x1a/.aiprod.gateway.v1.UpdateRenderManifestResponse\x12t\n\x13ListRenderRevisions\x12-.aiprod.gateway.v1.ListRenderRevisionsRequest\x1a..aiprod.gateway.v1.ListRenderRevisionsResponse\x12S\n\x08GetUsage\x12\".aiprod.gateway.v1.GetUsageRequest\x1a#.aiprod.gateway.v1.GetUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aiprod.gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RENDERJOB']._serialized_start=273
-  _globals['_RENDERJOB']._serialized_end=989
-  _globals['_RENDERATTEMPT']._serialized_start=992
-  _globals['_RENDERATTEMPT']._serialized_end=1250
-  _globals['_JOBEVENT']._serialized_start=1253
-  _globals['_JOBEVENT']._serialized_end=1453
-  _globals['_CREATERENDERJOBREQUEST']._serialized_start=1455
-  _globals['_CREATERENDERJOBREQUEST']._serialized_end=1543
-  _globals['_CREATERENDERJOBRESPONSE']._serialized_start=1545
-  _globals['_CREATERENDERJOBRESPONSE']._serialized_end=1613
-  _globals['_GETRENDERJOBREQUEST']._serialized_start=1615
-  _globals['_GETRENDERJOBREQUEST']._serialized_end=1652
-  _globals['_GETRENDERJOBRESPONSE']._serialized_start=1654
-  _globals['_GETRENDERJOBRESPONSE']._serialized_end=1719
-  _globals['_LISTRENDERJOBSREQUEST']._serialized_start=1721
-  _globals['_LISTRENDERJOBSREQUEST']._serialized_end=1827
-  _globals['_LISTRENDERJOBSRESPONSE']._serialized_start=1829
-  _globals['_LISTRENDERJOBSRESPONSE']._serialized_end=1922
-  _globals['_CANCELRENDERJOBREQUEST']._serialized_start=1924
-  _globals['_CANCELRENDERJOBREQUEST']._serialized_end=1980
-  _globals['_CANCELRENDERJOBRESPONSE']._serialized_start=1982
-  _globals['_CANCELRENDERJOBRESPONSE']._serialized_end=2050
-  _globals['_WATCHRENDERJOBREQUEST']._serialized_start=2052
-  _globals['_WATCHRENDERJOBREQUEST']._serialized_end=2115
-  _globals['_WATCHRENDERJOBRESPONSE']._serialized_start=2117
-  _globals['_WATCHRENDERJOBRESPONSE']._serialized_end=2240
-  _globals['_QUOTERENDERREQUEST']._serialized_start=2242
-  _globals['_QUOTERENDERREQUEST']._serialized_end=2306
-  _globals['_QUOTE']._serialized_start=2309
-  _globals['_QUOTE']._serialized_end=2545
-  _globals['_QUOTERENDERRESPONSE']._serialized_start=2547
-  _globals['_QUOTERENDERRESPONSE']._serialized_end=2609
-  _globals['_LISTPRESETSREQUEST']._serialized_start=2611
-  _globals['_LISTPRESETSREQUEST']._serialized_end=2631
-  _globals['_PRESET']._serialized_start=2634
-  _globals['_PRESET']._serialized_end=2882
-  _globals['_LISTPRESETSRESPONSE']._serialized_start=2884
-  _globals['_LISTPRESETSRESPONSE']._serialized_end=2949
-  _globals['_APPROVERENDERJOBREQUEST']._serialized_start=2951
-  _globals['_APPROVERENDERJOBREQUEST']._serialized_end=2992
-  _globals['_APPROVERENDERJOBRESPONSE']._serialized_start=2994
-  _globals['_APPROVERENDERJOBRESPONSE']._serialized_end=3063
-  _globals['_UPDATERENDERMANIFESTREQUEST']._serialized_start=3066
-  _globals['_UPDATERENDERMANIFESTREQUEST']._serialized_end=3204
-  _globals['_UPDATERENDERMANIFESTRESPONSE']._serialized_start=3206
-  _globals['_UPDATERENDERMANIFESTRESPONSE']._serialized_end=3279
-  _globals['_GETUSAGEREQUEST']._serialized_start=3281
-  _globals['_GETUSAGEREQUEST']._serialized_end=3298
-  _globals['_JOBSTATECOUNT']._serialized_start=3300
-  _globals['_JOBSTATECOUNT']._serialized_end=3373
-  _globals['_GETUSAGERESPONSE']._serialized_start=3375
-  _globals['_GETUSAGERESPONSE']._serialized_end=3487
-  _globals['_GATEWAYSERVICE']._serialized_start=3490
-  _globals['_GATEWAYSERVICE']._serialized_end=4526
+  _globals['_PRIORITY']._serialized_start=5529
+  _globals['_PRIORITY']._serialized_end=5623
+  _globals['_PIPELINE']._serialized_start=5625
+  _globals['_PIPELINE']._serialized_end=5699
+  _globals['_RENDERJOB']._serialized_start=336
+  _globals['_RENDERJOB']._serialized_end=1228
+  _globals['_RENDERATTEMPT']._serialized_start=1231
+  _globals['_RENDERATTEMPT']._serialized_end=1489
+  _globals['_JOBEVENT']._serialized_start=1492
+  _globals['_JOBEVENT']._serialized_end=1940
+  _globals['_APPROVAL']._serialized_start=1942
+  _globals['_APPROVAL']._serialized_end=1992
+  _globals['_CANCELLATION']._serialized_start=1994
+  _globals['_CANCELLATION']._serialized_end=2046
+  _globals['_PLANREVISION']._serialized_start=2049
+  _globals['_PLANREVISION']._serialized_end=2252
+  _globals['_CREATERENDERJOBREQUEST']._serialized_start=2254
+  _globals['_CREATERENDERJOBREQUEST']._serialized_end=2376
+  _globals['_CREATERENDERJOBRESPONSE']._serialized_start=2378
+  _globals['_CREATERENDERJOBRESPONSE']._serialized_end=2446
+  _globals['_GETRENDERJOBREQUEST']._serialized_start=2448
+  _globals['_GETRENDERJOBREQUEST']._serialized_end=2485
+  _globals['_GETRENDERJOBRESPONSE']._serialized_start=2487
+  _globals['_GETRENDERJOBRESPONSE']._serialized_end=2552
+  _globals['_LISTRENDERJOBSREQUEST']._serialized_start=2554
+  _globals['_LISTRENDERJOBSREQUEST']._serialized_end=2660
+  _globals['_LISTRENDERJOBSRESPONSE']._serialized_start=2662
+  _globals['_LISTRENDERJOBSRESPONSE']._serialized_end=2755
+  _globals['_CANCELRENDERJOBREQUEST']._serialized_start=2757
+  _globals['_CANCELRENDERJOBREQUEST']._serialized_end=2813
+  _globals['_CANCELRENDERJOBRESPONSE']._serialized_start=2815
+  _globals['_CANCELRENDERJOBRESPONSE']._serialized_end=2883
+  _globals['_WATCHRENDERJOBREQUEST']._serialized_start=2885
+  _globals['_WATCHRENDERJOBREQUEST']._serialized_end=2948
+  _globals['_WATCHRENDERJOBRESPONSE']._serialized_start=2950
+  _globals['_WATCHRENDERJOBRESPONSE']._serialized_end=3073
+  _globals['_QUOTERENDERREQUEST']._serialized_start=3075
+  _globals['_QUOTERENDERREQUEST']._serialized_end=3139
+  _globals['_QUOTE']._serialized_start=3142
+  _globals['_QUOTE']._serialized_end=3687
+  _globals['_BACKENDESTIMATE']._serialized_start=3690
+  _globals['_BACKENDESTIMATE']._serialized_end=3904
+  _globals['_QUOTERENDERRESPONSE']._serialized_start=3906
+  _globals['_QUOTERENDERRESPONSE']._serialized_end=3968
+  _globals['_LISTPRESETSREQUEST']._serialized_start=3970
+  _globals['_LISTPRESETSREQUEST']._serialized_end=3990
+  _globals['_PRESET']._serialized_start=3993
+  _globals['_PRESET']._serialized_end=4311
+  _globals['_LISTPRESETSRESPONSE']._serialized_start=4313
+  _globals['_LISTPRESETSRESPONSE']._serialized_end=4378
+  _globals['_APPROVERENDERJOBREQUEST']._serialized_start=4380
+  _globals['_APPROVERENDERJOBREQUEST']._serialized_end=4443
+  _globals['_APPROVERENDERJOBRESPONSE']._serialized_start=4445
+  _globals['_APPROVERENDERJOBRESPONSE']._serialized_end=4514
+  _globals['_UPDATERENDERMANIFESTREQUEST']._serialized_start=4517
+  _globals['_UPDATERENDERMANIFESTREQUEST']._serialized_end=4677
+  _globals['_UPDATERENDERMANIFESTRESPONSE']._serialized_start=4679
+  _globals['_UPDATERENDERMANIFESTRESPONSE']._serialized_end=4752
+  _globals['_LISTRENDERREVISIONSREQUEST']._serialized_start=4754
+  _globals['_LISTRENDERREVISIONSREQUEST']._serialized_end=4798
+  _globals['_LISTRENDERREVISIONSRESPONSE']._serialized_start=4800
+  _globals['_LISTRENDERREVISIONSRESPONSE']._serialized_end=4881
+  _globals['_GETUSAGEREQUEST']._serialized_start=4883
+  _globals['_GETUSAGEREQUEST']._serialized_end=4937
+  _globals['_JOBSTATECOUNT']._serialized_start=4939
+  _globals['_JOBSTATECOUNT']._serialized_end=5012
+  _globals['_GETUSAGERESPONSE']._serialized_start=5015
+  _globals['_GETUSAGERESPONSE']._serialized_end=5527
+  _globals['_GATEWAYSERVICE']._serialized_start=5702
+  _globals['_GATEWAYSERVICE']._serialized_end=6856
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class GatewayServiceStub:
-    """The public API: order videos, follow them, manage them.
+    """The public API: order videos, follow them, manage them. Every call names its tenant with an API key
+    (`authorization: Bearer <key>` metadata) and sees only that tenant's jobs, quotes and usage; a missing,
+    unknown, revoked or expired key gets UNAUTHENTICATED.
     """
 
     def __init__(self, channel):
@@ -80,6 +82,11 @@ class GatewayServiceStub:
                 request_serializer=aiprod_dot_gateway_dot_v1_dot_gateway__pb2.UpdateRenderManifestRequest.SerializeToString,
                 response_deserializer=aiprod_dot_gateway_dot_v1_dot_gateway__pb2.UpdateRenderManifestResponse.FromString,
                 _registered_method=True)
+        self.ListRenderRevisions = channel.unary_unary(
+                '/aiprod.gateway.v1.GatewayService/ListRenderRevisions',
+                request_serializer=aiprod_dot_gateway_dot_v1_dot_gateway__pb2.ListRenderRevisionsRequest.SerializeToString,
+                response_deserializer=aiprod_dot_gateway_dot_v1_dot_gateway__pb2.ListRenderRevisionsResponse.FromString,
+                _registered_method=True)
         self.GetUsage = channel.unary_unary(
                 '/aiprod.gateway.v1.GatewayService/GetUsage',
                 request_serializer=aiprod_dot_gateway_dot_v1_dot_gateway__pb2.GetUsageRequest.SerializeToString,
@@ -88,11 +95,14 @@ class GatewayServiceStub:
 
 
 class GatewayServiceServicer:
-    """The public API: order videos, follow them, manage them.
+    """The public API: order videos, follow them, manage them. Every call names its tenant with an API key
+    (`authorization: Bearer <key>` metadata) and sees only that tenant's jobs, quotes and usage; a missing,
+    unknown, revoked or expired key gets UNAUTHENTICATED.
     """
 
     def CreateRenderJob(self, request, context):
-        """Orders a video. Idempotent on request_id: the same request under the same id returns the same job.
+        """Orders a video. Idempotent on request_id (per tenant): the same request under the same id returns
+        the same job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,7 +158,14 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateRenderManifest(self, request, context):
-        """Edits the plan of a job waiting for approval.
+        """Edits the plan of a job waiting for approval, against the version the caller last saw; re-quotes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRenderRevisions(self, request, context):
+        """Lists a job's plan revisions, oldest first: who changed what, when, and the quote of each.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -209,6 +226,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     request_deserializer=aiprod_dot_gateway_dot_v1_dot_gateway__pb2.UpdateRenderManifestRequest.FromString,
                     response_serializer=aiprod_dot_gateway_dot_v1_dot_gateway__pb2.UpdateRenderManifestResponse.SerializeToString,
             ),
+            'ListRenderRevisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRenderRevisions,
+                    request_deserializer=aiprod_dot_gateway_dot_v1_dot_gateway__pb2.ListRenderRevisionsRequest.FromString,
+                    response_serializer=aiprod_dot_gateway_dot_v1_dot_gateway__pb2.ListRenderRevisionsResponse.SerializeToString,
+            ),
             'GetUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetUsage,
                     request_deserializer=aiprod_dot_gateway_dot_v1_dot_gateway__pb2.GetUsageRequest.FromString,
@@ -223,7 +245,9 @@ def add_GatewayServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GatewayService:
-    """The public API: order videos, follow them, manage them.
+    """The public API: order videos, follow them, manage them. Every call names its tenant with an API key
+    (`authorization: Bearer <key>` metadata) and sees only that tenant's jobs, quotes and usage; a missing,
+    unknown, revoked or expired key gets UNAUTHENTICATED.
     """
 
     @staticmethod
@@ -459,6 +483,33 @@ class GatewayService:
             '/aiprod.gateway.v1.GatewayService/UpdateRenderManifest',
             aiprod_dot_gateway_dot_v1_dot_gateway__pb2.UpdateRenderManifestRequest.SerializeToString,
             aiprod_dot_gateway_dot_v1_dot_gateway__pb2.UpdateRenderManifestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRenderRevisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiprod.gateway.v1.GatewayService/ListRenderRevisions',
+            aiprod_dot_gateway_dot_v1_dot_gateway__pb2.ListRenderRevisionsRequest.SerializeToString,
+            aiprod_dot_gateway_dot_v1_dot_gateway__pb2.ListRenderRevisionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -178,6 +178,38 @@ class GetBudgetResponse(_message.Message):
     global_budget: Budget
     def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ..., global_budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
 
+class SetTenantBudgetRequest(_message.Message):
+    __slots__ = ("tenant_id", "daily_cap")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    DAILY_CAP_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    daily_cap: _money_pb2.Money
+    def __init__(self, tenant_id: _Optional[str] = ..., daily_cap: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
+
+class SetTenantBudgetResponse(_message.Message):
+    __slots__ = ("budget",)
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    budget: Budget
+    def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+
+class GetSpendRequest(_message.Message):
+    __slots__ = ("tenant_id", "first_day", "last_day")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_DAY_FIELD_NUMBER: _ClassVar[int]
+    LAST_DAY_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    first_day: str
+    last_day: str
+    def __init__(self, tenant_id: _Optional[str] = ..., first_day: _Optional[str] = ..., last_day: _Optional[str] = ...) -> None: ...
+
+class GetSpendResponse(_message.Message):
+    __slots__ = ("spent", "reserved")
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    spent: _money_pb2.Money
+    reserved: _money_pb2.Money
+    def __init__(self, spent: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
+
 class ListAlertsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

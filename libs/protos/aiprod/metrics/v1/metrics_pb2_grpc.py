@@ -65,6 +65,16 @@ class MetricsServiceStub:
                 request_serializer=aiprod_dot_metrics_dot_v1_dot_metrics__pb2.GetBudgetRequest.SerializeToString,
                 response_deserializer=aiprod_dot_metrics_dot_v1_dot_metrics__pb2.GetBudgetResponse.FromString,
                 _registered_method=True)
+        self.SetTenantBudget = channel.unary_unary(
+                '/aiprod.metrics.v1.MetricsService/SetTenantBudget',
+                request_serializer=aiprod_dot_metrics_dot_v1_dot_metrics__pb2.SetTenantBudgetRequest.SerializeToString,
+                response_deserializer=aiprod_dot_metrics_dot_v1_dot_metrics__pb2.SetTenantBudgetResponse.FromString,
+                _registered_method=True)
+        self.GetSpend = channel.unary_unary(
+                '/aiprod.metrics.v1.MetricsService/GetSpend',
+                request_serializer=aiprod_dot_metrics_dot_v1_dot_metrics__pb2.GetSpendRequest.SerializeToString,
+                response_deserializer=aiprod_dot_metrics_dot_v1_dot_metrics__pb2.GetSpendResponse.FromString,
+                _registered_method=True)
         self.ListAlerts = channel.unary_unary(
                 '/aiprod.metrics.v1.MetricsService/ListAlerts',
                 request_serializer=aiprod_dot_metrics_dot_v1_dot_metrics__pb2.ListAlertsRequest.SerializeToString,
@@ -123,6 +133,20 @@ class MetricsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTenantBudget(self, request, context):
+        """Sets one tenant's daily cap (a tenant without one has the configured default).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSpend(self, request, context):
+        """Sums a tenant's spend over a range of days.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAlerts(self, request, context):
         """Lists the alerts, firing and resolved.
         """
@@ -169,6 +193,16 @@ def add_MetricsServiceServicer_to_server(servicer, server):
                     servicer.GetBudget,
                     request_deserializer=aiprod_dot_metrics_dot_v1_dot_metrics__pb2.GetBudgetRequest.FromString,
                     response_serializer=aiprod_dot_metrics_dot_v1_dot_metrics__pb2.GetBudgetResponse.SerializeToString,
+            ),
+            'SetTenantBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantBudget,
+                    request_deserializer=aiprod_dot_metrics_dot_v1_dot_metrics__pb2.SetTenantBudgetRequest.FromString,
+                    response_serializer=aiprod_dot_metrics_dot_v1_dot_metrics__pb2.SetTenantBudgetResponse.SerializeToString,
+            ),
+            'GetSpend': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSpend,
+                    request_deserializer=aiprod_dot_metrics_dot_v1_dot_metrics__pb2.GetSpendRequest.FromString,
+                    response_serializer=aiprod_dot_metrics_dot_v1_dot_metrics__pb2.GetSpendResponse.SerializeToString,
             ),
             'ListAlerts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAlerts,
@@ -344,6 +378,60 @@ class MetricsService:
             '/aiprod.metrics.v1.MetricsService/GetBudget',
             aiprod_dot_metrics_dot_v1_dot_metrics__pb2.GetBudgetRequest.SerializeToString,
             aiprod_dot_metrics_dot_v1_dot_metrics__pb2.GetBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenantBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiprod.metrics.v1.MetricsService/SetTenantBudget',
+            aiprod_dot_metrics_dot_v1_dot_metrics__pb2.SetTenantBudgetRequest.SerializeToString,
+            aiprod_dot_metrics_dot_v1_dot_metrics__pb2.SetTenantBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSpend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiprod.metrics.v1.MetricsService/GetSpend',
+            aiprod_dot_metrics_dot_v1_dot_metrics__pb2.GetSpendRequest.SerializeToString,
+            aiprod_dot_metrics_dot_v1_dot_metrics__pb2.GetSpendResponse.FromString,
             options,
             channel_credentials,
             insecure,

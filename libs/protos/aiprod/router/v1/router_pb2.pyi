@@ -59,12 +59,14 @@ BREAKER_STATE_OPEN: BreakerState
 BREAKER_STATE_HALF_OPEN: BreakerState
 
 class PlanRouteRequest(_message.Message):
-    __slots__ = ("shot", "constraints")
+    __slots__ = ("shot", "constraints", "tenant_id")
     SHOT_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     shot: _render_pb2.Shot
     constraints: _render_pb2.RenderConstraints
-    def __init__(self, shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ...) -> None: ...
+    tenant_id: str
+    def __init__(self, shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., tenant_id: _Optional[str] = ...) -> None: ...
 
 class RouteCandidate(_message.Message):
     __slots__ = ("backend", "eligible", "rank", "estimated_cost", "estimated_latency", "reasons", "exclusions")
@@ -91,16 +93,28 @@ class PlanRouteResponse(_message.Message):
     def __init__(self, candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ...) -> None: ...
 
 class ExecuteRenderRequest(_message.Message):
-    __slots__ = ("job_id", "shot", "constraints", "idempotency_key")
+    __slots__ = ("job_id", "shot", "constraints", "idempotency_key", "tenant_id", "guarantee")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHOT_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    GUARANTEE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shot: _render_pb2.Shot
     constraints: _render_pb2.RenderConstraints
     idempotency_key: str
-    def __init__(self, job_id: _Optional[str] = ..., shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    tenant_id: str
+    guarantee: QualityGuarantee
+    def __init__(self, job_id: _Optional[str] = ..., shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., tenant_id: _Optional[str] = ..., guarantee: _Optional[_Union[QualityGuarantee, _Mapping]] = ...) -> None: ...
+
+class QualityGuarantee(_message.Message):
+    __slots__ = ("quality_minimum", "account")
+    QUALITY_MINIMUM_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    quality_minimum: float
+    account: str
+    def __init__(self, quality_minimum: _Optional[float] = ..., account: _Optional[str] = ...) -> None: ...
 
 class ExecuteRenderResponse(_message.Message):
     __slots__ = ("event",)
@@ -109,18 +123,24 @@ class ExecuteRenderResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[_event_pb2.RenderEvent, _Mapping]] = ...) -> None: ...
 
 class ResumeRenderRequest(_message.Message):
-    __slots__ = ("job_id", "handle", "shot", "constraints", "attempt")
+    __slots__ = ("job_id", "handle", "shot", "constraints", "attempt", "tenant_id", "guarantee", "rerender_granted")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     SHOT_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    GUARANTEE_FIELD_NUMBER: _ClassVar[int]
+    RERENDER_GRANTED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     handle: _backend_pb2.RenderHandle
     shot: _render_pb2.Shot
     constraints: _render_pb2.RenderConstraints
     attempt: int
-    def __init__(self, job_id: _Optional[str] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
+    tenant_id: str
+    guarantee: QualityGuarantee
+    rerender_granted: bool
+    def __init__(self, job_id: _Optional[str] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., attempt: _Optional[int] = ..., tenant_id: _Optional[str] = ..., guarantee: _Optional[_Union[QualityGuarantee, _Mapping]] = ..., rerender_granted: _Optional[bool] = ...) -> None: ...
 
 class ResumeRenderResponse(_message.Message):
     __slots__ = ("event",)
