@@ -88,6 +88,22 @@ class GatewaySettings(CommonSettings):
     # Whether a first frame may be a file:// path, read by the renderer from its own disk: local
     # development only (`aiprod up`); anywhere else it would hand out the renderer's files.
     gateway_allow_file_images: bool = False
+    # The operators' key for AdminService (tenants and API keys); empty: AdminService refuses every call.
+    gateway_admin_key: SecretStr = SecretStr("")
+    # How long a resolved API key is trusted without a look at the store: a key revoked on another
+    # replica stops working within this (at once on the replica that revoked it).
+    gateway_key_cache_seconds: float = 5.0
+    # Overrides of the SLA tiers' figures, JSON (see aiprod_gateway.tiers).
+    gateway_tiers: str = ""
+    # The ledger account (tenant id) that pays for the free re-renders a tier's quality minimum grants.
+    gateway_sla_account: str = "aiprod-sla"
+    # How long a quote binds.
+    gateway_quote_ttl_seconds: float = 900.0
+    # The backend a quote's saving is measured against, as the first version compared with Runway.
+    gateway_baseline_backend: str = "runway"
+    # Overrides of the presets' price limits in USD per minute of video, JSON such as
+    # {"quick_social": 5.0} (see aiprod_kit.presets).
+    gateway_preset_prices: str = ""
 
     @field_validator("gateway_image_buckets")
     @classmethod

@@ -39,7 +39,7 @@ PIPELINE_FAST: Pipeline
 PIPELINE_FULL: Pipeline
 
 class RenderJob(_message.Message):
-    __slots__ = ("job_id", "request_id", "state", "spec", "plan", "create_time", "update_time", "result", "error", "last_sequence", "progress", "backend", "handle", "attempt", "reserved", "budget_wait_start_time", "attempts", "cost", "tenant_id", "plan_version", "quote", "priority", "company_cost")
+    __slots__ = ("job_id", "request_id", "state", "spec", "plan", "create_time", "update_time", "result", "error", "last_sequence", "progress", "backend", "handle", "attempt", "reserved", "budget_wait_start_time", "attempts", "cost", "tenant_id", "plan_version", "quote", "priority", "company_cost", "tier")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class RenderJob(_message.Message):
     QUOTE_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     COMPANY_COST_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     request_id: str
     state: _job_pb2.JobState
@@ -86,7 +87,8 @@ class RenderJob(_message.Message):
     quote: Quote
     priority: Priority
     company_cost: _money_pb2.Money
-    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., spec: _Optional[_Union[_render_pb2.RenderSpec, _Mapping]] = ..., plan: _Optional[_Union[_render_pb2.RenderPlan, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., error: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., last_sequence: _Optional[int] = ..., progress: _Optional[float] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., attempt: _Optional[int] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., budget_wait_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[RenderAttempt, _Mapping]]] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., tenant_id: _Optional[str] = ..., plan_version: _Optional[int] = ..., quote: _Optional[_Union[Quote, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., company_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
+    tier: _admin_pb2.SlaTier
+    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., spec: _Optional[_Union[_render_pb2.RenderSpec, _Mapping]] = ..., plan: _Optional[_Union[_render_pb2.RenderPlan, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., error: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., last_sequence: _Optional[int] = ..., progress: _Optional[float] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., attempt: _Optional[int] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., budget_wait_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[RenderAttempt, _Mapping]]] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., tenant_id: _Optional[str] = ..., plan_version: _Optional[int] = ..., quote: _Optional[_Union[Quote, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., company_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., tier: _Optional[_Union[_admin_pb2.SlaTier, str]] = ...) -> None: ...
 
 class RenderAttempt(_message.Message):
     __slots__ = ("attempt", "backend", "reservation_key", "reserved", "handle", "charge", "settled")
