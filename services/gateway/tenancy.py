@@ -33,5 +33,5 @@ def set_current_tenant(tenant: Tenant) -> contextvars.Token[Tenant]:
 
 
 def tier_name(tier: int) -> str:
-    """"GOLD" for SLA_TIER_GOLD."""
+    """ "GOLD" for SLA_TIER_GOLD."""
     return admin_pb2.SlaTier.Name(tier).removeprefix("SLA_TIER_")

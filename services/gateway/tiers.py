@@ -51,9 +51,7 @@ def parse_tiers(raw: str) -> dict[int, TierPolicy]:
         if tier is None or tier == admin_pb2.SLA_TIER_UNSPECIFIED:
             raise ConfigurationError(f"AIPROD_GATEWAY_TIERS: unknown tier {name!r} (BRONZE, GOLD, PLATINUM)")
         if not isinstance(values, dict) or not set(values) <= set(names):
-            raise ConfigurationError(
-                f"AIPROD_GATEWAY_TIERS.{name}: an object of {', '.join(sorted(names))}"
-            )
+            raise ConfigurationError(f"AIPROD_GATEWAY_TIERS.{name}: an object of {', '.join(sorted(names))}")
         for key, value in values.items():
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise ConfigurationError(f"AIPROD_GATEWAY_TIERS.{name}.{key}: a number, at least 0")
