@@ -559,3 +559,120 @@ def test_a_wrong_ledger_setting_stops_the_service_naming_it(start_metrics, varia
     with pytest.raises(ServiceStartError) as stopped:
         start_metrics(**{variable: value})
     assert variable in str(stopped.value)
+
+
+# Tenants' own caps and spend over days ----------------------------------------------------------------
+
+
+async def set_cap(stub, tenant: str, micros: int | None) -> metrics_pb2.Budget:
+    request = metrics_pb2.SetTenantBudgetRequest(tenant_id=tenant)
+    if micros is not None:
+        request.daily_cap.CopyFrom(usd(micros))
+    return (await stub.SetTenantBudget(request)).budget
+
+
+async def test_a_tenants_own_cap_bounds_it_reports_its_level_and_survives_a_restart(start_metrics):
+    mesh = start_metrics(AIPROD_METRICS_TENANT_DAILY_CAP_USD="2")
+    async with connect_metrics(mesh) as stub:
+        budget = await set_cap(stub, "acme", 5 * USD)
+        assert (budget.tenant_id, budget.cap.amount_micros, budget.remaining.amount_micros) == (
+            "acme",
+            5 * USD,
+            5 * USD,
+        )
+        await reserve(stub, "acme-1", 4 * USD, tenant="acme")  # over the default 2 USD: its own cap holds
+        response = await budgets(stub, "acme")
+        assert amounts(response.budget) == (0, 4 * USD, USD)
+        assert (response.budget.level, response.budget.used_fraction) == (NOTIFY, pytest.approx(0.8))
+        error = await failure(reserve(stub, "acme-2", 2 * USD, tenant="acme"))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(error).metadata["cap_micros"] == str(5 * USD)
+        # A tenant without its own keeps the default.
+        assert (await budgets(stub, "bravo")).budget.cap.amount_micros == 2 * USD
+        error = await failure(reserve(stub, "bravo-1", 3 * USD, tenant="bravo"))
+        assert error_info(error).metadata["scope"] == "tenant"
+        # Zero: no cap of its own, only everyone's (10 USD, 4 of them reserved by acme).
+        budget = await set_cap(stub, "bravo", 0)
+        assert (budget.cap.amount_micros, budget.remaining.amount_micros, budget.level) == (0, 0, OK)
+        await reserve(stub, "bravo-1", 3 * USD, tenant="bravo")
+        error = await failure(reserve(stub, "bravo-2", 4 * USD, tenant="bravo"))
+        assert error_info(error).metadata["scope"] == "global"
+        # Lowered under what it reserved: exhausted.
+        budget = await set_cap(stub, "acme", 3 * USD)
+        assert (budget.level, budget.remaining.amount_micros) == (EXHAUSTED, 0)
+    mesh.kill("metrics")
+    mesh.start_service("metrics")
+    async with connect_metrics(mesh) as stub:
+        assert (await budgets(stub, "acme")).budget.cap.amount_micros == 3 * USD
+        assert (await budgets(stub, "bravo")).budget.cap.amount_micros == 0
+        # Without a cap in the request: the tenant's own is forgotten, the default applies again.
+        assert (await set_cap(stub, "acme", None)).cap.amount_micros == 2 * USD
+        assert (await budgets(stub, "acme")).budget.level == EXHAUSTED
+
+
+async def test_spend_over_days_sums_committed_uncertain_and_reserved_money(start_metrics):
+    mesh = start_metrics()
+    async with connect_metrics(mesh) as stub:
+        day = (await budgets(stub, "acme")).budget.day
+        await reserve(stub, "acme-1", 2 * USD, tenant="acme")
+        await commit(stub, "acme-1", 1_500_000)
+        await reserve(stub, "acme-2", USD, tenant="acme")
+        await reserve(stub, "acme-3", USD, tenant="acme")
+        await release(stub, "acme-3")
+        await reserve(stub, "bravo-1", 3 * USD, tenant="bravo")
+        await commit(stub, "bravo-1", 3 * USD)
+
+        async def spend(tenant: str, first: str, last: str) -> tuple[int, int]:
+            request = metrics_pb2.GetSpendRequest(tenant_id=tenant, first_day=first, last_day=last)
+            response = await stub.GetSpend(request)
+            return response.spent.amount_micros, response.reserved.amount_micros
+
+        today = datetime.fromisoformat(day).date()
+        week_ago = (today - timedelta(days=7)).isoformat()
+        assert await spend("acme", day, day) == (1_500_000, USD)
+        assert await spend("acme", week_ago, day) == (1_500_000, USD)
+        assert await spend("bravo", day, day) == (3 * USD, 0)
+        assert await spend("acme", week_ago, (today - timedelta(days=1)).isoformat()) == (0, 0)
+        # The range's spend is today's budget's, as GetBudget counts it.
+        budget = (await budgets(stub, "acme")).budget
+        assert await spend("acme", day, day) == (budget.spent.amount_micros, budget.reserved.amount_micros)
+
+        year_later = (today + timedelta(days=366)).isoformat()
+        assert await spend("acme", day, year_later) == (1_500_000, USD)
+        for request, fields in [
+            (metrics_pb2.GetSpendRequest(first_day=day), {"last_day"}),
+            (metrics_pb2.GetSpendRequest(last_day=day), {"first_day"}),
+            (metrics_pb2.GetSpendRequest(first_day="2025-02-30", last_day=day), {"first_day"}),
+            (
+                metrics_pb2.GetSpendRequest(first_day="yesterday", last_day="2025/06/01"),
+                {"first_day", "last_day"},
+            ),
+            (metrics_pb2.GetSpendRequest(first_day=day, last_day=week_ago), {"last_day"}),
+            (
+                metrics_pb2.GetSpendRequest(
+                    first_day=day, last_day=(today + timedelta(days=367)).isoformat()
+                ),
+                {"last_day"},
+            ),
+            (metrics_pb2.GetSpendRequest(tenant_id="a b", first_day=day, last_day=day), {"tenant_id"}),
+        ]:
+            error = await failure(stub.GetSpend(request))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+            assert violated_fields(error) == fields, request
+        for request, fields in [
+            (metrics_pb2.SetTenantBudgetRequest(tenant_id="no/slash", daily_cap=usd(USD)), {"tenant_id"}),
+            (
+                metrics_pb2.SetTenantBudgetRequest(tenant_id="acme", daily_cap=usd(-1)),
+                {"daily_cap.amount_micros"},
+            ),
+            (
+                metrics_pb2.SetTenantBudgetRequest(
+                    tenant_id="acme", daily_cap=money_pb2.Money(currency_code="EUR", amount_micros=USD)
+                ),
+                {"daily_cap.currency_code"},
+            ),
+        ]:
+            error = await failure(stub.SetTenantBudget(request))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+            assert violated_fields(error) == fields, request
+        assert (await budgets(stub, "acme")).budget.cap.amount_micros == CAP  # nothing was written

@@ -31,6 +31,11 @@ Semantics every implementation keeps:
   spent, until a late commit or release reconciles it; until then that money is also the day's
   uncertain money. It counts among the expired reservations of the day it expired on, whatever
   happens to it later.
+- Tenants' own caps: a tenant may have a daily cap of its own, kept in the ledger (`set_tenant_cap`;
+  0: no cap of its own, only everyone's), which `reserve` reads in its transaction instead of the
+  default it is given (`Caps.tenant`); `clear_tenant_cap` gives the tenant the default again.
+- Spend over days (`spend`) sums what a day's budget counts, for each day of a range: committed
+  actuals and expired reservations at their full amount as spent, open reservations as reserved.
 """
 
 from abc import ABC, abstractmethod
@@ -85,7 +90,8 @@ class Reservation:
 
 @dataclass(frozen=True)
 class Caps:
-    """The day's caps a reservation must fit under, micro-USD; 0 means no cap."""
+    """The day's caps a reservation must fit under, micro-USD; 0 means no cap. `tenant` is the default
+    tenant cap: a tenant with a cap of its own in the ledger has that one instead."""
 
     tenant: int
     everyone: int
@@ -108,6 +114,19 @@ class DayTotals:
     day: str
     tenant: Totals
     everyone: Totals
+    # The tenant's own daily cap, micro-USD (0: none of its own, only everyone's); None when it has
+    # none recorded (the default tenant cap applies).
+    tenant_cap: int | None = None
+
+
+@dataclass(frozen=True)
+class Spend:
+    """A tenant's money over a range of days, micro-USD."""
+
+    # Committed actuals, plus expired reservations at their full amount (uncertain money included).
+    spent: int
+    # Open reservations.
+    reserved: int
 
 
 class KeyConflict(Exception):
@@ -168,7 +187,25 @@ class LedgerStore(ABC):
 
     @abstractmethod
     async def day_totals(self, tenant: str) -> DayTotals:
-        """Today's totals of the tenant and of everyone, read together."""
+        """Today's totals of the tenant and of everyone, and the tenant's own cap, read together."""
+
+    @abstractmethod
+    async def set_tenant_cap(self, tenant: str, cap: int) -> None:
+        """Records the tenant's own daily cap, micro-USD (0: no cap of its own, only everyone's); from
+        the next reservation on, it replaces the default tenant cap for that tenant."""
+
+    @abstractmethod
+    async def clear_tenant_cap(self, tenant: str) -> None:
+        """Forgets the tenant's own cap: the default tenant cap applies to it again."""
+
+    @abstractmethod
+    async def tenant_cap(self, tenant: str) -> int | None:
+        """The tenant's own daily cap; None when it has none recorded."""
+
+    @abstractmethod
+    async def spend(self, tenant: str, first_day: str, last_day: str) -> Spend:
+        """The tenant's spend and open reservations of the days first_day..last_day ("YYYY-MM-DD",
+        both included), as each day's budget counts them."""
 
     @abstractmethod
     async def get(self, key: str) -> Reservation | None: ...
@@ -206,6 +243,15 @@ CREATE TABLE IF NOT EXISTS reservations (
 CREATE INDEX IF NOT EXISTS reservations_day ON reservations (day, state, tenant);
 CREATE INDEX IF NOT EXISTS reservations_due ON reservations (state, expires);
 CREATE INDEX IF NOT EXISTS reservations_expired_day ON reservations (expired_day, tenant);
+CREATE INDEX IF NOT EXISTS reservations_tenant_day ON reservations (tenant, day);
+-- Tenants' own daily caps; a tenant without a row has the configured default.
+CREATE TABLE IF NOT EXISTS tenant_caps (
+    tenant TEXT PRIMARY KEY,
+    -- micro-USD; 0: no cap of its own (only everyone's)
+    cap INTEGER NOT NULL CHECK (cap >= 0),
+    -- Unix time in microseconds
+    updated INTEGER NOT NULL
+) WITHOUT ROWID;
 """,
     # The same table; 64-bit integers are BIGINT there.
     "postgresql": """
@@ -227,6 +273,12 @@ ALTER TABLE reservations ADD COLUMN IF NOT EXISTS backend INTEGER NOT NULL DEFAU
 CREATE INDEX IF NOT EXISTS reservations_day ON reservations (day, state, tenant);
 CREATE INDEX IF NOT EXISTS reservations_due ON reservations (state, expires);
 CREATE INDEX IF NOT EXISTS reservations_expired_day ON reservations (expired_day, tenant);
+CREATE INDEX IF NOT EXISTS reservations_tenant_day ON reservations (tenant, day);
+CREATE TABLE IF NOT EXISTS tenant_caps (
+    tenant TEXT PRIMARY KEY,
+    cap BIGINT NOT NULL CHECK (cap >= 0),
+    updated BIGINT NOT NULL
+);
 """,
 }
 # Columns added to reservations after its first version, which an older SQLite ledger gets on opening
@@ -334,8 +386,10 @@ class SqlLedgerStore(LedgerStore):
                 if existing.state not in (State.RESERVED, State.EXPIRED):
                     raise WrongState(existing, "reserve")
                 return existing, False
+            own = await self._tenant_cap(transaction, tenant)
+            tenant_cap = caps.tenant if own is None else own
             refusals = []
-            for cap, scope in ((caps.tenant, tenant), (caps.everyone, None)):
+            for cap, scope in ((tenant_cap, tenant), (caps.everyone, None)):
                 if cap > 0:
                     used = await self._used(transaction, day, scope)
                     if used + amount > cap:
@@ -442,8 +496,48 @@ class SqlLedgerStore(LedgerStore):
         async with self._db.transaction(read_only=True) as transaction:
             day = self.today()
             return DayTotals(
-                day, await self._totals(transaction, day, tenant), await self._totals(transaction, day, None)
+                day,
+                await self._totals(transaction, day, tenant),
+                await self._totals(transaction, day, None),
+                await self._tenant_cap(transaction, tenant),
             )
+
+    @staticmethod
+    async def _tenant_cap(queries: Queries, tenant: str) -> int | None:
+        row = await queries.fetchone("SELECT cap FROM tenant_caps WHERE tenant = ?", (tenant,))
+        return None if row is None else int(row[0])
+
+    async def set_tenant_cap(self, tenant: str, cap: int) -> None:
+        if cap < 0:
+            raise ValueError(f"a cap is at least 0, not {cap}")
+        # One statement: a reservation racing it reads the old cap or the new one, never half of either.
+        async with self._db.transaction() as transaction:
+            await transaction.execute(
+                "INSERT INTO tenant_caps (tenant, cap, updated) VALUES (?, ?, ?) "
+                "ON CONFLICT (tenant) DO UPDATE SET cap = excluded.cap, updated = excluded.updated",
+                (tenant, cap, _micros(self._clock())),
+            )
+
+    async def clear_tenant_cap(self, tenant: str) -> None:
+        async with self._db.transaction() as transaction:
+            await transaction.execute("DELETE FROM tenant_caps WHERE tenant = ?", (tenant,))
+
+    async def tenant_cap(self, tenant: str) -> int | None:
+        return await self._tenant_cap(self._db, tenant)
+
+    async def spend(self, tenant: str, first_day: str, last_day: str) -> Spend:
+        # ISO days compare as strings do.
+        row = await self._db.fetchone(
+            "SELECT COALESCE(SUM(CASE WHEN state = 'committed' THEN actual "
+            "WHEN state = 'expired' THEN amount END), 0), "
+            "COALESCE(SUM(CASE WHEN state = 'reserved' THEN amount END), 0) "
+            "FROM reservations WHERE tenant = ? AND day >= ? AND day <= ? "
+            "AND state IN ('committed', 'reserved', 'expired')",
+            (tenant, first_day, last_day),
+        )
+        assert row is not None
+        spent, reserved = (int(value) for value in row)  # PostgreSQL sums BIGINTs as NUMERIC
+        return Spend(spent, reserved)
 
     async def get(self, key: str) -> Reservation | None:
         return await self._load(self._db, key)

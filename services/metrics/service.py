@@ -20,6 +20,14 @@ The ledger's API, on top of the store's semantics (see `aiprod_metrics.ledger`):
   commit or release, and reported as the budget's uncertain money meanwhile.
 - Unknown keys are NOT_FOUND; bad input INVALID_ARGUMENT naming each field, with nothing written.
 - GetBudget reports today's budget of the tenant and of everyone together.
+- SetTenantBudget records a tenant's own daily cap in the ledger's database (shared by every replica):
+  ReserveBudget, GetBudget and the budget levels use it for that tenant from then on. Zero means no
+  cap of its own (only everyone's); a request without daily_cap forgets the tenant's own cap, so that
+  the configured default tenant cap (AIPROD_METRICS_TENANT_DAILY_CAP_USD) applies to it again, as it
+  does to every tenant that never had one.
+- GetSpend sums a tenant's money over a range of days (first_day..last_day, "YYYY-MM-DD" in the
+  ledger's time zone, both included, at most 366 days apart) as each day's budget counts it: spent
+  (committed, uncertain money included) and reserved.
 
 RecordJobEvent also keeps terminal jobs and backend errors for the alert policies (ListAlerts, see
 `aiprod_metrics.alerts`) and the SLOs (GetSloReport, see `aiprod_metrics.slo`).
@@ -30,7 +38,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -75,6 +83,11 @@ _NAME_RULE = "must be 1 to 128 characters among A-Z a-z 0-9 . _ : -"
 # One attempt's cost at most, a sanity bound that also keeps a day's sums far from int64's limit.
 MAX_AMOUNT_MICROS = 1_000_000 * MICROS_PER_UNIT
 MAX_JOB_ID_LENGTH = 128
+# A tenant's daily cap at most (like AIPROD_METRICS_DAILY_CAP_USD's bound).
+MAX_CAP_MICROS = 1_000_000_000 * MICROS_PER_UNIT
+# The longest range GetSpend sums: last_day at most this many days after first_day.
+MAX_SPEND_RANGE_DAYS = 366
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 @dataclass(frozen=True)
@@ -126,7 +139,13 @@ class BudgetPolicy:
 
     @property
     def caps(self) -> Caps:
+        """The caps a reservation must fit under: the default tenant cap, which the ledger replaces
+        with a tenant's own cap when it has one."""
         return Caps(tenant=self.tenant_cap, everyone=self.global_cap)
+
+    def tenant_cap_of(self, own: int | None) -> int:
+        """A tenant's cap: its own (0: none, only everyone's), else the default tenant cap."""
+        return self.tenant_cap if own is None else own
 
     def level(self, used_fraction: float, cap: int) -> int:
         if cap <= 0:
@@ -158,7 +177,9 @@ def format_usd(micros: int) -> str:
     return f"{text} USD"
 
 
-def _validate_money(field: str, money: money_pb2.Money, positive: bool) -> list[tuple[str, str]]:
+def _validate_money(
+    field: str, money: money_pb2.Money, positive: bool, bound: int = MAX_AMOUNT_MICROS
+) -> list[tuple[str, str]]:
     violations = []
     if money.currency_code not in ("", "USD"):
         violations.append((f"{field}.currency_code", "must be USD (or empty, meaning USD)"))
@@ -166,13 +187,25 @@ def _validate_money(field: str, money: money_pb2.Money, positive: bool) -> list[
         violations.append((f"{field}.amount_micros", "must be positive"))
     elif money.amount_micros < 0:
         violations.append((f"{field}.amount_micros", "must not be negative"))
-    elif money.amount_micros > MAX_AMOUNT_MICROS:
-        violations.append((f"{field}.amount_micros", f"must be at most {format_usd(MAX_AMOUNT_MICROS)}"))
+    elif money.amount_micros > bound:
+        violations.append((f"{field}.amount_micros", f"must be at most {format_usd(bound)}"))
     return violations
 
 
 def _validate_key(key: str) -> list[tuple[str, str]]:
     return [] if _NAME.fullmatch(key) else [("reservation_key", _NAME_RULE)]
+
+
+def _parse_day(field: str, value: str) -> tuple[date | None, list[tuple[str, str]]]:
+    """A "YYYY-MM-DD" day, or the violation that names the field."""
+    if not value:
+        return None, [(field, 'is required: a day, "YYYY-MM-DD"')]
+    try:
+        if not _DAY.fullmatch(value):
+            raise ValueError(value)
+        return date.fromisoformat(value), []
+    except ValueError:
+        return None, [(field, f'{value[:32]!r} is not a day, "YYYY-MM-DD"')]
 
 
 def _timestamp(reservation: Reservation) -> timestamp_pb2.Timestamp:
@@ -424,11 +457,56 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             raise InvalidArgument(violations)
         return await self._budgets(tenant)
 
+    async def SetTenantBudget(
+        self, request: metrics_pb2.SetTenantBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> metrics_pb2.SetTenantBudgetResponse:
+        tenant, violations = self._tenant(request.tenant_id)
+        if request.HasField("daily_cap"):
+            violations += _validate_money(
+                "daily_cap", request.daily_cap, positive=False, bound=MAX_CAP_MICROS
+            )
+        if violations:
+            raise InvalidArgument(violations)
+        if request.HasField("daily_cap"):
+            cap = request.daily_cap.amount_micros
+            await self._ledger.set_tenant_cap(tenant, cap)
+            log.info("tenant cap set", tenant=tenant, cap_micros=cap, own_cap=cap > 0)
+        else:
+            await self._ledger.clear_tenant_cap(tenant)
+            log.info(
+                "tenant cap cleared: the default applies", tenant=tenant, cap_micros=self._policy.tenant_cap
+            )
+        return metrics_pb2.SetTenantBudgetResponse(budget=(await self._budgets(tenant)).budget)
+
+    async def GetSpend(
+        self, request: metrics_pb2.GetSpendRequest, context: grpc.aio.ServicerContext
+    ) -> metrics_pb2.GetSpendResponse:
+        tenant, violations = self._tenant(request.tenant_id)
+        first, first_violations = _parse_day("first_day", request.first_day)
+        last, last_violations = _parse_day("last_day", request.last_day)
+        violations += first_violations + last_violations
+        if first is not None and last is not None:
+            if last < first:
+                violations.append(("last_day", f"must not be before first_day ({first.isoformat()})"))
+            elif (last - first).days > MAX_SPEND_RANGE_DAYS:
+                violations.append(
+                    (
+                        "last_day",
+                        f"must be at most {MAX_SPEND_RANGE_DAYS} days after first_day ({first.isoformat()})",
+                    )
+                )
+        if violations:
+            raise InvalidArgument(violations)
+        assert first is not None and last is not None
+        spend = await self._ledger.spend(tenant, first.isoformat(), last.isoformat())
+        return metrics_pb2.GetSpendResponse(spent=usd(spend.spent), reserved=usd(spend.reserved))
+
     async def _budgets(self, tenant: str) -> metrics_pb2.GetBudgetResponse:
         """The tenant's and everyone's budget of today; each read also refreshes the budget gauges."""
         totals = await self._ledger.day_totals(tenant)
+        tenant_cap = self._policy.tenant_cap_of(totals.tenant_cap)
         response = metrics_pb2.GetBudgetResponse(
-            budget=self._budget(tenant, totals.day, self._policy.tenant_cap, totals.tenant),
+            budget=self._budget(tenant, totals.day, tenant_cap, totals.tenant),
             global_budget=self._budget("", totals.day, self._policy.global_cap, totals.everyone),
         )
         self._telemetry.budget_read(totals.everyone, self._policy.global_cap, response.global_budget.level)

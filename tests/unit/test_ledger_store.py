@@ -12,6 +12,7 @@ from aiprod_metrics.ledger import (
     Caps,
     KeyConflict,
     LedgerStore,
+    Spend,
     SqlLedgerStore,
     State,
     Totals,
@@ -357,3 +358,96 @@ async def test_racing_sweeps_expire_each_reservation_once(open_store, clock):
     assert (await stores[1].day_totals("acme")).tenant == Totals(
         spent=20 * USD, reserved=0, expired=20, uncertain=20 * USD
     )
+
+
+# Tenants' own caps, and spend over days -------------------------------------------------------------
+
+
+async def test_a_tenants_own_cap_replaces_the_default_and_zero_leaves_only_the_global_cap(open_store):
+    store = await open_store()
+    caps = Caps(tenant=2 * USD, everyone=10 * USD)
+    assert await store.tenant_cap("acme") is None
+    await store.set_tenant_cap("acme", 5 * USD)
+    await store.set_tenant_cap("bravo", 0)
+    assert (await store.tenant_cap("acme"), await store.tenant_cap("bravo")) == (5 * USD, 0)
+    # acme: its own 5 USD, over the default 2 USD.
+    await store.reserve("a1", "acme", "", 4 * USD, caps, TTL)
+    with pytest.raises(BudgetExceeded) as refused:
+        await store.reserve("a2", "acme", "", 2 * USD, caps, TTL)
+    assert (refused.value.tenant, refused.value.cap, refused.value.remaining) == ("acme", 5 * USD, USD)
+    # charlie, without a cap of its own: the default.
+    with pytest.raises(BudgetExceeded) as refused:
+        await store.reserve("c1", "charlie", "", 3 * USD, caps, TTL)
+    assert (refused.value.tenant, refused.value.cap) == ("charlie", 2 * USD)
+    # bravo: no cap of its own, only everyone's (6 USD left of it).
+    await store.reserve("b1", "bravo", "", 5 * USD, caps, TTL)
+    with pytest.raises(BudgetExceeded) as refused:
+        await store.reserve("b2", "bravo", "", 2 * USD, caps, TTL)
+    assert (refused.value.tenant, refused.value.remaining) == (None, USD)
+    totals = await store.day_totals("acme")
+    assert (totals.tenant_cap, totals.tenant.reserved) == (5 * USD, 4 * USD)
+    assert (await store.day_totals("charlie")).tenant_cap is None
+    # A cap is the ledger's: another connection (another replica) and a reopened store see it.
+    await store.close()
+    other = await open_store()
+    assert await other.tenant_cap("acme") == 5 * USD
+    await other.set_tenant_cap("acme", 3 * USD)  # under what it has reserved: nothing more fits
+    with pytest.raises(BudgetExceeded) as refused:
+        await other.reserve("a3", "acme", "", 1, caps, TTL)
+    assert (refused.value.cap, refused.value.remaining) == (3 * USD, 0)
+    # Cleared: the default applies again.
+    await other.clear_tenant_cap("bravo")
+    assert await other.tenant_cap("bravo") is None
+    with pytest.raises(BudgetExceeded) as refused:
+        await other.reserve("b3", "bravo", "", 1, caps, TTL)
+    assert (refused.value.tenant, refused.value.cap) == ("bravo", 2 * USD)
+
+
+async def test_racing_reservations_never_pass_a_tenants_own_cap(open_store):
+    stores = [await open_store(), await open_store()]
+    await stores[0].set_tenant_cap("acme", 3 * USD)
+    caps = Caps(tenant=USD, everyone=0)
+
+    async def reserve(n: int) -> bool:
+        try:
+            await stores[n % 2].reserve(f"k{n}", "acme", "", USD // 10, caps, TTL)
+        except BudgetExceeded:
+            return False
+        return True
+
+    assert sum(await asyncio.gather(*(reserve(n) for n in range(60)))) == 30
+    assert (await stores[1].day_totals("acme")).tenant.reserved == 3 * USD
+
+
+async def test_spend_over_days_counts_as_each_days_budget_does(store, clock):
+    # 30 May: committed 1 USD, released 2 USD; another tenant's 7 USD.
+    clock.now = datetime(2025, 5, 30, 12, 0, tzinfo=UTC)
+    await store.reserve("d1-a", "acme", "", 2 * USD, NO_CAPS, TTL)
+    await store.commit("d1-a", USD)
+    await store.reserve("d1-b", "acme", "", 2 * USD, NO_CAPS, TTL)
+    await store.release("d1-b")
+    await store.reserve("d1-x", "other", "", 7 * USD, NO_CAPS, TTL)
+    await store.commit("d1-x", 7 * USD)
+    # 31 May: one expired unsettled (3 USD, uncertain: spent at its worst case).
+    clock.now = datetime(2025, 5, 31, 12, 0, tzinfo=UTC)
+    await store.reserve("d2-a", "acme", "", 3 * USD, NO_CAPS, TTL)
+    clock.advance(TTL)
+    await store.expire_overdue()
+    # 1 June: one open (4 USD), one committed over its estimate (5 USD for 2).
+    clock.now = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+    await store.reserve("d3-a", "acme", "", 4 * USD, NO_CAPS, TTL)
+    await store.reserve("d3-b", "acme", "", 2 * USD, NO_CAPS, TTL)
+    await store.commit("d3-b", 5 * USD)
+
+    assert await store.spend("acme", "2025-05-30", "2025-06-01") == Spend(spent=9 * USD, reserved=4 * USD)
+    assert await store.spend("acme", "2025-05-30", "2025-05-30") == Spend(spent=USD, reserved=0)
+    assert await store.spend("acme", "2025-05-31", "2025-05-31") == Spend(spent=3 * USD, reserved=0)
+    assert await store.spend("acme", "2025-06-01", "2025-06-01") == Spend(spent=5 * USD, reserved=4 * USD)
+    assert await store.spend("acme", "2025-01-01", "2025-05-29") == Spend(0, 0)
+    assert await store.spend("nobody", "2025-01-01", "2025-12-31") == Spend(0, 0)
+    # A day's spend in the range is what its budget reported that day.
+    today = await store.day_totals("acme")
+    assert (today.tenant.spent, today.tenant.reserved) == (5 * USD, 4 * USD)
+    # A late commit of the expired one replaces its worst case.
+    await store.commit("d2-a", USD)
+    assert await store.spend("acme", "2025-05-30", "2025-06-01") == Spend(spent=7 * USD, reserved=4 * USD)
