@@ -5,7 +5,8 @@ time: the one holding its claim (`aiprod_gateway.claims`). Whenever it has a wor
 every heartbeat, when a job ends) it takes over unfinished jobs nobody holds: new ones, and those of a
 replica that died, once their leases run out; no restart is needed. Its heartbeat renews its claims
 every third of the lease and stops at once what it does for a job it lost (another replica took it
-over, or it was cancelled elsewhere). A worker drives one job at a time (`aiprod_gateway.driving`);
+over, or it was cancelled elsewhere). Its queue is in priority order (the preset's: higher first),
+then oldest first, as the store offers jobs nobody holds. A worker drives one job at a time (`aiprod_gateway.driving`);
 a job waiting for budget holds no worker (it keeps its claim) and is queued again when its wait ends
 or a settlement here frees money. A driver that crashes (the store unreachable, anything unexpected)
 lets go of its job, which is tried again after a backoff that grows while it keeps failing, here or by
@@ -14,10 +15,12 @@ another replica.
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import Awaitable, Callable
 
 import structlog
 
+from aiprod.gateway.v1 import gateway_pb2
 from aiprod.router.v1 import router_pb2_grpc
 from aiprod_gateway.claims import Claims
 from aiprod_gateway.driving import BudgetPolicy, Drive, JobDriver
@@ -50,7 +53,9 @@ class Dispatcher:
         self._concurrency = concurrency
         self._claims = Claims(store, owner, lease_seconds)
         self._driver = JobDriver(store, router, reporter, spending, settlement, budget_policy, owner)
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        # (-priority, arrival, job id): the highest priority first, then the first queued.
+        self._queue: asyncio.PriorityQueue[tuple[int, int, str]] = asyncio.PriorityQueue()
+        self._arrivals = itertools.count()
         # The jobs in the queue, once each; one dropped from here (cancelled, lost) is skipped when its
         # turn comes.
         self._queued: set[str] = set()
@@ -84,13 +89,14 @@ class Dispatcher:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._claims.release_all()
 
-    def enqueue(self, job_id: str) -> None:
-        """Queues a job to drive here. It is claimed when a worker takes it: by then another replica may
-        drive it, and this one skips it."""
+    def enqueue(self, job_id: str, priority: int = gateway_pb2.PRIORITY_UNSPECIFIED) -> None:
+        """Queues a job to drive here, before the queued jobs of a lower priority (gateway_pb2.Priority).
+        It is claimed when a worker takes it: by then another replica may drive it, and this one skips
+        it."""
         if job_id in self._queued or job_id in self._driving:
             return
         self._queued.add(job_id)
-        self._queue.put_nowait(job_id)
+        self._queue.put_nowait((-priority, next(self._arrivals), job_id))
 
     async def stop_driving(self, job_id: str) -> None:
         """Stops what this replica does for a job, for a cancel: its render stream, its wait for budget,
@@ -159,6 +165,7 @@ class Dispatcher:
                 continue
             if await self._claims.claim(job_id):
                 taken.append(job_id)
+                # A worker is free for each: the store's order (priority first) is the order they start.
                 self.enqueue(job_id)
         if taken:
             log.info("took over jobs nobody drove", count=len(taken), job_ids=taken)
@@ -167,23 +174,23 @@ class Dispatcher:
 
     async def _work(self) -> None:
         while True:
-            job_id = await self._queue.get()
+            negative_priority, _, job_id = await self._queue.get()
             if job_id not in self._queued:
                 continue
             self._queued.discard(job_id)
             try:
-                await self._claim_and_drive(job_id)
+                await self._claim_and_drive(job_id, -negative_priority)
             except Exception:
                 # Never the worker's end; the job's claim was let go of or runs out.
                 log.exception("job not driven", job_id=job_id)
             if not self._queued:
                 self._worker_free.set()
 
-    async def _claim_and_drive(self, job_id: str) -> None:
+    async def _claim_and_drive(self, job_id: str, priority: int) -> None:
         try:
             claimed = await self._claims.claim(job_id)
         except Exception as error:
-            self._crashed(job_id, error)
+            self._crashed(job_id, error, priority)
             return
         if not claimed:
             # Another replica drives it, or it ended meanwhile (cancelled while queued).
@@ -202,25 +209,26 @@ class Dispatcher:
             self._driving.pop(job_id, None)
         if driver.cancelled:
             return  # cancelled here: the canceller records the end
+        priority = driver.priority or priority  # the job's own, once the driver has read it
         error = None if driver.task.cancelled() else driver.task.exception()
         if driver.task.cancelled() or isinstance(error, ClaimLost):
             self._claims.drop(job_id)
             self._crashes.pop(job_id, None)
             await self._driver.after_lost(job_id, driver)
         elif error is not None:
-            self._crashed(job_id, error)
+            self._crashed(job_id, error, priority)
         else:
             self._crashes.pop(job_id, None)
             wait = driver.task.result()
             if wait is not None:
                 # Waits for budget, keeping its claim: again after the wait, or once money is freed here.
-                self._enqueue_later(job_id, lambda: self._settlement.money_freed(wait))
+                self._enqueue_later(job_id, lambda: self._settlement.money_freed(wait), priority)
             elif driver.ended:
                 self._claims.drop(job_id)  # an ended job's claim ended with it
             else:
                 await self._claims.release(job_id)
 
-    def _crashed(self, job_id: str, error: BaseException) -> None:
+    def _crashed(self, job_id: str, error: BaseException, priority: int) -> None:
         """A driver that failed unexpectedly (the store unreachable, a bug): the job is let go of, for any
         replica, and tried again here after a backoff that grows while it keeps failing."""
         crashes = self._crashes[job_id] = self._crashes.get(job_id, 0) + 1
@@ -239,12 +247,12 @@ class Dispatcher:
             await self._claims.release(job_id)
             await asyncio.sleep(delay)
 
-        self._enqueue_later(job_id, back_off)
+        self._enqueue_later(job_id, back_off, priority)
 
-    def _enqueue_later(self, job_id: str, wait: Callable[[], Awaitable[None]]) -> None:
+    def _enqueue_later(self, job_id: str, wait: Callable[[], Awaitable[None]], priority: int) -> None:
         async def later() -> None:
             await wait()
             self._later.pop(job_id, None)
-            self.enqueue(job_id)
+            self.enqueue(job_id, priority)
 
         self._later[job_id] = asyncio.create_task(later())

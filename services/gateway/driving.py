@@ -143,6 +143,9 @@ class Drive:
     cancelled: bool = False
     # An attempt of this run was charged or held: money went out, whatever the budget says next.
     charged: bool = False
+    # The job's scheduling priority (gateway_pb2.Priority), once the driver has read the job: its place
+    # in the dispatcher's queue when it is queued again.
+    priority: int = 0
     task: asyncio.Task[None] = field(init=False)
 
 
@@ -198,6 +201,7 @@ class JobDriver:
         job = await self._store.get_job(job_id)
         if job is None or job.state not in (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING):
             return None
+        driver.priority = job.priority
         delay = _BACKOFF[0]
         while job.state not in TERMINAL_STATES:
             try:

@@ -318,3 +318,49 @@ async def test_a_driver_cancels_a_render_it_could_not_record_for_a_job_cancelled
     job = await store.get_job("job_a")
     assert job is not None and job.state == job_pb2.JOB_STATE_CANCELLED
     assert [attempt.charge.task_id for attempt in job.attempts] == ["task-unrecorded"]
+
+
+async def test_queued_jobs_start_in_priority_order_then_oldest_first(store, start):
+    """The preset's priority orders dispatch: with every worker busy, a high-priority job queued last
+    starts first, and jobs of one priority start in the order they were queued."""
+    releases = [asyncio.Event(), asyncio.Event()]
+
+    def busy(release: asyncio.Event) -> Script:
+        async def render() -> AsyncIterator[event_pb2.RenderEvent]:
+            yield routed()
+            await release.wait()
+            yield succeeded()
+
+        return render
+
+    async def quick() -> AsyncIterator[event_pb2.RenderEvent]:
+        yield routed()
+        yield succeeded()
+
+    started: list[str] = []
+
+    class Recording(Router):
+        def _play(self, request: router_pb2.ExecuteRenderRequest) -> Stream:
+            started.append(request.job_id)
+            return super()._play(request)
+
+        ExecuteRender = ResumeRender = _play
+
+    router = Recording(busy(releases[0]), busy(releases[1]), *[quick] * 4)
+    dispatcher = await start(router)
+    for job_id in ("job_busy_1", "job_busy_2"):
+        await create(store, job_id)
+        dispatcher.enqueue(job_id, gateway_pb2.PRIORITY_LOW)
+    await eventually(lambda: len(started) == 2)
+    for job_id, priority in (
+        ("job_low", gateway_pb2.PRIORITY_LOW),
+        ("job_medium", gateway_pb2.PRIORITY_MEDIUM),
+        ("job_high", gateway_pb2.PRIORITY_HIGH),
+        ("job_medium_later", gateway_pb2.PRIORITY_MEDIUM),
+    ):
+        await create(store, job_id)
+        dispatcher.enqueue(job_id, priority)
+    releases[0].set()  # one worker frees up; the other stays busy
+    await eventually(lambda: len(started) == 6)
+    assert started[2:] == ["job_high", "job_medium", "job_medium_later", "job_low"]
+    releases[1].set()
