@@ -1,6 +1,8 @@
 """Fixtures: the real services started as processes on free loopback ports, reached through the stubs;
 and the databases the stores run on."""
 
+import json
+import os
 from collections.abc import Iterator
 
 import grpc
@@ -8,7 +10,25 @@ import pytest
 from postgres_support import fresh_schema
 
 from aiprod.gateway.v1 import gateway_pb2_grpc
+from aiprod_kit.apikeys import with_api_key
 from aiprod_kit.mesh import Mesh
+
+# The development tenant (GOLD) of the test meshes orders without the tier's limits: tests poll and race
+# far beyond 50 calls a minute, and their floors are the presets' own. The tier tests set their own.
+os.environ.setdefault(
+    "AIPROD_GATEWAY_TIERS",
+    json.dumps(
+        {
+            "GOLD": {
+                "concurrent_jobs": 1_000_000,
+                "requests_per_minute": 1_000_000_000,
+                "quality_minimum": 0,
+                "max_duration_seconds": 180,
+                "latency_seconds": 86_400,
+            }
+        }
+    ),
+)
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +42,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 @pytest.fixture(scope="session")
 def gateway(mesh: Mesh) -> Iterator[gateway_pb2_grpc.GatewayServiceStub]:
     with grpc.insecure_channel(mesh.address("gateway")) as channel:
-        yield gateway_pb2_grpc.GatewayServiceStub(channel)
+        yield gateway_pb2_grpc.GatewayServiceStub(with_api_key(channel, mesh.api_key))
 
 
 @pytest.fixture

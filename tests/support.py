@@ -13,14 +13,20 @@ from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2_grpc
+from aiprod_kit.apikeys import with_api_key
 from aiprod_kit.mesh import Mesh
 
 TERMINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
 
 
 # Stubs on fresh channels for each call: tests restart services, and a new channel finds the new one.
-def gateway(mesh: Mesh) -> gateway_pb2_grpc.GatewayServiceStub:
-    return gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(mesh.address("gateway")))
+def gateway(
+    mesh: Mesh, replica: str = "gateway", key: str | None = None
+) -> gateway_pb2_grpc.GatewayServiceStub:
+    """A stub of the gateway (or of one replica) whose calls carry an API key: the development
+    tenant's unless another is given."""
+    channel = with_api_key(grpc.insecure_channel(mesh.address(replica)), key or mesh.api_key)
+    return gateway_pb2_grpc.GatewayServiceStub(channel)
 
 
 def router(mesh: Mesh) -> router_pb2_grpc.RouterServiceStub:

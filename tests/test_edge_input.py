@@ -16,6 +16,7 @@ from support import eventually, field_violations
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod_gateway.validation import MAX_FIRST_FRAME_BYTES
+from aiprod_kit.apikeys import with_api_key
 from aiprod_kit.channels import MESSAGE_SIZE_OPTIONS
 from aiprod_kit.mesh import Mesh
 
@@ -37,7 +38,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[gateway_pb2_gr
     try:
         # A job echoes its first frame (in its spec and its plan): the client needs the mesh's limits.
         with grpc.insecure_channel(running.address("gateway"), options=MESSAGE_SIZE_OPTIONS) as channel:
-            yield gateway_pb2_grpc.GatewayServiceStub(channel)
+            yield gateway_pb2_grpc.GatewayServiceStub(with_api_key(channel, running.api_key))
     finally:
         running.stop()
 

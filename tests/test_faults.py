@@ -13,6 +13,7 @@ from support import TERMINAL, start_mesh, wait_terminal, watch_until
 from aiprod.common.v1 import job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from aiprod_kit.apikeys import with_api_key
 from aiprod_kit.mesh import Mesh
 
 
@@ -28,7 +29,8 @@ def slow_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 
 
 def stub(mesh: Mesh) -> gateway_pb2_grpc.GatewayServiceStub:
-    return gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(mesh.address("gateway")))
+    channel = with_api_key(grpc.insecure_channel(mesh.address("gateway")), mesh.api_key)
+    return gateway_pb2_grpc.GatewayServiceStub(channel)
 
 
 def create(gateway, prompt: str, seconds: float, preset: str = "") -> gateway_pb2.RenderJob:

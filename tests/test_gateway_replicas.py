@@ -18,6 +18,7 @@ from support import eventually, wait_terminal, watch_until
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from aiprod_kit.apikeys import with_api_key
 from aiprod_kit.mesh import Mesh, ServiceStartError
 
 LEASE_SECONDS = 2.0
@@ -57,7 +58,8 @@ def sandbox(mesh: Mesh) -> Sandbox:
 
 
 def stub(mesh: Mesh, replica: str) -> gateway_pb2_grpc.GatewayServiceStub:
-    return gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(mesh.address(replica)))
+    channel = with_api_key(grpc.insecure_channel(mesh.address(replica)), mesh.api_key)
+    return gateway_pb2_grpc.GatewayServiceStub(channel)
 
 
 def create(gateway: gateway_pb2_grpc.GatewayServiceStub, prompt: str) -> gateway_pb2.RenderJob:

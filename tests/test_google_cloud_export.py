@@ -15,6 +15,7 @@ from telemetry_support import FakeGoogleCloud, documented_metrics
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from aiprod_kit.apikeys import with_api_key
 from aiprod_kit.mesh import Mesh
 
 PROJECT = "aiprod-test"
@@ -43,7 +44,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, google_cloud: FakeGoogleCloud
 @pytest.fixture(scope="module")
 def jobs(mesh: Mesh) -> list[gateway_pb2.RenderJob]:
     """A job that succeeds on Runway, one that fails everywhere it is tried."""
-    stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(mesh.address("gateway")))
+    stub = gateway_pb2_grpc.GatewayServiceStub(
+        with_api_key(grpc.insecure_channel(mesh.address("gateway")), mesh.api_key)
+    )
     ended = []
     for prompt, state in (("A red kite", job_pb2.JOB_STATE_SUCCEEDED), ("A storm [sandbox:fail]", None)):
         spec = render_pb2.RenderSpec(

@@ -16,6 +16,7 @@ from support import TERMINAL, start_mesh, wait_terminal, watch_until
 from aiprod.common.v1 import job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from aiprod_kit.apikeys import with_api_key
 from aiprod_kit.mesh import Mesh
 
 PASSWORD = "pg-s3cret-never-logged"
@@ -40,8 +41,8 @@ def postgres_mesh(tmp_path, postgres_url) -> Iterator[Mesh]:
         mesh.stop()
 
 
-def stub(address: str) -> gateway_pb2_grpc.GatewayServiceStub:
-    return gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(address))
+def stub(address: str, key: str) -> gateway_pb2_grpc.GatewayServiceStub:
+    return gateway_pb2_grpc.GatewayServiceStub(with_api_key(grpc.insecure_channel(address), key))
 
 
 def create(gateway, prompt: str, seconds: float, request_id: str = "") -> gateway_pb2.RenderJob:
@@ -58,7 +59,7 @@ def all_events(gateway, job_id: str) -> list[bytes]:
 
 
 def test_jobs_outlive_a_killed_gateway(postgres_mesh):
-    gateway = stub(postgres_mesh.address("gateway"))
+    gateway = stub(postgres_mesh.address("gateway"), postgres_mesh.api_key)
     finished = create(gateway, "done before the crash", 1)
     assert wait_terminal(gateway, finished.job_id).state == job_pb2.JOB_STATE_SUCCEEDED
     finished_events = all_events(gateway, finished.job_id)
@@ -69,7 +70,7 @@ def test_jobs_outlive_a_killed_gateway(postgres_mesh):
 
     postgres_mesh.kill("gateway")
     postgres_mesh.start_service("gateway")
-    gateway = stub(postgres_mesh.address("gateway"))
+    gateway = stub(postgres_mesh.address("gateway"), postgres_mesh.api_key)
 
     # Nothing on disk held them: the gateway's SQLite file was never made.
     assert not (postgres_mesh.data_dir / "gateway" / "jobs.sqlite3").exists()
@@ -92,7 +93,10 @@ def test_jobs_outlive_a_killed_gateway(postgres_mesh):
 def test_gateway_replicas_on_one_database_serve_the_same_jobs(postgres_mesh):
     # Both replicas drive jobs; whichever claims this one drives it, and the other follows it in the store.
     replica = postgres_mesh.start_replica("gateway", "127.0.0.2")
-    one, other = stub(postgres_mesh.address("gateway")), stub(replica.address)
+    one, other = (
+        stub(postgres_mesh.address("gateway"), postgres_mesh.api_key),
+        stub(replica.address, postgres_mesh.api_key),
+    )
 
     job = create(one, "made on one replica", 2, request_id="shared-request")
     assert get(other, job.job_id).job_id == job.job_id

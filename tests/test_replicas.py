@@ -9,6 +9,7 @@ from support import eventually, start_mesh, wait_terminal
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod_kit.apikeys import with_api_key
 
 
 def test_a_draining_replica_gets_no_work_while_the_other_serves(tmp_path):
@@ -36,7 +37,9 @@ def test_a_draining_replica_gets_no_work_while_the_other_serves(tmp_path):
         assert local.backend == backend_pb2.BACKEND_LOCAL
         assert local.health == serving
 
-        gateway = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(mesh.address("gateway")))
+        gateway = gateway_pb2_grpc.GatewayServiceStub(
+            with_api_key(grpc.insecure_channel(mesh.address("gateway")), mesh.api_key)
+        )
         for n in range(4):
             spec = render_pb2.RenderSpec(prompt=f"Replica test {n}", duration_seconds=1)
             job = gateway.CreateRenderJob(gateway_pb2.CreateRenderJobRequest(spec=spec)).job

@@ -21,6 +21,7 @@ from telemetry_support import (
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from aiprod_kit.apikeys import with_api_key
 from aiprod_kit.capabilities import backend_name
 from aiprod_kit.failures import Reason
 from aiprod_kit.mesh import Mesh
@@ -53,7 +54,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver) -> It
 
 
 def gateway(mesh: Mesh) -> gateway_pb2_grpc.GatewayServiceStub:
-    return gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(mesh.address("gateway")))
+    channel = with_api_key(grpc.insecure_channel(mesh.address("gateway")), mesh.api_key)
+    return gateway_pb2_grpc.GatewayServiceStub(channel)
 
 
 def create(mesh: Mesh, prompt: str, preferred: int = RUNWAY, preset: str = "") -> gateway_pb2.RenderJob:

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 import structlog
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -32,9 +32,13 @@ class ErrorReason:
     NOT_FOUND = "NOT_FOUND"
     ALREADY_EXISTS = "ALREADY_EXISTS"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ABORTED = "ABORTED"
     UNIMPLEMENTED = "UNIMPLEMENTED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     UNAVAILABLE = "UNAVAILABLE"
+    # A tenant's service level (RESOURCE_EXHAUSTED with a RetryInfo; metadata: limit, tier).
+    RATE_LIMITED = "RATE_LIMITED"  # the tenant's requests per minute are spent
+    CONCURRENCY_LIMIT = "CONCURRENCY_LIMIT"  # the tenant has as many jobs queued or running as it may
     # Money.
     BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"  # the ledger refused a reservation, or the gateway a new job
     RESERVATION_NOT_FOUND = "RESERVATION_NOT_FOUND"
@@ -48,6 +52,8 @@ class ErrorReason:
         "JOB_WRONG_STATE"  # the job's state does not allow the call (ended, not awaiting approval)
     )
     NO_BACKEND = "NO_BACKEND"  # nothing configured can take the render now
+    # The plan version a review call names is not the job's current one (metadata: current_version).
+    PLAN_VERSION_STALE = "PLAN_VERSION_STALE"
     # Renders.
     RENDER_NOT_FOUND = "RENDER_NOT_FOUND"
     RENDER_ENDED = "RENDER_ENDED"
@@ -55,6 +61,13 @@ class ErrorReason:
     RENDERER_BUSY = "RENDERER_BUSY"  # no task slot free
     ROUTER_UNAVAILABLE = "ROUTER_UNAVAILABLE"
     RENDERER_UNAVAILABLE = "RENDERER_UNAVAILABLE"
+    # Callers.
+    UNAUTHENTICATED = "UNAUTHENTICATED"  # no API key, or one that is unknown, revoked or expired
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    TENANT_DISABLED = "TENANT_DISABLED"
+    TENANT_NOT_FOUND = "TENANT_NOT_FOUND"
+    TENANT_ALREADY_EXISTS = "TENANT_ALREADY_EXISTS"
+    API_KEY_NOT_FOUND = "API_KEY_NOT_FOUND"
     # Infrastructure.
     DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
     HOST_UNRESOLVABLE = "HOST_UNRESOLVABLE"  # a URI's host cannot be resolved now
@@ -131,14 +144,52 @@ class FailedPrecondition(ServiceError):
     reason = ErrorReason.FAILED_PRECONDITION
 
 
+class Aborted(ServiceError):
+    """A concurrency conflict: the call was made against a version that is no longer current; read again,
+    then retry."""
+
+    code = grpc.StatusCode.ABORTED
+    reason = ErrorReason.ABORTED
+
+
 class Unimplemented(ServiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
     reason = ErrorReason.UNIMPLEMENTED
 
 
 class ResourceExhausted(ServiceError):
+    """retry_after: seconds after which the same call may succeed, sent as a google.rpc.RetryInfo."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = ErrorReason.RESOURCE_EXHAUSTED
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, object] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.retry_after = retry_after
+
+    def extra_details(self) -> list[Any]:
+        if self.retry_after is None:
+            return []
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(round(self.retry_after * 1e9), 0))
+        return [error_details_pb2.RetryInfo(retry_delay=delay)]
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = ErrorReason.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = ErrorReason.PERMISSION_DENIED
 
 
 class Unavailable(ServiceError):
@@ -176,6 +227,20 @@ def error_reason(error: grpc.RpcError) -> str:
     """The ErrorInfo reason of an error status from an AIPROD service ("" when it has none)."""
     info = error_info(error)
     return info.reason if info is not None and info.domain == DOMAIN else ""
+
+
+def retry_delay(error: grpc.RpcError) -> float | None:
+    """The seconds a status's google.rpc.RetryInfo asks the caller to wait before trying again, or None."""
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except (ValueError, AttributeError):
+        return None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
 
 
 # The server's side ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ confirms SERVING through the standard health service.
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,7 +19,9 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aiprod.gateway.v1 import admin_pb2, admin_pb2_grpc
 from aiprod_kit import settings as defaults
+from aiprod_kit.apikeys import with_api_key
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ SERVICES = (
 PROVIDER_BACKENDS = ("runway", "veo", "replicate")
 # The key the sandbox accepts; renderers pointed at it use it as their credentials.
 SANDBOX_API_KEY = "sandbox-key"
+# The tenant `aiprod up` and the tests order videos as.
+DEVELOPMENT_TENANT = "dev"
 
 
 def sandbox_environment(address: str) -> dict[str, str]:
@@ -102,6 +107,51 @@ class Mesh:
     sandbox: bool = False
     only: tuple[str, ...] = ()
     services: dict[str, RunningService] = field(default_factory=dict)
+    # The gateway's admin key (AIPROD_GATEWAY_ADMIN_KEY), fresh for each mesh unless environment sets it.
+    admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # API keys made for tenants (admin_api_key), by tenant id.
+    api_keys: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.admin_key = self.environment.get("AIPROD_GATEWAY_ADMIN_KEY", self.admin_key)
+
+    @property
+    def api_key(self) -> str:
+        """The development tenant's API key (the tenant and the key made on first use)."""
+        if DEVELOPMENT_TENANT not in self.api_keys:
+            self.api_keys[DEVELOPMENT_TENANT] = self.create_api_key(
+                DEVELOPMENT_TENANT, admin_pb2.SLA_TIER_GOLD, "development", display_name="Development"
+            )
+        return self.api_keys[DEVELOPMENT_TENANT]
+
+    def admin(self, gateway: str = "gateway") -> admin_pb2_grpc.AdminServiceStub:
+        """An AdminService stub of the gateway, each call with the admin key."""
+        channel = with_api_key(grpc.insecure_channel(self.address(gateway)), self.admin_key)
+        return admin_pb2_grpc.AdminServiceStub(channel)
+
+    def create_api_key(
+        self,
+        tenant_id: str,
+        tier: int = admin_pb2.SLA_TIER_GOLD,
+        name: str = "",
+        display_name: str = "",
+        daily_budget_micros: int | None = None,
+    ) -> str:
+        """A new API key of the tenant, creating the tenant first if it does not exist."""
+        admin = self.admin()
+        request = admin_pb2.CreateTenantRequest(tenant_id=tenant_id, tier=tier, display_name=display_name)
+        if daily_budget_micros is not None:
+            request.daily_budget.currency_code = "USD"
+            request.daily_budget.amount_micros = daily_budget_micros
+        try:
+            admin.CreateTenant(request, timeout=30)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.ALREADY_EXISTS:  # type: ignore[attr-defined]
+                raise
+        created = admin.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(tenant_id=tenant_id, name=name), timeout=30
+        )
+        return created.secret
 
     def wanted(self) -> list[ServiceSpec]:
         names = set(self.only) or {"metrics", "router", "gateway", *(f"renderer-{b}" for b in self.backends)}
@@ -138,6 +188,7 @@ class Mesh:
             )
         if "router" in self.services:
             env["AIPROD_ROUTER_TARGET"] = self.services["router"].address
+        env["AIPROD_GATEWAY_ADMIN_KEY"] = self.admin_key
         env.update(self.environment)
         env.update(AIPROD_DATA_DIR=str(self.data_dir), AIPROD_LOG_FORMAT="json", PYTHONUNBUFFERED="1")
         env[spec.port_variable] = str(port)

@@ -1,16 +1,19 @@
 """The service bootstrap every AIPROD service runs in.
 
-grpc.aio server with the error and OpenTelemetry interceptors, the standard health service (each
-service's full name and ""), reflection, and a clean stop: on SIGTERM or SIGINT health turns
-NOT_SERVING, in-flight calls drain for the grace period, then the service's resources close.
+grpc.aio server with the error and OpenTelemetry interceptors, each service's own guard (the gateway's
+API keys: checked once here for every method of that service, never for health or reflection), the
+standard health service (each service's full name and ""), reflection, and a clean stop: on SIGTERM
+or SIGINT health turns NOT_SERVING, in-flight calls drain for the grace period, then the service's
+resources close.
 """
 
 import asyncio
 import contextlib
 import functools
+import inspect
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +51,12 @@ class HealthSignal:
         await publish(self.serving)
 
 
+# Admits a call to a service before its handler runs, from the call's method and metadata: raises a
+# ServiceError to refuse it (UNAUTHENTICATED...), and may set context variables the handler reads (the
+# calling tenant); runs in the call's own context.
+Guard = Callable[[grpc.HandlerCallDetails], Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class Registration:
     """One gRPC service a process serves: its full name, its servicer and the generated add function."""
@@ -57,6 +66,53 @@ class Registration:
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     # The service's health when it can be alive yet unable to serve; None means serving while up.
     health: HealthSignal | None = None
+    # What every call to this service passes first; None: every call is admitted.
+    guard: Guard | None = None
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Runs each registration's guard before the handlers of its own service's methods (only those: a
+    health check or a reflection call never needs a key). Placed after the error interceptor, so that
+    a guard's refusal becomes a proper status like any handler's."""
+
+    def __init__(self, registrations: list[Registration]) -> None:
+        self._guards = {f"/{r.full_name}/": r.guard for r in registrations if r.guard is not None}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        prefix = details.method[: details.method.rfind("/") + 1]
+        guard = self._guards.get(prefix)
+        if handler is None or guard is None:
+            return handler
+        if handler.unary_unary:
+            inner_unary = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await guard(details)
+                return await inner_unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await guard(details)
+                if inspect.isasyncgenfunction(inner_stream):
+                    async for response in inner_stream(request, context):
+                        yield response
+                else:
+                    await inner_stream(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
 
 
 # A service's resources (stores, channels, background tasks) for the life of the server: entered
@@ -74,7 +130,7 @@ async def serve(component: str, settings: CommonSettings, port: int, build: Serv
 
     async with build() as registrations:
         server = grpc.aio.server(
-            interceptors=[*server_interceptors(), ErrorInterceptor()],
+            interceptors=[*server_interceptors(), ErrorInterceptor(), GuardInterceptor(registrations)],
             options=[*MESSAGE_SIZE_OPTIONS, *keepalive_options(settings, server=True)],
         )
         health_servicer = health.aio.HealthServicer()

@@ -1,12 +1,15 @@
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from aiprod.gateway.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2_grpc
+from aiprod_gateway.admin import AdminServicer
+from aiprod_gateway.auth import AdminKeyGuard, ApiKeyGuard
 from aiprod_gateway.claims import job_lease_seconds, owner_id
 from aiprod_gateway.dispatcher import Dispatcher
 from aiprod_gateway.driving import BudgetPolicy
+from aiprod_gateway.keys import TenantStore
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.service import GatewayServicer
 from aiprod_gateway.settlement import Settlement
@@ -31,6 +34,7 @@ async def build() -> AsyncIterator[list[Registration]]:
         settings, settings.data_dir / "gateway" / "jobs.sqlite3", "gateway", "NORMAL", private=True
     )
     store = await SqlJobStore.open(database)
+    tenants = await TenantStore.open(database)
     router_channel = open_channel(settings.router_target, settings)
     metrics_channel = open_channel(settings.metrics_target, settings)
     router = router_pb2_grpc.RouterServiceStub(router_channel)
@@ -49,6 +53,7 @@ async def build() -> AsyncIterator[list[Registration]]:
         owner_id(),
         lease_seconds,
     )
+    key_guard = ApiKeyGuard(tenants, settings.gateway_key_cache_seconds)
     await settlement.start()
     await dispatcher.start()
     try:
@@ -57,7 +62,14 @@ async def build() -> AsyncIterator[list[Registration]]:
                 gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
                 GatewayServicer(store, dispatcher, router, metrics, reporter, spending, settlement),
                 gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
-            )
+                guard=key_guard,
+            ),
+            Registration(
+                admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+                AdminServicer(tenants, metrics, key_guard),
+                admin_pb2_grpc.add_AdminServiceServicer_to_server,
+                guard=AdminKeyGuard(settings.gateway_admin_key.get_secret_value()),
+            ),
         ]
     finally:
         await dispatcher.stop()

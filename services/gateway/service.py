@@ -12,7 +12,7 @@ from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
-from aiprod_gateway import validation
+from aiprod_gateway import review, validation
 from aiprod_gateway.catalog import BackendCatalog
 from aiprod_gateway.dispatcher import Dispatcher
 from aiprod_gateway.driving import cancel_render
@@ -20,6 +20,7 @@ from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement, record_charge
 from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import TERMINAL_STATES, JobStore, RequestIdConflict
+from aiprod_gateway.tenancy import current_tenant
 from aiprod_kit.errors import (
     AlreadyExists,
     ErrorReason,
@@ -56,9 +57,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._spending = spending
         self._settlement = settlement
         self._catalog = BackendCatalog(router)
+        self._review = review.Review(store, review.RoutedQuoter(router), self._catalog)
 
     async def _job(self, job_id: str) -> gateway_pb2.RenderJob:
-        job = await self._store.get_job(validation.job_id(job_id))
+        """The calling tenant's job; another tenant's is NOT_FOUND, exactly as one that does not exist."""
+        job = await self._store.get_job(validation.job_id(job_id), current_tenant().tenant_id)
         if job is None:
             raise NotFound(
                 f"job {job_id} does not exist", reason=ErrorReason.JOB_NOT_FOUND, metadata={"job_id": job_id}
@@ -75,14 +78,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         await self._spending.refuse_when_exhausted()
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
+        tenant = current_tenant()
         job = gateway_pb2.RenderJob(
             job_id=f"job_{uuid.uuid4().hex}",
+            tenant_id=tenant.tenant_id,
+            tier=tenant.tier,
             request_id=request_id,
             state=job_pb2.JOB_STATE_AWAITING_APPROVAL
-            if preset.requires_approval
+            if review.wants_review(preset, request.review)
             else job_pb2.JOB_STATE_QUEUED,
             spec=spec,
             plan=plan,
+            plan_version=1,
             create_time=now,
             update_time=now,
         )
@@ -93,7 +100,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         propagate.inject(trace_context)
         try:
             job, created = await self._store.create_job(
-                job, validation.fingerprint(request.spec), trace_context
+                job, validation.fingerprint(request.spec), trace_context, review.initial_revision(job)
             )
         except RequestIdConflict as error:
             raise AlreadyExists(
@@ -103,7 +110,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             ) from error
         if created:
             log.info(
-                "job created", job_id=job.job_id, preset=spec.preset, state=job_pb2.JobState.Name(job.state)
+                "job created",
+                job_id=job.job_id,
+                tenant_id=job.tenant_id,
+                preset=spec.preset,
+                state=job_pb2.JobState.Name(job.state),
             )
             self._reporter.job_changed(job)
             if job.state == job_pb2.JOB_STATE_QUEUED:
@@ -119,7 +130,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.ListRenderJobsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListRenderJobsResponse:
         states, page_size, cursor = validation.list_query(request)
-        page = await self._store.list_jobs(states, page_size, cursor)
+        page = await self._store.list_jobs(current_tenant().tenant_id, states, page_size, cursor)
         return gateway_pb2.ListRenderJobsResponse(
             jobs=page.jobs, next_page_token=validation.page_token(page.next_cursor, states)
         )
@@ -139,7 +150,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
         # The job ends first: a replica driving it elsewhere then records nothing more, not even the
         # failure its render's cancel would bring.
-        await self._store.append_event(job.job_id, f"cancelled: {reason}", cancel)
+        await self._store.append_event(
+            job.job_id, f"cancelled: {reason}", cancel, details=review.cancellation(reason)
+        )
         job = await self._job(job.job_id)
         if job.HasField("handle") and not _attempt_ended(job):
             # Here, whichever replica drove the job: that one may be away, and stops on its own once it
@@ -207,17 +220,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.ApproveRenderJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ApproveRenderJobResponse:
         job = await self._job(request.job_id)
-
-        def approve(job: gateway_pb2.RenderJob) -> None:
-            if job.state != job_pb2.JOB_STATE_AWAITING_APPROVAL:
-                raise FailedPrecondition(
-                    f"job {job.job_id} is {job_pb2.JobState.Name(job.state)}, not awaiting approval",
-                    reason=ErrorReason.JOB_WRONG_STATE,
-                    metadata=_state_metadata(job),
-                )
-            job.state = job_pb2.JOB_STATE_QUEUED
-
-        await self._store.append_event(job.job_id, "approved", approve)
+        await self._review.approve(job, request.plan_version)
         self._dispatcher.enqueue(job.job_id)
         job = await self._job(job.job_id)
         self._reporter.job_changed(job)
@@ -227,47 +230,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.UpdateRenderManifestRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.UpdateRenderManifestResponse:
         job = await self._job(request.job_id)
-        if list(request.update_mask.paths) not in ([], ["shots"]):
-            raise InvalidArgument([("update_mask", "only the path 'shots' can be updated")])
-        preset = PRESETS[job.spec.preset]
-        violations = []
-        if not request.plan.shots:
-            violations.append(("plan.shots", "must hold at least one shot"))
-        if len(request.plan.shots) > 1:
-            violations.append(("plan.shots", "one shot per job until shot stitching lands"))
-        for index, shot in enumerate(request.plan.shots):
-            if not shot.prompt.strip() or len(shot.prompt) > validation.MAX_PROMPT_CHARS:
-                violations.append((f"plan.shots[{index}].prompt", "must hold 1 to 2000 characters"))
-            if not 0 < shot.duration_seconds <= preset.max_duration_seconds:
-                violations.append(
-                    (
-                        f"plan.shots[{index}].duration_seconds",
-                        f"must be in (0, {preset.max_duration_seconds:g}]",
-                    )
-                )
-        if violations:
-            raise InvalidArgument(violations)
-        await validation.check_plan_first_frames(request.plan)
-
-        def replace_plan(job: gateway_pb2.RenderJob) -> None:
-            if job.state != job_pb2.JOB_STATE_AWAITING_APPROVAL:
-                raise FailedPrecondition(
-                    "only the plan of a job awaiting approval can change",
-                    reason=ErrorReason.JOB_WRONG_STATE,
-                    metadata=_state_metadata(job),
-                )
-            job.plan.CopyFrom(request.plan)
-            for shot in job.plan.shots:
-                shot.aspect_ratio = shot.aspect_ratio or job.spec.aspect_ratio
-                shot.seed = shot.seed or job.spec.seed
-
-        await self._store.append_event(job.job_id, "plan updated", replace_plan)
+        await self._review.update_plan(job, request)
         return gateway_pb2.UpdateRenderManifestResponse(job=await self._job(job.job_id))
+
+    async def ListRenderRevisions(
+        self, request: gateway_pb2.ListRenderRevisionsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListRenderRevisionsResponse:
+        job = await self._job(request.job_id)
+        return gateway_pb2.ListRenderRevisionsResponse(revisions=await self._review.revisions(job))
 
     async def GetUsage(
         self, request: gateway_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetUsageResponse:
-        counts = await self._store.count_by_state()
+        counts = await self._store.count_by_state(current_tenant().tenant_id)
         try:
             budget = await self._metrics.GetBudget(
                 metrics_pb2.GetBudgetRequest(), timeout=_DOWNSTREAM_TIMEOUT

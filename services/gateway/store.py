@@ -1,5 +1,9 @@
 """The gateway's job store: jobs, their append-only event logs and their idempotency keys.
 
+Every job belongs to one tenant (`tenant_id` column): the tenant-facing reads take the tenant and see
+nothing of another's, and a request id is unique per tenant (the `request_id` column holds
+"<tenant>/<request id>"; '/' never occurs in either).
+
 `JobStore` is the interface; `SqlJobStore` implements it once on either database (`aiprod_kit.database`):
 one SQLite file in WAL mode under the data directory (the embedded default), or PostgreSQL, shared by
 every gateway replica. Writers of one job, or of one request_id, take that one lock (in SQLite the
@@ -10,6 +14,9 @@ It also keeps which jobs have attempt charges the spend ledger has not acknowled
 and held attempts their backends may yet account for (`held`), counts derived from the job on every
 write: the gateway's settlement outbox, retried until the ledger has each one, also across restarts and
 by any replica. Two counts, so that attempts held for long never stand in the way of charges to tell.
+
+It also keeps every revision of a job's plan in review (`job_revisions`), each written in the
+transaction of the event that makes it.
 
 It also keeps who drives each unfinished job: a claim, held by one gateway process (its owner id) for
 a lease it renews. A claim is taken only when nobody holds it, its owner already does, or its lease
@@ -30,7 +37,7 @@ from google.protobuf import timestamp_pb2
 
 from aiprod.common.v1 import event_pb2, job_pb2
 from aiprod.gateway.v1 import gateway_pb2
-from aiprod_kit.database import Database, Queries
+from aiprod_kit.database import Database, Queries, Transaction
 from aiprod_kit.failures import Reason
 
 TERMINAL_STATES = frozenset(
@@ -63,14 +70,20 @@ class JobPage:
 class JobStore(ABC):
     @abstractmethod
     async def create_job(
-        self, job: gateway_pb2.RenderJob, fingerprint: str, trace_context: Mapping[str, str] | None = None
+        self,
+        job: gateway_pb2.RenderJob,
+        fingerprint: str,
+        trace_context: Mapping[str, str] | None = None,
+        revision: gateway_pb2.PlanRevision | None = None,
     ) -> tuple[gateway_pb2.RenderJob, bool]:
         """Stores a new job with its first event, unless its request_id is taken: then returns the
         job stored under it (and False) when fingerprint matches, or raises RequestIdConflict.
-        trace_context: the W3C trace context (traceparent, tracestate) of the call that created it."""
+        trace_context: the W3C trace context (traceparent, tracestate) of the call that created it.
+        revision: the plan's first revision (a job in review), kept with the job and on its first event."""
 
     @abstractmethod
-    async def get_job(self, job_id: str) -> gateway_pb2.RenderJob | None: ...
+    async def get_job(self, job_id: str, tenant_id: str | None = None) -> gateway_pb2.RenderJob | None:
+        """The job; with tenant_id, only if it is that tenant's (None otherwise, as if it did not exist)."""
 
     @abstractmethod
     async def trace_context(self, job_id: str) -> dict[str, str]:
@@ -78,8 +91,10 @@ class JobStore(ABC):
         a restart or not, continues that one trace."""
 
     @abstractmethod
-    async def list_jobs(self, states: Sequence[int], limit: int, before: int | None) -> JobPage:
-        """Jobs newest first, at most limit, positioned before the cursor `before`."""
+    async def list_jobs(
+        self, tenant_id: str, states: Sequence[int], limit: int, before: int | None
+    ) -> JobPage:
+        """The tenant's jobs newest first, at most limit, positioned before the cursor `before`."""
 
     @abstractmethod
     async def append_event(
@@ -89,10 +104,14 @@ class JobStore(ABC):
         update: JobUpdate,
         render_event: object | None = None,
         owner: str | None = None,
+        details: gateway_pb2.JobEvent | None = None,
     ) -> gateway_pb2.JobEvent:
         """Applies update to the job and appends one event, atomically; returns the event. An event that
         ends the job also ends its claim. owner: the event is the job's driver's, refused (ClaimLost,
-        nothing written) unless owner holds the job's claim and the job has not ended."""
+        nothing written) unless owner holds the job's claim and the job has not ended. details: the
+        event's typed fields (plan_updated, quoted, approved, cancelled), which update may still fill in;
+        a plan_updated revision is kept among the job's revisions in the same transaction. The event's
+        previous_state is the job's state before update."""
 
     @abstractmethod
     async def events_after(self, job_id: str, sequence: int) -> list[gateway_pb2.JobEvent]: ...
@@ -134,7 +153,12 @@ class JobStore(ABC):
         """Records that the ledger has these attempts' settlements (no event: it changes no state)."""
 
     @abstractmethod
-    async def count_by_state(self) -> dict[int, int]: ...
+    async def count_by_state(self, tenant_id: str) -> dict[int, int]:
+        """The tenant's jobs by state."""
+
+    @abstractmethod
+    async def revisions(self, job_id: str) -> list[gateway_pb2.PlanRevision]:
+        """Every revision of the job's plan kept in its review, oldest first."""
 
     @abstractmethod
     async def close(self) -> None: ...
@@ -207,7 +231,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     claim_owner TEXT,
     claim_expires REAL,
     unsettled INTEGER NOT NULL DEFAULT 0,
-    held INTEGER NOT NULL DEFAULT 0
+    held INTEGER NOT NULL DEFAULT 0,
+    tenant_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, position);
 CREATE TABLE IF NOT EXISTS job_events (
@@ -215,6 +240,12 @@ CREATE TABLE IF NOT EXISTS job_events (
     sequence INTEGER NOT NULL,
     event BLOB NOT NULL,
     PRIMARY KEY (job_id, sequence)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS job_revisions (
+    job_id TEXT NOT NULL,
+    plan_version INTEGER NOT NULL,
+    revision BLOB NOT NULL,
+    PRIMARY KEY (job_id, plan_version)
 ) WITHOUT ROWID;
 """,
     "postgresql": """
@@ -229,9 +260,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     claim_owner TEXT,
     claim_expires DOUBLE PRECISION,
     unsettled INTEGER NOT NULL DEFAULT 0,
-    held INTEGER NOT NULL DEFAULT 0
+    held INTEGER NOT NULL DEFAULT 0,
+    tenant_id TEXT NOT NULL DEFAULT ''
 );
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS claim_owner TEXT;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS tenant_id TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant_id, position);
+CREATE INDEX IF NOT EXISTS jobs_tenant_state ON jobs (tenant_id, state, position);
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS claim_expires DOUBLE PRECISION;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS unsettled INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS held INTEGER NOT NULL DEFAULT 0;
@@ -243,6 +278,12 @@ CREATE TABLE IF NOT EXISTS job_events (
     sequence INTEGER NOT NULL,
     event BYTEA NOT NULL,
     PRIMARY KEY (job_id, sequence)
+);
+CREATE TABLE IF NOT EXISTS job_revisions (
+    job_id TEXT NOT NULL,
+    plan_version BIGINT NOT NULL,
+    revision BYTEA NOT NULL,
+    PRIMARY KEY (job_id, plan_version)
 );
 """,
 }
@@ -257,6 +298,8 @@ _SQLITE_ADDED_COLUMNS = {
     "unsettled": "INTEGER NOT NULL DEFAULT 0",
     # Held attempts their backends may yet account for.
     "held": "INTEGER NOT NULL DEFAULT 0",
+    # The tenant the job belongs to ('' for jobs made before tenants: nobody's).
+    "tenant_id": "TEXT NOT NULL DEFAULT ''",
 }
 
 
@@ -290,6 +333,12 @@ class SqlJobStore(JobStore):
                     await transaction.execute(
                         f"CREATE INDEX IF NOT EXISTS jobs_{column} ON jobs (position) WHERE {column} > 0"
                     )
+                await transaction.execute(
+                    "CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant_id, position)"
+                )
+                await transaction.execute(
+                    "CREATE INDEX IF NOT EXISTS jobs_tenant_state ON jobs (tenant_id, state, position)"
+                )
         store = cls(database, clock)
         await database.listen(_CHANNEL, store._announced)
         return store
@@ -307,13 +356,18 @@ class SqlJobStore(JobStore):
         return gateway_pb2.RenderJob.FromString(row[0]) if row else None
 
     async def create_job(
-        self, job: gateway_pb2.RenderJob, fingerprint: str, trace_context: Mapping[str, str] | None = None
+        self,
+        job: gateway_pb2.RenderJob,
+        fingerprint: str,
+        trace_context: Mapping[str, str] | None = None,
+        revision: gateway_pb2.PlanRevision | None = None,
     ) -> tuple[gateway_pb2.RenderJob, bool]:
         async with self._db.transaction() as transaction:
+            request_key = f"{job.tenant_id}/{job.request_id}"
             # Two replicas creating under one request_id: the second waits, then finds the first's job.
-            await transaction.lock(f"job-request:{job.request_id}")
+            await transaction.lock(f"job-request:{request_key}")
             row = await transaction.fetchone(
-                "SELECT fingerprint, job FROM jobs WHERE request_id = ?", (job.request_id,)
+                "SELECT fingerprint, job FROM jobs WHERE request_id = ?", (request_key,)
             )
             if row is not None:
                 if row[0] != fingerprint:
@@ -326,17 +380,23 @@ class SqlJobStore(JobStore):
                 create_time=job.create_time,
                 state=job.state,
                 message="job created",
-            )
+            )  # previous_state: unspecified, the job had none
+            if job.HasField("quote"):
+                event.quoted.CopyFrom(job.quote)
+            if revision is not None:
+                event.plan_updated.CopyFrom(revision)
+                await self._insert_revision(transaction, job.job_id, revision)
             await transaction.execute(
-                "INSERT INTO jobs (job_id, request_id, fingerprint, state, job, trace_context)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (job_id, request_id, fingerprint, state, job, trace_context, tenant_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.job_id,
-                    job.request_id,
+                    request_key,
                     fingerprint,
                     job.state,
                     job.SerializeToString(),
                     json.dumps(dict(trace_context or {})),
+                    job.tenant_id,
                 ),
             )
             await transaction.execute(
@@ -345,23 +405,30 @@ class SqlJobStore(JobStore):
             )
         return job, True
 
-    async def get_job(self, job_id: str) -> gateway_pb2.RenderJob | None:
-        return await self._load(self._db, job_id)
+    async def get_job(self, job_id: str, tenant_id: str | None = None) -> gateway_pb2.RenderJob | None:
+        if tenant_id is None:
+            return await self._load(self._db, job_id)
+        row = await self._db.fetchone(
+            "SELECT job FROM jobs WHERE job_id = ? AND tenant_id = ?", (job_id, tenant_id)
+        )
+        return gateway_pb2.RenderJob.FromString(row[0]) if row else None
 
     async def trace_context(self, job_id: str) -> dict[str, str]:
         row = await self._db.fetchone("SELECT trace_context FROM jobs WHERE job_id = ?", (job_id,))
         return json.loads(row[0]) if row else {}
 
-    async def list_jobs(self, states: Sequence[int], limit: int, before: int | None) -> JobPage:
-        clauses: list[str] = []
-        parameters: list[object] = []
+    async def list_jobs(
+        self, tenant_id: str, states: Sequence[int], limit: int, before: int | None
+    ) -> JobPage:
+        clauses: list[str] = ["tenant_id = ?"]
+        parameters: list[object] = [tenant_id]
         if states:
             clauses.append(f"state IN ({', '.join('?' * len(states))})")
             parameters.extend(states)
         if before is not None:
             clauses.append("position < ?")
             parameters.append(before)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where = f"WHERE {' AND '.join(clauses)}"
         rows = await self._db.fetchall(
             f"SELECT position, job FROM jobs {where} ORDER BY position DESC LIMIT ?", (*parameters, limit + 1)
         )
@@ -375,6 +442,7 @@ class SqlJobStore(JobStore):
         update: JobUpdate,
         render_event: object | None = None,
         owner: str | None = None,
+        details: gateway_pb2.JobEvent | None = None,
     ) -> gateway_pb2.JobEvent:
         async with self._db.transaction() as transaction:
             await transaction.lock(f"job:{job_id}")
@@ -385,6 +453,7 @@ class SqlJobStore(JobStore):
             if owner is not None and (row[1] != owner or job.state in TERMINAL_STATES):
                 why = "it has ended" if job.state in TERMINAL_STATES else "another replica claimed it"
                 raise ClaimLost(f"job {job_id} is not {owner}'s to drive: {why}")
+            previous_state = job.state
             update(job)
             job.last_sequence += 1
             job.update_time.CopyFrom(_now())
@@ -393,9 +462,14 @@ class SqlJobStore(JobStore):
                 sequence=job.last_sequence,
                 create_time=job.update_time,
                 state=job.state,
+                previous_state=previous_state,
                 message=message,
                 render=render_event,
             )
+            if details is not None:
+                event.MergeFrom(details)
+                if details.HasField("plan_updated"):
+                    await self._insert_revision(transaction, job_id, details.plan_updated)
             await transaction.execute(
                 "UPDATE jobs SET state = ?, job = ?, unsettled = ?, held = ? WHERE job_id = ?",
                 (job.state, job.SerializeToString(), *_outbox_counts(job), job_id),
@@ -498,9 +572,26 @@ class SqlJobStore(JobStore):
             )
         return job
 
-    async def count_by_state(self) -> dict[int, int]:
-        rows = await self._db.fetchall("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+    async def count_by_state(self, tenant_id: str) -> dict[int, int]:
+        rows = await self._db.fetchall(
+            "SELECT state, COUNT(*) FROM jobs WHERE tenant_id = ? GROUP BY state", (tenant_id,)
+        )
         return {state: count for state, count in rows}
 
     async def close(self) -> None:
         await self._db.close()
+
+    @staticmethod
+    async def _insert_revision(
+        transaction: Transaction, job_id: str, revision: gateway_pb2.PlanRevision
+    ) -> None:
+        await transaction.execute(
+            "INSERT INTO job_revisions (job_id, plan_version, revision) VALUES (?, ?, ?)",
+            (job_id, revision.plan_version, revision.SerializeToString()),
+        )
+
+    async def revisions(self, job_id: str) -> list[gateway_pb2.PlanRevision]:
+        rows = await self._db.fetchall(
+            "SELECT revision FROM job_revisions WHERE job_id = ? ORDER BY plan_version", (job_id,)
+        )
+        return [gateway_pb2.PlanRevision.FromString(row[0]) for row in rows]

@@ -52,7 +52,7 @@ async def store(open_store: OpenStore) -> JobStore:
 
 
 def job(job_id: str, request_id: str, state: int = job_pb2.JOB_STATE_QUEUED) -> gateway_pb2.RenderJob:
-    return gateway_pb2.RenderJob(job_id=job_id, request_id=request_id, state=state)
+    return gateway_pb2.RenderJob(job_id=job_id, request_id=request_id, state=state, tenant_id="acme")
 
 
 def set_state(state: int):
@@ -104,15 +104,15 @@ async def test_listing_pages_newest_first_and_claimable_jobs_oldest_first(store)
     for n in range(5):
         await store.create_job(job(f"job_{n}", f"r{n}"), "f")
     await store.append_event("job_1", "done", set_state(job_pb2.JOB_STATE_SUCCEEDED))
-    first = await store.list_jobs([], 2, None)
-    second = await store.list_jobs([], 2, first.next_cursor)
+    first = await store.list_jobs("acme", [], 2, None)
+    second = await store.list_jobs("acme", [], 2, first.next_cursor)
     assert [j.job_id for j in first.jobs + second.jobs] == ["job_4", "job_3", "job_2", "job_1"]
-    assert [j.job_id for j in (await store.list_jobs([job_pb2.JOB_STATE_SUCCEEDED], 10, None)).jobs] == [
-        "job_1"
-    ]
+    assert [
+        j.job_id for j in (await store.list_jobs("acme", [job_pb2.JOB_STATE_SUCCEEDED], 10, None)).jobs
+    ] == ["job_1"]
     assert await store.claimable_jobs(10) == ["job_0", "job_2", "job_3", "job_4"]
     assert await store.claimable_jobs(2) == ["job_0", "job_2"]
-    assert await store.count_by_state() == {job_pb2.JOB_STATE_QUEUED: 4, job_pb2.JOB_STATE_SUCCEEDED: 1}
+    assert await store.count_by_state("acme") == {job_pb2.JOB_STATE_QUEUED: 4, job_pb2.JOB_STATE_SUCCEEDED: 1}
 
 
 async def test_a_job_keeps_the_trace_context_it_was_created_in(store):
@@ -131,7 +131,7 @@ async def test_racing_creates_of_one_request_id_store_one_job(open_store):
     )
     assert [created for _, created in outcomes].count(True) == 1
     assert len({stored.job_id for stored, _ in outcomes}) == 1
-    assert sum((await stores[0].count_by_state()).values()) == 1
+    assert sum((await stores[0].count_by_state("acme")).values()) == 1
 
 
 async def test_racing_appends_number_events_without_gaps(open_store):
@@ -306,3 +306,15 @@ async def test_charges_to_tell_and_held_attempts_are_found_apart_until_settled(s
     # A cursor past the last held job finds nothing more: the next pass starts again from 0.
     [(position, _)] = await store.held_jobs(10, 0)
     assert await store.held_jobs(10, position) == []
+
+
+async def test_a_tenant_sees_only_its_own_jobs_and_request_ids_are_per_tenant(store: SqlJobStore) -> None:
+    mine = job("job_" + "a" * 32, "same-request")
+    theirs = gateway_pb2.RenderJob(job_id="job_" + "b" * 32, request_id="same-request", tenant_id="other")
+    assert (await store.create_job(mine, "fingerprint-1"))[1]
+    # The same request id under another tenant is another job, even with another request behind it.
+    assert (await store.create_job(theirs, "fingerprint-2"))[1]
+    assert await store.get_job(mine.job_id, "acme") is not None
+    assert await store.get_job(mine.job_id, "other") is None
+    assert [j.job_id for j in (await store.list_jobs("other", [], 10, None)).jobs] == [theirs.job_id]
+    assert await store.count_by_state("acme") == {job_pb2.JOB_STATE_QUEUED: 1}
