@@ -24,6 +24,7 @@ from aiprod_kit.errors import (
     Unimplemented,
     error_info,
     error_reason,
+    retry_delay,
 )
 from aiprod_kit.failures import Reason, failure, reason_name, reason_value
 
@@ -103,6 +104,9 @@ _RAISED: dict[str, Exception] = {
     "not_found": NotFound("job x does not exist", reason=ErrorReason.JOB_NOT_FOUND, metadata={"job_id": "x"}),
     "invalid": InvalidArgument([("spec.prompt", "must not be empty")]),
     "unexpected": RuntimeError("a secret in the text"),
+    "limited": ResourceExhausted(
+        "10 requests a minute", reason=ErrorReason.RATE_LIMITED, metadata={"limit": 10}, retry_after=12.5
+    ),
 }
 
 
@@ -148,6 +152,22 @@ async def test_bad_input_carries_error_info_beside_bad_request(channel):
     assert status.details[1].Unpack(bad_request)
     assert [v.field for v in bad_request.field_violations] == ["spec.prompt"]
     assert error_reason(error) == "INVALID_ARGUMENT"
+
+
+async def test_a_refusal_to_retry_later_carries_retry_info_beside_error_info(channel):
+    error = await _raised(channel, "limited")
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_reason(error) == "RATE_LIMITED"
+    assert retry_delay(error) == 12.5
+    status = rpc_status.from_call(error)
+    assert status is not None
+    assert [detail.TypeName() for detail in status.details] == [
+        "google.rpc.ErrorInfo",
+        "google.rpc.RetryInfo",
+    ]
+    # Without a delay, no RetryInfo.
+    assert ResourceExhausted("spent").extra_details() == []
+    assert retry_delay(await _raised(channel, "not_found")) is None
 
 
 async def test_an_unexpected_error_is_internal_with_error_info_and_nothing_private(channel):
