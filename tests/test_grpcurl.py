@@ -11,9 +11,16 @@ import pytest
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or "grpcurl"
 
 
-def grpcurl(*args: str, data: str | None = None) -> str:
-    command = [GRPCURL, "-plaintext", *(["-d", data] if data is not None else []), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+def run_grpcurl(
+    *args: str, data: str | None = None, key: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    headers = ["-H", f"authorization: Bearer {key}"] if key else []
+    command = [GRPCURL, "-plaintext", *headers, *(["-d", data] if data is not None else []), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def grpcurl(*args: str, data: str | None = None, key: str | None = None) -> str:
+    result = run_grpcurl(*args, data=data, key=key)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -47,6 +54,26 @@ def test_health_check_answers_serving(mesh):
     assert answer["status"] == "SERVING"
 
 
+def test_without_a_key_the_gateway_answers_unauthenticated_and_nothing_is_created(mesh):
+    request = json.dumps({"request_id": "grpcurl-nokey", "spec": {"prompt": "No key", "duration_seconds": 1}})
+    for key in (None, "aiprod_000000000000_" + "x" * 32):
+        refused = run_grpcurl(
+            mesh.address("gateway"), "aiprod.gateway.v1.GatewayService/CreateRenderJob", data=request, key=key
+        )
+        assert refused.returncode != 0
+        assert "Code: Unauthenticated" in refused.stderr
+        assert "x" * 32 not in refused.stderr  # the presented key is never echoed
+    listed = json.loads(
+        grpcurl(
+            mesh.address("gateway"),
+            "aiprod.gateway.v1.GatewayService/ListRenderJobs",
+            data="{}",
+            key=mesh.api_key,
+        )
+    )
+    assert all(job["request_id"] != "grpcurl-nokey" for job in listed.get("jobs", []))
+
+
 def test_a_job_created_from_json_can_be_watched_to_its_end(mesh):
     request = {
         "request_id": "grpcurl-1",
@@ -57,6 +84,7 @@ def test_a_job_created_from_json_can_be_watched_to_its_end(mesh):
             mesh.address("gateway"),
             "aiprod.gateway.v1.GatewayService/CreateRenderJob",
             data=json.dumps(request),
+            key=mesh.api_key,
         )
     )["job"]
     # grpcurl prints proto field names, as written in the .proto files.
@@ -66,6 +94,7 @@ def test_a_job_created_from_json_can_be_watched_to_its_end(mesh):
         mesh.address("gateway"),
         "aiprod.gateway.v1.GatewayService/WatchRenderJob",
         data=json.dumps({"job_id": job["job_id"]}),
+        key=mesh.api_key,
     )
     messages = [json.loads(chunk) for chunk in _json_objects(stream)]
     assert "job" in messages[0]
