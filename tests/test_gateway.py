@@ -202,11 +202,14 @@ def test_a_preset_with_approval_waits_until_approved(gateway):
     job = create(gateway, preset="brand_campaign", duration_seconds=1)
     assert job.state == job_pb2.JOB_STATE_AWAITING_APPROVAL
     assert gateway.GetRenderJob(gateway_pb2.GetRenderJobRequest(job_id=job.job_id)).job.last_sequence == 1
-    approved = gateway.ApproveRenderJob(gateway_pb2.ApproveRenderJobRequest(job_id=job.job_id)).job
+    assert job.plan_version == 1
+    approved = gateway.ApproveRenderJob(
+        gateway_pb2.ApproveRenderJobRequest(job_id=job.job_id, plan_version=1)
+    ).job
     assert approved.state == job_pb2.JOB_STATE_QUEUED
     assert wait_terminal(gateway, job.job_id).state == job_pb2.JOB_STATE_SUCCEEDED
     with pytest.raises(grpc.RpcError) as again:
-        gateway.ApproveRenderJob(gateway_pb2.ApproveRenderJobRequest(job_id=job.job_id))
+        gateway.ApproveRenderJob(gateway_pb2.ApproveRenderJobRequest(job_id=job.job_id, plan_version=1))
     assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -214,14 +217,17 @@ def test_the_plan_of_a_job_awaiting_approval_can_be_edited(gateway):
     job = create(gateway, preset="brand_campaign", duration_seconds=2)
     plan = render_pb2.RenderPlan(shots=[render_pb2.Shot(prompt="An edited shot", duration_seconds=1)])
     edited = gateway.UpdateRenderManifest(
-        gateway_pb2.UpdateRenderManifestRequest(job_id=job.job_id, plan=plan)
+        gateway_pb2.UpdateRenderManifestRequest(job_id=job.job_id, plan=plan, plan_version=1)
     ).job
     assert edited.plan.shots[0].prompt == "An edited shot"
-    gateway.ApproveRenderJob(gateway_pb2.ApproveRenderJobRequest(job_id=job.job_id))
+    assert edited.plan_version == 2
+    gateway.ApproveRenderJob(gateway_pb2.ApproveRenderJobRequest(job_id=job.job_id, plan_version=2))
     done = wait_terminal(gateway, job.job_id)
     assert done.result.video.frame_count == 24
     with pytest.raises(grpc.RpcError) as late:
-        gateway.UpdateRenderManifest(gateway_pb2.UpdateRenderManifestRequest(job_id=job.job_id, plan=plan))
+        gateway.UpdateRenderManifest(
+            gateway_pb2.UpdateRenderManifestRequest(job_id=job.job_id, plan=plan, plan_version=2)
+        )
     assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
