@@ -4,11 +4,13 @@ ABORTED and changes nothing), are re-quoted and kept as revisions; an approval n
 approves; a cancel before approval spends nothing; a gateway restart keeps all of it; a watcher sees every
 change as a typed event."""
 
+import contextlib
 import threading
 from collections.abc import Iterator
 
 import grpc
 import pytest
+from postgres_support import fresh_schema
 from support import error_info, field_violations, start_mesh, wait_terminal, watch_until
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
@@ -20,12 +22,16 @@ from aiprod_kit.mesh import Mesh
 AWAITING = job_pb2.JOB_STATE_AWAITING_APPROVAL
 
 
-@pytest.fixture(scope="module")
-def review_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    # A mesh of its own: one of the tests restarts its gateway.
-    running = start_mesh(tmp_path_factory.mktemp("review-mesh"))
-    yield running
-    running.stop()
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def review_mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """A mesh of its own (one of the tests restarts its gateway), on either store: every test runs on both."""
+    with contextlib.ExitStack() as stack:
+        environment = {}
+        if request.param == "postgres":
+            environment["AIPROD_DATABASE_URL"] = stack.enter_context(fresh_schema())
+        running = start_mesh(tmp_path_factory.mktemp("review-mesh"), **environment)
+        stack.callback(running.stop)
+        yield running
 
 
 def stub(mesh: Mesh, key: str | None = None) -> gateway_pb2_grpc.GatewayServiceStub:
