@@ -52,6 +52,13 @@ class ErrorReason:
         "JOB_WRONG_STATE"  # the job's state does not allow the call (ended, not awaiting approval)
     )
     NO_BACKEND = "NO_BACKEND"  # nothing configured can take the render now
+    # Quotes (metadata: quote_id; the prices in micro-USD).
+    PRICE_LIMIT = "PRICE_LIMIT"  # the cheapest qualifying route costs more than the job's limit
+    QUOTE_NOT_FOUND = "QUOTE_NOT_FOUND"  # no such quote of the caller's tenant
+    QUOTE_MISMATCH = "QUOTE_MISMATCH"  # the quote was made for another spec
+    QUOTE_EXPIRED = "QUOTE_EXPIRED"  # metadata: expire_time
+    QUOTE_NOT_HOLDING = "QUOTE_NOT_HOLDING"  # its backend no longer qualifies (metadata: backend, why)
+    QUOTE_USED = "QUOTE_USED"  # another request already created its job
     # The plan version a review call names is not the job's current one (metadata: current_version).
     PLAN_VERSION_STALE = "PLAN_VERSION_STALE"
     # Renders.
