@@ -14,7 +14,7 @@ from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2_grpc
 from aiprod_kit.apikeys import with_api_key
-from aiprod_kit.mesh import Mesh
+from aiprod_kit.mesh import DEVELOPMENT_TENANT, Mesh
 
 TERMINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
 
@@ -37,9 +37,9 @@ def metrics(mesh: Mesh) -> metrics_pb2_grpc.MetricsServiceStub:
     return metrics_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(mesh.address("metrics")))
 
 
-def budget(mesh: Mesh) -> metrics_pb2.Budget:
-    """Today's budget of the default tenant."""
-    return metrics(mesh).GetBudget(metrics_pb2.GetBudgetRequest(), timeout=10).budget
+def budget(mesh: Mesh, tenant_id: str = DEVELOPMENT_TENANT) -> metrics_pb2.Budget:
+    """Today's budget of a tenant: the development tenant's, whose key the stubs call with."""
+    return metrics(mesh).GetBudget(metrics_pb2.GetBudgetRequest(tenant_id=tenant_id), timeout=10).budget
 
 
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
