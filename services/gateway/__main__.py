@@ -10,11 +10,13 @@ from aiprod_gateway.claims import job_lease_seconds, owner_id
 from aiprod_gateway.dispatcher import Dispatcher
 from aiprod_gateway.driving import BudgetPolicy
 from aiprod_gateway.keys import TenantStore
+from aiprod_gateway.limits import RequestLimiter
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.service import GatewayServicer
 from aiprod_gateway.settlement import Settlement
 from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import SqlJobStore
+from aiprod_gateway.tiers import parse_tiers
 from aiprod_kit.channels import open_channel
 from aiprod_kit.database import open_database
 from aiprod_kit.server import Registration, run
@@ -28,6 +30,7 @@ async def build() -> AsyncIterator[list[Registration]]:
     # A wrong setting stops the gateway first.
     budget_policy = BudgetPolicy.from_settings(settings)
     lease_seconds = job_lease_seconds(settings)
+    tiers = parse_tiers(settings.gateway_tiers)
     # PostgreSQL when AIPROD_DATABASE_URL is set (every replica on one database), else SQLite: a file
     # of this gateway's own (a replica needs the shared database).
     database = await open_database(
@@ -35,6 +38,8 @@ async def build() -> AsyncIterator[list[Registration]]:
     )
     store = await SqlJobStore.open(database)
     tenants = await TenantStore.open(database)
+    # Each tenant's calls a minute, counted on the database every replica shares.
+    limiter = await RequestLimiter.open(database, tiers)
     router_channel = open_channel(settings.router_target, settings)
     metrics_channel = open_channel(settings.metrics_target, settings)
     router = router_pb2_grpc.RouterServiceStub(router_channel)
@@ -53,14 +58,16 @@ async def build() -> AsyncIterator[list[Registration]]:
         owner_id(),
         lease_seconds,
     )
-    key_guard = ApiKeyGuard(tenants, settings.gateway_key_cache_seconds)
+    key_guard = ApiKeyGuard(tenants, settings.gateway_key_cache_seconds, limiter.admit)
     await settlement.start()
     await dispatcher.start()
     try:
         yield [
             Registration(
                 gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
-                GatewayServicer(store, dispatcher, router, metrics, reporter, spending, settlement),
+                GatewayServicer(
+                    store, dispatcher, router, metrics, reporter, spending, settlement, tiers=tiers
+                ),
                 gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
                 guard=key_guard,
             ),

@@ -243,9 +243,12 @@ class Review:
             job.job_id, f"plan updated to version {version}", edit, details=details
         )
 
-    async def approve(self, job: gateway_pb2.RenderJob, plan_version: int) -> None:
+    async def approve(
+        self, job: gateway_pb2.RenderJob, plan_version: int, max_unfinished: int | None = None
+    ) -> None:
         """ApproveRenderJob: the job, awaiting approval at plan_version, is queued (the caller enqueues
-        it); INVALID_ARGUMENT (no version), FAILED_PRECONDITION (not awaiting) or ABORTED (stale)."""
+        it); INVALID_ARGUMENT (no version), FAILED_PRECONDITION (not awaiting) or ABORTED (stale).
+        max_unfinished: the tenant's jobs queued or running at most (TooManyUnfinished: not approved)."""
         if plan_version <= 0:
             raise InvalidArgument(
                 [("plan_version", "must be the plan version approved (the job's plan_version, from 1)")]
@@ -267,7 +270,11 @@ class Review:
             job.state = job_pb2.JOB_STATE_QUEUED
 
         await self._store.append_event(
-            job.job_id, f"approved: plan version {plan_version}", approve, details=details
+            job.job_id,
+            f"approved: plan version {plan_version}",
+            approve,
+            details=details,
+            max_unfinished=max_unfinished,
         )
 
     async def revisions(self, job: gateway_pb2.RenderJob) -> list[gateway_pb2.PlanRevision]:

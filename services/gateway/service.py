@@ -1,7 +1,7 @@
 """GatewayService: the public API. Validates, stores, and hands jobs to the dispatcher."""
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 import structlog
@@ -12,15 +12,16 @@ from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
-from aiprod_gateway import review, validation
+from aiprod_gateway import limits, review, validation
 from aiprod_gateway.catalog import BackendCatalog
 from aiprod_gateway.dispatcher import Dispatcher
 from aiprod_gateway.driving import cancel_render
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement, record_charge
 from aiprod_gateway.spending import Spending
-from aiprod_gateway.store import TERMINAL_STATES, JobStore, RequestIdConflict
+from aiprod_gateway.store import TERMINAL_STATES, JobStore, RequestIdConflict, TooManyUnfinished
 from aiprod_gateway.tenancy import current_tenant
+from aiprod_gateway.tiers import DEFAULT_TIERS, TierPolicy
 from aiprod_kit.errors import (
     AlreadyExists,
     ErrorReason,
@@ -48,8 +49,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         reporter: MetricsReporter,
         spending: Spending,
         settlement: Settlement,
+        tiers: Mapping[int, TierPolicy] = DEFAULT_TIERS,
     ) -> None:
         self._store = store
+        self._tiers = tiers
         self._dispatcher = dispatcher
         self._router = router
         self._metrics = metrics
@@ -73,16 +76,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     ) -> gateway_pb2.CreateRenderJobResponse:
         request_id = validation.request_id(request.request_id) or uuid.uuid4().hex
         spec, preset = await validation.checked_spec(request.spec)
-        plan = validation.plan_of(spec)
-        await self._catalog.check_renderable(plan.shots[0])
-        await self._spending.refuse_when_exhausted()
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
         tenant = current_tenant()
+        # The tenant's tier: the job's deadline, its quality floor at least, its longest duration.
+        tier = self._tiers[tenant.tier]
+        spec = limits.apply_tier(spec, tenant.tier, tier, now)
+        plan = validation.plan_of(spec)
+        await self._catalog.check_renderable(plan.shots[0])
+        await self._spending.refuse_when_exhausted()
         job = gateway_pb2.RenderJob(
             job_id=f"job_{uuid.uuid4().hex}",
             tenant_id=tenant.tenant_id,
             tier=tenant.tier,
+            priority=preset.to_proto().priority,
             request_id=request_id,
             state=job_pb2.JOB_STATE_AWAITING_APPROVAL
             if review.wants_review(preset, request.review)
@@ -100,8 +107,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         propagate.inject(trace_context)
         try:
             job, created = await self._store.create_job(
-                job, validation.fingerprint(request.spec), trace_context, review.initial_revision(job)
+                job,
+                validation.fingerprint(request.spec),
+                trace_context,
+                review.initial_revision(job),
+                max_unfinished=int(tier.concurrent_jobs),
             )
+        except TooManyUnfinished as error:
+            raise limits.too_many_jobs(tenant, tier) from error
         except RequestIdConflict as error:
             raise AlreadyExists(
                 f"request_id {request_id} was already used for a different request",
@@ -118,7 +131,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
             self._reporter.job_changed(job)
             if job.state == job_pb2.JOB_STATE_QUEUED:
-                self._dispatcher.enqueue(job.job_id)
+                self._dispatcher.enqueue(job.job_id, job.priority)
         return gateway_pb2.CreateRenderJobResponse(job=job)
 
     async def GetRenderJob(
@@ -220,8 +233,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.ApproveRenderJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ApproveRenderJobResponse:
         job = await self._job(request.job_id)
-        await self._review.approve(job, request.plan_version)
-        self._dispatcher.enqueue(job.job_id)
+        tenant = current_tenant()
+        tier = self._tiers[tenant.tier]
+        try:
+            # Queued, the job counts among the tenant's jobs at once.
+            await self._review.approve(job, request.plan_version, int(tier.concurrent_jobs))
+        except TooManyUnfinished as error:
+            raise limits.too_many_jobs(tenant, tier) from error
+        self._dispatcher.enqueue(job.job_id, job.priority)
         job = await self._job(job.job_id)
         self._reporter.job_changed(job)
         return gateway_pb2.ApproveRenderJobResponse(job=job)

@@ -60,6 +60,11 @@ class ClaimLost(Exception):
     """The job is no longer the caller's to drive: another owner claimed it, or it ended (cancelled)."""
 
 
+class TooManyUnfinished(Exception):
+    """The job's tenant already has as many jobs queued or running as it may (max_unfinished): the job
+    is neither stored nor queued."""
+
+
 @dataclass(frozen=True)
 class JobPage:
     jobs: list[gateway_pb2.RenderJob]
@@ -75,11 +80,15 @@ class JobStore(ABC):
         fingerprint: str,
         trace_context: Mapping[str, str] | None = None,
         revision: gateway_pb2.PlanRevision | None = None,
+        max_unfinished: int | None = None,
     ) -> tuple[gateway_pb2.RenderJob, bool]:
         """Stores a new job with its first event, unless its request_id is taken: then returns the
         job stored under it (and False) when fingerprint matches, or raises RequestIdConflict.
         trace_context: the W3C trace context (traceparent, tracestate) of the call that created it.
-        revision: the plan's first revision (a job in review), kept with the job and on its first event."""
+        revision: the plan's first revision (a job in review), kept with the job and on its first event.
+        max_unfinished: a queued job is refused (TooManyUnfinished) when its tenant has that many jobs
+        queued or running already, counted under the tenant's lock, so that replicas creating at once
+        cannot pass it together."""
 
     @abstractmethod
     async def get_job(self, job_id: str, tenant_id: str | None = None) -> gateway_pb2.RenderJob | None:
@@ -105,13 +114,16 @@ class JobStore(ABC):
         render_event: object | None = None,
         owner: str | None = None,
         details: gateway_pb2.JobEvent | None = None,
+        max_unfinished: int | None = None,
     ) -> gateway_pb2.JobEvent:
         """Applies update to the job and appends one event, atomically; returns the event. An event that
         ends the job also ends its claim. owner: the event is the job's driver's, refused (ClaimLost,
         nothing written) unless owner holds the job's claim and the job has not ended. details: the
         event's typed fields (plan_updated, quoted, approved, cancelled), which update may still fill in;
         a plan_updated revision is kept among the job's revisions in the same transaction. The event's
-        previous_state is the job's state before update."""
+        previous_state is the job's state before update. max_unfinished: an update that queues a job
+        which was not (an approval) is refused (TooManyUnfinished, nothing written) when the job's tenant
+        has that many jobs queued or running already, counted under the tenant's lock."""
 
     @abstractmethod
     async def events_after(self, job_id: str, sequence: int) -> list[gateway_pb2.JobEvent]: ...
@@ -123,7 +135,8 @@ class JobStore(ABC):
     @abstractmethod
     async def claimable_jobs(self, limit: int) -> list[str]:
         """Up to limit ids of jobs queued or running that nobody holds (never claimed, let go of, or their
-        lease ran out), oldest first: work for any replica."""
+        lease ran out), the highest priority first (their presets'), then the oldest: work for any
+        replica."""
 
     @abstractmethod
     async def claim(self, job_id: str, owner: str, lease_seconds: float) -> bool:
@@ -232,7 +245,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     claim_expires REAL,
     unsettled INTEGER NOT NULL DEFAULT 0,
     held INTEGER NOT NULL DEFAULT 0,
-    tenant_id TEXT NOT NULL DEFAULT ''
+    tenant_id TEXT NOT NULL DEFAULT '',
+    priority INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, position);
 CREATE TABLE IF NOT EXISTS job_events (
@@ -261,7 +275,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     claim_expires DOUBLE PRECISION,
     unsettled INTEGER NOT NULL DEFAULT 0,
     held INTEGER NOT NULL DEFAULT 0,
-    tenant_id TEXT NOT NULL DEFAULT ''
+    tenant_id TEXT NOT NULL DEFAULT '',
+    priority INTEGER NOT NULL DEFAULT 0
 );
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS claim_owner TEXT;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS tenant_id TEXT NOT NULL DEFAULT '';
@@ -273,6 +288,8 @@ ALTER TABLE jobs ADD COLUMN IF NOT EXISTS held INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS jobs_unsettled ON jobs (position) WHERE unsettled > 0;
 CREATE INDEX IF NOT EXISTS jobs_held ON jobs (position) WHERE held > 0;
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, position);
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS priority INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS jobs_dispatch ON jobs (state, priority DESC, position);
 CREATE TABLE IF NOT EXISTS job_events (
     job_id TEXT NOT NULL,
     sequence INTEGER NOT NULL,
@@ -300,6 +317,8 @@ _SQLITE_ADDED_COLUMNS = {
     "held": "INTEGER NOT NULL DEFAULT 0",
     # The tenant the job belongs to ('' for jobs made before tenants: nobody's).
     "tenant_id": "TEXT NOT NULL DEFAULT ''",
+    # Its scheduling priority (gateway_pb2.Priority, its preset's): claimable jobs come highest first.
+    "priority": "INTEGER NOT NULL DEFAULT 0",
 }
 
 
@@ -339,6 +358,9 @@ class SqlJobStore(JobStore):
                 await transaction.execute(
                     "CREATE INDEX IF NOT EXISTS jobs_tenant_state ON jobs (tenant_id, state, position)"
                 )
+                await transaction.execute(
+                    "CREATE INDEX IF NOT EXISTS jobs_dispatch ON jobs (state, priority DESC, position)"
+                )
         store = cls(database, clock)
         await database.listen(_CHANNEL, store._announced)
         return store
@@ -355,17 +377,31 @@ class SqlJobStore(JobStore):
         row = await queries.fetchone("SELECT job FROM jobs WHERE job_id = ?", (job_id,))
         return gateway_pb2.RenderJob.FromString(row[0]) if row else None
 
+    @staticmethod
+    async def _check_unfinished(transaction: Transaction, tenant_id: str, max_unfinished: int | None) -> None:
+        """TooManyUnfinished when the tenant has max_unfinished jobs queued or running; under its lock."""
+        row = await transaction.fetchone(
+            "SELECT COUNT(*) FROM jobs WHERE tenant_id = ? AND state IN (?, ?)", (tenant_id, *_UNFINISHED)
+        )
+        if max_unfinished is not None and row is not None and row[0] >= max_unfinished:
+            raise TooManyUnfinished(f"tenant {tenant_id} has {row[0]} jobs queued or running")
+
     async def create_job(
         self,
         job: gateway_pb2.RenderJob,
         fingerprint: str,
         trace_context: Mapping[str, str] | None = None,
         revision: gateway_pb2.PlanRevision | None = None,
+        max_unfinished: int | None = None,
     ) -> tuple[gateway_pb2.RenderJob, bool]:
+        limited = max_unfinished is not None and job.state in _UNFINISHED
         async with self._db.transaction() as transaction:
             request_key = f"{job.tenant_id}/{job.request_id}"
             # Two replicas creating under one request_id: the second waits, then finds the first's job.
-            await transaction.lock(f"job-request:{request_key}")
+            # A queued job under a limit: the tenant's other creates and approvals wait too.
+            await transaction.lock(
+                f"job-request:{request_key}", *([f"tenant:{job.tenant_id}"] if limited else [])
+            )
             row = await transaction.fetchone(
                 "SELECT fingerprint, job FROM jobs WHERE request_id = ?", (request_key,)
             )
@@ -373,6 +409,8 @@ class SqlJobStore(JobStore):
                 if row[0] != fingerprint:
                     raise RequestIdConflict(job.request_id)
                 return gateway_pb2.RenderJob.FromString(row[1]), False
+            if limited:
+                await self._check_unfinished(transaction, job.tenant_id, max_unfinished)
             job.last_sequence = 1
             event = gateway_pb2.JobEvent(
                 job_id=job.job_id,
@@ -387,8 +425,9 @@ class SqlJobStore(JobStore):
                 event.plan_updated.CopyFrom(revision)
                 await self._insert_revision(transaction, job.job_id, revision)
             await transaction.execute(
-                "INSERT INTO jobs (job_id, request_id, fingerprint, state, job, trace_context, tenant_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs"
+                " (job_id, request_id, fingerprint, state, job, trace_context, tenant_id, priority)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.job_id,
                     request_key,
@@ -397,6 +436,7 @@ class SqlJobStore(JobStore):
                     job.SerializeToString(),
                     json.dumps(dict(trace_context or {})),
                     job.tenant_id,
+                    job.priority,
                 ),
             )
             await transaction.execute(
@@ -443,9 +483,17 @@ class SqlJobStore(JobStore):
         render_event: object | None = None,
         owner: str | None = None,
         details: gateway_pb2.JobEvent | None = None,
+        max_unfinished: int | None = None,
     ) -> gateway_pb2.JobEvent:
         async with self._db.transaction() as transaction:
-            await transaction.lock(f"job:{job_id}")
+            tenant_id = None
+            if max_unfinished is not None:
+                # A job's tenant never changes: read before its lock, so that both are asked for at once.
+                owned = await transaction.fetchone("SELECT tenant_id FROM jobs WHERE job_id = ?", (job_id,))
+                tenant_id = owned[0] if owned else None
+            await transaction.lock(
+                f"job:{job_id}", *([f"tenant:{tenant_id}"] if tenant_id is not None else [])
+            )
             row = await transaction.fetchone("SELECT job, claim_owner FROM jobs WHERE job_id = ?", (job_id,))
             if row is None:
                 raise KeyError(job_id)
@@ -455,6 +503,8 @@ class SqlJobStore(JobStore):
                 raise ClaimLost(f"job {job_id} is not {owner}'s to drive: {why}")
             previous_state = job.state
             update(job)
+            if tenant_id is not None and job.state in _UNFINISHED and previous_state not in _UNFINISHED:
+                await self._check_unfinished(transaction, tenant_id, max_unfinished)
             job.last_sequence += 1
             job.update_time.CopyFrom(_now())
             event = gateway_pb2.JobEvent(
@@ -506,7 +556,7 @@ class SqlJobStore(JobStore):
     async def claimable_jobs(self, limit: int) -> list[str]:
         rows = await self._db.fetchall(
             "SELECT job_id FROM jobs WHERE state IN (?, ?) AND (claim_owner IS NULL OR claim_expires < ?)"
-            " ORDER BY position LIMIT ?",
+            " ORDER BY priority DESC, position LIMIT ?",
             (*_UNFINISHED, self._clock(), limit),
         )
         return [row[0] for row in rows]

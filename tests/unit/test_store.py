@@ -8,7 +8,7 @@ import pytest
 
 from aiprod.common.v1 import event_pb2, job_pb2
 from aiprod.gateway.v1 import gateway_pb2
-from aiprod_gateway.store import ClaimLost, JobStore, RequestIdConflict, SqlJobStore
+from aiprod_gateway.store import ClaimLost, JobStore, RequestIdConflict, SqlJobStore, TooManyUnfinished
 from aiprod_kit.database import SqliteDatabase, connect_postgres
 
 OpenStore = Callable[..., Awaitable[JobStore]]
@@ -318,3 +318,65 @@ async def test_a_tenant_sees_only_its_own_jobs_and_request_ids_are_per_tenant(st
     assert await store.get_job(mine.job_id, "other") is None
     assert [j.job_id for j in (await store.list_jobs("other", [], 10, None)).jobs] == [theirs.job_id]
     assert await store.count_by_state("acme") == {job_pb2.JOB_STATE_QUEUED: 1}
+
+
+async def test_claimable_jobs_come_highest_priority_first_then_oldest(store):
+    priorities = [gateway_pb2.PRIORITY_LOW, gateway_pb2.PRIORITY_HIGH, gateway_pb2.PRIORITY_MEDIUM]
+    for n, priority in enumerate([*priorities, gateway_pb2.PRIORITY_HIGH, gateway_pb2.PRIORITY_UNSPECIFIED]):
+        made = job(f"job_{n}", f"r{n}")
+        made.priority = priority
+        await store.create_job(made, "f")
+    assert await store.claimable_jobs(10) == ["job_1", "job_3", "job_2", "job_0", "job_4"]
+    assert await store.claimable_jobs(2) == ["job_1", "job_3"]
+
+
+async def test_a_tenants_jobs_queued_or_running_stay_within_its_limit(store):
+    await store.create_job(job("job_a", "r1"), "f", max_unfinished=2)
+    await store.create_job(job("job_b", "r2", job_pb2.JOB_STATE_RUNNING), "f", max_unfinished=2)
+    with pytest.raises(TooManyUnfinished):
+        await store.create_job(job("job_c", "r3"), "f", max_unfinished=2)
+    assert await store.get_job("job_c") is None
+    # A repeat of a stored request is its job, limit or not.
+    assert (await store.create_job(job("job_x", "r1"), "f", max_unfinished=2))[0].job_id == "job_a"
+    # Awaiting approval does not count, nor does another tenant's job.
+    review = job("job_r", "r4", job_pb2.JOB_STATE_AWAITING_APPROVAL)
+    assert (await store.create_job(review, "f", max_unfinished=2))[1]
+    other = job("job_o", "r5")
+    other.tenant_id = "other"
+    assert (await store.create_job(other, "f", max_unfinished=2))[1]
+    # Its approval would pass the limit: refused, nothing written.
+    with pytest.raises(TooManyUnfinished):
+        await store.append_event("job_r", "approved", set_state(job_pb2.JOB_STATE_QUEUED), max_unfinished=2)
+    assert (await store.get_job("job_r")).last_sequence == 1
+    # Other changes of a job under a limit are not refused: queued to running, an edit in review.
+    await store.append_event("job_a", "running", set_state(job_pb2.JOB_STATE_RUNNING), max_unfinished=2)
+    await store.append_event("job_r", "edited", lambda job: None, max_unfinished=2)
+    # One ends: a place is free.
+    await store.append_event("job_b", "done", set_state(job_pb2.JOB_STATE_SUCCEEDED))
+    await store.append_event("job_r", "approved", set_state(job_pb2.JOB_STATE_QUEUED), max_unfinished=2)
+    with pytest.raises(TooManyUnfinished):
+        await store.create_job(job("job_d", "r6"), "f", max_unfinished=2)
+
+
+async def test_replicas_creating_and_approving_at_once_stay_within_the_limit_in_total(open_store):
+    stores = [await open_store(), await open_store()]
+    for n in range(4):
+        await stores[0].create_job(job(f"job_r{n}", f"review-{n}", job_pb2.JOB_STATE_AWAITING_APPROVAL), "f")
+
+    async def attempt(call) -> bool:
+        try:
+            await call
+            return True
+        except TooManyUnfinished:
+            return False
+
+    creates = [stores[n % 2].create_job(job(f"job_{n}", f"r{n}"), "f", max_unfinished=3) for n in range(6)]
+    approvals = [
+        stores[n % 2].append_event(
+            f"job_r{n}", "approved", set_state(job_pb2.JOB_STATE_QUEUED), max_unfinished=3
+        )
+        for n in range(4)
+    ]
+    outcomes = await asyncio.gather(*(attempt(call) for call in [*creates, *approvals]))
+    assert outcomes.count(True) == 3, outcomes
+    assert (await stores[1].count_by_state("acme")).get(job_pb2.JOB_STATE_QUEUED) == 3
