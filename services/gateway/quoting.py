@@ -1,0 +1,495 @@
+"""Quotes: what a render would cost the calling tenant now, and a promise that a job created with the
+quote keeps that route and price.
+
+A quote asks the router's PlanRoute, for the tenant, for the route it would take now and lists every
+backend's estimate (whether it qualifies, why not, its rank, cost and latency). Its price is the route's
+estimated cost; its max_cost is the job's limit; its saving is measured against the configured baseline
+backend (`AIPROD_GATEWAY_BASELINE_BACKEND`, Runway by default), priced from the router's own estimate
+for it, whether it qualifies or not.
+
+The job's limit is the request's own `constraints.max_cost` when it sets one (the caller then accepts
+that price, above the preset's limit or under it), else the preset's price limit for the video's
+duration. The router is asked for its route within that limit, so a backend over it (a preferred one
+included) is left out, with its reason in the estimates, and the job's attempts together never cost
+more (the router holds every attempt of the job to it). When nothing qualifies but for the limit, the
+quote is refused: FAILED_PRECONDITION (PRICE_LIMIT) naming the cheapest price. When nothing qualifies
+at all: FAILED_PRECONDITION (NO_BACKEND), naming why for each backend.
+
+Today's budget is the one exclusion a job waits out (the gateway's budget policy): when no backend
+qualifies now only because the budget left cannot pay it, the quote prices the route the job will take
+once it can, rather than refusing the job.
+
+A quote is kept (`QuoteStore`, its own table on the gateway's database) with its tenant, the
+fingerprint of the spec it priced and its expiry. `CreateRenderJob` naming it binds it (`Quoter.bind`):
+another tenant's or an unknown quote is NOT_FOUND; another spec's is QUOTE_MISMATCH; an expired one
+QUOTE_EXPIRED; one whose backend no longer qualifies (the router asked again) QUOTE_NOT_HOLDING, with
+the router's reasons. A quote binds one job: the first request to take it (a retry of that request
+finds its job, whatever the time; another request gets QUOTE_USED). A job created without a quote is
+quoted then, and takes that quote.
+
+The job keeps its quote (`RenderJob.quote`; a review's re-quote replaces it) and is rendered under it
+(`quoted_constraints`): its backend preferred, its max_cost the job's limit.
+"""
+
+import hashlib
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from google.protobuf import timestamp_pb2
+
+from aiprod.common.v1 import backend_pb2, render_pb2
+from aiprod.gateway.v1 import gateway_pb2
+from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod_gateway import validation
+from aiprod_gateway.tenancy import Tenant
+from aiprod_kit.capabilities import backend_name
+from aiprod_kit.database import Database
+from aiprod_kit.errors import ErrorReason, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from aiprod_kit.money import usd
+from aiprod_kit.presets import Preset, priced_presets
+from aiprod_kit.settings import ConfigurationError, GatewaySettings
+
+log = structlog.get_logger()
+
+_PLAN_TIMEOUT = 5.0
+_QUOTE_ID = re.compile(r"quote_[0-9a-f]{32}")
+# What a job waits out instead of being refused: the budget left today (the gateway's budget policy).
+_WAITABLE = frozenset({router_pb2.EXCLUSION_OVER_BUDGET})
+# Expired quotes are kept this long (a late retry of a create finds its job's quote), then deleted.
+_RETENTION_SECONDS = 86_400.0
+# Deleting them is tried at most this often, by the process that saves a quote.
+_PURGE_INTERVAL_SECONDS = 60.0
+
+
+def _usd(micros: int) -> str:
+    return f"{micros / 1e6:.2f} USD"
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(round(seconds * 1e9))
+    return stamp
+
+
+def _seconds(stamp: timestamp_pb2.Timestamp) -> float:
+    return stamp.ToNanoseconds() / 1e9
+
+
+def spec_fingerprint(spec: render_pb2.RenderSpec, plan: render_pb2.RenderPlan | None = None) -> str:
+    """What a quote priced: the checked spec (and the edited plan of a review's re-quote)."""
+    if plan is None:
+        return validation.fingerprint(spec)
+    return hashlib.sha256(
+        (validation.fingerprint(spec) + plan.SerializeToString(deterministic=True).hex()).encode()
+    ).hexdigest()
+
+
+def quoted_constraints(job: gateway_pb2.RenderJob) -> render_pb2.RenderConstraints:
+    """The constraints a job renders under: its request's, held to its quote (the quoted backend preferred,
+    the quote's max_cost its limit)."""
+    constraints = render_pb2.RenderConstraints()
+    constraints.CopyFrom(job.spec.constraints)
+    if job.HasField("quote"):
+        if job.quote.backend:
+            constraints.preferred_backend = job.quote.backend
+        if job.quote.HasField("max_cost"):
+            constraints.max_cost.CopyFrom(job.quote.max_cost)
+    return constraints
+
+
+# The store -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredQuote:
+    quote: gateway_pb2.Quote
+    tenant_id: str
+    fingerprint: str
+    # The request whose job took the quote ("" while none has).
+    request_id: str
+
+
+_SCHEMAS = {
+    "sqlite": """
+CREATE TABLE IF NOT EXISTS quotes (
+    quote_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    request_id TEXT NOT NULL DEFAULT '',
+    expire_time REAL NOT NULL,
+    quote BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS quotes_expire_time ON quotes (expire_time);
+""",
+    "postgresql": """
+CREATE TABLE IF NOT EXISTS quotes (
+    quote_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    request_id TEXT NOT NULL DEFAULT '',
+    expire_time DOUBLE PRECISION NOT NULL,
+    quote BYTEA NOT NULL
+);
+CREATE INDEX IF NOT EXISTS quotes_expire_time ON quotes (expire_time);
+""",
+}
+
+
+class QuoteStore:
+    """Quotes on the gateway's database (SQLite or PostgreSQL, shared by every replica). Expiry times
+    are seconds since the epoch."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+        self._purged_at = float("-inf")
+
+    @classmethod
+    async def open(cls, database: Database) -> "QuoteStore":
+        """Creates the table if needed. The database stays the caller's to close."""
+        await database.create_schema(_SCHEMAS)
+        return cls(database)
+
+    async def save(self, stored: StoredQuote, now: float) -> None:
+        quote = stored.quote
+        async with self._db.transaction() as transaction:
+            await transaction.execute(
+                "INSERT INTO quotes (quote_id, tenant_id, fingerprint, request_id, expire_time, quote)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    quote.quote_id,
+                    stored.tenant_id,
+                    stored.fingerprint,
+                    stored.request_id,
+                    _seconds(quote.expire_time),
+                    quote.SerializeToString(),
+                ),
+            )
+        if now - self._purged_at >= _PURGE_INTERVAL_SECONDS:
+            self._purged_at = now
+            await self.purge(now - _RETENTION_SECONDS)
+
+    async def get(self, quote_id: str, tenant_id: str) -> StoredQuote | None:
+        """The tenant's quote (None for another tenant's, exactly as for one that does not exist)."""
+        row = await self._db.fetchone(
+            "SELECT fingerprint, request_id, quote FROM quotes WHERE quote_id = ? AND tenant_id = ?",
+            (quote_id, tenant_id),
+        )
+        if row is None:
+            return None
+        return StoredQuote(gateway_pb2.Quote.FromString(bytes(row[2])), tenant_id, row[0], row[1])
+
+    async def take(self, quote_id: str, request_id: str) -> bool:
+        """Gives the quote to the request, atomically: True when the request holds it now (it was free, or
+        the request already had it), False when another request took it first."""
+        async with self._db.transaction() as transaction:
+            await transaction.lock(f"quote:{quote_id}")
+            row = await transaction.fetchone("SELECT request_id FROM quotes WHERE quote_id = ?", (quote_id,))
+            if row is None or row[0] not in ("", request_id):
+                return False
+            if not row[0]:
+                await transaction.execute(
+                    "UPDATE quotes SET request_id = ? WHERE quote_id = ?", (request_id, quote_id)
+                )
+            return True
+
+    async def purge(self, expired_before: float) -> None:
+        """Deletes the quotes that expired before this time."""
+        async with self._db.transaction() as transaction:
+            await transaction.execute("DELETE FROM quotes WHERE expire_time < ?", (expired_before,))
+
+
+# Pricing ---------------------------------------------------------------------------------------------
+
+
+def _holds(candidate: router_pb2.RouteCandidate) -> bool:
+    """Whether the backend can take the render: now, or once today's budget can pay it."""
+    return candidate.eligible or (bool(candidate.exclusions) and set(candidate.exclusions) <= _WAITABLE)
+
+
+def _over_limit_only(candidate: router_pb2.RouteCandidate) -> bool:
+    """Whether the backend would qualify but for the job's cost limit."""
+    codes = set(candidate.exclusions)
+    return router_pb2.EXCLUSION_OVER_MAX_COST in codes and codes <= _WAITABLE | {
+        router_pb2.EXCLUSION_OVER_MAX_COST
+    }
+
+
+def _priced(candidate: router_pb2.RouteCandidate) -> bool:
+    """Whether the router knows the backend's price (it has reached its renderer)."""
+    return router_pb2.EXCLUSION_NOT_REACHED not in candidate.exclusions
+
+
+def _estimate(candidate: router_pb2.RouteCandidate) -> gateway_pb2.BackendEstimate:
+    estimate = gateway_pb2.BackendEstimate(
+        backend=candidate.backend,
+        qualifies=candidate.eligible,
+        reasons=candidate.reasons,
+        rank=candidate.rank,
+    )
+    if _priced(candidate):
+        estimate.estimated_cost.CopyFrom(candidate.estimated_cost)
+    if candidate.HasField("estimated_latency"):
+        estimate.estimated_latency.CopyFrom(candidate.estimated_latency)
+    return estimate
+
+
+@dataclass(frozen=True)
+class _Limit:
+    micros: int
+    # Whose limit: the request's own max_cost, or its preset's price limit.
+    from_request: bool
+
+    def describe(self, preset: Preset, duration_seconds: float) -> str:
+        if self.from_request:
+            return f"the request's max_cost of {_usd(self.micros)}"
+        return (
+            f"preset {preset.name}'s limit of {_usd(self.micros)} for {duration_seconds:g} s "
+            f"({preset.max_price_per_minute_usd:.2f} USD a minute)"
+        )
+
+
+class Quoter:
+    """Prices renders for a tenant through the router, and keeps the quotes."""
+
+    def __init__(
+        self,
+        router: router_pb2_grpc.RouterServiceStub,
+        store: QuoteStore,
+        presets: dict[str, Preset],
+        baseline_backend: int = backend_pb2.BACKEND_RUNWAY,
+        ttl_seconds: float = 900.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._router = router
+        self._store = store
+        self.presets = presets
+        self._baseline = baseline_backend
+        self._ttl = ttl_seconds
+        self._clock = clock
+
+    @classmethod
+    def from_settings(
+        cls, settings: GatewaySettings, router: router_pb2_grpc.RouterServiceStub, store: QuoteStore
+    ) -> "Quoter":
+        """ConfigurationError naming the variable when a setting is wrong."""
+        if settings.gateway_quote_ttl_seconds <= 0:
+            raise ConfigurationError("AIPROD_GATEWAY_QUOTE_TTL_SECONDS: must be positive")
+        return cls(
+            router,
+            store,
+            priced_presets(settings.gateway_preset_prices),
+            baseline_backend(settings.gateway_baseline_backend),
+            settings.gateway_quote_ttl_seconds,
+        )
+
+    # What the service calls ----------------------------------------------------------------------------
+
+    async def quote(
+        self, spec: render_pb2.RenderSpec, tenant: Tenant, request_id: str = ""
+    ) -> gateway_pb2.Quote:
+        """Prices a checked spec (validation.checked_spec) for the tenant, and keeps the quote; given a
+        request_id, the quote is that request's job's already."""
+        return await self._quote(spec, validation.plan_of(spec), tenant, spec_fingerprint(spec), request_id)
+
+    async def quote_plan(
+        self, spec: render_pb2.RenderSpec, plan: render_pb2.RenderPlan, tenant: Tenant
+    ) -> gateway_pb2.Quote:
+        """Prices a job's edited plan (its review's re-quote) under the job's spec, and keeps the quote.
+        One shot per job for now: the first shot's."""
+        return await self._quote(spec, plan, tenant, spec_fingerprint(spec, plan), "")
+
+    async def for_job(
+        self, quote_id: str, spec: render_pb2.RenderSpec, tenant: Tenant, request_id: str
+    ) -> gateway_pb2.Quote:
+        """The quote a new job holds: the one its request names, bound, else a new one."""
+        if quote_id:
+            return await self.bind(quote_id, spec, tenant, request_id)
+        return await self.quote(spec, tenant, request_id)
+
+    async def bind(
+        self, quote_id: str, spec: render_pb2.RenderSpec, tenant: Tenant, request_id: str
+    ) -> gateway_pb2.Quote:
+        """The quote, given to the request's job if it still holds; else the reason it does not."""
+        if not _QUOTE_ID.fullmatch(quote_id):
+            raise InvalidArgument(
+                [("quote_id", "must be a quote id such as quote_0123456789abcdef0123456789abcdef")]
+            )
+        stored = await self._store.get(quote_id, tenant.tenant_id)
+        if stored is None:
+            raise NotFound(
+                f"quote {quote_id} does not exist",
+                reason=ErrorReason.QUOTE_NOT_FOUND,
+                metadata={"quote_id": quote_id},
+            )
+        quote = stored.quote
+        if stored.fingerprint != spec_fingerprint(spec):
+            raise FailedPrecondition(
+                f"quote {quote_id} was made for another spec: quote this one, or send the quoted one",
+                reason=ErrorReason.QUOTE_MISMATCH,
+                metadata={"quote_id": quote_id},
+            )
+        if request_id and stored.request_id == request_id:
+            return quote  # a retry of the request that took it: its job exists, whatever the time
+        if stored.request_id:
+            raise self._used(quote_id)
+        now = self._clock()
+        if now >= _seconds(quote.expire_time):
+            raise FailedPrecondition(
+                f"quote {quote_id} expired at {quote.expire_time.ToJsonString()}: ask for another",
+                reason=ErrorReason.QUOTE_EXPIRED,
+                metadata={"quote_id": quote_id, "expire_time": quote.expire_time.ToJsonString()},
+            )
+        await self._check_holding(quote, spec, tenant)
+        if not await self._store.take(quote_id, request_id):
+            raise self._used(quote_id)
+        return quote
+
+    # How ---------------------------------------------------------------------------------------------
+
+    async def _plan_route(
+        self, shot: render_pb2.Shot, constraints: render_pb2.RenderConstraints, tenant: Tenant
+    ) -> list[router_pb2.RouteCandidate]:
+        try:
+            response = await self._router.PlanRoute(
+                router_pb2.PlanRouteRequest(shot=shot, constraints=constraints, tenant_id=tenant.tenant_id),
+                timeout=_PLAN_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise Unavailable(
+                f"the router cannot price renders now ({error.code().name})",
+                reason=ErrorReason.ROUTER_UNAVAILABLE,
+            ) from error
+        return list(response.candidates)
+
+    def _limit(self, spec: render_pb2.RenderSpec, preset: Preset, duration_seconds: float) -> _Limit:
+        if spec.constraints.HasField("max_cost"):
+            return _Limit(spec.constraints.max_cost.amount_micros, from_request=True)
+        return _Limit(preset.price_limit_micros(duration_seconds), from_request=False)
+
+    async def _quote(
+        self,
+        spec: render_pb2.RenderSpec,
+        plan: render_pb2.RenderPlan,
+        tenant: Tenant,
+        fingerprint: str,
+        request_id: str,
+    ) -> gateway_pb2.Quote:
+        preset = self.presets[spec.preset]
+        shot = plan.shots[0]
+        duration = sum(each.duration_seconds for each in plan.shots)
+        limit = self._limit(spec, preset, duration)
+        constraints = render_pb2.RenderConstraints()
+        constraints.CopyFrom(spec.constraints)
+        constraints.max_cost.CopyFrom(usd(limit.micros))
+        candidates = await self._plan_route(shot, constraints, tenant)
+        route = next((candidate for candidate in candidates if _holds(candidate)), None)
+        if route is None:
+            raise _refusal(candidates, limit, preset, duration)
+        now = self._clock()
+        price = route.estimated_cost.amount_micros
+        quote = gateway_pb2.Quote(
+            quote_id=f"quote_{uuid.uuid4().hex}",
+            create_time=_timestamp(now),
+            expire_time=_timestamp(now + self._ttl),
+            backend=route.backend,
+            estimated_cost=usd(price),
+            price=usd(price),
+            max_cost=usd(limit.micros),
+            estimates=[_estimate(route)] + [_estimate(c) for c in candidates if c is not route],
+            baseline_backend=self._baseline,
+        )
+        baseline = next((c for c in candidates if c.backend == self._baseline and _priced(c)), None)
+        if baseline is not None:
+            quote.baseline_cost.CopyFrom(baseline.estimated_cost)
+            quote.savings.CopyFrom(usd(baseline.estimated_cost.amount_micros - price))
+        cheapest = min((c.estimated_cost.amount_micros for c in candidates if c.eligible), default=price)
+        if cheapest < price:
+            # The route is dearer than it must be (the request's preferred backend, or the best quality
+            # a large budget buys): what the cheapest qualifying one would cost.
+            quote.cheapest_cost.CopyFrom(usd(cheapest))
+        await self._store.save(StoredQuote(quote, tenant.tenant_id, fingerprint, request_id), now)
+        log.info(
+            "quoted",
+            quote_id=quote.quote_id,
+            tenant_id=tenant.tenant_id,
+            backend=backend_name(route.backend),
+            price_micros=price,
+            max_cost_micros=limit.micros,
+        )
+        return quote
+
+    async def _check_holding(
+        self, quote: gateway_pb2.Quote, spec: render_pb2.RenderSpec, tenant: Tenant
+    ) -> None:
+        """QUOTE_NOT_HOLDING unless the quoted backend still takes the render within the quote."""
+        constraints = render_pb2.RenderConstraints()
+        constraints.CopyFrom(spec.constraints)
+        constraints.preferred_backend = quote.backend
+        constraints.max_cost.CopyFrom(quote.max_cost)
+        candidates = await self._plan_route(validation.plan_of(spec).shots[0], constraints, tenant)
+        candidate = next((c for c in candidates if c.backend == quote.backend), None)
+        if candidate is not None and _holds(candidate):
+            return
+        name = backend_name(quote.backend)
+        why = "; ".join(candidate.reasons) if candidate is not None else "the router no longer knows it"
+        raise FailedPrecondition(
+            f"quote {quote.quote_id} no longer holds: {name} cannot take the render now ({why}); ask for "
+            "another",
+            reason=ErrorReason.QUOTE_NOT_HOLDING,
+            metadata={"quote_id": quote.quote_id, "backend": name, "why": why},
+        )
+
+    @staticmethod
+    def _used(quote_id: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"quote {quote_id} is another request's: a quote binds one job",
+            reason=ErrorReason.QUOTE_USED,
+            metadata={"quote_id": quote_id},
+        )
+
+
+def _refusal(
+    candidates: Sequence[router_pb2.RouteCandidate], limit: _Limit, preset: Preset, duration_seconds: float
+) -> FailedPrecondition:
+    """Why no backend can take the render: its price limit (the cheapest price named), or nothing at all."""
+    over = [candidate for candidate in candidates if _over_limit_only(candidate)]
+    if over:
+        cheapest = min(over, key=lambda candidate: candidate.estimated_cost.amount_micros)
+        cost = cheapest.estimated_cost.amount_micros
+        raise_it = (
+            "raise spec.constraints.max_cost" if limit.from_request else "set spec.constraints.max_cost"
+        )
+        return FailedPrecondition(
+            f"the cheapest qualifying route, {backend_name(cheapest.backend)} at {_usd(cost)}, costs more "
+            f"than {limit.describe(preset, duration_seconds)}; {raise_it} to accept it",
+            reason=ErrorReason.PRICE_LIMIT,
+            metadata={
+                "backend": backend_name(cheapest.backend),
+                "cheapest_micros": cost,
+                "limit_micros": limit.micros,
+                "limit": "request" if limit.from_request else "preset",
+                "preset": preset.name,
+            },
+        )
+    why = "; ".join(
+        f"{backend_name(candidate.backend)}: {', '.join(candidate.reasons)}" for candidate in candidates
+    )
+    return FailedPrecondition(
+        f"no backend can take this render now ({why or 'none configured'})", reason=ErrorReason.NO_BACKEND
+    )
+
+
+def baseline_backend(name: str) -> int:
+    """AIPROD_GATEWAY_BASELINE_BACKEND's backend (runway, veo, replicate or local)."""
+    key = f"BACKEND_{name.strip().upper()}"
+    if key not in backend_pb2.Backend.keys() or key == "BACKEND_UNSPECIFIED":
+        known = ", ".join(backend_name(value) for value in backend_pb2.Backend.values() if value)
+        raise ConfigurationError(
+            f"AIPROD_GATEWAY_BASELINE_BACKEND: unknown backend {name!r} (known: {known})"
+        )
+    return backend_pb2.Backend.Value(key)
