@@ -4,7 +4,9 @@ router stops routing to a renderer that turns NOT_SERVING (goal: 100 ms). Prints
 its last line.
 
 Jobs are created under an approval preset so that they wait instead of rendering: the figure is the
-cost of the RPC (validation, idempotency, the job store), not of the renders it would start.
+cost of the RPC (API key, validation, quote, idempotency, the job store), not of the renders it would
+start. The development tenant's tier limits are lifted: the bench measures the path, not the limiter's
+refusals.
 """
 
 import asyncio
@@ -22,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aiprod.common.v1 import render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod_kit.apikeys import aio_interceptors
 from aiprod_kit.mesh import Mesh
 
 CONCURRENCY = 32
@@ -50,10 +53,13 @@ async def measure(call: Callable[[], Awaitable[object]]) -> dict[str, float]:
     return {"rps": len(latencies) / elapsed, "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000}
 
 
-async def run(address: str) -> dict[str, float]:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def run(address: str, api_key: str) -> dict[str, float]:
+    async with (
+        grpc.aio.insecure_channel(address) as channel,
+        grpc.aio.insecure_channel(address, interceptors=aio_interceptors(api_key)) as keyed,
+    ):
         health = health_pb2_grpc.HealthStub(channel)
-        gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
+        gateway = gateway_pb2_grpc.GatewayServiceStub(keyed)
         check = health_pb2.HealthCheckRequest(service="aiprod.gateway.v1.GatewayService")
         spec = render_pb2.RenderSpec(prompt="A benchmark of job creation", preset="brand_campaign")
 
@@ -91,10 +97,12 @@ async def health_reaction_ms(mesh: Mesh) -> float:
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="aiprod-bench-") as data_dir:
         # A long drain keeps the renderer NOT_SERVING but up while the router's reaction is measured.
-        mesh = Mesh(Path(data_dir), free_ports=True, environment={"AIPROD_SHUTDOWN_GRACE_SECONDS": "10"})
+        unlimited = {"GOLD": {"concurrent_jobs": 10**9, "requests_per_minute": 10**9}}
+        environment = {"AIPROD_SHUTDOWN_GRACE_SECONDS": "10", "AIPROD_GATEWAY_TIERS": json.dumps(unlimited)}
+        mesh = Mesh(Path(data_dir), free_ports=True, environment=environment)
         mesh.start()
         try:
-            figures = asyncio.run(run(mesh.address("gateway")))
+            figures = asyncio.run(run(mesh.address("gateway"), mesh.api_key))
             figures["router_health_reaction_ms"] = round(asyncio.run(health_reaction_ms(mesh)), 1)
         finally:
             mesh.stop()
