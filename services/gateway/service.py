@@ -89,7 +89,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             job_id=f"job_{uuid.uuid4().hex}",
             tenant_id=tenant.tenant_id,
             tier=tenant.tier,
-            priority=preset.to_proto().priority,
+            priority=preset.priority,
             request_id=request_id,
             state=job_pb2.JOB_STATE_AWAITING_APPROVAL
             if review.wants_review(preset, request.review)
