@@ -13,9 +13,23 @@ the backend it was made for, and the attempt goes there again, so one key never 
 When an attempt ends the chain says what it costs (a `charged` event: commit what the provider bills,
 release when it is known not to bill, hold when nobody can know); the gateway records that and settles
 the ledger, durably.
+
+Whose money: each attempt is reserved under the job's tenant (its budget also ranks the backends), but
+for the free re-render a tenant's service level grants. An attempt that delivers an output whose QC
+score is under the guarantee's quality minimum earns the job one re-render (one per job, ever: a
+resumed render says whether it was granted already), routed only to a backend of higher nominal
+quality than the one that delivered it, reserved under the guarantee's account (the company's) and
+allowed one attempt past the attempt limit. Its `routed` event says so (rerender, account), and every
+`charged` event names the account that pays, but the resumed attempt's after the re-render was granted
+(the router cannot know which attempt that was; the caller, which recorded the routed events, does).
+The output that earned it stays the job's if nothing better comes; when no better backend qualifies
+(or the company's budget cannot pay), the output is delivered as it is, or the usual fallback from an
+output under the floor applies. A key reserved before a restart under the other account is the
+attempt as it was reserved: its account and backend are kept.
 """
 
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -49,6 +63,8 @@ _REFUSALS = frozenset(
 )
 _BUDGET_TIMEOUT = 2.0
 _LEDGER_TIMEOUT = 5.0
+# Accounts of the attempts this router reserved recently, for a cancel or a reconciliation to name.
+_KNOWN_ACCOUNTS = 10_000
 # A StartRender waits for a task slot at its renderer and for the provider's create: long, but bounded.
 _START_TIMEOUT = 300.0
 
@@ -72,10 +88,34 @@ class RenderJob:
     shot: render_pb2.Shot
     constraints: render_pb2.RenderConstraints
     idempotency_key: str
+    # The ledger tenant whose budget pays for the attempts ("": the ledger's default tenant).
+    tenant_id: str = ""
+    # The tenant's service level's quality promise, if any.
+    guarantee: router_pb2.QualityGuarantee | None = None
+    # The job's free re-render was granted before (a resumed render).
+    rerender_granted: bool = False
+
+    @property
+    def quality_minimum(self) -> float:
+        """The quality minimum whose miss earns a re-render; 0: no guarantee."""
+        return self.guarantee.quality_minimum if self.guarantee is not None else 0.0
+
+
+@dataclass
+class _Guarantee:
+    """A chain's free re-render: whether it was granted, and the output that earned it."""
+
+    granted: bool
+    # The output under the minimum that earned it: the job's if nothing better comes.
+    kept: render_pb2.RenderOutput | None = None
 
 
 class _BudgetRefused(Exception):
     """The ledger would not reserve an attempt: the chain stops rather than start it unpaid."""
+
+
+class _KeyConflict(Exception):
+    """The attempt's key was reserved under another tenant (or job)."""
 
 
 @dataclass
@@ -84,6 +124,12 @@ class Cause:
     failure: render_pb2.RenderFailure
     # A finished output under the floor, kept in case nothing better comes.
     output: render_pb2.RenderOutput | None = None
+    # The output is under the guarantee's minimum and the job's free re-render is still to be granted.
+    earns_rerender: bool = False
+    # The output is under the job's quality floor (else only under the guarantee's minimum).
+    under_floor: bool = False
+    # The nominal quality of the backend that delivered it: the re-render must do better.
+    quality: float = 0.0
 
 
 class AttemptResult:
@@ -94,9 +140,21 @@ class AttemptResult:
     """
 
     def __init__(
-        self, attempt: int, renderer: Renderer, job: RenderJob, reservation_key: str, resumed: bool = False
+        self,
+        attempt: int,
+        renderer: Renderer,
+        job: RenderJob,
+        reservation_key: str,
+        resumed: bool = False,
+        account: str = "",
+        attempt_limit: int = 0,
+        may_rerender: bool = False,
     ) -> None:
         self.attempt = attempt
+        # The highest attempt number the chain may reach: an output under the floor before it falls back.
+        self.attempt_limit = attempt_limit
+        # An output under the guarantee's minimum earns the free re-render.
+        self.may_rerender = may_rerender
         self.span = _tracer.start_span(
             "render attempt",
             attributes={
@@ -110,8 +168,10 @@ class AttemptResult:
         self.cause: Cause | None = None
         self.cost_micros = 0
         self.seconds = 0.0
-        # What the attempt costs, once it ended (the chain's `charged` event).
-        self.charge = event_pb2.AttemptCharge(reservation_key=reservation_key, backend=renderer.backend)
+        # What the attempt costs, once it ended (the chain's `charged` event), and who pays.
+        self.charge = event_pb2.AttemptCharge(
+            reservation_key=reservation_key, backend=renderer.backend, account=account
+        )
 
     def end(
         self,
@@ -161,14 +221,35 @@ class RenderChain:
         self._metrics = metrics
         self._settings = settings
         self._telemetry = telemetry
+        # Reservation key -> the account it was reserved under, for the attempts reserved here lately.
+        self._accounts: OrderedDict[str, str] = OrderedDict()
+
+    def account_of(self, reservation_key: str) -> str:
+        """The account an attempt this router reserved draws on; "" when it does not know (reserved by
+        another router, or before a restart)."""
+        return self._accounts.get(reservation_key, "")
+
+    def _remember(self, reservation_key: str, account: str) -> None:
+        if not reservation_key:
+            return
+        self._accounts[reservation_key] = account
+        self._accounts.move_to_end(reservation_key)
+        while len(self._accounts) > _KNOWN_ACCOUNTS:
+            self._accounts.popitem(last=False)
 
     # Ranking ------------------------------------------------------------------------------------
 
-    async def route_request(self, job: RenderJob, tried: frozenset[int], spent_micros: int) -> RouteRequest:
+    async def route_request(
+        self, job: RenderJob, tried: frozenset[int], spent_micros: int, rerender_above: float | None = None
+    ) -> RouteRequest:
+        """The request to rank the backends on. rerender_above: for the free re-render, the nominal
+        quality to beat; the company's account pays it, so its budget ranks, not the job's cost limit."""
         constraints = job.constraints
-        remaining, economy = await self._budget()
+        rerender = rerender_above is not None and job.guarantee is not None
+        account = job.guarantee.account if rerender and job.guarantee is not None else job.tenant_id
+        remaining, economy = await self._budget(account)
         max_cost = None
-        if constraints.HasField("max_cost"):
+        if constraints.HasField("max_cost") and not rerender:
             max_cost = max(constraints.max_cost.amount_micros - spent_micros, 0)
         seconds_left = None
         if constraints.HasField("deadline"):
@@ -183,21 +264,27 @@ class RenderChain:
             economy=economy,
             tried=tried,
             quality_first_budget_micros=round(self._settings.router_quality_first_budget_usd * 1e6) or None,
+            quality_above=rerender_above if rerender else None,
         )
 
-    async def _budget(self) -> tuple[int | None, bool]:
-        """What is left of today's budget (None: no cap, or the ledger cannot say) and economy mode."""
+    async def _budget(self, tenant_id: str = "") -> tuple[int | None, bool]:
+        """What is left of today's budget for the tenant (None: no cap, or the ledger cannot say) and
+        economy mode: the tighter of the tenant's cap and everyone's (a tenant may have no cap of its
+        own, and the global cap binds every tenant's reservations too)."""
         try:
-            budget = (
-                await self._metrics.GetBudget(metrics_pb2.GetBudgetRequest(), timeout=_BUDGET_TIMEOUT)
-            ).budget
+            response = await self._metrics.GetBudget(
+                metrics_pb2.GetBudgetRequest(tenant_id=tenant_id), timeout=_BUDGET_TIMEOUT
+            )
         except grpc.aio.AioRpcError as error:
-            log.warning("budget unknown: routing without it", code=error.code().name)
+            log.warning("budget unknown: routing without it", code=error.code().name, tenant=tenant_id)
             return None, False
-        if budget.cap.amount_micros <= 0:
+        capped = [b for b in (response.budget, response.global_budget) if b.cap.amount_micros > 0]
+        if not capped:
             return None, False
-        economy = budget.level in (metrics_pb2.BUDGET_LEVEL_ECONOMY, metrics_pb2.BUDGET_LEVEL_EXHAUSTED)
-        return budget.remaining.amount_micros, economy
+        economy = any(
+            b.level in (metrics_pb2.BUDGET_LEVEL_ECONOMY, metrics_pb2.BUDGET_LEVEL_EXHAUSTED) for b in capped
+        )
+        return min(b.remaining.amount_micros for b in capped), economy
 
     def rank(self, request: RouteRequest) -> list[Candidate]:
         views = [
@@ -222,9 +309,13 @@ class RenderChain:
         """Every event of the render, each attempt's `charged` among them, ending with exactly one final
         event (succeeded or failed)."""
         tried: set[int] = set()
+        # What the tenant's attempts cost so far, against the job's cost limit (the re-render is not its).
         spent = 0
         attempt = resume_attempt if resume is not None else 1
         cause: Cause | None = None
+        guarantee = _Guarantee(granted=job.rerender_granted)
+        # The free re-render's route, once an output earned it.
+        rerender: tuple[RouteRequest, list[Candidate]] | None = None
         if resume is not None:
             renderer = self._pool.get(resume.backend)
             if renderer is None:
@@ -233,51 +324,88 @@ class RenderChain:
                     failed=failure(Reason.UNKNOWN_BACKEND, "the recorded backend is not configured", False),
                 )
                 return
-            result = AttemptResult(attempt, renderer, job, resume.idempotency_key, resumed=True)
+            # Whose the resumed attempt is: the tenant's unless the re-render was granted before the
+            # restart, when it may be that re-render (the caller knows: left empty).
+            account = self.account_of(resume.idempotency_key) or ("" if guarantee.granted else job.tenant_id)
+            result = AttemptResult(
+                attempt,
+                renderer,
+                job,
+                resume.idempotency_key,
+                resumed=True,
+                account=account,
+                attempt_limit=self._limit(guarantee),
+                may_rerender=self._may_rerender(job, guarantee),
+            )
             async for item in _spanned(result, self._follow(renderer, resume.task_id, attempt, job, result)):
                 yield item
+            rerender = await self._conclude(job, result, tried | {resume.backend}, spent)
             yield event(attempt, charged=result.charge)
             if result.final is not None:
-                yield result.final
+                yield _delivered(result.final, guarantee)
                 return
             tried.add(resume.backend)
-            spent += result.cost_micros
+            if account == job.tenant_id:
+                spent += result.cost_micros
             cause = result.cause
             attempt += 1
         while True:
-            request = await self.route_request(job, frozenset(tried), spent)
-            candidates = self.rank(request)
+            is_rerender = rerender is not None
+            if rerender is not None:
+                request, candidates = rerender
+                rerender = None
+            else:
+                request = await self.route_request(job, frozenset(tried), spent)
+                candidates = self.rank(request)
             eligible = [candidate for candidate in candidates if candidate.eligible]
-            if cause is not None:
-                if attempt > self._settings.router_max_attempts or not eligible:
+            if cause is not None and not is_rerender:
+                if attempt > self._limit(guarantee) or not eligible:
                     if eligible:
                         why = "no attempts left"
                     elif budget_alone_blocks(c.exclusions for c in candidates):
                         why = "no other backend within the budget left"
                     else:
                         why = "no other backend qualifies"
-                    yield _last_word(cause, attempt - 1, why)
+                    yield _delivered(_last_word(cause, attempt - 1, why), guarantee)
                     return
             if not eligible:
-                yield event(attempt, failed=_no_backend(request, candidates))
+                yield _delivered(event(attempt, failed=_no_backend(request, candidates)), guarantee)
                 return
             chosen = eligible[0]
             # Takes a half-open breaker's one trial: granted, as ranking just saw it free with no await since.
             self._pool.get(chosen.backend).breaker.allow_request()  # type: ignore[union-attr]
             try:
-                reservation = await self._reserve(job, attempt, chosen)
+                reservation = await self._reserve(job, attempt, chosen, is_rerender)
             except _BudgetRefused as refused:
-                if cause is not None:
-                    yield _last_word(cause, attempt - 1, f"no budget for another attempt: {refused}")
+                if is_rerender and cause is not None:
+                    # The company's account cannot pay it now: as if no better backend qualified.
+                    log.warning("free re-render refused by the ledger", job_id=job.job_id, why=str(refused))
+                    cause.earns_rerender = False
+                    if cause.under_floor:
+                        continue
+                    yield _delivered(
+                        _last_word(cause, attempt - 1, "no budget for the free re-render"), guarantee
+                    )
+                elif cause is not None:
+                    why = f"no budget for another attempt: {refused}"
+                    yield _delivered(_last_word(cause, attempt - 1, why), guarantee)
                 else:
                     yield event(attempt, failed=failure(Reason.BUDGET_EXHAUSTED, str(refused), False))
                 return
             if reservation is None:
                 # This attempt ended in an earlier run (its ledger line is settled): go on after it.
                 tried.add(chosen.backend)
+                if is_rerender:
+                    guarantee.granted = True
+                    guarantee.kept = cause.output if cause is not None else None
                 attempt += 1
                 continue
-            renderer, key, reserved = reservation
+            renderer, key, reserved, account, is_rerender = reservation
+            self._remember(key, account)
+            if is_rerender and not guarantee.granted:
+                guarantee.granted = True
+                if cause is not None and cause.output is not None:
+                    guarantee.kept = cause.output
             if cause is not None:
                 self._telemetry.fell_back(cause.backend, renderer.backend, cause.failure.reason)
                 yield event(
@@ -289,6 +417,8 @@ class RenderChain:
             reason = describe(chosen)
             if renderer.backend != chosen.backend:
                 reason = f"the backend this attempt reserved for before a restart ({reason} now ranks first)"
+            if is_rerender:
+                reason = f"free re-render of an output under the service level's minimum, paid by {account}: {reason}"
             yield event(
                 attempt,
                 routed=event_pb2.RouteDecision(
@@ -297,51 +427,113 @@ class RenderChain:
                     estimated_cost=usd(chosen.list_cost_micros),
                     reservation_key=key,
                     reserved=usd(reserved),
+                    account=account,
+                    rerender=is_rerender,
                 ),
             )
-            result = AttemptResult(attempt, renderer, job, key)
+            result = AttemptResult(
+                attempt,
+                renderer,
+                job,
+                key,
+                account=account,
+                attempt_limit=self._limit(guarantee),
+                may_rerender=self._may_rerender(job, guarantee),
+            )
             async for item in _spanned(result, self._attempt(renderer, job, attempt, result)):
                 yield item
+            rerender = await self._conclude(job, result, tried | {renderer.backend}, spent)
             yield event(attempt, charged=result.charge)
             if result.final is not None:
-                yield result.final
+                yield _delivered(result.final, guarantee)
                 return
             tried.add(renderer.backend)
-            spent += result.cost_micros
+            if not is_rerender:
+                spent += result.cost_micros
             cause = result.cause
             attempt += 1
 
+    def _limit(self, guarantee: _Guarantee) -> int:
+        """The highest attempt number: the configured limit, and one more once the re-render is granted."""
+        return self._settings.router_max_attempts + (1 if guarantee.granted else 0)
+
+    @staticmethod
+    def _may_rerender(job: RenderJob, guarantee: _Guarantee) -> bool:
+        return not guarantee.granted and job.quality_minimum > 0 and job.guarantee is not None
+
+    async def _conclude(
+        self, job: RenderJob, result: AttemptResult, tried: set[int], spent: int
+    ) -> tuple[RouteRequest, list[Candidate]] | None:
+        """After an attempt whose output earned the free re-render: its route (a backend of better
+        quality qualifies), or, when none does, the attempt as it would have ended without the
+        guarantee: its output delivered, or the usual fallback from an output under the floor."""
+        cause = result.cause
+        if cause is None or not cause.earns_rerender or job.guarantee is None:
+            return None
+        request = await self.route_request(job, frozenset(tried), spent, rerender_above=cause.quality)
+        candidates = self.rank(request)
+        if any(candidate.eligible for candidate in candidates):
+            return request, candidates
+        cause.earns_rerender = False
+        log.info(
+            "no better backend for the free re-render",
+            job_id=job.job_id,
+            score=cause.output.qc.score if cause.output is not None else None,
+            reasons="; ".join(describe(candidate) for candidate in candidates),
+        )
+        if not cause.under_floor or result.attempt >= result.attempt_limit:
+            # Delivered as it is: nothing better may be tried.
+            assert cause.output is not None
+            result.charge.ClearField("failure")
+            result.cause = None
+            result.final = event(result.attempt, succeeded=cause.output)
+            return None
+        # Under the floor as well: the usual fallback, at the tenant's cost.
+        assert cause.output is not None
+        floor = job.constraints.quality_floor
+        cause.failure.message = f"QC score {cause.output.qc.score:.2f} under the floor {floor:.2f}"
+        result.charge.failure.CopyFrom(cause.failure)
+        return None
+
     async def _reserve(
-        self, job: RenderJob, attempt: int, chosen: Candidate
-    ) -> tuple[Renderer, str, int] | None:
-        """Reserves the attempt's worst case at the chosen backend before its provider is called; returns
-        the renderer to start it at, its key and the amount (no key for a free render), or None when the
+        self, job: RenderJob, attempt: int, chosen: Candidate, rerender: bool = False
+    ) -> tuple[Renderer, str, int, str, bool] | None:
+        """Reserves the attempt's worst case at the chosen backend before its provider is called, under
+        the tenant's account or, for the free re-render, the guarantee's; returns the renderer to start
+        it at, its key and the amount (no key for a free render), the account and whether it is the
+        re-render (a key reserved before a restart under the other account keeps it), or None when the
         attempt's line is settled already. Raises _BudgetRefused, or Unavailable when the ledger is away
         (the caller tries again later: nothing starts unreserved)."""
         renderer = self._pool.get(chosen.backend)
         assert renderer is not None
+        company = job.guarantee.account if job.guarantee is not None else ""
+        account = company if rerender else job.tenant_id
         if chosen.list_cost_micros <= 0:
-            return renderer, "", 0
+            return renderer, "", 0, account, rerender
         key = attempt_key(job.idempotency_key, attempt)
-        request = metrics_pb2.ReserveBudgetRequest(
-            reservation_key=key,
-            amount=usd(chosen.list_cost_micros),
-            job_id=job.job_id,
-            backend=chosen.backend,
-        )
         try:
-            response = await self._metrics.ReserveBudget(request, timeout=_LEDGER_TIMEOUT)
-        except grpc.aio.AioRpcError as error:
-            reason = error_reason(error)
-            if reason == ErrorReason.BUDGET_EXHAUSTED:
-                raise _BudgetRefused(error.details() or "today's budget is spent") from error
-            if reason == ErrorReason.RESERVATION_SETTLED:
-                log.info("attempt settled in an earlier run; going on after it", job_id=job.job_id, key=key)
-                return None
-            raise Unavailable(
-                f"the spend ledger cannot reserve attempt {attempt} ({error.code().name}): not started",
-                reason=ErrorReason.LEDGER_UNAVAILABLE,
-            ) from error
+            response = await self._reserve_as(job, attempt, chosen, key, account)
+        except _KeyConflict:
+            if not company or company == job.tenant_id:
+                raise Unavailable(
+                    f"attempt {attempt}'s key {key} was reserved for another job or tenant: not started",
+                    reason=ErrorReason.LEDGER_UNAVAILABLE,
+                ) from None
+            # Reserved before a restart under the other account: the attempt stays what it was.
+            rerender = not rerender
+            account = company if rerender else job.tenant_id
+            log.info(
+                "attempt keeps the account it reserved under", job_id=job.job_id, key=key, account=account
+            )
+            try:
+                response = await self._reserve_as(job, attempt, chosen, key, account)
+            except _KeyConflict:
+                raise Unavailable(
+                    f"attempt {attempt}'s key {key} was reserved for another job: not started",
+                    reason=ErrorReason.LEDGER_UNAVAILABLE,
+                ) from None
+        if response is None:
+            return None
         reservation = response.reservation
         if response.existing and reservation.backend != chosen.backend:
             pinned = self._pool.get(reservation.backend)
@@ -350,7 +542,35 @@ class RenderChain:
                     "attempt goes to the backend it reserved for", job_id=job.job_id, backend=pinned.name
                 )
                 renderer = pinned
-        return renderer, key, reservation.amount.amount_micros
+        return renderer, key, reservation.amount.amount_micros, account, rerender
+
+    async def _reserve_as(
+        self, job: RenderJob, attempt: int, chosen: Candidate, key: str, account: str
+    ) -> metrics_pb2.ReserveBudgetResponse | None:
+        """ReserveBudget under the account; None when the attempt's line is settled already. Raises
+        _BudgetRefused, _KeyConflict (the key is another tenant's or job's), or Unavailable."""
+        request = metrics_pb2.ReserveBudgetRequest(
+            reservation_key=key,
+            tenant_id=account,
+            amount=usd(chosen.list_cost_micros),
+            job_id=job.job_id,
+            backend=chosen.backend,
+        )
+        try:
+            return await self._metrics.ReserveBudget(request, timeout=_LEDGER_TIMEOUT)
+        except grpc.aio.AioRpcError as error:
+            reason = error_reason(error)
+            if reason == ErrorReason.BUDGET_EXHAUSTED:
+                raise _BudgetRefused(error.details() or "today's budget is spent") from error
+            if reason == ErrorReason.RESERVATION_SETTLED:
+                log.info("attempt settled in an earlier run; going on after it", job_id=job.job_id, key=key)
+                return None
+            if reason == ErrorReason.RESERVATION_KEY_CONFLICT:
+                raise _KeyConflict(error.details() or key) from error
+            raise Unavailable(
+                f"the spend ledger cannot reserve attempt {attempt} ({error.code().name}): not started",
+                reason=ErrorReason.LEDGER_UNAVAILABLE,
+            ) from error
 
     async def _attempt(
         self, renderer: Renderer, job: RenderJob, attempt: int, result: AttemptResult
@@ -489,18 +709,32 @@ class RenderChain:
         )
         renderer.breaker.record_success()
         under_floor = output.qc.score < floor
+        minimum = job.quality_minimum
+        earns_rerender = result.may_rerender and output.qc.score < minimum
         self._telemetry.attempt_ended(
             renderer.backend,
-            "qc_under_floor" if under_floor else "succeeded",
+            "qc_under_floor" if under_floor or earns_rerender else "succeeded",
             seconds,
             output.qc.score,
-            Reason.QC_UNDER_FLOOR if under_floor else Reason.UNSPECIFIED,
+            Reason.QC_UNDER_FLOOR if under_floor or earns_rerender else Reason.UNSPECIFIED,
         )
-        if under_floor and attempt < self._settings.router_max_attempts:
+        if earns_rerender:
+            # The chain looks for a better backend next (_conclude), whatever the attempt limit.
+            under = failure(
+                Reason.QC_UNDER_FLOOR,
+                f"QC score {output.qc.score:.2f} under the service level's minimum {minimum:.2f}: a free "
+                "re-render on a better backend",
+                True,
+            )
+            quality = renderer.capabilities.nominal_quality if renderer.capabilities is not None else 0.0
+            result.cause = Cause(renderer.backend, under, output, True, under_floor, quality)
+            result.charge.failure.CopyFrom(under)
+            return
+        if under_floor and attempt < (result.attempt_limit or self._settings.router_max_attempts):
             under = failure(
                 Reason.QC_UNDER_FLOOR, f"QC score {output.qc.score:.2f} under the floor {floor:.2f}", True
             )
-            result.cause = Cause(renderer.backend, under, output)
+            result.cause = Cause(renderer.backend, under, output, under_floor=True)
             result.charge.failure.CopyFrom(under)
             return
         result.final = event(attempt, succeeded=output)
@@ -562,6 +796,18 @@ def _last_word(cause: Cause, attempt: int, why: str) -> event_pb2.RenderEvent:
     last.CopyFrom(cause.failure)
     last.message = f"{last.message} ({why})"
     return event(attempt, failed=last)
+
+
+def _delivered(final: event_pb2.RenderEvent, guarantee: _Guarantee) -> event_pb2.RenderEvent:
+    """The chain's final event, once a free re-render was granted: the output that earned it stays the
+    job's when what came after it failed, or scored lower."""
+    kept = guarantee.kept
+    if kept is None:
+        return final
+    if final.HasField("failed") or (final.HasField("succeeded") and final.succeeded.qc.score < kept.qc.score):
+        log.info("the output that earned the free re-render is delivered", attempt=final.attempt)
+        return event(final.attempt, succeeded=kept)
+    return final
 
 
 def _no_backend(request: RouteRequest, candidates: list[Candidate]) -> render_pb2.RenderFailure:

@@ -12,6 +12,10 @@ a code for programs and a reason for people, then ranked:
   configured), as the product's first version did: a large budget buys the best quality;
 - a preferred backend goes first when it qualifies.
 
+A free re-render (an output under the tenant's service-level minimum) asks for a backend of better
+nominal quality than the one that delivered it (`quality_above`): one of the same quality or worse is
+excluded as under the floor.
+
 The local renderer is a development stand-in: its nominal quality is under every preset's floor, so
 it renders under the floor only when the request prefers it or when it is the only backend
 configured (a mesh without providers), and says so.
@@ -46,6 +50,8 @@ class RouteRequest:
     tried: frozenset[int] = frozenset()
     # From this much budget left, quality ranks first; None: never (the cheapest that meets the floor).
     quality_first_budget_micros: int | None = None
+    # A free re-render: only backends whose nominal quality is higher than this; None: any.
+    quality_above: float | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,14 @@ def _assess(request: RouteRequest, view: BackendView, providers_configured: bool
             (
                 router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR,
                 f"quality {capabilities.nominal_quality:.2f} under the floor {request.quality_floor:.2f}",
+            )
+        )
+    if request.quality_above is not None and capabilities.nominal_quality <= request.quality_above:
+        excluded.append(
+            (
+                router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR,
+                f"quality {capabilities.nominal_quality:.2f} not above {request.quality_above:.2f}, the "
+                "quality of the backend whose output earned the free re-render",
             )
         )
     if request.max_cost_micros is not None and list_cost > request.max_cost_micros:

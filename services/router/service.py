@@ -1,5 +1,12 @@
-"""RouterService: plans routes, runs each render's fallback chain, and reports every event."""
+"""RouterService: plans routes, runs each render's fallback chain, and reports every event.
 
+A render names the tenant whose budget pays for its attempts (empty: the ledger's default tenant) and,
+when the tenant's service level promises a quality minimum, the guarantee: see `aiprod_router.chain`
+for the free re-render it grants.
+"""
+
+import math
+import re
 from collections.abc import AsyncIterator
 
 import grpc
@@ -15,6 +22,9 @@ from aiprod_router.backends import Renderer, RendererPool
 from aiprod_router.chain import FINAL_RENDER_STATES, AttemptResult, RenderChain, RenderJob
 
 _CALL_TIMEOUT = 10.0
+# A ledger tenant's name, as the metrics service accepts it.
+_NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_NAME_RULE = "must be 1 to 128 characters among A-Z a-z 0-9 . _ : -"
 _BREAKER_STATES = {
     BreakerState.CLOSED: router_pb2.BREAKER_STATE_CLOSED,
     BreakerState.OPEN: router_pb2.BREAKER_STATE_OPEN,
@@ -29,14 +39,42 @@ def _seconds(value: float | None) -> duration_pb2.Duration:
     return duration
 
 
-def _require_shot(shot: render_pb2.Shot) -> None:
+def _shot_violations(shot: render_pb2.Shot) -> list[tuple[str, str]]:
     violations = []
     if not shot.prompt.strip():
         violations.append(("shot.prompt", "must not be empty"))
     if shot.duration_seconds <= 0:
         violations.append(("shot.duration_seconds", "must be positive"))
+    return violations
+
+
+def _require_shot(shot: render_pb2.Shot, tenant_id: str = "") -> None:
+    violations = _shot_violations(shot) + _tenant_violations(tenant_id)
     if violations:
         raise InvalidArgument(violations)
+
+
+def _tenant_violations(tenant_id: str) -> list[tuple[str, str]]:
+    if tenant_id and not _NAME.fullmatch(tenant_id):
+        return [("tenant_id", _NAME_RULE)]
+    return []
+
+
+def _guarantee(
+    request: router_pb2.ExecuteRenderRequest | router_pb2.ResumeRenderRequest,
+) -> tuple[router_pb2.QualityGuarantee | None, list[tuple[str, str]]]:
+    """The request's quality guarantee (None: none, or a minimum of 0), or what is wrong with it."""
+    if not request.HasField("guarantee"):
+        return None, []
+    guarantee = request.guarantee
+    minimum = guarantee.quality_minimum
+    if not (math.isfinite(minimum) and 0 <= minimum <= 1):
+        return None, [("guarantee.quality_minimum", "must be a QC score between 0 and 1")]
+    if minimum == 0:
+        return None, []
+    if not _NAME.fullmatch(guarantee.account):
+        return None, [("guarantee.account", f"the ledger account that pays the re-render {_NAME_RULE}")]
+    return guarantee, []
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -47,8 +85,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def PlanRoute(
         self, request: router_pb2.PlanRouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.PlanRouteResponse:
-        _require_shot(request.shot)
-        job = RenderJob("", request.shot, request.constraints, "")
+        _require_shot(request.shot, request.tenant_id)
+        job = RenderJob("", request.shot, request.constraints, "", tenant_id=request.tenant_id)
         candidates = self._chain.rank(await self._chain.route_request(job, frozenset(), 0))
         response = router_pb2.PlanRouteResponse()
         rank = 0
@@ -70,10 +108,20 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def ExecuteRender(
         self, request: router_pb2.ExecuteRenderRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.ExecuteRenderResponse]:
-        _require_shot(request.shot)
+        guarantee, violations = _guarantee(request)
+        violations = _shot_violations(request.shot) + _tenant_violations(request.tenant_id) + violations
         if not request.idempotency_key:
-            raise InvalidArgument([("idempotency_key", "must not be empty")])
-        job = RenderJob(request.job_id, request.shot, request.constraints, request.idempotency_key)
+            violations.append(("idempotency_key", "must not be empty"))
+        if violations:
+            raise InvalidArgument(violations)
+        job = RenderJob(
+            request.job_id,
+            request.shot,
+            request.constraints,
+            request.idempotency_key,
+            tenant_id=request.tenant_id,
+            guarantee=guarantee,
+        )
         async for event in self._chain.run(job):
             yield router_pb2.ExecuteRenderResponse(event=event)
 
@@ -81,9 +129,21 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.ResumeRenderRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.ResumeRenderResponse]:
         self._renderer_of(request.handle)
+        guarantee, violations = _guarantee(request)
+        violations = _tenant_violations(request.tenant_id) + violations
+        if violations:
+            raise InvalidArgument(violations)
         # The original idempotency key without its attempt suffix: later attempts continue its series.
         base_key = request.handle.idempotency_key.rpartition(":")[0] or request.job_id
-        job = RenderJob(request.job_id, request.shot, request.constraints, base_key)
+        job = RenderJob(
+            request.job_id,
+            request.shot,
+            request.constraints,
+            base_key,
+            tenant_id=request.tenant_id,
+            guarantee=guarantee,
+            rerender_granted=request.rerender_granted,
+        )
         async for event in self._chain.run(job, resume=request.handle, resume_attempt=request.attempt or 1):
             yield router_pb2.ResumeRenderResponse(event=event)
 
@@ -94,6 +154,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         render that had already ended answers with what it cost as it ended."""
         renderer = self._renderer_of(request.handle)
         task_id = request.handle.task_id
+        # Read before the cancel: the chain following the render may forget it once it ended.
+        account = self._chain.account_of(request.handle.idempotency_key)
         try:
             render = (
                 await renderer.stub.CancelRender(
@@ -115,6 +177,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 )
             ).render
         charge = AttemptResult.charge_of(renderer, request.handle.idempotency_key, render)
+        charge.account = account
         return router_pb2.CancelRenderResponse(charge=charge)
 
     async def ReconcileAttempt(
@@ -143,11 +206,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 reservation_key=request.idempotency_key,
                 backend=renderer.backend,
                 outcome=event_pb2.CHARGE_OUTCOME_RELEASE,
+                account=self._chain.account_of(request.idempotency_key),
             )
             return router_pb2.ReconcileAttemptResponse(ended=True, charge=charge)
         if render.state not in FINAL_RENDER_STATES:
             return router_pb2.ReconcileAttemptResponse(ended=False)
         charge = AttemptResult.charge_of(renderer, request.idempotency_key, render)
+        # Known when this router reserved it; else "" (the caller keeps the account it recorded).
+        charge.account = self._chain.account_of(request.idempotency_key)
         return router_pb2.ReconcileAttemptResponse(ended=True, charge=charge)
 
     async def ListBackends(
