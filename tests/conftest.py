@@ -29,6 +29,13 @@ os.environ.setdefault(
         }
     ),
 )
+# Nor are its jobs held to the presets' price limits: tests of routing, faults and money send quick_social
+# jobs to Veo and through paid fallbacks, which an 8 USD a minute limit leaves out. The quote tests
+# (test_quotes.py) set their own.
+os.environ.setdefault(
+    "AIPROD_GATEWAY_PRESET_PRICES",
+    json.dumps({"quick_social": 1000, "brand_campaign": 1000, "premium_spot": 1000}),
+)
 
 
 @pytest.fixture(scope="session")

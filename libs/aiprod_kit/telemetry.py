@@ -49,7 +49,8 @@ _BUCKETS = {
     "aiprod.router.qc_score": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95),
     "aiprod.gateway.job_cost": (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50),
     "aiprod.gateway.cost_per_minute": (0.1, 0.25, 0.5, 0.95, 1.5, 2.5, 5, 10, 25, 50),
-    # Actual over estimated cost: within ±20% was "on budget" in the first version.
+    # Actual over estimated (or quoted) cost: within ±20% was "on budget" in the first version.
+    "aiprod.gateway.quote_variance": (0.5, 0.8, 0.9, 1.0, 1.1, 1.2, 1.5, 2),
     "aiprod.metrics.cost_variance": (0.5, 0.8, 0.9, 1.0, 1.1, 1.2, 1.5, 2),
 }
 

@@ -11,6 +11,7 @@ from aiprod_gateway.dispatcher import Dispatcher
 from aiprod_gateway.driving import BudgetPolicy
 from aiprod_gateway.keys import TenantStore
 from aiprod_gateway.limits import RequestLimiter
+from aiprod_gateway.quoting import Quoter, QuoteStore
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.service import GatewayServicer
 from aiprod_gateway.settlement import Settlement
@@ -44,6 +45,8 @@ async def build() -> AsyncIterator[list[Registration]]:
     metrics_channel = open_channel(settings.metrics_target, settings)
     router = router_pb2_grpc.RouterServiceStub(router_channel)
     metrics = metrics_pb2_grpc.MetricsServiceStub(metrics_channel)
+    # The presets' price limits, the baseline backend and how long a quote binds, checked here.
+    quoter = Quoter.from_settings(settings, router, await QuoteStore.open(database))
     reporter = MetricsReporter(metrics)
     spending = Spending(metrics)
     settlement = Settlement(store, metrics, router)
@@ -66,7 +69,7 @@ async def build() -> AsyncIterator[list[Registration]]:
             Registration(
                 gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
                 GatewayServicer(
-                    store, dispatcher, router, metrics, reporter, spending, settlement, tiers=tiers
+                    store, dispatcher, router, metrics, reporter, spending, settlement, quoter, tiers=tiers
                 ),
                 gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
                 guard=key_guard,

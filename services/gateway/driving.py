@@ -26,6 +26,7 @@ from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_gateway import attempts
+from aiprod_gateway.quoting import quoted_constraints
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement, record_charge
 from aiprod_gateway.spending import BudgetRefused, Spending
@@ -314,7 +315,7 @@ class JobDriver:
                 job_id=job.job_id,
                 handle=job.handle,
                 shot=shot,
-                constraints=job.spec.constraints,
+                constraints=quoted_constraints(job),
                 attempt=job.attempt,
             )
             stream = self._router.ResumeRender(request)
@@ -322,7 +323,7 @@ class JobDriver:
             request = router_pb2.ExecuteRenderRequest(
                 job_id=job.job_id,
                 shot=shot,
-                constraints=job.spec.constraints,
+                constraints=quoted_constraints(job),
                 idempotency_key=job.job_id,
             )
             stream = self._router.ExecuteRender(request)

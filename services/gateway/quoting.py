@@ -20,7 +20,8 @@ qualifies now only because the budget left cannot pay it, the quote prices the r
 once it can, rather than refusing the job.
 
 A quote is kept (`QuoteStore`, its own table on the gateway's database) with its tenant, the
-fingerprint of the spec it priced and its expiry. `CreateRenderJob` naming it binds it (`Quoter.bind`):
+fingerprint of the request it priced (`validation.fingerprint` of the request's spec, as the job store
+tells retries apart) and its expiry. `CreateRenderJob` naming it binds it (`Quoter.bind`):
 another tenant's or an unknown quote is NOT_FOUND; another spec's is QUOTE_MISMATCH; an expired one
 QUOTE_EXPIRED; one whose backend no longer qualifies (the router asked again) QUOTE_NOT_HOLDING, with
 the router's reasons. A quote binds one job: the first request to take it (a retry of that request
@@ -80,10 +81,8 @@ def _seconds(stamp: timestamp_pb2.Timestamp) -> float:
     return stamp.ToNanoseconds() / 1e9
 
 
-def spec_fingerprint(spec: render_pb2.RenderSpec, plan: render_pb2.RenderPlan | None = None) -> str:
-    """What a quote priced: the checked spec (and the edited plan of a review's re-quote)."""
-    if plan is None:
-        return validation.fingerprint(spec)
+def plan_fingerprint(spec: render_pb2.RenderSpec, plan: render_pb2.RenderPlan) -> str:
+    """What a review's re-quote priced: the job's spec and its edited plan (never a new job's request)."""
     return hashlib.sha256(
         (validation.fingerprint(spec) + plan.SerializeToString(deterministic=True).hex()).encode()
     ).hexdigest()
@@ -290,31 +289,33 @@ class Quoter:
     # What the service calls ----------------------------------------------------------------------------
 
     async def quote(
-        self, spec: render_pb2.RenderSpec, tenant: Tenant, request_id: str = ""
+        self, spec: render_pb2.RenderSpec, tenant: Tenant, fingerprint: str, request_id: str = ""
     ) -> gateway_pb2.Quote:
-        """Prices a checked spec (validation.checked_spec) for the tenant, and keeps the quote; given a
-        request_id, the quote is that request's job's already."""
-        return await self._quote(spec, validation.plan_of(spec), tenant, spec_fingerprint(spec), request_id)
+        """Prices a spec as a job would render it (checked, under the tenant's tier) for the tenant, and
+        keeps the quote under the fingerprint of the request; given a request_id, the quote is that
+        request's job's already."""
+        return await self._quote(spec, validation.plan_of(spec), tenant, fingerprint, request_id)
 
     async def quote_plan(
         self, spec: render_pb2.RenderSpec, plan: render_pb2.RenderPlan, tenant: Tenant
     ) -> gateway_pb2.Quote:
         """Prices a job's edited plan (its review's re-quote) under the job's spec, and keeps the quote.
         One shot per job for now: the first shot's."""
-        return await self._quote(spec, plan, tenant, spec_fingerprint(spec, plan), "")
+        return await self._quote(spec, plan, tenant, plan_fingerprint(spec, plan), "")
 
     async def for_job(
-        self, quote_id: str, spec: render_pb2.RenderSpec, tenant: Tenant, request_id: str
+        self, quote_id: str, spec: render_pb2.RenderSpec, tenant: Tenant, fingerprint: str, request_id: str
     ) -> gateway_pb2.Quote:
         """The quote a new job holds: the one its request names, bound, else a new one."""
         if quote_id:
-            return await self.bind(quote_id, spec, tenant, request_id)
-        return await self.quote(spec, tenant, request_id)
+            return await self.bind(quote_id, spec, tenant, fingerprint, request_id)
+        return await self.quote(spec, tenant, fingerprint, request_id)
 
     async def bind(
-        self, quote_id: str, spec: render_pb2.RenderSpec, tenant: Tenant, request_id: str
+        self, quote_id: str, spec: render_pb2.RenderSpec, tenant: Tenant, fingerprint: str, request_id: str
     ) -> gateway_pb2.Quote:
-        """The quote, given to the request's job if it still holds; else the reason it does not."""
+        """The quote, given to the request's job if it still holds; else the reason it does not. spec: as
+        the job renders it; fingerprint: of its request, which must be the quoted one's."""
         if not _QUOTE_ID.fullmatch(quote_id):
             raise InvalidArgument(
                 [("quote_id", "must be a quote id such as quote_0123456789abcdef0123456789abcdef")]
@@ -327,7 +328,7 @@ class Quoter:
                 metadata={"quote_id": quote_id},
             )
         quote = stored.quote
-        if stored.fingerprint != spec_fingerprint(spec):
+        if stored.fingerprint != fingerprint:
             raise FailedPrecondition(
                 f"quote {quote_id} was made for another spec: quote this one, or send the quoted one",
                 reason=ErrorReason.QUOTE_MISMATCH,

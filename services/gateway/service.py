@@ -11,11 +11,12 @@ from opentelemetry import propagate, trace
 from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
-from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod.router.v1 import router_pb2_grpc
 from aiprod_gateway import limits, review, validation
 from aiprod_gateway.catalog import BackendCatalog
 from aiprod_gateway.dispatcher import Dispatcher
 from aiprod_gateway.driving import cancel_render
+from aiprod_gateway.quoting import Quoter
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement, record_charge
 from aiprod_gateway.spending import Spending
@@ -31,8 +32,6 @@ from aiprod_kit.errors import (
     Unavailable,
 )
 from aiprod_kit.failures import Reason, failure
-from aiprod_kit.money import usd
-from aiprod_kit.presets import PRESETS, runway_only_micros
 
 log = structlog.get_logger()
 
@@ -49,6 +48,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         reporter: MetricsReporter,
         spending: Spending,
         settlement: Settlement,
+        quoter: Quoter,
         tiers: Mapping[int, TierPolicy] = DEFAULT_TIERS,
     ) -> None:
         self._store = store
@@ -60,7 +60,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._spending = spending
         self._settlement = settlement
         self._catalog = BackendCatalog(router)
-        self._review = review.Review(store, review.RoutedQuoter(router), self._catalog)
+        self._quoter = quoter
+        self._review = review.Review(store, quoter, self._catalog)
 
     async def _job(self, job_id: str) -> gateway_pb2.RenderJob:
         """The calling tenant's job; another tenant's is NOT_FOUND, exactly as one that does not exist."""
@@ -85,6 +86,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         plan = validation.plan_of(spec)
         await self._catalog.check_renderable(plan.shots[0])
         await self._spending.refuse_when_exhausted()
+        # The job's quote: the one its request names, bound (refused once expired or no longer holding),
+        # else a new one; a job whose cheapest route is over its price limit is refused here.
+        quote = await self._quoter.for_job(
+            request.quote_id, spec, tenant, validation.fingerprint(request.spec), request_id
+        )
         job = gateway_pb2.RenderJob(
             job_id=f"job_{uuid.uuid4().hex}",
             tenant_id=tenant.tenant_id,
@@ -96,6 +102,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             else job_pb2.JOB_STATE_QUEUED,
             spec=spec,
             plan=plan,
+            quote=quote,
             plan_version=1,
             create_time=now,
             update_time=now,
@@ -191,43 +198,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def QuoteRender(
         self, request: gateway_pb2.QuoteRenderRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.QuoteRenderResponse:
-        spec, preset = await validation.checked_spec(request.spec)
-        shot = validation.plan_of(spec).shots[0]
-        try:
-            plan = await self._router.PlanRoute(
-                router_pb2.PlanRouteRequest(shot=shot, constraints=spec.constraints),
-                timeout=_DOWNSTREAM_TIMEOUT,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise Unavailable(
-                f"the router cannot price renders now ({error.code().name})",
-                reason=ErrorReason.ROUTER_UNAVAILABLE,
-            ) from error
-        best = next((candidate for candidate in plan.candidates if candidate.eligible), None)
-        if best is None:
-            raise FailedPrecondition("no backend can take this render now", reason=ErrorReason.NO_BACKEND)
-        minutes = spec.duration_seconds / 60
-        max_cost = (
-            spec.constraints.max_cost.amount_micros
-            if spec.constraints.HasField("max_cost")
-            else round(preset.max_price_per_minute_usd * 1_000_000 * minutes)
-        )
-        runway_only = runway_only_micros(spec.duration_seconds)
-        estimated = best.estimated_cost.amount_micros
-        return gateway_pb2.QuoteRenderResponse(
-            quote=gateway_pb2.Quote(
-                estimated_cost=usd(estimated),
-                max_cost=usd(max_cost),
-                baseline_cost=usd(runway_only),
-                savings=usd(runway_only - estimated),
-                backend=best.backend,
-            )
-        )
+        spec, _ = await validation.checked_spec(request.spec)
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        tenant = current_tenant()
+        # Priced as the job would be: under the tenant's tier (its deadline and quality floor).
+        spec = limits.apply_tier(spec, tenant.tier, self._tiers[tenant.tier], now)
+        await self._catalog.check_renderable(validation.plan_of(spec).shots[0])
+        quote = await self._quoter.quote(spec, tenant, validation.fingerprint(request.spec))
+        return gateway_pb2.QuoteRenderResponse(quote=quote)
 
     async def ListPresets(
         self, request: gateway_pb2.ListPresetsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListPresetsResponse:
-        return gateway_pb2.ListPresetsResponse(presets=[preset.to_proto() for preset in PRESETS.values()])
+        return gateway_pb2.ListPresetsResponse(
+            presets=[preset.to_proto() for preset in self._quoter.presets.values()]
+        )
 
     async def ApproveRenderJob(
         self, request: gateway_pb2.ApproveRenderJobRequest, context: grpc.aio.ServicerContext

@@ -9,7 +9,6 @@ from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_kit.capabilities import backend_name
 from aiprod_kit.failures import reason_name
-from aiprod_kit.presets import runway_only_micros
 
 
 class GatewayMetrics:
@@ -34,7 +33,11 @@ class GatewayMetrics:
         self._savings = meter.create_counter(
             "aiprod.gateway.savings",
             unit="{USD}",
-            description="Runway-alone list price of delivered videos minus what they cost",
+            description="The baseline backend's estimate in the quotes of delivered videos minus what they cost",
+        )
+        self._quote_variance = meter.create_histogram(
+            "aiprod.gateway.quote_variance",
+            description="What jobs that succeeded or failed cost over their quoted price (1: as quoted)",
         )
 
     def job_changed(self, job: gateway_pb2.RenderJob) -> None:
@@ -48,18 +51,36 @@ class GatewayMetrics:
         elif job.state == job_pb2.JOB_STATE_FAILED:
             self._failed.add(1, {**labels, "reason": reason_name(job.error.reason)})
             self._record_duration(job, labels, "failed")
+            self._record_variance(job, labels, "failed")
         elif job.state == job_pb2.JOB_STATE_SUCCEEDED:
             self._completed.add(1, labels)
             self._record_duration(job, labels, "succeeded")
+            self._record_variance(job, labels, "succeeded")
             self._quality.record(job.result.qc.score, labels)
             cost = job.result.cost.amount_micros / 1e6
             self._cost.record(cost, labels)
             seconds = job.result.video.duration_seconds or job.spec.duration_seconds
             if seconds > 0:
                 self._cost_per_minute.record(cost * 60 / seconds, labels)
-            # A counter only grows: a job dearer than Runway alone saved nothing.
-            self._savings.add(max(runway_only_micros(seconds) / 1e6 - cost, 0.0), labels)
+            if job.quote.HasField("baseline_cost"):
+                # A counter only grows: a job dearer than its baseline saved nothing.
+                saved = job.quote.baseline_cost.amount_micros - _actual_micros(job)
+                self._savings.add(max(saved, 0) / 1e6, labels)
+
+    def _record_variance(self, job: gateway_pb2.RenderJob, labels: dict[str, str], state: str) -> None:
+        """Actual against quoted: what the job cost its tenant over its quote's price, a ratio (a histogram
+        takes no negative values; the relative variance is this less 1). A cancelled job is left out: what
+        it cost says when it was cancelled, not how good the quote was."""
+        quoted = job.quote.price.amount_micros
+        if quoted > 0:
+            self._quote_variance.record(_actual_micros(job) / quoted, {**labels, "state": state})
 
     def _record_duration(self, job: gateway_pb2.RenderJob, labels: dict[str, str], state: str) -> None:
         seconds = (job.update_time.ToNanoseconds() - job.create_time.ToNanoseconds()) / 1e9
         self._duration.record(seconds, {**labels, "state": state})
+
+
+def _actual_micros(job: gateway_pb2.RenderJob) -> int:
+    """What the job cost its tenant: its attempts' bills (a job recorded before attempts were: its
+    video's cost)."""
+    return job.cost.amount_micros if job.HasField("cost") else job.result.cost.amount_micros

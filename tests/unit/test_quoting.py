@@ -17,8 +17,8 @@ from aiprod_gateway.quoting import (
     QuoteStore,
     StoredQuote,
     baseline_backend,
+    plan_fingerprint,
     quoted_constraints,
-    spec_fingerprint,
 )
 from aiprod_gateway.tenancy import Tenant
 from aiprod_kit.database import Database, SqliteDatabase, connect_postgres
@@ -102,11 +102,20 @@ class FakeRouter:
         return router_pb2.PlanRouteResponse(candidates=self.plan(request))
 
 
+def raw(**fields: object) -> render_pb2.RenderSpec:
+    """A request's spec: 6 s of a fox in the snow unless told."""
+    return render_pb2.RenderSpec(**{"prompt": "A fox in the snow", "duration_seconds": 6, **fields})  # type: ignore[arg-type]
+
+
 def spec(**fields: object) -> render_pb2.RenderSpec:
-    """A checked spec, as the gateway has it after validation (6 s of quick_social unless told)."""
-    raw = render_pb2.RenderSpec(**{"prompt": "A fox in the snow", "duration_seconds": 6, **fields})  # type: ignore[arg-type]
-    checked, _ = validation.normalized_spec(raw, validation.ImagePolicy())
+    """The request's spec as the gateway has it after validation (quick_social's defaults applied)."""
+    checked, _ = validation.normalized_spec(raw(**fields), validation.ImagePolicy())
     return checked
+
+
+def fp(**fields: object) -> str:
+    """The fingerprint of the request."""
+    return validation.fingerprint(raw(**fields))
 
 
 @pytest.fixture
@@ -134,7 +143,7 @@ def quoter_for(
 
 async def test_a_quote_prices_the_route_lists_every_estimate_and_is_kept(store, clock):
     quoter, router = quoter_for(store, clock)
-    quote = await quoter.quote(spec(), ACME)
+    quote = await quoter.quote(spec(), ACME, fp())
     assert quote.quote_id.startswith("quote_") and len(quote.quote_id) == len("quote_") + 32
     assert quote.create_time.ToNanoseconds() == round(clock.now * 1e9)
     assert quote.expire_time.ToNanoseconds() - quote.create_time.ToNanoseconds() == TTL * 1e9
@@ -164,7 +173,7 @@ async def test_a_quote_prices_the_route_lists_every_estimate_and_is_kept(store, 
     assert request.constraints.quality_floor == PRESETS["quick_social"].quality_floor
     assert request.shot.duration_seconds == 6 and request.shot.prompt == "A fox in the snow"
     stored = await store.get(quote.quote_id, "acme")
-    assert stored == StoredQuote(quote, "acme", spec_fingerprint(spec()), "")
+    assert stored == StoredQuote(quote, "acme", fp(), "")
 
 
 async def test_the_baseline_is_priced_whether_or_not_it_qualifies_and_is_configurable(store, clock):
@@ -173,9 +182,11 @@ async def test_the_baseline_is_priced_whether_or_not_it_qualifies_and_is_configu
         candidate(RUNWAY, RUNWAY_COST, 0, router_pb2.EXCLUSION_NOT_SERVING),
         candidate(VEO, VEO_COST, 0, router_pb2.EXCLUSION_OVER_MAX_COST),
     ]
-    quote = await quoter_for(store, clock, runway_down)[0].quote(spec(), ACME)
+    quote = await quoter_for(store, clock, runway_down)[0].quote(spec(), ACME, fp())
     assert quote.baseline_cost.amount_micros == RUNWAY_COST
-    against_veo = await quoter_for(store, clock, runway_down, baseline_backend=VEO)[0].quote(spec(), ACME)
+    against_veo = await quoter_for(store, clock, runway_down, baseline_backend=VEO)[0].quote(
+        spec(), ACME, fp()
+    )
     assert against_veo.baseline_backend == VEO
     assert against_veo.savings.amount_micros == VEO_COST - REPLICATE_COST
     # A baseline the router has not reached has no price: no saving is claimed.
@@ -183,7 +194,7 @@ async def test_the_baseline_is_priced_whether_or_not_it_qualifies_and_is_configu
         candidate(REPLICATE, REPLICATE_COST, 1),
         candidate(RUNWAY, 0, 0, router_pb2.EXCLUSION_NOT_REACHED),
     ]
-    quote = await quoter_for(store, clock, unreached)[0].quote(spec(), ACME)
+    quote = await quoter_for(store, clock, unreached)[0].quote(spec(), ACME, fp())
     assert quote.baseline_backend == RUNWAY
     assert not quote.HasField("baseline_cost") and not quote.HasField("savings")
     assert not quote.estimates[1].HasField("estimated_cost")
@@ -192,7 +203,9 @@ async def test_the_baseline_is_priced_whether_or_not_it_qualifies_and_is_configu
 async def test_a_dearer_route_than_needed_says_what_the_cheapest_would_cost(store, clock):
     preferred_runway = [candidate(RUNWAY, RUNWAY_COST, 1), candidate(REPLICATE, REPLICATE_COST, 2)]
     quote = await quoter_for(store, clock, preferred_runway)[0].quote(
-        spec(constraints=render_pb2.RenderConstraints(preferred_backend=RUNWAY)), ACME
+        spec(constraints=render_pb2.RenderConstraints(preferred_backend=RUNWAY)),
+        ACME,
+        fp(constraints=render_pb2.RenderConstraints(preferred_backend=RUNWAY)),
     )
     assert quote.backend == RUNWAY
     assert quote.price.amount_micros == RUNWAY_COST
@@ -202,14 +215,18 @@ async def test_a_dearer_route_than_needed_says_what_the_cheapest_would_cost(stor
 
 async def test_the_requests_own_max_cost_is_the_jobs_limit(store, clock):
     quoter, router = quoter_for(store, clock)
-    quote = await quoter.quote(spec(constraints=render_pb2.RenderConstraints(max_cost=usd(2_000_000))), ACME)
+    quote = await quoter.quote(
+        spec(constraints=render_pb2.RenderConstraints(max_cost=usd(2_000_000))),
+        ACME,
+        fp(constraints=render_pb2.RenderConstraints(max_cost=usd(2_000_000))),
+    )
     assert quote.max_cost.amount_micros == 2_000_000
     assert router.requests[0].constraints.max_cost.amount_micros == 2_000_000
 
 
 async def test_configured_prices_set_the_limit(store, clock):
     quoter, router = quoter_for(store, clock, presets=priced_presets('{"quick_social": 4}'))
-    quote = await quoter.quote(spec(), ACME)
+    quote = await quoter.quote(spec(), ACME, fp())
     assert quote.max_cost.amount_micros == 400_000
     assert router.requests[0].constraints.max_cost.amount_micros == 400_000
 
@@ -226,7 +243,7 @@ async def test_a_route_over_the_presets_limit_is_refused_naming_the_cheapest_pri
     ]
     quoter, _ = quoter_for(store, clock, over, presets=priced_presets('{"quick_social": 1}'))
     with pytest.raises(FailedPrecondition) as refused:
-        await quoter.quote(spec(), ACME)
+        await quoter.quote(spec(), ACME, fp())
     error = refused.value
     assert error.reason == ErrorReason.PRICE_LIMIT
     assert "runway at 0.72 USD" in error.message
@@ -239,7 +256,11 @@ async def test_a_route_over_the_presets_limit_is_refused_naming_the_cheapest_pri
         "preset": "quick_social",
     }
     with pytest.raises(FailedPrecondition) as own:
-        await quoter.quote(spec(constraints=render_pb2.RenderConstraints(max_cost=usd(500_000))), ACME)
+        await quoter.quote(
+            spec(constraints=render_pb2.RenderConstraints(max_cost=usd(500_000))),
+            ACME,
+            fp(constraints=render_pb2.RenderConstraints(max_cost=usd(500_000))),
+        )
     assert own.value.reason == ErrorReason.PRICE_LIMIT
     assert "the request's max_cost of 0.50 USD" in own.value.message
     assert own.value.metadata["limit"] == "request"
@@ -255,7 +276,7 @@ async def test_no_backend_at_all_is_refused_naming_why_for_each(store, clock):
         ),
     ]
     with pytest.raises(FailedPrecondition) as refused:
-        await quoter_for(store, clock, none)[0].quote(spec(), ACME)
+        await quoter_for(store, clock, none)[0].quote(spec(), ACME, fp())
     assert refused.value.reason == ErrorReason.NO_BACKEND
     assert "runway: renderer not serving" in refused.value.message
     assert "replicate: duration: 6 s only" in refused.value.message
@@ -265,7 +286,7 @@ async def test_a_router_away_is_unavailable(store, clock):
     quoter, router = quoter_for(store, clock)
     router.down = True
     with pytest.raises(Unavailable) as refused:
-        await quoter.quote(spec(), ACME)
+        await quoter.quote(spec(), ACME, fp())
     assert refused.value.reason == ErrorReason.ROUTER_UNAVAILABLE
 
 
@@ -275,7 +296,7 @@ async def test_a_render_the_budget_cannot_pay_today_is_quoted_at_the_route_it_wi
         candidate(RUNWAY, RUNWAY_COST, 0, router_pb2.EXCLUSION_OVER_BUDGET),
         candidate(LOCAL, 0, 0, router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR),
     ]
-    quote = await quoter_for(store, clock, waiting)[0].quote(spec(), ACME)
+    quote = await quoter_for(store, clock, waiting)[0].quote(spec(), ACME, fp())
     assert quote.backend == REPLICATE
     assert quote.price.amount_micros == REPLICATE_COST
     assert not quote.estimates[0].qualifies  # not now: the estimates say so
@@ -286,9 +307,9 @@ async def test_a_render_the_budget_cannot_pay_today_is_quoted_at_the_route_it_wi
 
 async def test_a_quote_that_holds_binds_one_job_and_a_retry_of_its_request_finds_it(store, clock):
     quoter, router = quoter_for(store, clock)
-    quote = await quoter.quote(spec(), ACME)
+    quote = await quoter.quote(spec(), ACME, fp())
     clock.now += TTL - 1
-    assert await quoter.bind(quote.quote_id, spec(), ACME, "req-1") == quote
+    assert await quoter.bind(quote.quote_id, spec(), ACME, fp(), "req-1") == quote
     # Asked again with the quoted backend preferred and the quote's limit.
     replan = router.requests[-1]
     assert replan.constraints.preferred_backend == REPLICATE
@@ -298,11 +319,11 @@ async def test_a_quote_that_holds_binds_one_job_and_a_retry_of_its_request_finds
     # The same request again, even past the expiry (its answer was lost): the same quote, no new check.
     clock.now += 10
     asked = len(router.requests)
-    assert await quoter.bind(quote.quote_id, spec(), ACME, "req-1") == quote
+    assert await quoter.bind(quote.quote_id, spec(), ACME, fp(), "req-1") == quote
     assert len(router.requests) == asked
     # Another request: the quote is taken.
     with pytest.raises(FailedPrecondition) as taken:
-        await quoter.bind(quote.quote_id, spec(), ACME, "req-2")
+        await quoter.bind(quote.quote_id, spec(), ACME, fp(), "req-2")
     assert taken.value.reason == ErrorReason.QUOTE_USED
 
 
@@ -310,38 +331,36 @@ async def test_another_tenants_quote_is_not_found_as_an_unknown_one_and_a_malfor
     store, clock
 ):
     quoter, _ = quoter_for(store, clock)
-    quote = await quoter.quote(spec(), ACME)
+    quote = await quoter.quote(spec(), ACME, fp())
     for quote_id in (quote.quote_id, "quote_" + "0" * 32):
         with pytest.raises(NotFound) as missing:
-            await quoter.bind(quote_id, spec(), GLOBEX if quote_id == quote.quote_id else ACME, "req-1")
+            await quoter.bind(quote_id, spec(), GLOBEX if quote_id == quote.quote_id else ACME, fp(), "req-1")
         assert missing.value.reason == ErrorReason.QUOTE_NOT_FOUND
         assert missing.value.metadata == {"quote_id": quote_id}
         assert missing.value.message == f"quote {quote_id} does not exist"
     with pytest.raises(InvalidArgument) as malformed:
-        await quoter.bind("quote-1", spec(), ACME, "req-1")
+        await quoter.bind("quote-1", spec(), ACME, fp(), "req-1")
     assert malformed.value.violations[0][0] == "quote_id"
 
 
 async def test_a_quote_of_another_spec_does_not_bind(store, clock):
     quoter, _ = quoter_for(store, clock)
-    quote = await quoter.quote(spec(), ACME)
+    quote = await quoter.quote(spec(), ACME, fp())
     with pytest.raises(FailedPrecondition) as mismatch:
-        await quoter.bind(quote.quote_id, spec(prompt="A wolf in the snow"), ACME, "req-1")
+        await quoter.bind(
+            quote.quote_id, spec(prompt="A wolf in the snow"), ACME, fp(prompt="A wolf in the snow"), "req-1"
+        )
     assert mismatch.value.reason == ErrorReason.QUOTE_MISMATCH
-    # The preset's defaults are applied before both: 6 s asked once and given once is the same spec.
-    same, _ = validation.normalized_spec(
-        render_pb2.RenderSpec(prompt="A fox in the snow", duration_seconds=6, preset="quick_social"),
-        validation.ImagePolicy(),
-    )
-    assert await quoter.bind(quote.quote_id, same, ACME, "req-1") == quote
+    assert (await store.get(quote.quote_id, "acme")).request_id == ""  # nobody took it
+    assert await quoter.bind(quote.quote_id, spec(), ACME, fp(), "req-1") == quote
 
 
 async def test_an_expired_quote_is_refused_with_its_expiry(store, clock):
     quoter, _ = quoter_for(store, clock)
-    quote = await quoter.quote(spec(), ACME)
+    quote = await quoter.quote(spec(), ACME, fp())
     clock.now += TTL
     with pytest.raises(FailedPrecondition) as expired:
-        await quoter.bind(quote.quote_id, spec(), ACME, "req-1")
+        await quoter.bind(quote.quote_id, spec(), ACME, fp(), "req-1")
     assert expired.value.reason == ErrorReason.QUOTE_EXPIRED
     assert expired.value.metadata["expire_time"] == quote.expire_time.ToJsonString()
     assert quote.expire_time.ToJsonString() in expired.value.message
@@ -352,7 +371,7 @@ async def test_a_quote_whose_backend_no_longer_qualifies_does_not_hold(store, cl
     answers = [WITHIN_LIMIT]
     router = FakeRouter(lambda request: answers[-1])
     quoter = Quoter(router, store, PRESETS, ttl_seconds=TTL, clock=clock)  # type: ignore[arg-type]
-    quote = await quoter.quote(spec(), ACME)
+    quote = await quoter.quote(spec(), ACME, fp())
     answers.append(
         [
             candidate(RUNWAY, RUNWAY_COST, 1),
@@ -366,22 +385,22 @@ async def test_a_quote_whose_backend_no_longer_qualifies_does_not_hold(store, cl
         ]
     )
     with pytest.raises(FailedPrecondition) as gone:
-        await quoter.bind(quote.quote_id, spec(), ACME, "req-1")
+        await quoter.bind(quote.quote_id, spec(), ACME, fp(), "req-1")
     assert gone.value.reason == ErrorReason.QUOTE_NOT_HOLDING
     assert gone.value.metadata["backend"] == "replicate"
     assert "breaker open after recent failures" in gone.value.message
     # Waiting for today's budget is not a quote gone: the job waits, as any job.
     answers.append([candidate(REPLICATE, REPLICATE_COST, 0, router_pb2.EXCLUSION_OVER_BUDGET)])
-    assert await quoter.bind(quote.quote_id, spec(), ACME, "req-1") == quote
+    assert await quoter.bind(quote.quote_id, spec(), ACME, fp(), "req-1") == quote
 
 
 async def test_a_job_without_a_quote_takes_a_new_one(store, clock):
     quoter, _ = quoter_for(store, clock)
-    quote = await quoter.for_job("", spec(), ACME, "req-1")
+    quote = await quoter.for_job("", spec(), ACME, fp(), "req-1")
     assert (await store.get(quote.quote_id, "acme")).request_id == "req-1"
-    assert await quoter.for_job(quote.quote_id, spec(), ACME, "req-1") == quote
+    assert await quoter.for_job(quote.quote_id, spec(), ACME, fp(), "req-1") == quote
     with pytest.raises(FailedPrecondition) as taken:
-        await quoter.for_job(quote.quote_id, spec(), ACME, "req-2")
+        await quoter.for_job(quote.quote_id, spec(), ACME, fp(), "req-2")
     assert taken.value.reason == ErrorReason.QUOTE_USED
 
 
@@ -398,10 +417,10 @@ async def test_a_plan_is_quoted_for_its_first_shot_and_its_whole_length(store, c
     assert router.requests[0].shot.prompt == "An edited shot"
     assert quote.max_cost.amount_micros == 1_200_000  # 9 s at 8.00 USD a minute
     stored = await store.get(quote.quote_id, "acme")
-    assert stored is not None and stored.fingerprint == spec_fingerprint(spec(), plan)
+    assert stored is not None and stored.fingerprint == plan_fingerprint(spec(), plan)
     # A review's quote is the job's: a new job of the spec cannot take it.
     with pytest.raises(FailedPrecondition) as other:
-        await quoter.bind(quote.quote_id, spec(), ACME, "req-1")
+        await quoter.bind(quote.quote_id, spec(), ACME, fp(), "req-1")
     assert other.value.reason == ErrorReason.QUOTE_MISMATCH
 
 
