@@ -91,7 +91,9 @@ def test_edits_against_versions_then_approval_of_the_current_one_renders_it(revi
     second = edit(gateway, job.job_id, 1, shot_plan("A wolf in the snow", 2))
     assert second.plan_version == 2
     assert second.plan.shots[0].prompt == "A wolf in the snow"
-    assert second.quote.backend == backend_pb2.BACKEND_LOCAL  # re-quoted: the route it would take now
+    # Re-quoted: a new quote, of the route it would take now.
+    assert first.HasField("quote") and second.quote.quote_id != first.quote.quote_id
+    assert second.quote.backend == backend_pb2.BACKEND_LOCAL
 
     # A second reviewer still on version 1: ABORTED, and nothing changes.
     stale = refused(edit, gateway, job.job_id, 1, shot_plan("A hare in the snow", 2))

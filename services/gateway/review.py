@@ -21,32 +21,22 @@ A job in no review never waits: it is created QUEUED at version 1 and keeps no r
 from collections.abc import Sequence
 from typing import Protocol
 
-import grpc
 from google.protobuf import message as protobuf_message
 from google.protobuf import timestamp_pb2
 
 from aiprod.common.v1 import job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
-from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_gateway import validation
 from aiprod_gateway.catalog import BackendCatalog
 from aiprod_gateway.store import JobStore
 from aiprod_gateway.tenancy import Tenant, current_tenant
-from aiprod_kit.errors import (
-    Aborted,
-    ErrorReason,
-    FailedPrecondition,
-    InvalidArgument,
-    Unavailable,
-)
-from aiprod_kit.money import usd
-from aiprod_kit.presets import PRESETS, Preset, runway_only_micros
+from aiprod_kit.errors import Aborted, ErrorReason, FailedPrecondition, InvalidArgument
+from aiprod_kit.presets import PRESETS, Preset
 
 # The author of the plan a job is created with: the gateway, which derived it from the request.
 GATEWAY_AUTHOR = "aiprod"
 # The only field of a plan an edit may name in its update mask (empty: the whole plan).
 _EDITABLE_PATHS = ([], ["shots"])
-_DOWNSTREAM_TIMEOUT = 5.0
 
 
 class PlanQuoter(Protocol):
@@ -293,46 +283,3 @@ class Review:
                         for field, why in error.violations
                     ]
                 ) from error
-
-
-class RoutedQuoter:
-    """A stand-in until `aiprod_gateway.quoting` lands: the route the router would take now for the plan's
-    first shot, priced as QuoteRender prices it."""
-
-    def __init__(self, router: router_pb2_grpc.RouterServiceStub) -> None:
-        self._router = router
-
-    async def quote_plan(
-        self, spec: render_pb2.RenderSpec, plan: render_pb2.RenderPlan, tenant: Tenant
-    ) -> gateway_pb2.Quote:
-        try:
-            route = await self._router.PlanRoute(
-                router_pb2.PlanRouteRequest(shot=plan.shots[0], constraints=spec.constraints),
-                timeout=_DOWNSTREAM_TIMEOUT,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise Unavailable(
-                f"the router cannot price renders now ({error.code().name})",
-                reason=ErrorReason.ROUTER_UNAVAILABLE,
-            ) from error
-        best = next((candidate for candidate in route.candidates if candidate.eligible), None)
-        if best is None:
-            raise FailedPrecondition("no backend can take this render now", reason=ErrorReason.NO_BACKEND)
-        duration = sum(shot.duration_seconds for shot in plan.shots)
-        preset = PRESETS[spec.preset]
-        max_cost = (
-            spec.constraints.max_cost.amount_micros
-            if spec.constraints.HasField("max_cost")
-            else round(preset.max_price_per_minute_usd * 1_000_000 * duration / 60)
-        )
-        estimated = best.estimated_cost.amount_micros
-        baseline = runway_only_micros(duration)
-        return gateway_pb2.Quote(
-            estimated_cost=usd(estimated),
-            price=usd(estimated),
-            max_cost=usd(max_cost),
-            baseline_cost=usd(baseline),
-            savings=usd(baseline - estimated),
-            backend=best.backend,
-            create_time=_now(),
-        )
