@@ -78,6 +78,13 @@ def test_same_request_id_returns_the_same_job_and_a_different_request_is_refused
     assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert "idem-1" in refused.value.details()
     assert sum(job.request_id == "idem-1" for job in all_jobs(gateway)) == 1
+    # The same spec asking for review is a different request too.
+    spec = render_pb2.RenderSpec(prompt="A lighthouse at dusk", duration_seconds=1)
+    with pytest.raises(grpc.RpcError) as refused:
+        gateway.CreateRenderJob(
+            gateway_pb2.CreateRenderJobRequest(request_id="idem-1", spec=spec, review=True)
+        )
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
 @pytest.mark.parametrize(

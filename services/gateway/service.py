@@ -115,7 +115,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         try:
             job, created = await self._store.create_job(
                 job,
-                validation.fingerprint(request.spec),
+                validation.request_fingerprint(request),
                 trace_context,
                 review.initial_revision(job),
                 max_unfinished=int(tier.concurrent_jobs),

@@ -342,6 +342,17 @@ def fingerprint(spec: render_pb2.RenderSpec) -> str:
     return hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
 
 
+def request_fingerprint(request: gateway_pb2.CreateRenderJobRequest) -> str:
+    """Identifies a CreateRenderJob request but for its request_id (its spec, review flag and quote), to
+    tell a retry from a different request under the same request_id."""
+    if not request.review and not request.quote_id:
+        return fingerprint(request.spec)  # as jobs stored before either existed were fingerprinted
+    same = gateway_pb2.CreateRenderJobRequest(
+        spec=request.spec, review=request.review, quote_id=request.quote_id
+    )
+    return hashlib.sha256(same.SerializeToString(deterministic=True)).hexdigest()
+
+
 def list_query(request: gateway_pb2.ListRenderJobsRequest) -> tuple[list[int], int, int | None]:
     """(states, page size, cursor) of a list request."""
     violations = []
