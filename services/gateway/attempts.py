@@ -4,6 +4,11 @@ Every change to them comes from a render event (or a cancel's answer) and is app
 transaction as the event that records it, so the job's cost and its settlement outbox never disagree
 with its log. Events may come twice (a router re-attached after a restart repeats an attempt's end):
 applying one again changes nothing.
+
+Whose money: each charge names the ledger account that pays it. The job's cost is what its tenant
+pays; a free re-render its SLA tier granted (another account: the company's) counts in company_cost
+instead. A charge that names no account (a cancel's or a reconciliation's, from a router that did not
+reserve the attempt) keeps the account the attempt's earlier charge named, else is the tenant's.
 """
 
 from aiprod.common.v1 import backend_pb2, event_pb2
@@ -36,21 +41,38 @@ def submitted(job: gateway_pb2.RenderJob, number: int, handle: backend_pb2.Rende
 
 def charged(job: gateway_pb2.RenderJob, number: int, charge: event_pb2.AttemptCharge) -> None:
     attempt = _attempt(job, number)
+    if not charge.account and attempt.charge.account:
+        known = event_pb2.AttemptCharge()
+        known.CopyFrom(charge)
+        known.account = attempt.charge.account
+        charge = known
     if attempt.HasField("charge") and attempt.charge == charge:
         return  # a repeat: its settlement stands
     attempt.charge.CopyFrom(charge)
     attempt.settled = False
     if not attempt.reservation_key and charge.reservation_key:
         attempt.reservation_key = charge.reservation_key
-    job.cost.CopyFrom(
-        usd(
-            sum(
-                item.charge.billed.amount_micros
-                for item in job.attempts
-                if item.charge.outcome == event_pb2.CHARGE_OUTCOME_COMMIT
-            )
-        )
-    )
+    tenant, company = costs(job)
+    job.cost.CopyFrom(usd(tenant))
+    if company or job.HasField("company_cost"):
+        job.company_cost.CopyFrom(usd(company))
+
+
+def paid_by_company(job: gateway_pb2.RenderJob, attempt: gateway_pb2.RenderAttempt) -> bool:
+    """Whether another account than the job's tenant pays the attempt: its free re-render."""
+    return attempt.charge.account not in ("", job.tenant_id)
+
+
+def costs(job: gateway_pb2.RenderJob) -> tuple[int, int]:
+    """What the job's committed attempts cost its tenant, and the company (its free re-render)."""
+    tenant = company = 0
+    for item in job.attempts:
+        if item.charge.outcome == event_pb2.CHARGE_OUTCOME_COMMIT:
+            if paid_by_company(job, item):
+                company += item.charge.billed.amount_micros
+            else:
+                tenant += item.charge.billed.amount_micros
+    return tenant, company
 
 
 def may_have_billed(job: gateway_pb2.RenderJob) -> bool:

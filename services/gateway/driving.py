@@ -9,11 +9,21 @@ called); the job's attempts, what each reserved and cost, are recorded from the 
 the settlement outbox tells the ledger. One that today's budget cannot pay before anything was spent
 on it fails, or waits queued (the budget policy): the driver then says how long to wait, and the
 dispatcher queues it again after that, or as soon as a settlement here frees money.
+
+Each render names the job's tenant (whose budget pays for its attempts) and, when the job's SLA tier
+promises a quality minimum, the guarantee: an output under it earns one free re-render, paid by the
+company's ledger account (AIPROD_GATEWAY_SLA_ACCOUNT). A resumed render says whether that re-render
+was granted already: it was when the routed event of a re-render is in the job's log for the resumed
+attempt or an earlier one (one routed but not yet started is granted again by the router, for the same
+attempt, on the same ledger line). Every attempt's charge names the account that pays it; where the
+router cannot say (the resumed attempt of a job whose re-render was granted), the driver does, from the
+routed events it recorded.
 """
 
 import asyncio
 import contextlib
 import math
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,6 +41,7 @@ from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement, record_charge
 from aiprod_gateway.spending import BudgetRefused, Spending
 from aiprod_gateway.store import TERMINAL_STATES, ClaimLost, JobStore, JobUpdate
+from aiprod_gateway.tiers import TierPolicy, parse_tiers
 from aiprod_kit.capabilities import backend_name
 from aiprod_kit.failures import Reason, failure, reason_name
 from aiprod_kit.settings import ConfigurationError, GatewaySettings
@@ -45,6 +56,8 @@ _TRANSIENT = frozenset(
 )
 _BACKOFF = (0.2, 5.0)
 _CANCEL_TIMEOUT = 5.0
+# A ledger account's name, as the metrics service accepts it.
+_ACCOUNT = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def _apply(event: event_pb2.RenderEvent) -> tuple[str, JobUpdate]:
@@ -114,6 +127,32 @@ class BudgetPolicy:
         return cls(settings.gateway_budget_policy == "wait", retry, max_wait or None)
 
 
+@dataclass(frozen=True)
+class Guarantees:
+    """What each SLA tier promises of a render's quality, and the company's ledger account that pays
+    the free re-render an output under it earns (AIPROD_GATEWAY_TIERS, AIPROD_GATEWAY_SLA_ACCOUNT)."""
+
+    tiers: dict[int, TierPolicy]
+    account: str
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> "Guarantees":
+        account = settings.gateway_sla_account
+        if not _ACCOUNT.fullmatch(account):
+            raise ConfigurationError(
+                f"AIPROD_GATEWAY_SLA_ACCOUNT: {account!r} must be 1 to 128 characters among A-Z a-z 0-9 . _ : -"
+            )
+        return cls(parse_tiers(settings.gateway_tiers), account)
+
+    def of(self, job: gateway_pb2.RenderJob) -> router_pb2.QualityGuarantee | None:
+        """The job's guarantee: its tier's quality minimum; None for a job without a tier (created
+        before tiers) or a tier that promises none."""
+        tier = self.tiers.get(job.tier)
+        if tier is None or tier.quality_minimum <= 0:
+            return None
+        return router_pb2.QualityGuarantee(quality_minimum=tier.quality_minimum, account=self.account)
+
+
 async def cancel_render(
     router: router_pb2_grpc.RouterServiceStub, job_id: str, handle: backend_pb2.RenderHandle
 ) -> event_pb2.AttemptCharge | None:
@@ -144,6 +183,8 @@ class Drive:
     cancelled: bool = False
     # An attempt of this run was charged or held: money went out, whatever the budget says next.
     charged: bool = False
+    # The attempt that is the job's free re-render, once routed (from the job's log, then its stream).
+    rerender_attempt: int | None = None
     # The job's scheduling priority (gateway_pb2.Priority), once the driver has read the job: its place
     # in the dispatcher's queue when it is queued again.
     priority: int = 0
@@ -160,6 +201,7 @@ class JobDriver:
         settlement: Settlement,
         budget_policy: BudgetPolicy,
         owner: str,
+        guarantees: Guarantees | None = None,
     ) -> None:
         self._store = store
         self._router = router
@@ -168,6 +210,8 @@ class JobDriver:
         self._settlement = settlement
         self._budget_policy = budget_policy
         self._owner = owner
+        # By default the tiers and the account as the process's settings (its environment) say.
+        self._guarantees = guarantees or Guarantees.from_settings(GatewaySettings())
 
     async def drive(self, job_id: str, driver: Drive) -> float | None:
         """Drives the job inside its own trace, the one its CreateRenderJob started: the router,
@@ -208,7 +252,7 @@ class JobDriver:
             try:
                 # Read to the stream's end (the router ends it after the final event): a call left open
                 # would keep its span, and the job's trace, unfinished.
-                async with contextlib.aclosing(self._render_events(job)) as events:
+                async with contextlib.aclosing(self._render_events(job, driver)) as events:
                     async for event in events:
                         await self._on_event(job, event, driver)
             except BudgetRefused as refused:
@@ -254,7 +298,13 @@ class JobDriver:
             # replica cancels the render.
             driver.handle = event.submitted
             driver.attempt = event.attempt
+        if event.HasField("routed") and event.routed.rerender:
+            driver.rerender_attempt = event.attempt
+        if event.HasField("charged") and not event.charged.account:
+            event.charged.account = self._account(job, event.attempt, driver)
         message, update = _apply(event)
+        if event.HasField("charged") and event.charged.account not in ("", job.tenant_id):
+            message += f" (the free re-render: {event.charged.account} pays)"
         if event.HasField("routed") and event.routed.reserved.amount_micros:
             message += await self._spending.level_note()
         was_queued = job.state == job_pb2.JOB_STATE_QUEUED and event.HasField("routed")
@@ -305,11 +355,31 @@ class JobDriver:
             # to record what it costs.
             charge = await cancel_render(self._router, job_id, driver.handle)
             if charge is not None:
+                if not charge.account:
+                    charge.account = self._account(job, driver.attempt, driver)
                 await record_charge(self._store, job_id, driver.attempt, charge, driver.handle)
                 self._settlement.charged()
 
-    async def _render_events(self, job: gateway_pb2.RenderJob) -> AsyncIterator[event_pb2.RenderEvent]:
+    def _account(self, job: gateway_pb2.RenderJob, attempt: int, driver: Drive) -> str:
+        """The ledger account an attempt of the job draws on: the company's for its free re-render."""
+        return self._guarantees.account if attempt == driver.rerender_attempt else job.tenant_id
+
+    async def _rerender_attempt(self, job: gateway_pb2.RenderJob) -> int | None:
+        """The attempt the job's log records as its free re-render, if any."""
+        if self._guarantees.of(job) is None:
+            return None
+        found = None
+        for recorded in await self._store.events_after(job.job_id, 0):
+            if recorded.HasField("render") and recorded.render.routed.rerender:
+                found = recorded.render.attempt
+        return found
+
+    async def _render_events(
+        self, job: gateway_pb2.RenderJob, driver: Drive
+    ) -> AsyncIterator[event_pb2.RenderEvent]:
         shot = job.plan.shots[0]
+        guarantee = self._guarantees.of(job)
+        driver.rerender_attempt = await self._rerender_attempt(job)
         if job.HasField("handle"):
             request = router_pb2.ResumeRenderRequest(
                 job_id=job.job_id,
@@ -317,6 +387,12 @@ class JobDriver:
                 shot=shot,
                 constraints=quoted_constraints(job),
                 attempt=job.attempt,
+                tenant_id=job.tenant_id,
+                guarantee=guarantee,
+                # Granted for the resumed attempt or an earlier one; one routed after it and never
+                # started is granted again by the router, for the same attempt and ledger line.
+                rerender_granted=driver.rerender_attempt is not None
+                and driver.rerender_attempt <= job.attempt,
             )
             stream = self._router.ResumeRender(request)
         else:
@@ -325,6 +401,8 @@ class JobDriver:
                 shot=shot,
                 constraints=quoted_constraints(job),
                 idempotency_key=job.job_id,
+                tenant_id=job.tenant_id,
+                guarantee=guarantee,
             )
             stream = self._router.ExecuteRender(request)
         try:
