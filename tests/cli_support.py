@@ -13,13 +13,36 @@ from typing import Any
 
 import pytest
 
+from aiprod_kit.apikeys import ADMIN_KEY_VARIABLE, API_KEY_VARIABLE
+
 AIPROD = Path(sys.executable).with_name("aiprod")
 # Long enough for a cold start of the mesh on a slow machine; never waited out on success.
 START_TIMEOUT_SECONDS = 180
 
 
-def aiprod(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(AIPROD), *args], capture_output=True, text=True, timeout=timeout, check=False)
+def cli_environment(api_key: str | None = None, admin_key: str | None = None) -> dict[str, str]:
+    """The environment of a command run as a user would: this process's, without the keys of whoever runs
+    the tests, with the keys given; wide enough that rich wraps no line of what the tests read."""
+    environment = {**os.environ, "COLUMNS": "200"}
+    for variable, key in ((API_KEY_VARIABLE, api_key), (ADMIN_KEY_VARIABLE, admin_key)):
+        environment.pop(variable, None)
+        if key is not None:
+            environment[variable] = key
+    return environment
+
+
+def aiprod(
+    *args: str, timeout: float = 180, api_key: str | None = None, admin_key: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs the command to its end, with the API key (AIPROD_API_KEY) and admin key given, if any."""
+    return subprocess.run(
+        [str(AIPROD), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=cli_environment(api_key, admin_key),
+    )
 
 
 def alive(pid: int) -> bool:
@@ -34,7 +57,8 @@ def alive(pid: int) -> bool:
 def aiprod_up(
     tmp_path: Path, *options: str, environment: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
-    """Runs `aiprod up --json --free-ports`; yields the process and the JSON it printed once up."""
+    """Runs `aiprod up --json --free-ports`; yields the process and the JSON it printed once up (the
+    services, and the development tenant's `api_key` and the `admin_key`)."""
     log_path = tmp_path / "aiprod-up.stderr"
     with log_path.open("w") as log:
         process = subprocess.Popen(

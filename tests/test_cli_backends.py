@@ -1,7 +1,6 @@
 """`aiprod backends` and `aiprod render --explain`, run as users do against a mesh with the provider sandbox."""
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -9,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cli_support import AIPROD
+from cli_support import AIPROD, cli_environment
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod_cli.explain import plan_request
@@ -40,9 +39,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     running.stop()
 
 
-def aiprod(*args: str) -> subprocess.CompletedProcess[str]:
+def aiprod(*args: str, api_key: str | None = None) -> subprocess.CompletedProcess[str]:
     # Wide enough that rich wraps no line of the progress notes or of the route plan.
-    environment = {**os.environ, "COLUMNS": "200"}
+    environment = cli_environment(api_key)
     return subprocess.run(
         [str(AIPROD), *args],
         capture_output=True,
@@ -113,6 +112,7 @@ def test_a_render_shows_in_the_backends_figures(mesh: Mesh) -> None:
             "--json",
             "--gateway",
             mesh.address("gateway"),
+            api_key=mesh.api_key,
         )
     )
     assert job["state"] == "JOB_STATE_SUCCEEDED"
@@ -138,6 +138,7 @@ def test_render_explain_json_has_the_ranked_candidates_and_their_reasons(mesh: M
         mesh.address("router"),
         "--gateway",
         mesh.address("gateway"),
+        api_key=mesh.api_key,
     )
     job = json_of(result)  # one JSON object on stdout, the plan included
     assert job["state"] == "JOB_STATE_SUCCEEDED"
@@ -182,6 +183,7 @@ def test_render_explain_goes_on_without_the_router(mesh: Mesh) -> None:
         address,
         "--gateway",
         mesh.address("gateway"),
+        api_key=mesh.api_key,
     )
 
     job = json_of(result)
@@ -206,6 +208,7 @@ def test_render_explain_table_and_every_fallback_in_the_progress(mesh: Mesh) -> 
         mesh.address("router"),
         "--gateway",
         mesh.address("gateway"),
+        api_key=mesh.api_key,
     )
 
     assert result.returncode == 1, result.stderr

@@ -9,6 +9,7 @@ printed as it is ready; the local renderer's comes last.
 import sys
 from pathlib import Path
 
+import grpc
 import typer
 
 from aiprod_cli.output import stderr
@@ -28,6 +29,8 @@ def main() -> int:
     try:
         stderr.print(f"Starting the mesh in {mesh.data_dir}…", markup=False)
         mesh.start()
+        # As `aiprod up` does: the development tenant and its key, which every render sends.
+        api_key = mesh.api_key
         # The `aiprod render` command itself, so that the demo shows exactly what users run; each
         # prints its video's path last.
         for backend, seconds in RENDERS:
@@ -38,8 +41,9 @@ def main() -> int:
                 aspect_ratio=AspectRatio.LANDSCAPE,
                 backend=backend,
                 gateway=mesh.address("gateway"),
+                api_key=api_key,
             )
-    except ServiceStartError as error:
+    except (ServiceStartError, grpc.RpcError) as error:
         stderr.print(f"error: the mesh did not start: {error}", markup=False)
         return 1
     except typer.Exit as exit_:

@@ -16,10 +16,10 @@ DEFAULT_DURATION_SECONDS = 5.0
 PLAN_TIMEOUT_SECONDS = 10.0
 
 
-def _presets(gateway_address: str) -> dict[str, gateway_pb2.Preset]:
+def _presets(gateway_address: str, api_key: str) -> dict[str, gateway_pb2.Preset]:
     """The gateway's presets; the built-in ones (which the gateway serves) when it cannot be asked."""
     try:
-        with connect(gateway_address) as gateway:
+        with connect(gateway_address, api_key) as gateway:
             response = gateway.stub.ListPresets(
                 gateway_pb2.ListPresetsRequest(), timeout=CALL_TIMEOUT_SECONDS
             )
@@ -52,14 +52,14 @@ def plan_request(
 
 
 def plan_route(
-    spec: render_pb2.RenderSpec, gateway_address: str, router_address: str
+    spec: render_pb2.RenderSpec, gateway_address: str, router_address: str, api_key: str
 ) -> list[router_pb2.RouteCandidate] | None:
     """The router's candidates for the render, eligible ones first by rank.
 
     None, said on stderr, when there is no plan to show (router unreachable or refusing, unknown
     preset): the render goes on without it.
     """
-    request = plan_request(spec, _presets(gateway_address))
+    request = plan_request(spec, _presets(gateway_address, api_key))
     if request is None:
         stderr.print(f"no route plan: unknown preset {spec.preset!r}", markup=False, highlight=False)
         return None

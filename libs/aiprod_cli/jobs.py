@@ -1,22 +1,53 @@
-"""`aiprod jobs`: list, show and cancel render jobs."""
+"""`aiprod jobs`: list, show and cancel render jobs; approve, edit and list the revisions of one in review."""
 
 from enum import StrEnum
 from typing import Annotated
 
 import typer
+from google.protobuf import field_mask_pb2
 
-from aiprod.common.v1 import job_pb2
+from aiprod.common.v1 import job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_cli.gateway import (
     CALL_TIMEOUT_SECONDS,
     DEFAULT_GATEWAY,
+    ApiKeyOption,
+    Gateway,
     GatewayOption,
     connect,
     exit_on_rpc_error,
 )
-from aiprod_cli.output import JsonOption, job_table, job_to_dict, jobs_table, print_json, stderr, stdout
+from aiprod_cli.output import (
+    JsonOption,
+    job_table,
+    job_to_dict,
+    jobs_table,
+    message_to_dict,
+    money,
+    plan_table,
+    print_json,
+    revisions_table,
+    stderr,
+    stdout,
+)
+from aiprod_cli.render import AspectRatio
+from aiprod_cli.review import approve_command
 
-app = typer.Typer(help="List, show and cancel render jobs.", no_args_is_help=True)
+app = typer.Typer(
+    help="List, show and cancel render jobs; review the ones awaiting approval (approve, edit, revisions).",
+    no_args_is_help=True,
+)
+
+VersionOption = Annotated[
+    int | None,
+    typer.Option(
+        "--version",
+        metavar="N",
+        min=1,
+        help="The plan version last seen (default: the job's current one, read first); if the plan has "
+        "changed since, nothing happens and the current version is said.",
+    ),
+]
 
 
 class State(StrEnum):
@@ -49,6 +80,7 @@ def list_jobs(
     ] = None,
     all_pages: Annotated[bool, typer.Option("--all", help="Follow every page, not just the first.")] = False,
     gateway: GatewayOption = DEFAULT_GATEWAY,
+    api_key: ApiKeyOption = "",
     json_output: JsonOption = False,
 ) -> None:
     """List jobs, newest first."""
@@ -56,7 +88,7 @@ def list_jobs(
         page_size=page_size or 0, states=[choice.to_proto() for choice in state or []]
     )
     jobs: list[gateway_pb2.RenderJob] = []
-    with exit_on_rpc_error(gateway), connect(gateway) as connection:
+    with exit_on_rpc_error(gateway), connect(gateway, api_key) as connection:
         while True:
             response = connection.stub.ListRenderJobs(request, timeout=CALL_TIMEOUT_SECONDS)
             jobs.extend(response.jobs)
@@ -75,10 +107,11 @@ def list_jobs(
 def get_job(
     job_id: Annotated[str, typer.Argument(help="The job's id.")],
     gateway: GatewayOption = DEFAULT_GATEWAY,
+    api_key: ApiKeyOption = "",
     json_output: JsonOption = False,
 ) -> None:
     """Show one job."""
-    with exit_on_rpc_error(gateway), connect(gateway) as connection:
+    with exit_on_rpc_error(gateway), connect(gateway, api_key) as connection:
         response = connection.stub.GetRenderJob(
             gateway_pb2.GetRenderJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_SECONDS
         )
@@ -90,11 +123,120 @@ def cancel_job(
     job_id: Annotated[str, typer.Argument(help="The job's id.")],
     reason: Annotated[str, typer.Option(metavar="TEXT", help="Why, kept on the job.")] = "",
     gateway: GatewayOption = DEFAULT_GATEWAY,
+    api_key: ApiKeyOption = "",
     json_output: JsonOption = False,
 ) -> None:
     """Cancel a job that has not ended; exits 2 if it has."""
-    with exit_on_rpc_error(gateway), connect(gateway) as connection:
+    with exit_on_rpc_error(gateway), connect(gateway, api_key) as connection:
         response = connection.stub.CancelRenderJob(
             gateway_pb2.CancelRenderJobRequest(job_id=job_id, reason=reason), timeout=CALL_TIMEOUT_SECONDS
         )
     _print_job(response.job, json_output)
+
+
+def _get(connection: Gateway, job_id: str) -> gateway_pb2.RenderJob:
+    return connection.stub.GetRenderJob(
+        gateway_pb2.GetRenderJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_SECONDS
+    ).job
+
+
+@app.command("approve")
+def approve_job(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    version: VersionOption = None,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    api_key: ApiKeyOption = "",
+    json_output: JsonOption = False,
+) -> None:
+    """Approve a job awaiting approval: it is queued and renders (`aiprod render` following it goes on).
+
+    Exits 2 when the gateway refuses: the job is not awaiting approval, or its plan changed since --version.
+    """
+    with exit_on_rpc_error(gateway), connect(gateway, api_key) as connection:
+        plan_version = version or (_get(connection, job_id).plan_version or 1)
+        job = connection.stub.ApproveRenderJob(
+            gateway_pb2.ApproveRenderJobRequest(job_id=job_id, plan_version=plan_version),
+            timeout=CALL_TIMEOUT_SECONDS,
+        ).job
+    if not json_output:
+        stderr.print(f"approved plan version {plan_version} of {job_id}", markup=False, highlight=False)
+    _print_job(job, json_output)
+
+
+@app.command("edit")
+def edit_job(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    prompt: Annotated[str | None, typer.Option(metavar="TEXT", help="The shot's new prompt.")] = None,
+    duration: Annotated[
+        float | None, typer.Option(metavar="SECONDS", min=0, help="The shot's new length.")
+    ] = None,
+    aspect_ratio: Annotated[AspectRatio | None, typer.Option(help="The shot's new frame shape.")] = None,
+    shot: Annotated[int, typer.Option(metavar="INDEX", min=0, help="The shot to edit, from 0.")] = 0,
+    version: VersionOption = None,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    api_key: ApiKeyOption = "",
+    json_output: JsonOption = False,
+) -> None:
+    """Edit the plan of a job awaiting approval: the edit becomes the plan's next version, re-quoted.
+
+    Exits 2 when the gateway refuses: the job is not awaiting approval, the plan changed since --version
+    (ABORTED: nothing changed; the current version is said), or the new plan is not valid.
+    """
+    if prompt is None and duration is None and aspect_ratio is None:
+        stderr.print("error: nothing to change: give --prompt, --duration or --aspect-ratio", markup=False)
+        raise typer.Exit(2)
+    with exit_on_rpc_error(gateway), connect(gateway, api_key) as connection:
+        current = _get(connection, job_id)
+        if shot >= len(current.plan.shots):
+            stderr.print(
+                f"error: --shot {shot}: the plan has {len(current.plan.shots)} shot(s), from 0",
+                markup=False,
+            )
+            raise typer.Exit(2)
+        plan = render_pb2.RenderPlan()
+        plan.CopyFrom(current.plan)
+        edited = plan.shots[shot]
+        if prompt is not None:
+            edited.prompt = prompt
+        if duration is not None:
+            edited.duration_seconds = duration
+        if aspect_ratio is not None:
+            edited.aspect_ratio = aspect_ratio.to_proto()
+        plan_version = version or (current.plan_version or 1)
+        request = gateway_pb2.UpdateRenderManifestRequest(
+            job_id=job_id,
+            plan=plan,
+            update_mask=field_mask_pb2.FieldMask(paths=["shots"]),
+            plan_version=plan_version,
+        )
+        job = connection.stub.UpdateRenderManifest(request, timeout=CALL_TIMEOUT_SECONDS).job
+    if json_output:
+        print_json(job_to_dict(job))
+        return
+    stdout.print(plan_table(job.plan, job.plan_version))
+    price = f", price {money(job.quote.price)}" if job.quote.HasField("price") else ""
+    stdout.print(f"plan version {job.plan_version}{price}", markup=False, highlight=False)
+    stderr.print(
+        f"approve it with: {approve_command(job_id, job.plan_version)}", markup=False, highlight=False
+    )
+
+
+@app.command("revisions")
+def list_revisions(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    api_key: ApiKeyOption = "",
+    json_output: JsonOption = False,
+) -> None:
+    """List a job's plan revisions, oldest first.
+
+    Each with its version, when and by whom (the API key's prefix) it was made, what changed and its price.
+    """
+    with exit_on_rpc_error(gateway), connect(gateway, api_key) as connection:
+        response = connection.stub.ListRenderRevisions(
+            gateway_pb2.ListRenderRevisionsRequest(job_id=job_id), timeout=CALL_TIMEOUT_SECONDS
+        )
+    if json_output:
+        print_json({"revisions": [message_to_dict(revision) for revision in response.revisions]})
+    else:
+        stdout.print(revisions_table(list(response.revisions)))

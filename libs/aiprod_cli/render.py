@@ -2,7 +2,8 @@
 
 import shutil
 import uuid
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -17,9 +18,11 @@ from aiprod_cli.explain import plan_route
 from aiprod_cli.gateway import (
     CALL_TIMEOUT_SECONDS,
     DEFAULT_GATEWAY,
+    ApiKeyOption,
     GatewayOption,
     connect,
     exit_on_rpc_error,
+    require_key,
 )
 from aiprod_cli.output import (
     JsonOption,
@@ -32,12 +35,23 @@ from aiprod_cli.output import (
     stderr,
 )
 from aiprod_cli.progress import Reporter, SilentReporter, progress_reporter
+from aiprod_cli.review import ReviewReporter, approve_command, await_approval
 from aiprod_cli.router import DEFAULT_ROUTER, RouterOption
-from aiprod_cli.watch import GatewayLost, follow_job
+from aiprod_cli.watch import TERMINAL_STATES, GatewayLost, follow_job
 from aiprod_kit.failures import reason_name
+from aiprod_kit.money import usd_from_units
 
 # The exit status when no video came out: the job failed, or the CLI stopped following it.
 EXIT_RENDER_FAILED = 1
+
+MaxCostOption = Annotated[
+    float | None,
+    typer.Option(
+        metavar="USD",
+        min=0,
+        help="The most the job may cost, in USD (default: the preset's price limit for its duration).",
+    ),
+]
 
 
 class AspectRatio(StrEnum):
@@ -81,14 +95,24 @@ def build_spec(
     duration: float | None = None,
     aspect_ratio: AspectRatio | None = None,
     backend: Backend | None = None,
+    max_cost: float | None = None,
 ) -> render_pb2.RenderSpec:
-    """Leaves unset what was not given, so that the gateway applies the preset's defaults."""
+    """Leaves unset what was not given, so that the gateway applies the preset's defaults.
+
+    The same options make the same spec, byte for byte: a quote binds only the spec it priced.
+    """
+    constraints = None
+    if backend or max_cost is not None:
+        constraints = render_pb2.RenderConstraints(
+            preferred_backend=backend.to_proto() if backend else backend_pb2.BACKEND_UNSPECIFIED,
+            max_cost=usd_from_units(max_cost) if max_cost is not None else None,
+        )
     return render_pb2.RenderSpec(
         prompt=prompt,
         preset=preset or "",
         duration_seconds=duration or 0.0,
         aspect_ratio=aspect_ratio.to_proto() if aspect_ratio else render_pb2.ASPECT_RATIO_UNSPECIFIED,
-        constraints=render_pb2.RenderConstraints(preferred_backend=backend.to_proto()) if backend else None,
+        constraints=constraints,
     )
 
 
@@ -110,25 +134,42 @@ def _deliver(job: gateway_pb2.RenderJob, out: Path | None) -> str:
 
 
 def render_video(
-    address: str, spec: render_pb2.RenderSpec, request_id: str, out: Path | None, reporter: Reporter
+    address: str,
+    api_key: str,
+    request: gateway_pb2.CreateRenderJobRequest,
+    out: Path | None,
+    reporting: Callable[[], AbstractContextManager[Reporter]],
+    review: ReviewReporter,
 ) -> RenderResult:
-    """Creates the job, reports its stream until it ends and returns the video.
+    """Creates the job, follows it through review (when it waits for approval) and its render until it
+    ends, and returns the video.
 
+    reporting opens the render's progress display, once the job is approved (at once without review).
     Raises RenderError when the job ended without a video or the CLI stopped following it (Ctrl-C,
     or the gateway gone for good), grpc.RpcError when the gateway refused a call.
     """
-    with connect(address) as gateway:
-        created = gateway.stub.CreateRenderJob(
-            gateway_pb2.CreateRenderJobRequest(request_id=request_id, spec=spec), timeout=CALL_TIMEOUT_SECONDS
-        )
-        job_id = created.job.job_id
+    with connect(address, api_key) as gateway:
+        created = gateway.stub.CreateRenderJob(request, timeout=CALL_TIMEOUT_SECONDS).job
+        job_id = created.job_id
+        state, after_sequence = created.state, created.last_sequence
         try:
-            # The created job already shows its first events: follow what comes after them.
-            stream = follow_job(
-                gateway, job_id, reporter.reconnecting, after_sequence=created.job.last_sequence
-            )
-            for response in stream:
-                reporter.show(response)
+            if state == job_pb2.JOB_STATE_AWAITING_APPROVAL:
+                try:
+                    reviewed = await_approval(gateway, created, review)
+                except KeyboardInterrupt:
+                    version = created.plan_version or 1
+                    raise RenderError(
+                        f"interrupted; job {job_id} still awaits approval: "
+                        f"`aiprod jobs get {job_id}` shows it, `{approve_command(job_id, version)}` approves it"
+                    ) from None
+                state, after_sequence = reviewed.state, reviewed.after_sequence
+            if state not in TERMINAL_STATES:
+                with reporting() as reporter:
+                    # Follow what comes after the events already seen (the created job shows its first ones).
+                    for response in follow_job(
+                        gateway, job_id, reporter.reconnecting, after_sequence=after_sequence
+                    ):
+                        reporter.show(response)
         except (KeyboardInterrupt, GatewayLost) as stopped:
             why = str(stopped) or "interrupted"
             raise RenderError(
@@ -156,6 +197,7 @@ def render(
     backend: Annotated[
         Backend | None, typer.Option(help="Preferred backend (default: the router's choice).")
     ] = None,
+    max_cost: MaxCostOption = None,
     out: Annotated[Path | None, typer.Option(metavar="FILE", help="Copy the video here.")] = None,
     request_id: Annotated[
         str | None, typer.Option(metavar="ID", help="Idempotency key (default: a fresh one).")
@@ -168,28 +210,58 @@ def render(
             '(asks the router at --router; with --json, under "explain").',
         ),
     ] = False,
+    review: Annotated[
+        bool,
+        typer.Option(
+            "--review",
+            help="Wait for approval before rendering, as the presets with an approval step "
+            "(brand_campaign, premium_spot) always do: the plan and the quote are shown with the command "
+            "that approves them, then the render is followed once approved.",
+        ),
+    ] = False,
+    quote_id: Annotated[
+        str,
+        typer.Option(
+            metavar="QUOTE",
+            help="Hold the job to this quote (`aiprod quote` with the same prompt and options): its route "
+            "and price, or a refusal saying why it no longer holds.",
+        ),
+    ] = "",
     router: RouterOption = DEFAULT_ROUTER,
     gateway: GatewayOption = DEFAULT_GATEWAY,
+    api_key: ApiKeyOption = "",
     json_output: JsonOption = False,
 ) -> None:
     """Render a video: create the job, follow its progress and print the video's path.
 
-    Exits 1 when the job fails, 2 when the gateway refuses the request.
+    A job in review (its preset's approval step, or --review) shows its plan and quote and how to approve
+    them, and is followed once approved (`aiprod jobs approve`, from anywhere).
 
-    Ctrl-C stops following the job but leaves it running.
+    Exits 1 when the job fails or is cancelled, 2 when the gateway refuses the request.
+
+    Ctrl-C stops following the job but leaves it running (or waiting for approval).
     """
-    spec = build_spec(prompt, preset, duration, aspect_ratio, backend)
+    require_key(api_key)
+    spec = build_spec(prompt, preset, duration, aspect_ratio, backend, max_cost)
     # With --explain, the JSON has "explain": the candidates, or null when the router could not say.
     extra: dict[str, object] = {}
     if explain:
-        candidates = plan_route(spec, gateway, router)
+        candidates = plan_route(spec, gateway, router, api_key)
         extra["explain"] = None if candidates is None else [message_to_dict(c) for c in candidates]
         if candidates is not None and not json_output:
             stderr.print(route_table(candidates))
-    reporting = nullcontext(SilentReporter()) if json_output else progress_reporter(stderr)
+
+    def reporting() -> AbstractContextManager[Reporter]:
+        return nullcontext(SilentReporter()) if json_output else progress_reporter(stderr)
+
+    request = gateway_pb2.CreateRenderJobRequest(
+        request_id=request_id or uuid.uuid4().hex, spec=spec, quote_id=quote_id.strip(), review=review
+    )
     try:
-        with exit_on_rpc_error(gateway), reporting as reporter:
-            result = render_video(gateway, spec, request_id or uuid.uuid4().hex, out, reporter)
+        with exit_on_rpc_error(gateway):
+            result = render_video(
+                gateway, api_key, request, out, reporting, ReviewReporter(stderr, brief=json_output)
+            )
     except RenderError as error:
         if json_output and error.job is not None:
             print_json({**job_to_dict(error.job), "video_path": None, **extra})

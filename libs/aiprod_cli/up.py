@@ -14,8 +14,9 @@ import typer
 from rich import box
 from rich.table import Table
 
-from aiprod_cli.output import JsonOption, new_table, print_json, stderr, stdout
-from aiprod_kit.mesh import PROVIDER_BACKENDS, Mesh, RunningService, ServiceStartError
+from aiprod_cli.output import JsonOption, new_table, print_json, print_line, stderr, stdout
+from aiprod_kit.apikeys import ADMIN_KEY_VARIABLE, API_KEY_VARIABLE
+from aiprod_kit.mesh import DEVELOPMENT_TENANT, PROVIDER_BACKENDS, Mesh, RunningService, ServiceStartError
 
 # How often the loop looks for a stop request, or a service that exited on its own.
 _POLL_SECONDS = 0.2
@@ -39,9 +40,12 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def _services_json(mesh: Mesh) -> dict[str, object]:
+def _services_json(mesh: Mesh, api_key: str) -> dict[str, object]:
     return {
         "data_dir": str(mesh.data_dir),
+        "tenant_id": DEVELOPMENT_TENANT,
+        "api_key": api_key,
+        "admin_key": mesh.admin_key,
         "services": [
             {
                 "name": service.spec.name,
@@ -77,6 +81,31 @@ def _services_table(mesh: Mesh) -> Table:
             str(service.log_path.relative_to(mesh.data_dir)),
         )
     return table
+
+
+def _print_keys(mesh: Mesh, api_key: str) -> None:
+    """The keys, each on a line of its own as VARIABLE=value (plain, never wrapped), then how to use them."""
+    stderr.print(
+        f"The development tenant {DEVELOPMENT_TENANT!r} and its API key; the admin key (for `aiprod admin`):",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    print_line(f"{API_KEY_VARIABLE}={api_key}")
+    print_line(f"{ADMIN_KEY_VARIABLE}={mesh.admin_key}")
+    gateway = mesh.address("gateway")
+    stderr.print(
+        f"In another terminal: export {API_KEY_VARIABLE}={api_key}"
+        + (
+            ""
+            if gateway.endswith(f":{mesh.services['gateway'].spec.default_port}")
+            else f" AIPROD_GATEWAY={gateway}"
+        )
+        + ', then `aiprod render "A fox in the snow"`.',
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 class _StopRequest:
@@ -151,6 +180,9 @@ def up(
     development = {
         "AIPROD_GATEWAY_ALLOW_FILE_IMAGES": os.environ.get("AIPROD_GATEWAY_ALLOW_FILE_IMAGES", "true")
     }
+    # The operators' admin key: the one given, else a fresh one for this mesh (printed below).
+    if os.environ.get("AIPROD_GATEWAY_ADMIN_KEY"):
+        development["AIPROD_GATEWAY_ADMIN_KEY"] = os.environ["AIPROD_GATEWAY_ADMIN_KEY"]
     mesh = Mesh(
         data_dir.resolve(), free_ports=free_ports, backends=names, sandbox=sandbox, environment=development
     )
@@ -175,10 +207,22 @@ def up(
             stderr.print(f"error: the mesh did not start: {error}", markup=False)
             raise typer.Exit(1) from None
         try:
+            try:
+                # The development tenant (made on the first run, kept in the data directory) and a new key.
+                api_key = mesh.api_key
+            except grpc.RpcError as error:
+                stderr.print(
+                    f"error: the development tenant's API key could not be made: "
+                    f"{error.code().name}: {error.details()}",
+                    markup=False,
+                    highlight=False,
+                )
+                raise typer.Exit(1) from None
             if json_output:
-                print_json(_services_json(mesh))
+                print_json(_services_json(mesh, api_key))
             else:
                 stdout.print(_services_table(mesh))
+                _print_keys(mesh, api_key)
                 stderr.print("The mesh is up; Ctrl-C stops it.")
             exited = _wait(mesh, stop)
         finally:

@@ -1,0 +1,71 @@
+"""`aiprod quote`: what a render would cost now, every backend's estimate, and a quote a job can hold to."""
+
+from typing import Annotated
+
+import typer
+
+from aiprod.gateway.v1 import gateway_pb2
+from aiprod_cli.gateway import (
+    CALL_TIMEOUT_SECONDS,
+    DEFAULT_GATEWAY,
+    ApiKeyOption,
+    GatewayOption,
+    connect,
+    exit_on_rpc_error,
+)
+from aiprod_cli.output import (
+    JsonOption,
+    estimates_table,
+    message_to_dict,
+    print_json,
+    quote_table,
+    stderr,
+    stdout,
+)
+from aiprod_cli.render import AspectRatio, Backend, MaxCostOption, build_spec
+
+
+def quote(
+    prompt: Annotated[str, typer.Argument(help="What the video shows.")],
+    preset: Annotated[
+        str | None, typer.Option(metavar="NAME", help="Preset (default: the gateway's, quick_social).")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(metavar="SECONDS", min=0, help="Length (default: the preset's).")
+    ] = None,
+    aspect_ratio: Annotated[AspectRatio | None, typer.Option(help="Frame shape (default 16:9).")] = None,
+    backend: Annotated[
+        Backend | None, typer.Option(help="Preferred backend (default: the router's choice).")
+    ] = None,
+    max_cost: MaxCostOption = None,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    api_key: ApiKeyOption = "",
+    json_output: JsonOption = False,
+) -> None:
+    """Price a render without ordering it, with every backend's estimate.
+
+    Shows the quote's id and expiry, the route, the price, the job's maximum, the saving against the
+    baseline backend, and each backend's estimate: whether it qualifies, and why not.
+
+    `aiprod render` with the same prompt and options and `--quote-id` holds the job to the quote.
+
+    Exits 2 when the gateway refuses (a price over the preset's limit names the cheapest price).
+    """
+    spec = build_spec(prompt, preset, duration, aspect_ratio, backend, max_cost)
+    with exit_on_rpc_error(gateway), connect(gateway, api_key) as connection:
+        response = connection.stub.QuoteRender(
+            gateway_pb2.QuoteRenderRequest(spec=spec), timeout=CALL_TIMEOUT_SECONDS
+        )
+    if json_output:
+        print_json(message_to_dict(response.quote))
+        return
+    stdout.print(quote_table(response.quote))
+    if response.quote.estimates:
+        stdout.print(estimates_table(list(response.quote.estimates)))
+    if response.quote.quote_id:
+        stderr.print(
+            f"to hold a job to this quote: `aiprod render` with the same prompt and options and "
+            f"--quote-id {response.quote.quote_id}",
+            markup=False,
+            highlight=False,
+        )
