@@ -20,6 +20,10 @@ SAMPLE_PROMPT = "A paper boat sailing across a sunlit pond"
 DATA_DIR = Path(".aiprod/demo")
 # Each backend with a duration its default model renders (Veo: 4, 6 or 8 s; Replicate video-01: 6 s).
 RENDERS = ((Backend.RUNWAY, 4.0), (Backend.VEO, 4.0), (Backend.REPLICATE, 6.0), (Backend.LOCAL, 5.0))
+# Each render's own price limit, in USD: the default preset's (8 USD a minute, 0.53 USD for 4 s) leaves
+# Veo out (0.80 USD for 4 s), and the router would take the preferred render elsewhere. The sandbox bills
+# nothing real.
+MAX_COST_USD = 1.0
 # The sandbox is ours: no need to poll it as sparingly as the real providers ask.
 SANDBOX_POLLING = {f"AIPROD_{name}_POLL_SECONDS": "0.5" for name in ("RUNWAY", "VEO", "REPLICATE")}
 
@@ -40,6 +44,7 @@ def main() -> int:
                 duration=seconds,
                 aspect_ratio=AspectRatio.LANDSCAPE,
                 backend=backend,
+                max_cost=MAX_COST_USD,
                 gateway=mesh.address("gateway"),
                 api_key=api_key,
             )
