@@ -37,14 +37,6 @@ from aiprod_kit.settings import ConfigurationError
 DEFAULT_PRESET = "quick_social"
 PRICES_VARIABLE = "AIPROD_GATEWAY_PRESET_PRICES"
 
-# What a minute of video cost on Runway alone in the product's first version. Superseded by the quote's
-# baseline backend (`aiprod_gateway.quoting`); kept only while the review module still imports it.
-RUNWAY_ONLY_USD_MICROS_PER_MINUTE = 2_500_000
-
-
-def runway_only_micros(duration_seconds: float) -> int:
-    return round(RUNWAY_ONLY_USD_MICROS_PER_MINUTE * duration_seconds / 60)
-
 
 @dataclass(frozen=True)
 class Preset:
