@@ -4,18 +4,21 @@ quality, and the ledger records that attempt under the company's account, not th
 ledger's lines equal what the sandbox's providers billed.
 
 The router is called directly, as the gateway calls it, and the test settles the charges as the
-gateway's outbox does (commit what each attempt's charge says, by its reservation key).
+gateway's outbox does (commit what each attempt's charge says, by its reservation key); then a GOLD
+tenant's job goes through the gateway, whose job shows the company's cost apart from the tenant's.
 """
 
 import json
+import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 from sandbox_support import Sandbox, sandbox_mesh
-from support import metrics, router
+from support import eventually, gateway, metrics, router, wait_terminal
 
-from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
+from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
+from aiprod.gateway.v1 import admin_pb2, gateway_pb2
 from aiprod.metrics.v1 import metrics_pb2
 from aiprod.router.v1 import router_pb2
 from aiprod_kit.failures import Reason
@@ -33,9 +36,15 @@ RUNWAY_PER_SECOND = 120_000
 COMPANY = "aiprod-sla-e2e"
 MINIMUM = 0.75
 
+GOLD_MINIMUM = 0.7
+# The test meshes' GOLD tier without its limits (conftest.py), but with its quality minimum.
+TIERS = json.loads(os.environ.get("AIPROD_GATEWAY_TIERS") or "{}")
+TIERS["GOLD"] = {**TIERS.get("GOLD", {}), "quality_minimum": GOLD_MINIMUM}
+
 ENVIRONMENT = {
     "AIPROD_REPLICATE_MODEL": ODD_MODEL,
     "AIPROD_REPLICATE_INPUT_MAPPING": json.dumps(ODD_MAPPING),
+    "AIPROD_GATEWAY_TIERS": json.dumps(TIERS),
 }
 
 
@@ -154,3 +163,59 @@ def test_without_a_guarantee_the_output_is_delivered_and_the_tenant_pays_it(mesh
     assert charge.account == tenant and events[-1].succeeded.qc.score < MINIMUM
     settle(mesh, [charge])
     assert budget(mesh, tenant).spent.amount_micros == sandbox.bills().total_micros == ODD_MODEL_COST
+
+
+# Through the gateway ------------------------------------------------------------------------------------
+
+SLA_ACCOUNT = "aiprod-sla"  # the gateway's default AIPROD_GATEWAY_SLA_ACCOUNT
+
+
+def test_a_gold_tenants_job_gets_its_free_rerender_and_the_company_pays_for_it(mesh, sandbox):
+    tenant = f"gold-{uuid.uuid4().hex[:8]}"
+    stub = gateway(mesh, key=mesh.create_api_key(tenant, admin_pb2.SLA_TIER_GOLD, "sla test"))
+    company_before = budget(mesh, SLA_ACCOUNT).spent.amount_micros
+    spec = render_pb2.RenderSpec(
+        prompt="A heron in the reeds",
+        duration_seconds=2,
+        aspect_ratio=render_pb2.ASPECT_RATIO_9_16,
+        constraints=render_pb2.RenderConstraints(preferred_backend=REPLICATE),
+    )
+    job = stub.CreateRenderJob(gateway_pb2.CreateRenderJobRequest(spec=spec), timeout=30).job
+    assert job.tier == admin_pb2.SLA_TIER_GOLD
+    done = wait_terminal(stub, job.job_id)
+    assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.error
+
+    def settled() -> gateway_pb2.RenderJob | None:
+        now = stub.GetRenderJob(gateway_pb2.GetRenderJobRequest(job_id=job.job_id), timeout=10).job
+        return now if now.attempts and all(a.HasField("charge") and a.settled for a in now.attempts) else None
+
+    assert eventually(lambda: settled() is not None, timeout=60, interval=0.2)
+    done = settled()
+    assert done is not None
+    first, second = done.attempts
+    assert (first.backend, first.charge.account) == (REPLICATE, tenant)
+    assert (second.backend, second.charge.account) == (RUNWAY, SLA_ACCOUNT)
+    assert first.charge.output.qc.score < GOLD_MINIMUM
+    assert done.result.video.uri == second.charge.output.video.uri
+    # The job's cost is its tenant's; the re-render is the company's.
+    assert done.cost.amount_micros == ODD_MODEL_COST
+    assert done.company_cost.amount_micros == 2 * RUNWAY_PER_SECOND
+    events = stub.WatchRenderJob(gateway_pb2.WatchRenderJobRequest(job_id=job.job_id), timeout=10)
+    routed = [
+        m.event.render.routed for m in events if m.HasField("event") and m.event.render.HasField("routed")
+    ]
+    assert [(r.rerender, r.account) for r in routed] == [(False, tenant), (True, SLA_ACCOUNT)]
+
+    # The ledger: each account's line, and together what the sandbox billed.
+    assert budget(mesh, tenant).spent.amount_micros == ODD_MODEL_COST
+    assert budget(mesh, SLA_ACCOUNT).spent.amount_micros - company_before == 2 * RUNWAY_PER_SECOND
+    assert sandbox.bills().total_micros == ODD_MODEL_COST + 2 * RUNWAY_PER_SECOND
+
+    # The tenant's usage: its own spend only.
+    usage = stub.GetUsage(gateway_pb2.GetUsageRequest(), timeout=10)
+    assert (usage.tenant_id, usage.tier) == (tenant, admin_pb2.SLA_TIER_GOLD)
+    assert [(c.state, c.count) for c in usage.jobs] == [(job_pb2.JOB_STATE_SUCCEEDED, 1)]
+    assert usage.spend_today.amount_micros == usage.spend_in_range.amount_micros == ODD_MODEL_COST
+    assert usage.actual_total.amount_micros == ODD_MODEL_COST
+    assert usage.quoted_total.amount_micros == done.quote.price.amount_micros
+    assert usage.first_day == usage.last_day == budget(mesh, tenant).day

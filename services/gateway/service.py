@@ -10,7 +10,7 @@ from opentelemetry import propagate, trace
 
 from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from aiprod.metrics.v1 import metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2_grpc
 from aiprod_gateway import limits, review, validation
 from aiprod_gateway.catalog import BackendCatalog
@@ -23,13 +23,13 @@ from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import TERMINAL_STATES, JobStore, RequestIdConflict, TooManyUnfinished
 from aiprod_gateway.tenancy import current_tenant
 from aiprod_gateway.tiers import DEFAULT_TIERS, TierPolicy
+from aiprod_gateway.usage import tenant_usage
 from aiprod_kit.errors import (
     AlreadyExists,
     ErrorReason,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    Unavailable,
 )
 from aiprod_kit.failures import Reason, failure
 
@@ -247,22 +247,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def GetUsage(
         self, request: gateway_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetUsageResponse:
-        counts = await self._store.count_by_state(current_tenant().tenant_id)
-        try:
-            budget = await self._metrics.GetBudget(
-                metrics_pb2.GetBudgetRequest(), timeout=_DOWNSTREAM_TIMEOUT
-            )
-        except grpc.aio.AioRpcError as error:
-            raise Unavailable(
-                f"the metrics service cannot report spend now ({error.code().name})",
-                reason=ErrorReason.LEDGER_UNAVAILABLE,
-            ) from error
-        return gateway_pb2.GetUsageResponse(
-            jobs=[
-                gateway_pb2.JobStateCount(state=state, count=count) for state, count in sorted(counts.items())
-            ],
-            spend_today=budget.budget.spent,
-        )
+        """The calling tenant's jobs and spend (see aiprod_gateway.usage)."""
+        return await tenant_usage(self._store, self._metrics, current_tenant(), request)
 
 
 def _attempt_ended(job: gateway_pb2.RenderJob) -> bool:

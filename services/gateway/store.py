@@ -170,6 +170,13 @@ class JobStore(ABC):
         """The tenant's jobs by state."""
 
     @abstractmethod
+    async def usage_figures(self, tenant_id: str) -> gateway_pb2.GetUsageResponse:
+        """The tenant's figures its jobs give (GetUsage's approval_rate, quoted_total and actual_total):
+        the share of its jobs created in review that were approved (over those approved and those
+        cancelled before approval), and the quoted prices and actual costs of its finished jobs (succeeded
+        or failed) that hold a quote."""
+
+    @abstractmethod
     async def revisions(self, job_id: str) -> list[gateway_pb2.PlanRevision]:
         """Every revision of the job's plan kept in its review, oldest first."""
 
@@ -645,3 +652,49 @@ class SqlJobStore(JobStore):
             "SELECT revision FROM job_revisions WHERE job_id = ? ORDER BY plan_version", (job_id,)
         )
         return [gateway_pb2.PlanRevision.FromString(row[0]) for row in rows]
+
+    async def usage_figures(self, tenant_id: str) -> gateway_pb2.GetUsageResponse:
+        # Jobs created in review have revisions. One past review (queued or beyond) was approved, one
+        # still waiting neither; a cancelled one was approved only if its log says so.
+        reviewed = "EXISTS (SELECT 1 FROM job_revisions r WHERE r.job_id = jobs.job_id)"
+        past_review = (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING, *_FINISHED)
+        row = await self._db.fetchone(
+            f"SELECT COUNT(*) FROM jobs WHERE tenant_id = ? AND state IN (?, ?, ?, ?) AND {reviewed}",
+            (tenant_id, *past_review),
+        )
+        approved = int(row[0]) if row else 0
+        cancelled = 0
+        rows = await self._db.fetchall(
+            f"SELECT job_id FROM jobs WHERE tenant_id = ? AND state = ? AND {reviewed}",
+            (tenant_id, job_pb2.JOB_STATE_CANCELLED),
+        )
+        for (job_id,) in rows:
+            if any(event.HasField("approved") for event in await self.events_after(job_id, 0)):
+                approved += 1
+            else:
+                cancelled += 1
+        quoted = actual = 0
+        after = 0
+        while True:  # a page at a time: a tenant may have many finished jobs
+            page = await self._db.fetchall(
+                "SELECT position, job FROM jobs WHERE tenant_id = ? AND state IN (?, ?) AND position > ? "
+                "ORDER BY position LIMIT 500",
+                (tenant_id, *_FINISHED, after),
+            )
+            for position, blob in page:
+                after = position
+                job = gateway_pb2.RenderJob.FromString(blob)
+                if job.quote.price.amount_micros > 0:
+                    quoted += job.quote.price.amount_micros
+                    actual += job.cost.amount_micros
+            if len(page) < 500:
+                break
+        return gateway_pb2.GetUsageResponse(
+            approval_rate=approved / (approved + cancelled) if approved + cancelled else 0.0,
+            quoted_total={"currency_code": "USD", "amount_micros": quoted},
+            actual_total={"currency_code": "USD", "amount_micros": actual},
+        )
+
+
+# Jobs that finished rendering, well or not, as GetUsage's actual against quoted counts them.
+_FINISHED = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED)
