@@ -26,7 +26,7 @@ another tenant's or an unknown quote is NOT_FOUND; another spec's is QUOTE_MISMA
 QUOTE_EXPIRED; one whose backend no longer qualifies (the router asked again) QUOTE_NOT_HOLDING, with
 the router's reasons. A quote binds one job: the first request to take it (a retry of that request
 finds its job, whatever the time; another request gets QUOTE_USED). A job created without a quote is
-quoted then, and takes that quote.
+quoted then, and takes that quote (a retry of its request keeps it rather than being priced again).
 
 The job keeps its quote (`RenderJob.quote`; a review's re-quote replaces it) and is rendered under it
 (`quoted_constraints`): its backend preferred, its max_cost the job's limit.
@@ -124,6 +124,7 @@ CREATE TABLE IF NOT EXISTS quotes (
     quote BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS quotes_expire_time ON quotes (expire_time);
+CREATE INDEX IF NOT EXISTS quotes_request ON quotes (tenant_id, request_id);
 """,
     "postgresql": """
 CREATE TABLE IF NOT EXISTS quotes (
@@ -135,6 +136,7 @@ CREATE TABLE IF NOT EXISTS quotes (
     quote BYTEA NOT NULL
 );
 CREATE INDEX IF NOT EXISTS quotes_expire_time ON quotes (expire_time);
+CREATE INDEX IF NOT EXISTS quotes_request ON quotes (tenant_id, request_id);
 """,
 }
 
@@ -181,6 +183,17 @@ class QuoteStore:
         if row is None:
             return None
         return StoredQuote(gateway_pb2.Quote.FromString(bytes(row[2])), tenant_id, row[0], row[1])
+
+    async def taken_by(self, tenant_id: str, request_id: str) -> StoredQuote | None:
+        """The quote the tenant's request took, if any (the latest)."""
+        row = await self._db.fetchone(
+            "SELECT fingerprint, quote FROM quotes WHERE tenant_id = ? AND request_id = ?"
+            " ORDER BY expire_time DESC LIMIT 1",
+            (tenant_id, request_id),
+        )
+        if row is None:
+            return None
+        return StoredQuote(gateway_pb2.Quote.FromString(bytes(row[1])), tenant_id, row[0], request_id)
 
     async def take(self, quote_id: str, request_id: str) -> bool:
         """Gives the quote to the request, atomically: True when the request holds it now (it was free, or
@@ -306,9 +319,13 @@ class Quoter:
     async def for_job(
         self, quote_id: str, spec: render_pb2.RenderSpec, tenant: Tenant, fingerprint: str, request_id: str
     ) -> gateway_pb2.Quote:
-        """The quote a new job holds: the one its request names, bound, else a new one."""
+        """The quote a new job holds: the one its request names, bound, else a new one (a retry of the
+        request, its job created or not, keeps the one it was given)."""
         if quote_id:
             return await self.bind(quote_id, spec, tenant, fingerprint, request_id)
+        given = await self._store.taken_by(tenant.tenant_id, request_id)
+        if given is not None and given.fingerprint == fingerprint:
+            return given.quote
         return await self.quote(spec, tenant, fingerprint, request_id)
 
     async def bind(

@@ -394,10 +394,19 @@ async def test_a_quote_whose_backend_no_longer_qualifies_does_not_hold(store, cl
     assert await quoter.bind(quote.quote_id, spec(), ACME, fp(), "req-1") == quote
 
 
-async def test_a_job_without_a_quote_takes_a_new_one(store, clock):
-    quoter, _ = quoter_for(store, clock)
+async def test_a_job_without_a_quote_takes_a_new_one_which_a_retry_keeps(store, clock):
+    quoter, router = quoter_for(store, clock)
     quote = await quoter.for_job("", spec(), ACME, fp(), "req-1")
     assert (await store.get(quote.quote_id, "acme")).request_id == "req-1"
+    # A retry of the request, even past the expiry: the quote it was given, not a new price.
+    clock.now += TTL + 1
+    assert await quoter.for_job("", spec(), ACME, fp(), "req-1") == quote
+    assert len(router.requests) == 1
+    # Another tenant's request of the same id, or the id reused for another spec: priced anew.
+    assert (await quoter.for_job("", spec(), GLOBEX, fp(), "req-1")).quote_id != quote.quote_id
+    assert (await quoter.for_job("", spec(prompt="A wolf"), ACME, fp(prompt="A wolf"), "req-1")).quote_id != (
+        quote.quote_id
+    )
     assert await quoter.for_job(quote.quote_id, spec(), ACME, fp(), "req-1") == quote
     with pytest.raises(FailedPrecondition) as taken:
         await quoter.for_job(quote.quote_id, spec(), ACME, fp(), "req-2")
@@ -493,6 +502,10 @@ async def test_the_store_keeps_quotes_per_tenant_gives_each_to_one_request_and_p
     assert not await store.take("quote_a", "req-2")
     assert not await store.take("quote_b", "req-1")
     assert (await store.get("quote_a", "acme")).request_id == "req-1"
+    taken = await store.taken_by("acme", "req-1")
+    assert taken is not None and taken.quote.quote_id == "quote_a"
+    assert await store.taken_by("globex", "req-1") is None
+    assert await store.taken_by("acme", "req-2") is None
     await store.purge(now - 86_400)
     assert await store.get("quote_old", "acme") is None
     assert await store.get("quote_a", "acme") is not None
