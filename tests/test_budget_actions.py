@@ -16,7 +16,7 @@ from aiprod.gateway.v1 import gateway_pb2
 from aiprod.metrics.v1 import metrics_pb2
 from aiprod.router.v1 import router_pb2
 from aiprod_kit.failures import Reason
-from aiprod_kit.mesh import Mesh, ServiceStartError
+from aiprod_kit.mesh import DEVELOPMENT_TENANT, Mesh, ServiceStartError
 from aiprod_kit.money import usd
 
 USD = 1_000_000
@@ -76,18 +76,21 @@ def configure_gateway(mesh: Mesh, **settings: str) -> None:
 
 
 def budgets(mesh: Mesh) -> metrics_pb2.GetBudgetResponse:
-    return metrics(mesh).GetBudget(metrics_pb2.GetBudgetRequest())
+    """The budgets of the development tenant, whose key the tests' jobs are created with, and everyone's."""
+    return metrics(mesh).GetBudget(metrics_pb2.GetBudgetRequest(tenant_id=DEVELOPMENT_TENANT))
 
 
 @contextmanager
-def budget_left(mesh: Mesh, micros: int, tenant: str = "") -> Iterator[Callable[[], None]]:
-    """Reserves all of today's budget but `micros`: of the default tenant's budget (the one jobs and the
-    router read), or, as another tenant, of the global budget alone. Yields the release, which also
-    runs on the way out."""
+def budget_left(mesh: Mesh, micros: int, tenant: str = DEVELOPMENT_TENANT) -> Iterator[Callable[[], None]]:
+    """Reserves all of today's budget but `micros`: of the development tenant's budget (its jobs', the
+    one the router reads for them), or, as another tenant, of the global budget alone. Yields the
+    release, which also runs on the way out."""
     # Jobs of earlier tests settle just after their last event.
     assert eventually(lambda: budgets(mesh).global_budget.reserved.amount_micros == 0)
     response = budgets(mesh)
-    left = (response.global_budget if tenant else response.budget).remaining.amount_micros
+    left = (
+        response.budget if tenant == DEVELOPMENT_TENANT else response.global_budget
+    ).remaining.amount_micros
     assert left > micros, "earlier tests spent too much of the cap"
     key = f"filler-{uuid.uuid4().hex}"
     metrics(mesh).ReserveBudget(
@@ -156,7 +159,9 @@ def first_choice(mesh: Mesh) -> int:
     """The backend the router ranks first for the shot, as PlanRoute tells."""
     plan = router(mesh).PlanRoute(
         router_pb2.PlanRouteRequest(
-            shot=shot(), constraints=render_pb2.RenderConstraints(quality_floor=FLOOR)
+            shot=shot(),
+            constraints=render_pb2.RenderConstraints(quality_floor=FLOOR),
+            tenant_id=DEVELOPMENT_TENANT,
         )
     )
     return next(candidate.backend for candidate in plan.candidates if candidate.eligible)
@@ -241,11 +246,14 @@ def test_the_router_fails_budget_exhausted_and_reserves_each_attempt_itself(mesh
             shot=shot(),
             constraints=constraints,
             idempotency_key=f"direct-{uuid.uuid4().hex}",
+            tenant_id=DEVELOPMENT_TENANT,
         )
         return [response.event for response in router(mesh).ExecuteRender(request, timeout=120)]
 
     with budget_left(mesh, 100_000):
-        plan = router(mesh).PlanRoute(router_pb2.PlanRouteRequest(shot=shot(), constraints=constraints))
+        plan = router(mesh).PlanRoute(
+            router_pb2.PlanRouteRequest(shot=shot(), constraints=constraints, tenant_id=DEVELOPMENT_TENANT)
+        )
         assert {candidate.backend: list(candidate.exclusions) for candidate in plan.candidates} == {
             LOCAL: [router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR],
             REPLICATE: [router_pb2.EXCLUSION_OVER_BUDGET],
@@ -280,7 +288,7 @@ def test_the_router_fails_budget_exhausted_and_reserves_each_attempt_itself(mesh
 
 def test_a_job_the_ledger_refuses_waits_queued_through_a_restart_and_renders_once_paid(mesh, sandbox):
     configure_gateway(mesh)
-    # Another tenant took the global budget: the router, reading the default tenant's, sees plenty,
+    # Another tenant took the global budget: the router, reading the job's tenant's, sees plenty,
     # and the ledger refuses the reservation.
     with budget_left(mesh, 100_000, tenant="other") as release:
         job = create(mesh, "Waits for the ledger")
@@ -361,7 +369,7 @@ def test_a_waiting_job_goes_as_soon_as_a_settled_job_frees_money(mesh, sandbox):
 @pytest.mark.parametrize(
     ("tenant", "why"),
     [
-        ("", "replicate: cost 0.30 USD over the budget left 0.10 USD"),
+        (DEVELOPMENT_TENANT, "replicate: cost 0.30 USD over the budget left 0.10 USD"),
         ("other", "0.10 USD left of 10.00 USD, 0.72 USD asked"),
     ],
     ids=["the router excludes every backend", "the ledger refuses"],

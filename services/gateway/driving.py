@@ -306,7 +306,8 @@ class JobDriver:
         if event.HasField("charged") and event.charged.account not in ("", job.tenant_id):
             message += f" (the free re-render: {event.charged.account} pays)"
         if event.HasField("routed") and event.routed.reserved.amount_micros:
-            message += await self._spending.level_note()
+            # The budget the attempt draws on: the tenant's, or the company's for the free re-render.
+            message += await self._spending.level_note(event.routed.account or job.tenant_id)
         was_queued = job.state == job_pb2.JOB_STATE_QUEUED and event.HasField("routed")
         await self._record(driver, job.job_id, message, update, render_event=event)
         if event.HasField("charged"):

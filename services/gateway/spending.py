@@ -34,20 +34,27 @@ class Spending:
         self._level = metrics_pb2.BUDGET_LEVEL_UNSPECIFIED
         self._level_read_at = -_LEVEL_FRESH_SECONDS
         self._last: metrics_pb2.GetBudgetResponse | None = None
+        # The level each tenant's budgets were last read at (the warnings say each new one once).
+        self._levels: dict[str, int] = {}
 
-    async def _read_budget(self) -> metrics_pb2.GetBudgetResponse | None:
-        """Today's budgets (None when the ledger cannot answer). The first read past the notify level,
-        and each higher level after it, is logged as a warning: the 70% action tells operators."""
+    async def _read_budget(self, tenant_id: str = "") -> metrics_pb2.GetBudgetResponse | None:
+        """Today's budgets of the tenant ("": the ledger's default one) and of everyone (None when the
+        ledger cannot answer). The first read past the notify level, and each higher level after it, is
+        logged as a warning: the 70% action tells operators."""
         try:
-            response = await self._metrics.GetBudget(metrics_pb2.GetBudgetRequest(), timeout=_TIMEOUT)
+            response = await self._metrics.GetBudget(
+                metrics_pb2.GetBudgetRequest(tenant_id=tenant_id), timeout=_TIMEOUT
+            )
         except grpc.aio.AioRpcError:
             return None
         level = max(response.budget.level, response.global_budget.level)
-        if level > self._level and level >= metrics_pb2.BUDGET_LEVEL_NOTIFY:
-            log.warning("budget level reached", **_level_fields(response))
-        self._level = level
-        self._last = response
-        self._level_read_at = time.monotonic()
+        if level > self._levels.get(tenant_id, 0) and level >= metrics_pb2.BUDGET_LEVEL_NOTIFY:
+            log.warning("budget level reached", tenant_id=tenant_id, **_level_fields(response))
+        self._levels[tenant_id] = level
+        if not tenant_id:
+            self._level = level
+            self._last = response
+            self._level_read_at = time.monotonic()
         return response
 
     async def refuse_when_exhausted(self) -> None:
@@ -62,11 +69,14 @@ class Spending:
                 metadata=_exhausted_metadata(self._last),
             )
 
-    async def level_note(self) -> str:
-        """From the notify level on, how much of today's budget is used, for the event of an attempt's
-        reservation (the 70% action, on the job as well as in the log); empty below it."""
-        response = await self._read_budget()
-        if response is None or self._level < metrics_pb2.BUDGET_LEVEL_NOTIFY:
+    async def level_note(self, tenant_id: str = "") -> str:
+        """From the notify level on, how much of today's budget is used (the tenant's whose job it is,
+        or everyone's, the fuller), for the event of an attempt's reservation (the 70% action, on the
+        job as well as in the log); empty below it."""
+        response = await self._read_budget(tenant_id)
+        if response is None or max(response.budget.level, response.global_budget.level) < (
+            metrics_pb2.BUDGET_LEVEL_NOTIFY
+        ):
             return ""
         fields = _level_fields(response)
         return f"; today's budget is {fields['used']} used ({fields['level']})"

@@ -268,23 +268,22 @@ class RenderChain:
         )
 
     async def _budget(self, tenant_id: str = "") -> tuple[int | None, bool]:
-        """What is left of today's budget for the tenant (None: no cap, or the ledger cannot say) and
-        economy mode: the tighter of the tenant's cap and everyone's (a tenant may have no cap of its
-        own, and the global cap binds every tenant's reservations too)."""
+        """What is left of the tenant's budget today (None: no cap of its own, or the ledger cannot say)
+        and economy mode. Everyone's cap is the ledger's to hold: a reservation it refuses stops the
+        chain as a spent budget does."""
         try:
-            response = await self._metrics.GetBudget(
-                metrics_pb2.GetBudgetRequest(tenant_id=tenant_id), timeout=_BUDGET_TIMEOUT
-            )
+            budget = (
+                await self._metrics.GetBudget(
+                    metrics_pb2.GetBudgetRequest(tenant_id=tenant_id), timeout=_BUDGET_TIMEOUT
+                )
+            ).budget
         except grpc.aio.AioRpcError as error:
             log.warning("budget unknown: routing without it", code=error.code().name, tenant=tenant_id)
             return None, False
-        capped = [b for b in (response.budget, response.global_budget) if b.cap.amount_micros > 0]
-        if not capped:
+        if budget.cap.amount_micros <= 0:
             return None, False
-        economy = any(
-            b.level in (metrics_pb2.BUDGET_LEVEL_ECONOMY, metrics_pb2.BUDGET_LEVEL_EXHAUSTED) for b in capped
-        )
-        return min(b.remaining.amount_micros for b in capped), economy
+        economy = budget.level in (metrics_pb2.BUDGET_LEVEL_ECONOMY, metrics_pb2.BUDGET_LEVEL_EXHAUSTED)
+        return budget.remaining.amount_micros, economy
 
     def rank(self, request: RouteRequest) -> list[Candidate]:
         views = [
