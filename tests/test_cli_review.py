@@ -5,6 +5,7 @@ approval step showing the plan, the quote and how to approve, then following the
 
 import json
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -259,3 +260,23 @@ def test_edit_against_a_version_then_the_revisions(mesh: Mesh, job_in_review: st
     ended = run(mesh, "jobs", "approve", job_id)
     assert ended.returncode == 2
     assert "FAILED_PRECONDITION" in ended.stderr
+
+
+def test_ctrl_c_in_review_leaves_the_job_waiting(mesh: Mesh, tmp_path: Path) -> None:
+    notes = tmp_path / "render.stderr"
+    render = start_render(mesh, notes, "A glass of water", "--preset", "premium_spot", "--duration", "1")
+    try:
+        job_id = wait_for(notes, APPROVE).group(1)
+
+        render.send_signal(signal.SIGINT)
+
+        render.communicate(timeout=60)
+    finally:
+        if render.poll() is None:
+            render.kill()
+            render.wait()
+    assert render.returncode == 1
+    assert f"job {job_id} still awaits approval" in notes.read_text()
+    assert f"`aiprod jobs approve {job_id} --version 1` approves it" in notes.read_text()
+    assert json_of(run(mesh, "jobs", "get", job_id, "--json"))["state"] == "JOB_STATE_AWAITING_APPROVAL"
+    assert run(mesh, "jobs", "cancel", job_id).returncode == 0

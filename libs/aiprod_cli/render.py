@@ -265,7 +265,7 @@ def render(
     except RenderError as error:
         if json_output and error.job is not None:
             print_json({**job_to_dict(error.job), "video_path": None, **extra})
-        stderr.print(str(error), markup=False, highlight=False)
+        stderr.print(str(error), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_RENDER_FAILED) from None
     if json_output:
         print_json({**job_to_dict(result.job), "video_path": result.video, **extra})
