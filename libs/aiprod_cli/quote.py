@@ -1,9 +1,5 @@
 """`aiprod quote`: what a render would cost now, every backend's estimate, and a quote a job can hold to."""
 
-from typing import Annotated
-
-import typer
-
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_cli.gateway import (
     CALL_TIMEOUT_SECONDS,
@@ -22,21 +18,23 @@ from aiprod_cli.output import (
     stderr,
     stdout,
 )
-from aiprod_cli.render import AspectRatio, Backend, MaxCostOption, build_spec
+from aiprod_cli.render import (
+    AspectRatioOption,
+    BackendOption,
+    DurationOption,
+    MaxCostOption,
+    PresetOption,
+    PromptArgument,
+    build_spec,
+)
 
 
 def quote(
-    prompt: Annotated[str, typer.Argument(help="What the video shows.")],
-    preset: Annotated[
-        str | None, typer.Option(metavar="NAME", help="Preset (default: the gateway's, quick_social).")
-    ] = None,
-    duration: Annotated[
-        float | None, typer.Option(metavar="SECONDS", min=0, help="Length (default: the preset's).")
-    ] = None,
-    aspect_ratio: Annotated[AspectRatio | None, typer.Option(help="Frame shape (default 16:9).")] = None,
-    backend: Annotated[
-        Backend | None, typer.Option(help="Preferred backend (default: the router's choice).")
-    ] = None,
+    prompt: PromptArgument,
+    preset: PresetOption = None,
+    duration: DurationOption = None,
+    aspect_ratio: AspectRatioOption = None,
+    backend: BackendOption = None,
     max_cost: MaxCostOption = None,
     gateway: GatewayOption = DEFAULT_GATEWAY,
     api_key: ApiKeyOption = "",

@@ -44,6 +44,14 @@ from aiprod_kit.money import usd_from_units
 # The exit status when no video came out: the job failed, or the CLI stopped following it.
 EXIT_RENDER_FAILED = 1
 
+# The options of a render request, shared by `render` and `quote` (a quote binds the request it priced).
+PromptArgument = Annotated[str, typer.Argument(help="What the video shows.")]
+PresetOption = Annotated[
+    str | None, typer.Option(metavar="NAME", help="Preset (default: the gateway's, quick_social).")
+]
+DurationOption = Annotated[
+    float | None, typer.Option(metavar="SECONDS", min=0, help="Length (default: the preset's).")
+]
 MaxCostOption = Annotated[
     float | None,
     typer.Option(
@@ -71,6 +79,12 @@ class Backend(StrEnum):
 
     def to_proto(self) -> backend_pb2.Backend:
         return backend_pb2.Backend.Value("BACKEND_" + self.name)
+
+
+AspectRatioOption = Annotated[AspectRatio | None, typer.Option(help="Frame shape (default 16:9).")]
+BackendOption = Annotated[
+    Backend | None, typer.Option(help="Preferred backend (default: the router's choice).")
+]
 
 
 class RenderError(Exception):
@@ -186,17 +200,11 @@ def render_video(
 
 
 def render(
-    prompt: Annotated[str, typer.Argument(help="What the video shows.")],
-    preset: Annotated[
-        str | None, typer.Option(metavar="NAME", help="Preset (default: the gateway's, quick_social).")
-    ] = None,
-    duration: Annotated[
-        float | None, typer.Option(metavar="SECONDS", min=0, help="Length (default: the preset's).")
-    ] = None,
-    aspect_ratio: Annotated[AspectRatio | None, typer.Option(help="Frame shape (default 16:9).")] = None,
-    backend: Annotated[
-        Backend | None, typer.Option(help="Preferred backend (default: the router's choice).")
-    ] = None,
+    prompt: PromptArgument,
+    preset: PresetOption = None,
+    duration: DurationOption = None,
+    aspect_ratio: AspectRatioOption = None,
+    backend: BackendOption = None,
     max_cost: MaxCostOption = None,
     out: Annotated[Path | None, typer.Option(metavar="FILE", help="Copy the video here.")] = None,
     request_id: Annotated[
