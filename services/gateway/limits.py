@@ -3,7 +3,10 @@ makes of a job's spec (its deadline, its quality floor, its longest duration).
 
 Requests per minute are counted in the gateway's shared database (`aiprod_kit.database`: one SQLite file,
 or PostgreSQL shared by every replica), one row per tenant, so that the limit holds in total across
-replicas: each call adds one to its tenant's count in one atomic statement and learns the new count.
+replicas. A replica takes a lease of calls at a time (a twentieth of the limit, at least one) in one
+atomic statement that learns the new count, and spends it locally: a call costs no write, and the
+replicas together never admit more than the limit (a lease another replica leaves unused can refuse a
+tenant a few calls early, never admit one too many; with small limits the lease is one call, exact).
 A tenant's window is a fixed minute that starts with its first call after the previous one ended, so a
 burst is never split across two windows (and never gets twice the limit). A refused tenant is refused
 here, without asking the database, until its window ends: counts only grow within a window.
@@ -50,9 +53,10 @@ CREATE TABLE IF NOT EXISTS tenant_requests (
 # One statement: the tenant's count in its current window, one more, a new window if the last one ended.
 # In SET, both CASEs read the row as it was.
 _COUNT = """
-INSERT INTO tenant_requests (tenant_id, window_start, requests) VALUES (?, ?, 1)
+INSERT INTO tenant_requests (tenant_id, window_start, requests) VALUES (?, ?, ?)
 ON CONFLICT (tenant_id) DO UPDATE SET
-    requests = CASE WHEN tenant_requests.window_start <= ? THEN 1 ELSE tenant_requests.requests + 1 END,
+    requests = CASE WHEN tenant_requests.window_start <= ? THEN excluded.requests
+        ELSE tenant_requests.requests + excluded.requests END,
     window_start = CASE WHEN tenant_requests.window_start <= ?
         THEN excluded.window_start ELSE tenant_requests.window_start END
 RETURNING window_start, requests
@@ -74,6 +78,8 @@ class RequestLimiter:
         self._clock = clock
         # Tenants refused in their current window: until when, on this replica's clock.
         self._exhausted: dict[str, float] = {}
+        # Calls leased from the shared count and not spent yet: (when the window ends, how many).
+        self._leases: dict[str, tuple[float, int]] = {}
 
     @classmethod
     async def open(
@@ -93,16 +99,25 @@ class RequestLimiter:
             if now < window_end:
                 raise _rate_limited(tenant, policy, window_end - now)
             del self._exhausted[tenant.tenant_id]
+        lease_end, leased = self._leases.get(tenant.tenant_id, (0.0, 0))
+        if leased > 0 and now < lease_end:
+            self._leases[tenant.tenant_id] = (lease_end, leased - 1)
+            return
+        limit = int(policy.requests_per_minute)
+        asked = max(1, limit // 20)
         async with self._db.transaction() as transaction:
             row = await transaction.fetchone(
-                _COUNT, (tenant.tenant_id, now, now - WINDOW_SECONDS, now - WINDOW_SECONDS)
+                _COUNT, (tenant.tenant_id, now, asked, now - WINDOW_SECONDS, now - WINDOW_SECONDS)
             )
         assert row is not None
         window_start, requests = float(row[0]), int(row[1])
-        if requests > policy.requests_per_minute:
-            window_end = window_start + WINDOW_SECONDS
+        window_end = window_start + WINDOW_SECONDS
+        granted = max(0, min(asked, limit - (requests - asked)))
+        if granted == 0:
+            self._leases.pop(tenant.tenant_id, None)
             self._exhausted[tenant.tenant_id] = window_end
             raise _rate_limited(tenant, policy, window_end - now)
+        self._leases[tenant.tenant_id] = (window_end, granted - 1)
 
 
 def _rate_limited(tenant: Tenant, policy: TierPolicy, retry_after: float) -> ResourceExhausted:

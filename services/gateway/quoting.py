@@ -326,7 +326,16 @@ class Quoter:
         given = await self._store.taken_by(tenant.tenant_id, request_id)
         if given is not None and given.fingerprint == fingerprint:
             return given.quote
-        return await self.quote(spec, tenant, fingerprint, request_id)
+        try:
+            return await self.quote(spec, tenant, fingerprint, request_id)
+        except Unavailable as error:
+            if error.reason != ErrorReason.ROUTER_UNAVAILABLE:
+                raise
+            # The router is away: the job is taken all the same, unpriced but held to its limit (the
+            # router keeps to it when the job renders), rather than the accept path failing with it.
+            log.warning("job accepted unquoted: the router cannot price it now", request_id=request_id)
+            limit = self._limit(spec, self.presets[spec.preset], spec.duration_seconds)
+            return gateway_pb2.Quote(max_cost=usd(limit.micros))
 
     async def bind(
         self, quote_id: str, spec: render_pb2.RenderSpec, tenant: Tenant, fingerprint: str, request_id: str

@@ -178,3 +178,27 @@ def test_a_duration_over_the_tiers_maximum_is_invalid_naming_the_tier():
         ("spec.duration_seconds", "must be at most 30 s for tier BRONZE, not 31")
     ]
     assert raised.value.metadata["tier"] == "BRONZE"
+
+
+async def test_a_replica_leases_calls_in_batches_and_replicas_never_admit_more_than_the_limit(open_limiter):
+    """With a limit of 100, a replica takes 5 calls at a time: 100 calls cost it 20 counts, not 100; and
+    two replicas sharing the count admit at most the limit together."""
+    tiers = {**TIERS, admin_pb2.SLA_TIER_GOLD: TierPolicy(900, 0.7, 0.8, 10, 100, 120)}
+    clock = Clock()
+    first, second = await open_limiter(clock), await open_limiter(clock)
+    first._tiers = second._tiers = tiers
+    writes = 0
+    count = first._db.transaction
+
+    def counting_transaction(*args, **kwargs):
+        nonlocal writes
+        writes += 1
+        return count(*args, **kwargs)
+
+    first._db.transaction = counting_transaction  # type: ignore[method-assign]
+    assert await outcomes(first, GOLD, 60) == [None] * 60
+    assert writes == 12
+    results = await outcomes(second, GOLD, 60) + await outcomes(first, GOLD, 10)
+    admitted = results.count(None)
+    assert 60 + admitted <= 100
+    assert 60 + admitted >= 100 - 5  # at most the other replica's unspent lease is lost

@@ -288,6 +288,16 @@ async def test_a_router_away_is_unavailable(store, clock):
     with pytest.raises(Unavailable) as refused:
         await quoter.quote(spec(), ACME, fp())
     assert refused.value.reason == ErrorReason.ROUTER_UNAVAILABLE
+    # A job is taken all the same: unpriced, held to its preset's limit, which the router keeps to.
+    unpriced = await quoter.for_job("", spec(), ACME, fp(), "req-away")
+    assert not unpriced.quote_id and not unpriced.backend
+    assert unpriced.max_cost.amount_micros > 0
+    # A named quote is checked against the router: that one stays unavailable.
+    router.down = False
+    quote = await quoter.quote(spec(), ACME, fp())
+    router.down = True
+    with pytest.raises(Unavailable):
+        await quoter.for_job(quote.quote_id, spec(), ACME, fp(), "req-bound")
 
 
 async def test_a_render_the_budget_cannot_pay_today_is_quoted_at_the_route_it_will_wait_for(store, clock):
