@@ -628,13 +628,17 @@ class RenderChain:
             with trace.use_span(result.span):
                 # The call starts (and its client span opens) here, inside the attempt's span.
                 watch = renderer.stub.WatchRender(renderer_pb2.WatchRenderRequest(task_id=task_id))
+            final: renderer_pb2.Render | None = None
             try:
+                # Read to the stream's end (it ends right after the final state): the call, and its
+                # client span, end now rather than whenever the abandoned stream is collected.
                 async for update in watch:
                     render = update.render
+                    if final is not None:
+                        continue
                     if render.state in FINAL_RENDER_STATES:
-                        async for item in self._finish(renderer, render, attempt, job, result, started):
-                            yield item
-                        return
+                        final = render
+                        continue
                     if render.progress != last_progress:
                         last_progress = render.progress
                         yield event(attempt, progress=event_pb2.RenderProgress(fraction=render.progress))
@@ -651,6 +655,10 @@ class RenderChain:
                 log.warning(
                     "renderer stream broke", backend=renderer.name, task_id=task_id, code=error.code().name
                 )
+            if final is not None:
+                async for item in self._finish(renderer, final, attempt, job, result, started):
+                    yield item
+                return
             if renderer.backend == backend_pb2.BACKEND_LOCAL and not await self._reachable(renderer, 0.5):
                 result.end(
                     renderer, failure(Reason.RENDER_LOST, "the local renderer stopped mid-render", True)
