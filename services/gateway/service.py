@@ -35,8 +35,6 @@ from aiprod_kit.failures import Reason, failure
 
 log = structlog.get_logger()
 
-_DOWNSTREAM_TIMEOUT = 5.0
-
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(
