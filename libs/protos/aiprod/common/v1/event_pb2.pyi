@@ -82,9 +82,10 @@ class AttemptCharge(_message.Message):
     def __init__(self, reservation_key: _Optional[str] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., model: _Optional[str] = ..., task_id: _Optional[str] = ..., outcome: _Optional[_Union[ChargeOutcome, str]] = ..., billed: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., failure: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., output: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., account: _Optional[str] = ...) -> None: ...
 
 class RenderEvent(_message.Message):
-    __slots__ = ("time", "attempt", "routed", "submitted", "progress", "qc", "fallback", "succeeded", "failed", "charged")
+    __slots__ = ("time", "attempt", "shot", "routed", "submitted", "progress", "qc", "fallback", "succeeded", "failed", "charged")
     TIME_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SHOT_FIELD_NUMBER: _ClassVar[int]
     ROUTED_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +96,7 @@ class RenderEvent(_message.Message):
     CHARGED_FIELD_NUMBER: _ClassVar[int]
     time: _timestamp_pb2.Timestamp
     attempt: int
+    shot: int
     routed: RouteDecision
     submitted: _backend_pb2.RenderHandle
     progress: RenderProgress
@@ -103,4 +105,4 @@ class RenderEvent(_message.Message):
     succeeded: _render_pb2.RenderOutput
     failed: _render_pb2.RenderFailure
     charged: AttemptCharge
-    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., routed: _Optional[_Union[RouteDecision, _Mapping]] = ..., submitted: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., progress: _Optional[_Union[RenderProgress, _Mapping]] = ..., qc: _Optional[_Union[_render_pb2.QcReport, _Mapping]] = ..., fallback: _Optional[_Union[Fallback, _Mapping]] = ..., succeeded: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., failed: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., charged: _Optional[_Union[AttemptCharge, _Mapping]] = ...) -> None: ...
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., shot: _Optional[int] = ..., routed: _Optional[_Union[RouteDecision, _Mapping]] = ..., submitted: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., progress: _Optional[_Union[RenderProgress, _Mapping]] = ..., qc: _Optional[_Union[_render_pb2.QcReport, _Mapping]] = ..., fallback: _Optional[_Union[Fallback, _Mapping]] = ..., succeeded: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., failed: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., charged: _Optional[_Union[AttemptCharge, _Mapping]] = ...) -> None: ...

@@ -107,7 +107,7 @@ class RenderConstraints(_message.Message):
     def __init__(self, max_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., quality_floor: _Optional[float] = ..., preferred_backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RenderSpec(_message.Message):
-    __slots__ = ("prompt", "first_frame", "preset", "duration_seconds", "aspect_ratio", "constraints", "seed")
+    __slots__ = ("prompt", "first_frame", "preset", "duration_seconds", "aspect_ratio", "constraints", "seed", "shots")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class RenderSpec(_message.Message):
     ASPECT_RATIO_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     first_frame: Image
     preset: str
@@ -122,21 +123,24 @@ class RenderSpec(_message.Message):
     aspect_ratio: AspectRatio
     constraints: RenderConstraints
     seed: int
-    def __init__(self, prompt: _Optional[str] = ..., first_frame: _Optional[_Union[Image, _Mapping]] = ..., preset: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., aspect_ratio: _Optional[_Union[AspectRatio, str]] = ..., constraints: _Optional[_Union[RenderConstraints, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    shots: _containers.RepeatedCompositeFieldContainer[Shot]
+    def __init__(self, prompt: _Optional[str] = ..., first_frame: _Optional[_Union[Image, _Mapping]] = ..., preset: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., aspect_ratio: _Optional[_Union[AspectRatio, str]] = ..., constraints: _Optional[_Union[RenderConstraints, _Mapping]] = ..., seed: _Optional[int] = ..., shots: _Optional[_Iterable[_Union[Shot, _Mapping]]] = ...) -> None: ...
 
 class Shot(_message.Message):
-    __slots__ = ("prompt", "duration_seconds", "aspect_ratio", "seed", "first_frame")
+    __slots__ = ("prompt", "duration_seconds", "aspect_ratio", "seed", "first_frame", "continuous")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ASPECT_RATIO_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
+    CONTINUOUS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     duration_seconds: float
     aspect_ratio: AspectRatio
     seed: int
     first_frame: Image
-    def __init__(self, prompt: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., aspect_ratio: _Optional[_Union[AspectRatio, str]] = ..., seed: _Optional[int] = ..., first_frame: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+    continuous: bool
+    def __init__(self, prompt: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., aspect_ratio: _Optional[_Union[AspectRatio, str]] = ..., seed: _Optional[int] = ..., first_frame: _Optional[_Union[Image, _Mapping]] = ..., continuous: _Optional[bool] = ...) -> None: ...
 
 class RenderPlan(_message.Message):
     __slots__ = ("shots",)

@@ -39,7 +39,7 @@ PIPELINE_FAST: Pipeline
 PIPELINE_FULL: Pipeline
 
 class RenderJob(_message.Message):
-    __slots__ = ("job_id", "request_id", "state", "spec", "plan", "create_time", "update_time", "result", "error", "last_sequence", "progress", "backend", "handle", "attempt", "reserved", "budget_wait_start_time", "attempts", "cost", "tenant_id", "plan_version", "quote", "priority", "company_cost", "tier")
+    __slots__ = ("job_id", "request_id", "state", "spec", "plan", "create_time", "update_time", "result", "error", "last_sequence", "progress", "backend", "handle", "attempt", "reserved", "budget_wait_start_time", "attempts", "cost", "tenant_id", "plan_version", "quote", "priority", "company_cost", "tier", "shots")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class RenderJob(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     COMPANY_COST_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     request_id: str
     state: _job_pb2.JobState
@@ -88,10 +89,35 @@ class RenderJob(_message.Message):
     priority: Priority
     company_cost: _money_pb2.Money
     tier: _admin_pb2.SlaTier
-    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., spec: _Optional[_Union[_render_pb2.RenderSpec, _Mapping]] = ..., plan: _Optional[_Union[_render_pb2.RenderPlan, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., error: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., last_sequence: _Optional[int] = ..., progress: _Optional[float] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., attempt: _Optional[int] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., budget_wait_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[RenderAttempt, _Mapping]]] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., tenant_id: _Optional[str] = ..., plan_version: _Optional[int] = ..., quote: _Optional[_Union[Quote, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., company_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., tier: _Optional[_Union[_admin_pb2.SlaTier, str]] = ...) -> None: ...
+    shots: _containers.RepeatedCompositeFieldContainer[ShotStatus]
+    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., spec: _Optional[_Union[_render_pb2.RenderSpec, _Mapping]] = ..., plan: _Optional[_Union[_render_pb2.RenderPlan, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., error: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., last_sequence: _Optional[int] = ..., progress: _Optional[float] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., attempt: _Optional[int] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., budget_wait_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[RenderAttempt, _Mapping]]] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., tenant_id: _Optional[str] = ..., plan_version: _Optional[int] = ..., quote: _Optional[_Union[Quote, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., company_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., tier: _Optional[_Union[_admin_pb2.SlaTier, str]] = ..., shots: _Optional[_Iterable[_Union[ShotStatus, _Mapping]]] = ...) -> None: ...
+
+class ShotStatus(_message.Message):
+    __slots__ = ("index", "state", "backend", "attempt", "handle", "progress", "cost", "output", "error", "render_key")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RENDER_KEY_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    state: _job_pb2.JobState
+    backend: _backend_pb2.Backend
+    attempt: int
+    handle: _backend_pb2.RenderHandle
+    progress: float
+    cost: _money_pb2.Money
+    output: _render_pb2.RenderOutput
+    error: _render_pb2.RenderFailure
+    render_key: str
+    def __init__(self, index: _Optional[int] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., attempt: _Optional[int] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., progress: _Optional[float] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., output: _Optional[_Union[_render_pb2.RenderOutput, _Mapping]] = ..., error: _Optional[_Union[_render_pb2.RenderFailure, _Mapping]] = ..., render_key: _Optional[str] = ...) -> None: ...
 
 class RenderAttempt(_message.Message):
-    __slots__ = ("attempt", "backend", "reservation_key", "reserved", "handle", "charge", "settled")
+    __slots__ = ("attempt", "backend", "reservation_key", "reserved", "handle", "charge", "settled", "shot")
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +125,7 @@ class RenderAttempt(_message.Message):
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     CHARGE_FIELD_NUMBER: _ClassVar[int]
     SETTLED_FIELD_NUMBER: _ClassVar[int]
+    SHOT_FIELD_NUMBER: _ClassVar[int]
     attempt: int
     backend: _backend_pb2.Backend
     reservation_key: str
@@ -106,7 +133,8 @@ class RenderAttempt(_message.Message):
     handle: _backend_pb2.RenderHandle
     charge: _event_pb2.AttemptCharge
     settled: bool
-    def __init__(self, attempt: _Optional[int] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., reservation_key: _Optional[str] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., charge: _Optional[_Union[_event_pb2.AttemptCharge, _Mapping]] = ..., settled: _Optional[bool] = ...) -> None: ...
+    shot: int
+    def __init__(self, attempt: _Optional[int] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., reservation_key: _Optional[str] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., handle: _Optional[_Union[_backend_pb2.RenderHandle, _Mapping]] = ..., charge: _Optional[_Union[_event_pb2.AttemptCharge, _Mapping]] = ..., settled: _Optional[bool] = ..., shot: _Optional[int] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("job_id", "sequence", "create_time", "state", "render", "message", "previous_state", "plan_updated", "quoted", "approved", "cancelled")
