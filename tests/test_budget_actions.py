@@ -144,7 +144,7 @@ def wait_for_waiting(mesh: Mesh, job_id: str) -> gateway_pb2.JobEvent:
 def never_reserved(mesh: Mesh, job: gateway_pb2.RenderJob) -> bool:
     """Whether the job's first attempt never got a line in the ledger."""
     try:
-        metrics(mesh).ReleaseBudget(metrics_pb2.ReleaseBudgetRequest(reservation_key=f"{job.job_id}:1"))
+        metrics(mesh).ReleaseBudget(metrics_pb2.ReleaseBudgetRequest(reservation_key=f"{job.job_id}.shot0:1"))
     except grpc.RpcError as error:
         return error.code() == grpc.StatusCode.NOT_FOUND
     return False
@@ -180,7 +180,7 @@ def test_at_70_percent_the_jobs_reservation_tells_that_the_budget_is_at_notify(m
     # The attempt reserved its own worst case, at the backend it went to, and paid what Runway bills.
     assert done.reserved.amount_micros == RUNWAY_COST
     [attempt] = done.attempts
-    assert attempt.reservation_key == f"{done.job_id}:1"
+    assert attempt.reservation_key == f"{done.job_id}.shot0:1"
     assert (attempt.charge.outcome, attempt.charge.billed.amount_micros) == (
         event_pb2.CHARGE_OUTCOME_COMMIT,
         RUNWAY_COST,

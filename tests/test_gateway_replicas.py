@@ -132,7 +132,7 @@ def test_a_replica_killed_mid_render_has_its_job_taken_over_by_the_other_and_ren
     done = wait_terminal(gateway, job.job_id)
     assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.error
     # Re-attached to the render the dead replica started: one create at the provider.
-    assert sandbox.creates("runway") == {f"{job.job_id}:1": 1}
+    assert sandbox.creates("runway") == {f"{job.job_id}.shot0:1": 1}
     log = events(gateway, job.job_id)
     assert [event.sequence for event in log] == list(range(1, len(log) + 1))
     assert [event.render.submitted.task_id for event in log if is_submitted(event)] == [done.handle.task_id]
@@ -169,7 +169,7 @@ def test_replicas_started_together_drive_each_job_exactly_once(mesh, sandbox, da
         # Each job taken over by one of the two, once.
         assert taken_over.count(job.job_id) == 1, taken_over
         assert {key: count for key, count in creates.items() if key.startswith(job.job_id)} == {
-            f"{job.job_id}:1": 1
+            f"{job.job_id}.shot0:1": 1
         }
         log = events(gateway, job.job_id)
         assert [event.sequence for event in log] == list(range(1, len(log) + 1))
@@ -218,7 +218,7 @@ def test_a_cancel_sent_to_the_replica_not_driving_the_job_ends_it_and_its_render
     assert (stored.state, stored.last_sequence) == (job_pb2.JOB_STATE_CANCELLED, log[-1].sequence + 1)
     [attempt] = stored.attempts
     assert attempt.charge.outcome == event_pb2.CHARGE_OUTCOME_COMMIT
-    assert sandbox.creates("runway") == {f"{job.job_id}:1": 1}
+    assert sandbox.creates("runway") == {f"{job.job_id}.shot0:1": 1}
     assert claim_owner(database_url, job.job_id) is None
 
 

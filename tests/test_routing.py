@@ -136,7 +136,7 @@ def test_gateway_and_router_killed_mid_render_finish_the_job_with_one_create(mes
     done = wait_terminal(gateway(mesh), job.job_id)
     assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.error
     assert done.backend == RUNWAY
-    assert sandbox.creates("runway") == {f"{job.job_id}:1": 1}
+    assert sandbox.creates("runway") == {f"{job.job_id}.shot0:1": 1}
     submitted = {e.submitted.task_id for e in render_events(mesh, job.job_id) if e.HasField("submitted")}
     assert submitted == {done.handle.task_id}
 

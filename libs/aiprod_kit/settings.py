@@ -67,6 +67,12 @@ class GatewaySettings(CommonSettings):
     metrics_target: str = f"localhost:{METRICS_PORT}"
     # How many jobs the dispatcher renders at once.
     dispatch_concurrency: int = 4
+    # How many shots of one job render at once (a long video's shots render side by side, each its own
+    # chain of attempts), at most the tenant's tier's concurrent jobs.
+    gateway_shot_concurrency: int = Field(4, ge=1)
+    # Where the gateway reads a long video's shots and stores their stitched film: this Google Cloud
+    # Storage bucket when set, else under AIPROD_DATA_DIR/videos (where the renderers put them).
+    gcs_bucket: str = Field("", validation_alias="AIPROD_GCS_BUCKET")
     # What becomes of a queued job today's budget cannot pay (the ledger refuses its reservation, or the
     # router finds every backend that could take it over the budget left): `wait` keeps it queued and
     # tries again; `fail` fails it at once with BUDGET_EXHAUSTED.

@@ -17,30 +17,30 @@ from aiprod_kit.capabilities import backend_name
 from aiprod_kit.money import usd
 
 
-def _attempt(job: gateway_pb2.RenderJob, number: int) -> gateway_pb2.RenderAttempt:
+def _attempt(job: gateway_pb2.RenderJob, shot: int, number: int) -> gateway_pb2.RenderAttempt:
     for attempt in job.attempts:
-        if attempt.attempt == number:
+        if attempt.shot == shot and attempt.attempt == number:
             return attempt
-    # Attempts are numbered in the order they start, so a new one is always the last.
-    return job.attempts.add(attempt=number)
+    # A new attempt is listed last: the attempts are in the order they started.
+    return job.attempts.add(shot=shot, attempt=number)
 
 
-def routed(job: gateway_pb2.RenderJob, number: int, decision: event_pb2.RouteDecision) -> None:
-    attempt = _attempt(job, number)
+def routed(job: gateway_pb2.RenderJob, shot: int, number: int, decision: event_pb2.RouteDecision) -> None:
+    attempt = _attempt(job, shot, number)
     attempt.backend = decision.backend
     attempt.reservation_key = decision.reservation_key
     attempt.reserved.CopyFrom(decision.reserved)
     job.reserved.CopyFrom(usd(sum(item.reserved.amount_micros for item in job.attempts)))
 
 
-def submitted(job: gateway_pb2.RenderJob, number: int, handle: backend_pb2.RenderHandle) -> None:
-    attempt = _attempt(job, number)
+def submitted(job: gateway_pb2.RenderJob, shot: int, number: int, handle: backend_pb2.RenderHandle) -> None:
+    attempt = _attempt(job, shot, number)
     attempt.backend = handle.backend
     attempt.handle.CopyFrom(handle)
 
 
-def charged(job: gateway_pb2.RenderJob, number: int, charge: event_pb2.AttemptCharge) -> None:
-    attempt = _attempt(job, number)
+def charged(job: gateway_pb2.RenderJob, shot: int, number: int, charge: event_pb2.AttemptCharge) -> None:
+    attempt = _attempt(job, shot, number)
     if not charge.account and attempt.charge.account:
         known = event_pb2.AttemptCharge()
         known.CopyFrom(charge)
@@ -56,6 +56,8 @@ def charged(job: gateway_pb2.RenderJob, number: int, charge: event_pb2.AttemptCh
     job.cost.CopyFrom(usd(tenant))
     if company or job.HasField("company_cost"):
         job.company_cost.CopyFrom(usd(company))
+    if shot < len(job.shots):
+        job.shots[shot].cost.CopyFrom(usd(costs(job, shot)[0]))
 
 
 def paid_by_company(job: gateway_pb2.RenderJob, attempt: gateway_pb2.RenderAttempt) -> bool:
@@ -63,10 +65,13 @@ def paid_by_company(job: gateway_pb2.RenderJob, attempt: gateway_pb2.RenderAttem
     return attempt.charge.account not in ("", job.tenant_id)
 
 
-def costs(job: gateway_pb2.RenderJob) -> tuple[int, int]:
-    """What the job's committed attempts cost its tenant, and the company (its free re-render)."""
+def costs(job: gateway_pb2.RenderJob, shot: int | None = None) -> tuple[int, int]:
+    """What the job's committed attempts (of one shot, or all) cost its tenant, and the company (its free
+    re-render)."""
     tenant = company = 0
     for item in job.attempts:
+        if shot is not None and item.shot != shot:
+            continue
         if item.charge.outcome == event_pb2.CHARGE_OUTCOME_COMMIT:
             if paid_by_company(job, item):
                 company += item.charge.billed.amount_micros

@@ -1,11 +1,14 @@
-"""What the gateway knows of the backends, for validating requests without a call per request."""
+"""What the gateway knows of the backends, for validating and planning requests without a call per
+request."""
 
 import time
 
 import grpc
 
 from aiprod.common.v1 import render_pb2
+from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod_gateway import planning, validation
 from aiprod_kit.capabilities import backend_name, shot_mismatches
 from aiprod_kit.errors import InvalidArgument
 
@@ -33,6 +36,48 @@ class BackendCatalog:
             self._fetched_at = time.monotonic()
         return self._backends
 
+    async def plan(self, spec: render_pb2.RenderSpec) -> render_pb2.RenderPlan:
+        """The spec's plan (aiprod_gateway.planning): the caller's shots, else the duration cut into
+        shots each within what a backend that could render the spec renders in one call (its aspect
+        ratio and first frame taken, its nominal quality at the floor), in lengths most of them share so
+        that a shot can fall back to another (a preferred backend is preferred per shot, not planned
+        for alone). One shot while no backend is known yet: the router decides when the job runs.
+        INVALID_ARGUMENT when no cut comes close enough to the duration."""
+        clips = [
+            planning.ClipLimits.of(status.capabilities)
+            for status in await self.backends()
+            if status.HasField("capabilities") and _could_render(status.capabilities, spec)
+        ]
+        if not clips and not spec.shots:
+            return validation.plan_of(spec)
+        try:
+            return planning.plan_shots(spec, clips)
+        except planning.PlanningError as error:
+            raise InvalidArgument([("spec.duration_seconds", str(error))]) from error
+
+    async def check_plan_renderable(self, plan: render_pb2.RenderPlan, field: str | None = None) -> None:
+        """INVALID_ARGUMENT when no known backend could render a shot of the plan at all (whatever its
+        health), naming the shot's field (`field[i]`, for a caller's shots) or the spec's (a plan the
+        gateway made)."""
+        seen = set()
+        for index, shot in enumerate(plan.shots):
+            shape = (
+                shot.duration_seconds,
+                shot.aspect_ratio,
+                bool(shot.first_frame.data or shot.first_frame.uri),
+            )
+            if shape in seen:
+                continue
+            seen.add(shape)
+            try:
+                await self.check_renderable(shot)
+            except InvalidArgument as error:
+                if field is None:
+                    raise
+                raise InvalidArgument(
+                    [(name.replace("spec.", f"{field}[{index}].", 1), why) for name, why in error.violations]
+                ) from error
+
     async def check_renderable(self, shot: render_pb2.Shot) -> None:
         """INVALID_ARGUMENT when no known backend can render the shot at all (whatever its health)."""
         known = [status for status in await self.backends() if status.HasField("capabilities")]
@@ -47,3 +92,13 @@ class BackendCatalog:
                 name = backend_name(status.backend)
                 violations.setdefault(f"spec.{field}", []).append(f"{name} {why}")
         raise InvalidArgument([(field, "; ".join(reasons)) for field, reasons in violations.items()])
+
+
+def _could_render(capabilities: renderer_pb2.Capabilities, spec: render_pb2.RenderSpec) -> bool:
+    """Whether a backend could render the spec's shots but for their durations."""
+    takes_image = capabilities.image_input or not (spec.first_frame.data or spec.first_frame.uri)
+    return (
+        spec.aspect_ratio in capabilities.aspect_ratios
+        and takes_image
+        and capabilities.nominal_quality >= spec.constraints.quality_floor
+    )

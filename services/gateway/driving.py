@@ -1,8 +1,18 @@
 """Driving one job: its render events from the router, recorded in its log and on the job, fenced by
 this replica's claim; its budget policy; and what a driver that lost its job still owes it.
 
-A job whose render handle was recorded is re-attached with ResumeRender; one without is executed
-again under the same idempotency key, which the renderer answers with the render it already started.
+A job's plan is a list of shots; each shot is its own render (its own key at the backend, its own
+attempts and ledger lines, QC and fallback), and the shots render side by side, up to
+AIPROD_GATEWAY_SHOT_CONCURRENCY and the tenant's tier's concurrent jobs; a continuous shot waits for
+the shot before it and starts from its last frame. A job of one shot ends with its shot; a job of
+several ends once every shot has: with the film of its shots (aiprod_gateway.films), or failed with
+the first shot that failed, its other shots' videos kept on the job. Shots not started when one fails
+are not started.
+
+A shot whose render handle was recorded is re-attached with ResumeRender; one without is executed
+again under the same render key, which the renderer answers with the render it already started. A
+finished shot is never rendered again: a driver that resumes a job after a crash renders only the
+unfinished ones, then stitches again.
 
 A job runs once its first attempt is reserved (the router reserves each attempt before its provider is
 called); the job's attempts, what each reserved and cost, are recorded from the router's events, and
@@ -27,15 +37,17 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 import structlog
 from opentelemetry import propagate, trace
 
-from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2
+from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_gateway import attempts
+from aiprod_gateway.films import Films
 from aiprod_gateway.quoting import quoted_constraints
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement, record_charge
@@ -44,6 +56,7 @@ from aiprod_gateway.store import TERMINAL_STATES, ClaimLost, JobStore, JobUpdate
 from aiprod_gateway.tiers import TierPolicy, parse_tiers
 from aiprod_kit.capabilities import backend_name
 from aiprod_kit.failures import Reason, failure, reason_name
+from aiprod_kit.rendering.stitching import StitchError
 from aiprod_kit.settings import ConfigurationError, GatewaySettings
 
 log = structlog.get_logger()
@@ -60,35 +73,83 @@ _CANCEL_TIMEOUT = 5.0
 _ACCOUNT = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def _apply(event: event_pb2.RenderEvent) -> tuple[str, JobUpdate]:
-    """The message and the job change that one render event makes."""
+def render_key(job_id: str, shot: int) -> str:
+    """A shot's render key: its idempotency key at the backend and, with ":<attempt>", its attempts'
+    ledger lines."""
+    return f"{job_id}.shot{shot}"
+
+
+def shot_status(job: gateway_pb2.RenderJob, index: int) -> gateway_pb2.ShotStatus:
+    """The shot's status on the job, listed (every shot of the plan, QUEUED) the first time one is needed."""
+    for missing in range(len(job.shots), len(job.plan.shots)):
+        job.shots.add(
+            index=missing, state=job_pb2.JOB_STATE_QUEUED, render_key=render_key(job.job_id, missing)
+        )
+    return job.shots[index]
+
+
+def _overall_progress(job: gateway_pb2.RenderJob) -> float:
+    """The job's progress: its shots', each weighted by its duration."""
+    total = sum(shot.duration_seconds for shot in job.plan.shots) or 1.0
+    done = sum(status.progress * job.plan.shots[status.index].duration_seconds for status in job.shots)
+    return min(done / total, 1.0)
+
+
+def _shot_failed(job: gateway_pb2.RenderJob, index: int, error: render_pb2.RenderFailure) -> None:
+    """A shot failed for good; a job of one shot fails with it (one of several, once the rest settled)."""
+    status = shot_status(job, index)
+    status.state = job_pb2.JOB_STATE_FAILED
+    status.error.CopyFrom(error)
+    if len(job.plan.shots) == 1:
+        job.state = job_pb2.JOB_STATE_FAILED
+        job.error.CopyFrom(error)
+
+
+def _apply(event: event_pb2.RenderEvent, job: gateway_pb2.RenderJob) -> tuple[str, JobUpdate]:
+    """The message and the job change that one render event (of one of the job's shots) makes."""
     kind = event.WhichOneof("kind")
+    index, several = event.shot, len(job.plan.shots) > 1
 
     def update(job: gateway_pb2.RenderJob) -> None:
+        status = shot_status(job, index)
         if kind == "routed":
-            job.backend = event.routed.backend
-            attempts.routed(job, event.attempt, event.routed)
+            status.backend = event.routed.backend
+            status.state = job_pb2.JOB_STATE_RUNNING
+            if index == 0 or not job.backend:
+                job.backend = event.routed.backend
+            attempts.routed(job, index, event.attempt, event.routed)
             if job.state == job_pb2.JOB_STATE_QUEUED:
                 # Running once its first attempt is paid for: a job the budget cannot pay stays queued.
                 job.state = job_pb2.JOB_STATE_RUNNING
         elif kind == "submitted":
+            status.handle.CopyFrom(event.submitted)
+            status.attempt = event.attempt
             job.handle.CopyFrom(event.submitted)
             job.attempt = event.attempt
-            attempts.submitted(job, event.attempt, event.submitted)
+            attempts.submitted(job, index, event.attempt, event.submitted)
         elif kind == "charged":
-            attempts.charged(job, event.attempt, event.charged)
+            attempts.charged(job, index, event.attempt, event.charged)
         elif kind == "progress":
-            job.progress = event.progress.fraction
+            status.progress = event.progress.fraction
+            job.progress = _overall_progress(job)
         elif kind == "succeeded":
-            job.state = job_pb2.JOB_STATE_SUCCEEDED
-            job.progress = 1.0
-            job.result.CopyFrom(event.succeeded)
+            status.state = job_pb2.JOB_STATE_SUCCEEDED
+            status.progress = 1.0
+            status.output.CopyFrom(event.succeeded)
+            if several:
+                job.progress = _overall_progress(job)
+            else:
+                job.state = job_pb2.JOB_STATE_SUCCEEDED
+                job.progress = 1.0
+                job.result.CopyFrom(event.succeeded)
         elif kind == "failed":
-            job.state = job_pb2.JOB_STATE_FAILED
-            job.error.CopyFrom(event.failed)
+            _shot_failed(job, index, event.failed)
 
     messages = {
-        "routed": lambda: f"routed to {backend_name(event.routed.backend)}: {event.routed.reason}",
+        "routed": lambda: (
+            f"routed to {backend_name(event.routed.backend)}: {event.routed.reason}"
+            + _elsewhere(job, event.routed)
+        ),
         "submitted": lambda: (
             f"submitted to {backend_name(event.submitted.backend)} as {event.submitted.task_id}"
         ),
@@ -102,7 +163,17 @@ def _apply(event: event_pb2.RenderEvent) -> tuple[str, JobUpdate]:
         "succeeded": lambda: "video ready",
         "failed": lambda: f"render failed: {reason_name(event.failed.reason)}: {event.failed.message}",
     }
-    return messages[kind](), update
+    message = messages[kind]()
+    if several:
+        message = f"shot {index + 1} of {len(job.plan.shots)}: {message}"
+    return message, update
+
+
+def _elsewhere(job: gateway_pb2.RenderJob, decision: event_pb2.RouteDecision) -> str:
+    """For a shot of a long video routed away from the job's backend (its look may differ): says so."""
+    if len(job.plan.shots) < 2 or not job.quote.backend or decision.backend == job.quote.backend:
+        return ""
+    return f" (not {backend_name(job.quote.backend)}, the job's backend for its other shots)"
 
 
 @dataclass(frozen=True)
@@ -173,21 +244,25 @@ async def cancel_render(
 class Drive:
     """One job as this replica drives it: its task, and what the dispatcher needs to know once it stops."""
 
-    # The render the driver follows, as its stream named it (recorded on the job or not yet), and its
-    # attempt's number.
-    handle: backend_pb2.RenderHandle | None = None
-    attempt: int = 0
+    # The render each shot's driver follows, as its stream named it (recorded on the job or not yet),
+    # with its attempt's number.
+    renders: dict[int, tuple[backend_pb2.RenderHandle, int]] = field(default_factory=dict)
     # The driver recorded the job's end itself (which ended its claim) and is settling it.
     ended: bool = False
     # Stopped for a cancel made here: the canceller records the end.
     cancelled: bool = False
     # An attempt of this run was charged or held: money went out, whatever the budget says next.
     charged: bool = False
-    # The attempt that is the job's free re-render, once routed (from the job's log, then its stream).
-    rerender_attempt: int | None = None
+    # Each shot's attempt that is its free re-render, once routed (from the job's log, then its stream).
+    rerenders: dict[int, int] = field(default_factory=dict)
     # The job's scheduling priority (gateway_pb2.Priority), once the driver has read the job: its place
     # in the dispatcher's queue when it is queued again.
     priority: int = 0
+    # A shot failed for good: shots not started yet are not started (the job fails once the others
+    # settled).
+    shot_failed: bool = False
+    # The job was recorded running (reported once).
+    running: bool = False
     task: asyncio.Task[None] = field(init=False)
 
 
@@ -202,6 +277,8 @@ class JobDriver:
         budget_policy: BudgetPolicy,
         owner: str,
         guarantees: Guarantees | None = None,
+        films: Films | None = None,
+        shot_concurrency: int | None = None,
     ) -> None:
         self._store = store
         self._router = router
@@ -210,8 +287,12 @@ class JobDriver:
         self._settlement = settlement
         self._budget_policy = budget_policy
         self._owner = owner
-        # By default the tiers and the account as the process's settings (its environment) say.
-        self._guarantees = guarantees or Guarantees.from_settings(GatewaySettings())
+        # By default the tiers, the account, the video store and the shots at once as the process's
+        # settings (its environment) say.
+        settings = GatewaySettings()
+        self._guarantees = guarantees or Guarantees.from_settings(settings)
+        self._films = films or Films.from_settings(settings)
+        self._shot_concurrency = shot_concurrency or settings.gateway_shot_concurrency
 
     async def drive(self, job_id: str, driver: Drive) -> float | None:
         """Drives the job inside its own trace, the one its CreateRenderJob started: the router,
@@ -243,48 +324,163 @@ class JobDriver:
         await self._store.append_event(job_id, message, recorded, render_event, owner=self._owner)
 
     async def _drive(self, job_id: str, driver: Drive) -> float | None:
+        """Renders every unfinished shot (finished ones are never rendered again), each as its own chain
+        of attempts, side by side up to the shot concurrency; then ends the job: its one shot's video,
+        its shots' film, or the first shot that failed."""
         job = await self._store.get_job(job_id)
         if job is None or job.state not in (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING):
             return None
         driver.priority = job.priority
-        delay = _BACKOFF[0]
-        while job.state not in TERMINAL_STATES:
-            try:
-                # Read to the stream's end (the router ends it after the final event): a call left open
-                # would keep its span, and the job's trace, unfinished.
-                async with contextlib.aclosing(self._render_events(job, driver)) as events:
-                    async for event in events:
-                        await self._on_event(job, event, driver)
-            except BudgetRefused as refused:
-                wait = await self._budget_refused(job, refused, driver)
-                if wait is not None:
-                    return wait  # waits, queued
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in _TRANSIENT:
-                    await self._record(
-                        driver,
-                        job_id,
-                        f"render refused: {error.details()}",
-                        _failed(Reason.ROUTER_REFUSED, error.details() or ""),
-                    )
-                else:
-                    log.warning("router call broke; will resume", job_id=job_id, code=error.code().name)
+        driver.rerenders = await self._rerender_attempts(job)
+        tier = self._guarantees.tiers.get(job.tier)
+        concurrency = self._shot_concurrency
+        if tier is not None and tier.concurrent_jobs >= 1:
+            concurrency = min(concurrency, int(tier.concurrent_jobs))
+        slots = asyncio.Semaphore(concurrency)
+        shots = len(job.plan.shots)
+        settled = [asyncio.Event() for _ in range(shots)]
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index in range(shots):
+                    group.create_task(self._drive_shot(job_id, index, driver, slots, settled))
+        except BaseExceptionGroup as errors:
+            # A lost claim stops the job here; a budget refusal (nothing spent) goes to the budget policy.
+            lost = _first(errors, ClaimLost)
+            if lost is not None:
+                raise lost from None
+            refused = _first(errors, BudgetRefused)
+            if refused is None:
+                if len(errors.exceptions) == 1:
+                    raise errors.exceptions[0] from None  # the crash as it is, for its log and backoff
+                raise
+            wait = await self._budget_refused(job, refused, driver)
+            if wait is not None:
+                return wait  # waits, queued
+        job = await self._store.get_job(job_id)
+        assert job is not None
+        if job.state not in TERMINAL_STATES:
+            await self._end_film(job, driver)
             job = await self._store.get_job(job_id)
             assert job is not None
-            if job.state in TERMINAL_STATES:
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _BACKOFF[1])
         if not driver.ended:
             # It ended elsewhere while this driver recorded nothing (a cancel while the router was away).
             raise ClaimLost(f"job {job_id} ended elsewhere")
         self._reporter.job_changed(job)
         return None
 
+    async def _drive_shot(
+        self,
+        job_id: str,
+        index: int,
+        driver: Drive,
+        slots: asyncio.Semaphore,
+        settled: list[asyncio.Event],
+    ) -> None:
+        """Renders one shot until it has ended, re-attached to its recorded render when it has one."""
+        try:
+            job = await self._store.get_job(job_id)
+            assert job is not None
+            shot = job.plan.shots[index]
+            if _shot_ended(job, index):
+                return
+            if shot.continuous and index > 0 and not _has_image(shot.first_frame):
+                # Starts from the shot before's last frame: once that one has its video.
+                await settled[index - 1].wait()
+                job = await self._store.get_job(job_id)
+                assert job is not None
+                before = shot_status(job, index - 1)
+                if before.state != job_pb2.JOB_STATE_SUCCEEDED:
+                    return  # the job fails with that shot
+                continued = render_pb2.Shot()
+                continued.CopyFrom(shot)
+                continued.first_frame.CopyFrom(await self._films.last_frame(before.output))
+                shot = continued
+            async with slots:
+                if driver.shot_failed and not shot_status(job, index).HasField("handle"):
+                    return  # not started: the job fails with the shot that did
+                await self._render_shot(job, index, shot, driver)
+        finally:
+            settled[index].set()
+
+    async def _render_shot(
+        self, job: gateway_pb2.RenderJob, index: int, shot: render_pb2.Shot, driver: Drive
+    ) -> None:
+        delay = _BACKOFF[0]
+        while True:
+            try:
+                # Read to the stream's end (the router ends it after the final event): a call left open
+                # would keep its span, and the job's trace, unfinished.
+                async with contextlib.aclosing(self._render_events(job, index, shot, driver)) as events:
+                    async for event in events:
+                        await self._on_event(job, event, driver)
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _TRANSIENT:
+                    await self._record(
+                        driver,
+                        job.job_id,
+                        _shot_prefix(job, index) + f"render refused: {error.details()}",
+                        _shot_refused(index, error.details() or ""),
+                    )
+                else:
+                    log.warning(
+                        "router call broke; will resume",
+                        job_id=job.job_id,
+                        shot=index,
+                        code=error.code().name,
+                    )
+            latest = await self._store.get_job(job.job_id)
+            assert latest is not None
+            job = latest
+            if job.state in TERMINAL_STATES or _shot_ended(job, index):
+                if shot_status(job, index).state == job_pb2.JOB_STATE_FAILED:
+                    driver.shot_failed = True
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _BACKOFF[1])
+
+    async def _end_film(self, job: gateway_pb2.RenderJob, driver: Drive) -> None:
+        """Ends a job of several shots once every shot has ended: with the film of its shots, or failed
+        with the first shot that failed (the others' videos stay listed on the job)."""
+        unfinished = [status for status in job.shots if status.state != job_pb2.JOB_STATE_SUCCEEDED]
+        # The first shot that failed; else the first one not rendered.
+        failed = next((status for status in unfinished if status.state == job_pb2.JOB_STATE_FAILED), None)
+        failed = failed or next(iter(unfinished), None)
+        if failed is None and len(job.shots) == len(job.plan.shots):
+            try:
+                film = await self._films.stitch(job)
+            except StitchError as error:
+                why = failure(Reason.INTERNAL, f"the shots could not be stitched: {error}", retryable=False)
+                await self._record(driver, job.job_id, f"stitching failed: {error}", _failed_with(why))
+                return
+            video = film.video
+
+            def stitched(job: gateway_pb2.RenderJob) -> None:
+                job.state = job_pb2.JOB_STATE_SUCCEEDED
+                job.progress = 1.0
+                job.result.CopyFrom(film)
+                job.result.cost.CopyFrom(job.cost)
+
+            await self._record(
+                driver,
+                job.job_id,
+                f"stitched {len(job.shots)} shots into one {video.duration_seconds:.2f} s video "
+                f"({video.width}x{video.height}, {video.frame_rate:g} fps), technical QC score "
+                f"{film.qc.score:.2f}",
+                stitched,
+            )
+            return
+        index = failed.index if failed is not None else len(job.shots)
+        error = render_pb2.RenderFailure()
+        if failed is not None:
+            error.CopyFrom(failed.error)
+        error.message = f"shot {index + 1} of {len(job.plan.shots)} failed: {error.message or 'not rendered'}"
+        await self._record(driver, job.job_id, f"render failed: {error.message}", _failed_with(error))
+
     async def _on_event(
         self, job: gateway_pb2.RenderJob, event: event_pb2.RenderEvent, driver: Drive
     ) -> None:
-        """Records one render event on the job (job: as it was when its stream began)."""
+        """Records one render event of one shot on the job (job: as it was when its stream began)."""
+        index = event.shot
         if (
             event.HasField("failed")
             and event.failed.reason == Reason.BUDGET_EXHAUSTED
@@ -296,19 +492,18 @@ class JobDriver:
         if event.HasField("submitted"):
             # Known before it is recorded: should the job be cancelled elsewhere meanwhile, this
             # replica cancels the render.
-            driver.handle = event.submitted
-            driver.attempt = event.attempt
+            driver.renders[index] = (event.submitted, event.attempt)
         if event.HasField("routed") and event.routed.rerender:
-            driver.rerender_attempt = event.attempt
+            driver.rerenders[index] = event.attempt
         if event.HasField("charged") and not event.charged.account:
-            event.charged.account = self._account(job, event.attempt, driver)
-        message, update = _apply(event)
+            event.charged.account = self._account(job, index, event.attempt, driver)
+        message, update = _apply(event, job)
         if event.HasField("charged") and event.charged.account not in ("", job.tenant_id):
             message += f" (the free re-render: {event.charged.account} pays)"
         if event.HasField("routed") and event.routed.reserved.amount_micros:
             # The budget the attempt draws on: the tenant's, or the company's for the free re-render.
             message += await self._spending.level_note(event.routed.account or job.tenant_id)
-        was_queued = job.state == job_pb2.JOB_STATE_QUEUED and event.HasField("routed")
+        was_queued = not driver.running and job.state == job_pb2.JOB_STATE_QUEUED and event.HasField("routed")
         await self._record(driver, job.job_id, message, update, render_event=event)
         if event.HasField("charged"):
             driver.charged = driver.charged or event.charged.outcome != event_pb2.CHARGE_OUTCOME_RELEASE
@@ -316,8 +511,11 @@ class JobDriver:
         if event.HasField("fallback"):
             self._reporter.backend_failed(job, event.fallback)
         if was_queued:
-            job.state = job_pb2.JOB_STATE_RUNNING
-            self._reporter.job_changed(job)
+            driver.running = True
+            running = gateway_pb2.RenderJob()
+            running.CopyFrom(job)
+            running.state = job_pb2.JOB_STATE_RUNNING
+            self._reporter.job_changed(running)
 
     async def _budget_refused(
         self, job: gateway_pb2.RenderJob, refused: BudgetRefused, driver: Drive
@@ -344,74 +542,115 @@ class JobDriver:
 
     async def after_lost(self, job_id: str, driver: Drive) -> None:
         """After a driver stopped because its claim was gone: another replica took the job over, or the
-        job ended elsewhere, cancelled by a replica that settled it and cancelled the render it found
+        job ended elsewhere, cancelled by a replica that settled it and cancelled the renders it found
         recorded."""
         job = await self._store.get_job(job_id)
         if job is None or job.state != job_pb2.JOB_STATE_CANCELLED:
             log.info("job claimed by another replica; stopped driving it", job_id=job_id)
             return
         log.info("job cancelled elsewhere; stopped driving it", job_id=job_id)
-        if driver.handle is not None and driver.handle.task_id != job.handle.task_id:
+        for index, (handle, attempt) in driver.renders.items():
+            recorded = job.shots[index].handle if index < len(job.shots) else None
+            if recorded is not None and handle.task_id == recorded.task_id:
+                continue
             # A render this driver saw start but could not record: nobody else knows to cancel it, nor
             # to record what it costs.
-            charge = await cancel_render(self._router, job_id, driver.handle)
+            charge = await cancel_render(self._router, job_id, handle)
             if charge is not None:
                 if not charge.account:
-                    charge.account = self._account(job, driver.attempt, driver)
-                await record_charge(self._store, job_id, driver.attempt, charge, driver.handle)
+                    charge.account = self._account(job, index, attempt, driver)
+                await record_charge(self._store, job_id, index, attempt, charge, handle)
                 self._settlement.charged()
 
-    def _account(self, job: gateway_pb2.RenderJob, attempt: int, driver: Drive) -> str:
+    def _account(self, job: gateway_pb2.RenderJob, shot: int, attempt: int, driver: Drive) -> str:
         """The ledger account an attempt of the job draws on: the company's for its free re-render."""
-        return self._guarantees.account if attempt == driver.rerender_attempt else job.tenant_id
+        return self._guarantees.account if driver.rerenders.get(shot) == attempt else job.tenant_id
 
-    async def _rerender_attempt(self, job: gateway_pb2.RenderJob) -> int | None:
-        """The attempt the job's log records as its free re-render, if any."""
+    async def _rerender_attempts(self, job: gateway_pb2.RenderJob) -> dict[int, int]:
+        """Each shot's attempt the job's log records as its free re-render."""
         if self._guarantees.of(job) is None:
-            return None
-        found = None
+            return {}
+        found = {}
         for recorded in await self._store.events_after(job.job_id, 0):
             if recorded.HasField("render") and recorded.render.routed.rerender:
-                found = recorded.render.attempt
+                found[recorded.render.shot] = recorded.render.attempt
         return found
 
     async def _render_events(
-        self, job: gateway_pb2.RenderJob, driver: Drive
+        self, job: gateway_pb2.RenderJob, index: int, shot: render_pb2.Shot, driver: Drive
     ) -> AsyncIterator[event_pb2.RenderEvent]:
-        shot = job.plan.shots[0]
         guarantee = self._guarantees.of(job)
-        driver.rerender_attempt = await self._rerender_attempt(job)
-        if job.HasField("handle"):
+        constraints = _shot_constraints(job, index)
+        status = job.shots[index] if index < len(job.shots) else None
+        if status is not None and status.HasField("handle"):
+            granted = driver.rerenders.get(index)
             request = router_pb2.ResumeRenderRequest(
                 job_id=job.job_id,
-                handle=job.handle,
+                handle=status.handle,
                 shot=shot,
-                constraints=quoted_constraints(job),
-                attempt=job.attempt,
+                constraints=constraints,
+                attempt=status.attempt,
                 tenant_id=job.tenant_id,
                 guarantee=guarantee,
                 # Granted for the resumed attempt or an earlier one; one routed after it and never
                 # started is granted again by the router, for the same attempt and ledger line.
-                rerender_granted=driver.rerender_attempt is not None
-                and driver.rerender_attempt <= job.attempt,
+                rerender_granted=granted is not None and granted <= status.attempt,
             )
             stream = self._router.ResumeRender(request)
         else:
             request = router_pb2.ExecuteRenderRequest(
                 job_id=job.job_id,
                 shot=shot,
-                constraints=quoted_constraints(job),
-                idempotency_key=job.job_id,
+                constraints=constraints,
+                idempotency_key=render_key(job.job_id, index),
                 tenant_id=job.tenant_id,
                 guarantee=guarantee,
             )
             stream = self._router.ExecuteRender(request)
         try:
             async for response in stream:
+                response.event.shot = index
                 yield response.event
         finally:
             # Left early (the claim lost, a write failed): the router stops following it for this driver.
             stream.cancel()
+
+
+def _shot_constraints(job: gateway_pb2.RenderJob, index: int) -> render_pb2.RenderConstraints:
+    """A shot's constraints: the job's quoted ones, its cost limit shared among the shots by duration."""
+    constraints = quoted_constraints(job)
+    if len(job.plan.shots) > 1 and constraints.HasField("max_cost"):
+        total = sum(shot.duration_seconds for shot in job.plan.shots)
+        share = job.plan.shots[index].duration_seconds / total
+        constraints.max_cost.amount_micros = math.floor(constraints.max_cost.amount_micros * share)
+    return constraints
+
+
+def _shot_refused(index: int, message: str) -> JobUpdate:
+    def update(job: gateway_pb2.RenderJob) -> None:
+        _shot_failed(job, index, failure(Reason.ROUTER_REFUSED, message, retryable=False))
+
+    return update
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def _first(errors: BaseExceptionGroup, kind: type[E]) -> E | None:
+    """The first of a task group's errors of a kind."""
+    return next((error for error in errors.exceptions if isinstance(error, kind)), None)
+
+
+def _shot_ended(job: gateway_pb2.RenderJob, index: int) -> bool:
+    return index < len(job.shots) and job.shots[index].state in TERMINAL_STATES
+
+
+def _shot_prefix(job: gateway_pb2.RenderJob, index: int) -> str:
+    return f"shot {index + 1} of {len(job.plan.shots)}: " if len(job.plan.shots) > 1 else ""
+
+
+def _has_image(image: render_pb2.Image) -> bool:
+    return bool(image.data or image.uri)
 
 
 def _waiting_for_budget(job: gateway_pb2.RenderJob) -> None:
@@ -419,8 +658,12 @@ def _waiting_for_budget(job: gateway_pb2.RenderJob) -> None:
 
 
 def _failed(reason: int, message: str) -> JobUpdate:
+    return _failed_with(failure(reason, message, retryable=False))
+
+
+def _failed_with(error: render_pb2.RenderFailure) -> JobUpdate:
     def update(job: gateway_pb2.RenderJob) -> None:
         job.state = job_pb2.JOB_STATE_FAILED
-        job.error.CopyFrom(failure(reason, message, retryable=False))
+        job.error.CopyFrom(error)
 
     return update

@@ -33,6 +33,7 @@ The job keeps its quote (`RenderJob.quote`; a review's re-quote replaces it) and
 """
 
 import hashlib
+import math
 import re
 import time
 import uuid
@@ -302,32 +303,42 @@ class Quoter:
     # What the service calls ----------------------------------------------------------------------------
 
     async def quote(
-        self, spec: render_pb2.RenderSpec, tenant: Tenant, fingerprint: str, request_id: str = ""
+        self,
+        spec: render_pb2.RenderSpec,
+        tenant: Tenant,
+        fingerprint: str,
+        request_id: str = "",
+        plan: render_pb2.RenderPlan | None = None,
     ) -> gateway_pb2.Quote:
-        """Prices a spec as a job would render it (checked, under the tenant's tier) for the tenant, and
-        keeps the quote under the fingerprint of the request; given a request_id, the quote is that
-        request's job's already."""
-        return await self._quote(spec, validation.plan_of(spec), tenant, fingerprint, request_id)
+        """Prices a spec as a job would render it (checked, under the tenant's tier; its plan, by default
+        one shot) for the tenant, and keeps the quote under the fingerprint of the request; given a
+        request_id, the quote is that request's job's already."""
+        return await self._quote(spec, plan or validation.plan_of(spec), tenant, fingerprint, request_id)
 
     async def quote_plan(
         self, spec: render_pb2.RenderSpec, plan: render_pb2.RenderPlan, tenant: Tenant
     ) -> gateway_pb2.Quote:
-        """Prices a job's edited plan (its review's re-quote) under the job's spec, and keeps the quote.
-        One shot per job for now: the first shot's."""
+        """Prices a job's edited plan (its review's re-quote) under the job's spec, and keeps the quote."""
         return await self._quote(spec, plan, tenant, plan_fingerprint(spec, plan), "")
 
     async def for_job(
-        self, quote_id: str, spec: render_pb2.RenderSpec, tenant: Tenant, fingerprint: str, request_id: str
+        self,
+        quote_id: str,
+        spec: render_pb2.RenderSpec,
+        tenant: Tenant,
+        fingerprint: str,
+        request_id: str,
+        plan: render_pb2.RenderPlan | None = None,
     ) -> gateway_pb2.Quote:
         """The quote a new job holds: the one its request names, bound, else a new one (a retry of the
         request, its job created or not, keeps the one it was given)."""
         if quote_id:
-            return await self.bind(quote_id, spec, tenant, fingerprint, request_id)
+            return await self.bind(quote_id, spec, tenant, fingerprint, request_id, plan)
         given = await self._store.taken_by(tenant.tenant_id, request_id)
         if given is not None and given.fingerprint == fingerprint:
             return given.quote
         try:
-            return await self.quote(spec, tenant, fingerprint, request_id)
+            return await self.quote(spec, tenant, fingerprint, request_id, plan)
         except Unavailable as error:
             if error.reason != ErrorReason.ROUTER_UNAVAILABLE:
                 raise
@@ -338,7 +349,13 @@ class Quoter:
             return gateway_pb2.Quote(max_cost=usd(limit.micros))
 
     async def bind(
-        self, quote_id: str, spec: render_pb2.RenderSpec, tenant: Tenant, fingerprint: str, request_id: str
+        self,
+        quote_id: str,
+        spec: render_pb2.RenderSpec,
+        tenant: Tenant,
+        fingerprint: str,
+        request_id: str,
+        plan: render_pb2.RenderPlan | None = None,
     ) -> gateway_pb2.Quote:
         """The quote, given to the request's job if it still holds; else the reason it does not. spec: as
         the job renders it; fingerprint: of its request, which must be the quoted one's."""
@@ -371,12 +388,61 @@ class Quoter:
                 reason=ErrorReason.QUOTE_EXPIRED,
                 metadata={"quote_id": quote_id, "expire_time": quote.expire_time.ToJsonString()},
             )
-        await self._check_holding(quote, spec, tenant)
+        await self._check_holding(quote, spec, plan or validation.plan_of(spec), tenant)
         if not await self._store.take(quote_id, request_id):
             raise self._used(quote_id)
         return quote
 
     # How ---------------------------------------------------------------------------------------------
+
+    async def _plan_candidates(
+        self, plan: render_pb2.RenderPlan, constraints: render_pb2.RenderConstraints, tenant: Tenant
+    ) -> list[router_pb2.RouteCandidate]:
+        """The router's candidates for a whole plan, in its order. For several shots: each backend's
+        summed over the shots (one PlanRoute per distinct shot shape, each under its share of the cost
+        limit by duration), eligible only where it takes every shot, in the order the router ranks the
+        backends for the longest shot; its latency that shot's (the shots render side by side)."""
+        if len(plan.shots) == 1:
+            return await self._plan_route(plan.shots[0], constraints, tenant)
+        total = sum(shot.duration_seconds for shot in plan.shots)
+        shapes: dict[tuple[float, int, bool], list[render_pb2.Shot]] = {}
+        for shot in plan.shots:
+            has_image = bool(shot.first_frame.data or shot.first_frame.uri or shot.continuous)
+            shapes.setdefault((shot.duration_seconds, shot.aspect_ratio, has_image), []).append(shot)
+        routes = []
+        for shots in sorted(shapes.values(), key=lambda same: -same[0].duration_seconds):
+            share = render_pb2.RenderConstraints()
+            share.CopyFrom(constraints)
+            if constraints.HasField("max_cost"):
+                share.max_cost.amount_micros = math.floor(
+                    constraints.max_cost.amount_micros * shots[0].duration_seconds / total
+                )
+            routes.append((len(shots), await self._plan_route(shots[0], share, tenant)))
+        combined = []
+        for lead in routes[0][1]:
+            merged = router_pb2.RouteCandidate(
+                backend=lead.backend, eligible=True, estimated_latency=lead.estimated_latency
+            )
+            cost = 0
+            for count, candidates in routes:
+                same = next(
+                    (candidate for candidate in candidates if candidate.backend == lead.backend), None
+                )
+                if same is None:
+                    merged.eligible = False
+                    continue
+                merged.eligible = merged.eligible and same.eligible
+                cost += count * same.estimated_cost.amount_micros
+                merged.reasons.extend(why for why in same.reasons if why not in merged.reasons)
+                merged.exclusions.extend(kind for kind in same.exclusions if kind not in merged.exclusions)
+            merged.estimated_cost.CopyFrom(usd(cost))
+            combined.append(merged)
+        rank = 0
+        for candidate in combined:
+            if candidate.eligible:
+                rank += 1
+                candidate.rank = rank
+        return combined
 
     async def _plan_route(
         self, shot: render_pb2.Shot, constraints: render_pb2.RenderConstraints, tenant: Tenant
@@ -407,13 +473,12 @@ class Quoter:
         request_id: str,
     ) -> gateway_pb2.Quote:
         preset = self.presets[spec.preset]
-        shot = plan.shots[0]
         duration = sum(each.duration_seconds for each in plan.shots)
         limit = self._limit(spec, preset, duration)
         constraints = render_pb2.RenderConstraints()
         constraints.CopyFrom(spec.constraints)
         constraints.max_cost.CopyFrom(usd(limit.micros))
-        candidates = await self._plan_route(shot, constraints, tenant)
+        candidates = await self._plan_candidates(plan, constraints, tenant)
         route = next((candidate for candidate in candidates if _holds(candidate)), None)
         if route is None:
             raise _refusal(candidates, limit, preset, duration)
@@ -451,14 +516,18 @@ class Quoter:
         return quote
 
     async def _check_holding(
-        self, quote: gateway_pb2.Quote, spec: render_pb2.RenderSpec, tenant: Tenant
+        self,
+        quote: gateway_pb2.Quote,
+        spec: render_pb2.RenderSpec,
+        plan: render_pb2.RenderPlan,
+        tenant: Tenant,
     ) -> None:
         """QUOTE_NOT_HOLDING unless the quoted backend still takes the render within the quote."""
         constraints = render_pb2.RenderConstraints()
         constraints.CopyFrom(spec.constraints)
         constraints.preferred_backend = quote.backend
         constraints.max_cost.CopyFrom(quote.max_cost)
-        candidates = await self._plan_route(validation.plan_of(spec).shots[0], constraints, tenant)
+        candidates = await self._plan_candidates(plan, constraints, tenant)
         candidate = next((c for c in candidates if c.backend == quote.backend), None)
         if candidate is not None and _holds(candidate):
             return

@@ -18,7 +18,6 @@ both kept as the plan's first revision. While it waits:
 A job in no review never waits: it is created QUEUED at version 1 and keeps no revisions.
 """
 
-from collections.abc import Sequence
 from typing import Protocol
 
 from google.protobuf import message as protobuf_message
@@ -127,21 +126,7 @@ def _plan_violations(
         violations.append(("update_mask", "only the path 'shots' can be updated"))
     if not request.plan.shots:
         violations.append(("plan.shots", "must hold at least one shot"))
-    if len(request.plan.shots) > 1:
-        violations.append(("plan.shots", "one shot per job until shot stitching lands"))
-    for index, shot in enumerate(request.plan.shots):
-        if not shot.prompt.strip() or len(shot.prompt) > validation.MAX_PROMPT_CHARS:
-            violations.append(
-                (f"plan.shots[{index}].prompt", f"must hold 1 to {validation.MAX_PROMPT_CHARS} characters")
-            )
-        if not 0 < shot.duration_seconds <= preset.max_duration_seconds:
-            violations.append(
-                (f"plan.shots[{index}].duration_seconds", f"must be in (0, {preset.max_duration_seconds:g}]")
-            )
-        if shot.aspect_ratio not in render_pb2.AspectRatio.values():
-            violations.append(
-                (f"plan.shots[{index}].aspect_ratio", f"unknown aspect ratio {shot.aspect_ratio}")
-            )
+    violations += validation.shot_violations(request.plan.shots, "plan.shots", preset.max_duration_seconds)
     return violations
 
 
@@ -200,12 +185,12 @@ class Review:
         violations = _plan_violations(request, PRESETS[job.spec.preset])
         if violations:
             raise InvalidArgument(violations)
-        await validation.check_plan_first_frames(request.plan)
+        await validation.check_shot_hosts(request.plan.shots, "plan.shots")
         awaiting = "only the plan of a job awaiting approval can change"
         _require_awaiting(job, awaiting)
         _require_current(job, request.plan_version)
         plan = edited_plan(request.plan, job.spec)
-        await self._check_renderable(plan.shots)
+        await self._catalog.check_plan_renderable(plan, "plan.shots")
         tenant = current_tenant()
         quote = await self._quoter.quote_plan(job.spec, plan, tenant)
         version = request.plan_version + 1
@@ -270,16 +255,3 @@ class Review:
     async def revisions(self, job: gateway_pb2.RenderJob) -> list[gateway_pb2.PlanRevision]:
         """ListRenderRevisions: every revision of the job's plan, oldest first."""
         return await self._store.revisions(job.job_id)
-
-    async def _check_renderable(self, shots: Sequence[render_pb2.Shot]) -> None:
-        """INVALID_ARGUMENT naming the shot's field when no known backend could render it at all."""
-        for index, shot in enumerate(shots):
-            try:
-                await self._catalog.check_renderable(shot)
-            except InvalidArgument as error:
-                raise InvalidArgument(
-                    [
-                        (field.replace("spec.", f"plan.shots[{index}].", 1), why)
-                        for field, why in error.violations
-                    ]
-                ) from error

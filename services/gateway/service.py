@@ -81,13 +81,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         # The tenant's tier: the job's deadline, its quality floor at least, its longest duration.
         tier = self._tiers[tenant.tier]
         spec = limits.apply_tier(spec, tenant.tier, tier, now)
-        plan = validation.plan_of(spec)
-        await self._catalog.check_renderable(plan.shots[0])
+        plan = await self._catalog.plan(spec)
+        await self._catalog.check_plan_renderable(plan, "spec.shots" if spec.shots else None)
         await self._spending.refuse_when_exhausted()
         # The job's quote: the one its request names, bound (refused once expired or no longer holding),
         # else a new one; a job whose cheapest route is over its price limit is refused here.
         quote = await self._quoter.for_job(
-            request.quote_id, spec, tenant, validation.fingerprint(request.spec), request_id
+            request.quote_id, spec, tenant, validation.fingerprint(request.spec), request_id, plan
         )
         job = gateway_pb2.RenderJob(
             job_id=f"job_{uuid.uuid4().hex}",
@@ -172,13 +172,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             job.job_id, f"cancelled: {reason}", cancel, details=review.cancellation(reason)
         )
         job = await self._job(job.job_id)
-        if job.HasField("handle") and not _attempt_ended(job):
-            # Here, whichever replica drove the job: that one may be away, and stops on its own once it
-            # finds the job ended (and cancels a render it started but could not record).
-            charge = await cancel_render(self._router, job.job_id, job.handle)
+        # Here, whichever replica drove the job: that one may be away, and stops on its own once it
+        # finds the job ended (and cancels a render it started but could not record).
+        running = [
+            status for status in job.shots if status.HasField("handle") and not _attempt_ended(job, status)
+        ]
+        for status in running:
+            charge = await cancel_render(self._router, job.job_id, status.handle)
             if charge is not None:
-                await record_charge(self._store, job.job_id, job.attempt, charge)
-                job = await self._job(job.job_id)
+                await record_charge(self._store, job.job_id, status.index, status.attempt, charge)
+        if running:
+            job = await self._job(job.job_id)
         self._settlement.charged()
         self._reporter.job_changed(job)
         return gateway_pb2.CancelRenderJobResponse(job=job)
@@ -202,8 +206,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         tenant = current_tenant()
         # Priced as the job would be: under the tenant's tier (its deadline and quality floor).
         spec = limits.apply_tier(spec, tenant.tier, self._tiers[tenant.tier], now)
-        await self._catalog.check_renderable(validation.plan_of(spec).shots[0])
-        quote = await self._quoter.quote(spec, tenant, validation.fingerprint(request.spec))
+        plan = await self._catalog.plan(spec)
+        await self._catalog.check_plan_renderable(plan, "spec.shots" if spec.shots else None)
+        quote = await self._quoter.quote(spec, tenant, validation.fingerprint(request.spec), plan=plan)
         return gateway_pb2.QuoteRenderResponse(quote=quote)
 
     async def ListPresets(
@@ -249,9 +254,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return await tenant_usage(self._store, self._metrics, current_tenant(), request)
 
 
-def _attempt_ended(job: gateway_pb2.RenderJob) -> bool:
-    """Whether the job's current attempt has ended at its backend already (its charge is known)."""
-    return any(attempt.attempt == job.attempt and attempt.HasField("charge") for attempt in job.attempts)
+def _attempt_ended(job: gateway_pb2.RenderJob, shot: gateway_pb2.ShotStatus) -> bool:
+    """Whether a shot's current attempt has ended at its backend already (its charge is known)."""
+    return any(
+        attempt.shot == shot.index and attempt.attempt == shot.attempt and attempt.HasField("charge")
+        for attempt in job.attempts
+    )
 
 
 def _require_unfinished(job: gateway_pb2.RenderJob) -> None:

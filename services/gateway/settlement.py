@@ -45,19 +45,20 @@ _RECONCILE_BACKOFF = (2.0, 60.0)
 async def record_charge(
     store: JobStore,
     job_id: str,
+    shot: int,
     attempt: int,
     charge: event_pb2.AttemptCharge,
     handle: backend_pb2.RenderHandle | None = None,
 ) -> None:
-    """Records what an attempt costs on its job, which may have ended (a cancelled render, a held one
-    reconciled); the outbox then tells the ledger."""
-    render_event = event_pb2.RenderEvent(attempt=attempt, charged=charge)
+    """Records what an attempt of a shot costs on its job, which may have ended (a cancelled render, a
+    held one reconciled); the outbox then tells the ledger."""
+    render_event = event_pb2.RenderEvent(shot=shot, attempt=attempt, charged=charge)
     render_event.time.GetCurrentTime()
 
     def update(job: gateway_pb2.RenderJob) -> None:
         if handle is not None:
-            attempts.submitted(job, attempt, handle)
-        attempts.charged(job, attempt, charge)
+            attempts.submitted(job, shot, attempt, handle)
+        attempts.charged(job, shot, attempt, charge)
 
     await store.append_event(job_id, attempts.charge_message(charge), update, render_event)
 
@@ -163,7 +164,7 @@ class Settlement:
         charge.CopyFrom(response.charge)
         charge.reservation_key = key
         log.info("held attempt reconciled", job_id=job.job_id, reservation_key=key, outcome=charge.outcome)
-        await record_charge(self._store, job.job_id, attempt.attempt, charge)
+        await record_charge(self._store, job.job_id, attempt.shot, attempt.attempt, charge)
         self._next_ask.pop(key, None)
         self._wake.set()
 

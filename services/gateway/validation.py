@@ -22,7 +22,7 @@ import ipaddress
 import math
 import re
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
@@ -34,6 +34,10 @@ from aiprod_kit.presets import DEFAULT_PRESET, PRESETS, Preset
 from aiprod_kit.settings import GatewaySettings
 
 MAX_PROMPT_CHARS = 2000
+# The most shots a plan holds: 180 s in the shortest clips a provider makes, with room.
+MAX_SHOTS = 90
+# Two durations this close are one (float sums of shot lengths).
+_SAME_DURATION_SECONDS = 1e-3
 MAX_FIRST_FRAME_BYTES = MAX_INLINE_IMAGE_BYTES
 # Longer URIs are refused outright: no provider takes more, and a bound keeps errors and logs short.
 MAX_IMAGE_URI_CHARS = 2048
@@ -99,7 +103,23 @@ def normalized_spec(
     preset = PRESETS.get(preset_name)
     if preset is None:
         violations.append(("spec.preset", f"unknown preset {preset_name!r}; known: {', '.join(PRESETS)}"))
-    duration = spec.duration_seconds or (preset.default_duration_seconds if preset else 0)
+    if spec.shots:
+        violations += shot_violations(
+            spec.shots, "spec.shots", preset.max_duration_seconds if preset else math.inf, images
+        )
+        total = shots_duration(spec.shots)
+        if spec.duration_seconds and abs(total - spec.duration_seconds) > _SAME_DURATION_SECONDS:
+            violations.append(
+                (
+                    "spec.shots",
+                    f"must add up to spec.duration_seconds ({spec.duration_seconds:g} s), not {total:g} s",
+                )
+            )
+    duration = (
+        spec.duration_seconds
+        or shots_duration(spec.shots)
+        or (preset.default_duration_seconds if preset else 0)
+    )
     if not math.isfinite(duration) or duration < 0 or (preset and duration > preset.max_duration_seconds):
         limit = (
             f"at most {preset.max_duration_seconds:g} s for preset {preset.name}" if preset else "positive"
@@ -150,31 +170,64 @@ async def checked_spec(
     """normalized_spec, and a first frame's https:// host resolved to public addresses only."""
     normalized, preset = normalized_spec(spec, images)
     await check_image_host(normalized.first_frame.uri, _IMAGE_URI_FIELD, resolve)
+    await check_shot_hosts(normalized.shots, "spec.shots", resolve)
     return normalized, preset
 
 
-async def check_plan_first_frames(
-    plan: render_pb2.RenderPlan, images: ImagePolicy | None = None, resolve: Resolver | None = None
-) -> None:
-    """The first frames of an edited plan (UpdateRenderManifest) held to the rules of a spec's:
-    INVALID_ARGUMENT naming each bad `plan.shots[i].first_frame` field."""
+def shot_violations(
+    shots: Sequence[render_pb2.Shot],
+    field: str,
+    max_duration_seconds: float,
+    images: ImagePolicy | None = None,
+) -> list[tuple[str, str]]:
+    """What is wrong with a list of shots (a request's own, or a plan edited in review) without I/O, as
+    (field, reason) naming `field[i]`: each shot's prompt, duration, aspect ratio and first frame (held
+    to the rules of a spec's), their count, and their total at most the preset's longest video."""
     policy = images or _configured_policy()
     violations: list[tuple[str, str]] = []
-    for index, shot in enumerate(plan.shots):
-        field = f"plan.shots[{index}].first_frame"
+    if len(shots) > MAX_SHOTS:
+        violations.append((field, f"must hold at most {MAX_SHOTS} shots, not {len(shots)}"))
+    for index, shot in enumerate(shots[:MAX_SHOTS]):
+        name = f"{field}[{index}]"
+        if not shot.prompt.strip() or len(shot.prompt) > MAX_PROMPT_CHARS:
+            violations.append((f"{name}.prompt", f"must hold 1 to {MAX_PROMPT_CHARS} characters"))
+        if not (math.isfinite(shot.duration_seconds) and shot.duration_seconds > 0):
+            violations.append((f"{name}.duration_seconds", "must be a positive number of seconds"))
+        if shot.aspect_ratio not in render_pb2.AspectRatio.values():
+            violations.append((f"{name}.aspect_ratio", f"unknown aspect ratio {shot.aspect_ratio}"))
         image = shot.first_frame
         if image.data and image.uri:
-            violations.append((field, "give data or uri, not both"))
+            violations.append((f"{name}.first_frame", "give data or uri, not both"))
         if len(image.data) > MAX_FIRST_FRAME_BYTES:
             violations.append(
-                (f"{field}.data", f"must be at most {MAX_FIRST_FRAME_BYTES} bytes, not {len(image.data)}")
+                (
+                    f"{name}.first_frame.data",
+                    f"must be at most {MAX_FIRST_FRAME_BYTES} bytes, not {len(image.data)}",
+                )
             )
         if image.uri:
-            violations += image_uri_violations(image.uri, policy, f"{field}.uri")
-    if violations:
-        raise InvalidArgument(violations)
-    for index, shot in enumerate(plan.shots):
-        await check_image_host(shot.first_frame.uri, f"plan.shots[{index}].first_frame.uri", resolve)
+            violations += image_uri_violations(image.uri, policy, f"{name}.first_frame.uri")
+    total = shots_duration(shots)
+    if total > max_duration_seconds + _SAME_DURATION_SECONDS:
+        violations.append((field, f"must last at most {max_duration_seconds:g} s in all, not {total:g} s"))
+    return violations
+
+
+def shots_duration(shots: Sequence[render_pb2.Shot]) -> float:
+    """The shots' total length, counting only valid durations."""
+    return sum(
+        shot.duration_seconds
+        for shot in shots
+        if math.isfinite(shot.duration_seconds) and shot.duration_seconds > 0
+    )
+
+
+async def check_shot_hosts(
+    shots: Sequence[render_pb2.Shot], field: str, resolve: Resolver | None = None
+) -> None:
+    """Each shot's first-frame https:// host resolved to public addresses only."""
+    for index, shot in enumerate(shots):
+        await check_image_host(shot.first_frame.uri, f"{field}[{index}].first_frame.uri", resolve)
 
 
 def image_uri_violations(uri: str, images: ImagePolicy, field: str) -> list[tuple[str, str]]:

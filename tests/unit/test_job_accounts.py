@@ -40,14 +40,14 @@ def charge(backend: int, attempt: int, micros: int, account: str) -> event_pb2.A
 
 def test_the_jobs_cost_is_its_tenants_and_the_free_rerender_the_companys():
     job = gateway_pb2.RenderJob(job_id="job_a", tenant_id=TENANT)
-    attempts.charged(job, 1, charge(REPLICATE, 1, 100_000, TENANT))
+    attempts.charged(job, 0, 1, charge(REPLICATE, 1, 100_000, TENANT))
     assert (job.cost.amount_micros, job.HasField("company_cost")) == (100_000, False)
-    attempts.charged(job, 2, charge(RUNWAY, 2, 240_000, COMPANY))
-    attempts.charged(job, 3, charge(RUNWAY, 3, 50_000, ""))  # no account named: the tenant's
+    attempts.charged(job, 0, 2, charge(RUNWAY, 2, 240_000, COMPANY))
+    attempts.charged(job, 0, 3, charge(RUNWAY, 3, 50_000, ""))  # no account named: the tenant's
     assert (job.cost.amount_micros, job.company_cost.amount_micros) == (150_000, 240_000)
     # A later charge that names no account (a reconciliation) keeps the one the attempt had.
     again = charge(RUNWAY, 2, 240_000, "")
-    attempts.charged(job, 2, again)
+    attempts.charged(job, 0, 2, again)
     assert job.attempts[1].charge.account == COMPANY and not again.account
     assert (job.cost.amount_micros, job.company_cost.amount_micros) == (150_000, 240_000)
 

@@ -45,9 +45,12 @@ class ScriptedQuoter:
 class AnyBackend:
     """A catalog whose backends render anything but 60 s shots."""
 
-    async def check_renderable(self, shot: render_pb2.Shot) -> None:
-        if shot.duration_seconds == 60:
-            raise InvalidArgument([("spec.duration_seconds", "local renders 1 to 30 s, not 60 s")])
+    async def check_plan_renderable(self, plan: render_pb2.RenderPlan, field: str) -> None:
+        for index, shot in enumerate(plan.shots):
+            if shot.duration_seconds == 60:
+                raise InvalidArgument(
+                    [(f"{field}[{index}].duration_seconds", "local renders 1 to 30 s, not 60 s")]
+                )
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -210,12 +213,12 @@ async def test_an_edit_that_loses_the_race_under_the_lock_changes_nothing(store,
 
 async def test_bad_edits_name_their_fields(store, reviews, caller):
     job = await new_job(store)
-    two_shots = render_pb2.RenderPlan(shots=[*plan().shots, *plan().shots])
+    too_long = render_pb2.RenderPlan(shots=[*plan(seconds=70).shots, *plan(seconds=70).shots])
     bad = [
         (plan(""), "plan.shots[0].prompt"),
         (plan(seconds=0), "plan.shots[0].duration_seconds"),
-        (plan(seconds=121), "plan.shots[0].duration_seconds"),
-        (two_shots, "plan.shots"),
+        (plan(seconds=121), "plan.shots"),  # over the preset's 120 s
+        (too_long, "plan.shots"),  # 140 s in all, over the preset's 120
         (render_pb2.RenderPlan(), "plan.shots"),
         (plan(seconds=60), "plan.shots[0].duration_seconds"),  # no backend renders it
     ]

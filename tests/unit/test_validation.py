@@ -12,7 +12,8 @@ from aiprod_gateway.validation import (
     MAX_FIRST_FRAME_BYTES,
     ImagePolicy,
     check_image_host,
-    check_plan_first_frames,
+    check_shot_hosts,
+    shot_violations,
     checked_spec,
     image_uri_violations,
     normalized_spec,
@@ -199,21 +200,55 @@ async def test_literals_and_other_schemes_need_no_resolution():
 async def test_an_edited_plan_is_held_to_the_same_rules():
     plan = render_pb2.RenderPlan(
         shots=[
-            render_pb2.Shot(prompt="a", first_frame=render_pb2.Image(uri="gs://frames-ok/a.png")),
-            render_pb2.Shot(prompt="b", first_frame=render_pb2.Image(uri="file:///etc/passwd")),
             render_pb2.Shot(
-                prompt="c", first_frame=render_pb2.Image(data=b"x" * (MAX_FIRST_FRAME_BYTES + 1))
+                prompt="a", duration_seconds=4, first_frame=render_pb2.Image(uri="gs://frames-ok/a.png")
+            ),
+            render_pb2.Shot(
+                prompt="b", duration_seconds=4, first_frame=render_pb2.Image(uri="file:///etc/passwd")
+            ),
+            render_pb2.Shot(
+                prompt="c",
+                duration_seconds=4,
+                first_frame=render_pb2.Image(data=b"x" * (MAX_FIRST_FRAME_BYTES + 1)),
             ),
         ]
     )
-    with pytest.raises(InvalidArgument) as raised:
-        await check_plan_first_frames(plan, POLICY, failing_resolver(socket.EAI_AGAIN))
-    assert [field for field, _ in raised.value.violations] == [
+    assert [field for field, _ in shot_violations(plan.shots, "plan.shots", 30, POLICY)] == [
         "plan.shots[1].first_frame.uri",
         "plan.shots[2].first_frame.data",
     ]
     del plan.shots[1:]
-    plan.shots.add(prompt="d", first_frame=render_pb2.Image(uri="https://internal.example.com/a.png"))
+    plan.shots.add(
+        prompt="d", duration_seconds=4, first_frame=render_pb2.Image(uri="https://internal.example.com/a.png")
+    )
+    assert shot_violations(plan.shots, "plan.shots", 30, POLICY) == []
     with pytest.raises(InvalidArgument) as raised:
-        await check_plan_first_frames(plan, POLICY, resolver("10.1.1.1"))
+        await check_shot_hosts(plan.shots, "plan.shots", resolver("10.1.1.1"))
     assert [field for field, _ in raised.value.violations] == ["plan.shots[1].first_frame.uri"]
+
+
+def test_shots_are_checked_one_by_one_and_in_all():
+    shots = [
+        render_pb2.Shot(prompt=" ", duration_seconds=8),
+        render_pb2.Shot(prompt="b", duration_seconds=float("nan")),
+        render_pb2.Shot(prompt="c", duration_seconds=-1, aspect_ratio=99),
+        render_pb2.Shot(prompt="d", duration_seconds=25),
+    ]
+    assert shot_violations(shots, "spec.shots", 30, POLICY) == [
+        ("spec.shots[0].prompt", "must hold 1 to 2000 characters"),
+        ("spec.shots[1].duration_seconds", "must be a positive number of seconds"),
+        ("spec.shots[2].duration_seconds", "must be a positive number of seconds"),
+        ("spec.shots[2].aspect_ratio", "unknown aspect ratio 99"),
+        ("spec.shots", "must last at most 30 s in all, not 33 s"),
+    ]
+
+
+def test_a_requests_own_shots_must_add_up_to_its_duration():
+    shots = [render_pb2.Shot(prompt="a", duration_seconds=8), render_pb2.Shot(prompt="b", duration_seconds=6)]
+    normalized, _ = normalized_spec(render_pb2.RenderSpec(prompt="film", shots=shots), POLICY)
+    assert normalized.duration_seconds == 14
+    with pytest.raises(InvalidArgument) as raised:
+        normalized_spec(render_pb2.RenderSpec(prompt="film", duration_seconds=20, shots=shots), POLICY)
+    assert raised.value.violations == [
+        ("spec.shots", "must add up to spec.duration_seconds (20 s), not 14 s")
+    ]

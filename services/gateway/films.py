@@ -1,0 +1,104 @@
+"""A long video's film: its shots' videos joined, in order, into one H.264 MP4, stored, probed and
+scored like any output; and the last frame of a shot, for the continuous shot after it.
+
+Each shot's video was stored by its renderer, content-addressed (the same bytes, the same URI), so a
+film can be made again from them at any time: a gateway that crashed before recording it stitches
+again, and stores the same video. The film takes the size and frame rate most of its running time
+has (the larger size on a tie); a shot of another size is scaled and padded into it.
+"""
+
+import asyncio
+import collections
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from aiprod.common.v1 import render_pb2
+from aiprod.gateway.v1 import gateway_pb2
+from aiprod_kit.rendering import qc, stitching
+from aiprod_kit.rendering.storage import VideoStore, video_store_from_settings
+from aiprod_kit.settings import GatewaySettings
+
+_MIME_TYPE = "video/mp4"
+_DEFAULT_FRAME_RATE = 24
+
+
+class Films:
+    def __init__(self, store: VideoStore, work_dir: Path) -> None:
+        self._store = store
+        self._work_dir = work_dir
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> "Films":
+        return cls(
+            video_store_from_settings(settings.data_dir, settings.gcs_bucket),
+            settings.data_dir / "tmp" / "gateway",
+        )
+
+    async def stitch(self, job: gateway_pb2.RenderJob) -> render_pb2.RenderOutput:
+        """The job's film, from its succeeded shots (StitchError: a shot's video cannot be decoded)."""
+        outputs = [shot.output for shot in job.shots]
+        width, height, frame_rate = _film_format(outputs)
+        planned = sum(shot.duration_seconds for shot in job.plan.shots)
+        with self._scratch() as scratch:
+            paths = [
+                await self._store.fetch(output.video.uri, scratch / f"shot-{index}.mp4")
+                for index, output in enumerate(outputs)
+            ]
+            film = scratch / "film.mp4"
+            made = await asyncio.to_thread(
+                stitching.stitch, paths, film, width=width, height=height, frame_rate=frame_rate
+            )
+            report = await asyncio.to_thread(
+                qc.check_video,
+                film,
+                duration_seconds=planned,
+                width=width,
+                height=height,
+                frame_rate=frame_rate,
+            )
+            stored = await self._store.put(film)
+        return render_pb2.RenderOutput(
+            backend=job.backend,
+            video=render_pb2.VideoArtifact(
+                uri=stored.uri,
+                sha256=stored.sha256,
+                size_bytes=stored.size_bytes,
+                mime_type=_MIME_TYPE,
+                duration_seconds=made.duration_seconds,
+                width=made.width,
+                height=made.height,
+                frame_rate=made.frame_rate,
+                frame_count=made.frame_count,
+            ),
+            qc=report,
+            cost=job.cost,
+        )
+
+    async def last_frame(self, output: render_pb2.RenderOutput) -> render_pb2.Image:
+        """A shot's last frame, as an inline PNG: the first frame of the continuous shot after it."""
+        with self._scratch() as scratch:
+            path = await self._store.fetch(output.video.uri, scratch / "shot.mp4")
+            data = await asyncio.to_thread(stitching.last_frame_png, path)
+        return render_pb2.Image(data=data, mime_type="image/png")
+
+    @contextlib.contextmanager
+    def _scratch(self) -> Iterator[Path]:
+        """A private working directory, removed with everything in it."""
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self._work_dir, prefix="film-") as name:
+            yield Path(name)
+
+
+def _film_format(outputs: list[render_pb2.RenderOutput]) -> tuple[int, int, int]:
+    """The film's (width, height, frame rate): those of most of its running time."""
+    sizes: collections.Counter[tuple[int, int]] = collections.Counter()
+    rates: collections.Counter[int] = collections.Counter()
+    for output in outputs:
+        video = output.video
+        sizes[(video.width, video.height)] += video.duration_seconds
+        rates[round(video.frame_rate) or _DEFAULT_FRAME_RATE] += video.duration_seconds
+    (width, height), _ = max(sizes.items(), key=lambda item: (item[1], item[0][0] * item[0][1]))
+    frame_rate, _ = max(rates.items(), key=lambda item: (item[1], item[0]))
+    return width, height, frame_rate
