@@ -7,6 +7,7 @@ the sandbox's bill.
 Each sandbox render takes a second: a test waits on events and terminal states, never on time.
 """
 
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from urllib.request import url2pathname
 
 import av
 import pytest
+from cli_support import aiprod
 from sandbox_support import Sandbox, sandbox_mesh
 from support import budget, eventually, gateway, wait_terminal, watch_until
 
@@ -242,3 +244,25 @@ def test_a_gateway_and_a_renderer_killed_mid_job_pay_every_shot_once(mesh, sandb
     assert done.attempts and all(
         attempt.charge.outcome == event_pb2.CHARGE_OUTCOME_COMMIT for attempt in done.attempts
     )
+
+
+def test_the_cli_follows_a_long_video_shot_by_shot_and_lists_its_shots(mesh, sandbox, tmp_path):
+    out = tmp_path / "film.mp4"
+    rendered = aiprod(
+        "render", "A harbour at dawn", "--preset", "quick_social", "--duration", "16", "--out", str(out),
+        "--gateway", mesh.address("gateway"), api_key=mesh.api_key,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    shown = rendered.stdout + rendered.stderr
+    assert "shot 1/2: routed to" in shown and "shot 2/2: rendered by" in shown, shown
+    job_id = re.search(r"job_[0-9a-f]{32}", shown).group(0)
+    job = get(mesh, job_id)
+    assert out.read_bytes() and decoded(job.result.video.uri)[1] == job.result.video.frame_count
+    listed = aiprod("jobs", "get", job_id, "--gateway", mesh.address("gateway"), api_key=mesh.api_key)
+    assert listed.returncode == 0, listed.stderr
+    assert "Shots" in listed.stdout and "2, 2 rendered" in listed.stdout, listed.stdout
+    rows = [line.split() for line in listed.stdout.splitlines() if line.split()[:1] in (["0"], ["1"])]
+    # Each shot's row: its number, length, state and stored video.
+    assert [(row[:4], row[-1]) for row in rows] == [
+        ([str(shot.index), "8", "s", "SUCCEEDED"], shot.output.video.uri) for shot in job.shots
+    ], listed.stdout

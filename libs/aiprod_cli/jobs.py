@@ -27,6 +27,7 @@ from aiprod_cli.output import (
     plan_table,
     print_json,
     revisions_table,
+    shots_table,
     stderr,
     stdout,
 )
@@ -67,6 +68,8 @@ def _print_job(job: gateway_pb2.RenderJob, json_output: bool) -> None:
         print_json(job_to_dict(job))
     else:
         stdout.print(job_table(job))
+        if len(job.plan.shots) > 1:
+            stdout.print(shots_table(job))
 
 
 @app.command("list")

@@ -152,6 +152,9 @@ def job_table(job: gateway_pb2.RenderJob) -> Table:
         rows.append(("tenant", job.tenant_id))
     if job.plan_version:
         rows.append(("plan version", str(job.plan_version)))
+    if len(job.plan.shots) > 1:
+        done = sum(1 for status in job.shots if status.state == job_pb2.JOB_STATE_SUCCEEDED)
+        rows.append(("shots", f"{len(job.plan.shots)}, {done} rendered"))
     # An edit in review changes the plan, not what was asked for.
     edited = [shot.prompt for shot in job.plan.shots if shot.prompt != job.spec.prompt.strip()]
     if edited:
@@ -311,6 +314,26 @@ def plan_table(plan: render_pb2.RenderPlan, version: int) -> Table:
             _duration_text(shot.duration_seconds),
             _aspect_ratio_name(shot.aspect_ratio) if shot.aspect_ratio else "-",
             Text(shot.prompt),
+        )
+    return table
+
+
+def shots_table(job: gateway_pb2.RenderJob) -> Table:
+    """A job of several shots as they render: each shot's state, backend, cost and video."""
+    table = new_table(
+        "shot", "duration", "state", "backend", "attempt", "cost", "video", title="Shots", box=box.SIMPLE
+    )
+    statuses = {status.index: status for status in job.shots}
+    for index, shot in enumerate(job.plan.shots):
+        status = statuses.get(index, gateway_pb2.ShotStatus())
+        table.add_row(
+            str(index),
+            _duration_text(shot.duration_seconds),
+            state_name(status.state) if status.state else "QUEUED",
+            backend_name(status.backend) if status.backend else "",
+            str(status.attempt) if status.attempt else "",
+            _money(status.cost) if status.HasField("cost") else "",
+            Text(status.output.video.uri),
         )
     return table
 
