@@ -107,7 +107,7 @@ class RenderConstraints(_message.Message):
     def __init__(self, max_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., quality_floor: _Optional[float] = ..., preferred_backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RenderSpec(_message.Message):
-    __slots__ = ("prompt", "first_frame", "preset", "duration_seconds", "aspect_ratio", "constraints", "seed", "shots")
+    __slots__ = ("prompt", "first_frame", "preset", "duration_seconds", "aspect_ratio", "constraints", "seed", "shots", "reference_images")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class RenderSpec(_message.Message):
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SHOTS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     first_frame: Image
     preset: str
@@ -124,23 +125,26 @@ class RenderSpec(_message.Message):
     constraints: RenderConstraints
     seed: int
     shots: _containers.RepeatedCompositeFieldContainer[Shot]
-    def __init__(self, prompt: _Optional[str] = ..., first_frame: _Optional[_Union[Image, _Mapping]] = ..., preset: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., aspect_ratio: _Optional[_Union[AspectRatio, str]] = ..., constraints: _Optional[_Union[RenderConstraints, _Mapping]] = ..., seed: _Optional[int] = ..., shots: _Optional[_Iterable[_Union[Shot, _Mapping]]] = ...) -> None: ...
+    reference_images: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, prompt: _Optional[str] = ..., first_frame: _Optional[_Union[Image, _Mapping]] = ..., preset: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., aspect_ratio: _Optional[_Union[AspectRatio, str]] = ..., constraints: _Optional[_Union[RenderConstraints, _Mapping]] = ..., seed: _Optional[int] = ..., shots: _Optional[_Iterable[_Union[Shot, _Mapping]]] = ..., reference_images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
 
 class Shot(_message.Message):
-    __slots__ = ("prompt", "duration_seconds", "aspect_ratio", "seed", "first_frame", "continuous")
+    __slots__ = ("prompt", "duration_seconds", "aspect_ratio", "seed", "first_frame", "continuous", "reference_images")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ASPECT_RATIO_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
     CONTINUOUS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     duration_seconds: float
     aspect_ratio: AspectRatio
     seed: int
     first_frame: Image
     continuous: bool
-    def __init__(self, prompt: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., aspect_ratio: _Optional[_Union[AspectRatio, str]] = ..., seed: _Optional[int] = ..., first_frame: _Optional[_Union[Image, _Mapping]] = ..., continuous: _Optional[bool] = ...) -> None: ...
+    reference_images: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, prompt: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., aspect_ratio: _Optional[_Union[AspectRatio, str]] = ..., seed: _Optional[int] = ..., first_frame: _Optional[_Union[Image, _Mapping]] = ..., continuous: _Optional[bool] = ..., reference_images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
 
 class RenderPlan(_message.Message):
     __slots__ = ("shots",)

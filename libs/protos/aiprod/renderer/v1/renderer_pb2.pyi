@@ -29,7 +29,7 @@ RENDER_STATE_FAILED: RenderState
 RENDER_STATE_CANCELLED: RenderState
 
 class Capabilities(_message.Message):
-    __slots__ = ("backend", "models", "min_duration_seconds", "max_duration_seconds", "allowed_durations_seconds", "aspect_ratios", "resolutions", "image_input", "audio", "price_per_second", "nominal_quality", "max_prompt_characters", "max_image_bytes")
+    __slots__ = ("backend", "models", "min_duration_seconds", "max_duration_seconds", "allowed_durations_seconds", "aspect_ratios", "resolutions", "image_input", "audio", "price_per_second", "nominal_quality", "max_prompt_characters", "max_image_bytes", "max_reference_images")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     MIN_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class Capabilities(_message.Message):
     NOMINAL_QUALITY_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
     backend: _backend_pb2.Backend
     models: _containers.RepeatedScalarFieldContainer[str]
     min_duration_seconds: float
@@ -56,7 +57,8 @@ class Capabilities(_message.Message):
     nominal_quality: float
     max_prompt_characters: int
     max_image_bytes: int
-    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., models: _Optional[_Iterable[str]] = ..., min_duration_seconds: _Optional[float] = ..., max_duration_seconds: _Optional[float] = ..., allowed_durations_seconds: _Optional[_Iterable[float]] = ..., aspect_ratios: _Optional[_Iterable[_Union[_render_pb2.AspectRatio, str]]] = ..., resolutions: _Optional[_Iterable[str]] = ..., image_input: _Optional[bool] = ..., audio: _Optional[bool] = ..., price_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., nominal_quality: _Optional[float] = ..., max_prompt_characters: _Optional[int] = ..., max_image_bytes: _Optional[int] = ...) -> None: ...
+    max_reference_images: int
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., models: _Optional[_Iterable[str]] = ..., min_duration_seconds: _Optional[float] = ..., max_duration_seconds: _Optional[float] = ..., allowed_durations_seconds: _Optional[_Iterable[float]] = ..., aspect_ratios: _Optional[_Iterable[_Union[_render_pb2.AspectRatio, str]]] = ..., resolutions: _Optional[_Iterable[str]] = ..., image_input: _Optional[bool] = ..., audio: _Optional[bool] = ..., price_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., nominal_quality: _Optional[float] = ..., max_prompt_characters: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_reference_images: _Optional[int] = ...) -> None: ...
 
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ()
