@@ -186,6 +186,23 @@ def test_a_shot_whose_backend_fails_falls_back_alone(mesh, sandbox):
     ), [event.message for event in events]
 
 
+def test_a_shot_that_fails_for_good_fails_the_job_naming_it_and_the_other_shots_stay_listed(mesh, sandbox):
+    shots = [
+        render_pb2.Shot(prompt="The keeper wakes", duration_seconds=4),
+        render_pb2.Shot(prompt="A storm no provider can draw [sandbox:fail]", duration_seconds=4),
+        render_pb2.Shot(prompt="He lights the lamp", duration_seconds=4),
+    ]
+    job = create(mesh, "quick_social", 0, shots=shots)
+    done = wait_terminal(gateway(mesh), job.job_id)
+    assert done.state == job_pb2.JOB_STATE_FAILED
+    assert done.error.message.startswith("shot 2 of 3 failed: "), done.error
+    assert done.shots[1].state == job_pb2.JOB_STATE_FAILED
+    # The other shots were rendered, paid and kept: their videos are listed on the job.
+    for index in (0, 2):
+        assert done.shots[index].state == SUCCEEDED and done.shots[index].output.video.uri, done.shots[index]
+    assert not done.HasField("result")
+
+
 def test_a_continuous_shot_starts_from_the_last_frame_of_the_shot_before(mesh, sandbox):
     shots = [
         render_pb2.Shot(prompt="The keeper climbs the stairs", duration_seconds=4),
