@@ -853,3 +853,19 @@ def test_direct_variant_changes_only_metric_names() -> None:
 def test_arriving_name_follows_the_documented_rule(otel: str, kind: str, unit: str, collector: str) -> None:
     assert arriving_name(otel, kind, unit, "collector") == COLLECTOR_PREFIX + collector
     assert arriving_name(otel, kind, unit, "direct") == DIRECT_PREFIX + otel
+
+
+def test_gke_stitches_long_videos_in_the_bucket_the_renderers_write() -> None:
+    resources = rendered(OVERLAYS["gke"])
+    deployments = of_kind(resources, "Deployment")
+    buckets = {
+        name: environment(resources, deployments[name]).get("AIPROD_GCS_BUCKET")
+        for name in ("gateway", "renderer-runway", "renderer-veo", "renderer-replicate")
+    }
+    assert len(set(buckets.values())) == 1 and buckets["gateway"], buckets
+    account = of_kind(resources, "ServiceAccount")[
+        deployments["gateway"]["spec"]["template"]["spec"]["serviceAccountName"]
+    ]
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(
+        ".iam.gserviceaccount.com"
+    )
