@@ -85,6 +85,7 @@ def decoded(uri: str) -> tuple[Counter[tuple[int, int]], int, float]:
     path = Path(url2pathname(urlsplit(uri).path))
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
         sizes = Counter((frame.width, frame.height) for frame in container.decode(stream))
         return sizes, sum(sizes.values()), float(stream.average_rate)
 

@@ -223,7 +223,7 @@ def _remux(
     plan: list[_RemuxShot], output: Path, width: int, height: int, frame_rate: int
 ) -> StitchedVideo | None:
     """Copies the shots' packets into `output`, each shot right after the one before; None (and a
-    log line) if that fails or the result does not decode to every frame: then re-encode."""
+    log line) if that fails or the result does not hold every frame: then re-encode."""
     step = int(1 / (plan[0].time_base * frame_rate))
     expected = sum(shot.frames for shot in plan)
     try:
@@ -265,10 +265,11 @@ def _remux(
 
 
 def _count_frames(path: Path) -> int:
+    """The film's frames, as its packets (one per frame in H.264 MP4): demuxed, not decoded. The shots'
+    packets were decoded by their renderers' QC, and the film's QC decodes it once more."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        return sum(1 for _ in container.decode(stream))
+        return sum(1 for packet in container.demux(stream) if packet.size)
 
 
 # The general path: decoded, fitted, resampled, encoded.
