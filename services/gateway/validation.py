@@ -1,7 +1,8 @@
 """Checks of the gateway's requests. Every problem is reported at once, each naming its field.
 
-A first frame comes from an untrusted caller and is read by a renderer with the mesh's own network
-and credentials, so its URI is held to what the operator allows:
+A first frame or a reference image comes from an untrusted caller and is read by a renderer with the
+mesh's own network and credentials, so its URI is held to what the operator allows (a spec takes at
+most MAX_REFERENCE_IMAGES reference images, and so does each of its shots):
 
 - inline (`data`): at most MAX_FIRST_FRAME_BYTES;
 - `gs://BUCKET/OBJECT`: only in the buckets of AIPROD_GATEWAY_IMAGE_BUCKETS (none by default);
@@ -39,6 +40,8 @@ MAX_SHOTS = 90
 # Two durations this close are one (float sums of shot lengths).
 _SAME_DURATION_SECONDS = 1e-3
 MAX_FIRST_FRAME_BYTES = MAX_INLINE_IMAGE_BYTES
+# The most reference images a spec or a shot holds: what the backend that takes the most (Veo 3.1) takes.
+MAX_REFERENCE_IMAGES = 3
 # Longer URIs are refused outright: no provider takes more, and a bound keeps errors and logs short.
 MAX_IMAGE_URI_CHARS = 2048
 # How much of a caller's value an error quotes.
@@ -55,6 +58,8 @@ _IMAGE_URI_FIELD = "spec.first_frame.uri"
 # Resolves (host, port) to addresses; the event loop's getaddrinfo unless a test gives another.
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 MAX_PAGE_SIZE = 1000
+# The largest position a page token may name: a signed 64-bit integer, as the job stores keep it.
+_MAX_CURSOR = 2**63 - 1
 DEFAULT_PAGE_SIZE = 50
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _JOB_ID = re.compile(r"job_[0-9a-f]{32}")
@@ -63,7 +68,7 @@ _PAGE_TOKEN_PREFIX = "v1:"
 
 @dataclass(frozen=True)
 class ImagePolicy:
-    """Where first frames may come from: the operator's choice (GatewaySettings)."""
+    """Where first frames and reference images may come from: the operator's choice (GatewaySettings)."""
 
     buckets: frozenset[str] = frozenset()
     allow_files: bool = False
@@ -127,19 +132,8 @@ def normalized_spec(
         violations.append(("spec.duration_seconds", f"must be {limit}, not {spec.duration_seconds:g}"))
     if spec.aspect_ratio not in render_pb2.AspectRatio.values():
         violations.append(("spec.aspect_ratio", f"unknown aspect ratio {spec.aspect_ratio}"))
-    if spec.first_frame.data and spec.first_frame.uri:
-        violations.append(("spec.first_frame", "give data or uri, not both"))
-    if len(spec.first_frame.data) > MAX_FIRST_FRAME_BYTES:
-        violations.append(
-            (
-                "spec.first_frame.data",
-                f"must be at most {MAX_FIRST_FRAME_BYTES} bytes, not {len(spec.first_frame.data)}",
-            )
-        )
-    if spec.first_frame.uri:
-        violations += image_uri_violations(
-            spec.first_frame.uri, images or _configured_policy(), _IMAGE_URI_FIELD
-        )
+    violations += image_violations(spec.first_frame, "spec.first_frame", images)
+    violations += reference_image_violations(spec.reference_images, "spec.reference_images", images)
     constraints = spec.constraints
     if not 0 <= constraints.quality_floor <= 1:
         violations.append(("spec.constraints.quality_floor", "must be between 0 and 1"))
@@ -170,6 +164,7 @@ async def checked_spec(
     """normalized_spec, and a first frame's https:// host resolved to public addresses only."""
     normalized, preset = normalized_spec(spec, images)
     await check_image_host(normalized.first_frame.uri, _IMAGE_URI_FIELD, resolve)
+    await _check_reference_hosts(normalized.reference_images, "spec.reference_images", resolve)
     await check_shot_hosts(normalized.shots, "spec.shots", resolve)
     return normalized, preset
 
@@ -181,9 +176,9 @@ def shot_violations(
     images: ImagePolicy | None = None,
 ) -> list[tuple[str, str]]:
     """What is wrong with a list of shots (a request's own, or a plan edited in review) without I/O, as
-    (field, reason) naming `field[i]`: each shot's prompt, duration, aspect ratio and first frame (held
-    to the rules of a spec's), their count, and their total at most the preset's longest video."""
-    policy = images or _configured_policy()
+    (field, reason) naming `field[i]`: each shot's prompt, duration, aspect ratio, first frame and
+    reference images (held to the rules of a spec's), their count, and their total at most the preset's
+    longest video."""
     violations: list[tuple[str, str]] = []
     if len(shots) > MAX_SHOTS:
         violations.append((field, f"must hold at most {MAX_SHOTS} shots, not {len(shots)}"))
@@ -195,18 +190,8 @@ def shot_violations(
             violations.append((f"{name}.duration_seconds", "must be a positive number of seconds"))
         if shot.aspect_ratio not in render_pb2.AspectRatio.values():
             violations.append((f"{name}.aspect_ratio", f"unknown aspect ratio {shot.aspect_ratio}"))
-        image = shot.first_frame
-        if image.data and image.uri:
-            violations.append((f"{name}.first_frame", "give data or uri, not both"))
-        if len(image.data) > MAX_FIRST_FRAME_BYTES:
-            violations.append(
-                (
-                    f"{name}.first_frame.data",
-                    f"must be at most {MAX_FIRST_FRAME_BYTES} bytes, not {len(image.data)}",
-                )
-            )
-        if image.uri:
-            violations += image_uri_violations(image.uri, policy, f"{name}.first_frame.uri")
+        violations += image_violations(shot.first_frame, f"{name}.first_frame", images)
+        violations += reference_image_violations(shot.reference_images, f"{name}.reference_images", images)
     total = shots_duration(shots)
     if total > max_duration_seconds + _SAME_DURATION_SECONDS:
         violations.append((field, f"must last at most {max_duration_seconds:g} s in all, not {total:g} s"))
@@ -225,13 +210,57 @@ def shots_duration(shots: Sequence[render_pb2.Shot]) -> float:
 async def check_shot_hosts(
     shots: Sequence[render_pb2.Shot], field: str, resolve: Resolver | None = None
 ) -> None:
-    """Each shot's first-frame https:// host resolved to public addresses only."""
+    """Each shot's first-frame and reference-image https:// hosts resolved to public addresses only."""
     for index, shot in enumerate(shots):
         await check_image_host(shot.first_frame.uri, f"{field}[{index}].first_frame.uri", resolve)
+        await _check_reference_hosts(shot.reference_images, f"{field}[{index}].reference_images", resolve)
 
 
-def image_uri_violations(uri: str, images: ImagePolicy, field: str) -> list[tuple[str, str]]:
-    """What is wrong with a first frame's URI without resolving it, as (field, reason)."""
+async def _check_reference_hosts(
+    images: Sequence[render_pb2.Image], field: str, resolve: Resolver | None = None
+) -> None:
+    for index, image in enumerate(images):
+        await check_image_host(image.uri, f"{field}[{index}].uri", resolve)
+
+
+def image_violations(
+    image: render_pb2.Image, field: str, images: ImagePolicy | None = None, what: str = "first frames"
+) -> list[tuple[str, str]]:
+    """What is wrong with a caller's image (`what` it is, in plural) without I/O, as (field, reason):
+    data or uri, not both; inline data at most MAX_FIRST_FRAME_BYTES; a URI the operator allows."""
+    violations: list[tuple[str, str]] = []
+    if image.data and image.uri:
+        violations.append((field, "give data or uri, not both"))
+    if len(image.data) > MAX_FIRST_FRAME_BYTES:
+        violations.append(
+            (f"{field}.data", f"must be at most {MAX_FIRST_FRAME_BYTES} bytes, not {len(image.data)}")
+        )
+    if image.uri:
+        violations += image_uri_violations(image.uri, images or _configured_policy(), f"{field}.uri", what)
+    return violations
+
+
+def reference_image_violations(
+    references: Sequence[render_pb2.Image], field: str, images: ImagePolicy | None = None
+) -> list[tuple[str, str]]:
+    """What is wrong with a spec's or a shot's reference images without I/O, as (field, reason) naming
+    `field[i]`: at most MAX_REFERENCE_IMAGES, each an image (data or uri) held to a first frame's rules."""
+    violations: list[tuple[str, str]] = []
+    if len(references) > MAX_REFERENCE_IMAGES:
+        violations.append((field, f"must hold at most {MAX_REFERENCE_IMAGES} images, not {len(references)}"))
+    for index, image in enumerate(references):
+        name = f"{field}[{index}]"
+        if not image.data and not image.uri:
+            violations.append((name, "give data or uri"))
+        violations += image_violations(image, name, images, "reference images")
+    return violations
+
+
+def image_uri_violations(
+    uri: str, images: ImagePolicy, field: str, what: str = "first frames"
+) -> list[tuple[str, str]]:
+    """What is wrong with an image's URI (`what` the image is, in plural) without resolving it, as
+    (field, reason)."""
     if len(uri) > MAX_IMAGE_URI_CHARS:
         return [(field, f"must be at most {MAX_IMAGE_URI_CHARS} characters, not {len(uri)}")]
     # Only printable ASCII: parsers disagree on spaces, controls and Unicode look-alikes, and a
@@ -244,14 +273,12 @@ def image_uri_violations(uri: str, images: ImagePolicy, field: str) -> list[tupl
     except ValueError:
         return [(field, f"is not a valid URI: {_echo(uri)}")]
     if parts.scheme == "gs":
-        return [(field, why) for why in _gs_problems(parts, images)]
+        return [(field, why) for why in _gs_problems(parts, images, what)]
     if parts.scheme == "https":
         return [(field, why) for why in _https_problems(parts)]
     if parts.scheme == "file":
         if not images.allow_files:
-            return [
-                (field, "file:// first frames are not accepted here; send the image inline or by https://")
-            ]
+            return [(field, f"file:// {what} are not accepted here; send the image inline or by https://")]
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             return [(field, "must be file:///ABSOLUTE/PATH, on the renderer's own disk")]
         return []
@@ -260,15 +287,15 @@ def image_uri_violations(uri: str, images: ImagePolicy, field: str) -> list[tupl
     return [(field, f"must be a gs://, https:// or file:// URI, not {_echo(uri)}")]
 
 
-def _gs_problems(parts: SplitResult, images: ImagePolicy) -> list[str]:
+def _gs_problems(parts: SplitResult, images: ImagePolicy, what: str) -> list[str]:
     bucket = parts.netloc
     if not bucket or parts.path in ("", "/"):
         return ["must be gs://BUCKET/OBJECT"]
     if bucket not in images.buckets:
         if not images.buckets:
-            return ["gs:// first frames are not accepted here; send the image inline or by https://"]
+            return [f"gs:// {what} are not accepted here; send the image inline or by https://"]
         allowed = ", ".join(sorted(images.buckets)[:10])
-        return [f"bucket {_echo(bucket)} is not one this gateway takes first frames from ({allowed})"]
+        return [f"bucket {_echo(bucket)} is not one this gateway takes {what} from ({allowed})"]
     return []
 
 
@@ -366,7 +393,7 @@ def _unresolvable(field: str, host: str) -> Unavailable:
 
 
 def plan_of(spec: render_pb2.RenderSpec) -> render_pb2.RenderPlan:
-    """The default plan: one shot with the whole spec."""
+    """The default plan: one shot with the whole spec (its first frame and reference images too)."""
     shot = render_pb2.Shot(
         prompt=spec.prompt.strip(),
         duration_seconds=spec.duration_seconds,
@@ -375,6 +402,7 @@ def plan_of(spec: render_pb2.RenderSpec) -> render_pb2.RenderPlan:
     )
     if spec.first_frame.data or spec.first_frame.uri:
         shot.first_frame.CopyFrom(spec.first_frame)
+    shot.reference_images.extend(spec.reference_images)
     return render_pb2.RenderPlan(shots=[shot])
 
 
@@ -447,6 +475,8 @@ def _decode_page_token(token: str, states: list[int]) -> int | None:
     if not raw.startswith(_PAGE_TOKEN_PREFIX):
         return None
     cursor, _, filter_key = raw.removeprefix(_PAGE_TOKEN_PREFIX).partition(":")
-    if not cursor.isdigit() or filter_key != _filter_key(states):
+    # ASCII digits only (int() would refuse others), within a database's signed 64-bit integer.
+    if not (cursor.isascii() and cursor.isdigit()) or filter_key != _filter_key(states):
         return None
-    return int(cursor)
+    position = int(cursor)
+    return position if position <= _MAX_CURSOR else None

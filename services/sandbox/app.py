@@ -150,7 +150,12 @@ async def serve(settings: SandboxSettings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    sandbox = Sandbox.create(settings.data_dir, settings.sandbox_render_seconds, settings.accepted_keys)
+    sandbox = Sandbox.create(
+        settings.data_dir,
+        settings.sandbox_render_seconds,
+        settings.accepted_keys,
+        settings.sandbox_video_short_side,
+    )
     # Handlers are cancelled when their client goes away, so a hung request ends with its client.
     runner = web.AppRunner(
         build_app(sandbox), handler_cancellation=True, shutdown_timeout=_SHUTDOWN_SECONDS, access_log=None

@@ -42,7 +42,9 @@ class Sandbox:
     tasks: TaskBoard
 
     @classmethod
-    def create(cls, data_dir: Path, render_seconds: float, accepted_keys: frozenset[str]) -> "Sandbox":
+    def create(
+        cls, data_dir: Path, render_seconds: float, accepted_keys: frozenset[str], video_short_side: int = 0
+    ) -> "Sandbox":
         config = RuntimeConfig(default_configs(render_seconds))
         billing = Billing()
         return cls(
@@ -52,7 +54,7 @@ class Sandbox:
             billing,
             FaultBook(),
             OutputStore(),
-            TaskBoard(data_dir / "sandbox", config, billing.settle),
+            TaskBoard(data_dir / "sandbox", config, billing.settle, video_short_side),
         )
 
     def configure(self, payload: object) -> None:

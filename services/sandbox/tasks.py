@@ -207,9 +207,15 @@ class TaskBoard:
     """Every provider's tasks, their runners, and the files they render under `directory`."""
 
     def __init__(
-        self, directory: Path, config: RuntimeConfig, on_final: Callable[[Job], None] | None = None
+        self,
+        directory: Path,
+        config: RuntimeConfig,
+        on_final: Callable[[Job], None] | None = None,
+        video_short_side: int = 0,
     ) -> None:
         self._directory = directory
+        # Every video at this shorter side instead of the provider's (0: the provider's).
+        self._video_short_side = video_short_side
         self._config = config
         self._on_final = on_final
         self._jobs: dict[str, dict[str, Job]] = {provider: {} for provider in PROVIDERS}
@@ -306,17 +312,28 @@ class TaskBoard:
         directory = self._directory / job.provider
         for sample in range(spec.samples):
             path = directory / f"{job.id}-{sample}.mp4"
+            width, height = _scaled(spec.width, spec.height, self._video_short_side)
             async with self._encoders:
-                await asyncio.to_thread(_encode_file, path, spec, spec.seed + sample, job._stop)
+                await asyncio.to_thread(
+                    _encode_file, path, spec, spec.seed + sample, job._stop, width, height
+                )
             job.videos.append(path)
 
 
-def _encode_file(path: Path, spec: RenderSpec, seed: int, stop: threading.Event) -> None:
+def _scaled(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """The size with its shorter side at short_side (even, as H.264's chroma needs); 0: unchanged."""
+    if not short_side:
+        return width, height
+    scale = short_side / min(width, height)
+    return max(2, 2 * round(width * scale / 2)), max(2, 2 * round(height * scale / 2))
+
+
+def _encode_file(
+    path: Path, spec: RenderSpec, seed: int, stop: threading.Event, width: int, height: int
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        synth.encode_video(
-            path, spec.prompt, seed, spec.duration_seconds, spec.width, spec.height, cancel=stop
-        )
+        synth.encode_video(path, spec.prompt, seed, spec.duration_seconds, width, height, cancel=stop)
     except synth.RenderCancelled:
         path.unlink(missing_ok=True)
         raise

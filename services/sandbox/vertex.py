@@ -7,6 +7,12 @@ starts a long-running operation and answers its name; `...:fetchPredictOperation
 written to Cloud Storage) or `error: {code, message}`. Vertex has no cancel for these operations.
 Errors are Google's `{"error": {"code", "message", "status"}}`.
 
+Reference images (`instances[0].referenceImages[]`, each `{"image": {...}, "referenceType"}`) as Vertex
+takes them: Veo 3.1 Generate and Fast only (not Lite, not 3.0), at most three "asset" images (the
+client sends "ASSET": the type is read without case; "style" images are veo-2.0-generate-exp's alone),
+with a prompt, without a first frame, on an 8 s clip; anything else is a 400. How many a create brought
+is kept on its task (VeoDetails) and logged with the operation it created.
+
 Billing: an operation done with videos bills the model's price per second (configured `prices` with
 audio, `silent_prices` without) x durationSeconds x the videos returned; one done with an error, or
 with every video filtered, bills nothing.
@@ -19,12 +25,15 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from aiprod_sandbox.config import ProviderConfig
 from aiprod_sandbox.inputs import IMAGE_MIME_TYPES, base64_image
 from aiprod_sandbox.state import Handler, Sandbox, bearer_token, idempotency_key
 from aiprod_sandbox.tasks import Failure, Job, Phase, RenderSpec, video_size
+
+log = structlog.get_logger()
 
 PREFIX = "/vertex"
 MODELS = {
@@ -36,6 +45,14 @@ MODELS = {
     "veo-3.1-generate-preview",
     "veo-3.1-fast-generate-preview",
 }
+REFERENCE_MODELS = {
+    "veo-3.1-generate-001",
+    "veo-3.1-fast-generate-001",
+    "veo-3.1-generate-preview",
+    "veo-3.1-fast-generate-preview",
+}
+MAX_REFERENCE_IMAGES = 3
+REFERENCE_DURATION = 8
 DURATIONS = (4, 6, 8)
 ASPECT_RATIOS = ("16:9", "9:16")
 RESOLUTIONS = {"720p": 720, "1080p": 1080}
@@ -92,6 +109,8 @@ class VeoDetails:
     model: str = ""
     # The model's price per second at create time, with or without audio as the request asked.
     micros_per_second: int = 0
+    # How many reference images the request brought.
+    reference_images: int = 0
 
     def bill_micros(self, job: Job) -> int:
         # Filtered videos are not returned and not billed; a SAFETY outcome filters every one of them.
@@ -103,6 +122,16 @@ class VeoDetails:
 
 class _Invalid(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class _Create:
+    """What a predictLongRunning body asks for."""
+
+    spec: RenderSpec
+    storage_uri: str | None
+    audio: bool
+    reference_images: int
 
 
 class VertexApi:
@@ -147,7 +176,7 @@ class VertexApi:
             return error(404, f"Publisher Model `{resource}` not found.")
         try:
             body = await request.json()
-            spec, storage_uri, audio = _validate(body)
+            asked = _validate(body, model)
         except ValueError:
             return error(400, "Invalid JSON payload received.")
         except _Invalid as invalid:
@@ -155,13 +184,21 @@ class VertexApi:
         operation_id = str(uuid.uuid4())
         details = VeoDetails(
             f"{resource}/operations/{operation_id}",
-            storage_uri,
+            asked.storage_uri,
             model,
-            _micros_per_second(self._sandbox.config.of("veo"), model, audio),
+            _micros_per_second(self._sandbox.config.of("veo"), model, asked.audio),
+            asked.reference_images,
         )
         key = idempotency_key(request)
-        self._sandbox.tasks.submit("veo", operation_id, spec, key, details)
+        self._sandbox.tasks.submit("veo", operation_id, asked.spec, key, details)
         self._sandbox.counters.created("veo", key, operation_id)
+        log.info(
+            "operation_created",
+            provider="veo",
+            task_id=operation_id,
+            model=model,
+            reference_images=asked.reference_images,
+        )
         return web.json_response({"name": details.operation_name})
 
     async def _fetch_predict_operation(self, request: web.Request) -> web.Response:
@@ -219,18 +256,19 @@ def _micros_per_second(config: ProviderConfig, model: str, audio: bool) -> int:
     return round(config.price(model, audio=audio) * 1_000_000)
 
 
-def _validate(body: Any) -> tuple[RenderSpec, str | None, bool]:
-    """The render a predictLongRunning body asks for, its storageUri and generateAudio, or _Invalid."""
+def _validate(body: Any, model: str) -> _Create:
+    """What a predictLongRunning body for `model` asks for, or _Invalid."""
     instances = body.get("instances") if isinstance(body, dict) else None
     if not isinstance(instances, list) or len(instances) != 1 or not isinstance(instances[0], dict):
         raise _Invalid("instances must hold exactly one instance.")
     instance = instances[0]
     image = instance.get("image")
     if image is not None:
-        _check_image(image)
+        _check_image(image, "instances[0].image")
     prompt = instance.get("prompt", "")
     if not isinstance(prompt, str) or (image is None and not prompt.strip()):
         raise _Invalid("instances[0].prompt is required for text-to-video.")
+    references = _reference_images(instance, model)
 
     parameters = body.get("parameters", {})
     if not isinstance(parameters, dict):
@@ -258,20 +296,59 @@ def _validate(body: Any) -> tuple[RenderSpec, str | None, bool]:
     if storage_uri is not None and (not isinstance(storage_uri, str) or not storage_uri.startswith("gs://")):
         raise _Invalid("storageUri must be a gs:// URI.")
 
+    if references and duration != REFERENCE_DURATION:
+        raise _Invalid(
+            f"Unsupported durationSeconds {duration!r} with referenceImages; supported: "
+            f"{REFERENCE_DURATION} seconds."
+        )
+
     width, height = video_size(aspect_ratio, RESOLUTIONS[resolution])
     spec = RenderSpec(prompt, seed, duration, width, height, samples)
-    return spec, storage_uri, audio
+    return _Create(spec, storage_uri, audio, references)
 
 
-def _check_image(image: Any) -> None:
+def _reference_images(instance: dict[str, Any], model: str) -> int:
+    """How many reference images the instance holds (checked as Vertex checks them; its prompt already is),
+    or _Invalid."""
+    references = instance.get("referenceImages")
+    if references is None:
+        return 0
+    if not isinstance(references, list):
+        raise _Invalid("instances[0].referenceImages must be a list.")
+    if not references:
+        return 0
+    if model not in REFERENCE_MODELS:
+        raise _Invalid(f"referenceImages is not supported by {model}.")
+    if len(references) > MAX_REFERENCE_IMAGES:
+        raise _Invalid(
+            f"instances[0].referenceImages holds {len(references)} images; at most "
+            f"{MAX_REFERENCE_IMAGES} asset images are supported."
+        )
+    if instance.get("image") is not None:
+        raise _Invalid("instances[0].image is not supported with referenceImages.")
+    for index, reference in enumerate(references):
+        field = f"instances[0].referenceImages[{index}]"
+        if not isinstance(reference, dict):
+            raise _Invalid(f"{field} must be an object.")
+        kind = reference.get("referenceType")
+        kind = kind.lower() if isinstance(kind, str) else kind
+        if kind == "style":
+            raise _Invalid(f"{field}.referenceType style is not supported by {model}; use asset.")
+        if kind != "asset":
+            raise _Invalid(f"{field}.referenceType must be asset or style, not {kind!r}.")
+        _check_image(reference.get("image"), f"{field}.image")
+    return len(references)
+
+
+def _check_image(image: Any, field: str) -> None:
     if not isinstance(image, dict):
-        raise _Invalid("instances[0].image must be an object.")
+        raise _Invalid(f"{field} must be an object.")
     if image.get("mimeType") not in IMAGE_MIME_TYPES:
-        raise _Invalid(f"instances[0].image.mimeType must be one of {', '.join(IMAGE_MIME_TYPES)}.")
+        raise _Invalid(f"{field}.mimeType must be one of {', '.join(IMAGE_MIME_TYPES)}.")
     encoded, uri = image.get("bytesBase64Encoded"), image.get("gcsUri")
     if (encoded is None) == (uri is None):
-        raise _Invalid("instances[0].image needs exactly one of bytesBase64Encoded and gcsUri.")
+        raise _Invalid(f"{field} needs exactly one of bytesBase64Encoded and gcsUri.")
     if encoded is not None and not (isinstance(encoded, str) and base64_image(encoded)):
-        raise _Invalid("instances[0].image.bytesBase64Encoded is not a valid image.")
+        raise _Invalid(f"{field}.bytesBase64Encoded is not a valid image.")
     if uri is not None and not (isinstance(uri, str) and uri.startswith("gs://")):
-        raise _Invalid("instances[0].image.gcsUri must be a gs:// URI.")
+        raise _Invalid(f"{field}.gcsUri must be a gs:// URI.")

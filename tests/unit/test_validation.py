@@ -3,20 +3,25 @@
 No test resolves a name other than localhost: public names go through a stand-in resolver.
 """
 
+import base64
 import socket
 
 import pytest
 
 from aiprod.common.v1 import render_pb2
+from aiprod.gateway.v1 import gateway_pb2
+from aiprod_gateway import validation
 from aiprod_gateway.validation import (
     MAX_FIRST_FRAME_BYTES,
     ImagePolicy,
     check_image_host,
     check_shot_hosts,
-    shot_violations,
     checked_spec,
     image_uri_violations,
+    list_query,
     normalized_spec,
+    page_token,
+    shot_violations,
 )
 from aiprod_kit.errors import InvalidArgument, Unavailable
 from aiprod_kit.settings import GatewaySettings
@@ -252,3 +257,17 @@ def test_a_requests_own_shots_must_add_up_to_its_duration():
     assert raised.value.violations == [
         ("spec.shots", "must add up to spec.duration_seconds (20 s), not 14 s")
     ]
+
+
+@pytest.mark.parametrize("cursor", ["9" * 30, str(2**63), "²", "-1", ""])
+def test_a_forged_page_token_is_refused_not_a_database_error(cursor):
+    raw = f"{validation._PAGE_TOKEN_PREFIX}{cursor}:"
+    token = base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    with pytest.raises(InvalidArgument) as refused:
+        list_query(gateway_pb2.ListRenderJobsRequest(page_token=token))
+    assert [field for field, _ in refused.value.violations] == ["page_token"]
+
+
+def test_the_largest_cursor_a_store_holds_is_a_valid_page_token():
+    token = page_token(2**63 - 1, [])
+    assert list_query(gateway_pb2.ListRenderJobsRequest(page_token=token))[2] == 2**63 - 1
