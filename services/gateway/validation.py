@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
+from google.protobuf import timestamp_pb2
+
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_kit.capabilities import MAX_INLINE_IMAGE_BYTES
@@ -58,6 +60,8 @@ _IMAGE_URI_FIELD = "spec.first_frame.uri"
 # Resolves (host, port) to addresses; the event loop's getaddrinfo unless a test gives another.
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 MAX_PAGE_SIZE = 1000
+# The range of google.protobuf.Timestamp: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_MIN_TIMESTAMP_SECONDS, _MAX_TIMESTAMP_SECONDS = -62_135_596_800, 253_402_300_799
 # The largest position a page token may name: a signed 64-bit integer, as the job stores keep it.
 _MAX_CURSOR = 2**63 - 1
 DEFAULT_PAGE_SIZE = 50
@@ -84,6 +88,13 @@ def _configured_policy() -> ImagePolicy:
     return ImagePolicy.from_settings(GatewaySettings())
 
 
+def _valid_timestamp(value: timestamp_pb2.Timestamp) -> bool:
+    """Whether a Timestamp is one protobuf allows (0001-01-01 to 9999-12-31, nanos in a second)."""
+    return (
+        _MIN_TIMESTAMP_SECONDS <= value.seconds <= _MAX_TIMESTAMP_SECONDS and 0 <= value.nanos < 1_000_000_000
+    )
+
+
 def _echo(value: str) -> str:
     """A caller's value, quoted, cut to a short prefix."""
     return repr(value[:_ECHO_CHARS]) + ("..." if len(value) > _ECHO_CHARS else "")
@@ -107,7 +118,9 @@ def normalized_spec(
     preset_name = spec.preset or DEFAULT_PRESET
     preset = PRESETS.get(preset_name)
     if preset is None:
-        violations.append(("spec.preset", f"unknown preset {preset_name!r}; known: {', '.join(PRESETS)}"))
+        violations.append(
+            ("spec.preset", f"unknown preset {_echo(preset_name)}; known: {', '.join(PRESETS)}")
+        )
     if spec.shots:
         violations += shot_violations(
             spec.shots, "spec.shots", preset.max_duration_seconds if preset else math.inf, images
@@ -143,6 +156,10 @@ def normalized_spec(
         )
     if constraints.max_cost.amount_micros < 0:
         violations.append(("spec.constraints.max_cost", "must not be negative"))
+    if constraints.HasField("deadline") and not _valid_timestamp(constraints.deadline):
+        violations.append(
+            ("spec.constraints.deadline", "must be a time between the years 1 and 9999 (RFC 3339)")
+        )
     if violations:
         raise InvalidArgument(violations)
     assert preset is not None

@@ -7,12 +7,14 @@ import base64
 import socket
 
 import pytest
+from google.protobuf import timestamp_pb2
 
 from aiprod.common.v1 import render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_gateway import validation
 from aiprod_gateway.validation import (
     MAX_FIRST_FRAME_BYTES,
+    MAX_REFERENCE_IMAGES,
     ImagePolicy,
     check_image_host,
     check_shot_hosts,
@@ -271,3 +273,86 @@ def test_a_forged_page_token_is_refused_not_a_database_error(cursor):
 def test_the_largest_cursor_a_store_holds_is_a_valid_page_token():
     token = page_token(2**63 - 1, [])
     assert list_query(gateway_pb2.ListRenderJobsRequest(page_token=token))[2] == 2**63 - 1
+
+
+# Reference images: at most MAX_REFERENCE_IMAGES, each held to a first frame's rules.
+
+
+def test_reference_images_are_counted_and_each_checked_like_a_first_frame():
+    png = render_pb2.Image(data=b"\x89PNG", mime_type="image/png")
+    references = [
+        png,
+        render_pb2.Image(data=b"x", uri="https://images.example.com/a.png"),
+        render_pb2.Image(data=b"x" * (MAX_FIRST_FRAME_BYTES + 1)),
+        render_pb2.Image(uri="file:///etc/passwd"),
+        render_pb2.Image(mime_type="image/png"),
+    ]
+    assert len(references) > MAX_REFERENCE_IMAGES
+    with pytest.raises(InvalidArgument) as raised:
+        normalized_spec(render_pb2.RenderSpec(prompt="A kite", reference_images=references), POLICY)
+    assert raised.value.violations == [
+        ("spec.reference_images", "must hold at most 3 images, not 5"),
+        ("spec.reference_images[1]", "give data or uri, not both"),
+        (
+            "spec.reference_images[2].data",
+            f"must be at most {MAX_FIRST_FRAME_BYTES} bytes, not {MAX_FIRST_FRAME_BYTES + 1}",
+        ),
+        (
+            "spec.reference_images[3].uri",
+            "file:// reference images are not accepted here; send the image inline or by https://",
+        ),
+        ("spec.reference_images[4]", "give data or uri"),
+    ]
+    good = [png, render_pb2.Image(uri="gs://frames-ok/b.png"), render_pb2.Image(uri="https://8.8.8.8/c.png")]
+    normalized, _ = normalized_spec(render_pb2.RenderSpec(prompt="A kite", reference_images=good), POLICY)
+    assert list(normalized.reference_images) == good
+    shots = [
+        render_pb2.Shot(prompt="a", duration_seconds=8, reference_images=good),
+        render_pb2.Shot(
+            prompt="b", duration_seconds=8, reference_images=[png, render_pb2.Image(uri="gs://x/y.png")]
+        ),
+    ]
+    assert shot_violations(shots, "spec.shots", 30, POLICY) == [
+        (
+            "spec.shots[1].reference_images[1].uri",
+            "bucket 'x' is not one this gateway takes reference images from (frames-ok)",
+        )
+    ]
+
+
+async def test_reference_image_hosts_are_resolved_like_a_first_frames():
+    private = render_pb2.Image(uri="https://internal.example.com/face.png")
+    with pytest.raises(InvalidArgument) as raised:
+        await checked_spec(
+            render_pb2.RenderSpec(prompt="A kite", reference_images=[render_pb2.Image(data=b"x"), private]),
+            POLICY,
+            resolver("10.0.0.7"),
+        )
+    assert [field for field, _ in raised.value.violations] == ["spec.reference_images[1].uri"]
+    shots = [render_pb2.Shot(prompt="a", duration_seconds=4, reference_images=[private])]
+    with pytest.raises(InvalidArgument) as raised:
+        await check_shot_hosts(shots, "plan.shots", resolver("127.0.0.1"))
+    assert [field for field, _ in raised.value.violations] == ["plan.shots[0].reference_images[0].uri"]
+
+
+@pytest.mark.parametrize(
+    "deadline",
+    [
+        timestamp_pb2.Timestamp(seconds=253_402_300_800),
+        timestamp_pb2.Timestamp(seconds=-62_135_596_801),
+        timestamp_pb2.Timestamp(seconds=0, nanos=-1),
+        timestamp_pb2.Timestamp(seconds=0, nanos=1_000_000_000),
+    ],
+)
+def test_a_deadline_outside_the_timestamp_range_is_refused_at_the_edge(deadline):
+    spec = render_pb2.RenderSpec(prompt="a", constraints=render_pb2.RenderConstraints(deadline=deadline))
+    with pytest.raises(InvalidArgument) as refused:
+        normalized_spec(spec, POLICY)
+    assert [field for field, _ in refused.value.violations] == ["spec.constraints.deadline"]
+
+
+def test_an_unknown_preset_is_echoed_cut_short():
+    with pytest.raises(InvalidArgument) as refused:
+        normalized_spec(render_pb2.RenderSpec(prompt="a", preset="x" * 100_000), POLICY)
+    ((field, why),) = refused.value.violations
+    assert field == "spec.preset" and len(why) < 300, why
