@@ -393,7 +393,17 @@ class JobDriver:
                     return  # the job fails with that shot
                 continued = render_pb2.Shot()
                 continued.CopyFrom(shot)
-                continued.first_frame.CopyFrom(await self._films.last_frame(before.output))
+                try:
+                    continued.first_frame.CopyFrom(await self._films.last_frame(before.output, index - 1))
+                except StitchError as error:
+                    why = failure(
+                        Reason.INTERNAL, f"no first frame from the shot before: {error}", retryable=False
+                    )
+                    await self._record(
+                        driver, job_id, _shot_prefix(job, index) + why.message, _shot_failing(index, why)
+                    )
+                    driver.shot_failed = True
+                    return
                 shot = continued
             async with slots:
                 if driver.shot_failed and not shot_status(job, index).HasField("handle"):
@@ -627,8 +637,12 @@ def _shot_constraints(job: gateway_pb2.RenderJob, index: int) -> render_pb2.Rend
 
 
 def _shot_refused(index: int, message: str) -> JobUpdate:
+    return _shot_failing(index, failure(Reason.ROUTER_REFUSED, message, retryable=False))
+
+
+def _shot_failing(index: int, error: render_pb2.RenderFailure) -> JobUpdate:
     def update(job: gateway_pb2.RenderJob) -> None:
-        _shot_failed(job, index, failure(Reason.ROUTER_REFUSED, message, retryable=False))
+        _shot_failed(job, index, error)
 
     return update
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from aiprod.common.v1 import render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_kit.rendering import qc, stitching
+from aiprod_kit.rendering.stitching import StitchError
 from aiprod_kit.rendering.storage import VideoStore, video_store_from_settings
 from aiprod_kit.settings import GatewaySettings
 
@@ -43,7 +44,7 @@ class Films:
         planned = sum(shot.duration_seconds for shot in job.plan.shots)
         with self._scratch() as scratch:
             paths = [
-                await self._store.fetch(output.video.uri, scratch / f"shot-{index}.mp4")
+                await self._fetch(output.video.uri, scratch / f"shot-{index}.mp4", index)
                 for index, output in enumerate(outputs)
             ]
             film = scratch / "film.mp4"
@@ -76,10 +77,23 @@ class Films:
             cost=job.cost,
         )
 
-    async def last_frame(self, output: render_pb2.RenderOutput) -> render_pb2.Image:
-        """A shot's last frame, as an inline PNG: the first frame of the continuous shot after it."""
+    async def _fetch(self, uri: str, destination: Path, index: int) -> Path:
+        """A shot's video, copied here. StitchError when this store can never read it (a video on
+        another pod's disk: the gateway and the renderers must share a bucket or a volume); other
+        errors (the bucket unreachable now) are left to the caller to try again."""
+        try:
+            return await self._store.fetch(uri, destination)
+        except (FileNotFoundError, ValueError) as error:
+            raise StitchError(
+                f"shot {index}: its video {uri} cannot be read from this gateway's video store ({error})",
+                shot=index,
+            ) from error
+
+    async def last_frame(self, output: render_pb2.RenderOutput, index: int) -> render_pb2.Image:
+        """Shot `index`'s last frame, as an inline PNG: the first frame of the continuous shot after it
+        (StitchError when its video cannot be read or decoded)."""
         with self._scratch() as scratch:
-            path = await self._store.fetch(output.video.uri, scratch / "shot.mp4")
+            path = await self._fetch(output.video.uri, scratch / "shot.mp4", index)
             data = await asyncio.to_thread(stitching.last_frame_png, path)
         return render_pb2.Image(data=data, mime_type="image/png")
 
