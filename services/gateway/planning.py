@@ -36,7 +36,8 @@ used).
 `plan_shots(spec, clips)`, the plan of a spec:
 
 - the caller's own shots (`spec.shots`) are kept as they are, not cut again: their prompts stripped, an
-  unset aspect ratio taken from the spec and an unset seed derived as below;
+  unset aspect ratio taken from the spec, an unset seed derived as below, and the spec's reference images
+  given to a shot that has none of its own;
 - otherwise one shot is exactly the plan the gateway has always made (`validation.plan_of`), with the
   cut's duration (the spec's own, unless no backend renders it whole);
 - several shots: shot i (from 0) of n shows "<prompt> (shot i+1 of n)", in the spec's aspect ratio, with
@@ -44,6 +45,9 @@ used).
   then derives a seed from the shot's prompt, which differs from shot to shot). Only the first shot
   starts from the spec's first frame. No shot is marked `continuous`: the shots of a default plan render
   side by side; a caller or a reviewer marks the shots that must follow on from the one before.
+
+Every shot a plan makes (one or several) carries the spec's reference images: they are what keeps a
+character or a product the same from shot to shot.
 """
 
 import bisect
@@ -163,6 +167,8 @@ def plan_shots(spec: render_pb2.RenderSpec, clips: Sequence[ClipLimits]) -> rend
             shot.prompt = given.prompt.strip()
             shot.aspect_ratio = given.aspect_ratio or spec.aspect_ratio
             shot.seed = given.seed or _shot_seed(spec.seed, index)
+            if not given.reference_images:
+                shot.reference_images.extend(spec.reference_images)
         return plan
     durations = cut(spec.duration_seconds, clips)
     if len(durations) == 1:
@@ -179,6 +185,7 @@ def plan_shots(spec: render_pb2.RenderSpec, clips: Sequence[ClipLimits]) -> rend
                 duration_seconds=seconds,
                 aspect_ratio=spec.aspect_ratio,
                 seed=_shot_seed(spec.seed, index),
+                reference_images=spec.reference_images,
             )
             for index, seconds in enumerate(durations)
         ]

@@ -221,8 +221,8 @@ def _spec(**changes) -> render_pb2.RenderSpec:
     for name, value in changes.items():
         if name == "first_frame":
             spec.ClearField("first_frame")
-        elif name == "shots":
-            spec.shots.extend(value)
+        elif name in ("shots", "reference_images"):
+            getattr(spec, name).extend(value)
         else:
             setattr(spec, name, value)
     return spec
@@ -297,3 +297,31 @@ def test_a_callers_shots_are_kept_not_cut_again():
 def test_a_spec_no_backend_can_cut_is_refused():
     with pytest.raises(PlanningError, match="no cut of 33 s"):
         plan_shots(_spec(duration_seconds=33), [MINIMAX])
+
+
+REFERENCES = [
+    render_pb2.Image(uri="https://example.com/fox-face.png"),
+    render_pb2.Image(data=b"\x89PNG", mime_type="image/png"),
+]
+
+
+def test_every_shot_of_a_plan_keeps_to_the_specs_reference_images():
+    spec = _spec(reference_images=REFERENCES)
+    several = plan_shots(spec, [VEO])
+    assert len(several.shots) == 4
+    assert all(list(shot.reference_images) == REFERENCES for shot in several.shots)
+    (one,) = plan_shots(_spec(reference_images=REFERENCES, duration_seconds=8), [VEO]).shots
+    assert list(one.reference_images) == REFERENCES
+
+
+def test_a_callers_shot_keeps_its_own_reference_images_and_one_without_takes_the_specs():
+    own = [render_pb2.Image(uri="https://example.com/jump.png")]
+    spec = _spec(
+        reference_images=REFERENCES,
+        shots=[
+            render_pb2.Shot(prompt="The fox runs", duration_seconds=8),
+            render_pb2.Shot(prompt="The fox jumps", duration_seconds=8, reference_images=own),
+        ],
+    )
+    plan = plan_shots(spec, [])
+    assert [list(shot.reference_images) for shot in plan.shots] == [REFERENCES, own]

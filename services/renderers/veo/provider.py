@@ -4,6 +4,12 @@
 - get: `operations.get` on an operation rebuilt from that name (`:fetchPredictOperation`).
 - Vertex has no cancel: `cancel` says so and the kit stops following the task.
 - Outputs come back inline (base64 in the operation) unless a storage URI was asked for; both are read.
+- Reference images (`GenerateVideosConfig.reference_images`, "asset" images of a person, character or
+  product) go with a shot where Vertex takes them: a Veo 3.1 model, up to three, an 8 s clip, no first
+  frame. Elsewhere they are dropped and the shot renders from its prompt alone, as the contract says of a
+  backend that takes none: they guide how the video looks, they are not part of it, so the clip is still
+  the one asked for (a first frame is part of it, and wins). More images than the model takes is a
+  request error, refused before anything is sent.
 - Vertex reports no progress and no cost: progress is the operation metadata's when it has one, else 0;
   the cost is the list price of the requested seconds (with or without audio).
 
@@ -64,6 +70,8 @@ class VeoModel:
     usd_per_second_audio: float
     usd_per_second_silent: float
     quality: float
+    # How many "asset" reference images a render takes (Veo 3.1: three); 0: none.
+    max_reference_images: int = 0
 
 
 _ASPECT_RATIOS = {render_pb2.ASPECT_RATIO_16_9: "16:9", render_pb2.ASPECT_RATIO_9_16: "9:16"}
@@ -71,8 +79,8 @@ _ASPECT_RATIOS = {render_pb2.ASPECT_RATIO_16_9: "16:9", render_pb2.ASPECT_RATIO_
 MODELS = {
     "veo-3.0-generate-001": VeoModel((4, 6, 8), ("720p", "1080p"), 0.40, 0.20, 0.92),
     "veo-3.0-fast-generate-001": VeoModel((4, 6, 8), ("720p", "1080p"), 0.15, 0.10, 0.86),
-    "veo-3.1-generate-preview": VeoModel((4, 6, 8), ("720p", "1080p"), 0.40, 0.20, 0.93),
-    "veo-3.1-fast-generate-preview": VeoModel((4, 6, 8), ("720p", "1080p"), 0.15, 0.10, 0.88),
+    "veo-3.1-generate-preview": VeoModel((4, 6, 8), ("720p", "1080p"), 0.40, 0.20, 0.93, 3),
+    "veo-3.1-fast-generate-preview": VeoModel((4, 6, 8), ("720p", "1080p"), 0.15, 0.10, 0.88, 3),
 }
 # What this renderer asks for: the kit's QC and frame sizes are 720p.
 RESOLUTION = "720p"
@@ -80,6 +88,8 @@ RESOLUTION = "720p"
 # request, which Vertex AI caps at about 20 MB (base64 makes it a third larger).
 MAX_PROMPT_CHARACTERS = 4000
 MAX_IMAGE_BYTES = 15 * 1024 * 1024
+# Vertex takes reference images on clips of this length only.
+REFERENCE_CLIP_SECONDS = 8
 
 # google.rpc.Code names, for the failure codes of failed operations.
 _RPC_CODES = {
@@ -256,6 +266,7 @@ class VeoProvider(Provider):
             nominal_quality=model.quality,
             max_prompt_characters=MAX_PROMPT_CHARACTERS,
             max_image_bytes=MAX_IMAGE_BYTES,
+            max_reference_images=model.max_reference_images,
         )
 
     def charge_micros(
@@ -285,8 +296,9 @@ class VeoProvider(Provider):
 
     async def create(self, shot: render_pb2.Shot, model: str, idempotency_key: str) -> str:
         client = self._vertex()
-        # Read before anything is sent: a first frame that cannot be had fails here, safely.
-        image = await self._image(shot.first_frame) if shot.first_frame.data or shot.first_frame.uri else None
+        # Read before anything is sent: an image that cannot be had fails here, safely.
+        image = await self._image(shot.first_frame) if _has_image(shot.first_frame) else None
+        references = await self._reference_images(shot)
         config = types.GenerateVideosConfig(
             number_of_videos=1,
             duration_seconds=round(shot.duration_seconds),
@@ -295,6 +307,7 @@ class VeoProvider(Provider):
             generate_audio=self._settings.generate_audio,
             # Vertex takes a uint32 seed.
             seed=shot.seed % 2**32,
+            reference_images=references,
             http_options=types.HttpOptions(headers={"Idempotency-Key": idempotency_key}),
         )
         try:
@@ -372,8 +385,39 @@ class VeoProvider(Provider):
                 ErrorKind.UNAVAILABLE, f"the output {uri} could not be fetched: {error}"
             ) from error
 
-    async def _image(self, image: render_pb2.Image) -> types.Image:
-        """The first frame as Vertex takes it: inline bytes, or a gs:// URI it reads itself."""
+    async def _reference_images(
+        self, shot: render_pb2.Shot
+    ) -> list[types.VideoGenerationReferenceImage] | None:
+        """The shot's reference images as Vertex takes them, or None where it takes none (module docstring)."""
+        count = len(shot.reference_images)
+        if not count:
+            return None
+        most = self._model.max_reference_images
+        if count > most > 0:
+            raise ProviderError(
+                ErrorKind.REFUSED,
+                f"{self._settings.model} takes at most {most} reference images, not {count}",
+            )
+        if not most:
+            dropped = f"{self._settings.model} takes no reference images"
+        elif _has_image(shot.first_frame):
+            dropped = "Vertex takes no reference images beside a first frame"
+        elif round(shot.duration_seconds) != REFERENCE_CLIP_SECONDS:
+            dropped = f"Vertex takes reference images on {REFERENCE_CLIP_SECONDS} s clips only"
+        else:
+            return [
+                types.VideoGenerationReferenceImage(
+                    image=await self._image(image, f"reference image {index + 1}"),
+                    reference_type=types.VideoGenerationReferenceType.ASSET,
+                )
+                for index, image in enumerate(shot.reference_images)
+            ]
+        log.info("reference_images_dropped", backend=self.name, count=count, why=dropped)
+        return None
+
+    async def _image(self, image: render_pb2.Image, what: str = "the first frame") -> types.Image:
+        """An image (`what` names it in errors) as Vertex takes it: inline bytes, or a gs:// URI it reads
+        itself."""
         if image.data:
             return types.Image(image_bytes=image.data, mime_type=image.mime_type or _sniff(image.data))
         uri = image.uri
@@ -384,24 +428,20 @@ class VeoProvider(Provider):
             try:
                 data = await asyncio.to_thread(path.read_bytes)
             except OSError as error:
-                raise ProviderError(
-                    ErrorKind.REFUSED, f"the first frame {uri} cannot be read: {error}"
-                ) from error
+                raise ProviderError(ErrorKind.REFUSED, f"{what} {uri} cannot be read: {error}") from error
         elif uri.startswith(("https://", "http://")):
             try:
                 response = await self._downloads.get(uri)
             except httpx.HTTPError as error:
                 raise ProviderError(
-                    ErrorKind.UNAVAILABLE, f"the first frame {uri} could not be fetched: {error}"
+                    ErrorKind.UNAVAILABLE, f"{what} {uri} could not be fetched: {error}"
                 ) from error
             if response.status_code >= 400:
                 kind = ErrorKind.UNAVAILABLE if response.status_code >= 500 else ErrorKind.REFUSED
-                raise ProviderError(kind, f"the first frame {uri} answered {response.status_code}")
+                raise ProviderError(kind, f"{what} {uri} answered {response.status_code}")
             data = response.content
         else:
-            raise ProviderError(
-                ErrorKind.REFUSED, f"the first frame {uri!r} is not a gs://, https:// or file:// URI"
-            )
+            raise ProviderError(ErrorKind.REFUSED, f"{what} {uri!r} is not a gs://, https:// or file:// URI")
         return types.Image(image_bytes=data, mime_type=image.mime_type or _sniff(data) or _guess(uri))
 
 
@@ -455,6 +495,10 @@ def _progress(metadata: dict | None) -> float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return min(max(float(value) / 100.0, 0.0), 0.99)
     return 0.0
+
+
+def _has_image(image: render_pb2.Image) -> bool:
+    return bool(image.data or image.uri)
 
 
 def _sniff(data: bytes) -> str:
