@@ -405,6 +405,13 @@ class JobDriver:
                     driver.shot_failed = True
                     return
                 shot = continued
+            if job.spec.reference_images and not shot.reference_images:
+                # The spec's reference images, for every shot without its own: given as it renders,
+                # rather than copied into every shot of the stored plan.
+                referenced = render_pb2.Shot()
+                referenced.CopyFrom(shot)
+                referenced.reference_images.extend(job.spec.reference_images)
+                shot = referenced
             async with slots:
                 if driver.shot_failed and not shot_status(job, index).HasField("handle"):
                     return  # not started: the job fails with the shot that did

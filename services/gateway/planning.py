@@ -167,8 +167,6 @@ def plan_shots(spec: render_pb2.RenderSpec, clips: Sequence[ClipLimits]) -> rend
             shot.prompt = given.prompt.strip()
             shot.aspect_ratio = given.aspect_ratio or spec.aspect_ratio
             shot.seed = given.seed or _shot_seed(spec.seed, index)
-            if not given.reference_images:
-                shot.reference_images.extend(spec.reference_images)
         return plan
     durations = cut(spec.duration_seconds, clips)
     if len(durations) == 1:
@@ -185,7 +183,6 @@ def plan_shots(spec: render_pb2.RenderSpec, clips: Sequence[ClipLimits]) -> rend
                 duration_seconds=seconds,
                 aspect_ratio=spec.aspect_ratio,
                 seed=_shot_seed(spec.seed, index),
-                reference_images=spec.reference_images,
             )
             for index, seconds in enumerate(durations)
         ]

@@ -410,7 +410,8 @@ def _unresolvable(field: str, host: str) -> Unavailable:
 
 
 def plan_of(spec: render_pb2.RenderSpec) -> render_pb2.RenderPlan:
-    """The default plan: one shot with the whole spec (its first frame and reference images too)."""
+    """The default plan: one shot with the whole spec (its first frame too; the spec's reference images
+    are given to every shot without its own as it is rendered, not copied into the plan)."""
     shot = render_pb2.Shot(
         prompt=spec.prompt.strip(),
         duration_seconds=spec.duration_seconds,
@@ -419,7 +420,6 @@ def plan_of(spec: render_pb2.RenderSpec) -> render_pb2.RenderPlan:
     )
     if spec.first_frame.data or spec.first_frame.uri:
         shot.first_frame.CopyFrom(spec.first_frame)
-    shot.reference_images.extend(spec.reference_images)
     return render_pb2.RenderPlan(shots=[shot])
 
 

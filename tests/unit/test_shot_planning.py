@@ -305,16 +305,16 @@ REFERENCES = [
 ]
 
 
-def test_every_shot_of_a_plan_keeps_to_the_specs_reference_images():
-    spec = _spec(reference_images=REFERENCES)
-    several = plan_shots(spec, [VEO])
-    assert len(several.shots) == 4
-    assert all(list(shot.reference_images) == REFERENCES for shot in several.shots)
+def test_the_specs_reference_images_stay_on_the_spec_not_copied_into_every_shot():
+    # The driver gives them to each shot without its own as it renders (a job would otherwise carry
+    # them once per shot).
+    several = plan_shots(_spec(reference_images=REFERENCES), [VEO])
+    assert len(several.shots) == 4 and not any(shot.reference_images for shot in several.shots)
     (one,) = plan_shots(_spec(reference_images=REFERENCES, duration_seconds=8), [VEO]).shots
-    assert list(one.reference_images) == REFERENCES
+    assert not one.reference_images
 
 
-def test_a_callers_shot_keeps_its_own_reference_images_and_one_without_takes_the_specs():
+def test_a_callers_shot_keeps_its_own_reference_images():
     own = [render_pb2.Image(uri="https://example.com/jump.png")]
     spec = _spec(
         reference_images=REFERENCES,
@@ -324,4 +324,4 @@ def test_a_callers_shot_keeps_its_own_reference_images_and_one_without_takes_the
         ],
     )
     plan = plan_shots(spec, [])
-    assert [list(shot.reference_images) for shot in plan.shots] == [REFERENCES, own]
+    assert [list(shot.reference_images) for shot in plan.shots] == [[], own]

@@ -97,11 +97,12 @@ def _record(row: tuple) -> KeyRecord:
 
 
 def stored_shot(shot: render_pb2.Shot) -> bytes:
-    """The shot as kept: a first frame's bytes (up to megabytes) are dropped, what it is stays."""
+    """The shot as kept: the bytes of its images (up to megabytes each) are dropped, what they are
+    stays."""
     kept = render_pb2.Shot()
     kept.CopyFrom(shot)
-    if kept.first_frame.data:
-        kept.first_frame.data = b""
+    for image in (kept.first_frame, *kept.reference_images):
+        image.data = b""
     return kept.SerializeToString()
 
 
