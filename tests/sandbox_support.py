@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import budget, eventually
 
 from aiprod.common.v1 import render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
@@ -39,6 +40,15 @@ def sandbox_mesh(data_dir: Path, environment: dict[str, str]) -> Iterator[Mesh]:
         yield running
     finally:
         running.stop()
+
+
+def settled_sandbox(mesh: Mesh, settle_seconds: float) -> "Sandbox":
+    """The mesh's sandbox, reset (renders of a second) once the ledger holds nothing in flight from
+    earlier tests, whose settlements would otherwise land in the next test's figures."""
+    assert eventually(lambda: budget(mesh).reserved.amount_micros == 0, timeout=settle_seconds)
+    control = Sandbox(mesh.address("sandbox"))
+    control.reset(render_seconds=1)
+    return control
 
 
 class Sandbox:

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from sandbox_support import Sandbox, sandbox_mesh
+from sandbox_support import Sandbox, sandbox_mesh, settled_sandbox
 from support import budget, eventually, gateway, wait_terminal, watch_until
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
@@ -60,9 +60,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 @pytest.fixture
 def sandbox(mesh: Mesh) -> Sandbox:
     """The sandbox, reset once the ledger holds nothing in flight from earlier tests."""
-    assert eventually(lambda: budget(mesh).reserved.amount_micros == 0, timeout=SETTLE_SECONDS)
-    control = Sandbox(mesh.address("sandbox"))
-    control.reset(render_seconds=1)
+    control = settled_sandbox(mesh, SETTLE_SECONDS)
     control.reset(provider="replicate", prices={ODD_MODEL: ODD_MODEL_SANDBOX_PRICE})
     return control
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from aiprod.common.v1 import render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_kit.rendering import qc, stitching
+from aiprod_kit.rendering.finishing import render_output
 from aiprod_kit.rendering.stitching import StitchError
 from aiprod_kit.rendering.storage import VideoStore, video_store_from_settings
 from aiprod_kit.settings import GatewaySettings
 
-_MIME_TYPE = "video/mp4"
 _DEFAULT_FRAME_RATE = 24
 
 
@@ -48,34 +48,18 @@ class Films:
                 for index, output in enumerate(outputs)
             ]
             film = scratch / "film.mp4"
-            made = await asyncio.to_thread(
+            await asyncio.to_thread(
                 stitching.stitch, paths, film, width=width, height=height, frame_rate=frame_rate
             )
-            report = await asyncio.to_thread(
-                qc.check_video,
-                film,
-                duration_seconds=planned,
-                width=width,
-                height=height,
-                frame_rate=frame_rate,
-            )
+            try:
+                facts = await asyncio.to_thread(qc.probe, film)
+            except qc.DecodeError as error:
+                raise StitchError(f"the stitched film does not decode: {error}") from error
             stored = await self._store.put(film)
-        return render_pb2.RenderOutput(
-            backend=job.backend,
-            video=render_pb2.VideoArtifact(
-                uri=stored.uri,
-                sha256=stored.sha256,
-                size_bytes=stored.size_bytes,
-                mime_type=_MIME_TYPE,
-                duration_seconds=made.duration_seconds,
-                width=made.width,
-                height=made.height,
-                frame_rate=made.frame_rate,
-                frame_count=made.frame_count,
-            ),
-            qc=report,
-            cost=job.cost,
-        )
+        report = qc.report(facts, duration_seconds=planned, width=width, height=height, frame_rate=frame_rate)
+        output = render_output(job.backend, stored, facts, report)
+        output.cost.CopyFrom(job.cost)
+        return output
 
     async def _fetch(self, uri: str, destination: Path, index: int) -> Path:
         """A shot's video, copied here. StitchError when this store can never read it (a video on

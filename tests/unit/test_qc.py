@@ -1,12 +1,11 @@
 """Technical QC of tiny videos made on the spot: good, black, frozen, the wrong size, length or rate, broken."""
 
-from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from video_files import encode
 
 from aiprod.common.v1 import render_pb2
 from aiprod_kit.rendering import qc
@@ -17,19 +16,6 @@ WIDTH, HEIGHT = 320, 180
 
 def _scores(report: render_pb2.QcReport) -> dict[str, float]:
     return {check.name: check.score for check in report.checks}
-
-
-def _encode(path: Path, frames: Sequence[np.ndarray], rate: int = 24) -> Path:
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=rate, options=synth.X264_OPTIONS)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for number, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts, frame.time_base = number, Fraction(1, rate)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
 
 
 def _moving(count: int, width: int = WIDTH, height: int = HEIGHT) -> list[np.ndarray]:
@@ -53,7 +39,7 @@ def test_good_video_passes(good: Path) -> None:
 
 
 def test_black_video(tmp_path: Path) -> None:
-    path = _encode(tmp_path / "black.mp4", [np.zeros((HEIGHT, WIDTH, 3), np.uint8)] * 48)
+    path = encode(tmp_path / "black.mp4", [np.zeros((HEIGHT, WIDTH, 3), np.uint8)] * 48)
     report = qc.check_video(path, duration_seconds=2.0, width=WIDTH, height=HEIGHT)
     assert _scores(report)["black_frames"] == 0.0
     assert report.score < 0.95
@@ -63,7 +49,7 @@ def test_black_middle_only(tmp_path: Path) -> None:
     frames = _moving(48)
     frames[12:36] = [np.zeros((HEIGHT, WIDTH, 3), np.uint8)] * 24
     report = qc.check_video(
-        _encode(tmp_path / "gap.mp4", frames), duration_seconds=2.0, width=WIDTH, height=HEIGHT
+        encode(tmp_path / "gap.mp4", frames), duration_seconds=2.0, width=WIDTH, height=HEIGHT
     )
     assert 0.0 < _scores(report)["black_frames"] < 1.0
 
@@ -77,7 +63,7 @@ def test_frozen_video(tmp_path: Path, noise: int) -> None:
         for _ in range(48)
     ]
     report = qc.check_video(
-        _encode(tmp_path / "frozen.mp4", frames), duration_seconds=2.0, width=WIDTH, height=HEIGHT
+        encode(tmp_path / "frozen.mp4", frames), duration_seconds=2.0, width=WIDTH, height=HEIGHT
     )
     scores = _scores(report)
     assert scores["frozen_frames"] == 0.0
@@ -106,12 +92,12 @@ def test_resolution(good: Path, tmp_path: Path) -> None:
     assert resolution(good, 640, 480, exact_size=False) == 0.25
     assert resolution(good, 1080, 1920, exact_size=False) == 0.0
     # Sizes snapped to multiples of 16 still count as the ratio.
-    snapped = _encode(tmp_path / "snapped.mp4", _moving(48, 832, 480))
+    snapped = encode(tmp_path / "snapped.mp4", _moving(48, 832, 480))
     assert resolution(snapped, 1280, 720, exact_size=False) == 1.0
 
 
 def test_frame_rate(tmp_path: Path) -> None:
-    path = _encode(tmp_path / "30fps.mp4", _moving(60), rate=30)
+    path = encode(tmp_path / "30fps.mp4", _moving(60), rate=30)
     asked_24 = _scores(qc.check_video(path, duration_seconds=2.0, width=WIDTH, height=HEIGHT))
     # A sane rate other than the asked one gets partial credit; the length is still right.
     assert asked_24["frame_rate"] == 0.75

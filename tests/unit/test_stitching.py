@@ -2,33 +2,19 @@
 film's size, resampled to its frame rate) when they do not, and broken shots named."""
 
 import io
-from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 from PIL import Image
+from video_files import encode
 
 from aiprod_kit.rendering import qc
 from aiprod_kit.rendering.stitching import StitchError, last_frame_png, stitch
 from aiprod_renderers.local import synth
 
 WIDTH, HEIGHT = 160, 90
-
-
-def _encode(path: Path, frames: Sequence[np.ndarray], rate: int, options: dict[str, str]) -> Path:
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=rate, options=options)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for number, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts, frame.time_base = number, Fraction(1, rate)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
 
 
 def _frames(path: Path) -> list[np.ndarray]:
@@ -63,7 +49,7 @@ def portrait(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def thirty_fps(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """2 s at 30 fps, made with PyAV directly (synth only makes 24 fps)."""
     frames = list(synth.render_frames("A fast train", 4, WIDTH, HEIGHT, 60))
-    return _encode(tmp_path_factory.mktemp("rate") / "thirty.mp4", frames, 30, synth.X264_OPTIONS)
+    return encode(tmp_path_factory.mktemp("rate") / "thirty.mp4", frames, 30, synth.X264_OPTIONS)
 
 
 def test_same_shots_are_remuxed_frame_for_frame(shots: list[Path], tmp_path: Path) -> None:
@@ -118,7 +104,7 @@ def test_another_frame_rate_is_resampled_by_timestamp(
 ) -> None:
     output = tmp_path / "film.mp4"
     # 0.9 s at 30 fps is 21.6 frames at 24: rounded to 22.
-    short = _encode(tmp_path / "short.mp4", _frames(thirty_fps)[:27], 30, synth.X264_OPTIONS)
+    short = encode(tmp_path / "short.mp4", _frames(thirty_fps)[:27], 30, synth.X264_OPTIONS)
     film = stitch([thirty_fps, short, shots[1]], output, width=WIDTH, height=HEIGHT)
     assert not film.remuxed
     assert film.shot_frames == (48, 22, 12)
@@ -143,7 +129,7 @@ def test_not_remuxed_unless_everything_matches(shots: list[Path], tmp_path: Path
         frame_rate = 12
     else:
         # Same size and rate, but another crf: another PPS in the avcC, which one decoder cannot share.
-        inputs = [shots[1], _encode(tmp_path / "crf.mp4", _frames(shots[1]), 24, {"crf": "30"})]
+        inputs = [shots[1], encode(tmp_path / "crf.mp4", _frames(shots[1]), 24, {"crf": "30"})]
     film = stitch(inputs, output, width=width, height=height, frame_rate=frame_rate)
     assert not film.remuxed
     found = qc.probe(output)
