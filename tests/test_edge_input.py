@@ -6,6 +6,8 @@ The mesh is the gateway, router and metrics with the Veo renderer against the sa
 first frames larger than the cap). Nothing here reaches a host other than loopback.
 """
 
+import struct
+import zlib
 from collections.abc import Iterator
 
 import grpc
@@ -58,8 +60,17 @@ def violations(error: grpc.RpcError) -> dict[str, str]:
     return field_violations(error)
 
 
+def chunk(kind: bytes, body: bytes) -> bytes:
+    """A PNG chunk: length, type, body and the CRC of type and body."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def png(size: int) -> bytes:
-    return b"\x89PNG\r\n\x1a\n" + b"\0" * (size - 8)
+    """A real 16x16 PNG (the gateway takes only images), padded to `size` bytes by a private chunk."""
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, 2, 0, 0, 0))  # 8-bit RGB
+    pixels = chunk(b"IDAT", zlib.compress(b"".join(b"\0" + b"\x80" * 48 for _ in range(16))))
+    image = b"\x89PNG\r\n\x1a\n" + header + pixels
+    return image + chunk(b"paDd", b"\0" * (size - len(image) - 24)) + chunk(b"IEND", b"")
 
 
 def test_an_inline_first_frame_just_under_the_cap_gets_through(gateway):
@@ -139,3 +150,47 @@ def test_a_first_frame_in_a_configured_bucket_is_taken(gateway):
     assert job.state == job_pb2.JOB_STATE_AWAITING_APPROVAL
     assert job.plan.shots[0].first_frame.uri == f"gs://{BUCKET}/frames/boat.png"
     gateway.CancelRenderJob(gateway_pb2.CancelRenderJobRequest(job_id=job.job_id), timeout=30)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A well-formed PNG whose header declares width x height pixels and holds none: a decompression bomb
+    before it is decoded (the provider answered 500 to one, and the job ended uncertain, money reserved)."""
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def job_ids(gateway: gateway_pb2_grpc.GatewayServiceStub) -> list[str]:
+    """Every job of the tenant, a page of one at a time (a job may hold a 10 MB first frame twice)."""
+    ids, token = [], ""
+    while True:
+        page = gateway.ListRenderJobs(
+            gateway_pb2.ListRenderJobsRequest(page_size=1, page_token=token), timeout=60
+        )
+        ids += [job.job_id for job in page.jobs]
+        token = page.next_page_token
+        if not token:
+            return ids
+
+
+def test_a_first_frame_claiming_20000x20000_pixels_is_refused_at_the_edge_and_nothing_created(gateway):
+    before = job_ids(gateway)
+    spec = a_spec(data=png_claiming(20_000, 20_000), mime_type="image/png")
+    for call, request in (
+        (gateway.CreateRenderJob, gateway_pb2.CreateRenderJobRequest(spec=spec)),
+        (gateway.QuoteRender, gateway_pb2.QuoteRenderRequest(spec=spec)),
+    ):
+        with pytest.raises(grpc.RpcError) as raised:
+            call(request, timeout=60)
+        found = violations(raised.value)
+        assert list(found) == ["spec.first_frame.data"]
+        assert "at most 40 megapixels" in found["spec.first_frame.data"]
+    assert job_ids(gateway) == before
+
+    # The gateway still serves: a real image is taken, its media type read from its bytes.
+    job = gateway.CreateRenderJob(
+        gateway_pb2.CreateRenderJobRequest(spec=a_spec(data=png(1024))), timeout=60
+    ).job
+    assert job.state == job_pb2.JOB_STATE_AWAITING_APPROVAL
+    assert job.spec.first_frame.mime_type == job.plan.shots[0].first_frame.mime_type == "image/png"
+    assert job_ids(gateway) == [job.job_id, *before]
+    gateway.CancelRenderJob(gateway_pb2.CancelRenderJobRequest(job_id=job.job_id), timeout=60)

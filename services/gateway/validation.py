@@ -4,7 +4,8 @@ A first frame or a reference image comes from an untrusted caller and is read by
 mesh's own network and credentials, so its URI is held to what the operator allows (a spec takes at
 most MAX_REFERENCE_IMAGES reference images, and so does each of its shots):
 
-- inline (`data`): at most MAX_FIRST_FRAME_BYTES;
+- inline (`data`): at most MAX_FIRST_FRAME_BYTES, and a PNG, JPEG or WebP image of its declared media
+  type and of a size a renderer can decode, checked without decoding it (`aiprod_gateway.images`);
 - `gs://BUCKET/OBJECT`: only in the buckets of AIPROD_GATEWAY_IMAGE_BUCKETS (none by default);
 - `https://HOST/...`: no user name or password, and HOST, a name or an address, must be a public
   (globally routable) address: never loopback, private, link-local, multicast or reserved. The gateway
@@ -31,6 +32,7 @@ from google.protobuf import timestamp_pb2
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
+from aiprod_gateway import images as inline_images
 from aiprod_kit.capabilities import MAX_INLINE_IMAGE_BYTES
 from aiprod_kit.errors import ErrorReason, InvalidArgument, Unavailable
 from aiprod_kit.presets import DEFAULT_PRESET, PRESETS, Preset
@@ -169,10 +171,22 @@ def normalized_spec(
     normalized.duration_seconds = duration
     normalized.aspect_ratio = spec.aspect_ratio or render_pb2.ASPECT_RATIO_16_9
     normalized.constraints.quality_floor = max(constraints.quality_floor, preset.quality_floor)
+    # Inline images carry the media type their bytes hold. Only this copy changes: a request is
+    # fingerprinted as sent.
+    for image in _images_of(normalized):
+        inline_images.normalize_mime_type(image)
     if not spec.seed:
         # Deterministic: the same prompt renders the same video unless the caller picks a seed.
         normalized.seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:6], "big")
     return normalized, preset
+
+
+def _images_of(spec: render_pb2.RenderSpec) -> list[render_pb2.Image]:
+    """The spec's first frame and reference images, and its shots'."""
+    images = [spec.first_frame, *spec.reference_images]
+    for shot in spec.shots:
+        images += [shot.first_frame, *shot.reference_images]
+    return images
 
 
 async def checked_spec(
@@ -244,7 +258,8 @@ def image_violations(
     image: render_pb2.Image, field: str, images: ImagePolicy | None = None, what: str = "first frames"
 ) -> list[tuple[str, str]]:
     """What is wrong with a caller's image (`what` it is, in plural) without I/O, as (field, reason):
-    data or uri, not both; inline data at most MAX_FIRST_FRAME_BYTES; a URI the operator allows."""
+    data or uri, not both; inline data at most MAX_FIRST_FRAME_BYTES and an image
+    (`aiprod_gateway.images`); a URI the operator allows."""
     violations: list[tuple[str, str]] = []
     if image.data and image.uri:
         violations.append((field, "give data or uri, not both"))
@@ -252,6 +267,8 @@ def image_violations(
         violations.append(
             (f"{field}.data", f"must be at most {MAX_FIRST_FRAME_BYTES} bytes, not {len(image.data)}")
         )
+    else:
+        violations += inline_images.image_violations(image, field)
     if image.uri:
         violations += image_uri_violations(image.uri, images or _configured_policy(), f"{field}.uri", what)
     return violations

@@ -4,10 +4,14 @@ No test resolves a name other than localhost: public names go through a stand-in
 """
 
 import base64
+import io
 import socket
+import struct
+import zlib
 
 import pytest
 from google.protobuf import timestamp_pb2
+from PIL import Image
 
 from aiprod.common.v1 import render_pb2
 from aiprod.gateway.v1 import gateway_pb2
@@ -36,6 +40,19 @@ def problems(uri: str, policy: ImagePolicy = POLICY) -> list[str]:
     violations = image_uri_violations(uri, policy, FIELD)
     assert all(field == FIELD for field, _ in violations)
     return [why for _, why in violations]
+
+
+def png_bytes(size: int = 0) -> bytes:
+    """A real 16x16 PNG (the smallest image taken), padded to `size` bytes with a private chunk if given."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (40, 120, 200)).save(buffer, format="PNG")
+    image = buffer.getvalue()
+    if not size:
+        return image
+    padding = b"\0" * (size - len(image) - 12)
+    crc = zlib.crc32(b"paDd" + padding)
+    chunk = struct.pack(">I", len(padding)) + b"paDd" + padding + struct.pack(">I", crc)
+    return image[:-12] + chunk + image[-12:]  # before IEND, the last 12 bytes
 
 
 def spec(uri: str = "", data: bytes = b"") -> render_pb2.RenderSpec:
@@ -129,7 +146,7 @@ def test_a_spec_names_every_bad_first_frame_field():
     with pytest.raises(InvalidArgument) as raised:
         normalized_spec(spec(data=b"x" * (MAX_FIRST_FRAME_BYTES + 1)), POLICY)
     assert [field for field, _ in raised.value.violations] == ["spec.first_frame.data"]
-    normalized_spec(spec(data=b"x" * MAX_FIRST_FRAME_BYTES), POLICY)
+    normalized_spec(spec(data=png_bytes(MAX_FIRST_FRAME_BYTES)), POLICY)
 
 
 def test_the_policy_comes_from_the_gateway_settings(monkeypatch):
@@ -279,7 +296,7 @@ def test_the_largest_cursor_a_store_holds_is_a_valid_page_token():
 
 
 def test_reference_images_are_counted_and_each_checked_like_a_first_frame():
-    png = render_pb2.Image(data=b"\x89PNG", mime_type="image/png")
+    png = render_pb2.Image(data=png_bytes(), mime_type="image/png")
     references = [
         png,
         render_pb2.Image(data=b"x", uri="https://images.example.com/a.png"),
@@ -324,7 +341,9 @@ async def test_reference_image_hosts_are_resolved_like_a_first_frames():
     private = render_pb2.Image(uri="https://internal.example.com/face.png")
     with pytest.raises(InvalidArgument) as raised:
         await checked_spec(
-            render_pb2.RenderSpec(prompt="A kite", reference_images=[render_pb2.Image(data=b"x"), private]),
+            render_pb2.RenderSpec(
+                prompt="A kite", reference_images=[render_pb2.Image(data=png_bytes()), private]
+            ),
             POLICY,
             resolver("10.0.0.7"),
         )
