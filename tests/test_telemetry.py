@@ -209,7 +209,7 @@ def test_a_job_resumed_after_a_gateway_restart_stays_in_its_trace(mesh, receiver
         assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.error
         # Paid once: the restarted gateway re-attached to the render, it did not start another.
         provider = backend_name(done.backend)
-        assert sandbox.creates(provider) == {f"{job.job_id}:1": 1}
+        assert sandbox.creates(provider) == {f"{job.job_id}.shot0:1": 1}
     finally:
         sandbox.reset(render_seconds=1)
 
