@@ -22,6 +22,16 @@ log = structlog.get_logger()
 
 DOMAIN = "aiprod.dev"
 
+# gRPC sends a status in the call's trailers (its message percent-encoded in grpc-message, the whole
+# google.rpc.Status in base64 in grpc-status-details-bin), and a peer refuses trailers over its metadata
+# limit (8 KiB by default): the caller would read RESOURCE_EXHAUSTED instead of the error, and an error
+# quoting a caller's 100,000 characters would hide itself. Handlers quote callers by short prefixes
+# (`aiprod_kit.checks.echo`); these bounds are the net for a text that does not. In UTF-8 bytes, which
+# is what travels: at most 3 KiB percent-encoded for the message, 4 KiB in base64 for the status.
+MAX_STATUS_MESSAGE_BYTES = 1024
+MAX_DETAIL_TEXT_BYTES = 256  # each ErrorInfo metadata value, BadRequest field and description
+MAX_STATUS_BYTES = 3 * 1024  # past it, the details after the ErrorInfo are left out
+
 
 class ErrorReason:
     """The `ErrorInfo.reason` values (UPPER_SNAKE, stable: callers branch on them)."""
@@ -97,7 +107,8 @@ class ServiceError(Exception):
         self.metadata = {key: str(value) for key, value in (metadata or {}).items()}
 
     def error_info(self) -> error_details_pb2.ErrorInfo:
-        return error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
+        metadata = {key: cut(value, MAX_DETAIL_TEXT_BYTES) for key, value in self.metadata.items()}
+        return error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=metadata)
 
     def details(self) -> list[any_pb2.Any]:
         """The status details: the ErrorInfo first, then any a subclass adds."""
@@ -129,7 +140,9 @@ class InvalidArgument(ServiceError):
         return [
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=field, description=why)
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=cut(field, MAX_DETAIL_TEXT_BYTES), description=cut(why, MAX_DETAIL_TEXT_BYTES)
+                    )
                     for field, why in self.violations
                 ]
             )
@@ -204,6 +217,14 @@ class Unavailable(ServiceError):
     reason = ErrorReason.UNAVAILABLE
 
 
+def cut(text: str, max_bytes: int) -> str:
+    """text, or its longest prefix that fits in max_bytes of UTF-8 with "..." after it."""
+    encoded = text.encode(errors="replace")
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[: max_bytes - 3].decode(errors="ignore") + "..."
+
+
 def _packed(message: Any) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
@@ -254,9 +275,15 @@ def retry_delay(error: grpc.RpcError) -> float | None:
 
 
 def _status_of(error: ServiceError) -> grpc.Status:
+    """The status of an error, within the bounds gRPC's trailers can carry (see MAX_STATUS_BYTES)."""
     proto = status_pb2.Status(
-        code=getattr(code_pb2, error.code.name), message=error.message, details=error.details()
+        code=getattr(code_pb2, error.code.name),
+        message=cut(error.message, MAX_STATUS_MESSAGE_BYTES),
+        details=error.details(),
     )
+    # Many violations, say: the ErrorInfo, which callers branch on, stays; the message names the fields.
+    while proto.ByteSize() > MAX_STATUS_BYTES and len(proto.details) > 1:
+        proto.details.pop()
     return rpc_status.to_status(proto)
 
 

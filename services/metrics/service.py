@@ -18,7 +18,9 @@ The ledger's API, on top of the store's semantics (see `aiprod_metrics.ledger`):
   releasing again is OK; a committed one FAILED_PRECONDITION.
 - Expiry frees nothing: an expired reservation is spent at its full amount until reconciled by a late
   commit or release, and reported as the budget's uncertain money meanwhile.
-- Unknown keys are NOT_FOUND; bad input INVALID_ARGUMENT naming each field, with nothing written.
+- Unknown keys are NOT_FOUND; bad input INVALID_ARGUMENT naming each field, with nothing written
+  (`aiprod_kit.checks`: no NaN, no enum value this build does not know, no time outside protobuf's
+  range, no overlong string). Errors quote a caller's key by a short prefix (`echo`).
 - GetBudget reports today's budget of the tenant and of everyone together.
 - SetTenantBudget records a tenant's own daily cap in the ledger's database (shared by every replica):
   ReserveBudget, GetBudget and the budget levels use it for that tenant from then on. Zero means no
@@ -30,7 +32,8 @@ The ledger's API, on top of the store's semantics (see `aiprod_metrics.ledger`):
   (committed, uncertain money included) and reserved.
 
 RecordJobEvent also keeps terminal jobs and backend errors for the alert policies (ListAlerts, see
-`aiprod_metrics.alerts`) and the SLOs (GetSloReport, see `aiprod_metrics.slo`).
+`aiprod_metrics.alerts`) and the SLOs (GetSloReport, see `aiprod_metrics.slo`). A batch with one bad
+event records none of it.
 """
 
 import asyncio
@@ -49,6 +52,15 @@ from google.protobuf import timestamp_pb2
 from aiprod.common.v1 import backend_pb2, job_pb2, money_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod_kit.capabilities import backend_name
+from aiprod_kit.checks import (
+    Violation,
+    bounded_string,
+    echo,
+    finite_number,
+    known_enum,
+    valid_duration,
+    valid_timestamp,
+)
 from aiprod_kit.errors import (
     AlreadyExists,
     ErrorReason,
@@ -83,6 +95,7 @@ _NAME_RULE = "must be 1 to 128 characters among A-Z a-z 0-9 . _ : -"
 # One attempt's cost at most, a sanity bound that also keeps a day's sums far from int64's limit.
 MAX_AMOUNT_MICROS = 1_000_000 * MICROS_PER_UNIT
 MAX_JOB_ID_LENGTH = 128
+MAX_PRESET_LENGTH = 128
 # A tenant's daily cap at most (like AIPROD_METRICS_DAILY_CAP_USD's bound).
 MAX_CAP_MICROS = 1_000_000_000 * MICROS_PER_UNIT
 # The longest range GetSpend sums: last_day at most this many days after first_day.
@@ -205,7 +218,24 @@ def _parse_day(field: str, value: str) -> tuple[date | None, list[tuple[str, str
             raise ValueError(value)
         return date.fromisoformat(value), []
     except ValueError:
-        return None, [(field, f'{value[:32]!r} is not a day, "YYYY-MM-DD"')]
+        return None, [(field, f'{echo(value, 32)} is not a day, "YYYY-MM-DD"')]
+
+
+def _event_violations(event: metrics_pb2.JobEventRecord, field: str) -> list[Violation]:
+    """What is wrong with one job event. A failure reason this build does not know is kept (as its
+    number, see `aiprod_kit.failures.reason_name`): a newer peer's, which must not hold up the batch."""
+    violations = known_enum(event.state, job_pb2.JobState, f"{field}.state", allow_unspecified=False)
+    violations += known_enum(event.backend, backend_pb2.Backend, f"{field}.backend")
+    violations += bounded_string(event.job_id, f"{field}.job_id", MAX_JOB_ID_LENGTH)
+    violations += bounded_string(event.preset, f"{field}.preset", MAX_PRESET_LENGTH)
+    if event.HasField("time"):
+        violations += valid_timestamp(event.time, f"{field}.time")
+    violations += finite_number(event.qc_score, f"{field}.qc_score", 0, 1)
+    if event.HasField("job_duration"):
+        violations += valid_duration(event.job_duration, f"{field}.job_duration")
+    if event.HasField("cost"):
+        violations += _validate_money(f"{field}.cost", event.cost, positive=False)
+    return violations
 
 
 def _timestamp(reservation: Reservation) -> timestamp_pb2.Timestamp:
@@ -235,12 +265,11 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
     async def RecordJobEvent(
         self, request: metrics_pb2.RecordJobEventRequest, context: grpc.aio.ServicerContext
     ) -> metrics_pb2.RecordJobEventResponse:
-        violations = []
-        for index, event in enumerate(request.events):
-            if event.state not in job_pb2.JobState.values() or event.state == job_pb2.JOB_STATE_UNSPECIFIED:
-                violations.append((f"events[{index}].state", "must be a known job state"))
-            if event.backend not in backend_pb2.Backend.values():
-                violations.append((f"events[{index}].backend", "must be a known backend"))
+        violations = [
+            violation
+            for index, event in enumerate(request.events)
+            for violation in _event_violations(event, f"events[{index}]")
+        ]
         if violations:
             raise InvalidArgument(violations)
         await self._events.record(*_outcomes_and_errors(request.events))
@@ -275,10 +304,8 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             violations.append(("amount", "is required: the attempt's worst-case cost"))
         else:
             violations += _validate_money("amount", request.amount, positive=True)
-        if len(request.job_id) > MAX_JOB_ID_LENGTH:
-            violations.append(("job_id", f"must be at most {MAX_JOB_ID_LENGTH} characters"))
-        if request.backend not in backend_pb2.Backend.values():
-            violations.append(("backend", "must be a known backend"))
+        violations += bounded_string(request.job_id, "job_id", MAX_JOB_ID_LENGTH)
+        violations += known_enum(request.backend, backend_pb2.Backend, "backend")
         if violations:
             raise InvalidArgument(violations)
         amount = request.amount.amount_micros
@@ -320,14 +347,14 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         except KeyConflict as conflict:
             existing = conflict.existing
             raise AlreadyExists(
-                f"reservation_key {key} was already used for another reservation (tenant {existing.tenant}, "
+                f"reservation_key {echo(key)} was already used for another reservation (tenant {existing.tenant}, "
                 f"job {existing.job_id or '-'})",
                 reason=ErrorReason.RESERVATION_KEY_CONFLICT,
                 metadata={"reservation_key": key},
             ) from conflict
         except WrongState as wrong:
             raise FailedPrecondition(
-                f"reservation {key} is {wrong.reservation.state} already; use a new key for a new attempt",
+                f"reservation {echo(key)} is {wrong.reservation.state} already; use a new key for a new attempt",
                 reason=ErrorReason.RESERVATION_SETTLED,
                 metadata={"reservation_key": key, "state": str(wrong.reservation.state)},
             ) from wrong
@@ -383,7 +410,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             reservation, before = await self._ledger.commit(key, actual)
         except UnknownKey as error:
             raise NotFound(
-                f"no reservation has the key {key}",
+                f"no reservation has the key {echo(key)}",
                 reason=ErrorReason.RESERVATION_NOT_FOUND,
                 metadata={"reservation_key": key},
             ) from error
@@ -391,13 +418,13 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             recorded = wrong.reservation
             if recorded.state == State.COMMITTED:
                 raise FailedPrecondition(
-                    f"reservation {key} was committed already with {format_usd(recorded.actual or 0)}, "
+                    f"reservation {echo(key)} was committed already with {format_usd(recorded.actual or 0)}, "
                     f"not {format_usd(actual)}",
                     reason=ErrorReason.RESERVATION_SETTLED,
                     metadata={"reservation_key": key, "state": str(recorded.state)},
                 ) from wrong
             raise FailedPrecondition(
-                f"reservation {key} was {recorded.state}: nothing may be committed against it",
+                f"reservation {echo(key)} was {recorded.state}: nothing may be committed against it",
                 reason=ErrorReason.RESERVATION_SETTLED,
                 metadata={"reservation_key": key, "state": str(recorded.state)},
             ) from wrong
@@ -427,13 +454,13 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             reservation, before = await self._ledger.release(key)
         except UnknownKey as error:
             raise NotFound(
-                f"no reservation has the key {key}",
+                f"no reservation has the key {echo(key)}",
                 reason=ErrorReason.RESERVATION_NOT_FOUND,
                 metadata={"reservation_key": key},
             ) from error
         except WrongState as wrong:
             raise FailedPrecondition(
-                f"reservation {key} was committed already ({format_usd(wrong.reservation.actual or 0)}): "
+                f"reservation {echo(key)} was committed already ({format_usd(wrong.reservation.actual or 0)}): "
                 "spent money cannot be released",
                 reason=ErrorReason.RESERVATION_SETTLED,
                 metadata={"reservation_key": key, "state": str(wrong.reservation.state)},

@@ -16,6 +16,16 @@ from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_kit.breaker import BreakerState
+from aiprod_kit.checks import (
+    Violation,
+    bounded_string,
+    echo,
+    finite_number,
+    known_enum,
+    shot_violations,
+    task_id_violations,
+    valid_timestamp,
+)
 from aiprod_kit.errors import ErrorReason, InvalidArgument, NotFound, Unavailable
 from aiprod_kit.money import usd
 from aiprod_router.backends import Renderer, RendererPool
@@ -25,6 +35,14 @@ _CALL_TIMEOUT = 10.0
 # A ledger tenant's name, as the metrics service accepts it.
 _NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _NAME_RULE = "must be 1 to 128 characters among A-Z a-z 0-9 . _ : -"
+# A render's idempotency key: its attempts' keys (KEY:N) must stay within the renderers' and the
+# ledger's 128 characters.
+_RENDER_KEY = re.compile(r"[A-Za-z0-9._:-]{1,120}")
+_RENDER_KEY_RULE = "must be 1 to 120 characters among A-Z a-z 0-9 . _ : -"
+# An attempt's key, as renderers and the ledger take it.
+_ATTEMPT_KEY = _NAME
+# A job id, as the ledger keeps it with each reservation.
+_MAX_JOB_ID_CHARACTERS = 128
 _BREAKER_STATES = {
     BreakerState.CLOSED: router_pb2.BREAKER_STATE_CLOSED,
     BreakerState.OPEN: router_pb2.BREAKER_STATE_OPEN,
@@ -39,22 +57,25 @@ def _seconds(value: float | None) -> duration_pb2.Duration:
     return duration
 
 
-def _shot_violations(shot: render_pb2.Shot) -> list[tuple[str, str]]:
-    violations = []
-    if not shot.prompt.strip():
-        violations.append(("shot.prompt", "must not be empty"))
-    if shot.duration_seconds <= 0:
-        violations.append(("shot.duration_seconds", "must be positive"))
+def _render_violations(
+    shot: render_pb2.Shot, constraints: render_pb2.RenderConstraints, tenant_id: str, job_id: str = ""
+) -> list[Violation]:
+    """What is wrong with the render a request asks for: its shot, its constraints, its tenant and job."""
+    violations = shot_violations(shot)
+    violations += finite_number(constraints.quality_floor, "constraints.quality_floor", 0, 1)
+    violations += known_enum(
+        constraints.preferred_backend, backend_pb2.Backend, "constraints.preferred_backend"
+    )
+    if constraints.max_cost.amount_micros < 0:
+        violations.append(("constraints.max_cost.amount_micros", "must not be negative"))
+    if constraints.HasField("deadline"):
+        violations += valid_timestamp(constraints.deadline, "constraints.deadline")
+    violations += _tenant_violations(tenant_id)
+    violations += bounded_string(job_id, "job_id", _MAX_JOB_ID_CHARACTERS)
     return violations
 
 
-def _require_shot(shot: render_pb2.Shot, tenant_id: str = "") -> None:
-    violations = _shot_violations(shot) + _tenant_violations(tenant_id)
-    if violations:
-        raise InvalidArgument(violations)
-
-
-def _tenant_violations(tenant_id: str) -> list[tuple[str, str]]:
+def _tenant_violations(tenant_id: str) -> list[Violation]:
     if tenant_id and not _NAME.fullmatch(tenant_id):
         return [("tenant_id", _NAME_RULE)]
     return []
@@ -85,7 +106,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def PlanRoute(
         self, request: router_pb2.PlanRouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.PlanRouteResponse:
-        _require_shot(request.shot, request.tenant_id)
+        if violations := _render_violations(request.shot, request.constraints, request.tenant_id):
+            raise InvalidArgument(violations)
         job = RenderJob("", request.shot, request.constraints, "", tenant_id=request.tenant_id)
         candidates = self._chain.rank(await self._chain.route_request(job, frozenset(), 0))
         response = router_pb2.PlanRouteResponse()
@@ -109,9 +131,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.ExecuteRenderRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.ExecuteRenderResponse]:
         guarantee, violations = _guarantee(request)
-        violations = _shot_violations(request.shot) + _tenant_violations(request.tenant_id) + violations
-        if not request.idempotency_key:
-            violations.append(("idempotency_key", "must not be empty"))
+        violations = (
+            _render_violations(request.shot, request.constraints, request.tenant_id, request.job_id)
+            + violations
+        )
+        if not _RENDER_KEY.fullmatch(request.idempotency_key):
+            violations.append(("idempotency_key", _RENDER_KEY_RULE))
         if violations:
             raise InvalidArgument(violations)
         job = RenderJob(
@@ -130,7 +155,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> AsyncIterator[router_pb2.ResumeRenderResponse]:
         self._renderer_of(request.handle)
         guarantee, violations = _guarantee(request)
-        violations = _tenant_violations(request.tenant_id) + violations
+        violations = (
+            _render_violations(request.shot, request.constraints, request.tenant_id, request.job_id)
+            + violations
+        )
+        if request.handle.idempotency_key and not _ATTEMPT_KEY.fullmatch(request.handle.idempotency_key):
+            violations.append(("handle.idempotency_key", _NAME_RULE))
+        if request.attempt < 0:
+            violations.append(("attempt", "must not be negative"))
         if violations:
             raise InvalidArgument(violations)
         # The original idempotency key without its attempt suffix: later attempts continue its series.
@@ -165,7 +197,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(
-                    f"render {task_id} is not known to its renderer",
+                    f"render {echo(task_id)} is not known to its renderer",
                     reason=ErrorReason.RENDER_NOT_FOUND,
                     metadata={"task_id": task_id, "backend": renderer.name},
                 ) from error
@@ -184,10 +216,18 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.ReconcileAttemptRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ReconcileAttemptResponse:
         renderer = self._pool.get(request.backend)
+        violations: list[Violation] = []
         if renderer is None:
-            raise InvalidArgument([("backend", "is not a backend this router is configured with")])
-        if not (request.task_id or request.idempotency_key):
-            raise InvalidArgument([("idempotency_key", "must be set when task_id is not")])
+            violations.append(("backend", "is not a backend this router is configured with"))
+        if request.task_id:
+            violations += task_id_violations(request.task_id)
+        elif not request.idempotency_key:
+            violations.append(("idempotency_key", "must be set when task_id is not"))
+        if request.idempotency_key and not _ATTEMPT_KEY.fullmatch(request.idempotency_key):
+            violations.append(("idempotency_key", _NAME_RULE))
+        if violations:
+            raise InvalidArgument(violations)
+        assert renderer is not None
         lookup = renderer_pb2.GetRenderRequest(
             task_id=request.task_id, idempotency_key=request.idempotency_key
         )
@@ -224,11 +264,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         )
 
     def _renderer_of(self, handle: backend_pb2.RenderHandle) -> Renderer:
-        if not handle.task_id:
-            raise InvalidArgument([("handle.task_id", "must not be empty")])
+        violations = task_id_violations(handle.task_id, "handle.task_id")
         renderer = self._pool.get(handle.backend)
         if renderer is None:
-            raise InvalidArgument([("handle.backend", "is not a backend this router is configured with")])
+            violations.append(("handle.backend", "is not a backend this router is configured with"))
+        if violations:
+            raise InvalidArgument(violations)
+        assert renderer is not None
         return renderer
 
 

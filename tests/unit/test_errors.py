@@ -12,6 +12,8 @@ from aiprod.common.v1 import render_pb2
 from aiprod_kit import errors
 from aiprod_kit.errors import (
     DOMAIN,
+    MAX_DETAIL_TEXT_BYTES,
+    MAX_STATUS_MESSAGE_BYTES,
     AlreadyExists,
     ErrorInterceptor,
     ErrorReason,
@@ -22,6 +24,7 @@ from aiprod_kit.errors import (
     ServiceError,
     Unavailable,
     Unimplemented,
+    cut,
     error_info,
     error_reason,
     retry_delay,
@@ -107,6 +110,13 @@ _RAISED: dict[str, Exception] = {
     "limited": ResourceExhausted(
         "10 requests a minute", reason=ErrorReason.RATE_LIMITED, metadata={"limit": 10}, retry_after=12.5
     ),
+    # Errors that quote a caller's 100,000 characters, in a message, metadata or a violation: two bytes
+    # a character, six once percent-encoded in the trailers.
+    "long_message": NotFound("no render " + "é" * 100_000, metadata={"task_id": "t" * 100_000}),
+    "long_violation": InvalidArgument([("task_id", "is not " + "k" * 100_000)]),
+    "many_violations": InvalidArgument(
+        [(f"events[{i}].time", "must be a time in 1..9999") for i in range(5000)]
+    ),
 }
 
 
@@ -191,3 +201,50 @@ def test_a_status_without_error_info_reads_as_no_reason():
     assert error_info(Bare()) is None
     assert error_reason(Bare()) == ""
     assert errors.DOMAIN == "aiprod.dev"
+
+
+# Bounds on a status --------------------------------------------------------------------------------------
+
+
+def test_cut_keeps_a_text_that_fits_and_cuts_one_that_does_not_at_a_character():
+    assert cut("short", 10) == "short"
+    assert cut("k" * 100, 10) == "kkkkkkk..."
+    # Never half a character: "é" is two bytes.
+    assert cut("é" * 100, 10) == "ééé..."
+    assert len(cut("é" * 100, 11).encode()) <= 11
+
+
+async def test_an_error_quoting_a_long_text_keeps_its_code_within_bounds(channel):
+    error = await _raised(channel, "long_message")
+    # Not the transport's RESOURCE_EXHAUSTED for trailers over its metadata limit.
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    details = error.details() or ""
+    assert details.startswith("no render éé") and details.endswith("...")
+    assert len(details.encode()) <= MAX_STATUS_MESSAGE_BYTES
+    info = error_info(error)
+    assert info is not None and info.reason == "NOT_FOUND"
+    assert len(info.metadata["task_id"].encode()) <= MAX_DETAIL_TEXT_BYTES
+
+
+async def test_a_long_violation_is_cut_and_still_names_its_field(channel):
+    error = await _raised(channel, "long_violation")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(error)
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[1].Unpack(bad_request)
+    [violation] = bad_request.field_violations
+    assert violation.field == "task_id"
+    assert (
+        violation.description.startswith("is not kkk") and len(violation.description) <= MAX_DETAIL_TEXT_BYTES
+    )
+
+
+async def test_too_many_violations_leave_the_error_info_and_the_message(channel):
+    error = await _raised(channel, "many_violations")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(error) == "INVALID_ARGUMENT"
+    assert (error.details() or "").startswith("events[0].time: must be a time in 1..9999; events[1].time")
+    status = rpc_status.from_call(error)
+    assert status is not None
+    assert [detail.TypeName() for detail in status.details] == ["google.rpc.ErrorInfo"]

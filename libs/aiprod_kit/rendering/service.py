@@ -10,7 +10,9 @@
 - `calls`: every provider request under the provider's limits, measured and traced.
 
 This servicer validates requests and answers the RPCs; every terminal render carries what the provider
-bills for it (the adapter's `charge_micros`), except an uncertain create.
+bills for it (the adapter's `charge_micros`), except an uncertain create. A request's fields are
+checked (`aiprod_kit.checks`) before anything else: a shot no backend should be asked to render, or an
+overlong task id, is INVALID_ARGUMENT before the provider, the key store or the registry sees it.
 """
 
 from collections.abc import AsyncIterator
@@ -20,6 +22,7 @@ import grpc
 
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod_kit.capabilities import shot_mismatches
+from aiprod_kit.checks import Violation, echo, shot_violations, task_id_violations
 from aiprod_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
 from aiprod_kit.failures import Reason, failure
 from aiprod_kit.rendering.background import Background
@@ -90,17 +93,20 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
     ) -> renderer_pb2.GetCapabilitiesResponse:
         return renderer_pb2.GetCapabilitiesResponse(capabilities=self._provider.capabilities())
 
-    def _violations(self, request: renderer_pb2.StartRenderRequest, model: str) -> list[tuple[str, str]]:
+    def _violations(self, request: renderer_pb2.StartRenderRequest, model: str) -> list[Violation]:
         capabilities = self._provider.capabilities()
         violations = []
         if not KEY_PATTERN.fullmatch(request.idempotency_key):
             violations.append(("idempotency_key", KEY_RULE))
-        if not request.shot.prompt.strip():
-            violations.append(("shot.prompt", "must not be empty"))
-        violations += [(f"shot.{field}", why) for field, why in shot_mismatches(request.shot, capabilities)]
+        malformed = shot_violations(request.shot)
+        # What this backend cannot do is only asked of a shot any backend could render (a NaN duration
+        # or an unknown aspect ratio is wrong everywhere, and said once).
+        violations += malformed or [
+            (f"shot.{field}", why) for field, why in shot_mismatches(request.shot, capabilities)
+        ]
         if model not in capabilities.models:
             violations.append(
-                ("model", f"unknown model {model!r}; this backend has {', '.join(capabilities.models)}")
+                ("model", f"unknown model {echo(model)}; this backend has {', '.join(capabilities.models)}")
             )
         return violations
 
@@ -119,22 +125,22 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         if request.idempotency_key and not request.task_id:
             render = await self._starter.by_key(request.idempotency_key)
         else:
-            render = await self._starter.by_task(request.task_id)
+            render = await self._starter.by_task(_task_id(request.task_id))
         return renderer_pb2.GetRenderResponse(render=render.snapshot())
 
     async def WatchRender(
         self, request: renderer_pb2.WatchRenderRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[renderer_pb2.WatchRenderResponse]:
-        render = await self._starter.by_task(request.task_id)
+        render = await self._starter.by_task(_task_id(request.task_id))
         async for status in render.watch():
             yield renderer_pb2.WatchRenderResponse(render=status)
 
     async def CancelRender(
         self, request: renderer_pb2.CancelRenderRequest, context: grpc.aio.ServicerContext
     ) -> renderer_pb2.CancelRenderResponse:
-        render = await self._starter.by_task(request.task_id)
+        render = await self._starter.by_task(_task_id(request.task_id))
         if render.ended:
-            raise FailedPrecondition(f"render {request.task_id} has already ended")
+            raise FailedPrecondition(f"render {echo(request.task_id)} has already ended")
         try:
             cancelled = await self._calls.call(
                 render, lambda: self._provider.cancel(render.task_id), idempotent=True, what="cancel"
@@ -150,3 +156,10 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
             render, renderer_pb2.RENDER_STATE_CANCELLED, failure(Reason.CANCELLED, message, False), charge
         )
         return renderer_pb2.CancelRenderResponse(render=render.snapshot())
+
+
+def _task_id(task_id: str) -> str:
+    """A task id a caller names, checked before the registry, the key store or the provider is asked."""
+    if violations := task_id_violations(task_id):
+        raise InvalidArgument(violations)
+    return task_id

@@ -2,7 +2,8 @@
 
 Renders run as background tasks, at most `concurrency` at once; the encoding itself runs in a worker
 thread so that the event loop keeps serving. Render state lives in memory only: the renderer holds
-no durable state, while the videos it stores are durable on disk.
+no durable state, while the videos it stores are durable on disk. Requests are checked as the kit's
+renderers check theirs (`aiprod_kit.checks`), then against what this renderer can do.
 """
 
 import asyncio
@@ -18,6 +19,7 @@ import structlog
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from aiprod_kit.checks import Violation, echo, shot_violations, task_id_violations
 from aiprod_kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from aiprod_kit.failures import Reason, failure
 from aiprod_kit.money import usd
@@ -60,26 +62,35 @@ def capabilities() -> renderer_pb2.Capabilities:
     )
 
 
-def _violations(request: renderer_pb2.StartRenderRequest) -> list[tuple[str, str]]:
+def _violations(request: renderer_pb2.StartRenderRequest) -> list[Violation]:
     shot = request.shot
     found = []
     if not KEY_PATTERN.fullmatch(request.idempotency_key):
         found.append(("idempotency_key", KEY_RULE))
-    if not shot.prompt.strip():
-        found.append(("shot.prompt", "required"))
-    elif len(shot.prompt) > MAX_PROMPT_CHARACTERS:
+    malformed = shot_violations(shot)
+    found += malformed
+    # This renderer's own limits, for the fields the checks every renderer makes left alone.
+    checked = {field for field, _ in malformed}
+    if "shot.prompt" not in checked and len(shot.prompt) > MAX_PROMPT_CHARACTERS:
         found.append(("shot.prompt", f"at most {MAX_PROMPT_CHARACTERS} characters"))
     duration = shot.duration_seconds
-    if not (math.isfinite(duration) and MIN_DURATION_SECONDS <= duration <= MAX_DURATION_SECONDS):
+    if "shot.duration_seconds" not in checked and not (
+        math.isfinite(duration) and MIN_DURATION_SECONDS <= duration <= MAX_DURATION_SECONDS
+    ):
         found.append(
             ("shot.duration_seconds", f"must be {MIN_DURATION_SECONDS:g} to {MAX_DURATION_SECONDS:g} seconds")
         )
-    if shot.aspect_ratio != render_pb2.ASPECT_RATIO_UNSPECIFIED and shot.aspect_ratio not in _ASPECT_RATIOS:
-        found.append(("shot.aspect_ratio", f"unknown aspect ratio {shot.aspect_ratio}"))
-    if shot.HasField("first_frame"):
+    if "shot.aspect_ratio" not in checked and shot.aspect_ratio not in (
+        render_pb2.ASPECT_RATIO_UNSPECIFIED,
+        *_ASPECT_RATIOS,
+    ):
+        found.append(
+            ("shot.aspect_ratio", f"does not render {render_pb2.AspectRatio.Name(shot.aspect_ratio)}")
+        )
+    if "shot.first_frame" not in checked and shot.HasField("first_frame"):
         found.append(("shot.first_frame", "this backend takes no first frame"))
     if request.model not in ("", MODEL):
-        found.append(("model", f"unknown model; this backend has {MODEL!r}"))
+        found.append(("model", f"unknown model {echo(request.model)}; this backend has {MODEL!r}"))
     return found
 
 
@@ -130,6 +141,10 @@ class LocalRendererService(renderer_pb2_grpc.RendererServiceServicer):
     async def GetRender(
         self, request: renderer_pb2.GetRenderRequest, context: grpc.aio.ServicerContext
     ) -> renderer_pb2.GetRenderResponse:
+        if request.idempotency_key and not request.task_id:
+            return renderer_pb2.GetRenderResponse(
+                render=self._find_by_key(request.idempotency_key).snapshot()
+            )
         return renderer_pb2.GetRenderResponse(render=self._find(request.task_id).snapshot())
 
     async def WatchRender(
@@ -158,9 +173,20 @@ class LocalRendererService(renderer_pb2_grpc.RendererServiceServicer):
         )
 
     def _find(self, task_id: str) -> _LocalRender:
+        if violations := task_id_violations(task_id):
+            raise InvalidArgument(violations)
         render = self._registry.known(task_id)
         if render is None:
-            raise NotFound(f"no render {task_id!r} at this renderer")
+            raise NotFound(f"no render {echo(task_id)} at this renderer")
+        return render
+
+    def _find_by_key(self, key: str) -> _LocalRender:
+        """The render started under a key; NOT_FOUND when none was (here, since this process started)."""
+        if not KEY_PATTERN.fullmatch(key):
+            raise InvalidArgument([("idempotency_key", KEY_RULE)])
+        render = self._registry.by_key(key)
+        if render is None:
+            raise NotFound(f"no render was started under key {echo(key)} at this renderer")
         return render
 
     async def _end(
