@@ -44,6 +44,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         "AIPROD_METRICS_DAILY_CAP_USD": "0",
         # Veo 3.1: it takes reference images.
         "AIPROD_VEO_MODEL": "veo-3.1-generate-preview",
+        # The providers' videos at 360p rather than 720p: five minutes of video in a few tests on two
+        # cores, where the encoder's and decoder's work is not what is tested.
+        "AIPROD_SANDBOX_VIDEO_SHORT_SIDE": "360",
+        # Shots polled side by side: the providers' request rates (a request a second by default) are
+        # not what is tested.
+        **{f"AIPROD_{provider}_REQUESTS_PER_MINUTE": "6000" for provider in ("RUNWAY", "VEO", "REPLICATE")},
     }
     with sandbox_mesh(tmp_path_factory.mktemp("long-videos"), environment) as running:
         yield running
