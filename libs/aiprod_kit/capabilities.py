@@ -39,7 +39,13 @@ def shot_mismatches(shot: render_pb2.Shot, capabilities: renderer_pb2.Capabiliti
         mismatches.append(("duration_seconds", f"renders only {allowed} s, not {duration:g} s"))
     aspect_ratio = shot.aspect_ratio or render_pb2.ASPECT_RATIO_16_9
     if aspect_ratio not in capabilities.aspect_ratios:
-        mismatches.append(("aspect_ratio", f"does not render {render_pb2.AspectRatio.Name(aspect_ratio)}"))
+        # An unknown value has no name: said as its number rather than raised.
+        name = (
+            render_pb2.AspectRatio.Name(aspect_ratio)
+            if aspect_ratio in render_pb2.AspectRatio.values()
+            else str(aspect_ratio)
+        )
+        mismatches.append(("aspect_ratio", f"does not render {name}"))
     if (shot.first_frame.data or shot.first_frame.uri) and not capabilities.image_input:
         mismatches.append(("first_frame", "does not take a first frame"))
     # Limits of the provider's own API (0: none known): checked here so that the router ranks a long

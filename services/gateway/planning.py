@@ -166,7 +166,7 @@ def plan_shots(spec: render_pb2.RenderSpec, clips: Sequence[ClipLimits]) -> rend
             shot.CopyFrom(given)
             shot.prompt = given.prompt.strip()
             shot.aspect_ratio = given.aspect_ratio or spec.aspect_ratio
-            shot.seed = given.seed or _shot_seed(spec.seed, index)
+            shot.seed = given.seed or shot_seed(spec.seed, index)
         return plan
     durations = cut(spec.duration_seconds, clips)
     if len(durations) == 1:
@@ -182,7 +182,7 @@ def plan_shots(spec: render_pb2.RenderSpec, clips: Sequence[ClipLimits]) -> rend
                 prompt=f"{prompt} (shot {index + 1} of {count})",
                 duration_seconds=seconds,
                 aspect_ratio=spec.aspect_ratio,
-                seed=_shot_seed(spec.seed, index),
+                seed=shot_seed(spec.seed, index),
             )
             for index, seconds in enumerate(durations)
         ]
@@ -192,7 +192,8 @@ def plan_shots(spec: render_pb2.RenderSpec, clips: Sequence[ClipLimits]) -> rend
     return plan
 
 
-def _shot_seed(seed: int, index: int) -> int:
+def shot_seed(seed: int, index: int) -> int:
+    """Shot `index`'s seed from the spec's."""
     # 0 stays 0: each renderer then derives the seed from the shot's own prompt.
     return (seed + index) % _SEED_MODULUS if seed else 0
 

@@ -86,10 +86,31 @@ class MetricsReporter:
                 metrics_pb2.RecordJobEventRequest(events=batch), timeout=_TIMEOUT
             )
         except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # A batch is refused whole for one bad event, which would never be taken: sent one by
+                # one, the others are recorded and only that one is dropped.
+                return await self._send_one_by_one(batch)
             log.warning("job events not recorded by metrics yet", count=len(batch), code=error.code().name)
             self._pending[:0] = batch
             self._wake.set()
             return False
+        return True
+
+    async def _send_one_by_one(self, batch: list[metrics_pb2.JobEventRecord]) -> bool:
+        for index, record in enumerate(batch):
+            try:
+                await self._metrics.RecordJobEvent(
+                    metrics_pb2.RecordJobEventRequest(events=[record]), timeout=_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    log.error(
+                        "job event refused by metrics; dropped", job_id=record.job_id, why=error.details()
+                    )
+                    continue
+                self._pending[:0] = batch[index:]
+                self._wake.set()
+                return False
         return True
 
     async def close(self) -> None:

@@ -25,7 +25,7 @@ from google.protobuf import timestamp_pb2
 
 from aiprod.common.v1 import job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
-from aiprod_gateway import validation
+from aiprod_gateway import images, planning, validation
 from aiprod_gateway.catalog import BackendCatalog
 from aiprod_gateway.store import JobStore
 from aiprod_gateway.tenancy import Tenant, current_tenant
@@ -105,12 +105,15 @@ def _message_changes(old: protobuf_message.Message, new: protobuf_message.Messag
 
 
 def edited_plan(plan: render_pb2.RenderPlan, spec: render_pb2.RenderSpec) -> render_pb2.RenderPlan:
-    """An edited plan as the job keeps it: a shot without an aspect ratio or a seed takes the job's."""
+    """An edited plan as the job keeps it: a shot without an aspect ratio takes the job's, one without a
+    seed the planner's for its place; inline images carry the media type their bytes hold."""
     edited = render_pb2.RenderPlan()
     edited.CopyFrom(plan)
-    for shot in edited.shots:
+    for index, shot in enumerate(edited.shots):
         shot.aspect_ratio = shot.aspect_ratio or spec.aspect_ratio
-        shot.seed = shot.seed or spec.seed
+        shot.seed = shot.seed or planning.shot_seed(spec.seed, index)
+        for image in (shot.first_frame, *shot.reference_images):
+            images.normalize_mime_type(image)
     return edited
 
 

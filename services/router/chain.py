@@ -253,7 +253,8 @@ class RenderChain:
             max_cost = max(constraints.max_cost.amount_micros - spent_micros, 0)
         seconds_left = None
         if constraints.HasField("deadline"):
-            seconds_left = constraints.deadline.ToDatetime().timestamp() - time.time()
+            # From the Timestamp's own fields: a naive datetime's timestamp() would read it as local time.
+            seconds_left = constraints.deadline.seconds + constraints.deadline.nanos / 1e9 - time.time()
         return RouteRequest(
             shot=job.shot,
             quality_floor=constraints.quality_floor,
