@@ -53,8 +53,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver) -> It
         yield running
 
 
-def gateway(mesh: Mesh) -> gateway_pb2_grpc.GatewayServiceStub:
-    channel = with_api_key(grpc.insecure_channel(mesh.address("gateway")), mesh.api_key)
+def gateway(mesh: Mesh, key: str | None = None) -> gateway_pb2_grpc.GatewayServiceStub:
+    channel = with_api_key(grpc.insecure_channel(mesh.address("gateway")), key or mesh.api_key)
     return gateway_pb2_grpc.GatewayServiceStub(channel)
 
 
@@ -100,6 +100,10 @@ def runway_job(mesh: Mesh) -> gateway_pb2.RenderJob:
 def test_every_documented_metric_is_exported_with_exactly_its_labels(mesh, receiver, runway_job):
     scheme = documented_metrics()
     assert len(scheme) >= 25, "the scheme table of docs/TELEMETRY.md was not read"
+    # A call refused for its key (aiprod.gateway.auth_failures).
+    with pytest.raises(grpc.RpcError) as refused:
+        gateway(mesh, key="not-a-key").ListRenderJobs(gateway_pb2.ListRenderJobsRequest(), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
     def missing() -> set[str]:
         return set(scheme) - set(receiver.metrics())

@@ -8,6 +8,11 @@ logged. AdminService: the operators' admin key (AIPROD_GATEWAY_ADMIN_KEY).
 A key proven once is trusted for a few seconds (`gateway_key_cache_seconds`) without a look at the
 store, so a call costs no database read; a key revoked by this replica stops at once, by another
 replica within that time.
+
+Every refusal goes through the guard's `AuthFailures` (aiprod_gateway.auth_failures): counted by reason,
+logged once a window per peer, and answered after a growing wait once a peer keeps failing. The peer
+comes from the call's context, the guards' optional second argument; a guard called without it counts
+every caller as one unknown peer.
 """
 
 import hashlib
@@ -18,7 +23,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from aiprod.gateway.v1 import admin_pb2
+from aiprod.gateway.v1 import admin_pb2, gateway_pb2
+from aiprod_gateway.auth_failures import AuthFailures, calling_peer
 from aiprod_gateway.keys import TenantStore, key_prefix
 from aiprod_gateway.tenancy import Tenant, set_current_tenant
 from aiprod_kit.errors import ErrorReason, PermissionDenied, Unauthenticated
@@ -26,6 +32,8 @@ from aiprod_kit.errors import ErrorReason, PermissionDenied, Unauthenticated
 _HOW = "send the metadata `authorization: Bearer <API key>`"
 # Resolved keys kept at most; the oldest go first.
 _CACHE_SIZE = 10_000
+GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 def bearer(details: grpc.HandlerCallDetails) -> str:
@@ -49,22 +57,31 @@ class _Resolved:
 
 class ApiKeyGuard:
     """The GatewayService guard. admit: called with each call's tenant once its key is proven (the
-    tier's request rate)."""
+    tier's request rate); its refusals are no authentication failures."""
 
     def __init__(
         self,
         tenants: TenantStore,
         cache_seconds: float,
         admit: Callable[[Tenant], Awaitable[None]] | None = None,
+        failures: AuthFailures | None = None,
     ) -> None:
         self._tenants = tenants
         self._cache_seconds = cache_seconds
         self._admit = admit
         self._cache: dict[str, _Resolved] = {}
+        self._failures = failures or AuthFailures(GATEWAY_SERVICE)
 
-    async def __call__(self, details: grpc.HandlerCallDetails) -> None:
-        secret = bearer(details)
-        tenant = await self._resolve(secret)
+    async def __call__(
+        self, details: grpc.HandlerCallDetails, context: grpc.aio.ServicerContext | None = None
+    ) -> None:
+        try:
+            tenant = await self._resolve(bearer(details))
+        except (Unauthenticated, PermissionDenied) as refusal:
+            await self._failures.refused(calling_peer(context), refusal)
+            raise
+        # Windows that ended get their summary line even when no failure follows them.
+        self._failures.sweep()
         set_current_tenant(tenant)
         if self._admit is not None:
             await self._admit(tenant)
@@ -121,10 +138,21 @@ class ApiKeyGuard:
 class AdminKeyGuard:
     """The AdminService guard: the operators' key, compared in constant time."""
 
-    def __init__(self, admin_key: str) -> None:
+    def __init__(self, admin_key: str, failures: AuthFailures | None = None) -> None:
         self._digest = hashlib.sha256(admin_key.encode()).digest() if admin_key else None
+        self._failures = failures or AuthFailures(ADMIN_SERVICE)
 
-    async def __call__(self, details: grpc.HandlerCallDetails) -> None:
+    async def __call__(
+        self, details: grpc.HandlerCallDetails, context: grpc.aio.ServicerContext | None = None
+    ) -> None:
+        try:
+            self._check(details)
+        except (Unauthenticated, PermissionDenied) as refusal:
+            await self._failures.refused(calling_peer(context), refusal)
+            raise
+        self._failures.sweep()
+
+    def _check(self, details: grpc.HandlerCallDetails) -> None:
         if self._digest is None:
             raise PermissionDenied("the admin service is off: no AIPROD_GATEWAY_ADMIN_KEY is configured")
         presented = hashlib.sha256(bearer(details).encode()).digest()

@@ -1,6 +1,8 @@
-"""The gateway's metrics: the life of jobs, exported through OpenTelemetry (docs/TELEMETRY.md).
+"""The gateway's metrics: the life of jobs and the calls refused for their key, exported through
+OpenTelemetry (docs/TELEMETRY.md).
 
-Labels are the preset, the backend, the end state and the failure reason: never a job id or a prompt.
+Labels are the preset, the backend, the end state, the failure reason and the RPC's service: never a job
+id, a prompt, a key or a caller's address.
 """
 
 from opentelemetry import metrics
@@ -78,6 +80,20 @@ class GatewayMetrics:
     def _record_duration(self, job: gateway_pb2.RenderJob, labels: dict[str, str], state: str) -> None:
         seconds = (job.update_time.ToNanoseconds() - job.create_time.ToNanoseconds()) / 1e9
         self._duration.record(seconds, {**labels, "state": state})
+
+
+class AuthMetrics:
+    """aiprod.gateway.auth_failures: every call a guard refused (UNAUTHENTICATED, PERMISSION_DENIED), by
+    its ErrorInfo reason and service. Not by peer: addresses are unbounded, the log names them."""
+
+    def __init__(self, meter: metrics.Meter | None = None) -> None:
+        meter = meter or metrics.get_meter("aiprod.gateway")
+        self._failures = meter.create_counter(
+            "aiprod.gateway.auth_failures", unit="{request}", description="Calls refused for their key"
+        )
+
+    def failed(self, service: str, reason: str) -> None:
+        self._failures.add(1, {"rpc.service": service, "reason": reason})
 
 
 def _actual_micros(job: gateway_pb2.RenderJob) -> int:
