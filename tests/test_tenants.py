@@ -1,10 +1,7 @@
 """Tenants and API keys, against a real mesh with the provider sandbox: every public call needs a key,
 and a tenant sees, cancels, approves, edits and spends only on what is its own."""
 
-import secrets
-import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -22,7 +19,11 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    with sandbox_mesh(tmp_path_factory.mktemp("tenants"), {}) as running:
+    # These tests refuse wrong keys by the dozen from one address: their subject is the answer, not the
+    # slow-down of repeated failures (tests/test_auth_slowdown.py), which is lifted here.
+    with sandbox_mesh(
+        tmp_path_factory.mktemp("tenants"), {"AIPROD_GATEWAY_AUTH_FAILURES_FREE": "100000"}
+    ) as running:
         yield running
 
 
@@ -287,46 +288,3 @@ def test_no_secret_reaches_the_logs(mesh: Mesh, other_key: str) -> None:
             if secret.startswith("aiprod_"):
                 # Nor an API key's secret part alone (aiprod_<id>_<secret>; the secret may hold "_").
                 assert secret.split("_", 2)[2] not in text, service.spec.name
-
-
-def test_a_wrong_key_in_a_loop_is_slowed_down_and_logged_in_a_few_lines(mesh: Mesh) -> None:
-    """30 calls with a wrong key from this process: each is UNAUTHENTICATED, past a peer's first few
-    failures after a wait (an `await`: the right key is served meanwhile and right after), and the
-    gateway's log says so in a few lines, not one a call."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    log_path = mesh.services["gateway"].log_path
-    logged_before = log_path.stat().st_size
-    wrong = "aiprod_000000000000_" + secrets.token_urlsafe(24)
-    started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=30) as pool:
-        attempts = [
-            pool.submit(
-                refused,
-                lambda: gateway(mesh, key=wrong).ListRenderJobs(
-                    gateway_pb2.ListRenderJobsRequest(), timeout=30
-                ),
-                grpc.StatusCode.UNAUTHENTICATED,
-            )
-            for _ in range(30)
-        ]
-        gateway(mesh).ListRenderJobs(gateway_pb2.ListRenderJobsRequest(), timeout=10)
-        errors = [attempt.result() for attempt in attempts]
-    # At least 15 of the 30 fall in one window of the peer's, past its free failures: one waits 2 s.
-    assert time.monotonic() - started >= 1.5
-    assert {error_info(error).reason for error in errors} == {"UNAUTHENTICATED"}
-
-    gateway(mesh).ListRenderJobs(gateway_pb2.ListRenderJobsRequest(), timeout=10)
-    with grpc.insecure_channel(mesh.address("gateway")) as channel:
-        check = health_pb2.HealthCheckRequest(service=GATEWAY_SERVICE.full_name)
-        status = health_pb2_grpc.HealthStub(channel).Check(check, timeout=10).status
-        assert status == health_pb2.HealthCheckResponse.SERVING
-
-    with log_path.open("rb") as log:
-        log.seek(logged_before)
-        new_lines = log.read().decode(errors="replace").splitlines()
-    about_them = [line for line in new_lines if "authentication fail" in line]
-    # At most: the summary of the window before, this window's first failure, and its summary.
-    assert len(about_them) <= 3, about_them
-    text = log_path.read_text(errors="replace")
-    assert wrong not in text and wrong.split("_", 2)[2] not in text

@@ -51,10 +51,10 @@ class HealthSignal:
         await publish(self.serving)
 
 
-# Admits a call to a service before its handler runs, from the call's method and metadata: raises a
-# ServiceError to refuse it (UNAUTHENTICATED...), and may set context variables the handler reads (the
-# calling tenant); runs in the call's own context.
-Guard = Callable[[grpc.HandlerCallDetails], Awaitable[None]]
+# Admits a call to a service before its handler runs, from the call's method and metadata and its
+# servicer context (the peer): raises a ServiceError to refuse it (UNAUTHENTICATED...), and may set
+# context variables the handler reads (the calling tenant); runs in the call's own context.
+Guard = Callable[[grpc.HandlerCallDetails, grpc.aio.ServicerContext], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             inner_unary = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await guard(details)
+                await guard(details, context)
                 return await inner_unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -102,7 +102,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await guard(details)
+                await guard(details, context)
                 if inspect.isasyncgenfunction(inner_stream):
                     async for response in inner_stream(request, context):
                         yield response

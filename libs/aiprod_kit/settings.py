@@ -99,6 +99,10 @@ class GatewaySettings(CommonSettings):
     # How long a resolved API key is trusted without a look at the store: a key revoked on another
     # replica stops working within this (at once on the replica that revoked it).
     gateway_key_cache_seconds: float = 5.0
+    # Authentication failures a peer (an IP address) may make in a minute before each further one waits,
+    # the wait doubling from 0.1 s up to the most: a wrong key in a loop cannot flood the gateway.
+    gateway_auth_failures_free: int = Field(5, ge=0)
+    gateway_auth_failure_max_delay_seconds: float = Field(2.0, ge=0)
     # Overrides of the SLA tiers' figures, JSON (see aiprod_gateway.tiers).
     gateway_tiers: str = ""
     # The ledger account (tenant id) that pays for the free re-renders a tier's quality minimum grants.

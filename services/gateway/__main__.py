@@ -5,7 +5,8 @@ from aiprod.gateway.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb
 from aiprod.metrics.v1 import metrics_pb2_grpc
 from aiprod.router.v1 import router_pb2_grpc
 from aiprod_gateway.admin import AdminServicer
-from aiprod_gateway.auth import AdminKeyGuard, ApiKeyGuard
+from aiprod_gateway.auth import ADMIN_SERVICE, GATEWAY_SERVICE, AdminKeyGuard, ApiKeyGuard
+from aiprod_gateway.auth_failures import AuthFailures
 from aiprod_gateway.claims import job_lease_seconds, owner_id
 from aiprod_gateway.dispatcher import Dispatcher
 from aiprod_gateway.driving import BudgetPolicy
@@ -24,6 +25,15 @@ from aiprod_kit.server import Registration, run
 from aiprod_kit.settings import GatewaySettings
 
 settings = GatewaySettings()
+
+
+def auth_failures(service: str) -> AuthFailures:
+    """The slow-down of one service's authentication failures, as the settings say."""
+    return AuthFailures(
+        service,
+        free_failures=settings.gateway_auth_failures_free,
+        max_delay_seconds=settings.gateway_auth_failure_max_delay_seconds,
+    )
 
 
 @asynccontextmanager
@@ -61,7 +71,9 @@ async def build() -> AsyncIterator[list[Registration]]:
         owner_id(),
         lease_seconds,
     )
-    key_guard = ApiKeyGuard(tenants, settings.gateway_key_cache_seconds, limiter.admit)
+    key_guard = ApiKeyGuard(
+        tenants, settings.gateway_key_cache_seconds, limiter.admit, auth_failures(GATEWAY_SERVICE)
+    )
     await settlement.start()
     await dispatcher.start()
     try:
@@ -78,7 +90,9 @@ async def build() -> AsyncIterator[list[Registration]]:
                 admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
                 AdminServicer(tenants, metrics, key_guard),
                 admin_pb2_grpc.add_AdminServiceServicer_to_server,
-                guard=AdminKeyGuard(settings.gateway_admin_key.get_secret_value()),
+                guard=AdminKeyGuard(
+                    settings.gateway_admin_key.get_secret_value(), auth_failures(ADMIN_SERVICE)
+                ),
             ),
         ]
     finally:
