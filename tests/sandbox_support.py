@@ -5,13 +5,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import budget, eventually
 
-from aiprod.common.v1 import render_pb2
+from aiprod.common.v1 import event_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod_kit.mesh import Mesh
 
@@ -49,6 +50,34 @@ def settled_sandbox(mesh: Mesh, settle_seconds: float) -> "Sandbox":
     control = Sandbox(mesh.address("sandbox"))
     control.reset(render_seconds=1)
     return control
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """Attempts against a sandbox's bill: the ones whose charge is not their key's bill (or, held, whose
+    reservation is under it), and what the held ones were billed and keep reserved."""
+
+    wrong: list[tuple]
+    held_billed: int
+    held_reserved: int
+
+
+def account(attempts: dict[str, tuple[str, Any]], bills: "Bills") -> Accounting:
+    """attempts: reservation key -> (job id, gateway RenderAttempt). Each settled attempt's charge must
+    be what its provider billed for its key; a held one (its outcome unknown) keeps at least its bill
+    reserved."""
+    wrong: list[tuple] = []
+    held_billed = held_reserved = 0
+    for key, (job_id, attempt) in attempts.items():
+        billed = bills.by_key.get(key, 0)
+        if attempt.charge.outcome == event_pb2.CHARGE_OUTCOME_HOLD:
+            held_billed += billed
+            held_reserved += attempt.reserved.amount_micros
+            if attempt.reserved.amount_micros < billed:
+                wrong.append((job_id, key, "held under its bill", attempt.reserved.amount_micros, billed))
+        elif attempt.charge.billed.amount_micros != billed:
+            wrong.append((job_id, key, "charged", attempt.charge.billed.amount_micros, "billed", billed))
+    return Accounting(wrong, held_billed, held_reserved)
 
 
 class Sandbox:

@@ -26,7 +26,7 @@ import grpc
 import httpx
 import pytest
 from postgres_support import assert_runs_on_its_store
-from sandbox_support import Sandbox, sandbox_mesh
+from sandbox_support import Sandbox, account, sandbox_mesh
 from support import TERMINAL, budget, eventually, gateway
 
 from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
@@ -357,17 +357,8 @@ def test_jobs_outlive_sigkills_and_a_dropped_create_each_task_created_once_and_t
 
     # Each settled attempt's charge is what its provider billed for its key; a held one (its outcome
     # unknown: the dropped create, or a create cut by a kill) keeps at least its bill reserved.
-    wrong = []
-    held_billed = held_reserved = 0
-    for key, (job_id, attempt) in attempts.items():
-        billed = bills.by_key.get(key, 0)
-        if attempt.charge.outcome == HOLD:
-            held_billed += billed
-            held_reserved += attempt.reserved.amount_micros
-            if attempt.reserved.amount_micros < billed:
-                wrong.append((job_id, key, "held under its bill", attempt.reserved.amount_micros, billed))
-        elif attempt.charge.billed.amount_micros != billed:
-            wrong.append((job_id, key, "charged", attempt.charge.billed.amount_micros, "billed", billed))
+    accounted = account(attempts, bills)
+    wrong, held_billed, held_reserved = accounted.wrong, accounted.held_billed, accounted.held_reserved
     assert not wrong, (wrong, report(mesh, sorted({job_id for job_id, *_ in wrong}), chaos))
     costs = sum(job.cost.amount_micros for job in done.values())
     assert costs == bills.total_micros - held_billed, (costs, bills.total_micros, held_billed, str(chaos))

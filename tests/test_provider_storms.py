@@ -51,7 +51,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from sandbox_support import Sandbox, sandbox_mesh
+from sandbox_support import Sandbox, account, sandbox_mesh
 from support import TERMINAL, budget, eventually, gateway, router, watch_until
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
@@ -300,17 +300,8 @@ def assert_settled_as_billed(
     bills = sandbox.bills()
     strangers = {key for key in bills.by_key if key not in attempts}
     assert not strangers, (strangers, bills)
-    wrong = []
-    held_billed = held_reserved = 0
-    for key, (job_id, attempt) in attempts.items():
-        billed = bills.by_key.get(key, 0)
-        if attempt.charge.outcome == HOLD:
-            held_billed += billed
-            held_reserved += attempt.reserved.amount_micros
-            if attempt.reserved.amount_micros < billed:
-                wrong.append((job_id, key, "held under its bill", attempt.reserved.amount_micros, billed))
-        elif attempt.charge.billed.amount_micros != billed:
-            wrong.append((job_id, key, "charged", attempt.charge.billed.amount_micros, "billed", billed))
+    accounted = account(attempts, bills)
+    wrong, held_billed, held_reserved = accounted.wrong, accounted.held_billed, accounted.held_reserved
     assert not wrong, wrong
     costs = sum(job.cost.amount_micros for job in done.values())
     assert costs == bills.total_micros - held_billed, (costs, bills.total_micros, held_billed)
