@@ -4,14 +4,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
-import grpc
 import typer
 from rich import box
 from rich.table import Table
 
 from aiprod.common.v1 import money_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
-from aiprod_cli.gateway import CALL_TIMEOUT_SECONDS, exit_on_rpc_error
+from aiprod_cli.gateway import CALL_TIMEOUT_SECONDS, exit_on_rpc_error, open_channel
 from aiprod_cli.output import JsonOption, message_to_dict, new_table, print_json, stdout
 from aiprod_kit.settings import METRICS_PORT
 
@@ -26,7 +25,7 @@ DEFAULT_METRICS = f"localhost:{METRICS_PORT}"
 
 @contextmanager
 def connect_metrics(address: str) -> Iterator[metrics_pb2_grpc.MetricsServiceStub]:
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address) as channel:
         yield metrics_pb2_grpc.MetricsServiceStub(channel)
 
 

@@ -16,6 +16,7 @@ from aiprod_kit.apikeys import ADMIN_KEY_VARIABLE, API_KEY_VARIABLE, with_api_ke
 from aiprod_kit.channels import MESSAGE_SIZE_OPTIONS
 from aiprod_kit.errors import ErrorReason, error_info, error_reason, retry_delay
 from aiprod_kit.settings import GATEWAY_PORT
+from aiprod_kit.tls import TlsSettings, dial
 
 GatewayOption = Annotated[
     str,
@@ -90,11 +91,21 @@ def require_key(key: str, variable: str = API_KEY_VARIABLE) -> str:
     return key
 
 
+def open_channel(address: str, options: list[tuple[str, int]] | None = None) -> grpc.Channel:
+    """A channel to a service of the mesh, with TLS as AIPROD_TLS_* say (exits naming a setting that
+    is missing or unreadable)."""
+    tls = TlsSettings()
+    if problems := tls.problems(server=False):
+        stderr.print(f"error: {'; '.join(problems)}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USAGE)
+    return dial(address, tls, options)
+
+
 @contextmanager
 def connect(address: str, api_key: str) -> Iterator[Gateway]:
     """The gateway, every call of its stub with the API key (exits with a hint when there is none)."""
     key = require_key(api_key)
-    with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+    with open_channel(address, _CHANNEL_OPTIONS) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(with_api_key(channel, key))
         yield Gateway(address, channel, stub)
 
@@ -103,7 +114,7 @@ def connect(address: str, api_key: str) -> Iterator[Gateway]:
 def connect_admin(address: str, admin_key: str) -> Iterator[admin_pb2_grpc.AdminServiceStub]:
     """The gateway's AdminService, every call with the admin key (exits with a hint when there is none)."""
     key = require_key(admin_key, ADMIN_KEY_VARIABLE)
-    with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+    with open_channel(address, _CHANNEL_OPTIONS) as channel:
         yield admin_pb2_grpc.AdminServiceStub(with_api_key(channel, key))
 
 

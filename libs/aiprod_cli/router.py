@@ -4,10 +4,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
-import grpc
 import typer
 
 from aiprod.router.v1 import router_pb2_grpc
+from aiprod_cli.gateway import open_channel
 from aiprod_kit.settings import ROUTER_PORT
 
 RouterOption = Annotated[
@@ -19,5 +19,5 @@ DEFAULT_ROUTER = f"localhost:{ROUTER_PORT}"
 
 @contextmanager
 def connect_router(address: str) -> Iterator[router_pb2_grpc.RouterServiceStub]:
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address) as channel:
         yield router_pb2_grpc.RouterServiceStub(channel)

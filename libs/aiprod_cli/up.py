@@ -16,6 +16,7 @@ from rich.table import Table
 
 from aiprod_cli.output import JsonOption, new_table, print_json, print_line, stderr, stdout
 from aiprod_kit.apikeys import ADMIN_KEY_VARIABLE, API_KEY_VARIABLE
+from aiprod_kit.certificates import DevelopmentCertificates, development_certificates
 from aiprod_kit.mesh import DEVELOPMENT_TENANT, PROVIDER_BACKENDS, Mesh, RunningService, ServiceStartError
 
 # How often the loop looks for a stop request, or a service that exited on its own.
@@ -40,8 +41,12 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def _services_json(mesh: Mesh, api_key: str) -> dict[str, object]:
+def _services_json(
+    mesh: Mesh, api_key: str, certificates: DevelopmentCertificates | None
+) -> dict[str, object]:
     return {
+        # What a caller sets to reach the mesh (--tls), else nothing: plaintext.
+        "tls": certificates.client_environment() if certificates else {},
         "data_dir": str(mesh.data_dir),
         "tenant_id": DEVELOPMENT_TENANT,
         "api_key": api_key,
@@ -81,6 +86,26 @@ def _services_table(mesh: Mesh) -> Table:
             str(service.log_path.relative_to(mesh.data_dir)),
         )
     return table
+
+
+def _print_tls(mesh: Mesh, certificates: DevelopmentCertificates) -> None:
+    """How a caller reaches a mesh that runs mutual TLS: the CLI's settings, and grpcurl's flags."""
+    stderr.print(
+        f"Mutual TLS with development certificates in {certificates.directory}; a caller presents the "
+        "client certificate (the CLI with these settings):",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    for variable, value in certificates.client_environment().items():
+        print_line(f"{variable}={value}")
+    stderr.print(
+        f"grpcurl -cacert {certificates.ca} -cert {certificates.client_cert} -key {certificates.client_key} "
+        f"{mesh.address('gateway')} list",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _print_keys(mesh: Mesh, api_key: str) -> None:
@@ -163,6 +188,14 @@ def up(
             "each provider needs its credentials in the environment (see the README).",
         ),
     ] = "local",
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="Mutual TLS on every service and between them, with development certificates (a private "
+            "CA) made in DIR/tls and kept while valid; prints what a caller needs to connect.",
+        ),
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Start every service (gateway on 50051, router 50052, metrics 50053, local renderer 50060).
@@ -183,6 +216,9 @@ def up(
     # The operators' admin key: the one given, else a fresh one for this mesh (printed below).
     if os.environ.get("AIPROD_GATEWAY_ADMIN_KEY"):
         development["AIPROD_GATEWAY_ADMIN_KEY"] = os.environ["AIPROD_GATEWAY_ADMIN_KEY"]
+    certificates = development_certificates(data_dir.resolve() / "tls") if tls else None
+    if certificates:
+        development.update(certificates.environment())
     mesh = Mesh(
         data_dir.resolve(), free_ports=free_ports, backends=names, sandbox=sandbox, environment=development
     )
@@ -219,10 +255,12 @@ def up(
                 )
                 raise typer.Exit(1) from None
             if json_output:
-                print_json(_services_json(mesh, api_key))
+                print_json(_services_json(mesh, api_key, certificates))
             else:
                 stdout.print(_services_table(mesh))
                 _print_keys(mesh, api_key)
+                if certificates:
+                    _print_tls(mesh, certificates)
                 stderr.print("The mesh is up; Ctrl-C stops it.")
             exited = _wait(mesh, stop)
         finally:

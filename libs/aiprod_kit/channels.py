@@ -7,6 +7,7 @@ import grpc
 from aiprod_kit.capabilities import MAX_INLINE_IMAGE_BYTES
 from aiprod_kit.settings import CommonSettings
 from aiprod_kit.telemetry import client_interceptors
+from aiprod_kit.tls import dial_aio
 
 # gRPC's default 4 MiB receive limit would refuse the inline first frame the API documents (up to
 # MAX_INLINE_IMAGE_BYTES) with RESOURCE_EXHAUSTED before validation could name the field. A job carries
@@ -65,12 +66,13 @@ def open_channel(
 ) -> grpc.aio.Channel:
     """Opens a channel to target ("host:port", "dns:///host:port", "ipv4:a:p,b:p"); call inside the
     running loop. With health_service, round_robin sends calls only to replicas whose standard health
-    reports that service SERVING (gRPC client-side health checking)."""
+    reports that service SERVING (gRPC client-side health checking). TLS as AIPROD_TLS_* say."""
     config = dict(_SERVICE_CONFIG)
     if health_service:
         config["healthCheckConfig"] = {"serviceName": health_service}
-    return grpc.aio.insecure_channel(
+    return dial_aio(
         target,
+        settings.tls,
         options=[
             ("grpc.service_config", json.dumps(config)),
             ("grpc.enable_retries", 1),

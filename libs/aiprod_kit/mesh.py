@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aiprod.gateway.v1 import admin_pb2, admin_pb2_grpc
 from aiprod_kit import settings as defaults
 from aiprod_kit.apikeys import with_api_key
+from aiprod_kit.tls import TlsSettings, dial
 
 
 @dataclass(frozen=True)
@@ -124,9 +125,18 @@ class Mesh:
             )
         return self.api_keys[DEVELOPMENT_TENANT]
 
+    @property
+    def tls(self) -> TlsSettings:
+        """The TLS the services run with, as their clients need it (AIPROD_TLS_* in environment)."""
+        return TlsSettings.overridden(self.environment)
+
+    def dial(self, name: str) -> grpc.Channel:
+        """A new blocking channel to a service, with the mesh's TLS."""
+        return dial(self.address(name), self.tls)
+
     def admin(self, gateway: str = "gateway") -> admin_pb2_grpc.AdminServiceStub:
         """An AdminService stub of the gateway, each call with the admin key."""
-        channel = with_api_key(grpc.insecure_channel(self.address(gateway)), self.admin_key)
+        channel = with_api_key(self.dial(gateway), self.admin_key)
         return admin_pb2_grpc.AdminServiceStub(channel)
 
     def create_api_key(
@@ -228,7 +238,7 @@ class Mesh:
                 tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
                 raise ServiceStartError(f"{name} did not start; its log ({log_path}) ends with:\n{tail}")
             service = RunningService(spec, process, bound, log_path, host)
-            _check_serving(service, self.start_timeout)
+            _check_serving(service, self.tls, self.start_timeout)
         except BaseException:
             process.kill()
             process.wait()
@@ -288,13 +298,13 @@ def _await_serving_port(process: subprocess.Popen[bytes], log_path: Path, timeou
     return found.get("port")
 
 
-def _check_serving(service: RunningService, timeout: float) -> None:
+def _check_serving(service: RunningService, tls: TlsSettings, timeout: float) -> None:
     if service.spec.health_name is None:
         response = httpx.get(f"http://{service.address}/_sandbox/health", timeout=timeout)
         if response.status_code != 200:
             raise ServiceStartError(f"{service.spec.name} answers {response.status_code} on its health check")
         return
-    with grpc.insecure_channel(service.address) as channel:
+    with dial(service.address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         # The process-wide "" status: a renderer without credentials is up yet NOT_SERVING by name.
         response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True)

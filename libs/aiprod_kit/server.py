@@ -28,6 +28,7 @@ from aiprod_kit.errors import ErrorInterceptor
 from aiprod_kit.logs import configure_logging
 from aiprod_kit.settings import CommonSettings, ConfigurationError
 from aiprod_kit.telemetry import configure_telemetry, server_interceptors, shutdown_telemetry
+from aiprod_kit.tls import server_credentials
 
 
 class HealthSignal:
@@ -122,6 +123,8 @@ ServiceFactory = Callable[[], AbstractAsyncContextManager[list[Registration]]]
 
 async def serve(component: str, settings: CommonSettings, port: int, build: ServiceFactory) -> None:
     log = configure_logging(component, settings.log_level, settings.log_format)
+    if problems := settings.tls.problems(server=True):
+        raise ConfigurationError("; ".join(problems))
     configure_telemetry(component, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -142,7 +145,11 @@ async def serve(component: str, settings: CommonSettings, port: int, build: Serv
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server,
         )
-        bound_port = server.add_insecure_port(f"{settings.host}:{port}")
+        address = f"{settings.host}:{port}"
+        credentials = server_credentials(settings.tls)
+        bound_port = (
+            server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        )
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         for registration in registrations:
@@ -150,7 +157,7 @@ async def serve(component: str, settings: CommonSettings, port: int, build: Serv
                 functools.partial(_publish_health, health_servicer, registration.full_name)
             )
         # Supervisors (aiprod up, the tests) read the bound port from this line when they asked for port 0.
-        log.info("serving", port=bound_port, services=names)
+        log.info("serving", port=bound_port, services=names, tls=settings.tls.mode)
 
         await stop.wait()
         log.info("draining", grace_seconds=settings.shutdown_grace_seconds)

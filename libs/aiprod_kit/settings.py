@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from aiprod_kit.tls import TlsSettings
+
 # The documented ports of `aiprod up`; tests set 0 to get free ones.
 GATEWAY_PORT = 50051
 ROUTER_PORT = 50052
@@ -59,6 +61,9 @@ class CommonSettings(BaseSettings):
     # instead of leaving a job following a dead one.
     grpc_keepalive_seconds: float = Field(20.0, gt=0)
     grpc_keepalive_timeout_seconds: float = Field(10.0, gt=0)
+    # TLS or mutual TLS on every server and channel (AIPROD_TLS_MODE, _CERT_FILE, _KEY_FILE, _CA_FILE,
+    # _SERVER_NAME: aiprod_kit/tls.py); plaintext unless set.
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
 
 class GatewaySettings(CommonSettings):
