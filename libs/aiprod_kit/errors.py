@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 import structlog
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -299,8 +299,41 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: st
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+class _Undecodable:
+    """A request body that is no protobuf message of the method's type, as its deserializer hands it on:
+    grpc.aio would answer the parse error itself, as UNKNOWN, before any handler or interceptor ran."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.error = MalformedRequest(f"the request is not a valid {type_name} message ({error})")
+
+
+class MalformedRequest(ServiceError):
+    """A request body that cannot be parsed as the method's request message: a caller's mistake."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = ErrorReason.INVALID_ARGUMENT
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The deserializer, handing on an _Undecodable for a body it cannot parse instead of raising."""
+    if deserializer is None:
+        return None
+    request_type = getattr(deserializer, "__self__", None)
+    descriptor = getattr(request_type, "DESCRIPTOR", None)
+    type_name = descriptor.full_name if descriptor is not None else "request"
+
+    def deserialize(body: bytes) -> Any:
+        try:
+            return deserializer(body)
+        except message.DecodeError as error:
+            return _Undecodable(type_name, error)
+
+    return deserialize
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps ServiceError to its status and anything unexpected to INTERNAL."""
+    """Maps ServiceError to its status and anything unexpected to INTERNAL; a request body that is no
+    message of the method's type is INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN)."""
 
     async def intercept_service(
         self,
@@ -316,6 +349,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
+                    if isinstance(request, _Undecodable):
+                        raise request.error
                     return await inner_unary(request, context)
                 except (grpc.aio.AbortError, grpc.aio.UsageError):
                     raise
@@ -323,13 +358,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, error, method)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
+                unary, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
+                    if isinstance(request, _Undecodable):
+                        raise request.error
                     if inspect.isasyncgenfunction(inner_stream):
                         async for response in inner_stream(request, context):
                             yield response
@@ -341,6 +378,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, error, method)
 
             return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
+                stream, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         return handler

@@ -125,8 +125,21 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
     async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise _RAISED[request.decode()]
 
+    async def parse(request: render_pb2.Shot, context: grpc.aio.ServicerContext) -> bytes:
+        return request.prompt.encode()
+
+    async def parse_stream(
+        request: render_pb2.Shot, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        yield request.prompt.encode()
+
     handler = grpc.method_handlers_generic_handler(
-        "test.Errors", {"Raise": grpc.unary_unary_rpc_method_handler(unary)}
+        "test.Errors",
+        {
+            "Raise": grpc.unary_unary_rpc_method_handler(unary),
+            "Parse": grpc.unary_unary_rpc_method_handler(parse, render_pb2.Shot.FromString),
+            "ParseStream": grpc.unary_stream_rpc_method_handler(parse_stream, render_pb2.Shot.FromString),
+        },
     )
     server = grpc.aio.server(interceptors=[ErrorInterceptor()])
     server.add_generic_rpc_handlers((handler,))
@@ -185,6 +198,26 @@ async def test_an_unexpected_error_is_internal_with_error_info_and_nothing_priva
     assert error.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in (error.details() or "")
     assert error_reason(error) == "INTERNAL"
+
+
+async def test_a_body_that_is_no_message_of_the_request_type_is_invalid_argument(channel):
+    # A field of wire type 7, which does not exist: grpc.aio itself would answer UNKNOWN.
+    for call in (channel.unary_unary("/test.Errors/Parse"), channel.unary_stream("/test.Errors/ParseStream")):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            answer = call(b"\x0f", timeout=10)
+            if hasattr(answer, "__aiter__"):
+                [item async for item in answer]
+            else:
+                await answer
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid aiprod.common.v1.Shot message" in (raised.value.details() or "")
+        assert error_reason(raised.value) == "INVALID_ARGUMENT"
+    # A body that parses reaches the handler as the message.
+    body = render_pb2.Shot(prompt="boat").SerializeToString()
+    assert await channel.unary_unary("/test.Errors/Parse")(body, timeout=10) == b"boat"
+    assert [item async for item in channel.unary_stream("/test.Errors/ParseStream")(body, timeout=10)] == [
+        b"boat"
+    ]
 
 
 def test_a_status_without_error_info_reads_as_no_reason():
