@@ -79,6 +79,10 @@ def of_kind(resources: list[dict], kind: str) -> dict[str, dict]:
     return {resource["metadata"]["name"]: resource for resource in resources if resource["kind"] == kind}
 
 
+def is_cert_manager(resource: dict) -> bool:
+    return resource["apiVersion"].split("/")[0] == "cert-manager.io"
+
+
 def is_config_connector(resource: dict) -> bool:
     return resource["apiVersion"].split("/")[0].endswith(CONFIG_CONNECTOR_GROUP)
 
@@ -142,6 +146,8 @@ def test_kubernetes_kinds_validate_strictly(overlay: str) -> None:
     for resource in rendered(OVERLAYS[overlay]):
         if is_config_connector(resource):
             continue  # no schema in kubernetes-validate: checked against the CRDs below
+        if is_cert_manager(resource):
+            continue  # no schema either: what the mesh relies on is checked in the TLS tests below
         # A schema missing for a Kubernetes kind is an error here (the CLI only warns): a misspelled
         # apiVersion would otherwise pass unchecked.
         kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
@@ -242,7 +248,10 @@ def test_probes_ask_the_standard_health_service(overlay: str) -> None:
         if spec is None or spec.health_name is None:  # the collector's and the sandbox's HTTP health
             assert all("httpGet" in probe for probe in probes.values()), name
             continue
-        port = spec.default_port
+        # The service's port, or its plaintext health port when the service's requires TLS.
+        port = int(
+            environment(rendered(OVERLAYS[overlay]), deployment).get("AIPROD_HEALTH_PORT", spec.default_port)
+        )
         # Startup and liveness ask about the process: a renderer without credentials is alive.
         assert probes["startup"]["grpc"] == {"port": port, "service": ""}, name
         assert probes["liveness"]["grpc"] == {"port": port, "service": ""}, name
@@ -320,11 +329,17 @@ def aiprod_environment() -> list[str]:
 
 
 def _variables(settings: type[BaseSettings]) -> set[str]:
+    """The variables the settings read, those of settings nested in them (AIPROD_TLS_*) included."""
     prefix = settings.model_config.get("env_prefix", "")
-    return {
-        str(field.validation_alias) if field.validation_alias else f"{prefix}{name}".upper()
-        for name, field in settings.model_fields.items()
-    }
+    variables = set()
+    for name, field in settings.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseSettings):
+            variables |= _variables(field.annotation)
+        else:
+            variables.add(
+                str(field.validation_alias) if field.validation_alias else f"{prefix}{name}".upper()
+            )
+    return variables
 
 
 # --- Availability --------------------------------------------------------------------------------
@@ -869,3 +884,51 @@ def test_gke_stitches_long_videos_in_the_bucket_the_renderers_write() -> None:
     assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(
         ".iam.gserviceaccount.com"
     )
+
+
+# --- Mutual TLS --------------------------------------------------------------------------------------
+
+
+def test_gke_runs_mutual_tls_between_the_services_with_rotating_certificates() -> None:
+    resources = rendered(OVERLAYS["gke"])
+    certificates, issuers = of_kind(resources, "Certificate"), of_kind(resources, "Issuer")
+    mesh_certificate = certificates["aiprod-mesh"]["spec"]
+    # Named for every service as the others dial it, and for the gateway's callers in other namespaces.
+    dialed_names = {name for calls in dialed(resources).values() for name, _ in calls}
+    assert dialed_names <= set(mesh_certificate["dnsNames"])
+    assert {"gateway", "gateway.aiprod.svc", "gateway.aiprod.svc.cluster.local"} <= set(
+        mesh_certificate["dnsNames"]
+    )
+    assert {"server auth", "client auth"} <= set(mesh_certificate["usages"])
+    assert mesh_certificate["privateKey"]["rotationPolicy"] == "Always"
+    # Issued by the mesh's own CA, an Issuer of this output whose Secret the CA certificate fills.
+    ca_issuer = issuers[mesh_certificate["issuerRef"]["name"]]
+    (ca_certificate,) = (
+        c for c in certificates.values() if c["spec"]["secretName"] == ca_issuer["spec"]["ca"]["secretName"]
+    )
+    assert ca_certificate["spec"]["isCA"] is True
+    assert ca_certificate["spec"]["issuerRef"]["name"] in issuers
+    for name, deployment in of_kind(resources, "Deployment").items():
+        if name not in MESH:
+            continue
+        variables = environment(resources, deployment)
+        assert variables["AIPROD_TLS_MODE"] == "mtls", name
+        # The gateway's callers need only the CA; between the services, mutual TLS.
+        assert variables.get("AIPROD_TLS_SERVER_MODE") == ("tls" if name == "gateway" else None), name
+        pod = deployment["spec"]["template"]["spec"]
+        (volume,) = (
+            v
+            for v in pod["volumes"]
+            if v.get("secret", {}).get("secretName") == mesh_certificate["secretName"]
+        )
+        (mount,) = (m for m in container(deployment)["volumeMounts"] if m["name"] == volume["name"])
+        assert "subPath" not in mount, f"{name}: a subPath mount never sees the Secret's rotations"
+        for variable, key in (("CERT", "tls.crt"), ("KEY", "tls.key"), ("CA", "ca.crt")):
+            assert variables[f"AIPROD_TLS_{variable}_FILE"] == f"{mount['mountPath']}/{key}", name
+
+
+def test_dev_runs_plaintext() -> None:
+    resources = rendered(OVERLAYS["dev"])
+    assert not [resource for resource in resources if is_cert_manager(resource)]
+    for name, deployment in of_kind(resources, "Deployment").items():
+        assert environment(resources, deployment).get("AIPROD_TLS_MODE", "off") == "off", name

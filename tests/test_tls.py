@@ -62,9 +62,10 @@ def health(up: dict[str, Any], name: str, tls: TlsSettings) -> int:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
 
 
-def refusal(call: Any) -> grpc.StatusCode:
+def refusal(call: Any, *args: Any, **kwargs: Any) -> grpc.StatusCode:
+    """The status code call(*args, **kwargs) fails with."""
     with pytest.raises(grpc.RpcError) as refused:
-        call()
+        call(*args, **kwargs)
     return refused.value.code()
 
 
@@ -104,13 +105,11 @@ def test_callers_without_a_certificate_of_the_ca_are_refused_by_every_service(up
     }
     for name in GRPC_SERVICES:
         for caller, tls in callers.items():
-            code = refusal(lambda: health(up, name, tls))  # noqa: B023 (called at once)
+            code = refusal(health, up, name, tls)
             assert code == grpc.StatusCode.UNAVAILABLE, (name, caller, code)
     # The gateway's own API is refused the same way, before any key is looked at.
     for caller, tls in callers.items():
-        code = refusal(
-            lambda: gateway(up, tls).ListRenderJobs(gateway_pb2.ListRenderJobsRequest(), timeout=10)
-        )  # noqa: B023
+        code = refusal(gateway(up, tls).ListRenderJobs, gateway_pb2.ListRenderJobsRequest(), timeout=10)
         assert code == grpc.StatusCode.UNAVAILABLE, caller
     # And every service still serves the callers it should.
     for name in GRPC_SERVICES:
@@ -228,3 +227,27 @@ def test_a_service_told_to_use_tls_without_its_files_refuses_to_start_naming_the
         mesh.start()
     for variable in ("AIPROD_TLS_CERT_FILE", "AIPROD_TLS_KEY_FILE", "AIPROD_TLS_CA_FILE"):
         assert f"{variable} is required with AIPROD_TLS_MODE=mtls" in str(refused.value)
+
+
+def test_the_health_port_answers_probes_in_plaintext_and_serves_nothing_else(up, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    environment = {**up["certificates"].environment(), "AIPROD_HEALTH_PORT": str(free)}
+    mesh = Mesh(tmp_path, free_ports=True, only=("metrics",), environment=environment)
+    mesh.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{free}") as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="aiprod.metrics.v1.MetricsService"), timeout=10
+            )
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+            budget = channel.unary_unary("/aiprod.metrics.v1.MetricsService/GetBudget")
+            assert refusal(budget, b"", timeout=10) == grpc.StatusCode.UNIMPLEMENTED
+        # The service's own port still requires a certificate.
+        assert refusal(health, up, "metrics", TlsSettings()) == grpc.StatusCode.UNAVAILABLE
+        with dial(mesh.address("metrics"), client_tls(up)) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        mesh.stop()

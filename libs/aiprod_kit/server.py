@@ -4,7 +4,8 @@ grpc.aio server with the error and OpenTelemetry interceptors, each service's ow
 API keys: checked once here for every method of that service, never for health or reflection), the
 standard health service (each service's full name and ""), reflection, and a clean stop: on SIGTERM
 or SIGINT health turns NOT_SERVING, in-flight calls drain for the grace period, then the service's
-resources close.
+resources close. The port is plaintext or TLS as AIPROD_TLS_* say (aiprod_kit/tls.py), with an optional
+plaintext port for health alone (AIPROD_HEALTH_PORT) for probes that cannot present a certificate.
 """
 
 import asyncio
@@ -151,20 +152,48 @@ async def serve(component: str, settings: CommonSettings, port: int, build: Serv
             server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
         )
         await server.start()
+        probes = await _serve_health_port(health_servicer, settings)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         for registration in registrations:
             await (registration.health or HealthSignal()).bind(
                 functools.partial(_publish_health, health_servicer, registration.full_name)
             )
         # Supervisors (aiprod up, the tests) read the bound port from this line when they asked for port 0.
-        log.info("serving", port=bound_port, services=names, tls=settings.tls.mode)
+        log.info(
+            "serving",
+            port=bound_port,
+            services=names,
+            tls=settings.tls.serving_mode,
+            health_port=probes.port if probes else None,
+        )
 
         await stop.wait()
         log.info("draining", grace_seconds=settings.shutdown_grace_seconds)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(settings.shutdown_grace_seconds)
+        if probes:
+            await probes.server.stop(None)
     await asyncio.to_thread(shutdown_telemetry)
     log.info("stopped")
+
+
+@dataclass(frozen=True)
+class _HealthPort:
+    server: grpc.aio.Server
+    port: int
+
+
+async def _serve_health_port(
+    servicer: health.aio.HealthServicer, settings: CommonSettings
+) -> _HealthPort | None:
+    """The plaintext health-only port (AIPROD_HEALTH_PORT), the same health answers as the service's."""
+    if settings.health_port is None:
+        return None
+    server = grpc.aio.server(options=keepalive_options(settings, server=True))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+    await server.start()
+    return _HealthPort(server, port)
 
 
 async def _publish_health(servicer: health.aio.HealthServicer, name: str, serving: bool) -> None:

@@ -64,6 +64,9 @@ class CommonSettings(BaseSettings):
     # TLS or mutual TLS on every server and channel (AIPROD_TLS_MODE, _CERT_FILE, _KEY_FILE, _CA_FILE,
     # _SERVER_NAME: aiprod_kit/tls.py); plaintext unless set.
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    # A second, plaintext port that serves only the standard health service: for probes that cannot
+    # speak TLS (the kubelet's gRPC probes) when the service's own port requires it; unset: none.
+    health_port: int | None = Field(None, ge=0, le=65535)
 
 
 class GatewaySettings(CommonSettings):

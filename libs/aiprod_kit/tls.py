@@ -38,6 +38,10 @@ class TlsSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AIPROD_TLS_", extra="ignore", frozen=True)
 
     mode: TlsMode = "off"
+    # The mode of this process's own server when it differs from its channels': the gateway's many
+    # callers prove who they are with API keys, so its port may ask for TLS alone while the services it
+    # calls require mutual TLS. Unset: the mode.
+    server_mode: TlsMode | None = None
     # PEM files: this process's certificate chain and private key (a server's; a client's under mtls),
     # and the CA that signs the peers' certificates (clients: the system's roots when unset).
     cert_file: Path | None = None
@@ -49,22 +53,34 @@ class TlsSettings(BaseSettings):
 
     @property
     def enabled(self) -> bool:
+        """Whether channels use TLS."""
         return self.mode != "off"
 
+    @property
+    def serving_mode(self) -> TlsMode:
+        return self.server_mode or self.mode
+
     def problems(self, server: bool) -> list[str]:
-        """What is missing or unreadable for a server or a client, each naming its variable."""
-        if not self.enabled:
-            return []
-        files = {"CERT": self.cert_file, "KEY": self.key_file, "CA": self.ca_file}
-        required = {"CERT", "KEY"} if server or self.mode == "mtls" else set()
+        """What is missing or unreadable for a service (a server that also calls others) or a client
+        alone, each naming its variable."""
+        # A client presents its certificate, and checks the server's against the CA, under mtls only
+        # (under tls, the system's roots serve without a CA file); a server presents its certificate
+        # under tls and mtls, and checks its callers' against the CA under mtls.
+        required: dict[str, str] = {}  # file → the setting that needs it
         if self.mode == "mtls":
-            required.add("CA")
+            required.update(dict.fromkeys(("CERT", "KEY", "CA"), "AIPROD_TLS_MODE=mtls"))
+        if server and self.serving_mode != "off":
+            setting = (
+                f"{'AIPROD_TLS_SERVER_MODE' if self.server_mode else 'AIPROD_TLS_MODE'}={self.serving_mode}"
+            )
+            for name in ("CERT", "KEY", "CA") if self.serving_mode == "mtls" else ("CERT", "KEY"):
+                required.setdefault(name, setting)
         problems = []
-        for name, path in files.items():
+        for name, path in {"CERT": self.cert_file, "KEY": self.key_file, "CA": self.ca_file}.items():
             variable = f"AIPROD_TLS_{name}_FILE"
             if path is None:
                 if name in required:
-                    problems.append(f"{variable} is required with AIPROD_TLS_MODE={self.mode}")
+                    problems.append(f"{variable} is required with {required[name]}")
             elif not os.access(path, os.R_OK):
                 problems.append(f"{variable}: {path} is not a readable file")
         return problems
@@ -134,7 +150,7 @@ class CertificateFiles:
 
 def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
     """A server's credentials (None: plaintext), read from the files again after they change."""
-    if not tls.enabled:
+    if tls.serving_mode == "off":
         return None
     files = CertificateFiles(tls)
 
@@ -151,7 +167,7 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
     return grpc.dynamic_ssl_server_credentials(
         certificate_configuration(files.material),
         fetch,
-        require_client_authentication=tls.mode == "mtls",
+        require_client_authentication=tls.serving_mode == "mtls",
     )
 
 

@@ -111,6 +111,14 @@ def test_settings_name_what_a_server_or_a_client_is_missing(tmp_path):
         "AIPROD_TLS_KEY_FILE is required with AIPROD_TLS_MODE=mtls",
         "AIPROD_TLS_CA_FILE is required with AIPROD_TLS_MODE=mtls",
     ]
+    # The gateway's port under TLS alone, its channels under mutual TLS: the server's mode is named.
+    assert TlsSettings(server_mode="tls").problems(server=True) == [
+        "AIPROD_TLS_CERT_FILE is required with AIPROD_TLS_SERVER_MODE=tls",
+        "AIPROD_TLS_KEY_FILE is required with AIPROD_TLS_SERVER_MODE=tls",
+    ]
+    assert TlsSettings(mode="mtls", server_mode="tls").problems(server=True)[-1] == (
+        "AIPROD_TLS_CA_FILE is required with AIPROD_TLS_MODE=mtls"
+    )
     missing = tmp_path / "ca.pem"
     assert TlsSettings(mode="tls", ca_file=missing).problems(server=False) == [
         f"AIPROD_TLS_CA_FILE: {missing} is not a readable file"
