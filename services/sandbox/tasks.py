@@ -2,7 +2,8 @@
 
 Each task runs as a background coroutine: it may wait (a `[sandbox:throttle]` prompt, or the
 provider's concurrency limit), then runs for `render_seconds` while its video is encoded in a worker
-thread, and succeeds only once both the time has passed and the MP4 is on disk. Progress follows the
+thread (or found in the cache: each distinct video is encoded once, video_cache.py), and succeeds only
+once both the time has passed and the MP4 is on disk. Progress follows the
 elapsed share of render_seconds through the configured curve, held below 1 until the task is done.
 The providers only translate a task's state into their own wire format.
 """
@@ -11,9 +12,9 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import structlog
 from aiprod.common.v1 import render_pb2
 from aiprod_renderers.local import synth
 from aiprod_sandbox.config import PROVIDERS, ProviderConfig, RuntimeConfig
+from aiprod_sandbox.video_cache import VideoCache
 
 log = structlog.get_logger()
 
@@ -121,7 +123,6 @@ class Job:
     failure: Failure | None = None
     videos: list[Path] = field(default_factory=list)
     _started: float | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: asyncio.Task[None] | None = None
     # Called once, when the task reaches its final state (the provider's bill is settled then).
@@ -155,7 +156,6 @@ class Job:
         if self.terminal:
             return
         self.phase, self.failure, self.completed_at = phase, failure, _now()
-        self._stop.set()
         self._done.set()
         if self._on_final is not None:
             self._on_final(self)
@@ -220,8 +220,7 @@ class TaskBoard:
         self._on_final = on_final
         self._jobs: dict[str, dict[str, Job]] = {provider: {} for provider in PROVIDERS}
         self._slots = {provider: Slots(provider, config) for provider in PROVIDERS}
-        # Encodes are CPU-bound: more at once than cores only slows every one of them down.
-        self._encoders = asyncio.Semaphore(os.cpu_count() or 1)
+        self._videos = VideoCache(directory / "cache", concurrency=os.cpu_count() or 1)
 
     def submit(self, provider: str, job_id: str, spec: RenderSpec, key: str, details: object = None) -> Job:
         job = Job(job_id, provider, spec, read_triggers(spec.prompt), self._config.of(provider), key, details)
@@ -266,6 +265,7 @@ class TaskBoard:
         await asyncio.gather(*(job._runner for job in jobs if job._runner), return_exceptions=True)
         for provider in PROVIDERS:
             self._jobs[provider].clear()
+        self._videos.clear()
         await asyncio.to_thread(shutil.rmtree, self._directory, True)
 
     async def _run(self, job: Job) -> None:
@@ -310,13 +310,13 @@ class TaskBoard:
     async def _encode(self, job: Job) -> None:
         spec = job.spec
         directory = self._directory / job.provider
+        width, height = _scaled(spec.width, spec.height, self._video_short_side)
         for sample in range(spec.samples):
             path = directory / f"{job.id}-{sample}.mp4"
-            width, height = _scaled(spec.width, spec.height, self._video_short_side)
-            async with self._encoders:
-                await asyncio.to_thread(
-                    _encode_file, path, spec, spec.seed + sample, job._stop, width, height
-                )
+            seed = spec.seed + sample
+            encode = functools.partial(_encode_file, spec=spec, seed=seed, width=width, height=height)
+            key = VideoCache.key(spec.prompt, seed, spec.duration_seconds, width, height)
+            await self._videos.place(key, path, encode)
             job.videos.append(path)
 
 
@@ -328,12 +328,5 @@ def _scaled(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, 2 * round(width * scale / 2)), max(2, 2 * round(height * scale / 2))
 
 
-def _encode_file(
-    path: Path, spec: RenderSpec, seed: int, stop: threading.Event, width: int, height: int
-) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        synth.encode_video(path, spec.prompt, seed, spec.duration_seconds, width, height, cancel=stop)
-    except synth.RenderCancelled:
-        path.unlink(missing_ok=True)
-        raise
+def _encode_file(path: Path, spec: RenderSpec, seed: int, width: int, height: int) -> None:
+    synth.encode_video(path, spec.prompt, seed, spec.duration_seconds, width, height)
