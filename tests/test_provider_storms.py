@@ -28,14 +28,16 @@ once: the providers' own request limits lifted, 180p videos, no daily cap, polls
    sandbox created no task and billed nothing, the ledger's committed spend is unchanged and nothing
    stays reserved once the attempts are settled.
 
-And a bug, its test marked xfail: a renderer that stops serving under jobs the router already sent its
-way strands their attempts. Runway's credentials are revoked (every request 401) as 12 jobs preferring
-it are created at once; the first create trips Runway's renderer's breaker while other jobs are between
-their routing and their StartRender. Those never reach Runway, yet the router waits for the renderer
-and then holds their money as if their creates might have been sent. Asserted: each is released, and
-the ledger is as billed (skipped in a run where no job was caught on its way). So that the storms do
-not meet this by chance, the renderers' own breakers do not open on failures here (rejected credentials
-still take a renderer out at once), and scenario 3 refuses creates with 503s, not 401s.
+And a renderer that stops serving under jobs the router already sent its way. Runway's credentials are
+revoked (every request 401) as 12 jobs preferring it are created at once; the first create trips
+Runway's renderer's breaker while other jobs are between their routing and their StartRender. Their
+StartRender fails (on the router's health-checked channel to a renderer not serving, or refused by the
+renderer before any create), and the router asks the renderer, over a channel that is not
+health-checked, what it did under the attempt's key: nothing. Asserted: each such attempt is released
+(the job falls back), not held as if its create might have been sent, and the ledger is as billed
+(skipped in a run where no job was caught on its way). So that the storms do not meet this by
+chance, the renderers' own breakers do not open on failures here (rejected credentials still take a
+renderer out at once), and scenario 3 refuses creates with 503s, not 401s.
 """
 
 import json
@@ -100,8 +102,9 @@ ENVIRONMENT = {
     "AIPROD_METRICS_DAILY_CAP_USD": "0",
     # Small videos: the test measures the storms, not the encoder.
     "AIPROD_SANDBOX_VIDEO_SHORT_SIDE": "180",
-    # An attempt stranded at a renderer that stopped serving (the xfail test) is given up after 3 s,
-    # not 30; and Runway, out of service there, serves again a second after its credentials are back.
+    # An attempt stranded at a renderer that stopped serving would be given up after 3 s, not 30 (the
+    # test of a renderer that stops serving releases them at once); and Runway, out of service there,
+    # serves again a second after its credentials are back.
     "AIPROD_ROUTER_REATTACH_SECONDS": str(REATTACH_SECONDS),
     "AIPROD_RUNWAY_BREAKER_COOLDOWN_SECONDS": "1",
     **{
@@ -400,19 +403,8 @@ def ready(mesh: Mesh, backend: int) -> bool:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "router bug (services/router/chain.py, RenderChain._start): a StartRender answered UNAVAILABLE by "
-        "a renderer that is up but NOT_SERVING (the call failed fast on the health-checked channel, "
-        "'backend unhealthy', or the renderer refused it before any create) is treated as a call that "
-        "may have reached the provider: the router waits router_reattach_seconds for the renderer "
-        "(wait_for_ready), then ends the attempt CHARGE_OUTCOME_HOLD, its reservation held though no "
-        "create was ever sent"
-    ),
-)
 def test_jobs_routed_to_a_renderer_that_stops_serving_fall_back_holding_nothing(mesh, sandbox):
-    # Only the bug may fail this test (it is strict xfail): what it needs but does not judge skips it.
+    # What the test needs but does not judge skips it.
     if not eventually(lambda: ready(mesh, RUNWAY) and ready(mesh, VEO), timeout=SETTLE_SECONDS):
         pytest.skip("Runway or Veo is not serving with a closed breaker after the storms")
     before = budget(mesh)

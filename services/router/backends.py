@@ -78,7 +78,11 @@ class Renderer:
     backend: int
     target: str
     channel: grpc.aio.Channel
+    # Starts and follows renders, only at replicas that report SERVING.
     stub: renderer_pb2_grpc.RendererServiceStub
+    # A channel that is not health-checked, and its stub (see `records`).
+    records_channel: grpc.aio.Channel | None = None
+    records_stub: renderer_pb2_grpc.RendererServiceStub | None = None
     serving: bool = False
     capabilities: renderer_pb2.Capabilities | None = None
     # Each replica's own health, from its own Watch stream: address → serving.
@@ -88,6 +92,12 @@ class Renderer:
     stats: BackendStats = field(default_factory=BackendStats)
     # The router's own view from its results: opens on repeated failures, whatever health says.
     breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker(3, 30.0))
+
+    @property
+    def records(self) -> renderer_pb2_grpc.RendererServiceStub:
+        """Asks what the renderer did (a render by its key), also while it is not serving: its key store
+        still answers, so that a call that never reached the provider is known as such."""
+        return self.records_stub or self.stub
 
     @property
     def name(self) -> str:
@@ -164,17 +174,22 @@ class Renderer:
 
 
 class RendererPool:
-    """Every configured renderer, one channel and one health watch each, in the running event loop."""
+    """Every configured renderer, its two channels and its health watch, in the running event loop."""
 
     def __init__(
         self, targets: dict[int, str], breaker: Callable[[], CircuitBreaker], settings: CommonSettings
     ) -> None:
         self.renderers: dict[int, Renderer] = {}
         for backend, target in targets.items():
-            # Calls go only to replicas that report SERVING (client-side health checking).
+            # Calls go only to replicas that report SERVING (client-side health checking)...
             channel = open_channel(target, settings, health_service=RENDERER_SERVICE)
             stub = renderer_pb2_grpc.RendererServiceStub(channel)
-            self.renderers[backend] = Renderer(backend, target, channel, stub, breaker=breaker())
+            # ...but for asking what a replica did, which any replica can answer from the key store.
+            records_channel = open_channel(target, settings)
+            records = renderer_pb2_grpc.RendererServiceStub(records_channel)
+            self.renderers[backend] = Renderer(
+                backend, target, channel, stub, records_channel, records, breaker=breaker()
+            )
         self._watches = [
             asyncio.create_task(renderer.watch_replicas()) for renderer in self.renderers.values()
         ]
@@ -195,4 +210,6 @@ class RendererPool:
         for task in self._watches:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await asyncio.gather(*(renderer.channel.close() for renderer in self.renderers.values()))
+        channels = [renderer.channel for renderer in self.renderers.values()]
+        channels += [r.records_channel for r in self.renderers.values() if r.records_channel is not None]
+        await asyncio.gather(*(channel.close() for channel in channels))

@@ -28,6 +28,7 @@ output under the floor applies. A key reserved before a restart under the other 
 attempt as it was reserved: its account and backend are kept.
 """
 
+import enum
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -67,6 +68,9 @@ _LEDGER_TIMEOUT = 5.0
 _KNOWN_ACCOUNTS = 10_000
 # A StartRender waits for a task slot at its renderer and for the provider's create: long, but bounded.
 _START_TIMEOUT = 300.0
+# Asking a renderer for the render under a key. It waits while a create under the key is under way;
+# past this, the chain waits for the renderer and asks StartRender again, which waits for it too.
+_LOOKUP_TIMEOUT = 10.0
 
 
 def event(attempt: int, **kind: object) -> event_pb2.RenderEvent:
@@ -116,6 +120,15 @@ class _BudgetRefused(Exception):
 
 class _KeyConflict(Exception):
     """The attempt's key was reserved under another tenant (or job)."""
+
+
+class _Record(enum.Enum):
+    """A renderer's record of a key, when it has no render under it to show."""
+
+    # No create was ever claimed under the key: nothing reached the provider.
+    NONE = "none"
+    # The renderer cannot say now.
+    UNKNOWN = "unknown"
 
 
 @dataclass
@@ -595,9 +608,12 @@ class RenderChain:
     async def _start(
         self, renderer: Renderer, request: renderer_pb2.StartRenderRequest, result: AttemptResult
     ) -> renderer_pb2.Render | None:
-        """StartRender, asked again under the same key when the call broke: the renderer's key store
-        answers for the key (its task, or that the create's outcome is unknown). None: the attempt
-        ended without a render (result says why and what it costs)."""
+        """StartRender. A call that failed (but for a refusal) may or may not have reached the provider:
+        the renderer's record of the key says which (_recorded). When it cannot say, the renderer is
+        waited for and asked again under the same key (its key store answers for the key: its task,
+        or that the create's outcome is unknown); an attempt nobody can answer for is held. None: the
+        attempt ended without a render (result says why and what it costs)."""
+        key = request.idempotency_key
         for asked in range(2):
             try:
                 with trace.use_span(result.span):
@@ -607,17 +623,50 @@ class RenderChain:
                     result.end(renderer, failure(Reason.RENDER_REFUSED, error.details() or "", False))
                     return None
                 broken = failure(Reason.RENDERER_UNAVAILABLE, f"{error.code().name}: {error.details()}", True)
-                if asked == 0 and await self._reachable(renderer, self._settings.router_reattach_seconds):
-                    continue
-                if asked == 0:
-                    # Never answered again: the create may have been sent, so the key is not reused and
-                    # its money stays held until reconciled.
-                    result.end(renderer, broken, outcome=event_pb2.CHARGE_OUTCOME_HOLD)
-                else:
-                    # The renderer answered for the key and started nothing.
-                    result.end(renderer, broken)
+                # A call that ran out of time may still run at the renderer (waiting for a task slot,
+                # or its create under way): only the renderer answering StartRender again can tell.
+                # Any other failure ended the call there too, or it never got there.
+                ran_out = error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            record = _Record.UNKNOWN if ran_out else await self._recorded(renderer, key, result)
+            if record is _Record.NONE:
+                # Nothing reached the provider: released, and the chain falls back as after any refusal
+                # before a create.
+                broken.message += f"; nothing was started under key {key}"
+                result.end(renderer, broken)
                 return None
+            if record is not _Record.UNKNOWN:
+                return record
+            if asked == 0 and await self._reachable(renderer, self._settings.router_reattach_seconds):
+                continue
+            # The create may have been sent: the key is not reused and its money stays held until
+            # reconciled.
+            result.end(renderer, broken, outcome=event_pb2.CHARGE_OUTCOME_HOLD)
+            return None
         return None
+
+    async def _recorded(
+        self, renderer: Renderer, key: str, result: AttemptResult
+    ) -> renderer_pb2.Render | _Record:
+        """What the renderer did under the key of a StartRender that failed and is over there: the
+        render under the key (as StartRender would have answered), or its record's word. A call over
+        at the renderer claimed the key before it sent a create, or never will (the renderer frees the
+        key of a call whose caller went away before its create), so no claim means nothing was sent.
+        Asked over the records channel: a renderer that is not serving still answers for its keys."""
+        lookup = renderer_pb2.GetRenderRequest(idempotency_key=key)
+        try:
+            with trace.use_span(result.span):
+                return (await renderer.records.GetRender(lookup, timeout=_LOOKUP_TIMEOUT)).render
+        except grpc.aio.AioRpcError as error:
+            # The renderer's own NOT_FOUND (it carries an ErrorInfo), not one a proxy or gRPC made up.
+            if error.code() == grpc.StatusCode.NOT_FOUND and error_reason(error):
+                return _Record.NONE
+            log.warning(
+                "renderer cannot say what it did under a key",
+                backend=renderer.name,
+                key=key,
+                code=error.code().name,
+            )
+            return _Record.UNKNOWN
 
     async def _follow(
         self, renderer: Renderer, task_id: str, attempt: int, job: RenderJob, result: AttemptResult

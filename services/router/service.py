@@ -232,7 +232,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             task_id=request.task_id, idempotency_key=request.idempotency_key
         )
         try:
-            render = (await renderer.stub.GetRender(lookup, timeout=_CALL_TIMEOUT)).render
+            # Over the records channel: a renderer out of service still answers for what it did.
+            render = (await renderer.records.GetRender(lookup, timeout=_CALL_TIMEOUT)).render
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.NOT_FOUND or request.task_id:
                 # Away, or a task its provider no longer knows: nobody can say yet.
