@@ -18,6 +18,8 @@ from google.protobuf import any_pb2, duration_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from aiprod_kit.redaction import redact
+
 log = structlog.get_logger()
 
 DOMAIN = "aiprod.dev"
@@ -92,7 +94,9 @@ class ErrorReason:
 
 class ServiceError(Exception):
     """An error meant for the caller: its code and message reach them as they are, with an ErrorInfo
-    naming `reason` (the class's default unless given) and `metadata` (string values)."""
+    naming `reason` (the class's default unless given) and `metadata` (string values). Message and
+    metadata are redacted (aiprod_kit.redaction): a provider's error quoting the key it was sent, or a
+    caller's signed URL, never travels on in them."""
 
     code = grpc.StatusCode.INTERNAL
     reason = ErrorReason.INTERNAL
@@ -100,11 +104,12 @@ class ServiceError(Exception):
     def __init__(
         self, message: str, *, reason: str | None = None, metadata: Mapping[str, object] | None = None
     ) -> None:
+        message = redact(message)
         super().__init__(message)
         self.message = message
         if reason is not None:
             self.reason = reason
-        self.metadata = {key: str(value) for key, value in (metadata or {}).items()}
+        self.metadata = {key: redact(str(value)) for key, value in (metadata or {}).items()}
 
     def error_info(self) -> error_details_pb2.ErrorInfo:
         metadata = {key: cut(value, MAX_DETAIL_TEXT_BYTES) for key, value in self.metadata.items()}
@@ -131,6 +136,7 @@ class InvalidArgument(ServiceError):
         reason: str | None = None,
         metadata: Mapping[str, object] | None = None,
     ) -> None:
+        violations = [(redact(field), redact(why)) for field, why in violations]
         super().__init__(
             "; ".join(f"{field}: {why}" for field, why in violations), reason=reason, metadata=metadata
         )

@@ -9,6 +9,7 @@ name (`reason_name(code) == "PROVIDER_UNCERTAIN"`), the enum name without its `F
 """
 
 from aiprod.common.v1 import render_pb2
+from aiprod_kit.redaction import redact
 
 _PREFIX = "FAILURE_REASON_"
 
@@ -73,7 +74,8 @@ def reason_value(name: str) -> int:
 
 
 def failure(reason: int, message: str, retryable: bool, provider_code: str = "") -> render_pb2.RenderFailure:
-    """A `RenderFailure` with a reason from the catalogue."""
+    """A `RenderFailure` with a reason from the catalogue. Its message is redacted (aiprod_kit.redaction):
+    callers read it, and a provider's message may quote the credential it was sent."""
     return render_pb2.RenderFailure(
-        reason=reason, message=message, retryable=retryable, provider_code=provider_code
+        reason=reason, message=redact(message), retryable=retryable, provider_code=provider_code
     )

@@ -7,6 +7,8 @@ import structlog
 from opentelemetry import trace
 from structlog.typing import EventDict, WrappedLogger
 
+from aiprod_kit.redaction import redact_value
+
 
 def _add_trace(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
     """The current span's trace and span ids on each line: a log line leads to its job's trace."""
@@ -15,6 +17,12 @@ def _add_trace(logger: WrappedLogger, method: str, event: EventDict) -> EventDic
         event["trace_id"] = format(context.trace_id, "032x")
         event["span_id"] = format(context.span_id, "016x")
     return event
+
+
+def _redact(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """Every value of the line, its formatted exception included, without secrets: a provider error
+    quoting the token it was sent, a URL with its signature (aiprod_kit.redaction)."""
+    return {key: redact_value(value) for key, value in event.items()}
 
 
 def configure_logging(service: str, level: str, fmt: str) -> structlog.stdlib.BoundLogger:
@@ -28,6 +36,7 @@ def configure_logging(service: str, level: str, fmt: str) -> structlog.stdlib.Bo
             _add_trace,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _redact,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -8,8 +8,11 @@ job duration at 900 s and the quality at 0.6, so both are bucket bounds).
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from opentelemetry import metrics, trace
@@ -26,9 +29,16 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.trace import Status
 
+from aiprod_kit.redaction import REDACTED, redact, redact_value, register_settings
 from aiprod_kit.settings import CommonSettings, ConfigurationError
 
 _UNOBSERVED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
@@ -61,8 +71,12 @@ _providers: tuple[TracerProvider, MeterProvider] | None = None
 
 
 def configure_telemetry(service: str, settings: CommonSettings) -> None:
-    """Installs the process's providers and exporters (once); `shutdown_telemetry` flushes them."""
+    """Installs the process's providers and exporters (once); `shutdown_telemetry` flushes them.
+
+    The settings' secrets are registered for redaction (aiprod_kit.redaction): no span carries them.
+    """
     global _providers
+    register_settings(settings)
     resource = Resource.create(
         {
             "service.name": f"aiprod-{service}",
@@ -75,18 +89,20 @@ def configure_telemetry(service: str, settings: CommonSettings) -> None:
     readers: list[MetricReader] = []
     match settings.otel_exporter:
         case "console":
-            tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+            tracer_provider.add_span_processor(
+                BatchSpanProcessor(RedactingSpanExporter(ConsoleSpanExporter()))
+            )
             readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
         case "otlp":
             # Imported here: the exporter loads its protobuf modules, which only this path needs.
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            tracer_provider.add_span_processor(BatchSpanProcessor(RedactingSpanExporter(OTLPSpanExporter())))
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
         case "gcp":
             span_exporter, metric_exporter = _google_cloud_exporters(settings)
-            tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+            tracer_provider.add_span_processor(BatchSpanProcessor(RedactingSpanExporter(span_exporter)))
             readers.append(PeriodicExportingMetricReader(metric_exporter))
     views = [
         View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(boundaries))
@@ -110,20 +126,98 @@ def configure_telemetry(service: str, settings: CommonSettings) -> None:
 
 # Where the HTTP instrumentations put the URL (old and stable semantic conventions).
 _URL_ATTRIBUTES = ("http.url", "url.full")
+# Set while an output is fetched from its provider URL (`output_download`).
+_output_download: ContextVar[bool] = ContextVar("aiprod_output_download", default=False)
+
+
+@contextmanager
+def output_download() -> Iterator[None]:
+    """Marks the HTTP requests made inside as fetches of a provider's output URL. Such a URL is a
+    credential as a whole: Runway signs it in its query (`_jwt`), Replicate's file URLs (and the
+    sandbox's) carry an unguessable token in their path. Their spans keep the scheme and host only."""
+    token = _output_download.set(True)
+    try:
+        yield
+    finally:
+        _output_download.reset(token)
 
 
 def without_query(span: trace.Span) -> None:
     """Drops a provider URL's query from its span: signed output URLs carry their token there (Runway's
-    `_jwt`, for one), and the instrumentations redact only a few well-known parameter names."""
+    `_jwt`, for one), and the instrumentations redact only a few well-known parameter names. Inside
+    `output_download`, the path goes too."""
     attributes = getattr(span, "attributes", None) or {}
     for key in _URL_ATTRIBUTES:
         url = attributes.get(key)
-        if isinstance(url, str) and "?" in url:
+        if not isinstance(url, str):
+            continue
+        if _output_download.get():
+            parts = urlsplit(url)
+            span.set_attribute(key, f"{parts.scheme}://{parts.hostname or ''}{_port(parts)}/{REDACTED}")
+        elif "?" in url:
             span.set_attribute(key, url.split("?", 1)[0])
+    if _output_download.get():
+        for key in ("http.target", "url.path", "url.query"):
+            if key in attributes:
+                span.set_attribute(key, REDACTED)
+
+
+def _port(parts: Any) -> str:
+    try:
+        return f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return ""
 
 
 async def _without_query_async(span: trace.Span, request: object) -> None:
     without_query(span)
+
+
+def _redacted_attributes(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {key: redact_value(value) for key, value in (attributes or {}).items()}
+
+
+def redacted_span(span: ReadableSpan) -> ReadableSpan:
+    """The span with its name, attributes, events (recorded exceptions' messages and stack traces) and
+    status description passed through aiprod_kit.redaction."""
+    status = span.status
+    if status.description:
+        status = Status(status.status_code, redact(status.description))
+    events: Sequence[Event] = [
+        Event(redact(event.name), _redacted_attributes(event.attributes), event.timestamp)
+        for event in span.events
+    ]
+    return ReadableSpan(
+        name=redact(span.name),
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=_redacted_attributes(span.attributes),
+        events=events,
+        links=span.links,
+        kind=span.kind,
+        status=status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class RedactingSpanExporter(SpanExporter):
+    """Exports through another exporter the spans without secrets (`redacted_span`): every span of
+    every path (console, OTLP, Cloud Trace) goes through it, whichever code set its attributes."""
+
+    def __init__(self, exporter: SpanExporter) -> None:
+        self._exporter = exporter
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self._exporter.export([redacted_span(span) for span in spans])
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
 
 
 def shutdown_telemetry() -> None:

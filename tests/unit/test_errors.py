@@ -281,3 +281,28 @@ async def test_too_many_violations_leave_the_error_info_and_the_message(channel)
     status = rpc_status.from_call(error)
     assert status is not None
     assert [detail.TypeName() for detail in status.details] == ["google.rpc.ErrorInfo"]
+
+
+def test_an_error_never_carries_a_secret_to_its_caller():
+    """A provider's refusal quoting the key it was sent, a caller's signed URL in a violation: the
+    message, the ErrorInfo metadata and the BadRequest descriptions are redacted; so is a failure."""
+    from aiprod_kit.redaction import REDACTED, forget_secrets, register_secret
+
+    register_secret("rk_registered_0123456789")
+    try:
+        error = Unavailable(
+            "runway refused: 'Bearer rk_registered_0123456789'",
+            metadata={"why": "echo rk_registered_0123456789"},
+        )
+        invalid = InvalidArgument(
+            [("spec.first_frame.uri", "'https://h/x.png?X-Goog-Signature=abc123' refused")]
+        )
+        render_failure = failure(Reason.PROVIDER_AUTH, "401: invalid token rk_registered_0123456789", False)
+    finally:
+        forget_secrets()
+    assert error.message == f"runway refused: 'Bearer {REDACTED}'"
+    assert error.error_info().metadata["why"] == f"echo {REDACTED}"
+    assert "abc123" not in invalid.message
+    (bad_request,) = invalid.extra_details()
+    assert "abc123" not in bad_request.field_violations[0].description
+    assert render_failure.message == f"401: invalid token {REDACTED}"

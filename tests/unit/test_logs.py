@@ -28,3 +28,29 @@ def test_a_line_written_inside_a_span_carries_its_trace_and_span_ids(capsys):
     assert inside["trace_id"] == format(context.trace_id, "032x")
     assert inside["span_id"] == format(context.span_id, "016x")
     assert "trace_id" not in outside
+
+
+def test_a_line_never_carries_a_secret_nor_a_credential_shaped_value(capsys):
+    from aiprod_kit.redaction import REDACTED, forget_secrets, register_secret
+
+    register_secret("key_registered_0123456789")
+    try:
+        log = configure_logging("test", "info", "json")
+        log.warning(
+            "probe failed",
+            error="auth (HTTP 401): invalid credentials: 'Bearer tok_unregistered_42'",
+            detail={"echo": ["key_registered_0123456789"]},
+        )
+        try:
+            raise RuntimeError("connect to postgresql://u:pg-pass-word@db/x with key_registered_0123456789")
+        except RuntimeError:
+            log.exception("failed")
+    finally:
+        forget_secrets()
+    text = capsys.readouterr().err
+    for secret in ("key_registered_0123456789", "tok_unregistered_42", "pg-pass-word"):
+        assert secret not in text
+    first, second = (json.loads(line) for line in text.splitlines()[-2:])
+    assert first["error"] == f"auth (HTTP 401): invalid credentials: 'Bearer {REDACTED}'"
+    assert first["detail"] == {"echo": [REDACTED]}
+    assert "RuntimeError" in second["exception"] and REDACTED in second["exception"]

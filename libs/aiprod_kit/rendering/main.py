@@ -6,6 +6,7 @@ from typing import TypeVar
 
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod_kit.database import open_database
+from aiprod_kit.redaction import register_settings
 from aiprod_kit.rendering.keys import RenderKeyStore
 from aiprod_kit.rendering.provider import Provider
 from aiprod_kit.rendering.service import ProviderRendererService
@@ -21,6 +22,9 @@ def run_renderer(component: str, settings: S, make_provider: Callable[[S], Provi
     """Runs a provider renderer; make_provider raises ConfigurationError for bad settings, which stops
     the process at start-up with a message naming the variable."""
     common = CommonSettings()
+    # The provider's credentials (its own settings, not the common ones the server registers) are
+    # replaced in every log line, span and error message, also where the provider quotes them back.
+    register_settings(settings)
 
     @asynccontextmanager
     async def build() -> AsyncIterator[list[Registration]]:

@@ -1,0 +1,86 @@
+"""aiprod_kit.redaction: the credentials a process was configured with, and what looks like one, are
+masked in any text (issue 13 item 6; tests/test_secrets.py holds the mesh to it)."""
+
+from collections.abc import Iterator
+
+import pytest
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings
+
+from aiprod_kit.redaction import (
+    REDACTED,
+    forget_secrets,
+    redact,
+    redact_value,
+    register_secret,
+    register_settings,
+)
+
+
+@pytest.fixture(autouse=True)
+def no_registered_secrets() -> Iterator[None]:
+    forget_secrets()
+    yield
+    forget_secrets()
+
+
+def test_a_registered_secret_is_replaced_wherever_it_appears():
+    register_secret("key_0123456789abcdef")
+    text = "refused: {'error': 'bad key key_0123456789abcdef', 'echo': \"key_0123456789abcdef\"}"
+    assert redact(text) == f"refused: {{'error': 'bad key {REDACTED}', 'echo': \"{REDACTED}\"}}"
+
+
+def test_short_and_empty_values_are_not_registered():
+    register_secret("", None, "abc", SecretStr(""))
+    assert redact("abc and more") == "abc and more"
+
+
+def test_a_secret_containing_another_is_replaced_whole():
+    register_secret("secret-part", "secret-part-and-more")
+    assert redact("x secret-part-and-more y") == f"x {REDACTED} y"
+
+
+@pytest.mark.parametrize(
+    ("text", "kept", "gone"),
+    [
+        ("invalid credentials: 'Bearer ya29.a0AfB_byC-xyz'", "Bearer", "ya29.a0AfB_byC-xyz"),
+        ("Authorization: Token r8_AbCdEf123456", "Token", "r8_AbCdEf123456"),
+        ("authorization=Basic dXNlcjpwYXNzd29yZA==", "Basic", "dXNlcjpwYXNzd29yZA=="),
+        ("postgresql://aiprod:pg-s3cret@db:5432/aiprod", "postgresql://aiprod:", "pg-s3cret"),
+        (
+            "https://storage.googleapis.com/b/o.png?X-Goog-Algorithm=GOOG4&X-Goog-Signature=abc123def",
+            "X-Goog-Algorithm=GOOG4",
+            "abc123def",
+        ),
+        ("https://cdn.runway.example/v.mp4?_jwt=eyJhbGciOi.eyJzdWIi.sig", "v.mp4?_jwt=", "eyJhbGciOi"),
+        ("https://s3.example/o?X-Amz-Credential=AKIA123%2F&X-Amz-Signature=f00d", "X-Amz", "AKIA123"),
+    ],
+)
+def test_what_looks_like_a_credential_is_masked_unregistered(text, kept, gone):
+    redacted = redact(text)
+    assert gone not in redacted
+    assert kept in redacted and REDACTED in redacted
+
+
+def test_ordinary_text_is_left_alone():
+    text = "job job_0123 failed at runway: the task failed (HTTP 400); page_token=5&size=3"
+    assert redact(text) == text
+
+
+def test_settings_register_their_secret_fields_and_a_database_urls_password():
+    class Settings(BaseSettings):
+        api_secret: SecretStr = SecretStr("provider-secret-1")
+        database_url: SecretStr = SecretStr("postgresql://user:pa%40ss-word@db/x")
+        model: str = "gen4.5"
+
+    register_settings(Settings())
+    assert redact("provider-secret-1") == REDACTED
+    # The password alone, as a driver's message might quote it, raw or decoded.
+    assert redact("password 'pa@ss-word' refused") == f"password '{REDACTED}' refused"
+    assert redact("model gen4.5") == "model gen4.5"
+
+
+def test_values_in_structures_are_redacted_and_others_kept():
+    register_secret("secret-token-1")
+    value = {"a": ["x secret-token-1", 3], "b": ("secret-token-1",), "c": 1.5}
+    assert redact_value(value) == {"a": [f"x {REDACTED}", 3], "b": (REDACTED,), "c": 1.5}
