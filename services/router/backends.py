@@ -20,6 +20,7 @@ from aiprod_kit.breaker import CircuitBreaker
 from aiprod_kit.capabilities import backend_name
 from aiprod_kit.channels import open_channel
 from aiprod_kit.settings import CommonSettings
+from aiprod_kit.tls import TlsSettings, dial_aio
 from aiprod_router.stats import BackendStats
 
 RENDERER_SERVICE = renderer_pb2.DESCRIPTOR.services_by_name["RendererService"].full_name
@@ -92,6 +93,8 @@ class Renderer:
     stats: BackendStats = field(default_factory=BackendStats)
     # The router's own view from its results: opens on repeated failures, whatever health says.
     breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker(3, 30.0))
+    # How the health watches reach each replica (the mesh's TLS).
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     @property
     def records(self) -> renderer_pb2_grpc.RendererServiceStub:
@@ -128,7 +131,7 @@ class Renderer:
     async def _watch_replica(self, address: str) -> None:
         """Follows one replica's health, reconnecting with backoff."""
         delay = _RECONNECT_BACKOFF[0]
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with dial_aio(address, self.tls) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:
@@ -188,7 +191,7 @@ class RendererPool:
             records_channel = open_channel(target, settings)
             records = renderer_pb2_grpc.RendererServiceStub(records_channel)
             self.renderers[backend] = Renderer(
-                backend, target, channel, stub, records_channel, records, breaker=breaker()
+                backend, target, channel, stub, records_channel, records, breaker=breaker(), tls=settings.tls
             )
         self._watches = [
             asyncio.create_task(renderer.watch_replicas()) for renderer in self.renderers.values()
