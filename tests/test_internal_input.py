@@ -19,10 +19,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sandbox_support import FAST_PROVIDERS, RENDERER_SERVICE
 from support import field_violations
 
-from aiprod.common.v1 import backend_pb2, job_pb2, money_pb2, render_pb2
+from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, money_pb2, render_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from aiprod_kit.failures import Reason
 from aiprod_kit.mesh import Mesh
 
 HEALTH_NAMES = {
@@ -349,3 +350,30 @@ def test_every_service_still_serves_a_good_request(mesh):
         assert metrics.GetBudget(metrics_pb2.GetBudgetRequest(), timeout=10).HasField("budget")
     for service in HEALTH_NAMES:
         assert serving(mesh, service)
+
+
+def test_resuming_renders_the_renderer_never_had_leaves_its_breaker_closed(mesh):
+    """A caller resuming made-up tasks hears each render lost, and the backend stays in service: the
+    router's breaker counts the backend's failures, not a caller's mistakes."""
+    with grpc.insecure_channel(mesh.address("router")) as channel:
+        router = router_pb2_grpc.RouterServiceStub(channel)
+        for index in range(5):  # above the breaker's threshold of failures (3)
+            handle = backend_pb2.RenderHandle(
+                backend=backend_pb2.BACKEND_LOCAL,
+                task_id=f"local_made_up_{index}",
+                idempotency_key=f"made-up-{index}:1",
+            )
+            request = router_pb2.ResumeRenderRequest(
+                job_id=f"made-up-{index}", handle=handle, shot=shot(), attempt=1
+            )
+            charges = [
+                response.event.charged
+                for response in router.ResumeRender(request, timeout=60)
+                if response.event.HasField("charged")
+            ]
+            # The made-up task is lost, its attempt charged nothing (the router may then fall back).
+            assert charges[0].failure.reason == Reason.RENDER_LOST, charges
+            assert charges[0].outcome == event_pb2.CHARGE_OUTCOME_RELEASE
+        backends = router.ListBackends(router_pb2.ListBackendsRequest(), timeout=10).backends
+    (local,) = (backend for backend in backends if backend.backend == backend_pb2.BACKEND_LOCAL)
+    assert local.breaker == router_pb2.BREAKER_STATE_CLOSED

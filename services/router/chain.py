@@ -802,7 +802,10 @@ class RenderChain:
         assert cause is not None
         renderer.stats.record(Outcome(False, result.seconds))
         self._telemetry.attempt_ended(renderer.backend, "failed", result.seconds, None, cause.failure.reason)
-        if cause.failure.retryable:
+        # The breaker counts what says the backend fails. A render lost says only that a renderer
+        # process restarted (its health says so already), or that a caller resumed a task the renderer
+        # never had: counted, a caller's mistakes would take the backend out for everyone.
+        if cause.failure.retryable and cause.failure.reason != Reason.RENDER_LOST:
             renderer.breaker.record_failure()
         safety = cause.failure.reason == Reason.PROVIDER_SAFETY_INPUT
         if not cause.failure.retryable and not (safety and settings.router_fallback_on_safety):
