@@ -20,7 +20,8 @@ from aiprod_kit.mesh import Mesh
 SERVER_URL = os.environ.get("AIPROD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def _admin() -> psycopg.Connection:
+def admin_connection() -> psycopg.Connection:
+    """A connection to the test server as its administrator (schemas and roles are made with it)."""
     try:
         return psycopg.connect(SERVER_URL, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as error:
@@ -36,12 +37,12 @@ def fresh_schema() -> Iterator[str]:
     """Creates a schema; yields a connection string whose connections use it (their search_path), which
     services take as AIPROD_DATABASE_URL; drops the schema and everything in it on the way out."""
     name = f"test_{uuid.uuid4().hex[:16]}"
-    with _admin() as admin:
+    with admin_connection() as admin:
         admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
     try:
         yield make_conninfo(SERVER_URL, options=f"-c search_path={name}")
     finally:
-        with _admin() as admin:
+        with admin_connection() as admin:
             admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
 
 

@@ -15,7 +15,6 @@ import secrets
 import subprocess
 import sys
 import threading
-import types
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,14 +28,13 @@ import httpx
 import pytest
 from google.protobuf import text_format
 from grpc_status import rpc_status
-from postgres_support import _admin
+from postgres_support import admin_connection
 from psycopg import sql
 from sandbox_support import FAST_PROVIDERS, SERVING, Sandbox, follow, health_watch, shot, wait_for_status
 from sandbox_support import TERMINAL as RENDER_ENDED
 from support import wait_terminal
 from telemetry_support import OtlpReceiver
 
-import aiprod_kit.mesh as mesh_module
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
@@ -123,25 +121,11 @@ class _RecordingReceiver(OtlpReceiver):
         super().export_metrics(request)
 
 
-def _popen_keeping_stdout(stdout_dir: Path) -> Callable[..., subprocess.Popen]:
-    """subprocess.Popen for the mesh's supervisor, with each child's stdout (which it discards) kept
-    in a file: a print() is as much a leak as a log line."""
-    counter = iter(range(1_000_000))
-
-    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen:
-        if kwargs.get("stdout") is subprocess.DEVNULL:
-            module = args[0][-1] if args and isinstance(args[0], list) else "process"
-            kwargs["stdout"] = (stdout_dir / f"{module}-{next(counter)}.out").open("wb")
-        return subprocess.Popen(*args, **kwargs)
-
-    return popen
-
-
 @pytest.fixture(scope="module")
 def database_url() -> Iterator[str]:
     """A role with a password of its own and a schema it owns; a URL that carries the password."""
     role, schema = f"secrets_{RUN}", f"test_{uuid.uuid4().hex[:16]}"
-    with _admin() as admin:
+    with admin_connection() as admin:
         admin.execute(
             sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
                 sql.Identifier(role), sql.Literal(DATABASE_PASSWORD)
@@ -153,7 +137,7 @@ def database_url() -> Iterator[str]:
     try:
         yield f"postgresql://{role}:{DATABASE_PASSWORD}@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
     finally:
-        with _admin() as admin:
+        with admin_connection() as admin:
             admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
             admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
@@ -467,12 +451,9 @@ def collected(
         }
     )
     data_dir = tmp_path_factory.mktemp("secrets")
-    stdout_dir = data_dir / "stdout"
-    stdout_dir.mkdir()
-    shim = types.SimpleNamespace(**vars(subprocess))
-    shim.Popen = _popen_keeping_stdout(stdout_dir)
-    with pytest.MonkeyPatch.context() as patch, _RecordingReceiver(result) as receiver:
-        patch.setattr(mesh_module, "subprocess", shim)
+    # Each service's log file holds its stdout as well as its stderr (aiprod_kit.mesh): a print() is
+    # as much a leak as a log line.
+    with _RecordingReceiver(result) as receiver:
         telemetry = {"AIPROD_OTEL_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
         environment = {**ENVIRONMENT, **telemetry, "AIPROD_DATABASE_URL": database_url}
         mesh = Mesh(data_dir / "mesh", free_ports=True, sandbox=True, environment=environment)
@@ -501,7 +482,7 @@ def collected(
             renderers.stop()
             mesh.stop()
         start_up_failures(data_dir / "start-up", result, echoing_provider)
-    for path in sorted([*data_dir.glob("*/logs/*.log"), *stdout_dir.glob("*.out")]):
+    for path in sorted(data_dir.glob("*/logs/*.log")):
         result.logs[str(path.relative_to(data_dir))] = path.read_text(errors="replace").splitlines()
     yield result
 

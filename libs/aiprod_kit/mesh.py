@@ -226,8 +226,10 @@ class Mesh:
             [sys.executable, "-m", spec.module],
             env=environment,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            # Both streams into the log: the logs go to stderr, but whatever a library prints belongs
+            # there too (and is read by whoever checks the logs for secrets).
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             # Its own session: a Ctrl-C in the terminal reaches the supervisor alone, which then stops
             # the services in order.
             start_new_session=True,
@@ -273,14 +275,14 @@ class Mesh:
 
 
 def _await_serving_port(process: subprocess.Popen[bytes], log_path: Path, timeout: float) -> int | None:
-    """Copies the child's stderr to its log file and returns the port of its "serving" line."""
+    """Copies the child's output to its log file and returns the port of its "serving" line."""
     found: dict[str, int] = {}
     serving = threading.Event()
 
     def pump() -> None:
-        assert process.stderr is not None
+        assert process.stdout is not None
         with log_path.open("ab") as log_file:
-            for line in process.stderr:
+            for line in process.stdout:
                 log_file.write(line)
                 log_file.flush()
                 if not serving.is_set():

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from aiprod_kit.channels import MESSAGE_SIZE_OPTIONS, keepalive_options
 from aiprod_kit.errors import ErrorInterceptor
 from aiprod_kit.logs import configure_logging
+from aiprod_kit.redaction import register_settings
 from aiprod_kit.settings import CommonSettings, ConfigurationError
 from aiprod_kit.telemetry import configure_telemetry, server_interceptors, shutdown_telemetry
 from aiprod_kit.tls import server_credentials
@@ -123,6 +124,8 @@ ServiceFactory = Callable[[], AbstractAsyncContextManager[list[Registration]]]
 
 
 async def serve(component: str, settings: CommonSettings, port: int, build: ServiceFactory) -> None:
+    # First: the settings' secrets are redacted from everything said after (aiprod_kit.redaction).
+    register_settings(settings)
     log = configure_logging(component, settings.log_level, settings.log_format)
     if problems := settings.tls.problems(server=True):
         raise ConfigurationError("; ".join(problems))

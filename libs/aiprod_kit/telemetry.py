@@ -38,7 +38,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import Status
 
-from aiprod_kit.redaction import REDACTED, redact, redact_value, register_settings
+from aiprod_kit.redaction import REDACTED, redact, redact_value
 from aiprod_kit.settings import CommonSettings, ConfigurationError
 
 _UNOBSERVED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
@@ -71,12 +71,8 @@ _providers: tuple[TracerProvider, MeterProvider] | None = None
 
 
 def configure_telemetry(service: str, settings: CommonSettings) -> None:
-    """Installs the process's providers and exporters (once); `shutdown_telemetry` flushes them.
-
-    The settings' secrets are registered for redaction (aiprod_kit.redaction): no span carries them.
-    """
+    """Installs the process's providers and exporters (once); `shutdown_telemetry` flushes them."""
     global _providers
-    register_settings(settings)
     resource = Resource.create(
         {
             "service.name": f"aiprod-{service}",
