@@ -34,6 +34,10 @@ ENVIRONMENT = {
     "AIPROD_METRICS_DAILY_CAP_USD": "10",
     # Best quality first while 0.5 USD is left: what economy mode overrides.
     "AIPROD_ROUTER_QUALITY_FIRST_BUDGET_USD": "0.5",
+    # Each job's quote ranked on the budget as it is this instant: these tests change budgets and
+    # create a job at once, and assert which backend its quote chose (the default shares a ranking
+    # for a second, README: AIPROD_GATEWAY_ROUTE_CACHE_SECONDS).
+    "AIPROD_GATEWAY_ROUTE_CACHE_SECONDS": "0",
     **GATEWAY_DEFAULTS,
 }
 LOCAL, RUNWAY, VEO, REPLICATE = (

@@ -117,6 +117,10 @@ class GatewaySettings(CommonSettings):
     gateway_sla_account: str = "aiprod-sla"
     # How long a quote binds.
     gateway_quote_ttl_seconds: float = 900.0
+    # How long the router's ranking for one kind of shot serves the quotes of the jobs created meanwhile
+    # (each job is quoted at its creation: without it, every create waits for a PlanRoute); 0: asked
+    # for every quote. Deadlines are rounded down to 10 s for it, so a cached ranking is never laxer.
+    gateway_route_cache_seconds: float = Field(1.0, ge=0)
     # The backend a quote's saving is measured against, as the first version compared with Runway.
     gateway_baseline_backend: str = "runway"
     # Overrides of the presets' price limits in USD per minute of video, JSON such as

@@ -32,6 +32,7 @@ The job keeps its quote (`RenderJob.quote`; a review's re-quote replaces it) and
 (`quoted_constraints`): its backend preferred, its max_cost the job's limit.
 """
 
+import asyncio
 import hashlib
 import math
 import re
@@ -59,6 +60,9 @@ from aiprod_kit.settings import ConfigurationError, GatewaySettings
 log = structlog.get_logger()
 
 _PLAN_TIMEOUT = 5.0
+# Deadlines of the rankings asked for quotes are rounded down to this: jobs created in the same moment
+# ask for one ranking (a backend that fits the deadline only in its last seconds is left out).
+_DEADLINE_GRAIN_SECONDS = 10
 _QUOTE_ID = re.compile(r"quote_[0-9a-f]{32}")
 # What a job waits out instead of being refused: the budget left today (the gateway's budget policy).
 _WAITABLE = frozenset({router_pb2.EXCLUSION_OVER_BUDGET})
@@ -277,6 +281,7 @@ class Quoter:
         baseline_backend: int = backend_pb2.BACKEND_RUNWAY,
         ttl_seconds: float = 900.0,
         clock: Callable[[], float] = time.time,
+        route_cache_seconds: float = 0.0,
     ) -> None:
         self._router = router
         self._store = store
@@ -284,6 +289,10 @@ class Quoter:
         self._baseline = baseline_backend
         self._ttl = ttl_seconds
         self._clock = clock
+        self._route_cache_seconds = route_cache_seconds
+        # The router's answer to each PlanRouteRequest asked lately (serialized): when it was asked, and
+        # the call (shared by the quotes that ask the same meanwhile).
+        self._routes: dict[bytes, tuple[float, asyncio.Future[router_pb2.PlanRouteResponse]]] = {}
 
     @classmethod
     def from_settings(
@@ -298,6 +307,7 @@ class Quoter:
             priced_presets(settings.gateway_preset_prices),
             baseline_backend(settings.gateway_baseline_backend),
             settings.gateway_quote_ttl_seconds,
+            route_cache_seconds=settings.gateway_route_cache_seconds,
         )
 
     # What the service calls ----------------------------------------------------------------------------
@@ -396,14 +406,18 @@ class Quoter:
     # How ---------------------------------------------------------------------------------------------
 
     async def _plan_candidates(
-        self, plan: render_pb2.RenderPlan, constraints: render_pb2.RenderConstraints, tenant: Tenant
+        self,
+        plan: render_pb2.RenderPlan,
+        constraints: render_pb2.RenderConstraints,
+        tenant: Tenant,
+        cached: bool = True,
     ) -> list[router_pb2.RouteCandidate]:
         """The router's candidates for a whole plan, in its order. For several shots: each backend's
         summed over the shots (one PlanRoute per distinct shot shape, each under its share of the cost
         limit by duration), eligible only where it takes every shot, in the order the router ranks the
         backends for the longest shot; its latency that shot's (the shots render side by side)."""
         if len(plan.shots) == 1:
-            return await self._plan_route(plan.shots[0], constraints, tenant)
+            return await self._plan_route(plan.shots[0], constraints, tenant, cached)
         total = sum(shot.duration_seconds for shot in plan.shots)
         shapes: dict[tuple[float, int, bool], list[render_pb2.Shot]] = {}
         for shot in plan.shots:
@@ -417,7 +431,7 @@ class Quoter:
                 share.max_cost.amount_micros = math.floor(
                     constraints.max_cost.amount_micros * shots[0].duration_seconds / total
                 )
-            routes.append((len(shots), await self._plan_route(shots[0], share, tenant)))
+            routes.append((len(shots), await self._plan_route(shots[0], share, tenant, cached)))
         combined = []
         for lead in routes[0][1]:
             merged = router_pb2.RouteCandidate(
@@ -445,19 +459,47 @@ class Quoter:
         return combined
 
     async def _plan_route(
-        self, shot: render_pb2.Shot, constraints: render_pb2.RenderConstraints, tenant: Tenant
+        self,
+        shot: render_pb2.Shot,
+        constraints: render_pb2.RenderConstraints,
+        tenant: Tenant,
+        cached: bool,
     ) -> list[router_pb2.RouteCandidate]:
-        try:
-            response = await self._router.PlanRoute(
-                router_pb2.PlanRouteRequest(shot=shot, constraints=constraints, tenant_id=tenant.tenant_id),
-                timeout=_PLAN_TIMEOUT,
+        """The router's ranking for the shot; cached: for a new quote, the one asked for the same in the
+        last AIPROD_GATEWAY_ROUTE_CACHE_SECONDS will do."""
+        request = router_pb2.PlanRouteRequest(shot=shot, constraints=constraints, tenant_id=tenant.tenant_id)
+        if not cached or self._route_cache_seconds <= 0:
+            return list((await self._ask_router(request)).candidates)
+        if request.constraints.HasField("deadline"):
+            request.constraints.deadline.seconds -= (
+                request.constraints.deadline.seconds % _DEADLINE_GRAIN_SECONDS
             )
+            request.constraints.deadline.nanos = 0
+        key = request.SerializeToString(deterministic=True)
+        now = self._clock()
+        for stale in [
+            k for k, (asked, _) in self._routes.items() if now - asked >= self._route_cache_seconds
+        ]:
+            del self._routes[stale]
+        if key not in self._routes:
+            self._routes[key] = (now, asyncio.ensure_future(self._ask_router(request)))
+        answer = self._routes[key][1]
+        try:
+            # Shielded: a quote whose caller went away leaves the call to the others.
+            return list((await asyncio.shield(answer)).candidates)
+        except Unavailable:
+            if key in self._routes and self._routes[key][1] is answer:
+                del self._routes[key]  # a failed call is not kept: the next quote asks again
+            raise
+
+    async def _ask_router(self, request: router_pb2.PlanRouteRequest) -> router_pb2.PlanRouteResponse:
+        try:
+            return await self._router.PlanRoute(request, timeout=_PLAN_TIMEOUT)
         except grpc.aio.AioRpcError as error:
             raise Unavailable(
                 f"the router cannot price renders now ({error.code().name})",
                 reason=ErrorReason.ROUTER_UNAVAILABLE,
             ) from error
-        return list(response.candidates)
 
     def _limit(self, spec: render_pb2.RenderSpec, preset: Preset, duration_seconds: float) -> _Limit:
         if spec.constraints.HasField("max_cost"):
@@ -527,7 +569,8 @@ class Quoter:
         constraints.CopyFrom(spec.constraints)
         constraints.preferred_backend = quote.backend
         constraints.max_cost.CopyFrom(quote.max_cost)
-        candidates = await self._plan_candidates(plan, constraints, tenant)
+        # Asked afresh: whether a quote still holds is the router's word now.
+        candidates = await self._plan_candidates(plan, constraints, tenant, cached=False)
         candidate = next((c for c in candidates if c.backend == quote.backend), None)
         if candidate is not None and _holds(candidate):
             return

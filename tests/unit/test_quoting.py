@@ -1,6 +1,7 @@
 """Quotes: priced through a fake router's PlanRoute, kept in the quote store (SQLite, and PostgreSQL for the
 store's own contract), bound by a job, or refused with the reason."""
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -519,3 +520,49 @@ async def test_the_store_keeps_quotes_per_tenant_gives_each_to_one_request_and_p
     await store.purge(now - 86_400)
     assert await store.get("quote_old", "acme") is None
     assert await store.get("quote_a", "acme") is not None
+
+
+# The router's rankings for quotes, cached a moment -------------------------------------------------------
+
+
+async def test_quotes_of_one_kind_of_shot_share_the_routers_ranking_for_a_moment(store, clock):
+    quoter, router = quoter_for(store, clock, route_cache_seconds=1.0)
+    deadline = spec()
+    deadline.constraints.deadline.FromSeconds(2_000_000_007)
+    first = await quoter.quote(deadline, ACME, fp())
+    together = await asyncio.gather(*(quoter.quote(deadline, ACME, fp()) for _ in range(5)))
+    assert len(router.requests) == 1  # six quotes, one PlanRoute
+    assert {quote.price.amount_micros for quote in [first, *together]} == {REPLICATE_COST}
+    assert len({quote.quote_id for quote in [first, *together]}) == 6  # each its own quote
+    # The deadline asked for is rounded down: a ranking shared is never laxer than its own would be.
+    assert router.requests[0].constraints.deadline.seconds == 2_000_000_000
+    # Another tenant, or another kind of shot, is ranked for itself; and a second later, again.
+    await quoter.quote(deadline, GLOBEX, fp())
+    other = spec(duration_seconds=8)
+    other.constraints.deadline.FromSeconds(2_000_000_007)
+    await quoter.quote(other, ACME, fp(duration_seconds=8))
+    assert len(router.requests) == 3
+    clock.now += 1.0
+    await quoter.quote(deadline, ACME, fp())
+    assert len(router.requests) == 4
+
+
+async def test_whether_a_quote_still_holds_is_always_asked_afresh(store, clock):
+    quoter, router = quoter_for(store, clock, route_cache_seconds=60.0)
+    quote = await quoter.quote(spec(), ACME, fp())
+    for request_id in ("req-1", "req-2"):
+        taken = await quoter.quote(spec(), ACME, fp())
+        await quoter.bind(taken.quote_id, spec(), ACME, fp(), request_id)
+    binds = [request for request in router.requests if request.constraints.preferred_backend]
+    assert len(binds) == 2
+    assert quote.backend == REPLICATE
+
+
+async def test_a_failed_ranking_is_not_kept(store, clock):
+    quoter, router = quoter_for(store, clock, route_cache_seconds=60.0)
+    router.down = True
+    with pytest.raises(Unavailable):
+        await quoter.quote(spec(), ACME, fp())
+    router.down = False
+    assert (await quoter.quote(spec(), ACME, fp())).backend == REPLICATE
+    assert len(router.requests) == 2
