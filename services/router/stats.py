@@ -26,9 +26,15 @@ class BackendStats:
     def __init__(self) -> None:
         self._outcomes: deque[Outcome] = deque(maxlen=WINDOW)
         self.qc_average: float | None = None
+        # Figures read at every routing decision, computed once per outcome recorded rather than per
+        # decision (a percentile over the window dominated the policy's time).
+        self._percentiles: dict[int, float | None] = {}
+        self._success_rate: tuple[float | None] | None = None
 
     def record(self, outcome: Outcome) -> None:
         self._outcomes.append(outcome)
+        self._percentiles.clear()
+        self._success_rate = None
         if outcome.qc_score is not None:
             if self.qc_average is None:
                 self.qc_average = outcome.qc_score
@@ -43,18 +49,24 @@ class BackendStats:
         return [outcome.seconds for outcome in self._outcomes if outcome.succeeded]
 
     def percentile_seconds(self, percent: int) -> float | None:
-        durations = self._durations()
-        if not durations:
-            return None
-        if len(durations) == 1:
-            return durations[0]
-        return statistics.quantiles(durations, n=100, method="inclusive")[percent - 1]
+        if percent not in self._percentiles:
+            durations = self._durations()
+            if not durations:
+                self._percentiles[percent] = None
+            elif len(durations) == 1:
+                self._percentiles[percent] = durations[0]
+            else:
+                self._percentiles[percent] = statistics.quantiles(durations, n=100, method="inclusive")[
+                    percent - 1
+                ]
+        return self._percentiles[percent]
 
     @property
     def success_rate(self) -> float | None:
-        if not self._outcomes:
-            return None
-        return sum(outcome.succeeded for outcome in self._outcomes) / len(self._outcomes)
+        if self._success_rate is None:
+            rate = sum(o.succeeded for o in self._outcomes) / len(self._outcomes) if self._outcomes else None
+            self._success_rate = (rate,)
+        return self._success_rate[0]
 
     @property
     def cost_per_second_micros(self) -> float | None:
