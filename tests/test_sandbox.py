@@ -91,8 +91,9 @@ def start_sandbox(data_dir: Path, **environment: str) -> SandboxProcess:
         [sys.executable, "-m", "aiprod_sandbox"],
         env=env,
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        # One stream, as the supervisor keeps it (aiprod_kit.mesh reads the "serving" line from it).
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     log_path = data_dir / "sandbox.log"
