@@ -92,6 +92,10 @@ class Sandbox:
         if config:
             self._http.post("/_sandbox/config", json=config).raise_for_status()
 
+    def configure(self, **config: object) -> None:
+        """Changes the configuration in force (of one provider when `provider` is given)."""
+        self._http.post("/_sandbox/config", json=config).raise_for_status()
+
     def fault(self, provider: str, operation: str, kind: str, **options: object) -> None:
         rule = {"provider": provider, "operation": operation, "kind": kind, **options}
         self._http.post("/_sandbox/faults", json=rule).raise_for_status()

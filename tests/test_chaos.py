@@ -54,8 +54,6 @@ SETTLE_SECONDS = 60.0
 HOLD = event_pb2.CHARGE_OUTCOME_HOLD
 
 ENVIRONMENT = {
-    # Every job driven at once: none waits for a worker.
-    "AIPROD_DISPATCH_CONCURRENCY": "100",
     # A restarted gateway takes the dead one's jobs over once their claims run out.
     "AIPROD_GATEWAY_JOB_LEASE_SECONDS": "3",
     # No cap: the money compared is all of it, no job waits for budget.

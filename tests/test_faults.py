@@ -22,7 +22,7 @@ def slow_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     running = start_mesh(
         tmp_path_factory.mktemp("slow-mesh"),
         AIPROD_LOCAL_RENDER_PACE_FPS="24",
-        AIPROD_DISPATCH_CONCURRENCY="1",
+        AIPROD_DISPATCH_MAX_IN_FLIGHT="1",
     )
     yield running
     running.stop()

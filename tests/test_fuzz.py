@@ -8,7 +8,7 @@ UNKNOWN or INTERNAL; every service stays SERVING; and what a refused request wou
 back unchanged (see the `*_writes` checks below for which RPCs are read back, and how).
 
 The mesh is the plain local one (gateway, router, metrics, local renderer) as processes on loopback,
-started once for the module. Its dispatcher drives no job (AIPROD_DISPATCH_CONCURRENCY=0: jobs created
+started once for the module. Its dispatcher drives no job (AIPROD_DISPATCH_MAX_IN_FLIGHT=0: jobs created
 here stay queued, and nothing renders for them), and the local renderer encodes a frame every hundred
 seconds, so that the renders a valid StartRender or ExecuteRender starts cost next to nothing.
 
@@ -176,7 +176,7 @@ def fuzzing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzing]:
     mesh = Mesh(
         tmp_path_factory.mktemp("fuzz"),
         free_ports=True,
-        environment={"AIPROD_DISPATCH_CONCURRENCY": "0", "AIPROD_LOCAL_RENDER_PACE_FPS": "0.01"},
+        environment={"AIPROD_DISPATCH_MAX_IN_FLIGHT": "0", "AIPROD_LOCAL_RENDER_PACE_FPS": "0.01"},
     )
     mesh.start()
     channels = {

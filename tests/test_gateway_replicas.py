@@ -27,7 +27,7 @@ REPLICAS = ("gateway", "gateway@127.0.0.2")
 ENVIRONMENT = {
     "AIPROD_GATEWAY_JOB_LEASE_SECONDS": str(LEASE_SECONDS),
     # Two jobs at once per replica: with more jobs than that, some wait queued.
-    "AIPROD_DISPATCH_CONCURRENCY": "2",
+    "AIPROD_DISPATCH_MAX_IN_FLIGHT": "2",
 }
 
 

@@ -96,8 +96,6 @@ TERMINAL_SECONDS = 180.0
 SETTLE_SECONDS = 60.0
 
 ENVIRONMENT = {
-    # Every job driven at once: none waits for a worker.
-    "AIPROD_DISPATCH_CONCURRENCY": "100",
     # No cap: the money compared is all of it, no job waits for budget.
     "AIPROD_METRICS_DAILY_CAP_USD": "0",
     # Small videos: the test measures the storms, not the encoder.

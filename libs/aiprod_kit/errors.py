@@ -64,6 +64,9 @@ class ErrorReason:
         "JOB_WRONG_STATE"  # the job's state does not allow the call (ended, not awaiting approval)
     )
     NO_BACKEND = "NO_BACKEND"  # nothing configured can take the render now
+    # A renderer runs as many tasks as it may (AIPROD_<PROVIDER>_MAX_CONCURRENT_TASKS) and no slot freed
+    # while the call waited: nothing was started under its key; the same call may be made again.
+    AT_CAPACITY = "AT_CAPACITY"
     # Quotes (metadata: quote_id; the prices in micro-USD).
     PRICE_LIMIT = "PRICE_LIMIT"  # the cheapest qualifying route costs more than the job's limit
     QUOTE_NOT_FOUND = "QUOTE_NOT_FOUND"  # no such quote of the caller's tenant

@@ -1,5 +1,6 @@
 """Typed settings, read once at start-up from environment variables prefixed ``AIPROD_``."""
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -73,8 +74,14 @@ class GatewaySettings(CommonSettings):
     gateway_port: int = GATEWAY_PORT
     router_target: str = f"localhost:{ROUTER_PORT}"
     metrics_target: str = f"localhost:{METRICS_PORT}"
-    # How many jobs the dispatcher renders at once.
-    dispatch_concurrency: int = 4
+    # How many jobs a gateway replica drives at once. A job waiting on its render holds a coroutine and
+    # its streams, no worker (docs/performance.md measures its memory): the renders at once are bounded
+    # by each renderer's concurrent tasks and each tenant's tier; this bounds the replica's memory.
+    # 0: the replica drives no job (it only accepts them, for another replica to drive).
+    dispatch_max_in_flight: int = Field(10_000, ge=0)
+    # How many of the jobs' steps that use this replica's CPU (a film's stitching, a shot's last frame
+    # for the continuous shot after it) run at once.
+    dispatch_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     # How many shots of one job render at once (a long video's shots render side by side, each its own
     # chain of attempts), at most the tenant's tier's concurrent jobs.
     gateway_shot_concurrency: int = Field(4, ge=1)
@@ -231,7 +238,8 @@ class ProviderSettings(BaseSettings):
     poll_seconds: float
     requests_per_minute: int = 60
     max_concurrent_tasks: int = 4
-    # How long StartRender waits for one of the concurrent task slots before saying RESOURCE_EXHAUSTED.
+    # How long StartRender waits for one of the concurrent task slots before saying RESOURCE_EXHAUSTED
+    # (AT_CAPACITY: nothing started; the router asks again, and the job waits its turn).
     slot_wait_seconds: float = 30.0
     request_timeout_seconds: float = 30.0
     # How long a create may take, its retries of what the provider did not act on included; cut there,

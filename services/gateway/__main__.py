@@ -66,7 +66,7 @@ async def build() -> AsyncIterator[list[Registration]]:
         reporter,
         spending,
         settlement,
-        settings.dispatch_concurrency,
+        settings.dispatch_max_in_flight,
         budget_policy,
         owner_id(),
         lease_seconds,

@@ -1,16 +1,22 @@
 """The dispatcher: schedules the jobs this gateway replica drives.
 
 Every gateway replica runs one on the shared job store, and each job is driven by one replica at a
-time: the one holding its claim (`aiprod_gateway.claims`). Whenever it has a worker free (at start, on
+time: the one holding its claim (`aiprod_gateway.claims`). Whenever it has room (at start, on
 every heartbeat, when a job ends) it takes over unfinished jobs nobody holds: new ones, and those of a
 replica that died, once their leases run out; no restart is needed. Its heartbeat renews its claims
 every third of the lease and stops at once what it does for a job it lost (another replica took it
 over, or it was cancelled elsewhere). Its queue is in priority order (the preset's: higher first),
-then oldest first, as the store offers jobs nobody holds. A worker drives one job at a time (`aiprod_gateway.driving`);
-a job waiting for budget holds no worker (it keeps its claim) and is queued again when its wait ends
-or a settlement here frees money. A driver that crashes (the store unreachable, anything unexpected)
-lets go of its job, which is tried again after a backoff that grows while it keeps failing, here or by
-another replica.
+then oldest first, as the store offers jobs nobody holds.
+
+A job driven here is a task (`aiprod_gateway.driving`), not a worker: one waiting on its provider
+holds a coroutine and its render stream, no thread and no slot of anything that uses CPU, so up to
+`max_in_flight` jobs (AIPROD_DISPATCH_MAX_IN_FLIGHT) are driven at once; the renders at once are
+bounded where they run (each renderer's concurrent tasks, where a render waits for a slot) and by each
+tenant's tier (its jobs unfinished at once); the steps that use CPU here (a film's stitching, a
+shot's last frame) take turns (AIPROD_DISPATCH_CONCURRENCY, `aiprod_gateway.films`). A job waiting for
+budget is not driven (it keeps its claim) and is queued again when its wait ends or a settlement here
+frees money. A driver that crashes (the store unreachable, anything unexpected) lets go of its job,
+which is tried again after a backoff that grows while it keeps failing, here or by another replica.
 """
 
 import asyncio
@@ -43,14 +49,16 @@ class Dispatcher:
         reporter: MetricsReporter,
         spending: Spending,
         settlement: Settlement,
-        concurrency: int,
+        max_in_flight: int,
         budget_policy: BudgetPolicy,
         owner: str,
         lease_seconds: float = 30.0,
     ) -> None:
         self._store = store
         self._settlement = settlement
-        self._concurrency = concurrency
+        self._max_in_flight = max_in_flight
+        # One per job driven here (or claimed on its way to be): taken before a job leaves the queue.
+        self._in_flight = asyncio.Semaphore(max_in_flight)
         self._claims = Claims(store, owner, lease_seconds)
         self._driver = JobDriver(store, router, reporter, spending, settlement, budget_policy, owner)
         # (-priority, arrival, job id): the highest priority first, then the first queued.
@@ -64,13 +72,15 @@ class Dispatcher:
         # or backing off after a crash (the claim let go).
         self._later: dict[str, asyncio.Task[None]] = {}
         self._crashes: dict[str, int] = {}
-        # Set when a worker frees up: the heartbeat looks for work at once.
-        self._worker_free = asyncio.Event()
-        self._workers: list[asyncio.Task[None]] = []
+        # Set when a job driven here ends: the heartbeat looks for work at once.
+        self._room_made = asyncio.Event()
+        self._starter: asyncio.Task[None] | None = None
+        # Each job's run: claimed, driven, and what follows its drive.
+        self._runs: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._workers = [asyncio.create_task(self._work()) for _ in range(self._concurrency)]
+        self._starter = asyncio.create_task(self._start_jobs())
         # Its first beat takes over the unfinished jobs nobody holds, a previous run's among them.
         self._heartbeat = asyncio.create_task(self._beat())
         log.info("dispatcher started", owner=self._claims.owner, lease_seconds=self._claims.lease_seconds)
@@ -81,7 +91,8 @@ class Dispatcher:
         tasks = [
             *([self._heartbeat] if self._heartbeat else []),
             *self._later.values(),
-            *self._workers,
+            *([self._starter] if self._starter else []),
+            *self._runs,
             *(driver.task for driver in self._driving.values()),
         ]
         for task in tasks:
@@ -91,7 +102,7 @@ class Dispatcher:
 
     def enqueue(self, job_id: str, priority: int = gateway_pb2.PRIORITY_UNSPECIFIED) -> None:
         """Queues a job to drive here, before the queued jobs of a lower priority (gateway_pb2.Priority).
-        It is claimed when a worker takes it: by then another replica may drive it, and this one skips
+        It is claimed when its turn comes: by then another replica may drive it, and this one skips
         it."""
         if job_id in self._queued or job_id in self._driving:
             return
@@ -118,7 +129,7 @@ class Dispatcher:
     # Claims ---------------------------------------------------------------------------------------
 
     async def _beat(self) -> None:
-        """Every third of the lease, and whenever a worker frees up: renews this replica's claims,
+        """Every third of the lease, and whenever a job driven here ends: renews this replica's claims,
         stopping what it does for the jobs it lost, then takes over jobs nobody holds."""
         while True:
             try:
@@ -129,8 +140,8 @@ class Dispatcher:
                 # write meanwhile crashes and is retried on its own.
                 log.warning("job claims not kept this beat", error=str(error), exc_info=True)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._worker_free.wait(), self._claims.lease_seconds / 3)
-            self._worker_free.clear()
+                await asyncio.wait_for(self._room_made.wait(), self._claims.lease_seconds / 3)
+            self._room_made.clear()
 
     async def _renew(self) -> None:
         for job_id in await self._claims.renew():
@@ -148,11 +159,11 @@ class Dispatcher:
             log.info("job claimed elsewhere or ended; no longer waiting for it here", job_id=job_id)
         driver = self._driving.get(job_id)
         if driver is not None:
-            driver.task.cancel()  # its worker then finds out why (_lost)
+            driver.task.cancel()  # its run then finds out why
 
     async def _take_over(self) -> None:
-        """Claims jobs nobody holds, as many as this replica has workers free, and queues them."""
-        free = self._concurrency - len(self._driving) - len(self._queued)
+        """Claims jobs nobody holds, as many as this replica has room for, and queues them."""
+        free = self._max_in_flight - len(self._driving) - len(self._queued)
         if free <= 0:
             return
         # Leave room for the ones found that are this replica's already (queued, or backing off).
@@ -165,26 +176,40 @@ class Dispatcher:
                 continue
             if await self._claims.claim(job_id):
                 taken.append(job_id)
-                # A worker is free for each: the store's order (priority first) is the order they start.
+                # There is room for each: the store's order (priority first) is the order they start.
                 self.enqueue(job_id)
         if taken:
             log.info("took over jobs nobody drove", count=len(taken), job_ids=taken)
 
-    # Workers --------------------------------------------------------------------------------------
+    # Runs ---------------------------------------------------------------------------------------
 
-    async def _work(self) -> None:
+    async def _start_jobs(self) -> None:
+        """Starts the queued jobs in the queue's order, each once there is room for it."""
         while True:
-            negative_priority, _, job_id = await self._queue.get()
+            await self._in_flight.acquire()
+            try:
+                negative_priority, _, job_id = await self._queue.get()
+            except BaseException:
+                self._in_flight.release()
+                raise
             if job_id not in self._queued:
+                self._in_flight.release()
                 continue
             self._queued.discard(job_id)
-            try:
-                await self._claim_and_drive(job_id, -negative_priority)
-            except Exception:
-                # Never the worker's end; the job's claim was let go of or runs out.
-                log.exception("job not driven", job_id=job_id)
-            if not self._queued:
-                self._worker_free.set()
+            run = asyncio.create_task(self._run(job_id, -negative_priority))
+            self._runs.add(run)
+            run.add_done_callback(self._runs.discard)
+
+    async def _run(self, job_id: str, priority: int) -> None:
+        try:
+            await self._claim_and_drive(job_id, priority)
+        except Exception:
+            # The job's claim was let go of or runs out; it is taken over again.
+            log.exception("job not driven", job_id=job_id)
+        finally:
+            self._in_flight.release()
+        if not self._queued:
+            self._room_made.set()
 
     async def _claim_and_drive(self, job_id: str, priority: int) -> None:
         try:
@@ -200,7 +225,7 @@ class Dispatcher:
         driver.task = asyncio.create_task(self._driver.drive(job_id, driver))
         self._driving[job_id] = driver
         try:
-            # wait() rather than await: a stopped job ends its task, not this worker.
+            # wait() rather than await: a stopped job ends its task, not this run.
             await asyncio.wait({driver.task})
         except asyncio.CancelledError:
             driver.task.cancel()

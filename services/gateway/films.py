@@ -4,7 +4,9 @@ scored like any output; and the last frame of a shot, for the continuous shot af
 Each shot's video was stored by its renderer, content-addressed (the same bytes, the same URI), so a
 film can be made again from them at any time: a gateway that crashed before recording it stitches
 again, and stores the same video. The film takes the size and frame rate most of its running time
-has (the larger size on a tie); a shot of another size is scaled and padded into it.
+has (the larger size on a tie); a shot of another size is scaled and padded into it. The decoding and
+encoding take turns: at most `cpu_slots` at once (AIPROD_DISPATCH_CONCURRENCY), however many jobs are
+driven.
 """
 
 import asyncio
@@ -26,15 +28,17 @@ _DEFAULT_FRAME_RATE = 24
 
 
 class Films:
-    def __init__(self, store: VideoStore, work_dir: Path) -> None:
+    def __init__(self, store: VideoStore, work_dir: Path, cpu_slots: int = 1) -> None:
         self._store = store
         self._work_dir = work_dir
+        self._cpu = asyncio.Semaphore(cpu_slots)
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> "Films":
         return cls(
             video_store_from_settings(settings.data_dir, settings.gcs_bucket),
             settings.data_dir / "tmp" / "gateway",
+            settings.dispatch_concurrency,
         )
 
     async def stitch(self, job: gateway_pb2.RenderJob) -> render_pb2.RenderOutput:
@@ -48,13 +52,14 @@ class Films:
                 for index, output in enumerate(outputs)
             ]
             film = scratch / "film.mp4"
-            await asyncio.to_thread(
-                stitching.stitch, paths, film, width=width, height=height, frame_rate=frame_rate
-            )
-            try:
-                facts = await asyncio.to_thread(qc.probe, film)
-            except qc.DecodeError as error:
-                raise StitchError(f"the stitched film does not decode: {error}") from error
+            async with self._cpu:
+                await asyncio.to_thread(
+                    stitching.stitch, paths, film, width=width, height=height, frame_rate=frame_rate
+                )
+                try:
+                    facts = await asyncio.to_thread(qc.probe, film)
+                except qc.DecodeError as error:
+                    raise StitchError(f"the stitched film does not decode: {error}") from error
             stored = await self._store.put(film)
         report = qc.report(facts, duration_seconds=planned, width=width, height=height, frame_rate=frame_rate)
         output = render_output(job.backend, stored, facts, report)
@@ -78,7 +83,8 @@ class Films:
         (StitchError when its video cannot be read or decoded)."""
         with self._scratch() as scratch:
             path = await self._fetch(output.video.uri, scratch / "shot.mp4", index)
-            data = await asyncio.to_thread(stitching.last_frame_png, path)
+            async with self._cpu:
+                data = await asyncio.to_thread(stitching.last_frame_png, path)
         return render_pb2.Image(data=data, mime_type="image/png")
 
     @contextlib.contextmanager

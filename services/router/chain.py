@@ -28,6 +28,7 @@ output under the floor applies. A key reserved before a restart under the other 
 attempt as it was reserved: its account and backend are kept.
 """
 
+import asyncio
 import enum
 import time
 from collections import OrderedDict
@@ -68,6 +69,9 @@ _LEDGER_TIMEOUT = 5.0
 _KNOWN_ACCOUNTS = 10_000
 # A StartRender waits for a task slot at its renderer and for the provider's create: long, but bounded.
 _START_TIMEOUT = 300.0
+# Between a renderer's AT_CAPACITY (it waited for a task slot, AIPROD_<PROVIDER>_SLOT_WAIT_SECONDS) and
+# the next StartRender of the same attempt.
+_SLOT_RETRY_SECONDS = 0.5
 # Asking a renderer for the render under a key. It waits while a create under the key is under way;
 # past this, the chain waits for the renderer and asks StartRender again, which waits for it too.
 _LOOKUP_TIMEOUT = 10.0
@@ -611,14 +615,25 @@ class RenderChain:
         """StartRender. A call that failed (but for a refusal) may or may not have reached the provider:
         the renderer's record of the key says which (_recorded). When it cannot say, the renderer is
         waited for and asked again under the same key (its key store answers for the key: its task,
-        or that the create's outcome is unknown); an attempt nobody can answer for is held. None: the
-        attempt ended without a render (result says why and what it costs)."""
+        or that the create's outcome is unknown); an attempt nobody can answer for is held. A renderer
+        at its concurrent tasks (AT_CAPACITY) is asked again until a slot frees. None: the attempt
+        ended without a render (result says why and what it costs)."""
         key = request.idempotency_key
-        for asked in range(2):
+        asked, waited = 0, False
+        while asked < 2:
             try:
                 with trace.use_span(result.span):
                     return (await renderer.stub.StartRender(request, timeout=_START_TIMEOUT)).render
             except grpc.aio.AioRpcError as error:
+                if error_reason(error) == ErrorReason.AT_CAPACITY:
+                    # Nothing was started and its renders at once are bounded there: the job waits its
+                    # turn for the backend it was routed to (each call waits for a slot), holding its
+                    # reservation, rather than failing or falling back to a dearer backend.
+                    if not waited:
+                        log.info("waiting for a task slot", backend=renderer.name, key=key)
+                        waited = True
+                    await asyncio.sleep(_SLOT_RETRY_SECONDS)  # a renderer set to wait for no slot
+                    continue
                 if error.code() in _REFUSALS:
                     result.end(renderer, failure(Reason.RENDER_REFUSED, error.details() or "", False))
                     return None
@@ -637,6 +652,7 @@ class RenderChain:
             if record is not _Record.UNKNOWN:
                 return record
             if asked == 0 and await self._reachable(renderer, self._settings.router_reattach_seconds):
+                asked += 1
                 continue
             # The create may have been sent: the key is not reused and its money stays held until
             # reconciled.

@@ -63,7 +63,8 @@ class ProviderConfig:
     # Wall time from RUNNING to done.
     render_seconds: float
     output_ttl_seconds: float
-    # Tasks running at once; those over the limit wait (THROTTLED, starting, not done). None: no limit.
+    # Tasks running at once; those over the limit wait (THROTTLED, starting, not done). None: no limit;
+    # 0: none runs (a provider holding every task queued until the limit is raised).
     max_concurrent: int | None = None
     # How long `[sandbox:throttle]` holds a task before it may run.
     throttle_seconds: float = 2.0
@@ -104,9 +105,9 @@ def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else convert(value)
 
 
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"expected a positive integer, got {value!r}")
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"expected a non-negative integer, got {value!r}")
     return value
 
 
@@ -144,7 +145,7 @@ def _prices(value: Any) -> dict[str, float]:
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "render_seconds": _number(0),
     "output_ttl_seconds": _number(0, allow_zero=False),
-    "max_concurrent": _optional(_positive_int),
+    "max_concurrent": _optional(_count),
     "throttle_seconds": _number(0),
     "progress_curve": _curve,
     "max_run_seconds": _optional(_number(0, allow_zero=False)),

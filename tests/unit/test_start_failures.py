@@ -229,3 +229,26 @@ async def test_a_start_that_runs_out_of_time_again_at_a_renderer_back_is_held():
     assert charges(items)[0] == (RUNWAY, HOLD)
     assert len(runway.started) == 2 and len(set(runway.started)) == 1
     assert not runway.looked_up
+
+
+async def test_a_renderer_at_capacity_is_asked_again_until_it_starts_the_render(monkeypatch):
+    # The renderer waited for a task slot and none freed (AT_CAPACITY): nothing was started, so the
+    # job waits its turn there under the same key, neither falling back nor failing.
+    monkeypatch.setattr("aiprod_router.chain._SLOT_RETRY_SECONDS", 0)
+    runway = FakeRenderer(
+        RUNWAY, start_error=rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, ErrorReason.AT_CAPACITY)
+    )
+    answers = iter([runway.start_error, runway.start_error, None])
+
+    async def start_when_a_slot_frees(request, timeout=None):
+        runway.start_error = next(answers)
+        return await FakeRenderer.StartRender(runway, request, timeout)
+
+    runway.StartRender = start_when_a_slot_frees  # type: ignore[method-assign]
+    veo = FakeRenderer(VEO)
+    items = await run(Pool(runway, veo))
+
+    assert charges(items) == [(RUNWAY, COMMIT)]
+    assert items[-1].HasField("succeeded")
+    assert len(runway.started) == 3 and len(set(runway.started)) == 1
+    assert not runway.looked_up and not veo.started

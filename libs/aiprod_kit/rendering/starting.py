@@ -19,7 +19,14 @@ import structlog
 
 from aiprod.common.v1 import render_pb2
 from aiprod.renderer.v1 import renderer_pb2
-from aiprod_kit.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
+from aiprod_kit.errors import (
+    ErrorReason,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from aiprod_kit.failures import Reason, failure
 from aiprod_kit.rendering.background import Background
 from aiprod_kit.rendering.calls import ProviderCalls
@@ -167,7 +174,8 @@ class RenderStarter:
         except TimeoutError:
             raise ResourceExhausted(
                 f"the {self._provider.name} renderer is at its limit of "
-                f"{self._settings.max_concurrent_tasks} concurrent tasks"
+                f"{self._settings.max_concurrent_tasks} concurrent tasks",
+                reason=ErrorReason.AT_CAPACITY,
             ) from None
         render.slot = slots
 
