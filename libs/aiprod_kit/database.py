@@ -12,6 +12,8 @@ through a `Database`. Only what must differ lives here:
   for SQLite; through NOTIFY to every process listening on the database for PostgreSQL.
 
 The URL holds a password: it is never logged nor put in an error; messages name the host and database.
+Every transaction, and every statement run alone, is counted (`aiprod.store.transactions`): what a
+job costs the stores.
 """
 
 import asyncio
@@ -28,6 +30,7 @@ from typing import ClassVar, TypeVar
 
 import psycopg
 import structlog
+from opentelemetry import metrics
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -45,6 +48,20 @@ POOL_SIZE = 8
 Parameters = Sequence[object]
 # Called with a notification's payload; None means "anything may have changed" (after a reconnect).
 Listener = Callable[[str | None], None]
+
+
+@functools.cache
+def _transactions() -> metrics.Counter:
+    return metrics.get_meter("aiprod.store").create_counter(
+        "aiprod.store.transactions",
+        unit="{transaction}",
+        description="Transactions, and statements run alone, on the service's databases",
+    )
+
+
+def _counted(dialect: str, kind: str) -> None:
+    """One transaction ("transaction") or one statement outside any ("statement")."""
+    _transactions().add(1, {"db.system.name": dialect, "kind": kind})
 
 
 class DatabaseUnavailable(Unavailable):
@@ -172,15 +189,18 @@ class SqliteDatabase(Database):
         self._listeners: dict[str, list[Listener]] = {}
 
     async def fetchone(self, query: str, parameters: Parameters = ()) -> tuple | None:
+        _counted(self.dialect, "statement")
         async with self._alone:
             return await self._sqlite.run(lambda: self._sqlite.db.execute(query, parameters).fetchone())
 
     async def fetchall(self, query: str, parameters: Parameters = ()) -> list[tuple]:
+        _counted(self.dialect, "statement")
         async with self._alone:
             return await self._sqlite.run(lambda: self._sqlite.db.execute(query, parameters).fetchall())
 
     @asynccontextmanager
     async def transaction(self, read_only: bool = False) -> AsyncIterator[Transaction]:
+        _counted(self.dialect, "transaction")
         db = self._sqlite.db
         transaction = _SqliteTransaction(self._sqlite)
         async with self._alone:
@@ -275,12 +295,14 @@ class PostgresDatabase(Database):
         self._listening: asyncio.Task[None] | None = None
 
     async def fetchone(self, query: str, parameters: Parameters = ()) -> tuple | None:
+        _counted(self.dialect, "statement")
         with _reachable(self._where, self._redact):
             async with self._pool.connection() as connection:
                 cursor = await connection.execute(_placeholders(query), parameters)
                 return await cursor.fetchone()
 
     async def fetchall(self, query: str, parameters: Parameters = ()) -> list[tuple]:
+        _counted(self.dialect, "statement")
         with _reachable(self._where, self._redact):
             async with self._pool.connection() as connection:
                 cursor = await connection.execute(_placeholders(query), parameters)
@@ -288,6 +310,7 @@ class PostgresDatabase(Database):
 
     @asynccontextmanager
     async def transaction(self, read_only: bool = False) -> AsyncIterator[Transaction]:
+        _counted(self.dialect, "transaction")
         with _reachable(self._where, self._redact):
             async with self._pool.connection() as connection, connection.transaction():
                 if read_only:
