@@ -49,7 +49,7 @@ def with_api_key(channel: grpc.Channel, key: str) -> grpc.Channel:
     return grpc.intercept_channel(channel, _Bearer(key))
 
 
-class _AioBearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+class _AioBearer:
     def __init__(self, key: str) -> None:
         self._metadata = bearer_metadata(key)
 
@@ -61,11 +61,15 @@ class _AioBearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClien
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+class _AioUnaryBearer(_AioBearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _AioStreamBearer(_AioBearer, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
@@ -74,4 +78,5 @@ class _AioBearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClien
 
 def aio_interceptors(key: str) -> list[grpc.aio.ClientInterceptor]:
     """Interceptors for grpc.aio channels (`interceptors=`) adding the key to every call."""
-    return [_AioBearer(key)]
+    # One per kind of call: a grpc.aio channel files each interceptor under the first kind it is.
+    return [_AioUnaryBearer(key), _AioStreamBearer(key)]
