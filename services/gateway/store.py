@@ -26,7 +26,6 @@ NTP, and a replica that takes a job over early still cannot make its old driver 
 """
 
 import asyncio
-import contextlib
 import json
 import time
 from abc import ABC, abstractmethod
@@ -129,8 +128,9 @@ class JobStore(ABC):
     async def events_after(self, job_id: str, sequence: int) -> list[gateway_pb2.JobEvent]: ...
 
     @abstractmethod
-    async def wait_for_event(self, job_id: str, sequence: int) -> None:
-        """Returns once the job has an event after sequence."""
+    def announcement(self, job_id: str) -> asyncio.Event:
+        """Set once an event of the job is announced after this call (or when announcements may have
+        been missed): taken before reading the job's events, it misses none committed after the read."""
 
     @abstractmethod
     async def claimable_jobs(self, limit: int) -> list[str]:
@@ -184,18 +184,28 @@ class JobStore(ABC):
     async def close(self) -> None: ...
 
     async def watch(self, job_id: str, after_sequence: int) -> AsyncIterator[gateway_pb2.JobEvent]:
-        """Every event after after_sequence, then the new ones as they come, until a terminal state."""
+        """Every event after after_sequence, then the new ones as they come, until a terminal state.
+        One read per announcement; the job itself is read only when no event came (a job that ended
+        before after_sequence, or an announcement missed: looked at again every _POLL_SECONDS)."""
         sequence = after_sequence
+        look_at_job = True
         while True:
-            for event in await self.events_after(job_id, sequence):
+            announced = self.announcement(job_id)
+            events = await self.events_after(job_id, sequence)
+            for event in events:
                 sequence = event.sequence
                 yield event
                 if event.state in TERMINAL_STATES:
                     return
-            job = await self.get_job(job_id)
-            if job is None or (job.state in TERMINAL_STATES and job.last_sequence <= sequence):
-                return
-            await self.wait_for_event(job_id, sequence)
+            if look_at_job and not events:
+                job = await self.get_job(job_id)
+                if job is None or (job.state in TERMINAL_STATES and job.last_sequence <= sequence):
+                    return
+            try:
+                await asyncio.wait_for(announced.wait(), _POLL_SECONDS)
+                look_at_job = False
+            except TimeoutError:
+                look_at_job = True
 
 
 _UNFINISHED = (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING)
@@ -550,15 +560,8 @@ class SqlJobStore(JobStore):
         )
         return [gateway_pb2.JobEvent.FromString(row[0]) for row in rows]
 
-    async def wait_for_event(self, job_id: str, sequence: int) -> None:
-        while True:
-            # Registered before looking: an announcement from now on wakes it.
-            waiter = self._new_events.setdefault(job_id, asyncio.Event())
-            row = await self._db.fetchone("SELECT MAX(sequence) FROM job_events WHERE job_id = ?", (job_id,))
-            if row is not None and row[0] is not None and row[0] > sequence:
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), _POLL_SECONDS)
+    def announcement(self, job_id: str) -> asyncio.Event:
+        return self._new_events.setdefault(job_id, asyncio.Event())
 
     async def claimable_jobs(self, limit: int) -> list[str]:
         rows = await self._db.fetchall(

@@ -72,6 +72,10 @@ _START_TIMEOUT = 300.0
 # Between a renderer's AT_CAPACITY (it waited for a task slot, AIPROD_<PROVIDER>_SLOT_WAIT_SECONDS) and
 # the next StartRender of the same attempt.
 _SLOT_RETRY_SECONDS = 0.5
+# A render's progress is passed on once it moved this much since the last passed on, or after this long
+# (and its first): each is an event in the job's log, a write there and a message to every watcher.
+_PROGRESS_STEP = 0.05 - 1e-9  # (as floats add up: 0.15 - 0.10 < 0.05)
+_PROGRESS_SECONDS = 10.0
 # Asking a renderer for the render under a key. It waits while a create under the key is under way;
 # past this, the chain waits for the renderer and asks StartRender again, which waits for it too.
 _LOOKUP_TIMEOUT = 10.0
@@ -689,7 +693,7 @@ class RenderChain:
     ) -> AsyncIterator[event_pb2.RenderEvent]:
         """Follows a render to its end at its renderer, re-attaching when the renderer comes back."""
         started = time.monotonic()
-        last_progress = -1.0
+        last_progress, progressed_at = -1.0, 0.0
         while True:
             with trace.use_span(result.span):
                 # The call starts (and its client span opens) here, inside the attempt's span.
@@ -705,8 +709,11 @@ class RenderChain:
                     if render.state in FINAL_RENDER_STATES:
                         final = render
                         continue
-                    if render.progress != last_progress:
-                        last_progress = render.progress
+                    moved = abs(render.progress - last_progress)
+                    if moved >= _PROGRESS_STEP or (
+                        moved and time.monotonic() - progressed_at >= _PROGRESS_SECONDS
+                    ):
+                        last_progress, progressed_at = render.progress, time.monotonic()
                         yield event(attempt, progress=event_pb2.RenderProgress(fraction=render.progress))
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.NOT_FOUND:

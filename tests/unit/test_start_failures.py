@@ -252,3 +252,27 @@ async def test_a_renderer_at_capacity_is_asked_again_until_it_starts_the_render(
     assert items[-1].HasField("succeeded")
     assert len(runway.started) == 3 and len(set(runway.started)) == 1
     assert not runway.looked_up and not veo.started
+
+
+async def test_progress_is_passed_on_in_steps_not_at_every_change():
+    # A renderer reporting every 1%: the job's log gets an event every 5% (each is a write at the
+    # gateway and a message to every watcher), the first one at once.
+    runway = FakeRenderer(RUNWAY)
+
+    def watch(request):
+        final = succeeded(RUNWAY, request.task_id.removeprefix("task-"))
+
+        async def updates():
+            for percent in range(100):
+                running = renderer_pb2.Render(state=renderer_pb2.RENDER_STATE_RUNNING, progress=percent / 100)
+                yield renderer_pb2.WatchRenderResponse(render=running)
+            yield renderer_pb2.WatchRenderResponse(render=final)
+
+        return updates()
+
+    runway.WatchRender = watch  # type: ignore[method-assign]
+    items = await run(Pool(runway))
+
+    fractions = [round(item.progress.fraction, 2) for item in items if item.HasField("progress")]
+    assert fractions == [percent / 100 for percent in range(0, 100, 5)]
+    assert items[-1].HasField("succeeded")

@@ -9,14 +9,11 @@ RUNNING). What QC checks against is the request when it is known, else the video
 """
 
 import asyncio
-import functools
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import structlog
-from opentelemetry import metrics
 
 from aiprod.common.v1 import render_pb2
 from aiprod_kit.failures import Reason, failure
@@ -27,22 +24,6 @@ from aiprod_kit.rendering.record import ProviderRender
 from aiprod_kit.rendering.storage import StoredVideo, VideoStore
 
 log = structlog.get_logger()
-
-
-@functools.cache
-def _qc_cpu_time() -> metrics.Counter:
-    return metrics.get_meter("aiprod.renderer").create_counter(
-        "aiprod.renderer.qc_cpu_time", unit="s", description="CPU time spent decoding outputs for QC"
-    )
-
-
-def probe(path: Path, backend: str) -> qc.Probe:
-    """qc.probe (blocking: call it from a worker thread), its CPU time counted for the backend."""
-    started = time.thread_time()
-    try:
-        return qc.probe(path)
-    finally:
-        _qc_cpu_time().add(time.thread_time() - started, {"backend": backend})
 
 
 def check(
@@ -133,7 +114,7 @@ class OutputFinisher:
                 self._log.warning("output not copied", task_id=render.task_id, error=str(error))
                 return failure(Reason.OUTPUT_LOST, str(error), False)
             try:
-                facts = await asyncio.to_thread(probe, local, self._provider.name)
+                facts = await asyncio.to_thread(qc.probe, local)
             except qc.DecodeError as error:
                 return failure(Reason.OUTPUT_UNDECODABLE, f"the output: {error}", True)
             render.output_seconds = facts.duration_seconds

@@ -23,7 +23,7 @@ from aiprod_kit.checks import Violation, echo, shot_violations, task_id_violatio
 from aiprod_kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from aiprod_kit.failures import Reason, failure
 from aiprod_kit.money import usd
-from aiprod_kit.rendering import finishing
+from aiprod_kit.rendering import finishing, qc
 from aiprod_kit.rendering.keys import KEY_PATTERN, KEY_RULE
 from aiprod_kit.rendering.record import RenderRecord
 from aiprod_kit.rendering.registry import RenderRegistry
@@ -277,7 +277,7 @@ class LocalRendererService(renderer_pb2_grpc.RendererServiceServicer):
         )
         if render.cancel.is_set():
             raise synth.RenderCancelled
-        found = finishing.probe(store.path_of(stored.uri), "local")
+        found = qc.probe(store.path_of(stored.uri))
         report = finishing.check(
             found,
             shot,
