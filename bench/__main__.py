@@ -1,26 +1,33 @@
-"""`make bench`: starts the mesh on free ports and measures, in one run, the floor (a bare grpc.aio
-unary call: the gateway's health Check) and CreateRenderJob, both at concurrency 32, and how fast the
-router stops routing to a renderer that turns NOT_SERVING (goal: 100 ms). Prints one JSON object as
-its last line.
+"""`make bench` (`python -m bench [scenario ...]`): starts the mesh on free ports, as processes, and
+measures it; prints one JSON object, every figure from the same run on the same machine, as its last
+line (and each scenario's time on stderr). docs/performance.md records a run and reads it.
 
-Routing, in-process (bench/replay.py): `route_decision_vs_rpc` is the router's time per decision (the
-views it builds from its stats, then the policy's ranking, over four backends with full stats windows)
-over one bare round trip (the floor's call, one at a time, so that no queueing is in it); the replay of
-1,000 seeded jobs gives `cost_vs_oracle`, `slo_attainment` and `seed_policy_cost_vs_oracle`.
+- routing (in-process, first, while nothing else uses the CPU; bench/replay.py): the router's time per
+  decision (`route_decision_us`; over `rpc_round_trip_us`, one bare round trip: `route_decision_vs_rpc`)
+  and the replay of 1,000 seeded jobs: `cost_vs_oracle`, `slo_attainment`, `seed_policy_cost_vs_oracle`.
+- create: the floor (a bare grpc.aio unary call, the gateway's health Check) and CreateRenderJob, both
+  at concurrency 32, with telemetry exported over OTLP (`create_rps`), without (`telemetry_overhead`:
+  off over on) and on PostgreSQL (`create_rps_postgres`). Jobs are created under an approval preset so
+  that they wait instead of rendering: the figure is the cost of the RPC (API key, validation, quote,
+  idempotency, the job store), not of the renders it would start.
+- throughput, provider_requests, inflight (bench/jobs.py): jobs through the mesh and the provider
+  sandbox: jobs finished a second and what each costs; provider requests per job; 10,000 in flight
+  (BENCH_INFLIGHT_JOBS) and the mesh's peak memory.
+- failover (bench/failover.py): the router's reaction to a renderer killed or stopped, 20 trials, and
+  the jobs lost meanwhile.
 
-Jobs are created under an approval preset so that they wait instead of rendering: the figure is the
-cost of the RPC (API key, validation, quote, idempotency, the job store), not of the renders it would
-start. The development tenant's tier limits are lifted: the bench measures the path, not the limiter's
-refusals.
+The development tenant's tier limits are lifted: the bench measures the mesh, not the limiter.
 """
 
 import asyncio
+import contextlib
 import json
-import signal
+import os
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -28,15 +35,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aiprod.common.v1 import render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_kit.apikeys import aio_interceptors
 from aiprod_kit.mesh import Mesh
-from bench import replay
+from bench import failover, jobs, replay
+from bench.otlp import MetricTotals
 
 CONCURRENCY = 32
 WARMUP_CALLS = 200
 MEASURED_SECONDS = 5.0
-REACTION_LIMIT_SECONDS = 10.0
 ROUND_TRIP_CALLS = 2000
 DECISIONS = 20_000
 
@@ -113,39 +119,87 @@ async def run(address: str, api_key: str) -> dict[str, float]:
     }
 
 
-async def health_reaction_ms(mesh: Mesh) -> float:
-    """From the renderer's SIGTERM (its health turns NOT_SERVING at once, then it drains) to the router
-    reporting the backend NOT_SERVING: the router's whole reaction, pushed by health Watch."""
-    async with grpc.aio.insecure_channel(mesh.address("router")) as channel:
-        router = router_pb2_grpc.RouterServiceStub(channel)
-        request = router_pb2.ListBackendsRequest()
-        started = time.perf_counter()
-        mesh.services["renderer-local"].process.send_signal(signal.SIGTERM)
-        while time.perf_counter() - started < REACTION_LIMIT_SECONDS:
-            backends = (await router.ListBackends(request)).backends
-            if all(status.health == router_pb2.BACKEND_HEALTH_NOT_SERVING for status in backends):
-                return (time.perf_counter() - started) * 1000
-    return float("inf")
+def create_figures(environment: dict[str, str]) -> dict[str, float]:
+    """The floor and CreateRenderJob on a plain mesh (SQLite unless environment says otherwise)."""
+    with tempfile.TemporaryDirectory(prefix="aiprod-bench-") as data_dir:
+        mesh = Mesh(Path(data_dir), free_ports=True, environment={**jobs.UNLIMITED, **environment})
+        mesh.start()
+        try:
+            return asyncio.run(run(mesh.address("gateway"), mesh.api_key))
+        finally:
+            mesh.stop()
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[dict[str, str]]:
+    """AIPROD_DATABASE_URL on a fresh schema of the local PostgreSQL (AIPROD_TEST_POSTGRES_URL, as the
+    tests), dropped afterwards."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from postgres_support import fresh_schema
+
+    with fresh_schema() as url:
+        yield {"AIPROD_DATABASE_URL": url}
+
+
+def accept_path() -> dict[str, object]:
+    """The floor, and CreateRenderJob with telemetry exported (the figure), without it
+    (`telemetry_overhead`), and on PostgreSQL."""
+    with MetricTotals() as totals:
+        figures: dict[str, object] = dict(create_figures(totals.environment))
+    off = create_figures({"AIPROD_OTEL_EXPORTER": "none"})["create_rps"]
+    figures["create_rps_telemetry_off"] = off
+    figures["telemetry_overhead"] = round(off / figures["create_rps"], 3)
+    with postgres_database() as database, MetricTotals() as totals:
+        figures["create_rps_postgres"] = create_figures({**totals.environment, **database})["create_rps"]
+    return figures
+
+
+def routing_figures() -> dict[str, object]:
+    """In-process, while nothing else of the bench uses the CPU: the policy's time per decision, and
+    the replay's costs against the oracle."""
+    return {"route_decision_us": round(decision_seconds() * 1e6, 1), **replay.replay()}
+
+
+def _in_data_dir(
+    scenario: Callable[..., dict[str, object]], **arguments: object
+) -> Callable[[], dict[str, object]]:
+    def run_it() -> dict[str, object]:
+        with tempfile.TemporaryDirectory(prefix="aiprod-bench-") as data_dir:
+            return scenario(Path(data_dir), **arguments)
+
+    return run_it
+
+
+def scenarios() -> dict[str, Callable[[], dict[str, object]]]:
+    """Each scenario's figures, by name, in the order `make bench` runs them."""
+    return {
+        "routing": routing_figures,
+        "create": accept_path,
+        "throughput": _in_data_dir(
+            jobs.throughput, seconds=float(os.environ.get("BENCH_THROUGHPUT_SECONDS", "60"))
+        ),
+        "provider_requests": _in_data_dir(jobs.provider_requests),
+        "failover": failover.failover,
+        "inflight": _in_data_dir(jobs.in_flight, jobs=int(os.environ.get("BENCH_INFLIGHT_JOBS", "10000"))),
+    }
 
 
 def main() -> None:
-    # In-process figures first, while nothing else of the bench uses the CPU.
-    decision = decision_seconds()
-    routing = replay.replay()
-    with tempfile.TemporaryDirectory(prefix="aiprod-bench-") as data_dir:
-        # A long drain keeps the renderer NOT_SERVING but up while the router's reaction is measured.
-        unlimited = {"GOLD": {"concurrent_jobs": 10**9, "requests_per_minute": 10**9}}
-        environment = {"AIPROD_SHUTDOWN_GRACE_SECONDS": "10", "AIPROD_GATEWAY_TIERS": json.dumps(unlimited)}
-        mesh = Mesh(Path(data_dir), free_ports=True, environment=environment)
-        mesh.start()
-        try:
-            figures = asyncio.run(run(mesh.address("gateway"), mesh.api_key))
-            figures["router_health_reaction_ms"] = round(asyncio.run(health_reaction_ms(mesh)), 1)
-        finally:
-            mesh.stop()
-    figures["route_decision_us"] = round(decision * 1e6, 1)
-    figures["route_decision_vs_rpc"] = round(decision / (figures["rpc_round_trip_us"] / 1e6), 4)
-    figures.update(routing)
+    """`python -m bench [scenario ...]`: every scenario unless named (see scenarios())."""
+    available = scenarios()
+    wanted = sys.argv[1:] or list(available)
+    unknown = set(wanted) - set(available)
+    if unknown:
+        sys.exit(f"unknown scenario {sorted(unknown)}; choose among {list(available)}")
+    figures: dict[str, object] = {}
+    for name in wanted:
+        started = time.perf_counter()
+        figures.update(available[name]())
+        print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    if "route_decision_us" in figures and "rpc_round_trip_us" in figures:
+        figures["route_decision_vs_rpc"] = round(
+            figures["route_decision_us"] / figures["rpc_round_trip_us"], 4
+        )
     print(json.dumps(figures))
 
 

@@ -1,0 +1,110 @@
+"""Failover: how fast the router stops choosing a renderer that died or stopped serving, and whether any
+job is lost meanwhile.
+
+Each trial takes the Runway renderer out while jobs run on every provider, and measures from that
+moment to the router reporting it NOT_SERVING (from then on no render is routed to it): the even trials
+SIGKILL it (the router's health Watch stream breaks), the odd ones SIGTERM it (its health turns
+NOT_SERVING at once, then it drains its renders for up to AIPROD_SHUTDOWN_GRACE_SECONDS). It is started
+again, and the next trial begins once the router sees it SERVING. Every job created during the trials
+must end; one that does not, or fails, is counted.
+"""
+
+import asyncio
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from aiprod.common.v1 import backend_pb2, job_pb2
+from aiprod.router.v1 import router_pb2, router_pb2_grpc
+from bench import jobs
+from bench.otlp import MetricTotals
+
+TRIALS = 20
+RENDERER = "renderer-runway"
+REACTION_LIMIT_SECONDS = 10.0
+JOB_END_SECONDS = 300.0
+
+
+async def _health(router: router_pb2_grpc.RouterServiceStub) -> int:
+    backends = (await router.ListBackends(router_pb2.ListBackendsRequest(), timeout=5)).backends
+    return next(status.health for status in backends if status.backend == backend_pb2.BACKEND_RUNWAY)
+
+
+async def _until(router: router_pb2_grpc.RouterServiceStub, health: int, limit: float) -> float:
+    """Seconds until the router reports the backend in that health (inf past the limit)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit:
+        if await _health(router) == health:
+            return time.perf_counter() - started
+    return float("inf")
+
+
+async def _trials(mesh, trials: int) -> dict[str, object]:
+    client = jobs.Client(mesh)
+    async with grpc.aio.insecure_channel(mesh.address("router")) as channel:
+        router = router_pb2_grpc.RouterServiceStub(channel)
+        created: list[str] = []
+        stop = asyncio.Event()
+
+        async def keep_creating() -> None:
+            index = 0
+            while not stop.is_set():
+                created.append(await client.create(jobs.spec("Failover", jobs.PROVIDERS[index % 3])))
+                index += 1
+                await asyncio.sleep(0.05)
+
+        creating = asyncio.create_task(keep_creating())
+        reactions = []
+        try:
+            for trial in range(trials):
+                process = mesh.services[RENDERER].process
+                process.send_signal(signal.SIGKILL if trial % 2 == 0 else signal.SIGTERM)
+                reactions.append(
+                    await _until(router, router_pb2.BACKEND_HEALTH_NOT_SERVING, REACTION_LIMIT_SECONDS)
+                )
+                await asyncio.to_thread(process.wait)
+                await asyncio.to_thread(mesh.start_service, RENDERER)
+                await _until(router, router_pb2.BACKEND_HEALTH_SERVING, 60.0)
+        finally:
+            stop.set()
+            await creating
+        try:
+            states = await asyncio.wait_for(
+                asyncio.gather(*(client.finish(job_id) for job_id in created)), JOB_END_SECONDS
+            )
+            unfinished = 0
+        except TimeoutError:
+            counts = await client.counts()
+            states = []
+            unfinished = len(created) - sum(counts.get(state, 0) for state in jobs.TERMINAL)
+        await client.close()
+    reactions.sort()
+    return {
+        "failover_p99_ms": round(reactions[min(len(reactions) - 1, int(len(reactions) * 0.99))] * 1000, 1),
+        "failover_median_ms": round(reactions[len(reactions) // 2] * 1000, 1),
+        "failover_trials": trials,
+        "failover_jobs": len(created),
+        "jobs_lost": unfinished,
+        "failover_jobs_failed": sum(1 for state in states if state != job_pb2.JOB_STATE_SUCCEEDED),
+    }
+
+
+def failover(trials: int = TRIALS) -> dict[str, object]:
+    environment = {
+        **jobs.provider_settings(
+            POLL_SECONDS="0.5", REQUESTS_PER_MINUTE="1000000", MAX_CONCURRENT_TASKS="1000"
+        ),
+        # A SIGTERMed renderer drains for 2 s: it stays up, NOT_SERVING, while the router's reaction is
+        # measured, and the trials do not wait long for it.
+        "AIPROD_SHUTDOWN_GRACE_SECONDS": "2",
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="aiprod-bench-") as data_dir,
+        MetricTotals() as totals,
+        jobs.running(Path(data_dir), totals, environment) as mesh,
+    ):
+        jobs.configure_sandbox(mesh, render_seconds=1)
+        return asyncio.run(_trials(mesh, trials))
