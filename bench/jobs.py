@@ -135,13 +135,17 @@ class PeakMemory:
 
     def __init__(self, mesh: Mesh) -> None:
         self._pids = [s.process.pid for name, s in mesh.services.items() if name != "sandbox"]
-        self.peak_mb = 0.0
+        self.start_mb = self._sum_mb()
+        self.peak_mb = self.start_mb
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
+    def _sum_mb(self) -> float:
+        return sum(_rss_kib(pid) for pid in self._pids) / 1024
+
     def _sample(self) -> None:
         while not self._stop.wait(0.5):
-            self.peak_mb = max(self.peak_mb, sum(_rss_kib(pid) for pid in self._pids) / 1024)
+            self.peak_mb = max(self.peak_mb, self._sum_mb())
 
     def __enter__(self) -> "PeakMemory":
         self._thread.start()
@@ -272,7 +276,7 @@ async def _in_flight(mesh: Mesh, jobs: int, render_seconds: float) -> dict[str, 
 
         async def create(index: int) -> str:
             async with semaphore:
-                return await client.create(spec(f"In flight {index % 10}"))
+                return await client.create(spec(f"In flight {index % 10}", PROVIDERS[index % 3]))
 
         with PeakMemory(mesh) as memory:
             started = time.monotonic()
@@ -296,6 +300,8 @@ async def _in_flight(mesh: Mesh, jobs: int, render_seconds: float) -> dict[str, 
         "inflight_seconds": round(elapsed, 1),
         "inflight_render_seconds": render_seconds,
         "peak_rss_mb": round(memory.peak_mb, 1),
+        "idle_rss_mb": round(memory.start_mb, 1),
+        "rss_kb_per_job_in_flight": round((memory.peak_mb - memory.start_mb) * 1024 / jobs, 1),
     }
 
 

@@ -237,6 +237,10 @@ class ProviderSettings(BaseSettings):
     # The shortest wait between two polls of one task: no more often than the provider asks.
     poll_seconds: float
     requests_per_minute: int = 60
+    # HTTP requests to the provider at once; the others wait their turn before their timeout starts.
+    # Under the provider clients' pools (100 connections): a request cancelled while it waits for a
+    # pooled connection can leak it for good (encode/httpcore#1093), so none is ever made to wait there.
+    max_concurrent_requests: int = Field(32, ge=1, le=90)
     max_concurrent_tasks: int = 4
     # How long StartRender waits for one of the concurrent task slots before saying RESOURCE_EXHAUSTED
     # (AT_CAPACITY: nothing started; the router asks again, and the job waits its turn).

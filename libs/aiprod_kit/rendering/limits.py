@@ -34,8 +34,11 @@ class ProviderLimits:
         max_concurrent_tasks: int,
         request_timeout_seconds: float,
         attempts: int = 4,
+        max_concurrent_requests: int = 32,
     ) -> None:
         self._requests = AsyncLimiter(requests_per_minute, 60)
+        # Requests in flight: each waits here, not in the HTTP client's pool (see ProviderSettings).
+        self._in_flight = asyncio.Semaphore(max_concurrent_requests)
         self.task_slots = asyncio.Semaphore(max_concurrent_tasks)
         self._timeout = request_timeout_seconds
         self._attempts = attempts
@@ -89,7 +92,7 @@ class ProviderLimits:
             await asyncio.sleep(pause)
         await self._requests.acquire()
         try:
-            async with asyncio.timeout(timeout):
+            async with self._in_flight, asyncio.timeout(timeout):
                 return await operation()
         except TimeoutError as error:
             raise ProviderError(ErrorKind.AMBIGUOUS, f"{what} got no answer in {timeout:g} s") from error

@@ -57,7 +57,10 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         self._background = Background()
         self._calls = ProviderCalls(
             ProviderLimits(
-                settings.requests_per_minute, settings.max_concurrent_tasks, settings.request_timeout_seconds
+                settings.requests_per_minute,
+                settings.max_concurrent_tasks,
+                settings.request_timeout_seconds,
+                max_concurrent_requests=settings.max_concurrent_requests,
             ),
             ProviderCallMetrics(provider.name),
         )
