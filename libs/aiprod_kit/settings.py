@@ -234,8 +234,11 @@ class ProviderSettings(BaseSettings):
 
     port: int
     model: str
-    # The shortest wait between two polls of one task: no more often than the provider asks.
+    # The shortest wait between two polls of one task: no more often than the provider asks. The wait
+    # grows by half at each poll, up to max_poll_seconds (sooner when the task's progress says it ends
+    # sooner): a render's end is seen within about that long, in a dozen requests for a minute's render.
     poll_seconds: float
+    max_poll_seconds: float = Field(15.0, gt=0)
     requests_per_minute: int = 60
     # HTTP requests to the provider at once; the others wait their turn before their timeout starts.
     # Under the provider clients' pools (100 connections): a request cancelled while it waits for a

@@ -61,7 +61,8 @@ class VideoCache:
                 await asyncio.to_thread(encode, partial)
             partial.replace(target)
             self.encodes += 1
-            self._done[key] = target
+            if self._encoding.get(key) is future:  # not cleared meanwhile
+                self._done[key] = target
             while len(self._done) > self._entries:
                 _, evicted = self._done.popitem(last=False)
                 evicted.unlink(missing_ok=True)
@@ -72,11 +73,15 @@ class VideoCache:
             future.exception()  # retrieved: a failure with nobody else waiting is not logged as lost
             raise
         finally:
-            del self._encoding[key]
+            if self._encoding.get(key) is future:
+                del self._encoding[key]
 
     def clear(self) -> None:
-        """Forgets every video (their files go with the directory)."""
+        """Forgets every video (their files go with the directory), and the encodes under way: they end
+        for the tasks that asked (a reset stops those), and a task asking from now on encodes afresh
+        rather than wait for a file whose directory is gone."""
         self._done.clear()
+        self._encoding.clear()
 
 
 def _link(source: Path, path: Path) -> None:

@@ -15,12 +15,14 @@ async def test_requests_over_the_limit_wait_their_turn_and_their_timeout_starts_
         max_concurrent_requests=2,
     )
     running = most = 0
-    release = asyncio.Event()
+    release, two_running = asyncio.Event(), asyncio.Event()
 
     async def request() -> str:
         nonlocal running, most
         running += 1
         most = max(most, running)
+        if running == 2:
+            two_running.set()
         try:
             await release.wait()
             await asyncio.sleep(0.2)  # each answer takes a while: 5 in turn take longer than one timeout
@@ -29,8 +31,7 @@ async def test_requests_over_the_limit_wait_their_turn_and_their_timeout_starts_
             running -= 1
 
     calls = [asyncio.create_task(limits.call(request, idempotent=True, what="get")) for _ in range(5)]
-    while running < 2:
-        await asyncio.sleep(0)
+    await two_running.wait()
     release.set()
     assert await asyncio.gather(*calls) == ["answered"] * 5
     assert most == 2

@@ -1,6 +1,7 @@
 """The sandbox's video cache: one encode per distinct video, a file of its own for every task."""
 
 import asyncio
+import shutil
 import threading
 from pathlib import Path
 
@@ -14,6 +15,7 @@ class Encoder:
 
     def __init__(self, gated: bool = False) -> None:
         self.calls: list[Path] = []
+        self.started = threading.Event()
         self.gate = threading.Event()
         if not gated:
             self.gate.set()
@@ -21,6 +23,7 @@ class Encoder:
 
     def __call__(self, path: Path) -> None:
         self.calls.append(path)
+        self.started.set()
         self.gate.wait(10)
         if self.fail:
             raise RuntimeError("encoder crashed")
@@ -102,3 +105,19 @@ async def test_the_least_recently_used_video_leaves_a_full_cache_but_not_its_tas
     assert (tmp_path / "old-task.mp4").exists()
     await cache.place(old, tmp_path / "old-again.mp4", encode)  # encoded again
     assert cache.encodes == 3
+
+
+async def test_a_task_after_a_reset_encodes_afresh_rather_than_join_an_encode_from_before(tmp_path):
+    # The sandbox's reset clears the cache and deletes its directory while an earlier task's encode
+    # runs: a new task asking for the same video must not get that encode's failure.
+    cache = VideoCache(tmp_path / "cache", concurrency=2)
+    before, after = Encoder(gated=True), Encoder()
+    key = VideoCache.key("A lantern", 5, 2.0, 640, 360)
+    earlier = asyncio.create_task(cache.place(key, tmp_path / "earlier.mp4", before))
+    assert await asyncio.to_thread(before.started.wait, 10)
+    cache.clear()
+    shutil.rmtree(tmp_path / "cache")
+    await cache.place(key, tmp_path / "later.mp4", after)
+    assert (tmp_path / "later.mp4").exists() and len(after.calls) == 1
+    before.gate.set()
+    await asyncio.gather(earlier, return_exceptions=True)  # whatever became of it, the reset stopped its task

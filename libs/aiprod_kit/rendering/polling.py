@@ -1,7 +1,9 @@
 """The renderer's one poll loop, and what it does with the provider's answers.
 
 Invariants: one loop per renderer, not one per caller; each task is polled no more often than
-poll_seconds, and not while the breaker holds requests back. A task the provider no longer knows ends
+poll_seconds, and not while the breaker holds requests back. The wait between two polls of a task grows
+by half each time, up to max_poll_seconds (a render of minutes is asked about a dozen times, not once
+every few seconds), and is cut short when the task's progress says it ends sooner. A task the provider no longer knows ends
 RENDER_LOST; one that ended at the provider ends here with its failure reason and charge, or, when it
 succeeded, once its output is finished (stored and checked). Whatever fails in doing so ends the render
 FAILED with RENDERER_INTERNAL and its charge: nothing stays RUNNING for ever.
@@ -9,6 +11,8 @@ FAILED with RENDERER_INTERNAL and its charge: nothing stays RUNNING for ever.
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import time
 
 import structlog
@@ -28,6 +32,9 @@ from aiprod_kit.rendering.registry import RenderRegistry
 
 log = structlog.get_logger()
 
+# How much longer each wait between two polls of a task is than the one before.
+_GROWTH = 1.5
+
 
 class Poller:
     def __init__(
@@ -39,6 +46,7 @@ class Poller:
         finisher: OutputFinisher,
         background: Background,
         poll_seconds: float,
+        max_poll_seconds: float | None = None,
     ) -> None:
         self._provider = provider
         self._calls = calls
@@ -47,28 +55,48 @@ class Poller:
         self._finisher = finisher
         self._background = background
         self._poll_seconds = poll_seconds
+        self._max_poll_seconds = max(max_poll_seconds or poll_seconds, poll_seconds)
         self._wake = asyncio.Event()
+        # (when, order, render): when each scheduled poll is due; order breaks ties between renders.
+        self._due: list[tuple[float, int, ProviderRender]] = []
+        self._order = itertools.count()
         self._log = log.bind(backend=provider.name)
 
     def schedule(self, render: ProviderRender, delay: float | None = None) -> None:
-        """Polls the render's task after delay (default: poll_seconds)."""
-        render.next_poll = time.monotonic() + (self._poll_seconds if delay is None else delay)
+        """Polls the render's task after delay (default: the next wait of its backoff)."""
+        render.next_poll = time.monotonic() + (self._next_wait(render) if delay is None else delay)
+        heapq.heappush(self._due, (render.next_poll, next(self._order), render))
         self._wake.set()
 
+    def _next_wait(self, render: ProviderRender) -> float:
+        """poll_seconds, half as long again at each poll up to max_poll_seconds; no longer than the
+        time left that the task's progress implies (it ends at its pace so far)."""
+        now = time.monotonic()
+        if not render.polls:
+            render.polling_since = now
+        wait = min(self._poll_seconds * _GROWTH**render.polls, self._max_poll_seconds)
+        render.polls += 1
+        progress = render.status.progress
+        if 0 < progress < 1:
+            wait = min(wait, (now - render.polling_since) * (1 - progress) / progress)
+        return max(wait, self._poll_seconds)
+
     async def run(self) -> None:
-        """The renderer's one poll loop: polls each due task, then sleeps until the next one is due."""
+        """The renderer's one poll loop: polls each due task, then sleeps until the next one is due.
+        The due times are a heap: a wake costs the polls it starts, not a pass over every task."""
         breaker = self._health.breaker
         while True:
             self._wake.clear()
             now = time.monotonic()
-            waiting = [r for r in self._registry.with_tasks() if not r.ended and r.next_poll > 0]
-            for render in waiting:
-                if render.next_poll <= now and breaker.allows_requests:
+            if breaker.allows_requests:
+                while self._due and self._due[0][0] <= now:
+                    due, _, render = heapq.heappop(self._due)
+                    if render.ended or render.next_poll != due:
+                        continue  # ended, or scheduled again since (its other entry stands)
                     render.next_poll = 0  # in flight; set again when the poll ends
                     self._background.spawn(self._poll(render))
-            upcoming = [r.next_poll for r in waiting if r.next_poll > 0]
-            timeout = max(min(upcoming) - now, 0.01) if upcoming else None
-            if not breaker.allows_requests and upcoming:
+            timeout = max(self._due[0][0] - now, 0.01) if self._due else None
+            if not breaker.allows_requests and self._due:
                 timeout = max(breaker.seconds_until_probe(), 0.1)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):

@@ -108,6 +108,9 @@ class ProviderRender(RenderRecord):
         super().__init__(key, shot, model, backend)
         # When the poll loop next asks the provider (monotonic seconds); 0: not scheduled, or in flight.
         self.next_poll = 0.0
+        # Polls scheduled so far, and when the first was (monotonic): the next waits longer.
+        self.polls = 0
+        self.polling_since = 0.0
         # Set once StartRender's answer is known; abandoned: its caller went away before anything was
         # sent, so a later call under the key starts afresh.
         self.created = asyncio.Event()

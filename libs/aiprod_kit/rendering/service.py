@@ -77,6 +77,7 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
             finisher,
             self._background,
             settings.poll_seconds,
+            settings.max_poll_seconds,
         )
         self._starter = RenderStarter(
             provider, settings, self._calls, self._health, self._registry, self._poller, self._background
