@@ -194,8 +194,13 @@ def main() -> None:
     figures: dict[str, object] = {}
     for name in wanted:
         started = time.perf_counter()
-        figures.update(available[name]())
+        try:
+            figures.update(available[name]())
+        except Exception as error:
+            # The other scenarios' figures still count; this one says why it has none.
+            figures[f"{name}_error"] = f"{type(error).__name__}: {error}"[:500]
         print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        print(json.dumps(figures), file=sys.stderr, flush=True)  # what is known so far
     if "route_decision_us" in figures and "rpc_round_trip_us" in figures:
         figures["route_decision_vs_rpc"] = round(
             figures["route_decision_us"] / figures["rpc_round_trip_us"], 4
