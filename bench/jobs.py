@@ -24,11 +24,11 @@ import httpx
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod_kit.apikeys import aio_interceptors
-from aiprod_kit.mesh import Mesh
+from aiprod_kit.mesh import PROVIDER_BACKENDS, Mesh
 from aiprod_kit.rendering import qc
 from bench.otlp import MetricTotals
 
-PROVIDERS = ("runway", "veo", "replicate")
+PROVIDERS = PROVIDER_BACKENDS
 PREFERRED = {
     "runway": backend_pb2.BACKEND_RUNWAY,
     "veo": backend_pb2.BACKEND_VEO,

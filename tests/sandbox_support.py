@@ -14,7 +14,7 @@ from support import budget, eventually
 
 from aiprod.common.v1 import event_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
-from aiprod_kit.mesh import Mesh
+from aiprod_kit.mesh import PROVIDER_BACKENDS, Mesh
 
 RENDERER_SERVICE = "aiprod.renderer.v1.RendererService"
 # Sandbox renders of a second, polled five times a second: mesh tests wait seconds, not minutes.
@@ -29,6 +29,15 @@ TERMINAL = {
     renderer_pb2.RENDER_STATE_FAILED,
     renderer_pb2.RENDER_STATE_CANCELLED,
 }
+
+
+def provider_settings(**values: str) -> dict[str, str]:
+    """AIPROD_<PROVIDER>_<NAME> for every provider renderer."""
+    return {
+        f"AIPROD_{backend.upper()}_{name}": value
+        for backend in PROVIDER_BACKENDS
+        for name, value in values.items()
+    }
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from sandbox_support import Sandbox, sandbox_mesh
+from sandbox_support import Sandbox, provider_settings, sandbox_mesh
 from support import eventually, gateway
 
 from aiprod.common.v1 import event_pb2, job_pb2, render_pb2
@@ -29,15 +29,7 @@ ENVIRONMENT = {
     "AIPROD_METRICS_DAILY_CAP_USD": "0",
     "AIPROD_GATEWAY_TIERS": '{"GOLD": {"concurrent_jobs": 1000000, "requests_per_minute": 1000000}}',
     "AIPROD_SANDBOX_VIDEO_SHORT_SIDE": "180",
-    **{
-        f"AIPROD_{provider.upper()}_{name}": value
-        for provider in PROVIDERS
-        for name, value in (
-            ("POLL_SECONDS", "1"),
-            ("REQUESTS_PER_MINUTE", "1000000"),
-            ("MAX_CONCURRENT_TASKS", str(JOBS)),
-        )
-    },
+    **provider_settings(POLL_SECONDS="1", REQUESTS_PER_MINUTE="1000000", MAX_CONCURRENT_TASKS=str(JOBS)),
 }
 
 
