@@ -5,10 +5,12 @@ spent on the same jobs. Pure and deterministic from the seed: no services, no cl
 The world (all drawn up front from one random.Random, so that the oracle and every policy face the
 same one):
 
-- Backends: the product's four, with the capabilities their renderers advertise with today's default
-  settings (the providers' own `capabilities()`: Runway gen4.5 0.12 USD/s q 0.95 2-10 s; Veo 3.0
-  silent 0.20 USD/s q 0.92 4/6/8 s; Replicate minimax/video-01 0.05 USD/s q 0.75 6 s 16:9; local free,
-  q 0.5, a development stand-in under every floor) and their billing rules (`charge_micros`: a
+- Backends: the product's four, with the capabilities their renderers advertise with their default
+  settings and the deployment's offers (k8s/base: RUNWAY_OFFERS and VEO_OFFERS below), each model a
+  route candidate (the providers' own `capabilities()`: Runway gen4.5 0.12 USD/s q 0.95 2-10 s and
+  gen4_turbo 0.05 q 0.90, image-to-video only; Veo 3.0 silent 0.20 q 0.92, 3.1 Fast 0.10 q 0.88 and
+  3.1 Lite 0.05 q 0.80, 4/6/8 s; Replicate minimax/video-01 0.05 q 0.75 6 s 16:9; local free, q 0.5, a
+  development stand-in under every floor) and their billing rules (`charge_micros` with the model: a
   delivered render bills its list price, a failed task bills nothing at any of them).
 - Jobs (JOBS of them, Poisson arrivals every ARRIVAL_SECONDS on average): a preset (libs presets), a
   tenant's SLA tier (its deadline and quality minimum, as the gateway applies them), a duration of one
@@ -16,7 +18,8 @@ same one):
   or not, a prompt length (a few over Runway's 1000 characters), some tighter deadlines of the
   request's own, a raised quality floor now and then, the preset's price limit as the job's cost
   limit, and the tenant's budget left today (none for uncapped tenants).
-- Each job's outcome at each backend, drawn once: delivered, failed (nothing billed) or delivered but
+- Each job's outcome at each backend, drawn once (a provider's models share it, each billing its own
+  price; a delivery is at the model's quality): delivered, failed (nothing billed) or delivered but
   rejected by QC (billed, then the router falls back), and how long the attempt takes. Latencies are
   log-normal with 90% within the first version's typical render times (SEED.md: Runway 30-60 s, Veo
   45-90 s, Replicate 60-120 s), scaled by the clip's length, with a few renders queued 2-4 times as
@@ -55,10 +58,12 @@ cost_vs_oracle is read with slo_attainment, and cost_vs_oracle_on_slo_met is the
 jobs alone.
 """
 
+import dataclasses
+import functools
 import heapq
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import SecretStr
@@ -67,7 +72,7 @@ from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod_gateway.tiers import DEFAULT_TIERS
 from aiprod_kit.breaker import CircuitBreaker
-from aiprod_kit.capabilities import shot_mismatches
+from aiprod_kit.capabilities import offer_capabilities, offers, shot_mismatches
 from aiprod_kit.presets import PRESETS
 from aiprod_kit.rendering.provider import ProviderTask, TaskState, VideoSource
 from aiprod_kit.settings import ReplicateSettings, RouterSettings, RunwaySettings, VeoSettings
@@ -75,7 +80,7 @@ from aiprod_renderers.local.service import capabilities as local_capabilities
 from aiprod_renderers.replicate.provider import ReplicateProvider
 from aiprod_renderers.runway.provider import RunwayProvider
 from aiprod_renderers.veo.provider import VeoProvider
-from aiprod_router.policy import BackendView, Candidate, RouteRequest, rank_backends
+from aiprod_router.policy import Candidate, RouteRequest, rank_backends, views_of
 from aiprod_router.stats import BackendStats, Outcome
 
 LOCAL, RUNWAY, VEO, REPLICATE = (
@@ -157,12 +162,39 @@ class Attempt:
     qc_score: float | None = None
 
 
+# One offer of one backend, as the router chooses it: (backend, model, resolution).
+Route = tuple[int, str, str]
+
+
+def routes_of(
+    backend: int, capabilities: renderer_pb2.Capabilities
+) -> dict[Route, renderer_pb2.Capabilities]:
+    """Each of a backend's offers, the default first, with the capabilities the policy ranks it by."""
+    offered = offers(capabilities)
+    if len(offered) == 1:
+        return {(backend, offered[0].model, offered[0].resolution): capabilities}
+    return {(backend, o.model, o.resolution): offer_capabilities(capabilities, o) for o in offered}
+
+
+def route_of(candidate: Candidate) -> Route:
+    return candidate.backend, candidate.model, candidate.resolution
+
+
 @dataclass(frozen=True)
 class World:
     jobs: tuple[Job, ...]
+    # Each backend's capabilities, every offer in them.
     capabilities: dict[int, renderer_pb2.Capabilities]
-    # outcomes[j][backend]: job j's attempt at that backend.
-    outcomes: tuple[dict[int, Attempt], ...]
+    # outcomes[j][route]: job j's attempt at that offer of that backend.
+    outcomes: tuple[dict[Route, Attempt], ...]
+
+    @functools.cached_property
+    def offers(self) -> dict[Route, renderer_pb2.Capabilities]:
+        return {
+            route: offered
+            for backend, capabilities in self.capabilities.items()
+            for route, offered in routes_of(backend, capabilities).items()
+        }
 
 
 def list_cost_micros(capabilities: renderer_pb2.Capabilities, shot: render_pb2.Shot) -> int:
@@ -182,16 +214,16 @@ def qualifies(job: Job, capabilities: renderer_pb2.Capabilities) -> bool:
 
 
 def oracle_spend(world: World) -> list[int | None]:
-    """Per job, what the cheapest qualifying backend that delivers in time in hindsight bills; None when
-    no backend can serve the job."""
+    """Per job, what the cheapest qualifying offer (a backend's model at a resolution) that delivers in
+    time in hindsight bills; None when no backend can serve the job."""
     spends: list[int | None] = []
     for job, outcomes in zip(world.jobs, world.outcomes, strict=True):
         bills = [
             attempt.charge_micros
-            for backend, attempt in outcomes.items()
+            for route, attempt in outcomes.items()
             if attempt.result == DELIVERED
             and (job.deadline_seconds is None or attempt.seconds <= job.deadline_seconds)
-            and qualifies(job, world.capabilities[backend])
+            and qualifies(job, world.offers[route])
         ]
         spends.append(min(bills) if bills else None)
     return spends
@@ -200,25 +232,36 @@ def oracle_spend(world: World) -> list[int | None]:
 # The product's configuration ----------------------------------------------------------------------
 
 
-def product_backends() -> dict[int, tuple[renderer_pb2.Capabilities, Callable[[render_pb2.Shot, bool], int]]]:
-    """Each backend's advertised capabilities and its billing (shot, delivered) -> micro-USD, from the
-    renderers' own code with their default settings (model_construct: the environment is not read, so
-    that the replay does not depend on who runs it). Building a provider does no I/O."""
+# The models the replay's renderers offer beside their defaults: Runway's gen4_turbo (image-to-video,
+# 0.05 USD/s), Veo 3.1 Fast (0.10 USD/s silent) and Veo 3.1 Lite (0.05 USD/s).
+RUNWAY_OFFERS = "gen4_turbo"
+VEO_OFFERS = "veo-3.1-fast-generate-001,veo-3.1-lite-generate-001"
+
+Bill = Callable[[render_pb2.Shot, bool, str], int]
+
+
+def product_backends() -> dict[int, tuple[renderer_pb2.Capabilities, Bill]]:
+    """Each backend's advertised capabilities (every offer) and its billing (shot, delivered, model) ->
+    micro-USD, from the renderers' own code with their default settings and the offers above
+    (model_construct: the environment is not read, so that the replay does not depend on who runs it).
+    Building a provider does no I/O."""
     providers = [
-        RunwayProvider(RunwaySettings.model_construct()),
+        RunwayProvider(RunwaySettings.model_construct(offers=RUNWAY_OFFERS)),
         # A token instead of Application Default Credentials: no lookup of the machine's credentials.
-        VeoProvider(VeoSettings.model_construct(project="replay", access_token=SecretStr("replay"))),
+        VeoProvider(
+            VeoSettings.model_construct(project="replay", access_token=SecretStr("replay"), offers=VEO_OFFERS)
+        ),
         ReplicateProvider(ReplicateSettings.model_construct()),
     ]
     delivered = ProviderTask(TaskState.SUCCEEDED, 1.0, (VideoSource(url="https://replay.invalid/v.mp4"),))
     failed = ProviderTask(TaskState.FAILED)
-    backends: dict[int, tuple[renderer_pb2.Capabilities, Callable[[render_pb2.Shot, bool], int]]] = {
-        LOCAL: (local_capabilities(), lambda shot, ok: 0)
+    backends: dict[int, tuple[renderer_pb2.Capabilities, Bill]] = {
+        LOCAL: (local_capabilities(), lambda shot, ok, model: 0)
     }
     for provider in providers:
 
-        def bill(shot: render_pb2.Shot, ok: bool, provider=provider) -> int:
-            return provider.charge_micros(shot, delivered if ok else failed)
+        def bill(shot: render_pb2.Shot, ok: bool, model: str, provider=provider) -> int:
+            return provider.charge_micros(shot, delivered if ok else failed, model=model)
 
         backends[provider.backend] = (provider.capabilities(), bill)
     return backends
@@ -312,7 +355,7 @@ def make_world(seed: int = SEED, jobs: int = JOBS) -> World:
     span = jobs * ARRIVAL_SECONDS
     incidents = {backend: rng.uniform(0.0, span) for backend in (RUNWAY, VEO, REPLICATE)}
     made: list[Job] = []
-    outcomes: list[dict[int, Attempt]] = []
+    outcomes: list[dict[Route, Attempt]] = []
     arrival = 0.0
     for index in range(jobs):
         arrival += rng.expovariate(1.0 / ARRIVAL_SECONDS)
@@ -321,12 +364,37 @@ def make_world(seed: int = SEED, jobs: int = JOBS) -> World:
         drawn = {}
         for backend, (capabilities, bill) in backends.items():
             start = incidents.get(backend)
+            # A provider's incident is every one of its models'.
             in_incident = start is not None and start <= arrival < start + INCIDENT_SECONDS
-            drawn[backend] = _attempt(
-                rng, PROFILES[backend], job.shot, in_incident, bill, capabilities.nominal_quality
+            # One draw per provider: its models share its queue and its failures (a fallback goes to
+            # another provider, as the router's does); each model bills its own price.
+            routes = routes_of(backend, capabilities)
+            first, *others = routes.items()
+            drawn[first[0]] = _attempt(
+                rng,
+                PROFILES[backend],
+                job.shot,
+                in_incident,
+                functools.partial(_bill_at, bill, first[0]),
+                first[1].nominal_quality,
             )
+            for route, offered in others:
+                outcome = drawn[first[0]]
+                drawn[route] = dataclasses.replace(
+                    outcome,
+                    charge_micros=_bill_at(bill, route, job.shot, outcome.result != FAILED),
+                    qc_score=offered.nominal_quality if outcome.result == DELIVERED else outcome.qc_score,
+                )
         outcomes.append(drawn)
     return World(tuple(made), {backend: caps for backend, (caps, _) in backends.items()}, tuple(outcomes))
+
+
+def _bill_at(bill: Bill, route: Route, shot: render_pb2.Shot, ok: bool) -> int:
+    """The bill of a render of the shot at the route's model and resolution."""
+    at = render_pb2.Shot()
+    at.CopyFrom(shot)
+    at.resolution = route[2]
+    return bill(at, ok, route[1])
 
 
 # Policies -----------------------------------------------------------------------------------------
@@ -337,10 +405,10 @@ class Policy:
 
     name = ""
 
-    def choose(self, job: Job, now: float, tried: frozenset[int], attempt: int, spent: int) -> int | None:
+    def choose(self, job: Job, now: float, tried: frozenset[int], attempt: int, spent: int) -> Route | None:
         raise NotImplementedError
 
-    def observe(self, backend: int, attempt: Attempt, now: float, job: Job) -> None:
+    def observe(self, route: Route, attempt: Attempt, now: float, job: Job) -> None:
         pass
 
 
@@ -353,21 +421,6 @@ class ReplayRenderer:
     breaker: CircuitBreaker
     serving: bool = True
     stats: BackendStats = field(default_factory=BackendStats)
-
-
-def backend_views(renderers: Sequence[ReplayRenderer]) -> list[BackendView]:
-    """The views the router ranks on, built as RenderChain.rank builds them."""
-    return [
-        BackendView(
-            renderer.backend,
-            renderer.capabilities,
-            renderer.serving,
-            breaker_open=not renderer.breaker.trial_available(),
-            p95_seconds=renderer.stats.percentile_seconds(95),
-            success_rate=renderer.stats.success_rate,
-        )
-        for renderer in renderers
-    ]
 
 
 # The router's defaults (model_construct: the environment is not read).
@@ -415,9 +468,9 @@ class RouterPolicy(Policy):
         self._by_backend = {renderer.backend: renderer for renderer in self.renderers}
 
     def rank(self, request: RouteRequest) -> list[Candidate]:
-        return rank_backends(request, backend_views(self.renderers))
+        return rank_backends(request, views_of(self.renderers, request.shot.duration_seconds))
 
-    def choose(self, job: Job, now: float, tried: frozenset[int], attempt: int, spent: int) -> int | None:
+    def choose(self, job: Job, now: float, tried: frozenset[int], attempt: int, spent: int) -> Route | None:
         self.now = now
         if attempt > self.max_attempts:
             return None
@@ -425,13 +478,13 @@ class RouterPolicy(Policy):
         eligible = [c for c in self.rank(route_request(job, left, tried, spent)) if c.eligible]
         if not eligible:
             return None
-        chosen = eligible[0].backend
-        self._by_backend[chosen].breaker.allow_request()
-        return chosen
+        chosen = eligible[0]
+        self._by_backend[chosen.backend].breaker.allow_request()
+        return route_of(chosen)
 
-    def observe(self, backend: int, attempt: Attempt, now: float, job: Job) -> None:
+    def observe(self, route: Route, attempt: Attempt, now: float, job: Job) -> None:
         self.now = now
-        renderer = self._by_backend[backend]
+        renderer = self._by_backend[route[0]]
         if attempt.result == FAILED:
             renderer.stats.record(Outcome(False, attempt.seconds))
             renderer.breaker.record_failure()
@@ -449,7 +502,7 @@ class SeedPolicy(Policy):
     def __init__(self, capabilities: dict[int, renderer_pb2.Capabilities]) -> None:
         self.capabilities = capabilities
 
-    def choose(self, job: Job, now: float, tried: frozenset[int], attempt: int, spent: int) -> int | None:
+    def choose(self, job: Job, now: float, tried: frozenset[int], attempt: int, spent: int) -> Route | None:
         # An uncapped tenant is the seed's "large budget".
         left = (
             SEED_DAILY_BUDGET_MICROS if job.budget_remaining_micros is None else job.budget_remaining_micros
@@ -460,8 +513,10 @@ class SeedPolicy(Policy):
         for backend in (first, *SEED_ORDER):
             if backend in tried or backend not in self.capabilities:
                 continue
-            if not shot_mismatches(job.shot, self.capabilities[backend]):
-                return backend
+            # It knew one model per provider: the default.
+            route, capabilities = next(iter(routes_of(backend, self.capabilities[backend]).items()))
+            if not shot_mismatches(job.shot, capabilities):
+                return route
         return None
 
 
@@ -472,8 +527,8 @@ class SeedPolicy(Policy):
 class JobResult:
     spend_micros: int = 0
     attempts: int = 0
-    # The backend of the accepted output, and seconds from arrival to it; None: none delivered.
-    delivered_by: int | None = None
+    # The offer of the accepted output, and seconds from arrival to it; None: none delivered.
+    delivered_by: Route | None = None
     seconds: float | None = None
     slo_met: bool = False
 
@@ -482,43 +537,40 @@ def simulate(world: World, policy: Policy) -> list[JobResult]:
     """Runs every job through the policy in time order: arrivals and attempt ends, ties by sequence."""
     results = [JobResult() for _ in world.jobs]
     tried: list[set[int]] = [set() for _ in world.jobs]
-    events: list[tuple[float, int, int, int]] = []  # (time, sequence, job, backend or -1 for arrival)
+    # (time, sequence, job, route or None for the arrival); the sequence is unique: the route is never compared.
+    events: list[tuple[float, int, int, Route | None]] = []
     sequence = 0
     for job in world.jobs:
-        events.append((job.arrival, sequence, job.index, -1))
+        events.append((job.arrival, sequence, job.index, None))
         sequence += 1
     heapq.heapify(events)
 
     def start(job: Job, now: float) -> None:
         nonlocal sequence
         result = results[job.index]
-        backend = policy.choose(
-            job, now, frozenset(tried[job.index]), result.attempts + 1, result.spend_micros
-        )
-        if backend is None:
+        route = policy.choose(job, now, frozenset(tried[job.index]), result.attempts + 1, result.spend_micros)
+        if route is None:
             return
         result.attempts += 1
-        tried[job.index].add(backend)
-        heapq.heappush(
-            events, (now + world.outcomes[job.index][backend].seconds, sequence, job.index, backend)
-        )
+        tried[job.index].add(route[0])
+        heapq.heappush(events, (now + world.outcomes[job.index][route].seconds, sequence, job.index, route))
         sequence += 1
 
     while events:
-        now, _, index, backend = heapq.heappop(events)
+        now, _, index, route = heapq.heappop(events)
         job = world.jobs[index]
-        if backend < 0:
+        if route is None:
             start(job, now)
             continue
-        attempt = world.outcomes[index][backend]
-        policy.observe(backend, attempt, now, job)
+        attempt = world.outcomes[index][route]
+        policy.observe(route, attempt, now, job)
         result = results[index]
         result.spend_micros += attempt.charge_micros
         if attempt.result == DELIVERED:
-            result.delivered_by = backend
+            result.delivered_by = route
             result.seconds = now - job.arrival
             # The job's own constraints (cost limit and budget too: the seed policy knew neither).
-            result.slo_met = qualifies(job, world.capabilities[backend]) and (
+            result.slo_met = qualifies(job, world.offers[route]) and (
                 job.deadline_seconds is None or result.seconds <= job.deadline_seconds
             )
         else:
@@ -588,9 +640,9 @@ def decision_inputs(seed: int = SEED, jobs: int = 200) -> tuple[RouterPolicy, li
     world = make_world(seed, jobs)
     policy = RouterPolicy(world.capabilities)
     for index, outcomes in enumerate(world.outcomes):
-        for backend, attempt in outcomes.items():
-            if backend != LOCAL:
-                policy.observe(backend, attempt, float(index), world.jobs[index])
+        for route, attempt in outcomes.items():
+            if route[0] != LOCAL:
+                policy.observe(route, attempt, float(index), world.jobs[index])
     requests = [route_request(job, job.deadline_seconds, frozenset(), 0) for job in world.jobs]
     return policy, requests
 

@@ -2,6 +2,7 @@
 70% notify, 90% economy, 100% no new jobs, and what becomes of a queued job the budget cannot pay
 (the gateway's budget policy: wait, or fail with BUDGET_EXHAUSTED)."""
 
+import itertools
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -209,20 +210,26 @@ def test_at_90_percent_economy_the_router_goes_for_the_cheapest(mesh, sandbox):
     assert len(notes) == 1 and notes[0].endswith("(economy)"), notes
 
 
-def test_at_100_percent_new_jobs_are_refused(mesh, sandbox):
+def test_at_100_percent_new_jobs_are_refused_and_a_retry_of_an_earlier_one_finds_its_job(mesh, sandbox):
+    # A preset that awaits approval: these jobs spend nothing.
+    before = create(mesh, "Before the cap", preset="brand_campaign", request_id="before-the-cap")
+    tries = itertools.count()
     with budget_left(mesh, 0):
         assert budgets(mesh).budget.level == metrics_pb2.BUDGET_LEVEL_EXHAUSTED
 
         def refused() -> bool:
-            # One request id, and a preset that awaits approval: a job accepted before the gateway's
-            # view of the level catches up is a single one that spends nothing.
+            # A new request each time: one accepted before the gateway's view of the level catches up
+            # awaits approval, spending nothing.
             try:
-                create(mesh, "At the cap", preset="brand_campaign", request_id="at-the-cap")
+                create(mesh, "At the cap", preset="brand_campaign", request_id=f"at-the-cap-{next(tries)}")
             except grpc.RpcError as error:
                 return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             return False
 
         assert eventually(refused, timeout=10, interval=0.2)
+        # A retry of a request whose job exists is that job, not a new one refused.
+        again = create(mesh, "Before the cap", preset="brand_campaign", request_id="before-the-cap")
+        assert again.job_id == before.job_id
         with pytest.raises(grpc.RpcError) as raised:
             create(mesh, "Another one at the cap")
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

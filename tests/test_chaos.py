@@ -26,13 +26,13 @@ import grpc
 import httpx
 import pytest
 from postgres_support import assert_runs_on_its_store
-from sandbox_support import Sandbox, account, sandbox_mesh
+from sandbox_support import Sandbox, account, provider_settings, sandbox_mesh
 from support import TERMINAL, budget, eventually, gateway
 
 from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_kit.failures import reason_name
-from aiprod_kit.mesh import PROVIDER_BACKENDS, Mesh
+from aiprod_kit.mesh import Mesh
 
 T = TypeVar("T")
 SEED = int(os.environ.get("AIPROD_CHAOS_SEED", "20240917"))
@@ -60,16 +60,8 @@ ENVIRONMENT = {
     "AIPROD_METRICS_DAILY_CAP_USD": "0",
     # Small videos: the test measures the mesh's faults, not the encoder (70 of them on two cores).
     "AIPROD_SANDBOX_VIDEO_SHORT_SIDE": "180",
-    **{
-        f"AIPROD_{backend.upper()}_{name}": value
-        for backend in PROVIDER_BACKENDS
-        for name, value in (
-            # Dozens of tasks polled at once on two cores: often enough, not a storm.
-            ("POLL_SECONDS", "0.5"),
-            ("REQUESTS_PER_MINUTE", "100000"),
-            ("MAX_CONCURRENT_TASKS", "100"),
-        )
-    },
+    # Dozens of tasks polled at once on two cores: often enough, not a storm.
+    **provider_settings(POLL_SECONDS="0.5", REQUESTS_PER_MINUTE="100000", MAX_CONCURRENT_TASKS="100"),
 }
 
 

@@ -215,8 +215,9 @@ def test_render_explain_table_and_every_fallback_in_the_progress(mesh: Mesh) -> 
     assert result.stdout == ""
     notes = result.stderr
     assert "Route plan" in notes
-    assert re.search(r"^\s*1\s+runway\s+yes\s", notes, re.MULTILINE), notes
-    assert re.search(r"^\s*-\s+local\s+no\s.*under the floor", notes, re.MULTILINE), notes
+    # Each candidate is a backend's model at a resolution.
+    assert re.search(r"^\s*1\s+runway gen4\.5 720p\s+yes\s", notes, re.MULTILINE), notes
+    assert re.search(r"^\s*-\s+local local-synth-v1 720p\s+no\s.*under the floor", notes, re.MULTILINE), notes
     assert re.search(r"routed to runway: .*preferred by the request", notes), notes
     assert re.search(r"falling back from runway to veo: [A-Z_]+: \S", notes), notes
     assert "routed to veo: " in notes

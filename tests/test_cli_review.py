@@ -92,9 +92,11 @@ def test_quote_shows_the_route_the_price_and_every_estimate_and_a_render_holds_t
     assert table.returncode == 0, table.stderr
     for name in ("quote", "expires", "route", "price", "at most"):
         assert re.search(rf"^\s*{name}\s+\S", table.stdout, re.MULTILINE), table.stdout
-    assert re.search(r"^\s*route\s+local\s*$", table.stdout, re.MULTILINE), table.stdout
+    assert re.search(r"^\s*route\s+local local-synth-v1 720p\s*$", table.stdout, re.MULTILINE), table.stdout
     assert "Estimates" in table.stdout
-    assert re.search(r"^\s*1\s+local\s+yes\s+[\d.]+ USD", table.stdout, re.MULTILINE), table.stdout
+    assert re.search(r"^\s*1\s+local local-synth-v1 720p\s+yes\s+[\d.]+ USD", table.stdout, re.MULTILINE), (
+        table.stdout
+    )
     assert "--quote-id quote_" in table.stderr
 
     # The same prompt and options with --quote-id: the job holds that quote.

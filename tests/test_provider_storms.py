@@ -53,7 +53,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from sandbox_support import Sandbox, account, sandbox_mesh
+from sandbox_support import Sandbox, account, provider_settings, sandbox_mesh
 from support import TERMINAL, budget, eventually, gateway, router, watch_until
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
@@ -105,19 +105,15 @@ ENVIRONMENT = {
     # serves again a second after its credentials are back.
     "AIPROD_ROUTER_REATTACH_SECONDS": str(REATTACH_SECONDS),
     "AIPROD_RUNWAY_BREAKER_COOLDOWN_SECONDS": "1",
-    **{
-        f"AIPROD_{backend.upper()}_{name}": value
-        for backend in PROVIDER_BACKENDS
-        for name, value in (
-            ("POLL_SECONDS", "0.5"),
-            # The providers' own request limits lifted: the storm is the sandbox's faults, not ours.
-            ("REQUESTS_PER_MINUTE", "100000"),
-            ("MAX_CONCURRENT_TASKS", "100"),
-            # Failures do not take a renderer out of service (see the module's docstring); rejected
-            # credentials still do.
-            ("BREAKER_FAILURES", "1000"),
-        )
-    },
+    **provider_settings(
+        POLL_SECONDS="0.5",
+        # The providers' own request limits lifted: the storm is the sandbox's faults, not ours.
+        REQUESTS_PER_MINUTE="100000",
+        MAX_CONCURRENT_TASKS="100",
+        # Failures do not take a renderer out of service (see the module's docstring); rejected
+        # credentials still do.
+        BREAKER_FAILURES="1000",
+    ),
 }
 
 

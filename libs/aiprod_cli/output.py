@@ -16,7 +16,7 @@ from rich.text import Text
 from aiprod.common.v1 import job_pb2, money_pb2, render_pb2
 from aiprod.gateway.v1 import admin_pb2, gateway_pb2
 from aiprod.router.v1 import router_pb2
-from aiprod_kit.capabilities import backend_name
+from aiprod_kit.capabilities import backend_name, offers
 from aiprod_kit.failures import reason_name
 
 JsonOption = Annotated[
@@ -172,10 +172,24 @@ def job_table(job: gateway_pb2.RenderJob) -> Table:
     return table
 
 
+def offer_name(backend: int, model: str = "", resolution: str = "") -> str:
+    """A backend, with the model and resolution of a route at it when known ("runway gen4_turbo 720p")."""
+    return " ".join(filter(None, (backend_name(backend), model, resolution)))
+
+
 def backends_table(backends: list[router_pb2.BackendStatus]) -> Table:
     """The router's backends; the figures cover its recent renders, "-" before the first."""
     table = new_table(
-        "backend", "health", "breaker", "p95", "success", "QC avg", "price/s", "renders", box=box.SIMPLE
+        "backend",
+        "health",
+        "breaker",
+        "p95",
+        "success",
+        "QC avg",
+        "price/s",
+        "renders",
+        "models",
+        box=box.SIMPLE,
     )
     for column in table.columns[3:]:  # the figures
         column.justify = "right"
@@ -191,6 +205,10 @@ def backends_table(backends: list[router_pb2.BackendStatus]) -> Table:
             # Known once the router has reached the renderer.
             _money(status.price_per_second) if status.HasField("price_per_second") else "-",
             str(status.renders),
+            # Every model and resolution it offers, each a route candidate (the default first).
+            ", ".join(f"{o.model} {o.resolution}" for o in offers(status.capabilities))
+            if status.HasField("capabilities")
+            else "-",
         )
     return table
 
@@ -210,7 +228,7 @@ def route_table(candidates: list[router_pb2.RouteCandidate]) -> Table:
     for candidate in candidates:
         table.add_row(
             str(candidate.rank) if candidate.eligible else "-",
-            backend_name(candidate.backend),
+            offer_name(candidate.backend, candidate.model, candidate.resolution),
             "yes" if candidate.eligible else "no",
             _money(candidate.estimated_cost),
             _seconds(candidate.estimated_latency),
@@ -259,7 +277,7 @@ def quote_rows(quote: gateway_pb2.Quote) -> list[tuple[str, str]]:
     rows = [
         ("quote", quote.quote_id or "-"),
         ("expires", _time(quote.expire_time) or "-"),
-        ("route", backend_name(quote.backend) if quote.backend else "-"),
+        ("route", offer_name(quote.backend, quote.model, quote.resolution) if quote.backend else "-"),
         ("price", _money(quote.price if quote.HasField("price") else quote.estimated_cost)),
         ("at most", _money(quote.max_cost)),
     ]
@@ -294,7 +312,7 @@ def estimates_table(estimates: list[gateway_pb2.BackendEstimate]) -> Table:
     for estimate in estimates:
         table.add_row(
             str(estimate.rank) if estimate.qualifies and estimate.rank else "-",
-            backend_name(estimate.backend),
+            offer_name(estimate.backend, estimate.model, estimate.resolution),
             "yes" if estimate.qualifies else "no",
             _money(estimate.estimated_cost),
             _seconds(estimate.estimated_latency),

@@ -25,6 +25,7 @@ from aiprod_cli.render import (
     MaxCostOption,
     PresetOption,
     PromptArgument,
+    ResolutionOption,
     build_spec,
 )
 
@@ -34,6 +35,7 @@ def quote(
     preset: PresetOption = None,
     duration: DurationOption = None,
     aspect_ratio: AspectRatioOption = None,
+    resolution: ResolutionOption = None,
     backend: BackendOption = None,
     max_cost: MaxCostOption = None,
     gateway: GatewayOption = DEFAULT_GATEWAY,
@@ -49,7 +51,7 @@ def quote(
 
     Exits 2 when the gateway refuses (a price over the preset's limit names the cheapest price).
     """
-    spec = build_spec(prompt, preset, duration, aspect_ratio, backend, max_cost)
+    spec = build_spec(prompt, preset, duration, aspect_ratio, backend, max_cost, resolution)
     with exit_on_rpc_error(gateway), connect(gateway, api_key) as connection:
         response = connection.stub.QuoteRender(
             gateway_pb2.QuoteRenderRequest(spec=spec), timeout=CALL_TIMEOUT_SECONDS

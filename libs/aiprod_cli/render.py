@@ -81,7 +81,16 @@ class Backend(StrEnum):
         return backend_pb2.Backend.Value("BACKEND_" + self.name)
 
 
+class Resolution(StrEnum):
+    HD = "720p"
+    FULL_HD = "1080p"
+
+
 AspectRatioOption = Annotated[AspectRatio | None, typer.Option(help="Frame shape (default 16:9).")]
+ResolutionOption = Annotated[
+    Resolution | None,
+    typer.Option(help="Resolution (default: the router's choice among the backends' offers)."),
+]
 BackendOption = Annotated[
     Backend | None, typer.Option(help="Preferred backend (default: the router's choice).")
 ]
@@ -110,6 +119,7 @@ def build_spec(
     aspect_ratio: AspectRatio | None = None,
     backend: Backend | None = None,
     max_cost: float | None = None,
+    resolution: Resolution | None = None,
 ) -> render_pb2.RenderSpec:
     """Leaves unset what was not given, so that the gateway applies the preset's defaults.
 
@@ -127,6 +137,7 @@ def build_spec(
         duration_seconds=duration or 0.0,
         aspect_ratio=aspect_ratio.to_proto() if aspect_ratio else render_pb2.ASPECT_RATIO_UNSPECIFIED,
         constraints=constraints,
+        resolution=resolution.value if resolution else "",
     )
 
 
@@ -204,6 +215,7 @@ def render(
     preset: PresetOption = None,
     duration: DurationOption = None,
     aspect_ratio: AspectRatioOption = None,
+    resolution: ResolutionOption = None,
     backend: BackendOption = None,
     max_cost: MaxCostOption = None,
     out: Annotated[Path | None, typer.Option(metavar="FILE", help="Copy the video here.")] = None,
@@ -250,7 +262,7 @@ def render(
     Ctrl-C stops following the job but leaves it running (or waiting for approval).
     """
     require_key(api_key)
-    spec = build_spec(prompt, preset, duration, aspect_ratio, backend, max_cost)
+    spec = build_spec(prompt, preset, duration, aspect_ratio, backend, max_cost, resolution)
     # With --explain, the JSON has "explain": the candidates, or null when the router could not say.
     extra: dict[str, object] = {}
     if explain:

@@ -10,6 +10,16 @@ FRAME_SIZES_720P = {
     render_pb2.ASPECT_RATIO_9_16: (720, 1280),
     render_pb2.ASPECT_RATIO_1_1: (960, 960),
 }
+DEFAULT_RESOLUTION = "720p"
+# Every resolution a shot may ask for, and its frame sizes.
+FRAME_SIZES = {
+    DEFAULT_RESOLUTION: FRAME_SIZES_720P,
+    "1080p": {
+        render_pb2.ASPECT_RATIO_16_9: (1920, 1080),
+        render_pb2.ASPECT_RATIO_9_16: (1080, 1920),
+        render_pb2.ASPECT_RATIO_1_1: (1440, 1440),
+    },
+}
 
 # Tolerance when comparing a requested duration with a backend's exact allowed ones.
 _DURATION_EPSILON = 1e-6
@@ -18,6 +28,95 @@ _DURATION_EPSILON = 1e-6
 # of one it fetches from a URI: the gateway refuses larger inline images, and every gRPC server and
 # channel of the mesh is sized to carry one (aiprod_kit.channels.MAX_MESSAGE_BYTES).
 MAX_INLINE_IMAGE_BYTES = 10 * 1024 * 1024
+
+
+# What a resolution adds to a model's nominal quality (our judgement: the same motion, sharper).
+RESOLUTION_QUALITY = {DEFAULT_RESOLUTION: 0.0, "1080p": 0.02}
+
+
+def with_offers(
+    backend: int, offered: list[renderer_pb2.ModelOffer], **backend_limits: int
+) -> renderer_pb2.Capabilities:
+    """A backend's capabilities from its offers: the top-level fields describe the first (the default),
+    models and resolutions list every one; backend_limits are its prompt and image limits."""
+    models = list(dict.fromkeys(offer.model for offer in offered))
+    resolutions = list(dict.fromkeys(offer.resolution for offer in offered))
+    capabilities = offer_capabilities(
+        renderer_pb2.Capabilities(backend=backend, **backend_limits), offered[0]
+    )
+    del capabilities.models[:], capabilities.resolutions[:]
+    capabilities.models.extend(models)
+    capabilities.resolutions.extend(resolutions)
+    if len(offered) > 1:
+        capabilities.offers.extend(offered)
+    return capabilities
+
+
+def frame_size(shot: render_pb2.Shot) -> tuple[int, int]:
+    """The frame a shot renders at: its aspect ratio at its resolution (720p when it names none)."""
+    sizes = FRAME_SIZES[shot.resolution or DEFAULT_RESOLUTION]
+    return sizes[shot.aspect_ratio or render_pb2.ASPECT_RATIO_16_9]
+
+
+def offers(capabilities: renderer_pb2.Capabilities) -> list[renderer_pb2.ModelOffer]:
+    """Every model and resolution a backend offers, the default first: its offers, or the one its
+    top-level fields describe."""
+    if capabilities.offers:
+        return list(capabilities.offers)
+    return [
+        renderer_pb2.ModelOffer(
+            model=capabilities.models[0] if capabilities.models else "",
+            resolution=capabilities.resolutions[0] if capabilities.resolutions else DEFAULT_RESOLUTION,
+            price_per_second=capabilities.price_per_second,
+            nominal_quality=capabilities.nominal_quality,
+            min_duration_seconds=capabilities.min_duration_seconds,
+            max_duration_seconds=capabilities.max_duration_seconds,
+            allowed_durations_seconds=capabilities.allowed_durations_seconds,
+            aspect_ratios=capabilities.aspect_ratios,
+            image_input=capabilities.image_input,
+            requires_first_frame=capabilities.requires_first_frame,
+            audio=capabilities.audio,
+            max_reference_images=capabilities.max_reference_images,
+        )
+    ]
+
+
+def offer_capabilities(
+    capabilities: renderer_pb2.Capabilities, offer: renderer_pb2.ModelOffer
+) -> renderer_pb2.Capabilities:
+    """The backend's capabilities as one of its offers has them: that model at that resolution, at its
+    price and quality, within its limits (the backend's own limits, prompt and image, kept)."""
+    return renderer_pb2.Capabilities(
+        backend=capabilities.backend,
+        models=[offer.model],
+        min_duration_seconds=offer.min_duration_seconds,
+        max_duration_seconds=offer.max_duration_seconds,
+        allowed_durations_seconds=offer.allowed_durations_seconds,
+        aspect_ratios=offer.aspect_ratios,
+        resolutions=[offer.resolution],
+        image_input=offer.image_input,
+        requires_first_frame=offer.requires_first_frame,
+        audio=offer.audio,
+        price_per_second=offer.price_per_second,
+        nominal_quality=offer.nominal_quality,
+        max_prompt_characters=capabilities.max_prompt_characters,
+        max_image_bytes=capabilities.max_image_bytes,
+        max_reference_images=offer.max_reference_images,
+    )
+
+
+def find_offer(
+    capabilities: renderer_pb2.Capabilities, model: str, resolution: str
+) -> renderer_pb2.ModelOffer | None:
+    """The backend's offer of a model at a resolution (empty: the model's first offer)."""
+    return next(
+        (
+            offer
+            for offer in offers(capabilities)
+            if offer.model == model and (not resolution or offer.resolution == resolution)
+        ),
+        None,
+    )
 
 
 def shot_mismatches(shot: render_pb2.Shot, capabilities: renderer_pb2.Capabilities) -> list[tuple[str, str]]:
@@ -46,8 +145,14 @@ def shot_mismatches(shot: render_pb2.Shot, capabilities: renderer_pb2.Capabiliti
             else str(aspect_ratio)
         )
         mismatches.append(("aspect_ratio", f"does not render {name}"))
-    if (shot.first_frame.data or shot.first_frame.uri) and not capabilities.image_input:
+    has_first_frame = bool(shot.first_frame.data or shot.first_frame.uri)
+    if has_first_frame and not capabilities.image_input:
         mismatches.append(("first_frame", "does not take a first frame"))
+    if not has_first_frame and capabilities.requires_first_frame:
+        mismatches.append(("first_frame", "renders only from a first frame (image-to-video)"))
+    resolutions = capabilities.resolutions or [DEFAULT_RESOLUTION]
+    if shot.resolution and shot.resolution not in resolutions:
+        mismatches.append(("resolution", f"renders {', '.join(resolutions)}, not {shot.resolution}"))
     # Limits of the provider's own API (0: none known): checked here so that the router ranks a long
     # prompt or a large image to a backend that takes it instead of failing at one that does not.
     # Characters are code points, as the providers count them.

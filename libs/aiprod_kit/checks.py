@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from aiprod.common.v1 import render_pb2
-from aiprod_kit.capabilities import MAX_INLINE_IMAGE_BYTES
+from aiprod_kit.capabilities import FRAME_SIZES, MAX_INLINE_IMAGE_BYTES
 
 Violation = tuple[str, str]
 
@@ -148,10 +148,18 @@ def shot_violations(shot: render_pb2.Shot, field: str = "shot") -> list[Violatio
             )
         )
     violations += known_enum(shot.aspect_ratio, render_pb2.AspectRatio, f"{field}.aspect_ratio")
+    violations += resolution_violations(shot.resolution, f"{field}.resolution")
     violations += image_violations(shot.first_frame, f"{field}.first_frame")
     for index, image in enumerate(shot.reference_images):
         violations += image_violations(image, f"{field}.reference_images[{index}]", required=True)
     return violations
+
+
+def resolution_violations(resolution: str, field: str) -> list[Violation]:
+    """A resolution as a caller names it: empty (any) or one of the frame sizes the mesh knows."""
+    if resolution and resolution not in FRAME_SIZES:
+        return [(field, f"unknown resolution {echo(resolution)}; known: {', '.join(FRAME_SIZES)}")]
+    return []
 
 
 def task_id_violations(task_id: str, field: str = "task_id") -> list[Violation]:

@@ -64,6 +64,9 @@ class ErrorReason:
         "JOB_WRONG_STATE"  # the job's state does not allow the call (ended, not awaiting approval)
     )
     NO_BACKEND = "NO_BACKEND"  # nothing configured can take the render now
+    # Backends that could take the render are down, cooling down after failures or not reached yet
+    # (UNAVAILABLE with a RetryInfo): the same call may succeed once one is back.
+    BACKENDS_UNAVAILABLE = "BACKENDS_UNAVAILABLE"
     # A renderer runs as many tasks as it may (AIPROD_<PROVIDER>_MAX_CONCURRENT_TASKS) and no slot freed
     # while the call waited: nothing was started under its key; the same call may be made again.
     AT_CAPACITY = "AT_CAPACITY"
@@ -186,11 +189,9 @@ class Unimplemented(ServiceError):
     reason = ErrorReason.UNIMPLEMENTED
 
 
-class ResourceExhausted(ServiceError):
-    """retry_after: seconds after which the same call may succeed, sent as a google.rpc.RetryInfo."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = ErrorReason.RESOURCE_EXHAUSTED
+class _RetryLater(ServiceError):
+    """A refusal the same call may get past later. retry_after: seconds after which it may succeed, sent
+    as a google.rpc.RetryInfo."""
 
     def __init__(
         self,
@@ -211,6 +212,11 @@ class ResourceExhausted(ServiceError):
         return [error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
+class ResourceExhausted(_RetryLater):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = ErrorReason.RESOURCE_EXHAUSTED
+
+
 class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = ErrorReason.UNAUTHENTICATED
@@ -221,7 +227,7 @@ class PermissionDenied(ServiceError):
     reason = ErrorReason.PERMISSION_DENIED
 
 
-class Unavailable(ServiceError):
+class Unavailable(_RetryLater):
     code = grpc.StatusCode.UNAVAILABLE
     reason = ErrorReason.UNAVAILABLE
 

@@ -233,7 +233,12 @@ class ProviderSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", frozen=True)
 
     port: int
+    # The default model, offered at 720p.
     model: str
+    # More offers beside it, each a route candidate with its own price, quality and limits: a comma list
+    # of model or model@resolution, such as "gen4_turbo,veo3.1@1080p" (720p when no resolution is
+    # given). Only the providers whose models are tabled take it (Runway and Veo).
+    offers: str = ""
     # The shortest wait between two polls of one task: no more often than the provider asks. The wait
     # grows by half at each poll, up to max_poll_seconds (sooner when the task's progress says it ends
     # sooner): a render's end is seen within about that long, in a dozen requests for a minute's render.
@@ -261,6 +266,16 @@ class ProviderSettings(BaseSettings):
     breaker_cooldown_seconds: float = 30.0
     # Outputs go to this Google Cloud Storage bucket when set, else under AIPROD_DATA_DIR/videos.
     gcs_bucket: str = Field("", validation_alias="AIPROD_GCS_BUCKET")
+
+    def offered(self) -> list[tuple[str, str]]:
+        """(model, resolution) of every offer, the default model at 720p first, each once."""
+        offered = [(self.model, "720p")]
+        for item in filter(None, (part.strip() for part in self.offers.split(","))):
+            model, _, resolution = item.partition("@")
+            offer = (model.strip(), resolution.strip() or "720p")
+            if offer not in offered:
+                offered.append(offer)
+        return offered
 
 
 class RunwaySettings(ProviderSettings):

@@ -9,7 +9,7 @@ from aiprod.common.v1 import render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_gateway import planning, validation
-from aiprod_kit.capabilities import backend_name, shot_mismatches
+from aiprod_kit.capabilities import backend_name, offer_capabilities, offers, shot_mismatches
 from aiprod_kit.errors import InvalidArgument
 
 _FRESH_SECONDS = 10.0
@@ -44,9 +44,11 @@ class BackendCatalog:
         for alone). One shot while no backend is known yet: the router decides when the job runs.
         INVALID_ARGUMENT when no cut comes close enough to the duration."""
         clips = [
-            planning.ClipLimits.of(status.capabilities)
+            planning.ClipLimits.of(offer_capabilities(status.capabilities, offer))
             for status in await self.backends()
-            if status.HasField("capabilities") and _could_render(status.capabilities, spec)
+            if status.HasField("capabilities")
+            for offer in offers(status.capabilities)
+            if _could_render(offer, spec)
         ]
         if not clips and not spec.shots:
             return validation.plan_of(spec)
@@ -85,20 +87,26 @@ class BackendCatalog:
             return  # nothing known yet: the router decides when the job runs
         violations: dict[str, list[str]] = {}
         for status in known:
-            mismatches = shot_mismatches(shot, status.capabilities)
-            if not mismatches:
+            # The backend can render the shot when one of its offers can (the default's reasons if none).
+            each = [
+                shot_mismatches(shot, offer_capabilities(status.capabilities, offer))
+                for offer in offers(status.capabilities)
+            ]
+            if not all(each):
                 return
-            for field, why in mismatches:
+            for field, why in each[0]:
                 name = backend_name(status.backend)
                 violations.setdefault(f"spec.{field}", []).append(f"{name} {why}")
         raise InvalidArgument([(field, "; ".join(reasons)) for field, reasons in violations.items()])
 
 
-def _could_render(capabilities: renderer_pb2.Capabilities, spec: render_pb2.RenderSpec) -> bool:
-    """Whether a backend could render the spec's shots but for their durations."""
-    takes_image = capabilities.image_input or not (spec.first_frame.data or spec.first_frame.uri)
+def _could_render(offer: renderer_pb2.ModelOffer, spec: render_pb2.RenderSpec) -> bool:
+    """Whether a backend's offer could render the spec's shots but for their durations."""
+    has_image = bool(spec.first_frame.data or spec.first_frame.uri)
     return (
-        spec.aspect_ratio in capabilities.aspect_ratios
-        and takes_image
-        and capabilities.nominal_quality >= spec.constraints.quality_floor
+        spec.aspect_ratio in offer.aspect_ratios
+        and (offer.image_input or not has_image)
+        and (has_image or not offer.requires_first_frame)
+        and (not spec.resolution or offer.resolution == spec.resolution)
+        and offer.nominal_quality >= spec.constraints.quality_floor
     )

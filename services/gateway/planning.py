@@ -166,6 +166,7 @@ def plan_shots(spec: render_pb2.RenderSpec, clips: Sequence[ClipLimits]) -> rend
             shot.CopyFrom(given)
             shot.prompt = given.prompt.strip()
             shot.aspect_ratio = given.aspect_ratio or spec.aspect_ratio
+            shot.resolution = given.resolution or spec.resolution
             shot.seed = given.seed or shot_seed(spec.seed, index)
         return plan
     durations = cut(spec.duration_seconds, clips)
@@ -183,6 +184,7 @@ def plan_shots(spec: render_pb2.RenderSpec, clips: Sequence[ClipLimits]) -> rend
                 duration_seconds=seconds,
                 aspect_ratio=spec.aspect_ratio,
                 seed=shot_seed(spec.seed, index),
+                resolution=spec.resolution,
             )
             for index, seconds in enumerate(durations)
         ]

@@ -26,19 +26,21 @@ another tenant's or an unknown quote is NOT_FOUND; another spec's is QUOTE_MISMA
 QUOTE_EXPIRED; one whose backend no longer qualifies (the router asked again) QUOTE_NOT_HOLDING, with
 the router's reasons. A quote binds one job: the first request to take it (a retry of that request
 finds its job, whatever the time; another request gets QUOTE_USED). A job created without a quote is
-quoted then, and takes that quote (a retry of its request keeps it rather than being priced again).
+quoted then, and takes that quote, kept in the job's own transaction (a retry of its request finds the
+job, with the quote it was given).
 
 The job keeps its quote (`RenderJob.quote`; a review's re-quote replaces it) and is rendered under it
 (`quoted_constraints`): its backend preferred, its max_cost the job's limit.
 """
 
 import asyncio
+import functools
 import hashlib
 import math
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -51,7 +53,7 @@ from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_gateway import validation
 from aiprod_gateway.tenancy import Tenant
 from aiprod_kit.capabilities import backend_name
-from aiprod_kit.database import Database
+from aiprod_kit.database import Database, Transaction
 from aiprod_kit.errors import ErrorReason, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from aiprod_kit.money import usd
 from aiprod_kit.presets import Preset, priced_presets
@@ -66,6 +68,14 @@ _DEADLINE_GRAIN_SECONDS = 10
 _QUOTE_ID = re.compile(r"quote_[0-9a-f]{32}")
 # What a job waits out instead of being refused: the budget left today (the gateway's budget policy).
 _WAITABLE = frozenset({router_pb2.EXCLUSION_OVER_BUDGET})
+# What passes by itself: a renderer down, cooling down after failures, or not reached yet. A render only
+# these keep out is refused as UNAVAILABLE, to be asked again, not as impossible.
+_PASSING = frozenset(
+    {router_pb2.EXCLUSION_NOT_SERVING, router_pb2.EXCLUSION_BREAKER_OPEN, router_pb2.EXCLUSION_NOT_REACHED}
+)
+# How long a caller refused for that is asked to wait: about a renderer's restart, under a breaker's
+# cooldown (30 s), after which a trial render is let through.
+BACKENDS_RETRY_SECONDS = 5.0
 # Expired quotes are kept this long (a late retry of a create finds its job's quote), then deleted.
 _RETENTION_SECONDS = 86_400.0
 # Deleting them is tried at most this often, by the process that saves a quote.
@@ -101,6 +111,7 @@ def quoted_constraints(job: gateway_pb2.RenderJob) -> render_pb2.RenderConstrain
     if job.HasField("quote"):
         if job.quote.backend:
             constraints.preferred_backend = job.quote.backend
+            constraints.preferred_model = job.quote.model
         if job.quote.HasField("max_cost"):
             constraints.max_cost.CopyFrom(job.quote.max_cost)
     return constraints
@@ -161,20 +172,29 @@ class QuoteStore:
         return cls(database)
 
     async def save(self, stored: StoredQuote, now: float) -> None:
-        quote = stored.quote
         async with self._db.transaction() as transaction:
-            await transaction.execute(
-                "INSERT INTO quotes (quote_id, tenant_id, fingerprint, request_id, expire_time, quote)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    quote.quote_id,
-                    stored.tenant_id,
-                    stored.fingerprint,
-                    stored.request_id,
-                    _seconds(quote.expire_time),
-                    quote.SerializeToString(),
-                ),
-            )
+            await self.insert(transaction, stored)
+        await self.purge_due(now)
+
+    @staticmethod
+    async def insert(transaction: Transaction, stored: StoredQuote) -> None:
+        """Writes the quote in the transaction: its own, or the one of the job it goes with."""
+        quote = stored.quote
+        await transaction.execute(
+            "INSERT INTO quotes (quote_id, tenant_id, fingerprint, request_id, expire_time, quote)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                quote.quote_id,
+                stored.tenant_id,
+                stored.fingerprint,
+                stored.request_id,
+                _seconds(quote.expire_time),
+                quote.SerializeToString(),
+            ),
+        )
+
+    async def purge_due(self, now: float) -> None:
+        """Deletes expired quotes past their retention, at most every _PURGE_INTERVAL_SECONDS."""
         if now - self._purged_at >= _PURGE_INTERVAL_SECONDS:
             self._purged_at = now
             await self.purge(now - _RETENTION_SECONDS)
@@ -188,17 +208,6 @@ class QuoteStore:
         if row is None:
             return None
         return StoredQuote(gateway_pb2.Quote.FromString(bytes(row[2])), tenant_id, row[0], row[1])
-
-    async def taken_by(self, tenant_id: str, request_id: str) -> StoredQuote | None:
-        """The quote the tenant's request took, if any (the latest)."""
-        row = await self._db.fetchone(
-            "SELECT fingerprint, quote FROM quotes WHERE tenant_id = ? AND request_id = ?"
-            " ORDER BY expire_time DESC LIMIT 1",
-            (tenant_id, request_id),
-        )
-        if row is None:
-            return None
-        return StoredQuote(gateway_pb2.Quote.FromString(bytes(row[1])), tenant_id, row[0], request_id)
 
     async def take(self, quote_id: str, request_id: str) -> bool:
         """Gives the quote to the request, atomically: True when the request holds it now (it was free, or
@@ -247,6 +256,8 @@ def _estimate(candidate: router_pb2.RouteCandidate) -> gateway_pb2.BackendEstima
         qualifies=candidate.eligible,
         reasons=candidate.reasons,
         rank=candidate.rank,
+        model=candidate.model,
+        resolution=candidate.resolution,
     )
     if _priced(candidate):
         estimate.estimated_cost.CopyFrom(candidate.estimated_cost)
@@ -339,16 +350,17 @@ class Quoter:
         fingerprint: str,
         request_id: str,
         plan: render_pb2.RenderPlan | None = None,
-    ) -> gateway_pb2.Quote:
-        """The quote a new job holds: the one its request names, bound, else a new one (a retry of the
-        request, its job created or not, keeps the one it was given)."""
+    ) -> tuple[gateway_pb2.Quote, Callable[[Transaction], Awaitable[None]] | None]:
+        """The quote a new job holds: the one its request names, bound, else a new one, with the write
+        that keeps a new one, for the job's own transaction (JobStore.create_job's `also`): a quote is
+        kept exactly when its job is. A retry of a request whose job exists gets that job from the store,
+        whatever quote this makes."""
         if quote_id:
-            return await self.bind(quote_id, spec, tenant, fingerprint, request_id, plan)
-        given = await self._store.taken_by(tenant.tenant_id, request_id)
-        if given is not None and given.fingerprint == fingerprint:
-            return given.quote
+            return await self.bind(quote_id, spec, tenant, fingerprint, request_id, plan), None
         try:
-            return await self.quote(spec, tenant, fingerprint, request_id, plan)
+            quote = await self._quote(
+                spec, plan or validation.plan_of(spec), tenant, fingerprint, request_id, keep=False
+            )
         except Unavailable as error:
             if error.reason != ErrorReason.ROUTER_UNAVAILABLE:
                 raise
@@ -356,7 +368,11 @@ class Quoter:
             # router keeps to it when the job renders), rather than the accept path failing with it.
             log.warning("job accepted unquoted: the router cannot price it now", request_id=request_id)
             limit = self._limit(spec, self.presets[spec.preset], spec.duration_seconds)
-            return gateway_pb2.Quote(max_cost=usd(limit.micros))
+            return gateway_pb2.Quote(max_cost=usd(limit.micros)), None
+        await self._store.purge_due(self._clock())
+        return quote, functools.partial(
+            self._store.insert, stored=StoredQuote(quote, tenant.tenant_id, fingerprint, request_id)
+        )
 
     async def bind(
         self,
@@ -435,13 +451,16 @@ class Quoter:
         combined = []
         for lead in routes[0][1]:
             merged = router_pb2.RouteCandidate(
-                backend=lead.backend, eligible=True, estimated_latency=lead.estimated_latency
+                backend=lead.backend,
+                eligible=True,
+                estimated_latency=lead.estimated_latency,
+                model=lead.model,
+                resolution=lead.resolution,
             )
+            offer = (lead.backend, lead.model, lead.resolution)
             cost = 0
             for count, candidates in routes:
-                same = next(
-                    (candidate for candidate in candidates if candidate.backend == lead.backend), None
-                )
+                same = next((c for c in candidates if (c.backend, c.model, c.resolution) == offer), None)
                 if same is None:
                     merged.eligible = False
                     continue
@@ -513,7 +532,9 @@ class Quoter:
         tenant: Tenant,
         fingerprint: str,
         request_id: str,
+        keep: bool = True,
     ) -> gateway_pb2.Quote:
+        """The quote, kept in the store unless keep is False (the caller keeps it with its job)."""
         preset = self.presets[spec.preset]
         duration = sum(each.duration_seconds for each in plan.shots)
         limit = self._limit(spec, preset, duration)
@@ -531,6 +552,8 @@ class Quoter:
             create_time=_timestamp(now),
             expire_time=_timestamp(now + self._ttl),
             backend=route.backend,
+            model=route.model,
+            resolution=route.resolution,
             estimated_cost=usd(price),
             price=usd(price),
             max_cost=usd(limit.micros),
@@ -546,7 +569,8 @@ class Quoter:
             # The route is dearer than it must be (the request's preferred backend, or the best quality
             # a large budget buys): what the cheapest qualifying one would cost.
             quote.cheapest_cost.CopyFrom(usd(cheapest))
-        await self._store.save(StoredQuote(quote, tenant.tenant_id, fingerprint, request_id), now)
+        if keep:
+            await self._store.save(StoredQuote(quote, tenant.tenant_id, fingerprint, request_id), now)
         log.info(
             "quoted",
             quote_id=quote.quote_id,
@@ -568,10 +592,18 @@ class Quoter:
         constraints = render_pb2.RenderConstraints()
         constraints.CopyFrom(spec.constraints)
         constraints.preferred_backend = quote.backend
+        constraints.preferred_model = quote.model
         constraints.max_cost.CopyFrom(quote.max_cost)
         # Asked afresh: whether a quote still holds is the router's word now.
         candidates = await self._plan_candidates(plan, constraints, tenant, cached=False)
-        candidate = next((c for c in candidates if c.backend == quote.backend), None)
+        candidate = next(
+            (
+                c
+                for c in candidates
+                if c.backend == quote.backend and (not quote.model or c.model == quote.model)
+            ),
+            None,
+        )
         if candidate is not None and _holds(candidate):
             return
         name = backend_name(quote.backend)
@@ -594,8 +626,9 @@ class Quoter:
 
 def _refusal(
     candidates: Sequence[router_pb2.RouteCandidate], limit: _Limit, preset: Preset, duration_seconds: float
-) -> FailedPrecondition:
-    """Why no backend can take the render: its price limit (the cheapest price named), or nothing at all."""
+) -> FailedPrecondition | Unavailable:
+    """Why no backend can take the render: its price limit (the cheapest price named), backends that are
+    down for now (UNAVAILABLE, to try again), or nothing at all."""
     over = [candidate for candidate in candidates if _over_limit_only(candidate)]
     if over:
         cheapest = min(over, key=lambda candidate: candidate.estimated_cost.amount_micros)
@@ -618,6 +651,12 @@ def _refusal(
     why = "; ".join(
         f"{backend_name(candidate.backend)}: {', '.join(candidate.reasons)}" for candidate in candidates
     )
+    if any(set(candidate.exclusions) <= _PASSING | _WAITABLE for candidate in candidates):
+        return Unavailable(
+            f"no backend can take this render now, but one could once it is back ({why}); try again",
+            reason=ErrorReason.BACKENDS_UNAVAILABLE,
+            retry_after=BACKENDS_RETRY_SECONDS,
+        )
     return FailedPrecondition(
         f"no backend can take this render now ({why or 'none configured'})", reason=ErrorReason.NO_BACKEND
     )

@@ -111,6 +111,7 @@ def edited_plan(plan: render_pb2.RenderPlan, spec: render_pb2.RenderSpec) -> ren
     edited.CopyFrom(plan)
     for index, shot in enumerate(edited.shots):
         shot.aspect_ratio = shot.aspect_ratio or spec.aspect_ratio
+        shot.resolution = shot.resolution or spec.resolution
         shot.seed = shot.seed or planning.shot_seed(spec.seed, index)
         for image in (shot.first_frame, *shot.reference_images):
             images.normalize_mime_type(image)

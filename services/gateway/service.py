@@ -1,7 +1,7 @@
 """GatewayService: the public API. Validates, stores, and hands jobs to the dispatcher."""
 
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
 import structlog
@@ -24,12 +24,14 @@ from aiprod_gateway.store import TERMINAL_STATES, JobStore, RequestIdConflict, T
 from aiprod_gateway.tenancy import current_tenant
 from aiprod_gateway.tiers import DEFAULT_TIERS, TierPolicy
 from aiprod_gateway.usage import tenant_usage
+from aiprod_kit.database import Transaction
 from aiprod_kit.errors import (
     AlreadyExists,
     ErrorReason,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ServiceError,
 )
 from aiprod_kit.failures import Reason, failure
 
@@ -74,6 +76,53 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.CreateRenderJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.CreateRenderJobResponse:
         request_id = validation.request_id(request.request_id) or uuid.uuid4().hex
+        tenant = current_tenant()
+        fingerprint = validation.request_fingerprint(request)
+        try:
+            job, keep_quote, tier = await self._new_job(request, request_id)
+        except ServiceError:
+            # A retry of a request whose job exists gets that job, whatever would refuse a new one now
+            # (a price or a budget that moved, a backend down).
+            existing = await self._existing_job(tenant.tenant_id, request_id, fingerprint)
+            if existing is None:
+                raise
+            return gateway_pb2.CreateRenderJobResponse(job=existing)
+        # The job's trace: the dispatcher's work, resumed after a restart or not, continues it; the job id
+        # on its first span finds it.
+        trace.get_current_span().set_attribute("aiprod.job_id", job.job_id)
+        trace_context: dict[str, str] = {}
+        propagate.inject(trace_context)
+        try:
+            job, created = await self._store.create_job(
+                job,
+                fingerprint,
+                trace_context,
+                review.initial_revision(job),
+                max_unfinished=int(tier.concurrent_jobs),
+                also=keep_quote,
+            )
+        except TooManyUnfinished as error:
+            raise limits.too_many_jobs(tenant, tier) from error
+        except RequestIdConflict as error:
+            raise _request_id_conflict(request_id) from error
+        if created:
+            log.info(
+                "job created",
+                job_id=job.job_id,
+                tenant_id=job.tenant_id,
+                preset=job.spec.preset,
+                state=job_pb2.JobState.Name(job.state),
+            )
+            self._reporter.job_changed(job)
+            if job.state == job_pb2.JOB_STATE_QUEUED:
+                self._dispatcher.enqueue(job.job_id, job.priority)
+        return gateway_pb2.CreateRenderJobResponse(job=job)
+
+    async def _new_job(
+        self, request: gateway_pb2.CreateRenderJobRequest, request_id: str
+    ) -> tuple[gateway_pb2.RenderJob, Callable[[Transaction], Awaitable[None]] | None, TierPolicy]:
+        """The job a request asks for, checked, planned and quoted (not stored yet); the write that keeps
+        a new quote with it; the tenant's tier."""
         spec, preset = await validation.checked_spec(request.spec)
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
@@ -86,7 +135,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         await self._spending.refuse_when_exhausted()
         # The job's quote: the one its request names, bound (refused once expired or no longer holding),
         # else a new one; a job whose cheapest route is over its price limit is refused here.
-        quote = await self._quoter.for_job(
+        quote, keep_quote = await self._quoter.for_job(
             request.quote_id, spec, tenant, validation.fingerprint(request.spec), request_id, plan
         )
         job = gateway_pb2.RenderJob(
@@ -105,39 +154,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             create_time=now,
             update_time=now,
         )
-        # The job's trace: the dispatcher's work, resumed after a restart or not, continues it; the job id
-        # on its first span finds it.
-        trace.get_current_span().set_attribute("aiprod.job_id", job.job_id)
-        trace_context: dict[str, str] = {}
-        propagate.inject(trace_context)
+        return job, keep_quote, tier
+
+    async def _existing_job(
+        self, tenant_id: str, request_id: str, fingerprint: str
+    ) -> gateway_pb2.RenderJob | None:
         try:
-            job, created = await self._store.create_job(
-                job,
-                validation.request_fingerprint(request),
-                trace_context,
-                review.initial_revision(job),
-                max_unfinished=int(tier.concurrent_jobs),
-            )
-        except TooManyUnfinished as error:
-            raise limits.too_many_jobs(tenant, tier) from error
+            return await self._store.job_for_request(tenant_id, request_id, fingerprint)
         except RequestIdConflict as error:
-            raise AlreadyExists(
-                f"request_id {request_id} was already used for a different request",
-                reason=ErrorReason.JOB_ALREADY_EXISTS,
-                metadata={"request_id": request_id},
-            ) from error
-        if created:
-            log.info(
-                "job created",
-                job_id=job.job_id,
-                tenant_id=job.tenant_id,
-                preset=spec.preset,
-                state=job_pb2.JobState.Name(job.state),
-            )
-            self._reporter.job_changed(job)
-            if job.state == job_pb2.JOB_STATE_QUEUED:
-                self._dispatcher.enqueue(job.job_id, job.priority)
-        return gateway_pb2.CreateRenderJobResponse(job=job)
+            raise _request_id_conflict(request_id) from error
 
     async def GetRenderJob(
         self, request: gateway_pb2.GetRenderJobRequest, context: grpc.aio.ServicerContext
@@ -274,3 +299,11 @@ def _require_unfinished(job: gateway_pb2.RenderJob) -> None:
 def _state_metadata(job: gateway_pb2.RenderJob) -> dict[str, object]:
     """A FAILED_PRECONDITION's metadata: the job and the state it is in ("JOB_STATE_SUCCEEDED")."""
     return {"job_id": job.job_id, "state": job_pb2.JobState.Name(job.state)}
+
+
+def _request_id_conflict(request_id: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"request_id {request_id} was already used for a different request",
+        reason=ErrorReason.JOB_ALREADY_EXISTS,
+        metadata={"request_id": request_id},
+    )

@@ -29,7 +29,7 @@ import asyncio
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
@@ -80,14 +80,24 @@ class JobStore(ABC):
         trace_context: Mapping[str, str] | None = None,
         revision: gateway_pb2.PlanRevision | None = None,
         max_unfinished: int | None = None,
+        also: Callable[[Transaction], Awaitable[None]] | None = None,
     ) -> tuple[gateway_pb2.RenderJob, bool]:
         """Stores a new job with its first event, unless its request_id is taken: then returns the
         job stored under it (and False) when fingerprint matches, or raises RequestIdConflict.
+        also: what else the new job brings (its quote), written in the same transaction, only if the job
+        is new.
         trace_context: the W3C trace context (traceparent, tracestate) of the call that created it.
         revision: the plan's first revision (a job in review), kept with the job and on its first event.
         max_unfinished: a queued job is refused (TooManyUnfinished) when its tenant has that many jobs
         queued or running already, counted under the tenant's lock, so that replicas creating at once
         cannot pass it together."""
+
+    @abstractmethod
+    async def job_for_request(
+        self, tenant_id: str, request_id: str, fingerprint: str
+    ) -> gateway_pb2.RenderJob | None:
+        """The job the tenant's request created, if any; RequestIdConflict when the request id was used
+        for another request."""
 
     @abstractmethod
     async def get_job(self, job_id: str, tenant_id: str | None = None) -> gateway_pb2.RenderJob | None:
@@ -410,6 +420,7 @@ class SqlJobStore(JobStore):
         trace_context: Mapping[str, str] | None = None,
         revision: gateway_pb2.PlanRevision | None = None,
         max_unfinished: int | None = None,
+        also: Callable[[Transaction], Awaitable[None]] | None = None,
     ) -> tuple[gateway_pb2.RenderJob, bool]:
         limited = max_unfinished is not None and job.state in _UNFINISHED
         async with self._db.transaction() as transaction:
@@ -428,6 +439,8 @@ class SqlJobStore(JobStore):
                 return gateway_pb2.RenderJob.FromString(row[1]), False
             if limited:
                 await self._check_unfinished(transaction, job.tenant_id, max_unfinished)
+            if also is not None:
+                await also(transaction)
             job.last_sequence = 1
             event = gateway_pb2.JobEvent(
                 job_id=job.job_id,
@@ -461,6 +474,18 @@ class SqlJobStore(JobStore):
                 (job.job_id, event.SerializeToString()),
             )
         return job, True
+
+    async def job_for_request(
+        self, tenant_id: str, request_id: str, fingerprint: str
+    ) -> gateway_pb2.RenderJob | None:
+        row = await self._db.fetchone(
+            "SELECT fingerprint, job FROM jobs WHERE request_id = ?", (f"{tenant_id}/{request_id}",)
+        )
+        if row is None:
+            return None
+        if row[0] != fingerprint:
+            raise RequestIdConflict(request_id)
+        return gateway_pb2.RenderJob.FromString(row[1])
 
     async def get_job(self, job_id: str, tenant_id: str | None = None) -> gateway_pb2.RenderJob | None:
         if tenant_id is None:

@@ -34,6 +34,7 @@ from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_gateway import images as inline_images
 from aiprod_kit.capabilities import MAX_INLINE_IMAGE_BYTES
+from aiprod_kit.checks import resolution_violations
 from aiprod_kit.errors import ErrorReason, InvalidArgument, Unavailable
 from aiprod_kit.presets import DEFAULT_PRESET, PRESETS, Preset
 from aiprod_kit.settings import GatewaySettings
@@ -41,6 +42,8 @@ from aiprod_kit.settings import GatewaySettings
 MAX_PROMPT_CHARS = 2000
 # The most shots a plan holds: 180 s in the shortest clips a provider makes, with room.
 MAX_SHOTS = 90
+# A provider's model name, as a caller may prefer one (Replicate's owner/name are the longest).
+MAX_MODEL_CHARACTERS = 128
 # Two durations this close are one (float sums of shot lengths).
 _SAME_DURATION_SECONDS = 1e-3
 MAX_FIRST_FRAME_BYTES = MAX_INLINE_IMAGE_BYTES
@@ -147,6 +150,7 @@ def normalized_spec(
         violations.append(("spec.duration_seconds", f"must be {limit}, not {spec.duration_seconds:g}"))
     if spec.aspect_ratio not in render_pb2.AspectRatio.values():
         violations.append(("spec.aspect_ratio", f"unknown aspect ratio {spec.aspect_ratio}"))
+    violations += resolution_violations(spec.resolution, "spec.resolution")
     violations += image_violations(spec.first_frame, "spec.first_frame", images)
     violations += reference_image_violations(spec.reference_images, "spec.reference_images", images)
     constraints = spec.constraints
@@ -155,6 +159,10 @@ def normalized_spec(
     if constraints.preferred_backend not in backend_pb2.Backend.values():
         violations.append(
             ("spec.constraints.preferred_backend", f"unknown backend {constraints.preferred_backend}")
+        )
+    if len(constraints.preferred_model) > MAX_MODEL_CHARACTERS:
+        violations.append(
+            ("spec.constraints.preferred_model", f"must be at most {MAX_MODEL_CHARACTERS} characters")
         )
     if constraints.max_cost.amount_micros < 0:
         violations.append(("spec.constraints.max_cost", "must not be negative"))
@@ -221,6 +229,7 @@ def shot_violations(
             violations.append((f"{name}.duration_seconds", "must be a positive number of seconds"))
         if shot.aspect_ratio not in render_pb2.AspectRatio.values():
             violations.append((f"{name}.aspect_ratio", f"unknown aspect ratio {shot.aspect_ratio}"))
+        violations += resolution_violations(shot.resolution, f"{name}.resolution")
         violations += image_violations(shot.first_frame, f"{name}.first_frame", images)
         violations += reference_image_violations(shot.reference_images, f"{name}.reference_images", images)
     total = shots_duration(shots)
@@ -434,6 +443,7 @@ def plan_of(spec: render_pb2.RenderSpec) -> render_pb2.RenderPlan:
         duration_seconds=spec.duration_seconds,
         aspect_ratio=spec.aspect_ratio,
         seed=spec.seed,
+        resolution=spec.resolution,
     )
     if spec.first_frame.data or spec.first_frame.uri:
         shot.first_frame.CopyFrom(spec.first_frame)

@@ -50,7 +50,7 @@ from aiprod_kit.failures import Reason, failure, reason_name
 from aiprod_kit.money import usd
 from aiprod_kit.settings import RouterSettings
 from aiprod_router.backends import Renderer, RendererPool
-from aiprod_router.policy import BackendView, Candidate, RouteRequest, describe, rank_backends
+from aiprod_router.policy import Candidate, RouteRequest, describe, rank_backends, views_of
 from aiprod_router.stats import Outcome
 from aiprod_router.telemetry import RouterMetrics
 
@@ -282,6 +282,7 @@ class RenderChain:
             max_cost_micros=max_cost,
             seconds_left=seconds_left,
             preferred_backend=constraints.preferred_backend,
+            preferred_model=constraints.preferred_model,
             budget_remaining_micros=remaining,
             economy=economy,
             tried=tried,
@@ -308,19 +309,7 @@ class RenderChain:
         return budget.remaining.amount_micros, economy
 
     def rank(self, request: RouteRequest) -> list[Candidate]:
-        views = [
-            BackendView(
-                renderer.backend,
-                renderer.capabilities,
-                renderer.serving,
-                # Half-open: eligible for one trial render at a time.
-                breaker_open=not renderer.breaker.trial_available(),
-                p95_seconds=renderer.stats.percentile_seconds(95),
-                success_rate=renderer.stats.success_rate,
-            )
-            for renderer in self._pool.renderers.values()
-        ]
-        return rank_backends(request, views)
+        return rank_backends(request, views_of(self._pool.renderers.values(), request.shot.duration_seconds))
 
     # The chain ----------------------------------------------------------------------------------
 
@@ -436,6 +425,8 @@ class RenderChain:
                     ),
                 )
             reason = describe(chosen)
+            # The offer chosen; at a backend pinned by an earlier reservation, its default.
+            offer = (chosen.model, chosen.resolution) if renderer.backend == chosen.backend else ("", "")
             if renderer.backend != chosen.backend:
                 reason = f"the backend this attempt reserved for before a restart ({reason} now ranks first)"
             if is_rerender:
@@ -450,6 +441,8 @@ class RenderChain:
                     reserved=usd(reserved),
                     account=account,
                     rerender=is_rerender,
+                    model=offer[0],
+                    resolution=offer[1],
                 ),
             )
             result = AttemptResult(
@@ -461,7 +454,7 @@ class RenderChain:
                 attempt_limit=self._limit(guarantee),
                 may_rerender=self._may_rerender(job, guarantee),
             )
-            async for item in _spanned(result, self._attempt(renderer, job, attempt, result)):
+            async for item in _spanned(result, self._attempt(renderer, job, attempt, result, *offer)):
                 yield item
             rerender = await self._conclude(job, result, tried | {renderer.backend}, spent)
             yield event(attempt, charged=result.charge)
@@ -594,12 +587,22 @@ class RenderChain:
             ) from error
 
     async def _attempt(
-        self, renderer: Renderer, job: RenderJob, attempt: int, result: AttemptResult
+        self,
+        renderer: Renderer,
+        job: RenderJob,
+        attempt: int,
+        result: AttemptResult,
+        model: str,
+        resolution: str,
     ) -> AsyncIterator[event_pb2.RenderEvent]:
         # One key per attempt: a retried call or a restarted caller never starts a second render.
         request = renderer_pb2.StartRenderRequest(
-            idempotency_key=attempt_key(job.idempotency_key, attempt), shot=job.shot
+            idempotency_key=attempt_key(job.idempotency_key, attempt), shot=job.shot, model=model
         )
+        if resolution:
+            # The offer's resolution, on this attempt's copy: the job's own shot keeps what it asked
+            # for, so that a fallback may choose another.
+            request.shot.resolution = resolution
         started = await self._start(renderer, request, result)
         if started is None:
             self._settle(renderer, result, self._settings)

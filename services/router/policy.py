@@ -10,7 +10,11 @@ a code for programs and a reason for people, then ranked:
   expected latency breaking ties: the cheapest render that meets the floor;
 - by quality first when the remaining budget is large (at least `quality_first_budget_micros`, when
   configured), as the product's first version did: a large budget buys the best quality;
-- a preferred backend goes first when it qualifies.
+- a preferred backend goes first when it qualifies (its preferred model first, when one is named).
+
+A backend offering several models and resolutions (Capabilities.offers) is one candidate per offer, each
+with its own price, quality and limits: the cheapest offer that meets the floor wins, whichever
+backend makes it. A backend already tried for the render is left out with all its offers.
 
 A free re-render (an output under the tenant's service-level minimum) asks for a backend of better
 nominal quality than the one that delivered it (`quality_above`): one of the same quality or worse is
@@ -21,12 +25,22 @@ it renders under the floor only when the request prefers it or when it is the on
 configured (a mesh without providers), and says so.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2
-from aiprod_kit.capabilities import backend_name, shot_mismatches
+from aiprod_kit.breaker import CircuitBreaker
+from aiprod_kit.capabilities import (
+    DEFAULT_RESOLUTION,
+    backend_name,
+    offer_capabilities,
+    offers,
+    shot_mismatches,
+)
+from aiprod_router.stats import BackendStats
 
 # Below this observed success rate the expected cost stops growing: the breaker handles worse.
 _MIN_SUCCESS_RATE = 0.25
@@ -42,6 +56,8 @@ class RouteRequest:
     # Seconds until the job's deadline; None without one.
     seconds_left: float | None = None
     preferred_backend: int = backend_pb2.BACKEND_UNSPECIFIED
+    # With preferred_backend: the model preferred there; empty: any of its models.
+    preferred_model: str = ""
     # What is left of the budget today; None when there is no cap.
     budget_remaining_micros: int | None = None
     # Economy mode (the ledger's 90% action): never quality first.
@@ -63,7 +79,36 @@ class BackendView:
     serving: bool
     breaker_open: bool = False
     p95_seconds: float | None = None
+    p50_seconds: float | None = None
     success_rate: float | None = None
+
+
+class Known(Protocol):
+    """What the router keeps of a backend (aiprod_router.backends.Renderer; the replay's stand-in)."""
+
+    backend: int
+    capabilities: renderer_pb2.Capabilities | None
+    serving: bool
+    breaker: CircuitBreaker
+    stats: BackendStats
+
+
+def views_of(backends: Iterable[Known], video_seconds: float | None = None) -> list[BackendView]:
+    """The views the policy ranks on, from what the router keeps of each backend; the p95 latency of
+    clips of video_seconds when the backend rendered enough of them lately."""
+    return [
+        BackendView(
+            known.backend,
+            known.capabilities,
+            known.serving,
+            # Half-open: eligible for one trial render at a time.
+            breaker_open=not known.breaker.trial_available(),
+            p95_seconds=known.stats.percentile_seconds(95, video_seconds),
+            p50_seconds=known.stats.percentile_seconds(50, video_seconds),
+            success_rate=known.stats.success_rate,
+        )
+        for known in backends
+    ]
 
 
 @dataclass
@@ -78,21 +123,41 @@ class Candidate:
     reasons: list[str] = field(default_factory=list)
     # For an excluded candidate, the code of each reason (router_pb2.Exclusion), in the same order.
     exclusions: list[int] = field(default_factory=list)
+    # The offer: the model and resolution at the backend ("" for a backend not reached yet).
+    model: str = ""
+    resolution: str = ""
+    # Whether the backend offers several: then people are told which one.
+    one_of_several: bool = False
+    preferred: bool = False
+    # Eligible only because nothing else is: its p95 is over the time left, its median within it.
+    long_shot: bool = False
+
+    @property
+    def name(self) -> str:
+        """The backend, and its offer when it has several ("runway gen4_turbo 720p")."""
+        name = backend_name(self.backend)
+        return f"{name} {self.model} {self.resolution}" if self.one_of_several else name
 
 
 def _usd(micros: float) -> str:
     return f"{micros / 1e6:.2f} USD"
 
 
-def _assess(request: RouteRequest, view: BackendView, providers_configured: bool) -> Candidate:
-    if view.capabilities is None:
+def _assess(
+    request: RouteRequest,
+    view: BackendView,
+    capabilities: renderer_pb2.Capabilities | None,
+    providers_configured: bool,
+    one_of_several: bool = False,
+) -> Candidate:
+    """One candidate: the backend with one of its offers (capabilities: as that offer has them)."""
+    if capabilities is None:
         return Candidate(
             view.backend,
             False,
             reasons=["renderer not reached yet"],
             exclusions=[router_pb2.EXCLUSION_NOT_REACHED],
         )
-    capabilities = view.capabilities
     list_cost = round(capabilities.price_per_second.amount_micros * request.shot.duration_seconds)
     success = view.success_rate if view.success_rate is not None else 1.0
     expected_cost = round(list_cost / max(success, _MIN_SUCCESS_RATE))
@@ -106,6 +171,11 @@ def _assess(request: RouteRequest, view: BackendView, providers_configured: bool
         stand_in=view.backend == backend_pb2.BACKEND_LOCAL
         and capabilities.nominal_quality < request.quality_floor
         and (request.preferred_backend == backend_pb2.BACKEND_LOCAL or not providers_configured),
+        model=capabilities.models[0] if capabilities.models else "",
+        resolution=capabilities.resolutions[0] if capabilities.resolutions else DEFAULT_RESOLUTION,
+        one_of_several=one_of_several,
+        preferred=view.backend == request.preferred_backend
+        and request.preferred_model in ("", capabilities.models[0] if capabilities.models else ""),
     )
     # (code, reason) pairs: the code for programs (the gateway's budget policy, the final failure's
     # reason), the text for people.
@@ -173,9 +243,22 @@ def _assess(request: RouteRequest, view: BackendView, providers_configured: bool
     ]
     if candidate.stand_in:
         candidate.reasons.append(f"development stand-in, under the floor {request.quality_floor:.2f}")
-    if view.backend == request.preferred_backend:
+    if candidate.preferred:
         candidate.reasons.append("preferred by the request")
     return candidate
+
+
+def _assess_offers(request: RouteRequest, view: BackendView, providers_configured: bool) -> list[Candidate]:
+    """A candidate for each of the backend's offers (one for a backend not reached yet)."""
+    if view.capabilities is None:
+        return [_assess(request, view, None, providers_configured)]
+    offered = offers(view.capabilities)
+    if len(offered) == 1:
+        return [_assess(request, view, view.capabilities, providers_configured)]
+    return [
+        _assess(request, view, offer_capabilities(view.capabilities, offer), providers_configured, True)
+        for offer in offered
+    ]
 
 
 def quality_first(request: RouteRequest) -> bool:
@@ -190,30 +273,61 @@ def quality_first(request: RouteRequest) -> bool:
 def rank_backends(request: RouteRequest, views: list[BackendView]) -> list[Candidate]:
     """Every backend as a candidate, eligible ones first in the order to try them."""
     providers_configured = any(view.backend != backend_pb2.BACKEND_LOCAL for view in views)
-    candidates = [_assess(request, view, providers_configured) for view in views]
+    candidates = [
+        candidate for view in views for candidate in _assess_offers(request, view, providers_configured)
+    ]
     by_quality = quality_first(request)
 
     def order(candidate: Candidate) -> tuple:
         latency = candidate.expected_seconds if candidate.expected_seconds is not None else float("inf")
-        value = (
-            (-candidate.quality, candidate.expected_cost_micros, latency)
-            if by_quality
-            else (candidate.expected_cost_micros, -candidate.quality, latency)
-        )
+        if candidate.long_shot:
+            value = (latency, candidate.expected_cost_micros, -candidate.quality)
+        elif by_quality:
+            value = (-candidate.quality, candidate.expected_cost_micros, latency)
+        else:
+            value = (candidate.expected_cost_micros, -candidate.quality, latency)
         return (
             not candidate.eligible,
-            candidate.backend != request.preferred_backend,
+            not candidate.preferred,
             candidate.stand_in,
             *value,
         )
 
+    if not any(candidate.eligible for candidate in candidates):
+        _admit_long_shots(request, views, candidates)
     ranked = sorted(candidates, key=order)
     for position, candidate in enumerate(c for c in ranked if c.eligible):
         if position == 0:
-            mode = "best quality (large budget)" if by_quality else "cheapest that meets the floor"
+            if candidate.long_shot:
+                mode = "the likeliest to meet the deadline"
+            else:
+                mode = "best quality (large budget)" if by_quality else "cheapest that meets the floor"
             candidate.reasons.insert(0, f"ranked first: {mode}")
     return ranked
 
 
+def _admit_long_shots(request: RouteRequest, views: list[BackendView], candidates: list[Candidate]) -> None:
+    """When the deadline alone leaves every backend out, the ones whose median latency is within the time
+    left may still make it: eligible after all (rather than a job given up that could have been on
+    time), the likeliest first."""
+    medians = {view.backend: view.p50_seconds for view in views}
+    shots = [
+        candidate
+        for candidate in candidates
+        if candidate.exclusions == [router_pb2.EXCLUSION_DEADLINE]
+        and request.seconds_left is not None
+        and (median := medians.get(candidate.backend)) is not None
+        and median <= request.seconds_left
+    ]
+    for candidate in shots:
+        median = medians[candidate.backend]
+        candidate.eligible, candidate.long_shot = True, True
+        candidate.expected_seconds = median
+        candidate.exclusions = []
+        candidate.reasons = [
+            f"may miss the deadline: {candidate.reasons[0]}, but its median {median:.0f} s is within it"
+        ]
+
+
 def describe(candidate: Candidate) -> str:
-    return f"{backend_name(candidate.backend)}: {'; '.join(candidate.reasons)}"
+    return f"{candidate.name}: {'; '.join(candidate.reasons)}"

@@ -123,6 +123,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     estimated_latency=_seconds(candidate.expected_seconds),
                     reasons=candidate.reasons,
                     exclusions=candidate.exclusions,
+                    model=candidate.model,
+                    resolution=candidate.resolution,
                 )
             )
         return response

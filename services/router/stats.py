@@ -8,6 +8,9 @@ from dataclasses import dataclass
 WINDOW = 100
 # Weight of the newest QC score in the moving average.
 QC_SMOOTHING = 0.2
+# A clip's latency is judged from renders of its own length once there are this many in the window
+# (a 10 s clip takes longer than a 4 s one), else from all of them.
+SAME_LENGTH_RENDERS = 5
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class BackendStats:
         self.qc_average: float | None = None
         # Figures read at every routing decision, computed once per outcome recorded rather than per
         # decision (a percentile over the window dominated the policy's time).
-        self._percentiles: dict[int, float | None] = {}
+        self._percentiles: dict[tuple[int, float | None], float | None] = {}
         self._success_rate: tuple[float | None] | None = None
 
     def record(self, outcome: Outcome) -> None:
@@ -45,21 +48,29 @@ class BackendStats:
     def renders(self) -> int:
         return len(self._outcomes)
 
-    def _durations(self) -> list[float]:
-        return [outcome.seconds for outcome in self._outcomes if outcome.succeeded]
+    def _durations(self, video_seconds: float | None) -> list[float]:
+        succeeded = [outcome for outcome in self._outcomes if outcome.succeeded]
+        if video_seconds is not None:
+            same = [o.seconds for o in succeeded if abs(o.video_seconds - video_seconds) < 0.5]
+            if len(same) >= SAME_LENGTH_RENDERS:
+                return same
+        return [outcome.seconds for outcome in succeeded]
 
-    def percentile_seconds(self, percent: int) -> float | None:
-        if percent not in self._percentiles:
-            durations = self._durations()
+    def percentile_seconds(self, percent: int, video_seconds: float | None = None) -> float | None:
+        """The percentile of recent successful renders' latency: of clips of video_seconds when enough
+        of them were rendered lately, else of all."""
+        key = (percent, video_seconds)
+        if key not in self._percentiles:
+            durations = self._durations(video_seconds)
             if not durations:
-                self._percentiles[percent] = None
+                self._percentiles[key] = None
             elif len(durations) == 1:
-                self._percentiles[percent] = durations[0]
+                self._percentiles[key] = durations[0]
             else:
-                self._percentiles[percent] = statistics.quantiles(durations, n=100, method="inclusive")[
+                self._percentiles[key] = statistics.quantiles(durations, n=100, method="inclusive")[
                     percent - 1
                 ]
-        return self._percentiles[percent]
+        return self._percentiles[key]
 
     @property
     def success_rate(self) -> float | None:

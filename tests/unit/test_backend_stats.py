@@ -3,7 +3,7 @@ outcome, read at every routing decision)."""
 
 import statistics
 
-from aiprod_router.stats import WINDOW, BackendStats, Outcome
+from aiprod_router.stats import SAME_LENGTH_RENDERS, WINDOW, BackendStats, Outcome
 
 
 def test_figures_follow_each_outcome_recorded():
@@ -31,3 +31,18 @@ def test_the_window_forgets_the_oldest_outcomes():
     for _ in range(WINDOW):
         stats.record(Outcome(True, 10.0))
     assert stats.success_rate == 1.0 and stats.percentile_seconds(95) == 10.0
+
+
+def test_a_clips_latency_is_judged_from_renders_of_its_length_once_there_are_enough():
+    stats = BackendStats()
+    for _ in range(SAME_LENGTH_RENDERS):
+        stats.record(Outcome(True, 100.0, video_seconds=10))
+    for _ in range(SAME_LENGTH_RENDERS - 1):
+        stats.record(Outcome(True, 30.0, video_seconds=4))
+    every = stats.percentile_seconds(95)
+    assert stats.percentile_seconds(95, 10.0) == 100.0
+    # Four 4 s clips are not enough to go by: all renders are.
+    assert stats.percentile_seconds(95, 4.0) == every
+    stats.record(Outcome(True, 30.0, video_seconds=4))
+    assert stats.percentile_seconds(95, 4.0) == 30.0
+    assert stats.percentile_seconds(95, 6.0) == stats.percentile_seconds(95) > 30.0

@@ -218,3 +218,34 @@ def test_a_large_inline_image_is_ranked_to_a_backend_that_takes_it():
     assert ranked[REPLICATE].reasons == ["first_frame: does not take a first frame"]
     small = rank_backends(RouteRequest(long_shot(image_bytes=5 * 2**20), 0.6), views(**LIMITED))
     assert [c.backend for c in small if c.eligible] == [RUNWAY, VEO]
+
+
+def test_when_the_deadline_alone_leaves_every_backend_out_the_likeliest_to_make_it_is_tried():
+    # Both p95s over the 120 s left; both medians within it: Veo's, the shorter, first.
+    slow = views(runway={"p95_seconds": 300, "p50_seconds": 100}, veo={"p95_seconds": 200, "p50_seconds": 50})
+    ranked = rank_backends(RouteRequest(shot(), 0.9, seconds_left=120), slow)
+    eligible = [c for c in ranked if c.eligible]
+    assert [c.backend for c in eligible] == [VEO, RUNWAY]
+    assert all(c.long_shot and not c.exclusions for c in eligible)
+    assert eligible[0].reasons[0] == "ranked first: the likeliest to meet the deadline"
+    assert "may miss the deadline" in eligible[0].reasons[1] and "median 50 s" in eligible[0].reasons[1]
+    # A median over the time left too: out.
+    slower = views(
+        runway={"p95_seconds": 300, "p50_seconds": 130}, veo={"p95_seconds": 200, "p50_seconds": 50}
+    )
+    assert [
+        c.backend for c in rank_backends(RouteRequest(shot(), 0.9, seconds_left=120), slower) if c.eligible
+    ] == [VEO]
+
+
+def test_a_backend_within_the_deadline_keeps_the_long_shots_out():
+    mixed = views(runway={"p95_seconds": 100, "p50_seconds": 60}, veo={"p95_seconds": 200, "p50_seconds": 50})
+    ranked = rank_backends(RouteRequest(shot(), 0.9, seconds_left=120), mixed)
+    assert [c.backend for c in ranked if c.eligible] == [RUNWAY]
+    assert not any(c.long_shot for c in ranked)
+    # Out for something besides the deadline: never a long shot.
+    ranked = rank_backends(
+        RouteRequest(shot(), 0.9, seconds_left=120, tried=frozenset({RUNWAY})),
+        views(runway={"p95_seconds": 300, "p50_seconds": 60}, veo={"p95_seconds": 200, "p50_seconds": 50}),
+    )
+    assert [c.backend for c in ranked if c.eligible] == [VEO]

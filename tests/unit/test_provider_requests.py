@@ -1,10 +1,19 @@
 """ProviderLimits: requests to a provider beyond max_concurrent_requests wait their turn here, before their
 timeout starts, so that none waits in the HTTP client's pool (where a cancelled wait can leak a
-connection for good: encode/httpcore#1093) and none times out for having queued."""
+connection for good: encode/httpcore#1093) and none times out for having queued; and a request that
+timed out while the renderer's own loop was stalled does not count against the provider."""
 
 import asyncio
+import time
 
+import pytest
+
+from aiprod_kit.breaker import BreakerState
+from aiprod_kit.rendering.health import ProviderHealth
 from aiprod_kit.rendering.limits import ProviderLimits
+from aiprod_kit.rendering.provider import ErrorKind, ProviderError
+from aiprod_kit.settings import RunwaySettings
+from aiprod_renderers.runway.provider import RunwayProvider
 
 
 async def test_requests_over_the_limit_wait_their_turn_and_their_timeout_starts_after_it():
@@ -35,3 +44,38 @@ async def test_requests_over_the_limit_wait_their_turn_and_their_timeout_starts_
     release.set()
     assert await asyncio.gather(*calls) == ["answered"] * 5
     assert most == 2
+
+
+async def test_a_request_timed_out_while_the_loop_was_stalled_is_not_the_providers_failure():
+    limits = ProviderLimits(
+        requests_per_minute=100_000, max_concurrent_tasks=1, request_timeout_seconds=0.3, attempts=1
+    )
+    monitor = asyncio.create_task(limits.lag.run())
+    await asyncio.sleep(0)  # the monitor takes its first turn
+
+    async def stalled() -> None:
+        time.sleep(1.5)  # noqa: ASYNC251 - the whole process held up (a starved CPU) past the timeout
+        await asyncio.sleep(10)
+
+    async def slow() -> None:
+        await asyncio.sleep(10)  # the provider does not answer
+
+    try:
+        with pytest.raises(ProviderError) as raised:
+            await limits.call(stalled, idempotent=True, what="get")
+        assert raised.value.overloaded and "overloaded" in raised.value.message
+        # Once the loop keeps time again, a provider that does not answer is the provider's failure.
+        with pytest.raises(ProviderError) as raised:
+            await limits.call(slow, idempotent=True, what="get")
+        assert raised.value.kind == ErrorKind.AMBIGUOUS and not raised.value.overloaded
+    finally:
+        monitor.cancel()
+
+
+def test_the_breaker_counts_what_the_provider_did_not_what_an_overloaded_renderer_missed():
+    provider = RunwayProvider(RunwaySettings(RUNWAYML_API_SECRET="key"))  # type: ignore[call-arg]
+    health = ProviderHealth(provider, None, None, breaker_failures=1, breaker_cooldown_seconds=30)  # type: ignore[arg-type]
+    health.record_outcome(ProviderError(ErrorKind.AMBIGUOUS, "get got no answer", overloaded=True))
+    assert health.breaker.state == BreakerState.CLOSED
+    health.record_outcome(ProviderError(ErrorKind.AMBIGUOUS, "get got no answer"))
+    assert health.breaker.state == BreakerState.OPEN

@@ -14,6 +14,7 @@ from aiprod.gateway.v1 import admin_pb2, gateway_pb2
 from aiprod.router.v1 import router_pb2
 from aiprod_gateway import validation
 from aiprod_gateway.quoting import (
+    BACKENDS_RETRY_SECONDS,
     Quoter,
     QuoteStore,
     StoredQuote,
@@ -270,7 +271,11 @@ async def test_a_route_over_the_presets_limit_is_refused_naming_the_cheapest_pri
 async def test_no_backend_at_all_is_refused_naming_why_for_each(store, clock):
     none = [
         candidate(
-            RUNWAY, RUNWAY_COST, 0, router_pb2.EXCLUSION_NOT_SERVING, reasons=("renderer not serving",)
+            RUNWAY,
+            RUNWAY_COST,
+            0,
+            router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR,
+            reasons=("quality 0.5 under 0.8",),
         ),
         candidate(
             REPLICATE, REPLICATE_COST, 0, router_pb2.EXCLUSION_UNSUPPORTED, reasons=("duration: 6 s only",)
@@ -279,8 +284,28 @@ async def test_no_backend_at_all_is_refused_naming_why_for_each(store, clock):
     with pytest.raises(FailedPrecondition) as refused:
         await quoter_for(store, clock, none)[0].quote(spec(), ACME, fp())
     assert refused.value.reason == ErrorReason.NO_BACKEND
-    assert "runway: renderer not serving" in refused.value.message
+    assert "runway: quality 0.5 under 0.8" in refused.value.message
     assert "replicate: duration: 6 s only" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "passing",
+    [router_pb2.EXCLUSION_NOT_SERVING, router_pb2.EXCLUSION_BREAKER_OPEN, router_pb2.EXCLUSION_NOT_REACHED],
+)
+async def test_a_render_only_a_backend_down_for_now_keeps_out_is_unavailable_to_try_again(
+    store, clock, passing
+):
+    down = [
+        candidate(RUNWAY, RUNWAY_COST, 0, passing, reasons=("renderer not serving",)),
+        candidate(
+            REPLICATE, REPLICATE_COST, 0, router_pb2.EXCLUSION_UNSUPPORTED, reasons=("duration: 6 s only",)
+        ),
+    ]
+    with pytest.raises(Unavailable) as refused:
+        await quoter_for(store, clock, down)[0].quote(spec(), ACME, fp())
+    assert refused.value.reason == ErrorReason.BACKENDS_UNAVAILABLE
+    assert refused.value.retry_after == BACKENDS_RETRY_SECONDS
+    assert "runway: renderer not serving" in refused.value.message
 
 
 async def test_a_router_away_is_unavailable(store, clock):
@@ -290,8 +315,8 @@ async def test_a_router_away_is_unavailable(store, clock):
         await quoter.quote(spec(), ACME, fp())
     assert refused.value.reason == ErrorReason.ROUTER_UNAVAILABLE
     # A job is taken all the same: unpriced, held to its preset's limit, which the router keeps to.
-    unpriced = await quoter.for_job("", spec(), ACME, fp(), "req-away")
-    assert not unpriced.quote_id and not unpriced.backend
+    unpriced, keep = await quoter.for_job("", spec(), ACME, fp(), "req-away")
+    assert not unpriced.quote_id and not unpriced.backend and keep is None
     assert unpriced.max_cost.amount_micros > 0
     # A named quote is checked against the router: that one stays unavailable.
     router.down = False
@@ -405,23 +430,24 @@ async def test_a_quote_whose_backend_no_longer_qualifies_does_not_hold(store, cl
     assert await quoter.bind(quote.quote_id, spec(), ACME, fp(), "req-1") == quote
 
 
-async def test_a_job_without_a_quote_takes_a_new_one_which_a_retry_keeps(store, clock):
-    quoter, router = quoter_for(store, clock)
-    quote = await quoter.for_job("", spec(), ACME, fp(), "req-1")
-    assert (await store.get(quote.quote_id, "acme")).request_id == "req-1"
-    # A retry of the request, even past the expiry: the quote it was given, not a new price.
-    clock.now += TTL + 1
-    assert await quoter.for_job("", spec(), ACME, fp(), "req-1") == quote
-    assert len(router.requests) == 1
-    # Another tenant's request of the same id, or the id reused for another spec: priced anew.
-    assert (await quoter.for_job("", spec(), GLOBEX, fp(), "req-1")).quote_id != quote.quote_id
-    assert (await quoter.for_job("", spec(prompt="A wolf"), ACME, fp(prompt="A wolf"), "req-1")).quote_id != (
-        quote.quote_id
-    )
-    assert await quoter.for_job(quote.quote_id, spec(), ACME, fp(), "req-1") == quote
+async def test_a_job_without_a_quote_takes_a_new_one_kept_only_with_its_job(tmp_path, clock):
+    database = SqliteDatabase(tmp_path / "quotes.sqlite3", "jobs", private=True)
+    store = await QuoteStore.open(database)
+    quoter, _ = quoter_for(store, clock)
+    quote, keep = await quoter.for_job("", spec(), ACME, fp(), "req-1")
+    assert quote.quote_id.startswith("quote_") and keep is not None
+    # Not kept until the job's transaction writes it: a request whose job was never stored has none.
+    assert await store.get(quote.quote_id, "acme") is None
+    async with database.transaction() as transaction:
+        await keep(transaction)
+    kept = await store.get(quote.quote_id, "acme")
+    assert kept is not None and (kept.quote, kept.request_id) == (quote, "req-1")
+    # Bound by its id afterwards: the request that took it (a retry) gets it, another is refused.
+    assert await quoter.for_job(quote.quote_id, spec(), ACME, fp(), "req-1") == (quote, None)
     with pytest.raises(FailedPrecondition) as taken:
         await quoter.for_job(quote.quote_id, spec(), ACME, fp(), "req-2")
     assert taken.value.reason == ErrorReason.QUOTE_USED
+    await database.close()
 
 
 async def test_a_plan_is_quoted_for_its_first_shot_and_its_whole_length(store, clock):
@@ -513,10 +539,6 @@ async def test_the_store_keeps_quotes_per_tenant_gives_each_to_one_request_and_p
     assert not await store.take("quote_a", "req-2")
     assert not await store.take("quote_b", "req-1")
     assert (await store.get("quote_a", "acme")).request_id == "req-1"
-    taken = await store.taken_by("acme", "req-1")
-    assert taken is not None and taken.quote.quote_id == "quote_a"
-    assert await store.taken_by("globex", "req-1") is None
-    assert await store.taken_by("acme", "req-2") is None
     await store.purge(now - 86_400)
     assert await store.get("quote_old", "acme") is None
     assert await store.get("quote_a", "acme") is not None

@@ -18,6 +18,8 @@ if _ROOT not in sys.path:
 replay = importlib.import_module("bench.replay")
 
 A, B, C = replay.RUNWAY, replay.VEO, replay.REPLICATE
+# Each backend's one offer: its default model ("" here) at 720p.
+RA, RB, RC = ((backend, "", "720p") for backend in (A, B, C))
 OK, FAILED, REJECTED = replay.DELIVERED, replay.FAILED, replay.REJECTED
 
 
@@ -65,9 +67,9 @@ def hand_world():
         jobs=(job(0, 0.6, 100.0), job(1, 0.7, None, max_cost_usd=0.60), job(2, 0.9, None)),
         capabilities={A: capabilities(A, 0.10, 0.95), B: capabilities(B, 0.05, 0.80), C: capabilities(C, 0.02, 0.60)},
         outcomes=(
-            {A: attempt(OK, 50, 1.00, 0.95), B: attempt(FAILED, 20, 0), C: attempt(OK, 150, 0.20, 0.6)},
-            {A: attempt(OK, 50, 1.00, 0.95), B: attempt(OK, 80, 0.50, 0.8), C: attempt(OK, 90, 0.20, 0.6)},
-            {A: attempt(REJECTED, 60, 1.00, 0.3), B: attempt(OK, 80, 0.50, 0.8), C: attempt(OK, 90, 0.20, 0.6)},
+            {RA: attempt(OK, 50, 1.00, 0.95), RB: attempt(FAILED, 20, 0), RC: attempt(OK, 150, 0.20, 0.6)},
+            {RA: attempt(OK, 50, 1.00, 0.95), RB: attempt(OK, 80, 0.50, 0.8), RC: attempt(OK, 90, 0.20, 0.6)},
+            {RA: attempt(REJECTED, 60, 1.00, 0.3), RB: attempt(OK, 80, 0.50, 0.8), RC: attempt(OK, 90, 0.20, 0.6)},
         ),
     )  # fmt: skip
 
@@ -86,8 +88,8 @@ def test_the_router_on_the_hand_case_pays_per_attempt_and_may_spend_under_the_or
     world = hand_world()
     results = replay.simulate(world, replay.RouterPolicy(world.capabilities))
     assert [(r.spend_micros, r.attempts, r.delivered_by, r.slo_met) for r in results] == [
-        (200_000, 1, C, False),
-        (500_000, 1, B, True),
+        (200_000, 1, RC, False),
+        (500_000, 1, RB, True),
         (1_000_000, 1, None, False),
     ]
     score = replay.score(world, results)
@@ -99,6 +101,46 @@ def test_the_router_on_the_hand_case_pays_per_attempt_and_may_spend_under_the_or
     assert score.cost_vs_oracle == pytest.approx(0.7 / 1.5)
     assert score.slo_attainment == 0.5
     assert score.cost_vs_oracle_on_met == 1.0
+
+
+def offer(model: str, usd_per_second: float, quality: float) -> renderer_pb2.ModelOffer:
+    return renderer_pb2.ModelOffer(
+        model=model,
+        resolution="720p",
+        min_duration_seconds=2,
+        max_duration_seconds=10,
+        aspect_ratios=[render_pb2.ASPECT_RATIO_16_9],
+        price_per_second=usd_from_units(usd_per_second),
+        nominal_quality=quality,
+    )
+
+
+def test_the_oracle_and_the_router_choose_among_a_backends_models():
+    """A offers "best" (0.10 USD/s, q 0.95) and "fast" (0.03, q 0.85), B one model (0.05, q 0.80); 10 s
+    clips, every one delivered.
+    - job 0, floor 0.8: A's fast model, 0.30, is the cheapest that qualifies (B 0.50 is dearer);
+    - job 1, floor 0.9: only A's best model qualifies: 1.00.
+    """
+    several = capabilities(A, 0.10, 0.95)
+    several.offers.extend([offer("best", 0.10, 0.95), offer("fast", 0.03, 0.85)])
+    best, fast = (A, "best", "720p"), (A, "fast", "720p")
+    outcomes = {
+        best: attempt(OK, 50, 1.00, 0.95),
+        fast: attempt(OK, 40, 0.30, 0.85),
+        RB: attempt(OK, 60, 0.50, 0.8),
+    }
+    world = replay.World(
+        jobs=(job(0, 0.8, None), job(1, 0.9, None)),
+        capabilities={A: several, B: capabilities(B, 0.05, 0.80)},
+        outcomes=(outcomes, dict(outcomes)),
+    )
+    assert replay.oracle_spend(world) == [300_000, 1_000_000]
+    results = replay.simulate(world, replay.RouterPolicy(world.capabilities))
+    assert [(r.delivered_by, r.spend_micros, r.slo_met) for r in results] == [
+        (fast, 300_000, True),
+        (best, 1_000_000, True),
+    ]
+    assert replay.score(world, results).cost_vs_oracle == 1.0
 
 
 def test_the_replay_is_deterministic_for_a_seed():

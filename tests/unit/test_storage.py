@@ -374,7 +374,7 @@ class _PaidProvider(Provider):
         return None
 
     def charge_micros(
-        self, shot: render_pb2.Shot, task: ProviderTask | None, *, cancelled: bool = False
+        self, shot: render_pb2.Shot, task: ProviderTask | None, *, model: str = "", cancelled: bool = False
     ) -> int:
         return 123_000
 

@@ -50,7 +50,10 @@ class ProviderHealth:
         )
 
     def record_outcome(self, error: ProviderError | None) -> None:
-        """What a provider request's answer says of the provider, for the breaker."""
+        """What a provider request's answer says of the provider, for the breaker (nothing, for a request
+        this process was too overloaded to hear out)."""
+        if error is not None and error.overloaded:
+            return
         if error is None:
             self.breaker.record_success()
         elif error.kind == ErrorKind.AUTH:
@@ -94,6 +97,8 @@ class ProviderHealth:
             await self._calls.call(None, self._provider.probe, idempotent=True, what="probe")
         except ProviderError as error:
             self._log.warning("probe failed", error=str(error))
+            if error.overloaded and self.breaker.state == BreakerState.CLOSED:
+                return  # this process was too busy to hear the answer: it says nothing of the provider
             if error.kind == ErrorKind.AUTH:
                 self.breaker.trip()
             else:

@@ -1,7 +1,12 @@
 """A provider's limits, respected from this side: requests per minute, concurrent tasks, a pause on
-429 for as long as Retry-After asks, and retries with backoff for what is safe to send again."""
+429 for as long as Retry-After asks, and retries with backoff for what is safe to send again.
+
+A request that timed out while this process's own event loop was stalled (a starved CPU, a blocking
+call) says nothing of the provider: its error is marked `overloaded`, and the breaker does not count it
+(`LoopLag`)."""
 
 import asyncio
+import collections
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -25,6 +30,34 @@ log = structlog.get_logger()
 # Longest pause a Retry-After may impose before the call is given up to the caller.
 _MAX_RETRY_AFTER_SECONDS = 120.0
 _backoff = wait_exponential(multiplier=0.5, min=0.5, max=30)
+# A loop late by this much while a request waited made its timeout ours, not the provider's.
+OVERLOAD_LAG_SECONDS = 1.0
+
+
+class LoopLag:
+    """How late this process's event loop has been: a task that wakes every `interval` seconds records
+    by how much each wake came late, for the last `keep` seconds."""
+
+    def __init__(self, interval: float = 0.25, keep: float = 300.0) -> None:
+        self._interval = interval
+        self._samples: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=max(1, round(keep / interval))
+        )
+        self._due: float | None = None
+
+    async def run(self) -> None:
+        while True:
+            self._due = time.monotonic() + self._interval
+            await asyncio.sleep(self._interval)
+            now = time.monotonic()
+            self._samples.append((now, now - self._due))
+
+    def worst_since(self, start: float) -> float:
+        """The most the loop has been late since `start` (monotonic seconds), the wake overdue now
+        included."""
+        overdue = time.monotonic() - self._due if self._due is not None else 0.0
+        recorded = (lag for at, lag in reversed(self._samples) if at >= start)
+        return max(overdue, *recorded, 0.0)
 
 
 class ProviderLimits:
@@ -35,7 +68,9 @@ class ProviderLimits:
         request_timeout_seconds: float,
         attempts: int = 4,
         max_concurrent_requests: int = 32,
+        lag: LoopLag | None = None,
     ) -> None:
+        self.lag = lag or LoopLag()
         self._requests = AsyncLimiter(requests_per_minute, 60)
         # Requests in flight: each waits here, not in the HTTP client's pool (see ProviderSettings).
         self._in_flight = asyncio.Semaphore(max_concurrent_requests)
@@ -91,10 +126,19 @@ class ProviderLimits:
         if pause > 0:
             await asyncio.sleep(pause)
         await self._requests.acquire()
+        started = time.monotonic()
         try:
             async with self._in_flight, asyncio.timeout(timeout):
                 return await operation()
         except TimeoutError as error:
+            lag = self.lag.worst_since(started)
+            if lag >= OVERLOAD_LAG_SECONDS:
+                raise ProviderError(
+                    ErrorKind.AMBIGUOUS,
+                    f"{what} got no answer in {timeout:g} s while this renderer was overloaded "
+                    f"(its event loop {lag:.1f} s late)",
+                    overloaded=True,
+                ) from error
             raise ProviderError(ErrorKind.AMBIGUOUS, f"{what} got no answer in {timeout:g} s") from error
         except ProviderError as error:
             if error.kind == ErrorKind.RATE_LIMITED:

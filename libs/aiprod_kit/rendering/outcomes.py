@@ -54,4 +54,4 @@ def charge_of(
         shot = render_pb2.Shot(duration_seconds=render.output_seconds)
     if task is not None and task.state in GOING and not cancelled:
         task = None
-    return provider.charge_micros(shot, task, cancelled=cancelled)
+    return provider.charge_micros(shot, task, model=render.model, cancelled=cancelled)

@@ -3,12 +3,14 @@ loop, limits, retries, the breaker, health, durable outputs, QC)."""
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiprod.common.v1 import render_pb2
 from aiprod.renderer.v1 import renderer_pb2
-from aiprod_kit.capabilities import FRAME_SIZES_720P
+from aiprod_kit.capabilities import find_offer, frame_size, offers
+from aiprod_kit.settings import ConfigurationError, ProviderSettings
 
 
 class TaskState(enum.Enum):
@@ -66,6 +68,8 @@ class ProviderError(Exception):
     retry_after: float | None = None
     provider_code: str = ""
     details: dict[str, str] = field(default_factory=dict)
+    # Timed out while this process was too busy to hear the answer: not the provider's failure.
+    overloaded: bool = False
 
     def __str__(self) -> str:
         status = f" (HTTP {self.status})" if self.status else ""
@@ -74,6 +78,23 @@ class ProviderError(Exception):
     @property
     def safe_to_resend(self) -> bool:
         return self.kind in (ErrorKind.RATE_LIMITED, ErrorKind.UNAVAILABLE)
+
+
+def tabled_offers(
+    settings: ProviderSettings, variable_prefix: str, resolutions: Mapping[str, tuple[str, ...]]
+) -> list[tuple[str, str]]:
+    """The (model, resolution) offers the settings name, checked against a provider's table of models
+    and the resolutions each renders; ConfigurationError naming the variable for one it lacks."""
+    offered = settings.offered()
+    for index, (model, resolution) in enumerate(offered):
+        variable = f"{variable_prefix}MODEL" if index == 0 else f"{variable_prefix}OFFERS"
+        if model not in resolutions:
+            raise ConfigurationError(f"{variable}: unknown model {model!r}; known: {', '.join(resolutions)}")
+        if resolution not in resolutions[model]:
+            raise ConfigurationError(
+                f"{variable}: {model} renders {', '.join(resolutions[model])}, not {resolution!r}"
+            )
+    return offered
 
 
 class Provider(ABC):
@@ -117,17 +138,28 @@ class Provider(ABC):
         """Closes the provider's clients."""
 
     def frame_size(self, shot: render_pb2.Shot) -> tuple[int, int]:
-        """The frame size the provider delivers for the shot (720p unless a provider says otherwise)."""
-        return FRAME_SIZES_720P[shot.aspect_ratio or render_pb2.ASPECT_RATIO_16_9]
+        """The frame size the provider delivers for the shot: its aspect ratio at its resolution (720p
+        unless the shot names another), unless a provider says otherwise."""
+        return frame_size(shot)
 
-    def list_price_micros(self, shot: render_pb2.Shot) -> int:
-        """The list price of the shot: price per second times its duration."""
-        return round(self.capabilities().price_per_second.amount_micros * shot.duration_seconds)
+    def offer(self, model: str, resolution: str) -> renderer_pb2.ModelOffer:
+        """The offer a render of model (empty: the default) at resolution (empty: the model's first)
+        uses; the default offer for one this backend does not have (StartRender refuses those)."""
+        capabilities = self.capabilities()
+        default = offers(capabilities)[0]
+        return find_offer(capabilities, model or default.model, resolution) or default
+
+    def list_price_micros(self, shot: render_pb2.Shot, model: str = "") -> int:
+        """The list price of the shot with model (empty: the default) at the shot's resolution: the
+        offer's price per second times the shot's duration."""
+        price = self.offer(model, shot.resolution).price_per_second.amount_micros
+        return round(price * shot.duration_seconds)
 
     @abstractmethod
     def charge_micros(
-        self, shot: render_pb2.Shot, task: ProviderTask | None, *, cancelled: bool = False
+        self, shot: render_pb2.Shot, task: ProviderTask | None, *, model: str = "", cancelled: bool = False
     ) -> int:
         """What the provider bills for a task that has ended, in micro-USD: this provider's billing
         rules, in one place. task: the task as last seen (None when the provider no longer knows it);
-        cancelled: this renderer cancelled it (whatever state it was seen in before)."""
+        model: the model the task used (empty: the default); cancelled: this renderer cancelled it
+        (whatever state it was seen in before)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
-from aiprod_kit.capabilities import shot_mismatches
+from aiprod_kit.capabilities import find_offer, offer_capabilities, offers, shot_mismatches
 from aiprod_kit.checks import Violation, echo, shot_violations, task_id_violations
 from aiprod_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
 from aiprod_kit.failures import Reason, failure
@@ -84,6 +84,7 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         )
 
     async def start(self) -> None:
+        self._background.spawn(self._calls.limits.lag.run())
         self._background.spawn(self._health.run())
         self._background.spawn(self._poller.run())
 
@@ -103,15 +104,23 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         if not KEY_PATTERN.fullmatch(request.idempotency_key):
             violations.append(("idempotency_key", KEY_RULE))
         malformed = shot_violations(request.shot)
-        # What this backend cannot do is only asked of a shot any backend could render (a NaN duration
-        # or an unknown aspect ratio is wrong everywhere, and said once).
-        violations += malformed or [
-            (f"shot.{field}", why) for field, why in shot_mismatches(request.shot, capabilities)
-        ]
+        offer = find_offer(capabilities, model, request.shot.resolution)
         if model not in capabilities.models:
             violations.append(
                 ("model", f"unknown model {echo(model)}; this backend has {', '.join(capabilities.models)}")
             )
+        elif offer is None and not malformed:
+            offered = ", ".join(o.resolution for o in offers(capabilities) if o.model == model)
+            violations.append(
+                ("shot.resolution", f"{model} renders {offered} here, not {request.shot.resolution}")
+            )
+        # What this backend cannot do is only asked of a shot any backend could render (a NaN duration
+        # or an unknown aspect ratio is wrong everywhere, and said once), with the model asked for.
+        if offer is not None:
+            capabilities = offer_capabilities(capabilities, offer)
+        violations += malformed or [
+            (f"shot.{field}", why) for field, why in shot_mismatches(request.shot, capabilities)
+        ]
         return violations
 
     async def StartRender(

@@ -89,6 +89,8 @@ def _violations(request: renderer_pb2.StartRenderRequest) -> list[Violation]:
         )
     if "shot.first_frame" not in checked and shot.HasField("first_frame"):
         found.append(("shot.first_frame", "this backend takes no first frame"))
+    if shot.resolution not in ("", "720p"):
+        found.append(("shot.resolution", f"renders 720p only, not {echo(shot.resolution)}"))
     if request.model not in ("", MODEL):
         found.append(("model", f"unknown model {echo(request.model)}; this backend has {MODEL!r}"))
     return found

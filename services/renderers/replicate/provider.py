@@ -263,7 +263,7 @@ class ReplicateProvider(Provider):
         )
 
     def charge_micros(
-        self, shot: render_pb2.Shot, task: ProviderTask | None, *, cancelled: bool = False
+        self, shot: render_pb2.Shot, task: ProviderTask | None, *, model: str = "", cancelled: bool = False
     ) -> int:
         """Replicate's billing of a model priced per second of output (the configured price):
 

@@ -10,6 +10,7 @@ from runwayml import AsyncRunwayML
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
+from aiprod_kit.capabilities import RESOLUTION_QUALITY, with_offers
 from aiprod_kit.money import usd
 from aiprod_kit.rendering.download import download_url
 from aiprod_kit.rendering.provider import (
@@ -19,8 +20,9 @@ from aiprod_kit.rendering.provider import (
     ProviderTask,
     TaskState,
     VideoSource,
+    tabled_offers,
 )
-from aiprod_kit.settings import ConfigurationError, RunwaySettings
+from aiprod_kit.settings import RunwaySettings
 
 # 1 credit = 0.01 USD.
 MICROS_PER_CREDIT = 10_000
@@ -34,20 +36,23 @@ MAX_IMAGE_BYTES = 5 * 1024 * 1024
 @dataclass(frozen=True)
 class RunwayModel:
     durations: tuple[int, ...]
-    ratios: dict[int, str]
+    aspect_ratios: tuple[int, ...]
+    resolutions: tuple[str, ...]
     text_input: bool
     credits_per_second: int
     quality: float
 
 
-_LANDSCAPE_PORTRAIT = {render_pb2.ASPECT_RATIO_16_9: "1280:720", render_pb2.ASPECT_RATIO_9_16: "720:1280"}
+_LANDSCAPE_PORTRAIT = (render_pb2.ASPECT_RATIO_16_9, render_pb2.ASPECT_RATIO_9_16)
+# Runway's `ratio` is the frame's width:height, the kit's frame size for the aspect ratio at the
+# resolution (1280:720, 720:1280, 960:960; 1920:1080 and 1080:1920 at 1080p, Veo's models only).
 MODELS = {
-    "gen4.5": RunwayModel(tuple(range(2, 11)), _LANDSCAPE_PORTRAIT, True, 12, 0.95),
+    "gen4.5": RunwayModel(tuple(range(2, 11)), _LANDSCAPE_PORTRAIT, ("720p",), True, 12, 0.95),
     "gen4_turbo": RunwayModel(
-        tuple(range(2, 11)), {**_LANDSCAPE_PORTRAIT, render_pb2.ASPECT_RATIO_1_1: "960:960"}, False, 5, 0.9
+        tuple(range(2, 11)), (*_LANDSCAPE_PORTRAIT, render_pb2.ASPECT_RATIO_1_1), ("720p",), False, 5, 0.9
     ),
-    "veo3.1": RunwayModel((4, 6, 8), _LANDSCAPE_PORTRAIT, True, 40, 0.93),
-    "veo3.1_fast": RunwayModel((4, 6, 8), _LANDSCAPE_PORTRAIT, True, 15, 0.88),
+    "veo3.1": RunwayModel((4, 6, 8), _LANDSCAPE_PORTRAIT, ("720p", "1080p"), True, 40, 0.93),
+    "veo3.1_fast": RunwayModel((4, 6, 8), _LANDSCAPE_PORTRAIT, ("720p", "1080p"), True, 15, 0.88),
 }
 _STATES = {
     "PENDING": TaskState.PENDING,
@@ -94,12 +99,16 @@ class RunwayProvider(Provider):
     name = "runway"
 
     def __init__(self, settings: RunwaySettings) -> None:
-        if settings.model not in MODELS:
-            raise ConfigurationError(
-                f"AIPROD_RUNWAY_MODEL: unknown model {settings.model!r}; known: {', '.join(MODELS)}"
-            )
+        offered = tabled_offers(
+            settings, "AIPROD_RUNWAY_", {name: model.resolutions for name, model in MODELS.items()}
+        )
         self._settings = settings
-        self._model = MODELS[settings.model]
+        self._capabilities = with_offers(
+            self.backend,
+            [_offer(model, resolution) for model, resolution in offered],
+            max_prompt_characters=MAX_PROMPT_CHARACTERS,
+            max_image_bytes=MAX_IMAGE_BYTES,
+        )
         # The kit decides what may be sent again: the client's own retries (POST included) are off.
         self._client = AsyncRunwayML(
             api_key=settings.api_secret.get_secret_value() or "missing",
@@ -114,25 +123,10 @@ class RunwayProvider(Provider):
         return [] if self._settings.api_secret.get_secret_value() else ["RUNWAYML_API_SECRET"]
 
     def capabilities(self) -> renderer_pb2.Capabilities:
-        model = self._model
-        return renderer_pb2.Capabilities(
-            backend=self.backend,
-            models=[self._settings.model],
-            min_duration_seconds=min(model.durations),
-            max_duration_seconds=max(model.durations),
-            allowed_durations_seconds=model.durations,
-            aspect_ratios=list(model.ratios),
-            resolutions=["720p"],
-            image_input=True,
-            audio=False,
-            price_per_second=usd(model.credits_per_second * MICROS_PER_CREDIT),
-            nominal_quality=model.quality,
-            max_prompt_characters=MAX_PROMPT_CHARACTERS,
-            max_image_bytes=MAX_IMAGE_BYTES,
-        )
+        return self._capabilities
 
     def charge_micros(
-        self, shot: render_pb2.Shot, task: ProviderTask | None, *, cancelled: bool = False
+        self, shot: render_pb2.Shot, task: ProviderTask | None, *, model: str = "", cancelled: bool = False
     ) -> int:
         """Runway's billing, in credits of 0.01 USD:
 
@@ -144,20 +138,16 @@ class RunwayProvider(Provider):
         - a task Runway no longer knows: the full estimate, the worst case.
         """
         if cancelled or task is None or task.state == TaskState.CANCELLED:
-            return self.list_price_micros(shot)
+            return self.list_price_micros(shot, model)
         if task.state == TaskState.SUCCEEDED:
-            return task.cost_micros if task.cost_micros is not None else self.list_price_micros(shot)
+            return task.cost_micros if task.cost_micros is not None else self.list_price_micros(shot, model)
         return 0
-
-    def frame_size(self, shot: render_pb2.Shot) -> tuple[int, int]:
-        width, height = self._model.ratios[shot.aspect_ratio or render_pb2.ASPECT_RATIO_16_9].split(":")
-        return int(width), int(height)
 
     async def create(self, shot: render_pb2.Shot, model: str, idempotency_key: str) -> str:
         common = {
             "model": model,
             "prompt_text": shot.prompt,
-            "ratio": self._model.ratios[shot.aspect_ratio or render_pb2.ASPECT_RATIO_16_9],
+            "ratio": "{}:{}".format(*self.frame_size(shot)),
             "duration": round(shot.duration_seconds),
             "seed": shot.seed % 4_294_967_295,
             "extra_headers": {"Idempotency-Key": idempotency_key},
@@ -167,7 +157,7 @@ class RunwayProvider(Provider):
                 created = await self._client.image_to_video.create(
                     prompt_image=_image(shot.first_frame), **common
                 )
-            elif not self._model.text_input:
+            elif not MODELS[model].text_input:
                 raise ProviderError(ErrorKind.REFUSED, f"{model} needs a first frame")
             else:
                 created = await self._client.text_to_video.create(**common)
@@ -209,6 +199,23 @@ class RunwayProvider(Provider):
     async def aclose(self) -> None:
         await self._client.close()
         await self._downloads.aclose()
+
+
+def _offer(name: str, resolution: str) -> renderer_pb2.ModelOffer:
+    model = MODELS[name]
+    return renderer_pb2.ModelOffer(
+        model=name,
+        resolution=resolution,
+        price_per_second=usd(model.credits_per_second * MICROS_PER_CREDIT),
+        nominal_quality=round(model.quality + RESOLUTION_QUALITY[resolution], 4),
+        min_duration_seconds=min(model.durations),
+        max_duration_seconds=max(model.durations),
+        allowed_durations_seconds=model.durations,
+        aspect_ratios=model.aspect_ratios,
+        image_input=True,
+        requires_first_frame=not model.text_input,
+        audio=False,
+    )
 
 
 def _image(image: render_pb2.Image) -> str:

@@ -37,6 +37,7 @@ from google.oauth2.credentials import Credentials as TokenCredentials
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
+from aiprod_kit.capabilities import DEFAULT_RESOLUTION, RESOLUTION_QUALITY, with_offers
 from aiprod_kit.money import usd_from_units
 from aiprod_kit.rendering.download import download_url
 from aiprod_kit.rendering.provider import (
@@ -46,6 +47,7 @@ from aiprod_kit.rendering.provider import (
     ProviderTask,
     TaskState,
     VideoSource,
+    tabled_offers,
 )
 from aiprod_kit.settings import ConfigurationError, VeoSettings
 
@@ -81,9 +83,11 @@ MODELS = {
     "veo-3.0-fast-generate-001": VeoModel((4, 6, 8), ("720p", "1080p"), 0.15, 0.10, 0.86),
     "veo-3.1-generate-preview": VeoModel((4, 6, 8), ("720p", "1080p"), 0.40, 0.20, 0.93, 3),
     "veo-3.1-fast-generate-preview": VeoModel((4, 6, 8), ("720p", "1080p"), 0.15, 0.10, 0.88, 3),
+    "veo-3.1-generate-001": VeoModel((4, 6, 8), ("720p", "1080p"), 0.40, 0.20, 0.93, 3),
+    "veo-3.1-fast-generate-001": VeoModel((4, 6, 8), ("720p", "1080p"), 0.15, 0.10, 0.88, 3),
+    # Lite: one price with or without audio; the cheapest Veo, for drafts and social clips.
+    "veo-3.1-lite-generate-001": VeoModel((4, 6, 8), ("720p", "1080p"), 0.05, 0.05, 0.8),
 }
-# What this renderer asks for: the kit's QC and frame sizes are 720p.
-RESOLUTION = "720p"
 # Veo's prompt takes up to 1024 tokens: about 4000 characters of English. An inline image rides in the
 # request, which Vertex AI caps at about 20 MB (base64 makes it a third larger).
 MAX_PROMPT_CHARACTERS = 4000
@@ -208,10 +212,9 @@ class VeoProvider(Provider):
     frame_rate = 24.0
 
     def __init__(self, settings: VeoSettings) -> None:
-        if settings.model not in MODELS:
-            raise ConfigurationError(
-                f"AIPROD_VEO_MODEL: unknown model {settings.model!r}; known: {', '.join(MODELS)}"
-            )
+        offered = tabled_offers(
+            settings, "AIPROD_VEO_", {name: model.resolutions for name, model in MODELS.items()}
+        )
         if not settings.project:
             raise ConfigurationError(
                 "GOOGLE_CLOUD_PROJECT: the Google Cloud project for Vertex AI is not set"
@@ -219,7 +222,12 @@ class VeoProvider(Provider):
         if not settings.location:
             raise ConfigurationError("GOOGLE_CLOUD_LOCATION: the Vertex AI region is empty")
         self._settings = settings
-        self._model = MODELS[settings.model]
+        self._capabilities = with_offers(
+            self.backend,
+            [self._offer(model, resolution) for model, resolution in offered],
+            max_prompt_characters=MAX_PROMPT_CHARACTERS,
+            max_image_bytes=MAX_IMAGE_BYTES,
+        )
         self._credentials, why = _credentials(settings)
         self._client: Client | None = None
         self._downloads = httpx.AsyncClient(timeout=settings.request_timeout_seconds, follow_redirects=True)
@@ -246,31 +254,31 @@ class VeoProvider(Provider):
     def missing_configuration(self) -> list[str]:
         return [] if self._credentials is not None else ["GOOGLE_APPLICATION_CREDENTIALS"]
 
-    def _usd_per_second(self) -> float:
-        model = self._model
-        return model.usd_per_second_audio if self._settings.generate_audio else model.usd_per_second_silent
-
-    def capabilities(self) -> renderer_pb2.Capabilities:
-        model = self._model
-        return renderer_pb2.Capabilities(
-            backend=self.backend,
-            models=[self._settings.model],
+    def _offer(self, name: str, resolution: str) -> renderer_pb2.ModelOffer:
+        model = MODELS[name]
+        audio = self._settings.generate_audio
+        return renderer_pb2.ModelOffer(
+            model=name,
+            resolution=resolution,
+            # Vertex prices 720p and 1080p alike.
+            price_per_second=usd_from_units(
+                model.usd_per_second_audio if audio else model.usd_per_second_silent
+            ),
+            nominal_quality=round(model.quality + RESOLUTION_QUALITY[resolution], 4),
             min_duration_seconds=min(model.durations),
             max_duration_seconds=max(model.durations),
             allowed_durations_seconds=model.durations,
             aspect_ratios=list(_ASPECT_RATIOS),
-            resolutions=[RESOLUTION],
             image_input=True,
-            audio=self._settings.generate_audio,
-            price_per_second=usd_from_units(self._usd_per_second()),
-            nominal_quality=model.quality,
-            max_prompt_characters=MAX_PROMPT_CHARACTERS,
-            max_image_bytes=MAX_IMAGE_BYTES,
+            audio=audio,
             max_reference_images=model.max_reference_images,
         )
 
+    def capabilities(self) -> renderer_pb2.Capabilities:
+        return self._capabilities
+
     def charge_micros(
-        self, shot: render_pb2.Shot, task: ProviderTask | None, *, cancelled: bool = False
+        self, shot: render_pb2.Shot, task: ProviderTask | None, *, model: str = "", cancelled: bool = False
     ) -> int:
         """Vertex AI's billing of Veo, per second of video delivered:
 
@@ -282,9 +290,9 @@ class VeoProvider(Provider):
         - an operation Vertex no longer knows: the full list price, the worst case.
         """
         if cancelled or task is None:
-            return self.list_price_micros(shot)
+            return self.list_price_micros(shot, model)
         if task.state == TaskState.SUCCEEDED:
-            return self.list_price_micros(shot) * len(task.outputs)
+            return self.list_price_micros(shot, model) * len(task.outputs)
         return 0
 
     # Calls --------------------------------------------------------------------------------------
@@ -298,12 +306,12 @@ class VeoProvider(Provider):
         client = self._vertex()
         # Read before anything is sent: an image that cannot be had fails here, safely.
         image = await self._image(shot.first_frame) if _has_image(shot.first_frame) else None
-        references = await self._reference_images(shot)
+        references = await self._reference_images(shot, model)
         config = types.GenerateVideosConfig(
             number_of_videos=1,
             duration_seconds=round(shot.duration_seconds),
             aspect_ratio=_ASPECT_RATIOS[shot.aspect_ratio or render_pb2.ASPECT_RATIO_16_9],
-            resolution=RESOLUTION,
+            resolution=shot.resolution or DEFAULT_RESOLUTION,
             generate_audio=self._settings.generate_audio,
             # Vertex takes a uint32 seed.
             seed=shot.seed % 2**32,
@@ -386,20 +394,20 @@ class VeoProvider(Provider):
             ) from error
 
     async def _reference_images(
-        self, shot: render_pb2.Shot
+        self, shot: render_pb2.Shot, model: str
     ) -> list[types.VideoGenerationReferenceImage] | None:
         """The shot's reference images as Vertex takes them, or None where it takes none (module docstring)."""
         count = len(shot.reference_images)
         if not count:
             return None
-        most = self._model.max_reference_images
+        most = MODELS[model].max_reference_images
         if count > most > 0:
             raise ProviderError(
                 ErrorKind.REFUSED,
-                f"{self._settings.model} takes at most {most} reference images, not {count}",
+                f"{model} takes at most {most} reference images, not {count}",
             )
         if not most:
-            dropped = f"{self._settings.model} takes no reference images"
+            dropped = f"{model} takes no reference images"
         elif _has_image(shot.first_frame):
             dropped = "Vertex takes no reference images beside a first frame"
         elif round(shot.duration_seconds) != REFERENCE_CLIP_SECONDS:

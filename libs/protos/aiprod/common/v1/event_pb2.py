@@ -28,23 +28,23 @@ from aiprod.common.v1 import render_pb2 as aiprod_dot_common_dot_v1_dot_render__
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61iprod/common/v1/event.proto\x12\x10\x61iprod.common.v1\x1a\x1e\x61iprod/common/v1/backend.proto\x1a\x1c\x61iprod/common/v1/money.proto\x1a\x1d\x61iprod/common/v1/render.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe3\x01\n\rRouteDecision\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x0e\x65stimated_cost\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x17\n\x0freservation_key\x18\x04 \x01(\t\x12)\n\x08reserved\x18\x05 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x0f\n\x07\x61\x63\x63ount\x18\x06 \x01(\t\x12\x10\n\x08rerender\x18\x07 \x01(\x08\"3\n\x0eRenderProgress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9a\x01\n\x08\x46\x61llback\x12/\n\x0c\x66rom_backend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12-\n\nto_backend\x18\x02 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12.\n\x05\x63\x61use\x18\x03 \x01(\x0b\x32\x1f.aiprod.common.v1.RenderFailure\"\xc2\x02\n\rAttemptCharge\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\x12*\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x30\n\x07outcome\x18\x05 \x01(\x0e\x32\x1f.aiprod.common.v1.ChargeOutcome\x12\'\n\x06\x62illed\x18\x06 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x30\n\x07\x66\x61ilure\x18\x07 \x01(\x0b\x32\x1f.aiprod.common.v1.RenderFailure\x12.\n\x06output\x18\x08 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderOutput\x12\x0f\n\x07\x61\x63\x63ount\x18\t \x01(\t\"\xf2\x03\n\x0bRenderEvent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04shot\x18\x03 \x01(\x05\x12\x31\n\x06routed\x18\n \x01(\x0b\x32\x1f.aiprod.common.v1.RouteDecisionH\x00\x12\x33\n\tsubmitted\x18\x0b \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandleH\x00\x12\x34\n\x08progress\x18\x0c \x01(\x0b\x32 .aiprod.common.v1.RenderProgressH\x00\x12(\n\x02qc\x18\r \x01(\x0b\x32\x1a.aiprod.common.v1.QcReportH\x00\x12.\n\x08\x66\x61llback\x18\x0e \x01(\x0b\x32\x1a.aiprod.common.v1.FallbackH\x00\x12\x33\n\tsucceeded\x18\x0f \x01(\x0b\x32\x1e.aiprod.common.v1.RenderOutputH\x00\x12\x31\n\x06\x66\x61iled\x18\x10 \x01(\x0b\x32\x1f.aiprod.common.v1.RenderFailureH\x00\x12\x32\n\x07\x63harged\x18\x11 \x01(\x0b\x32\x1f.aiprod.common.v1.AttemptChargeH\x00\x42\x06\n\x04kind*\x7f\n\rChargeOutcome\x12\x1e\n\x1a\x43HARGE_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43HARGE_OUTCOME_COMMIT\x10\x01\x12\x1a\n\x16\x43HARGE_OUTCOME_RELEASE\x10\x02\x12\x17\n\x13\x43HARGE_OUTCOME_HOLD\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61iprod/common/v1/event.proto\x12\x10\x61iprod.common.v1\x1a\x1e\x61iprod/common/v1/backend.proto\x1a\x1c\x61iprod/common/v1/money.proto\x1a\x1d\x61iprod/common/v1/render.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x02\n\rRouteDecision\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x0e\x65stimated_cost\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x17\n\x0freservation_key\x18\x04 \x01(\t\x12)\n\x08reserved\x18\x05 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x0f\n\x07\x61\x63\x63ount\x18\x06 \x01(\t\x12\x10\n\x08rerender\x18\x07 \x01(\x08\x12\r\n\x05model\x18\x08 \x01(\t\x12\x12\n\nresolution\x18\t \x01(\t\"3\n\x0eRenderProgress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9a\x01\n\x08\x46\x61llback\x12/\n\x0c\x66rom_backend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12-\n\nto_backend\x18\x02 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12.\n\x05\x63\x61use\x18\x03 \x01(\x0b\x32\x1f.aiprod.common.v1.RenderFailure\"\xc2\x02\n\rAttemptCharge\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\x12*\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x30\n\x07outcome\x18\x05 \x01(\x0e\x32\x1f.aiprod.common.v1.ChargeOutcome\x12\'\n\x06\x62illed\x18\x06 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x30\n\x07\x66\x61ilure\x18\x07 \x01(\x0b\x32\x1f.aiprod.common.v1.RenderFailure\x12.\n\x06output\x18\x08 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderOutput\x12\x0f\n\x07\x61\x63\x63ount\x18\t \x01(\t\"\xf2\x03\n\x0bRenderEvent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04shot\x18\x03 \x01(\x05\x12\x31\n\x06routed\x18\n \x01(\x0b\x32\x1f.aiprod.common.v1.RouteDecisionH\x00\x12\x33\n\tsubmitted\x18\x0b \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandleH\x00\x12\x34\n\x08progress\x18\x0c \x01(\x0b\x32 .aiprod.common.v1.RenderProgressH\x00\x12(\n\x02qc\x18\r \x01(\x0b\x32\x1a.aiprod.common.v1.QcReportH\x00\x12.\n\x08\x66\x61llback\x18\x0e \x01(\x0b\x32\x1a.aiprod.common.v1.FallbackH\x00\x12\x33\n\tsucceeded\x18\x0f \x01(\x0b\x32\x1e.aiprod.common.v1.RenderOutputH\x00\x12\x31\n\x06\x66\x61iled\x18\x10 \x01(\x0b\x32\x1f.aiprod.common.v1.RenderFailureH\x00\x12\x32\n\x07\x63harged\x18\x11 \x01(\x0b\x32\x1f.aiprod.common.v1.AttemptChargeH\x00\x42\x06\n\x04kind*\x7f\n\rChargeOutcome\x12\x1e\n\x1a\x43HARGE_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43HARGE_OUTCOME_COMMIT\x10\x01\x12\x1a\n\x16\x43HARGE_OUTCOME_RELEASE\x10\x02\x12\x17\n\x13\x43HARGE_OUTCOME_HOLD\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aiprod.common.v1.event_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHARGEOUTCOME']._serialized_start=1442
-  _globals['_CHARGEOUTCOME']._serialized_end=1569
+  _globals['_CHARGEOUTCOME']._serialized_start=1477
+  _globals['_CHARGEOUTCOME']._serialized_end=1604
   _globals['_ROUTEDECISION']._serialized_start=177
-  _globals['_ROUTEDECISION']._serialized_end=404
-  _globals['_RENDERPROGRESS']._serialized_start=406
-  _globals['_RENDERPROGRESS']._serialized_end=457
-  _globals['_FALLBACK']._serialized_start=460
-  _globals['_FALLBACK']._serialized_end=614
-  _globals['_ATTEMPTCHARGE']._serialized_start=617
-  _globals['_ATTEMPTCHARGE']._serialized_end=939
-  _globals['_RENDEREVENT']._serialized_start=942
-  _globals['_RENDEREVENT']._serialized_end=1440
+  _globals['_ROUTEDECISION']._serialized_end=439
+  _globals['_RENDERPROGRESS']._serialized_start=441
+  _globals['_RENDERPROGRESS']._serialized_end=492
+  _globals['_FALLBACK']._serialized_start=495
+  _globals['_FALLBACK']._serialized_end=649
+  _globals['_ATTEMPTCHARGE']._serialized_start=652
+  _globals['_ATTEMPTCHARGE']._serialized_end=974
+  _globals['_RENDEREVENT']._serialized_start=977
+  _globals['_RENDEREVENT']._serialized_end=1475
 # @@protoc_insertion_point(module_scope)

@@ -95,19 +95,21 @@ class Image(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., uri: _Optional[str] = ...) -> None: ...
 
 class RenderConstraints(_message.Message):
-    __slots__ = ("max_cost", "quality_floor", "preferred_backend", "deadline")
+    __slots__ = ("max_cost", "quality_floor", "preferred_backend", "deadline", "preferred_model")
     MAX_COST_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FLOOR_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    PREFERRED_MODEL_FIELD_NUMBER: _ClassVar[int]
     max_cost: _money_pb2.Money
     quality_floor: float
     preferred_backend: _backend_pb2.Backend
     deadline: _timestamp_pb2.Timestamp
-    def __init__(self, max_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., quality_floor: _Optional[float] = ..., preferred_backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    preferred_model: str
+    def __init__(self, max_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., quality_floor: _Optional[float] = ..., preferred_backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., preferred_model: _Optional[str] = ...) -> None: ...
 
 class RenderSpec(_message.Message):
-    __slots__ = ("prompt", "first_frame", "preset", "duration_seconds", "aspect_ratio", "constraints", "seed", "shots", "reference_images")
+    __slots__ = ("prompt", "first_frame", "preset", "duration_seconds", "aspect_ratio", "constraints", "seed", "shots", "reference_images", "resolution")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +119,7 @@ class RenderSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     SHOTS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     first_frame: Image
     preset: str
@@ -126,10 +129,11 @@ class RenderSpec(_message.Message):
     seed: int
     shots: _containers.RepeatedCompositeFieldContainer[Shot]
     reference_images: _containers.RepeatedCompositeFieldContainer[Image]
-    def __init__(self, prompt: _Optional[str] = ..., first_frame: _Optional[_Union[Image, _Mapping]] = ..., preset: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., aspect_ratio: _Optional[_Union[AspectRatio, str]] = ..., constraints: _Optional[_Union[RenderConstraints, _Mapping]] = ..., seed: _Optional[int] = ..., shots: _Optional[_Iterable[_Union[Shot, _Mapping]]] = ..., reference_images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
+    resolution: str
+    def __init__(self, prompt: _Optional[str] = ..., first_frame: _Optional[_Union[Image, _Mapping]] = ..., preset: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., aspect_ratio: _Optional[_Union[AspectRatio, str]] = ..., constraints: _Optional[_Union[RenderConstraints, _Mapping]] = ..., seed: _Optional[int] = ..., shots: _Optional[_Iterable[_Union[Shot, _Mapping]]] = ..., reference_images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., resolution: _Optional[str] = ...) -> None: ...
 
 class Shot(_message.Message):
-    __slots__ = ("prompt", "duration_seconds", "aspect_ratio", "seed", "first_frame", "continuous", "reference_images")
+    __slots__ = ("prompt", "duration_seconds", "aspect_ratio", "seed", "first_frame", "continuous", "reference_images", "resolution")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ASPECT_RATIO_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +141,7 @@ class Shot(_message.Message):
     FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
     CONTINUOUS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     duration_seconds: float
     aspect_ratio: AspectRatio
@@ -144,7 +149,8 @@ class Shot(_message.Message):
     first_frame: Image
     continuous: bool
     reference_images: _containers.RepeatedCompositeFieldContainer[Image]
-    def __init__(self, prompt: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., aspect_ratio: _Optional[_Union[AspectRatio, str]] = ..., seed: _Optional[int] = ..., first_frame: _Optional[_Union[Image, _Mapping]] = ..., continuous: _Optional[bool] = ..., reference_images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
+    resolution: str
+    def __init__(self, prompt: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., aspect_ratio: _Optional[_Union[AspectRatio, str]] = ..., seed: _Optional[int] = ..., first_frame: _Optional[_Union[Image, _Mapping]] = ..., continuous: _Optional[bool] = ..., reference_images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., resolution: _Optional[str] = ...) -> None: ...
 
 class RenderPlan(_message.Message):
     __slots__ = ("shots",)

@@ -279,7 +279,7 @@ class QuoteRenderRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[_render_pb2.RenderSpec, _Mapping]] = ...) -> None: ...
 
 class Quote(_message.Message):
-    __slots__ = ("estimated_cost", "max_cost", "baseline_cost", "savings", "backend", "quote_id", "expire_time", "price", "estimates", "baseline_backend", "create_time", "cheapest_cost")
+    __slots__ = ("estimated_cost", "max_cost", "baseline_cost", "savings", "backend", "quote_id", "expire_time", "price", "estimates", "baseline_backend", "create_time", "cheapest_cost", "model", "resolution")
     ESTIMATED_COST_FIELD_NUMBER: _ClassVar[int]
     MAX_COST_FIELD_NUMBER: _ClassVar[int]
     BASELINE_COST_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +292,8 @@ class Quote(_message.Message):
     BASELINE_BACKEND_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     CHEAPEST_COST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     estimated_cost: _money_pb2.Money
     max_cost: _money_pb2.Money
     baseline_cost: _money_pb2.Money
@@ -304,23 +306,29 @@ class Quote(_message.Message):
     baseline_backend: _backend_pb2.Backend
     create_time: _timestamp_pb2.Timestamp
     cheapest_cost: _money_pb2.Money
-    def __init__(self, estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., max_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., baseline_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., savings: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., quote_id: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., price: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., estimates: _Optional[_Iterable[_Union[BackendEstimate, _Mapping]]] = ..., baseline_backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cheapest_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
+    model: str
+    resolution: str
+    def __init__(self, estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., max_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., baseline_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., savings: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., quote_id: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., price: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., estimates: _Optional[_Iterable[_Union[BackendEstimate, _Mapping]]] = ..., baseline_backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cheapest_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., model: _Optional[str] = ..., resolution: _Optional[str] = ...) -> None: ...
 
 class BackendEstimate(_message.Message):
-    __slots__ = ("backend", "estimated_cost", "qualifies", "reasons", "rank", "estimated_latency")
+    __slots__ = ("backend", "estimated_cost", "qualifies", "reasons", "rank", "estimated_latency", "model", "resolution")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COST_FIELD_NUMBER: _ClassVar[int]
     QUALIFIES_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     backend: _backend_pb2.Backend
     estimated_cost: _money_pb2.Money
     qualifies: bool
     reasons: _containers.RepeatedScalarFieldContainer[str]
     rank: int
     estimated_latency: _duration_pb2.Duration
-    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., qualifies: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., estimated_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    model: str
+    resolution: str
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., qualifies: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., estimated_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., model: _Optional[str] = ..., resolution: _Optional[str] = ...) -> None: ...
 
 class QuoteRenderResponse(_message.Message):
     __slots__ = ("quote",)

@@ -28,39 +28,41 @@ from aiprod.common.v1 import render_pb2 as aiprod_dot_common_dot_v1_dot_render__
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!aiprod/renderer/v1/renderer.proto\x12\x12\x61iprod.renderer.v1\x1a\x1e\x61iprod/common/v1/backend.proto\x1a\x1c\x61iprod/common/v1/money.proto\x1a\x1d\x61iprod/common/v1/render.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x03\n\x0c\x43\x61pabilities\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x1c\n\x14min_duration_seconds\x18\x03 \x01(\x01\x12\x1c\n\x14max_duration_seconds\x18\x04 \x01(\x01\x12!\n\x19\x61llowed_durations_seconds\x18\x05 \x03(\x01\x12\x34\n\raspect_ratios\x18\x06 \x03(\x0e\x32\x1d.aiprod.common.v1.AspectRatio\x12\x13\n\x0bresolutions\x18\x07 \x03(\t\x12\x13\n\x0bimage_input\x18\x08 \x01(\x08\x12\r\n\x05\x61udio\x18\t \x01(\x08\x12\x31\n\x10price_per_second\x18\n \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x17\n\x0fnominal_quality\x18\x0b \x01(\x01\x12\x1d\n\x15max_prompt_characters\x18\x0c \x01(\x05\x12\x17\n\x0fmax_image_bytes\x18\r \x01(\x03\x12\x1c\n\x14max_reference_images\x18\x0e \x01(\x05\"\x18\n\x16GetCapabilitiesRequest\"Q\n\x17GetCapabilitiesResponse\x12\x36\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32 .aiprod.renderer.v1.Capabilities\"\xf6\x02\n\x06Render\x12.\n\x06handle\x18\x01 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandle\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.aiprod.renderer.v1.RenderState\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12.\n\x06output\x18\x04 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderOutput\x12\x30\n\x07\x66\x61ilure\x18\x05 \x01(\x0b\x32\x1f.aiprod.common.v1.RenderFailure\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06\x63harge\x18\x08 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\r\n\x05model\x18\t \x01(\t\"b\n\x12StartRenderRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12$\n\x04shot\x18\x02 \x01(\x0b\x32\x16.aiprod.common.v1.Shot\x12\r\n\x05model\x18\x03 \x01(\t\"A\n\x13StartRenderResponse\x12*\n\x06render\x18\x01 \x01(\x0b\x32\x1a.aiprod.renderer.v1.Render\"<\n\x10GetRenderRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"?\n\x11GetRenderResponse\x12*\n\x06render\x18\x01 \x01(\x0b\x32\x1a.aiprod.renderer.v1.Render\"%\n\x12WatchRenderRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"A\n\x13WatchRenderResponse\x12*\n\x06render\x18\x01 \x01(\x0b\x32\x1a.aiprod.renderer.v1.Render\"&\n\x13\x43\x61ncelRenderRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"B\n\x14\x43\x61ncelRenderResponse\x12*\n\x06render\x18\x01 \x01(\x0b\x32\x1a.aiprod.renderer.v1.Render*\xb0\x01\n\x0bRenderState\x12\x1c\n\x18RENDER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14RENDER_STATE_PENDING\x10\x01\x12\x18\n\x14RENDER_STATE_RUNNING\x10\x02\x12\x1a\n\x16RENDER_STATE_SUCCEEDED\x10\x03\x12\x17\n\x13RENDER_STATE_FAILED\x10\x04\x12\x1a\n\x16RENDER_STATE_CANCELLED\x10\x05\x32\xfc\x03\n\x0fRendererService\x12j\n\x0fGetCapabilities\x12*.aiprod.renderer.v1.GetCapabilitiesRequest\x1a+.aiprod.renderer.v1.GetCapabilitiesResponse\x12^\n\x0bStartRender\x12&.aiprod.renderer.v1.StartRenderRequest\x1a\'.aiprod.renderer.v1.StartRenderResponse\x12X\n\tGetRender\x12$.aiprod.renderer.v1.GetRenderRequest\x1a%.aiprod.renderer.v1.GetRenderResponse\x12`\n\x0bWatchRender\x12&.aiprod.renderer.v1.WatchRenderRequest\x1a\'.aiprod.renderer.v1.WatchRenderResponse0\x01\x12\x61\n\x0c\x43\x61ncelRender\x12\'.aiprod.renderer.v1.CancelRenderRequest\x1a(.aiprod.renderer.v1.CancelRenderResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!aiprod/renderer/v1/renderer.proto\x12\x12\x61iprod.renderer.v1\x1a\x1e\x61iprod/common/v1/backend.proto\x1a\x1c\x61iprod/common/v1/money.proto\x1a\x1d\x61iprod/common/v1/render.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x88\x04\n\x0c\x43\x61pabilities\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x1c\n\x14min_duration_seconds\x18\x03 \x01(\x01\x12\x1c\n\x14max_duration_seconds\x18\x04 \x01(\x01\x12!\n\x19\x61llowed_durations_seconds\x18\x05 \x03(\x01\x12\x34\n\raspect_ratios\x18\x06 \x03(\x0e\x32\x1d.aiprod.common.v1.AspectRatio\x12\x13\n\x0bresolutions\x18\x07 \x03(\t\x12\x13\n\x0bimage_input\x18\x08 \x01(\x08\x12\r\n\x05\x61udio\x18\t \x01(\x08\x12\x31\n\x10price_per_second\x18\n \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x17\n\x0fnominal_quality\x18\x0b \x01(\x01\x12\x1d\n\x15max_prompt_characters\x18\x0c \x01(\x05\x12\x17\n\x0fmax_image_bytes\x18\r \x01(\x03\x12\x1c\n\x14max_reference_images\x18\x0e \x01(\x05\x12.\n\x06offers\x18\x0f \x03(\x0b\x32\x1e.aiprod.renderer.v1.ModelOffer\x12\x1c\n\x14requires_first_frame\x18\x10 \x01(\x08\"\xf0\x02\n\nModelOffer\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nresolution\x18\x02 \x01(\t\x12\x31\n\x10price_per_second\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x17\n\x0fnominal_quality\x18\x04 \x01(\x01\x12\x1c\n\x14min_duration_seconds\x18\x05 \x01(\x01\x12\x1c\n\x14max_duration_seconds\x18\x06 \x01(\x01\x12!\n\x19\x61llowed_durations_seconds\x18\x07 \x03(\x01\x12\x34\n\raspect_ratios\x18\x08 \x03(\x0e\x32\x1d.aiprod.common.v1.AspectRatio\x12\x13\n\x0bimage_input\x18\t \x01(\x08\x12\x1c\n\x14requires_first_frame\x18\n \x01(\x08\x12\r\n\x05\x61udio\x18\x0b \x01(\x08\x12\x1c\n\x14max_reference_images\x18\x0c \x01(\x05\"\x18\n\x16GetCapabilitiesRequest\"Q\n\x17GetCapabilitiesResponse\x12\x36\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32 .aiprod.renderer.v1.Capabilities\"\xf6\x02\n\x06Render\x12.\n\x06handle\x18\x01 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandle\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.aiprod.renderer.v1.RenderState\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12.\n\x06output\x18\x04 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderOutput\x12\x30\n\x07\x66\x61ilure\x18\x05 \x01(\x0b\x32\x1f.aiprod.common.v1.RenderFailure\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06\x63harge\x18\x08 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\r\n\x05model\x18\t \x01(\t\"b\n\x12StartRenderRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12$\n\x04shot\x18\x02 \x01(\x0b\x32\x16.aiprod.common.v1.Shot\x12\r\n\x05model\x18\x03 \x01(\t\"A\n\x13StartRenderResponse\x12*\n\x06render\x18\x01 \x01(\x0b\x32\x1a.aiprod.renderer.v1.Render\"<\n\x10GetRenderRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"?\n\x11GetRenderResponse\x12*\n\x06render\x18\x01 \x01(\x0b\x32\x1a.aiprod.renderer.v1.Render\"%\n\x12WatchRenderRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"A\n\x13WatchRenderResponse\x12*\n\x06render\x18\x01 \x01(\x0b\x32\x1a.aiprod.renderer.v1.Render\"&\n\x13\x43\x61ncelRenderRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"B\n\x14\x43\x61ncelRenderResponse\x12*\n\x06render\x18\x01 \x01(\x0b\x32\x1a.aiprod.renderer.v1.Render*\xb0\x01\n\x0bRenderState\x12\x1c\n\x18RENDER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14RENDER_STATE_PENDING\x10\x01\x12\x18\n\x14RENDER_STATE_RUNNING\x10\x02\x12\x1a\n\x16RENDER_STATE_SUCCEEDED\x10\x03\x12\x17\n\x13RENDER_STATE_FAILED\x10\x04\x12\x1a\n\x16RENDER_STATE_CANCELLED\x10\x05\x32\xfc\x03\n\x0fRendererService\x12j\n\x0fGetCapabilities\x12*.aiprod.renderer.v1.GetCapabilitiesRequest\x1a+.aiprod.renderer.v1.GetCapabilitiesResponse\x12^\n\x0bStartRender\x12&.aiprod.renderer.v1.StartRenderRequest\x1a\'.aiprod.renderer.v1.StartRenderResponse\x12X\n\tGetRender\x12$.aiprod.renderer.v1.GetRenderRequest\x1a%.aiprod.renderer.v1.GetRenderResponse\x12`\n\x0bWatchRender\x12&.aiprod.renderer.v1.WatchRenderRequest\x1a\'.aiprod.renderer.v1.WatchRenderResponse0\x01\x12\x61\n\x0c\x43\x61ncelRender\x12\'.aiprod.renderer.v1.CancelRenderRequest\x1a(.aiprod.renderer.v1.CancelRenderResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aiprod.renderer.v1.renderer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RENDERSTATE']._serialized_start=1623
-  _globals['_RENDERSTATE']._serialized_end=1799
+  _globals['_RENDERSTATE']._serialized_start=2072
+  _globals['_RENDERSTATE']._serialized_end=2248
   _globals['_CAPABILITIES']._serialized_start=184
-  _globals['_CAPABILITIES']._serialized_end=626
-  _globals['_GETCAPABILITIESREQUEST']._serialized_start=628
-  _globals['_GETCAPABILITIESREQUEST']._serialized_end=652
-  _globals['_GETCAPABILITIESRESPONSE']._serialized_start=654
-  _globals['_GETCAPABILITIESRESPONSE']._serialized_end=735
-  _globals['_RENDER']._serialized_start=738
-  _globals['_RENDER']._serialized_end=1112
-  _globals['_STARTRENDERREQUEST']._serialized_start=1114
-  _globals['_STARTRENDERREQUEST']._serialized_end=1212
-  _globals['_STARTRENDERRESPONSE']._serialized_start=1214
-  _globals['_STARTRENDERRESPONSE']._serialized_end=1279
-  _globals['_GETRENDERREQUEST']._serialized_start=1281
-  _globals['_GETRENDERREQUEST']._serialized_end=1341
-  _globals['_GETRENDERRESPONSE']._serialized_start=1343
-  _globals['_GETRENDERRESPONSE']._serialized_end=1406
-  _globals['_WATCHRENDERREQUEST']._serialized_start=1408
-  _globals['_WATCHRENDERREQUEST']._serialized_end=1445
-  _globals['_WATCHRENDERRESPONSE']._serialized_start=1447
-  _globals['_WATCHRENDERRESPONSE']._serialized_end=1512
-  _globals['_CANCELRENDERREQUEST']._serialized_start=1514
-  _globals['_CANCELRENDERREQUEST']._serialized_end=1552
-  _globals['_CANCELRENDERRESPONSE']._serialized_start=1554
-  _globals['_CANCELRENDERRESPONSE']._serialized_end=1620
-  _globals['_RENDERERSERVICE']._serialized_start=1802
-  _globals['_RENDERERSERVICE']._serialized_end=2310
+  _globals['_CAPABILITIES']._serialized_end=704
+  _globals['_MODELOFFER']._serialized_start=707
+  _globals['_MODELOFFER']._serialized_end=1075
+  _globals['_GETCAPABILITIESREQUEST']._serialized_start=1077
+  _globals['_GETCAPABILITIESREQUEST']._serialized_end=1101
+  _globals['_GETCAPABILITIESRESPONSE']._serialized_start=1103
+  _globals['_GETCAPABILITIESRESPONSE']._serialized_end=1184
+  _globals['_RENDER']._serialized_start=1187
+  _globals['_RENDER']._serialized_end=1561
+  _globals['_STARTRENDERREQUEST']._serialized_start=1563
+  _globals['_STARTRENDERREQUEST']._serialized_end=1661
+  _globals['_STARTRENDERRESPONSE']._serialized_start=1663
+  _globals['_STARTRENDERRESPONSE']._serialized_end=1728
+  _globals['_GETRENDERREQUEST']._serialized_start=1730
+  _globals['_GETRENDERREQUEST']._serialized_end=1790
+  _globals['_GETRENDERRESPONSE']._serialized_start=1792
+  _globals['_GETRENDERRESPONSE']._serialized_end=1855
+  _globals['_WATCHRENDERREQUEST']._serialized_start=1857
+  _globals['_WATCHRENDERREQUEST']._serialized_end=1894
+  _globals['_WATCHRENDERRESPONSE']._serialized_start=1896
+  _globals['_WATCHRENDERRESPONSE']._serialized_end=1961
+  _globals['_CANCELRENDERREQUEST']._serialized_start=1963
+  _globals['_CANCELRENDERREQUEST']._serialized_end=2001
+  _globals['_CANCELRENDERRESPONSE']._serialized_start=2003
+  _globals['_CANCELRENDERRESPONSE']._serialized_end=2069
+  _globals['_RENDERERSERVICE']._serialized_start=2251
+  _globals['_RENDERERSERVICE']._serialized_end=2759
 # @@protoc_insertion_point(module_scope)

@@ -29,7 +29,7 @@ RENDER_STATE_FAILED: RenderState
 RENDER_STATE_CANCELLED: RenderState
 
 class Capabilities(_message.Message):
-    __slots__ = ("backend", "models", "min_duration_seconds", "max_duration_seconds", "allowed_durations_seconds", "aspect_ratios", "resolutions", "image_input", "audio", "price_per_second", "nominal_quality", "max_prompt_characters", "max_image_bytes", "max_reference_images")
+    __slots__ = ("backend", "models", "min_duration_seconds", "max_duration_seconds", "allowed_durations_seconds", "aspect_ratios", "resolutions", "image_input", "audio", "price_per_second", "nominal_quality", "max_prompt_characters", "max_image_bytes", "max_reference_images", "offers", "requires_first_frame")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     MIN_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,8 @@ class Capabilities(_message.Message):
     MAX_PROMPT_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    OFFERS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRES_FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
     backend: _backend_pb2.Backend
     models: _containers.RepeatedScalarFieldContainer[str]
     min_duration_seconds: float
@@ -58,7 +60,37 @@ class Capabilities(_message.Message):
     max_prompt_characters: int
     max_image_bytes: int
     max_reference_images: int
-    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., models: _Optional[_Iterable[str]] = ..., min_duration_seconds: _Optional[float] = ..., max_duration_seconds: _Optional[float] = ..., allowed_durations_seconds: _Optional[_Iterable[float]] = ..., aspect_ratios: _Optional[_Iterable[_Union[_render_pb2.AspectRatio, str]]] = ..., resolutions: _Optional[_Iterable[str]] = ..., image_input: _Optional[bool] = ..., audio: _Optional[bool] = ..., price_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., nominal_quality: _Optional[float] = ..., max_prompt_characters: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_reference_images: _Optional[int] = ...) -> None: ...
+    offers: _containers.RepeatedCompositeFieldContainer[ModelOffer]
+    requires_first_frame: bool
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., models: _Optional[_Iterable[str]] = ..., min_duration_seconds: _Optional[float] = ..., max_duration_seconds: _Optional[float] = ..., allowed_durations_seconds: _Optional[_Iterable[float]] = ..., aspect_ratios: _Optional[_Iterable[_Union[_render_pb2.AspectRatio, str]]] = ..., resolutions: _Optional[_Iterable[str]] = ..., image_input: _Optional[bool] = ..., audio: _Optional[bool] = ..., price_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., nominal_quality: _Optional[float] = ..., max_prompt_characters: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_reference_images: _Optional[int] = ..., offers: _Optional[_Iterable[_Union[ModelOffer, _Mapping]]] = ..., requires_first_frame: _Optional[bool] = ...) -> None: ...
+
+class ModelOffer(_message.Message):
+    __slots__ = ("model", "resolution", "price_per_second", "nominal_quality", "min_duration_seconds", "max_duration_seconds", "allowed_durations_seconds", "aspect_ratios", "image_input", "requires_first_frame", "audio", "max_reference_images")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    PRICE_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    NOMINAL_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    MIN_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_DURATIONS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ASPECT_RATIOS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_INPUT_FIELD_NUMBER: _ClassVar[int]
+    REQUIRES_FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    MAX_REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    resolution: str
+    price_per_second: _money_pb2.Money
+    nominal_quality: float
+    min_duration_seconds: float
+    max_duration_seconds: float
+    allowed_durations_seconds: _containers.RepeatedScalarFieldContainer[float]
+    aspect_ratios: _containers.RepeatedScalarFieldContainer[_render_pb2.AspectRatio]
+    image_input: bool
+    requires_first_frame: bool
+    audio: bool
+    max_reference_images: int
+    def __init__(self, model: _Optional[str] = ..., resolution: _Optional[str] = ..., price_per_second: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., nominal_quality: _Optional[float] = ..., min_duration_seconds: _Optional[float] = ..., max_duration_seconds: _Optional[float] = ..., allowed_durations_seconds: _Optional[_Iterable[float]] = ..., aspect_ratios: _Optional[_Iterable[_Union[_render_pb2.AspectRatio, str]]] = ..., image_input: _Optional[bool] = ..., requires_first_frame: _Optional[bool] = ..., audio: _Optional[bool] = ..., max_reference_images: _Optional[int] = ...) -> None: ...
 
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ()

@@ -30,51 +30,51 @@ from aiprod.renderer.v1 import renderer_pb2 as aiprod_dot_renderer_dot_v1_dot_re
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61iprod/router/v1/router.proto\x12\x10\x61iprod.router.v1\x1a\x1e\x61iprod/common/v1/backend.proto\x1a\x1c\x61iprod/common/v1/event.proto\x1a\x1c\x61iprod/common/v1/money.proto\x1a\x1d\x61iprod/common/v1/render.proto\x1a!aiprod/renderer/v1/renderer.proto\x1a\x1egoogle/protobuf/duration.proto\"\x85\x01\n\x10PlanRouteRequest\x12$\n\x04shot\x18\x01 \x01(\x0b\x32\x16.aiprod.common.v1.Shot\x12\x38\n\x0b\x63onstraints\x18\x02 \x01(\x0b\x32#.aiprod.common.v1.RenderConstraints\x12\x11\n\ttenant_id\x18\x03 \x01(\t\"\x85\x02\n\x0eRouteCandidate\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12/\n\x0e\x65stimated_cost\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x34\n\x11\x65stimated_latency\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12/\n\nexclusions\x18\x07 \x03(\x0e\x32\x1b.aiprod.router.v1.Exclusion\"I\n\x11PlanRouteResponse\x12\x34\n\ncandidates\x18\x01 \x03(\x0b\x32 .aiprod.router.v1.RouteCandidate\"\xf9\x01\n\x14\x45xecuteRenderRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x04shot\x18\x02 \x01(\x0b\x32\x16.aiprod.common.v1.Shot\x12\x38\n\x0b\x63onstraints\x18\x03 \x01(\x0b\x32#.aiprod.common.v1.RenderConstraints\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x11\n\ttenant_id\x18\x06 \x01(\t\x12\x35\n\tguarantee\x18\x07 \x01(\x0b\x32\".aiprod.router.v1.QualityGuaranteeJ\x04\x08\x05\x10\x06R\x08reserved\"<\n\x10QualityGuarantee\x12\x17\n\x0fquality_minimum\x18\x01 \x01(\x01\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\"E\n\x15\x45xecuteRenderResponse\x12,\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1d.aiprod.common.v1.RenderEvent\"\xba\x02\n\x13ResumeRenderRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x06handle\x18\x02 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandle\x12$\n\x04shot\x18\x03 \x01(\x0b\x32\x16.aiprod.common.v1.Shot\x12\x38\n\x0b\x63onstraints\x18\x04 \x01(\x0b\x32#.aiprod.common.v1.RenderConstraints\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x11\n\ttenant_id\x18\x07 \x01(\t\x12\x35\n\tguarantee\x18\x08 \x01(\x0b\x32\".aiprod.router.v1.QualityGuarantee\x12\x18\n\x10rerender_granted\x18\t \x01(\x08J\x04\x08\x06\x10\x07R\x08reserved\"D\n\x14ResumeRenderResponse\x12,\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1d.aiprod.common.v1.RenderEvent\"E\n\x13\x43\x61ncelRenderRequest\x12.\n\x06handle\x18\x01 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandle\"G\n\x14\x43\x61ncelRenderResponse\x12/\n\x06\x63harge\x18\x01 \x01(\x0b\x32\x1f.aiprod.common.v1.AttemptCharge\"o\n\x17ReconcileAttemptRequest\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\"Z\n\x18ReconcileAttemptResponse\x12\r\n\x05\x65nded\x18\x01 \x01(\x08\x12/\n\x06\x63harge\x18\x02 \x01(\x0b\x32\x1f.aiprod.common.v1.AttemptCharge\"\x15\n\x13ListBackendsRequest\"\xba\x04\n\rBackendStatus\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06target\x18\x02 \x01(\t\x12/\n\x06health\x18\x03 \x01(\x0e\x32\x1f.aiprod.router.v1.BackendHealth\x12\x31\n\x10price_per_second\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x17\n\x0fnominal_quality\x18\x05 \x01(\x01\x12\x36\n\x0c\x63\x61pabilities\x18\x06 \x01(\x0b\x32 .aiprod.renderer.v1.Capabilities\x12/\n\x07\x62reaker\x18\x07 \x01(\x0e\x32\x1e.aiprod.router.v1.BreakerState\x12\x0f\n\x07renders\x18\x08 \x01(\x03\x12.\n\x0bp50_latency\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bp95_latency\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0csuccess_rate\x18\x0b \x01(\x01\x12\x12\n\nqc_average\x18\x0c \x01(\x01\x12\x39\n\x18observed_cost_per_second\x18\r \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x31\n\x08replicas\x18\x0e \x03(\x0b\x32\x1f.aiprod.router.v1.ReplicaStatus\"Q\n\rReplicaStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12/\n\x06health\x18\x02 \x01(\x0e\x32\x1f.aiprod.router.v1.BackendHealth\"I\n\x14ListBackendsResponse\x12\x31\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x1f.aiprod.router.v1.BackendStatus*\xa3\x02\n\tExclusion\x12\x19\n\x15\x45XCLUSION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45XCLUSION_NOT_REACHED\x10\x01\x12\x19\n\x15\x45XCLUSION_UNSUPPORTED\x10\x02\x12\x19\n\x15\x45XCLUSION_NOT_SERVING\x10\x03\x12\x1a\n\x16\x45XCLUSION_BREAKER_OPEN\x10\x04\x12\x1b\n\x17\x45XCLUSION_ALREADY_TRIED\x10\x05\x12!\n\x1d\x45XCLUSION_UNDER_QUALITY_FLOOR\x10\x06\x12\x1b\n\x17\x45XCLUSION_OVER_MAX_COST\x10\x07\x12\x19\n\x15\x45XCLUSION_OVER_BUDGET\x10\x08\x12\x16\n\x12\x45XCLUSION_DEADLINE\x10\t*k\n\rBackendHealth\x12\x1e\n\x1a\x42\x41\x43KEND_HEALTH_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42\x41\x43KEND_HEALTH_SERVING\x10\x01\x12\x1e\n\x1a\x42\x41\x43KEND_HEALTH_NOT_SERVING\x10\x02*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32\xd3\x04\n\rRouterService\x12T\n\tPlanRoute\x12\".aiprod.router.v1.PlanRouteRequest\x1a#.aiprod.router.v1.PlanRouteResponse\x12\x62\n\rExecuteRender\x12&.aiprod.router.v1.ExecuteRenderRequest\x1a\'.aiprod.router.v1.ExecuteRenderResponse0\x01\x12_\n\x0cResumeRender\x12%.aiprod.router.v1.ResumeRenderRequest\x1a&.aiprod.router.v1.ResumeRenderResponse0\x01\x12]\n\x0c\x43\x61ncelRender\x12%.aiprod.router.v1.CancelRenderRequest\x1a&.aiprod.router.v1.CancelRenderResponse\x12i\n\x10ReconcileAttempt\x12).aiprod.router.v1.ReconcileAttemptRequest\x1a*.aiprod.router.v1.ReconcileAttemptResponse\x12]\n\x0cListBackends\x12%.aiprod.router.v1.ListBackendsRequest\x1a&.aiprod.router.v1.ListBackendsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61iprod/router/v1/router.proto\x12\x10\x61iprod.router.v1\x1a\x1e\x61iprod/common/v1/backend.proto\x1a\x1c\x61iprod/common/v1/event.proto\x1a\x1c\x61iprod/common/v1/money.proto\x1a\x1d\x61iprod/common/v1/render.proto\x1a!aiprod/renderer/v1/renderer.proto\x1a\x1egoogle/protobuf/duration.proto\"\x85\x01\n\x10PlanRouteRequest\x12$\n\x04shot\x18\x01 \x01(\x0b\x32\x16.aiprod.common.v1.Shot\x12\x38\n\x0b\x63onstraints\x18\x02 \x01(\x0b\x32#.aiprod.common.v1.RenderConstraints\x12\x11\n\ttenant_id\x18\x03 \x01(\t\"\xa8\x02\n\x0eRouteCandidate\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12/\n\x0e\x65stimated_cost\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x34\n\x11\x65stimated_latency\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12/\n\nexclusions\x18\x07 \x03(\x0e\x32\x1b.aiprod.router.v1.Exclusion\x12\r\n\x05model\x18\x08 \x01(\t\x12\x12\n\nresolution\x18\t \x01(\t\"I\n\x11PlanRouteResponse\x12\x34\n\ncandidates\x18\x01 \x03(\x0b\x32 .aiprod.router.v1.RouteCandidate\"\xf9\x01\n\x14\x45xecuteRenderRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x04shot\x18\x02 \x01(\x0b\x32\x16.aiprod.common.v1.Shot\x12\x38\n\x0b\x63onstraints\x18\x03 \x01(\x0b\x32#.aiprod.common.v1.RenderConstraints\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x11\n\ttenant_id\x18\x06 \x01(\t\x12\x35\n\tguarantee\x18\x07 \x01(\x0b\x32\".aiprod.router.v1.QualityGuaranteeJ\x04\x08\x05\x10\x06R\x08reserved\"<\n\x10QualityGuarantee\x12\x17\n\x0fquality_minimum\x18\x01 \x01(\x01\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\"E\n\x15\x45xecuteRenderResponse\x12,\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1d.aiprod.common.v1.RenderEvent\"\xba\x02\n\x13ResumeRenderRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x06handle\x18\x02 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandle\x12$\n\x04shot\x18\x03 \x01(\x0b\x32\x16.aiprod.common.v1.Shot\x12\x38\n\x0b\x63onstraints\x18\x04 \x01(\x0b\x32#.aiprod.common.v1.RenderConstraints\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x11\n\ttenant_id\x18\x07 \x01(\t\x12\x35\n\tguarantee\x18\x08 \x01(\x0b\x32\".aiprod.router.v1.QualityGuarantee\x12\x18\n\x10rerender_granted\x18\t \x01(\x08J\x04\x08\x06\x10\x07R\x08reserved\"D\n\x14ResumeRenderResponse\x12,\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1d.aiprod.common.v1.RenderEvent\"E\n\x13\x43\x61ncelRenderRequest\x12.\n\x06handle\x18\x01 \x01(\x0b\x32\x1e.aiprod.common.v1.RenderHandle\"G\n\x14\x43\x61ncelRenderResponse\x12/\n\x06\x63harge\x18\x01 \x01(\x0b\x32\x1f.aiprod.common.v1.AttemptCharge\"o\n\x17ReconcileAttemptRequest\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\"Z\n\x18ReconcileAttemptResponse\x12\r\n\x05\x65nded\x18\x01 \x01(\x08\x12/\n\x06\x63harge\x18\x02 \x01(\x0b\x32\x1f.aiprod.common.v1.AttemptCharge\"\x15\n\x13ListBackendsRequest\"\xba\x04\n\rBackendStatus\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06target\x18\x02 \x01(\t\x12/\n\x06health\x18\x03 \x01(\x0e\x32\x1f.aiprod.router.v1.BackendHealth\x12\x31\n\x10price_per_second\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x17\n\x0fnominal_quality\x18\x05 \x01(\x01\x12\x36\n\x0c\x63\x61pabilities\x18\x06 \x01(\x0b\x32 .aiprod.renderer.v1.Capabilities\x12/\n\x07\x62reaker\x18\x07 \x01(\x0e\x32\x1e.aiprod.router.v1.BreakerState\x12\x0f\n\x07renders\x18\x08 \x01(\x03\x12.\n\x0bp50_latency\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bp95_latency\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0csuccess_rate\x18\x0b \x01(\x01\x12\x12\n\nqc_average\x18\x0c \x01(\x01\x12\x39\n\x18observed_cost_per_second\x18\r \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x31\n\x08replicas\x18\x0e \x03(\x0b\x32\x1f.aiprod.router.v1.ReplicaStatus\"Q\n\rReplicaStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12/\n\x06health\x18\x02 \x01(\x0e\x32\x1f.aiprod.router.v1.BackendHealth\"I\n\x14ListBackendsResponse\x12\x31\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x1f.aiprod.router.v1.BackendStatus*\xa3\x02\n\tExclusion\x12\x19\n\x15\x45XCLUSION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45XCLUSION_NOT_REACHED\x10\x01\x12\x19\n\x15\x45XCLUSION_UNSUPPORTED\x10\x02\x12\x19\n\x15\x45XCLUSION_NOT_SERVING\x10\x03\x12\x1a\n\x16\x45XCLUSION_BREAKER_OPEN\x10\x04\x12\x1b\n\x17\x45XCLUSION_ALREADY_TRIED\x10\x05\x12!\n\x1d\x45XCLUSION_UNDER_QUALITY_FLOOR\x10\x06\x12\x1b\n\x17\x45XCLUSION_OVER_MAX_COST\x10\x07\x12\x19\n\x15\x45XCLUSION_OVER_BUDGET\x10\x08\x12\x16\n\x12\x45XCLUSION_DEADLINE\x10\t*k\n\rBackendHealth\x12\x1e\n\x1a\x42\x41\x43KEND_HEALTH_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42\x41\x43KEND_HEALTH_SERVING\x10\x01\x12\x1e\n\x1a\x42\x41\x43KEND_HEALTH_NOT_SERVING\x10\x02*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32\xd3\x04\n\rRouterService\x12T\n\tPlanRoute\x12\".aiprod.router.v1.PlanRouteRequest\x1a#.aiprod.router.v1.PlanRouteResponse\x12\x62\n\rExecuteRender\x12&.aiprod.router.v1.ExecuteRenderRequest\x1a\'.aiprod.router.v1.ExecuteRenderResponse0\x01\x12_\n\x0cResumeRender\x12%.aiprod.router.v1.ResumeRenderRequest\x1a&.aiprod.router.v1.ResumeRenderResponse0\x01\x12]\n\x0c\x43\x61ncelRender\x12%.aiprod.router.v1.CancelRenderRequest\x1a&.aiprod.router.v1.CancelRenderResponse\x12i\n\x10ReconcileAttempt\x12).aiprod.router.v1.ReconcileAttemptRequest\x1a*.aiprod.router.v1.ReconcileAttemptResponse\x12]\n\x0cListBackends\x12%.aiprod.router.v1.ListBackendsRequest\x1a&.aiprod.router.v1.ListBackendsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aiprod.router.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXCLUSION']._serialized_start=2592
-  _globals['_EXCLUSION']._serialized_end=2883
-  _globals['_BACKENDHEALTH']._serialized_start=2885
-  _globals['_BACKENDHEALTH']._serialized_end=2992
-  _globals['_BREAKERSTATE']._serialized_start=2994
-  _globals['_BREAKERSTATE']._serialized_end=3118
+  _globals['_EXCLUSION']._serialized_start=2627
+  _globals['_EXCLUSION']._serialized_end=2918
+  _globals['_BACKENDHEALTH']._serialized_start=2920
+  _globals['_BACKENDHEALTH']._serialized_end=3027
+  _globals['_BREAKERSTATE']._serialized_start=3029
+  _globals['_BREAKERSTATE']._serialized_end=3153
   _globals['_PLANROUTEREQUEST']._serialized_start=242
   _globals['_PLANROUTEREQUEST']._serialized_end=375
   _globals['_ROUTECANDIDATE']._serialized_start=378
-  _globals['_ROUTECANDIDATE']._serialized_end=639
-  _globals['_PLANROUTERESPONSE']._serialized_start=641
-  _globals['_PLANROUTERESPONSE']._serialized_end=714
-  _globals['_EXECUTERENDERREQUEST']._serialized_start=717
-  _globals['_EXECUTERENDERREQUEST']._serialized_end=966
-  _globals['_QUALITYGUARANTEE']._serialized_start=968
-  _globals['_QUALITYGUARANTEE']._serialized_end=1028
-  _globals['_EXECUTERENDERRESPONSE']._serialized_start=1030
-  _globals['_EXECUTERENDERRESPONSE']._serialized_end=1099
-  _globals['_RESUMERENDERREQUEST']._serialized_start=1102
-  _globals['_RESUMERENDERREQUEST']._serialized_end=1416
-  _globals['_RESUMERENDERRESPONSE']._serialized_start=1418
-  _globals['_RESUMERENDERRESPONSE']._serialized_end=1486
-  _globals['_CANCELRENDERREQUEST']._serialized_start=1488
-  _globals['_CANCELRENDERREQUEST']._serialized_end=1557
-  _globals['_CANCELRENDERRESPONSE']._serialized_start=1559
-  _globals['_CANCELRENDERRESPONSE']._serialized_end=1630
-  _globals['_RECONCILEATTEMPTREQUEST']._serialized_start=1632
-  _globals['_RECONCILEATTEMPTREQUEST']._serialized_end=1743
-  _globals['_RECONCILEATTEMPTRESPONSE']._serialized_start=1745
-  _globals['_RECONCILEATTEMPTRESPONSE']._serialized_end=1835
-  _globals['_LISTBACKENDSREQUEST']._serialized_start=1837
-  _globals['_LISTBACKENDSREQUEST']._serialized_end=1858
-  _globals['_BACKENDSTATUS']._serialized_start=1861
-  _globals['_BACKENDSTATUS']._serialized_end=2431
-  _globals['_REPLICASTATUS']._serialized_start=2433
-  _globals['_REPLICASTATUS']._serialized_end=2514
-  _globals['_LISTBACKENDSRESPONSE']._serialized_start=2516
-  _globals['_LISTBACKENDSRESPONSE']._serialized_end=2589
-  _globals['_ROUTERSERVICE']._serialized_start=3121
-  _globals['_ROUTERSERVICE']._serialized_end=3716
+  _globals['_ROUTECANDIDATE']._serialized_end=674
+  _globals['_PLANROUTERESPONSE']._serialized_start=676
+  _globals['_PLANROUTERESPONSE']._serialized_end=749
+  _globals['_EXECUTERENDERREQUEST']._serialized_start=752
+  _globals['_EXECUTERENDERREQUEST']._serialized_end=1001
+  _globals['_QUALITYGUARANTEE']._serialized_start=1003
+  _globals['_QUALITYGUARANTEE']._serialized_end=1063
+  _globals['_EXECUTERENDERRESPONSE']._serialized_start=1065
+  _globals['_EXECUTERENDERRESPONSE']._serialized_end=1134
+  _globals['_RESUMERENDERREQUEST']._serialized_start=1137
+  _globals['_RESUMERENDERREQUEST']._serialized_end=1451
+  _globals['_RESUMERENDERRESPONSE']._serialized_start=1453
+  _globals['_RESUMERENDERRESPONSE']._serialized_end=1521
+  _globals['_CANCELRENDERREQUEST']._serialized_start=1523
+  _globals['_CANCELRENDERREQUEST']._serialized_end=1592
+  _globals['_CANCELRENDERRESPONSE']._serialized_start=1594
+  _globals['_CANCELRENDERRESPONSE']._serialized_end=1665
+  _globals['_RECONCILEATTEMPTREQUEST']._serialized_start=1667
+  _globals['_RECONCILEATTEMPTREQUEST']._serialized_end=1778
+  _globals['_RECONCILEATTEMPTRESPONSE']._serialized_start=1780
+  _globals['_RECONCILEATTEMPTRESPONSE']._serialized_end=1870
+  _globals['_LISTBACKENDSREQUEST']._serialized_start=1872
+  _globals['_LISTBACKENDSREQUEST']._serialized_end=1893
+  _globals['_BACKENDSTATUS']._serialized_start=1896
+  _globals['_BACKENDSTATUS']._serialized_end=2466
+  _globals['_REPLICASTATUS']._serialized_start=2468
+  _globals['_REPLICASTATUS']._serialized_end=2549
+  _globals['_LISTBACKENDSRESPONSE']._serialized_start=2551
+  _globals['_LISTBACKENDSRESPONSE']._serialized_end=2624
+  _globals['_ROUTERSERVICE']._serialized_start=3156
+  _globals['_ROUTERSERVICE']._serialized_end=3751
 # @@protoc_insertion_point(module_scope)

@@ -69,7 +69,7 @@ class PlanRouteRequest(_message.Message):
     def __init__(self, shot: _Optional[_Union[_render_pb2.Shot, _Mapping]] = ..., constraints: _Optional[_Union[_render_pb2.RenderConstraints, _Mapping]] = ..., tenant_id: _Optional[str] = ...) -> None: ...
 
 class RouteCandidate(_message.Message):
-    __slots__ = ("backend", "eligible", "rank", "estimated_cost", "estimated_latency", "reasons", "exclusions")
+    __slots__ = ("backend", "eligible", "rank", "estimated_cost", "estimated_latency", "reasons", "exclusions", "model", "resolution")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,8 @@ class RouteCandidate(_message.Message):
     ESTIMATED_LATENCY_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
     EXCLUSIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     backend: _backend_pb2.Backend
     eligible: bool
     rank: int
@@ -84,7 +86,9 @@ class RouteCandidate(_message.Message):
     estimated_latency: _duration_pb2.Duration
     reasons: _containers.RepeatedScalarFieldContainer[str]
     exclusions: _containers.RepeatedScalarFieldContainer[Exclusion]
-    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., eligible: _Optional[bool] = ..., rank: _Optional[int] = ..., estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., estimated_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reasons: _Optional[_Iterable[str]] = ..., exclusions: _Optional[_Iterable[_Union[Exclusion, str]]] = ...) -> None: ...
+    model: str
+    resolution: str
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., eligible: _Optional[bool] = ..., rank: _Optional[int] = ..., estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., estimated_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reasons: _Optional[_Iterable[str]] = ..., exclusions: _Optional[_Iterable[_Union[Exclusion, str]]] = ..., model: _Optional[str] = ..., resolution: _Optional[str] = ...) -> None: ...
 
 class PlanRouteResponse(_message.Message):
     __slots__ = ("candidates",)
