@@ -24,6 +24,7 @@ import httpx
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod_kit.apikeys import aio_interceptors
+from aiprod_kit.errors import retry_delay
 from aiprod_kit.mesh import PROVIDER_BACKENDS, Mesh
 from aiprod_kit.rendering import qc
 from bench.otlp import MetricTotals
@@ -40,6 +41,8 @@ UNLIMITED = {
     "AIPROD_GATEWAY_PRESET_PRICES": json.dumps({"quick_social": 30.0}),
     "AIPROD_GATEWAY_TIERS": json.dumps({"GOLD": {"concurrent_jobs": 10**9, "requests_per_minute": 10**9}}),
 }
+# How long a create is asked again while the gateway says when to.
+CREATE_RETRY_SECONDS = 600.0
 TERMINAL = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)
 RPC = "rpc.server.call.duration"
 SERVICES = ("gateway", "router", "metrics", *(f"renderer-{provider}" for provider in PROVIDERS))
@@ -97,13 +100,26 @@ class Client:
             mesh.address("gateway"), interceptors=aio_interceptors(mesh.api_key)
         )
         self.gateway = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+        # Creates asked again after a RetryInfo.
+        self.create_retries = 0
 
     async def close(self) -> None:
         await self._channel.close()
 
     async def create(self, spec: render_pb2.RenderSpec) -> str:
+        """Creates the job, asking again under the same request id (idempotent) as long as the gateway
+        says when to (a RetryInfo: backends down for now, a limit), as a well-behaved client does."""
         request = gateway_pb2.CreateRenderJobRequest(request_id=uuid.uuid4().hex, spec=spec)
-        return (await self.gateway.CreateRenderJob(request, timeout=120)).job.job_id
+        give_up = time.monotonic() + CREATE_RETRY_SECONDS
+        while True:
+            try:
+                return (await self.gateway.CreateRenderJob(request, timeout=120)).job.job_id
+            except grpc.aio.AioRpcError as error:
+                delay = retry_delay(error)
+                if delay is None or time.monotonic() + delay > give_up:
+                    raise
+                self.create_retries += 1
+                await asyncio.sleep(delay)
 
     async def finish(self, job_id: str) -> int:
         """Follows the job's events to its end; returns its final state."""
@@ -297,6 +313,8 @@ async def _in_flight(mesh: Mesh, jobs: int, render_seconds: float) -> dict[str, 
         "inflight_most_running": most_running,
         "inflight_all_succeeded": counts.get(job_pb2.JOB_STATE_SUCCEEDED, 0) == jobs,
         "inflight_create_seconds": round(created_seconds, 1),
+        "inflight_create_retries": client.create_retries,
+        "inflight_failed": counts.get(job_pb2.JOB_STATE_FAILED, 0),
         "inflight_seconds": round(elapsed, 1),
         "inflight_render_seconds": render_seconds,
         "peak_rss_mb": round(memory.peak_mb, 1),

@@ -39,11 +39,55 @@ async def test_requests_over_the_limit_wait_their_turn_and_their_timeout_starts_
         finally:
             running -= 1
 
-    calls = [asyncio.create_task(limits.call(request, idempotent=True, what="get")) for _ in range(5)]
+    calls = [asyncio.create_task(limits.call(request, idempotent=True, what="download")) for _ in range(5)]
     await two_running.wait()
     release.set()
     assert await asyncio.gather(*calls) == ["answered"] * 5
     assert most == 2
+
+
+async def test_polls_leave_a_quarter_of_the_slots_and_a_create_waiting_past_its_deadline_was_not_sent():
+    limits = ProviderLimits(
+        requests_per_minute=100_000,
+        max_concurrent_tasks=1,
+        request_timeout_seconds=5,
+        max_concurrent_requests=4,
+    )
+    polling, release = 0, asyncio.Event()
+    three_polling = asyncio.Event()
+
+    async def poll() -> str:
+        nonlocal polling
+        polling += 1
+        if polling == 3:
+            three_polling.set()
+        await release.wait()
+        return "polled"
+
+    async def create() -> str:
+        return "created"
+
+    polls = [asyncio.create_task(limits.call(poll, idempotent=True, what="get")) for _ in range(10)]
+    await three_polling.wait()
+    # Ten polls waiting, three of four slots theirs: a create goes through at once.
+    assert await limits.call(create, idempotent=False, what="create", within=1.0) == "created"
+    assert polling == 3
+    # Every slot held: a create still waiting at its deadline was never sent, and says so.
+    hold, holding = asyncio.Event(), asyncio.Event()
+
+    async def held() -> None:
+        holding.set()
+        await hold.wait()
+
+    holder = asyncio.create_task(limits.call(held, idempotent=False, what="cancel"))
+    await holding.wait()  # the fourth slot taken
+    with pytest.raises(ProviderError) as waited:
+        await limits.call(create, idempotent=False, what="create", within=0.2)
+    assert waited.value.kind == ErrorKind.UNAVAILABLE and waited.value.overloaded
+    assert "not sent" in waited.value.message
+    release.set()
+    hold.set()
+    await asyncio.gather(*polls, holder)
 
 
 async def test_a_request_timed_out_while_the_loop_was_stalled_is_not_the_providers_failure():

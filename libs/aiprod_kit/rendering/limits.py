@@ -7,6 +7,7 @@ call) says nothing of the provider: its error is marked `overloaded`, and the br
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -74,6 +75,9 @@ class ProviderLimits:
         self._requests = AsyncLimiter(requests_per_minute, 60)
         # Requests in flight: each waits here, not in the HTTP client's pool (see ProviderSettings).
         self._in_flight = asyncio.Semaphore(max_concurrent_requests)
+        # Polls take at most three quarters of those: a create, a cancel or a copy always finds a slot
+        # soon, however many tasks are being polled.
+        self._polls = asyncio.Semaphore(max(1, max_concurrent_requests * 3 // 4))
         self.task_slots = asyncio.Semaphore(max_concurrent_tasks)
         self._timeout = request_timeout_seconds
         self._attempts = attempts
@@ -100,8 +104,10 @@ class ProviderLimits:
         dropped connection) only for idempotent requests, never for a create.
 
         timeout: of each attempt (default: the request timeout). within: a deadline for every attempt
-        together instead of a count of attempts (copying an output: as long as its URL lives); each
-        attempt then gets what is left of it."""
+        together, instead of a count of attempts for what is idempotent (copying an output: as long as
+        its URL lives), besides it for what is not (a create);
+        each attempt then gets what is left of it, its wait for a request slot included: one still
+        waiting at the deadline was never sent (UNAVAILABLE, `overloaded`)."""
 
         def retryable(error: BaseException) -> bool:
             if not isinstance(error, ProviderError):
@@ -109,8 +115,11 @@ class ProviderLimits:
             return error.safe_to_resend or (idempotent and error.kind == ErrorKind.AMBIGUOUS)
 
         deadline = None if within is None else time.monotonic() + within
-        # Stop before a wait that would end past the deadline: it could only fail there.
-        stop = stop_after_attempt(self._attempts) if within is None else stop_before_delay(within)
+        # Stop before a wait that would end past the deadline: it could only fail there. A request that
+        # is not idempotent (a create) keeps its count of attempts within the deadline too.
+        stop = stop_after_attempt(self._attempts)
+        if within is not None:
+            stop = stop_before_delay(within) if idempotent else stop | stop_before_delay(within)
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(retryable), wait=self._wait, stop=stop, reraise=True
         ):
@@ -118,17 +127,34 @@ class ProviderLimits:
                 limit = timeout or self._timeout
                 if deadline is not None:
                     limit = min(limit, max(deadline - time.monotonic(), 0.001))
-                return await self._once(operation, what, limit)
+                return await self._once(operation, what, limit, deadline)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
-    async def _once(self, operation: Callable[[], Awaitable[T]], what: str, timeout: float) -> T:
+    async def _once(
+        self, operation: Callable[[], Awaitable[T]], what: str, timeout: float, deadline: float | None
+    ) -> T:
+        """One request: a turn under the rate limit and a request slot (by the deadline, when there is
+        one: else however long it takes), then the request within timeout."""
         pause = self._paused_until - time.monotonic()
         if pause > 0:
             await asyncio.sleep(pause)
-        await self._requests.acquire()
+        slots = [self._polls, self._in_flight] if what == "get" else [self._in_flight]
+        try:
+            async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+                await self._requests.acquire()
+                async with contextlib.AsyncExitStack() as taking:
+                    for slot in slots:
+                        await taking.enter_async_context(slot)
+                    held = taking.pop_all()
+        except TimeoutError as error:
+            raise ProviderError(
+                ErrorKind.UNAVAILABLE,
+                f"{what} not sent: no request slot before its deadline (this renderer is overloaded)",
+                overloaded=True,
+            ) from error
         started = time.monotonic()
         try:
-            async with self._in_flight, asyncio.timeout(timeout):
+            async with held, asyncio.timeout(timeout):
                 return await operation()
         except TimeoutError as error:
             lag = self.lag.worst_since(started)

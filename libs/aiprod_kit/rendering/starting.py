@@ -204,22 +204,16 @@ class RenderStarter:
                 raise
         deadline = record.claimed + self._settings.create_deadline_seconds
         try:
-            async with asyncio.timeout(max(deadline - time.time(), 0.0)):
-                task_id = await self._calls.call(
-                    render,
-                    lambda: self._provider.create(render.shot, render.model, key),
-                    idempotent=False,
-                    what="create",
-                )
-        except (ProviderError, TimeoutError) as caught:
-            error = (
-                caught
-                if isinstance(caught, ProviderError)
-                else ProviderError(
-                    ErrorKind.AMBIGUOUS,
-                    f"the create got no answer within {self._settings.create_deadline_seconds:g} s",
-                )
+            # Its retries of what the provider did not act on, and its waits for a request slot, within
+            # the deadline: a create still waiting for a slot then was never sent (nothing to pay).
+            task_id = await self._calls.call(
+                render,
+                lambda: self._provider.create(render.shot, render.model, key),
+                idempotent=False,
+                what="create",
+                within=max(deadline - time.time(), 0.001),
             )
+        except ProviderError as error:
             self._health.record_outcome(error)
             reason, retryable = CREATE_FAILURES[error.kind]
             self._log.warning("create failed", idempotency_key=key, error=str(error))
