@@ -248,17 +248,31 @@ def _assess(
     return candidate
 
 
+# Each backend's offers as capabilities, by the capabilities message they come from (kept with it, so
+# that its id is not reused): built once per message, not per decision (a renderer's capabilities
+# change only when it turns SERVING again).
+_OFFERED: dict[int, tuple[renderer_pb2.Capabilities, list[renderer_pb2.Capabilities]]] = {}
+_OFFERED_KEPT = 64
+
+
+def _offered(capabilities: renderer_pb2.Capabilities) -> list[renderer_pb2.Capabilities]:
+    kept = _OFFERED.get(id(capabilities))
+    if kept is not None and kept[0] is capabilities:
+        return kept[1]
+    offered = offers(capabilities)
+    each = [capabilities] if len(offered) == 1 else [offer_capabilities(capabilities, o) for o in offered]
+    if len(_OFFERED) >= _OFFERED_KEPT:
+        _OFFERED.clear()
+    _OFFERED[id(capabilities)] = (capabilities, each)
+    return each
+
+
 def _assess_offers(request: RouteRequest, view: BackendView, providers_configured: bool) -> list[Candidate]:
     """A candidate for each of the backend's offers (one for a backend not reached yet)."""
     if view.capabilities is None:
         return [_assess(request, view, None, providers_configured)]
-    offered = offers(view.capabilities)
-    if len(offered) == 1:
-        return [_assess(request, view, view.capabilities, providers_configured)]
-    return [
-        _assess(request, view, offer_capabilities(view.capabilities, offer), providers_configured, True)
-        for offer in offered
-    ]
+    each = _offered(view.capabilities)
+    return [_assess(request, view, offered, providers_configured, len(each) > 1) for offered in each]
 
 
 def quality_first(request: RouteRequest) -> bool:
