@@ -1,6 +1,8 @@
 """Whether a backend can render a shot (shared by the router's policy and the gateway's validation),
 and what a backend is called."""
 
+from google.protobuf.message import Message
+
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 
@@ -34,21 +36,46 @@ MAX_INLINE_IMAGE_BYTES = 10 * 1024 * 1024
 RESOLUTION_QUALITY = {DEFAULT_RESOLUTION: 0.0, "1080p": 0.02}
 
 
+# The fields a model offer and a backend's capabilities share, under the same names: what differs from
+# one offer to the next. The rest of Capabilities (prompt and image limits) is the backend's own.
+_OFFER_FIELDS = (
+    "price_per_second",
+    "nominal_quality",
+    "min_duration_seconds",
+    "max_duration_seconds",
+    "allowed_durations_seconds",
+    "aspect_ratios",
+    "image_input",
+    "requires_first_frame",
+    "audio",
+    "max_reference_images",
+)
+
+
+def _copy_offer_fields(source: Message, target: Message) -> None:
+    for name in _OFFER_FIELDS:
+        value = getattr(source, name)
+        if isinstance(value, Message):
+            getattr(target, name).CopyFrom(value)
+        elif isinstance(value, (int, float, bool)):
+            setattr(target, name, value)
+        else:  # a repeated field
+            getattr(target, name).extend(value)
+
+
 def with_offers(
     backend: int, offered: list[renderer_pb2.ModelOffer], **backend_limits: int
 ) -> renderer_pb2.Capabilities:
     """A backend's capabilities from its offers: the top-level fields describe the first (the default),
     models and resolutions list every one; backend_limits are its prompt and image limits."""
-    models = list(dict.fromkeys(offer.model for offer in offered))
-    resolutions = list(dict.fromkeys(offer.resolution for offer in offered))
-    capabilities = offer_capabilities(
-        renderer_pb2.Capabilities(backend=backend, **backend_limits), offered[0]
+    capabilities = renderer_pb2.Capabilities(
+        backend=backend,
+        models=dict.fromkeys(offer.model for offer in offered),
+        resolutions=dict.fromkeys(offer.resolution for offer in offered),
+        offers=offered if len(offered) > 1 else [],
+        **backend_limits,
     )
-    del capabilities.models[:], capabilities.resolutions[:]
-    capabilities.models.extend(models)
-    capabilities.resolutions.extend(resolutions)
-    if len(offered) > 1:
-        capabilities.offers.extend(offered)
+    _copy_offer_fields(offered[0], capabilities)
     return capabilities
 
 
@@ -63,22 +90,12 @@ def offers(capabilities: renderer_pb2.Capabilities) -> list[renderer_pb2.ModelOf
     top-level fields describe."""
     if capabilities.offers:
         return list(capabilities.offers)
-    return [
-        renderer_pb2.ModelOffer(
-            model=capabilities.models[0] if capabilities.models else "",
-            resolution=capabilities.resolutions[0] if capabilities.resolutions else DEFAULT_RESOLUTION,
-            price_per_second=capabilities.price_per_second,
-            nominal_quality=capabilities.nominal_quality,
-            min_duration_seconds=capabilities.min_duration_seconds,
-            max_duration_seconds=capabilities.max_duration_seconds,
-            allowed_durations_seconds=capabilities.allowed_durations_seconds,
-            aspect_ratios=capabilities.aspect_ratios,
-            image_input=capabilities.image_input,
-            requires_first_frame=capabilities.requires_first_frame,
-            audio=capabilities.audio,
-            max_reference_images=capabilities.max_reference_images,
-        )
-    ]
+    only = renderer_pb2.ModelOffer(
+        model=capabilities.models[0] if capabilities.models else "",
+        resolution=capabilities.resolutions[0] if capabilities.resolutions else DEFAULT_RESOLUTION,
+    )
+    _copy_offer_fields(capabilities, only)
+    return [only]
 
 
 def offer_capabilities(
@@ -86,23 +103,15 @@ def offer_capabilities(
 ) -> renderer_pb2.Capabilities:
     """The backend's capabilities as one of its offers has them: that model at that resolution, at its
     price and quality, within its limits (the backend's own limits, prompt and image, kept)."""
-    return renderer_pb2.Capabilities(
+    offered = renderer_pb2.Capabilities(
         backend=capabilities.backend,
         models=[offer.model],
-        min_duration_seconds=offer.min_duration_seconds,
-        max_duration_seconds=offer.max_duration_seconds,
-        allowed_durations_seconds=offer.allowed_durations_seconds,
-        aspect_ratios=offer.aspect_ratios,
         resolutions=[offer.resolution],
-        image_input=offer.image_input,
-        requires_first_frame=offer.requires_first_frame,
-        audio=offer.audio,
-        price_per_second=offer.price_per_second,
-        nominal_quality=offer.nominal_quality,
         max_prompt_characters=capabilities.max_prompt_characters,
         max_image_bytes=capabilities.max_image_bytes,
-        max_reference_images=offer.max_reference_images,
     )
+    _copy_offer_fields(offer, offered)
+    return offered
 
 
 def find_offer(

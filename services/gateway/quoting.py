@@ -129,6 +129,8 @@ class StoredQuote:
     request_id: str
 
 
+# quotes_request once found the quote a request took; a new job's quote is written with the job now,
+# and the index, read by nothing, is dropped rather than kept up on every quote.
 _SCHEMAS = {
     "sqlite": """
 CREATE TABLE IF NOT EXISTS quotes (
@@ -140,7 +142,7 @@ CREATE TABLE IF NOT EXISTS quotes (
     quote BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS quotes_expire_time ON quotes (expire_time);
-CREATE INDEX IF NOT EXISTS quotes_request ON quotes (tenant_id, request_id);
+DROP INDEX IF EXISTS quotes_request;
 """,
     "postgresql": """
 CREATE TABLE IF NOT EXISTS quotes (
@@ -152,7 +154,7 @@ CREATE TABLE IF NOT EXISTS quotes (
     quote BYTEA NOT NULL
 );
 CREATE INDEX IF NOT EXISTS quotes_expire_time ON quotes (expire_time);
-CREATE INDEX IF NOT EXISTS quotes_request ON quotes (tenant_id, request_id);
+DROP INDEX IF EXISTS quotes_request;
 """,
 }
 

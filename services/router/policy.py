@@ -158,6 +158,7 @@ def _assess(
             reasons=["renderer not reached yet"],
             exclusions=[router_pb2.EXCLUSION_NOT_REACHED],
         )
+    model = capabilities.models[0] if capabilities.models else ""
     list_cost = round(capabilities.price_per_second.amount_micros * request.shot.duration_seconds)
     success = view.success_rate if view.success_rate is not None else 1.0
     expected_cost = round(list_cost / max(success, _MIN_SUCCESS_RATE))
@@ -171,11 +172,10 @@ def _assess(
         stand_in=view.backend == backend_pb2.BACKEND_LOCAL
         and capabilities.nominal_quality < request.quality_floor
         and (request.preferred_backend == backend_pb2.BACKEND_LOCAL or not providers_configured),
-        model=capabilities.models[0] if capabilities.models else "",
+        model=model,
         resolution=capabilities.resolutions[0] if capabilities.resolutions else DEFAULT_RESOLUTION,
         one_of_several=one_of_several,
-        preferred=view.backend == request.preferred_backend
-        and request.preferred_model in ("", capabilities.models[0] if capabilities.models else ""),
+        preferred=view.backend == request.preferred_backend and request.preferred_model in ("", model),
     )
     # (code, reason) pairs: the code for programs (the gateway's budget policy, the final failure's
     # reason), the text for people.
@@ -310,13 +310,13 @@ def rank_backends(request: RouteRequest, views: list[BackendView]) -> list[Candi
     if not any(candidate.eligible for candidate in candidates):
         _admit_long_shots(request, views, candidates)
     ranked = sorted(candidates, key=order)
-    for position, candidate in enumerate(c for c in ranked if c.eligible):
-        if position == 0:
-            if candidate.long_shot:
-                mode = "the likeliest to meet the deadline"
-            else:
-                mode = "best quality (large budget)" if by_quality else "cheapest that meets the floor"
-            candidate.reasons.insert(0, f"ranked first: {mode}")
+    first = next((candidate for candidate in ranked if candidate.eligible), None)
+    if first is not None:
+        if first.long_shot:
+            mode = "the likeliest to meet the deadline"
+        else:
+            mode = "best quality (large budget)" if by_quality else "cheapest that meets the floor"
+        first.reasons.insert(0, f"ranked first: {mode}")
     return ranked
 
 
