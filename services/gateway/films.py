@@ -11,9 +11,6 @@ driven.
 
 import asyncio
 import collections
-import contextlib
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from aiprod.common.v1 import render_pb2
@@ -21,7 +18,7 @@ from aiprod.gateway.v1 import gateway_pb2
 from aiprod_kit.rendering import qc, stitching
 from aiprod_kit.rendering.finishing import render_output
 from aiprod_kit.rendering.stitching import StitchError
-from aiprod_kit.rendering.storage import VideoStore, video_store_from_settings
+from aiprod_kit.rendering.storage import VideoStore, scratch_directory, video_store_from_settings
 from aiprod_kit.settings import GatewaySettings
 
 _DEFAULT_FRAME_RATE = 24
@@ -46,7 +43,7 @@ class Films:
         outputs = [shot.output for shot in job.shots]
         width, height, frame_rate = _film_format(outputs)
         planned = sum(shot.duration_seconds for shot in job.plan.shots)
-        with self._scratch() as scratch:
+        async with scratch_directory(self._work_dir, "film-") as scratch:
             paths = [
                 await self._fetch(output.video.uri, scratch / f"shot-{index}.mp4", index)
                 for index, output in enumerate(outputs)
@@ -81,18 +78,11 @@ class Films:
     async def last_frame(self, output: render_pb2.RenderOutput, index: int) -> render_pb2.Image:
         """Shot `index`'s last frame, as an inline PNG: the first frame of the continuous shot after it
         (StitchError when its video cannot be read or decoded)."""
-        with self._scratch() as scratch:
+        async with scratch_directory(self._work_dir, "film-") as scratch:
             path = await self._fetch(output.video.uri, scratch / "shot.mp4", index)
             async with self._cpu:
                 data = await asyncio.to_thread(stitching.last_frame_png, path)
         return render_pb2.Image(data=data, mime_type="image/png")
-
-    @contextlib.contextmanager
-    def _scratch(self) -> Iterator[Path]:
-        """A private working directory, removed with everything in it."""
-        self._work_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self._work_dir, prefix="film-") as name:
-            yield Path(name)
 
 
 def _film_format(outputs: list[render_pb2.RenderOutput]) -> tuple[int, int, int]:

@@ -2,6 +2,7 @@
 
 import asyncio
 from pathlib import Path
+from unittest.mock import patch
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
@@ -88,3 +89,56 @@ async def test_an_ending_is_kept_in_the_key_store_before_it_is_announced(tmp_pat
         assert kept.handle.task_id == "task-9"
     finally:
         await keys.close()
+
+
+async def test_an_ended_render_the_key_store_keeps_is_forgotten_here_after_a_while(tmp_path: Path) -> None:
+    keys = await RenderKeyStore.open(
+        SqliteDatabase(tmp_path / "keys.sqlite3", "keys"), backend_pb2.BACKEND_RUNWAY
+    )
+    try:
+        registry: RenderRegistry[RenderRecord] = RenderRegistry("test", keys, ended_kept_seconds=0.05)
+        forgotten = asyncio.Event()
+        forget = registry.forget
+
+        def forget_and_tell(render: RenderRecord) -> None:
+            forget(render)
+            forgotten.set()
+
+        registry.forget = forget_and_tell  # type: ignore[method-assign]
+        render = _record(task_id="")
+        registry.add(render)
+        await keys.claim(render.key, render.model, render.shot)
+        await registry.record_task(render, "task-5")
+        await registry.end(render, FAILED, failure(Reason.PROVIDER_FAILED, "no", True), 4)
+        # Still answered from memory just after its end...
+        assert registry.by_task("task-5") is render and registry.by_key(render.key) is render
+        async with asyncio.timeout(5):
+            await forgotten.wait()
+        assert registry.by_task("task-5") is None and registry.by_key(render.key) is None
+        # ...then by the key store, as it ended.
+        record = await keys.by_task("task-5")
+        assert record is not None and record.ended is not None
+        assert record.ended.state == FAILED and record.ended.charge.amount_micros == 4
+    finally:
+        await keys.close()
+
+
+async def test_an_ending_the_key_store_did_not_keep_stays_in_memory(tmp_path: Path) -> None:
+    without_store: RenderRegistry[RenderRecord] = RenderRegistry("test", ended_kept_seconds=0)
+    render = _record()
+    without_store.add(render)
+    await without_store.end(render, FAILED, failure(Reason.PROVIDER_FAILED, "no", True), 4)
+    keys = await RenderKeyStore.open(
+        SqliteDatabase(tmp_path / "keys.sqlite3", "keys"), backend_pb2.BACKEND_RUNWAY
+    )
+    await keys.close()  # every write to it fails
+    unwritable: RenderRegistry[RenderRecord] = RenderRegistry("test", keys, ended_kept_seconds=0)
+    other = _record("key-2", "task-2")
+    unwritable.add(other)
+    with patch("aiprod_kit.rendering.registry._STORE_BACKOFF_SECONDS", 0):
+        await unwritable.end(other, FAILED, failure(Reason.PROVIDER_FAILED, "no", True), 4)
+    # Whatever ran after the ends (a forget due at once would have), both are still known here.
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert without_store.by_task("task-1") is render
+    assert unwritable.by_task("task-2") is other and unwritable.by_key("key-2") is other

@@ -9,7 +9,6 @@ RUNNING). What QC checks against is the request when it is known, else the video
 """
 
 import asyncio
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from aiprod_kit.rendering import qc
 from aiprod_kit.rendering.calls import ProviderCalls
 from aiprod_kit.rendering.provider import Provider, ProviderError, ProviderTask
 from aiprod_kit.rendering.record import ProviderRender
-from aiprod_kit.rendering.storage import StoredVideo, VideoStore
+from aiprod_kit.rendering.storage import StoredVideo, VideoStore, scratch_directory
 
 log = structlog.get_logger()
 
@@ -97,9 +96,8 @@ class OutputFinisher:
         output_seconds once the output is decoded (it prices a render re-attached without its shot)."""
         if not task.outputs:
             return failure(Reason.PROVIDER_NO_OUTPUT, "no video in the result", True)
-        self._work_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self._work_dir) as scratch:
-            local = Path(scratch) / "output.mp4"
+        async with scratch_directory(self._work_dir) as scratch:
+            local = scratch / "output.mp4"
             try:
                 # Rate limits and transient errors are waited out for as long as the download may take.
                 await self._calls.call(

@@ -122,6 +122,12 @@ class ProviderRender(RenderRecord):
         # polls and download join it.
         self.trace_context = otel_context.get_current()
 
+    def restore(self, ended: renderer_pb2.Render) -> None:
+        super().restore(ended)
+        # The provider's last answer priced the ending and is not needed since; it may hold the video
+        # itself (Veo's inline bytes).
+        self.last_task = None
+
     def adopt(self, record: KeyRecord) -> None:
         """Takes the request as the key store kept it (after a restart, or from another replica)."""
         self.shot = record.shot

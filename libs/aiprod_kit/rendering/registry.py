@@ -4,8 +4,10 @@ Invariants: a key and a task id each name at most one render here. A render ends
 slot is freed, its ending (state, failure, charge) is kept in the key store before it is announced, so
 that a caller told of the end finds it answered the same after a restart or on another replica. Key
 store writes are retried over a short outage; one that cannot be made is logged, and the render goes
-on (only its answer after a restart suffers). Without a key store (the local renderer) renders live in
-memory only.
+on (only its answer after a restart suffers). An ended render whose ending the key store keeps is
+forgotten here a minute later (the key store answers for it, by key and by task id, as it does after a
+restart): a renderer's memory holds the renders going on, not every render it ever made. Without a key
+store (the local renderer) renders live in memory only.
 """
 
 import asyncio
@@ -28,11 +30,20 @@ log = structlog.get_logger()
 # Writes of a task id or an ending to the key store: tries, and the first pause between them.
 _STORE_TRIES = 5
 _STORE_BACKOFF_SECONDS = 0.2
+# How long an ended render is still answered from memory: its watchers and a GetRender just after its
+# end are told without a key store read.
+ENDED_KEPT_SECONDS = 60.0
 
 
 class RenderRegistry(Generic[R]):
-    def __init__(self, backend_name: str, keys: RenderKeyStore | None = None) -> None:
+    def __init__(
+        self,
+        backend_name: str,
+        keys: RenderKeyStore | None = None,
+        ended_kept_seconds: float = ENDED_KEPT_SECONDS,
+    ) -> None:
         self.keys = keys
+        self._ended_kept_seconds = ended_kept_seconds
         self._by_key: dict[str, R] = {}
         self._by_task: dict[str, R] = {}
         self._log = log.bind(backend=backend_name)
@@ -71,6 +82,16 @@ class RenderRegistry(Generic[R]):
     def adopt_task(self, render: R) -> R:
         """The render already known by the task id of `render`, else `render`, now known by it."""
         return self._by_task.setdefault(render.task_id, render)
+
+    def forget_later(self, render: R) -> None:
+        """An ended render the key store keeps: answered from memory for a while, then by the key store."""
+        asyncio.get_running_loop().call_later(self._ended_kept_seconds, self.forget, render)
+
+    def forget(self, render: R) -> None:
+        """No longer answers for the render from memory."""
+        self.forget_key(render)
+        if self._by_task.get(render.task_id) is render:
+            del self._by_task[render.task_id]
 
     def with_tasks(self) -> list[R]:
         """Every render known by a task id, ended or not."""
@@ -145,10 +166,15 @@ class RenderRegistry(Generic[R]):
         if charge_micros is not None:
             ended.charge.CopyFrom(usd(charge_micros))
         ended.update_time.GetCurrentTime()
+        kept = False
         if render.key and self.keys is not None:
             keys = self.keys
-            await self._durably("record the ending", render.key, lambda: keys.record_end(render.key, ended))
+            kept = await self._durably(
+                "record the ending", render.key, lambda: keys.record_end(render.key, ended)
+            )
         render.restore(ended)
+        if kept:
+            self.forget_later(render)
         self._log.info(
             "render ended",
             idempotency_key=render.key,

@@ -133,7 +133,9 @@ class RenderStarter:
             render = ProviderRender(record.idempotency_key, record.shot, record.model, self._provider.backend)
             render.restore(record.ended)
             render.created.set()
-            return self._registry.adopt_task(render)
+            render = self._registry.adopt_task(render)
+            self._registry.forget_later(render)
+            return render
         try:
             task = await self._calls.call(
                 None, lambda: self._provider.get(task_id), idempotent=True, what="get"
@@ -245,6 +247,7 @@ class RenderStarter:
             if render.task_id:
                 render = self._registry.adopt_task(render)
             render.created.set()
+            self._registry.forget_later(render)
             return render
         if not record.task_id:
             render.created.set()

@@ -12,7 +12,8 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -57,6 +58,23 @@ def sha256_of(path: Path) -> str:
         while chunk := file.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@asynccontextmanager
+async def scratch_directory(parent: Path, prefix: str | None = None) -> AsyncIterator[Path]:
+    """A private working directory under parent, removed with everything in it; made and removed in a
+    worker thread: removing a directory waits on the file system's journal, which the video store's
+    fsyncs keep busy, and under load that stalled a renderer's event loop most of the time."""
+
+    def make() -> Path:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+
+    path = await asyncio.to_thread(make)
+    try:
+        yield path
+    finally:
+        await asyncio.to_thread(shutil.rmtree, path, True)
 
 
 def _fsync_directory(path: Path) -> None:
