@@ -261,6 +261,9 @@ class ProviderSettings(BaseSettings):
     # Copying an output can take longer than an API call: the whole copy, retries of rate limits and
     # transient errors included, within this (output URLs live an hour or more).
     download_timeout_seconds: float = 300.0
+    # Outputs decoded for QC at once (the others wait their turn): the CPUs this process may use. More
+    # at once is no faster (each decode keeps a core busy) and holds a decoder's frames each.
+    qc_concurrency: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1)
     # Consecutive provider failures that open the breaker, and how long it stays open before a probe.
     breaker_failures: int = 5
     breaker_cooldown_seconds: float = 30.0

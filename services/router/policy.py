@@ -33,13 +33,7 @@ from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2
 from aiprod_kit.breaker import CircuitBreaker
-from aiprod_kit.capabilities import (
-    DEFAULT_RESOLUTION,
-    backend_name,
-    offer_capabilities,
-    offers,
-    shot_mismatches,
-)
+from aiprod_kit.capabilities import Offered, backend_name, offer_capabilities, offers
 from aiprod_router.stats import BackendStats
 
 # Below this observed success rate the expected cost stops growing: the breaker handles worse.
@@ -146,20 +140,20 @@ def _usd(micros: float) -> str:
 def _assess(
     request: RouteRequest,
     view: BackendView,
-    capabilities: renderer_pb2.Capabilities | None,
+    offered: Offered | None,
     providers_configured: bool,
     one_of_several: bool = False,
 ) -> Candidate:
-    """One candidate: the backend with one of its offers (capabilities: as that offer has them)."""
-    if capabilities is None:
+    """One candidate: the backend with one of its offers."""
+    if offered is None:
         return Candidate(
             view.backend,
             False,
             reasons=["renderer not reached yet"],
             exclusions=[router_pb2.EXCLUSION_NOT_REACHED],
         )
-    model = capabilities.models[0] if capabilities.models else ""
-    list_cost = round(capabilities.price_per_second.amount_micros * request.shot.duration_seconds)
+    model, quality = offered.model, offered.nominal_quality
+    list_cost = round(offered.price_per_second_micros * request.shot.duration_seconds)
     success = view.success_rate if view.success_rate is not None else 1.0
     expected_cost = round(list_cost / max(success, _MIN_SUCCESS_RATE))
     candidate = Candidate(
@@ -167,13 +161,13 @@ def _assess(
         True,
         list_cost,
         expected_cost,
-        capabilities.nominal_quality,
+        quality,
         view.p95_seconds,
         stand_in=view.backend == backend_pb2.BACKEND_LOCAL
-        and capabilities.nominal_quality < request.quality_floor
+        and quality < request.quality_floor
         and (request.preferred_backend == backend_pb2.BACKEND_LOCAL or not providers_configured),
         model=model,
-        resolution=capabilities.resolutions[0] if capabilities.resolutions else DEFAULT_RESOLUTION,
+        resolution=offered.resolution,
         one_of_several=one_of_several,
         preferred=view.backend == request.preferred_backend and request.preferred_model in ("", model),
     )
@@ -181,7 +175,7 @@ def _assess(
     # reason), the text for people.
     excluded = [
         (router_pb2.EXCLUSION_UNSUPPORTED, f"{field}: {why}")
-        for field, why in shot_mismatches(request.shot, capabilities)
+        for field, why in offered.mismatches(request.shot)
     ]
     if not view.serving:
         excluded.append((router_pb2.EXCLUSION_NOT_SERVING, "renderer not serving"))
@@ -191,18 +185,18 @@ def _assess(
         )
     if view.backend in request.tried:
         excluded.append((router_pb2.EXCLUSION_ALREADY_TRIED, "already tried for this render"))
-    if capabilities.nominal_quality < request.quality_floor and not candidate.stand_in:
+    if quality < request.quality_floor and not candidate.stand_in:
         excluded.append(
             (
                 router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR,
-                f"quality {capabilities.nominal_quality:.2f} under the floor {request.quality_floor:.2f}",
+                f"quality {quality:.2f} under the floor {request.quality_floor:.2f}",
             )
         )
-    if request.quality_above is not None and capabilities.nominal_quality <= request.quality_above:
+    if request.quality_above is not None and quality <= request.quality_above:
         excluded.append(
             (
                 router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR,
-                f"quality {capabilities.nominal_quality:.2f} not above {request.quality_above:.2f}, the "
+                f"quality {quality:.2f} not above {request.quality_above:.2f}, the "
                 "quality of the backend whose output earned the free re-render",
             )
         )
@@ -251,16 +245,19 @@ def _assess(
 # Each backend's offers as capabilities, by the capabilities message they come from (kept with it, so
 # that its id is not reused): built once per message, not per decision (a renderer's capabilities
 # change only when it turns SERVING again).
-_OFFERED: dict[int, tuple[renderer_pb2.Capabilities, list[renderer_pb2.Capabilities]]] = {}
+_OFFERED: dict[int, tuple[renderer_pb2.Capabilities, list[Offered]]] = {}
 _OFFERED_KEPT = 64
 
 
-def _offered(capabilities: renderer_pb2.Capabilities) -> list[renderer_pb2.Capabilities]:
+def _offered(capabilities: renderer_pb2.Capabilities) -> list[Offered]:
     kept = _OFFERED.get(id(capabilities))
     if kept is not None and kept[0] is capabilities:
         return kept[1]
     offered = offers(capabilities)
-    each = [capabilities] if len(offered) == 1 else [offer_capabilities(capabilities, o) for o in offered]
+    each = [
+        Offered.of(capabilities if len(offered) == 1 else offer_capabilities(capabilities, offer))
+        for offer in offered
+    ]
     if len(_OFFERED) >= _OFFERED_KEPT:
         _OFFERED.clear()
     _OFFERED[id(capabilities)] = (capabilities, each)

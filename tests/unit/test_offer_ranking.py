@@ -3,11 +3,13 @@ offer, each at its own price and quality and within its own limits, and the rend
 starts a render by the offer it was asked for. The offers are the real providers' tables."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2
-from aiprod_kit.capabilities import find_offer, offers, shot_mismatches
+from aiprod_kit.capabilities import Offered, find_offer, offer_capabilities, offers, shot_mismatches
 from aiprod_kit.checks import shot_violations
 from aiprod_kit.rendering.provider import ProviderTask, TaskState
 from aiprod_kit.settings import ConfigurationError, RunwaySettings, VeoSettings
@@ -170,3 +172,46 @@ def test_a_resolution_is_checked_where_a_shot_is() -> None:
         min_duration_seconds=1, max_duration_seconds=10, aspect_ratios=[render_pb2.ASPECT_RATIO_16_9]
     )
     assert shot_mismatches(shot(resolution="1080p"), single) == [("resolution", "renders 720p, not 1080p")]
+
+
+def _every_offer() -> list[renderer_pb2.Capabilities]:
+    runway_capabilities = runway("gen4_turbo,gen4.5,veo3.1_fast@1080p").capabilities()
+    veo_capabilities = veo("veo-3.1-fast-generate-001,veo-3.1-lite-generate-001").capabilities()
+    return [
+        offer_capabilities(capabilities, offer)
+        for capabilities in (runway_capabilities, veo_capabilities)
+        for offer in offers(capabilities)
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seconds=st.sampled_from([0.0, 2.0, 4.0, 5.0, 6.0, 8.0, 10.0, 4.0000001, 30.0]),
+    aspect_ratio=st.sampled_from([*render_pb2.AspectRatio.values(), 99]),
+    image=st.sampled_from(["", "uri", "small", "large"]),
+    resolution=st.sampled_from(["", "720p", "1080p", "4k"]),
+    prompt_length=st.sampled_from([1, 900, 1001, 5000]),
+    offer=st.integers(min_value=0, max_value=len(_every_offer()) - 1),
+)
+def test_an_offers_plain_checks_agree_with_shot_mismatches(
+    seconds: float, aspect_ratio: int, image: str, resolution: str, prompt_length: int, offer: int
+) -> None:
+    """The router's fast check of an offer (Offered) says what shot_mismatches says, shot after shot,
+    whether the answer was worked out or remembered from a shot of the same shape."""
+    capabilities = _every_offer()[offer]
+    first_frame = {
+        "": None,
+        "uri": FIRST_FRAME,
+        "small": render_pb2.Image(data=b"x" * 10, mime_type="image/png"),
+        "large": render_pb2.Image(data=b"x" * (capabilities.max_image_bytes + 1), mime_type="image/png"),
+    }[image]
+    asked = render_pb2.Shot(
+        prompt="p" * prompt_length,
+        duration_seconds=seconds,
+        aspect_ratio=aspect_ratio,
+        first_frame=first_frame,
+        resolution=resolution,
+    )
+    offered = Offered.of(capabilities)
+    assert offered.mismatches(asked) == shot_mismatches(asked, capabilities)
+    assert offered.mismatches(asked) == shot_mismatches(asked, capabilities)

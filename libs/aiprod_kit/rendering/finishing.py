@@ -81,8 +81,11 @@ class OutputFinisher:
         store: VideoStore,
         work_dir: Path,
         download_timeout_seconds: float,
+        qc_concurrency: int = 1,
     ) -> None:
         self._provider = provider
+        # Decodes at once: a decode keeps a core busy and holds its frames (tens of MB at 720p).
+        self._decoding = asyncio.Semaphore(qc_concurrency)
         self._calls = calls
         self._store = store
         self._work_dir = work_dir
@@ -112,7 +115,8 @@ class OutputFinisher:
                 self._log.warning("output not copied", task_id=render.task_id, error=str(error))
                 return failure(Reason.OUTPUT_LOST, str(error), False)
             try:
-                facts = await asyncio.to_thread(qc.probe, local)
+                async with self._decoding:
+                    facts = await asyncio.to_thread(qc.probe, local)
             except qc.DecodeError as error:
                 return failure(Reason.OUTPUT_UNDECODABLE, f"the output: {error}", True)
             render.output_seconds = facts.duration_seconds

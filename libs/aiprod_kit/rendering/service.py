@@ -68,7 +68,14 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
             provider, self._calls, health, settings.breaker_failures, settings.breaker_cooldown_seconds
         )
         self._registry: RenderRegistry[ProviderRender] = RenderRegistry(provider.name, keys)
-        finisher = OutputFinisher(provider, self._calls, store, work_dir, settings.download_timeout_seconds)
+        finisher = OutputFinisher(
+            provider,
+            self._calls,
+            store,
+            work_dir,
+            settings.download_timeout_seconds,
+            settings.qc_concurrency,
+        )
         self._poller = Poller(
             provider,
             self._calls,
