@@ -142,16 +142,7 @@ class Offered:
     resolution: str
     price_per_second_micros: int
     nominal_quality: float
-    _min_duration: float
-    _max_duration: float
-    _allowed_durations: tuple[float, ...]
-    _aspect_ratios: frozenset[int]
-    _image_input: bool
-    _requires_first_frame: bool
-    _resolutions: frozenset[str]
-    _max_prompt_characters: int
-    _max_image_bytes: int
-    # What shot_mismatches said for each shape of shot that did not fit (shots repeat their shapes).
+    # What shot_mismatches said for each shape of shot (shots repeat their shapes).
     _said: dict[tuple, list[tuple[str, str]]] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -163,30 +154,19 @@ class Offered:
             capabilities.resolutions[0] if capabilities.resolutions else DEFAULT_RESOLUTION,
             capabilities.price_per_second.amount_micros,
             capabilities.nominal_quality,
-            capabilities.min_duration_seconds,
-            capabilities.max_duration_seconds,
-            tuple(capabilities.allowed_durations_seconds),
-            frozenset(capabilities.aspect_ratios),
-            capabilities.image_input,
-            capabilities.requires_first_frame,
-            frozenset(capabilities.resolutions or [DEFAULT_RESOLUTION]),
-            capabilities.max_prompt_characters,
-            capabilities.max_image_bytes,
         )
 
     def mismatches(self, shot: render_pb2.Shot) -> list[tuple[str, str]]:
-        """shot_mismatches(shot, capabilities), answered without reading the message when the shot fits
-        (the common case)."""
-        if self._fits(shot):
-            return []
+        """shot_mismatches(shot, capabilities), worked out once per shape of shot: the shot's fields
+        shot_mismatches reads, and their lengths where a limit applies."""
         first_frame = shot.first_frame
         shape = (
             shot.duration_seconds,
             shot.aspect_ratio,
             shot.resolution,
             bool(first_frame.data or first_frame.uri),
-            len(shot.prompt) if self._max_prompt_characters else 0,
-            len(first_frame.data) if self._max_image_bytes else 0,
+            len(shot.prompt) if self.capabilities.max_prompt_characters else 0,
+            len(first_frame.data) if self.capabilities.max_image_bytes else 0,
         )
         said = self._said.get(shape)
         if said is None:
@@ -194,30 +174,6 @@ class Offered:
                 self._said.clear()
             said = self._said[shape] = shot_mismatches(shot, self.capabilities)
         return list(said)
-
-    def _fits(self, shot: render_pb2.Shot) -> bool:
-        """True only when shot_mismatches finds nothing (the same checks, on plain values)."""
-        duration = shot.duration_seconds
-        if not self._min_duration <= duration <= self._max_duration:
-            return False
-        if self._allowed_durations and not any(
-            abs(duration - allowed) < _DURATION_EPSILON for allowed in self._allowed_durations
-        ):
-            return False
-        if (shot.aspect_ratio or render_pb2.ASPECT_RATIO_16_9) not in self._aspect_ratios:
-            return False
-        first_frame = shot.first_frame
-        image_bytes = len(first_frame.data)
-        has_first_frame = bool(image_bytes or first_frame.uri)
-        if has_first_frame and not self._image_input:
-            return False
-        if not has_first_frame and self._requires_first_frame:
-            return False
-        if shot.resolution and shot.resolution not in self._resolutions:
-            return False
-        if self._max_prompt_characters and len(shot.prompt) > self._max_prompt_characters:
-            return False
-        return not (self._image_input and self._max_image_bytes and image_bytes > self._max_image_bytes)
 
 
 def shot_mismatches(shot: render_pb2.Shot, capabilities: renderer_pb2.Capabilities) -> list[tuple[str, str]]:

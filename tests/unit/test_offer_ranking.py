@@ -196,7 +196,7 @@ def _every_offer() -> list[renderer_pb2.Capabilities]:
 def test_an_offers_plain_checks_agree_with_shot_mismatches(
     seconds: float, aspect_ratio: int, image: str, resolution: str, prompt_length: int, offer: int
 ) -> None:
-    """The router's fast check of an offer (Offered) says what shot_mismatches says, shot after shot,
+    """An offer's remembered answers (Offered) say what shot_mismatches says, shot after shot,
     whether the answer was worked out or remembered from a shot of the same shape."""
     capabilities = _every_offer()[offer]
     first_frame = {
