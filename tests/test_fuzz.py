@@ -153,9 +153,12 @@ class Fuzzing:
         metadata = self.metadata(rpc)
         try:
             if rpc.streaming:
-                stream = channel.unary_stream(rpc.path, request_serializer=serialize)(
-                    request, timeout=STREAM_SECONDS, metadata=metadata
-                )
+                if rpc.method.client_streaming:  # the one request, then the caller's side closed
+                    call = channel.stream_stream(rpc.path, request_serializer=serialize)
+                    stream = call(iter([request]), timeout=STREAM_SECONDS, metadata=metadata)
+                else:
+                    call = channel.unary_stream(rpc.path, request_serializer=serialize)
+                    stream = call(request, timeout=STREAM_SECONDS, metadata=metadata)
                 for count, _ in enumerate(stream, 1):
                     if count >= STREAM_RESPONSES:
                         stream.cancel()

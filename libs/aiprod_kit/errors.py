@@ -18,6 +18,7 @@ from google.protobuf import any_pb2, duration_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from aiprod_kit.handlers import rewrap
 from aiprod_kit.redaction import redact
 
 log = structlog.get_logger()
@@ -322,6 +323,21 @@ class _Undecodable:
         self.error = MalformedRequest(f"the request is not a valid {type_name} message ({error})")
 
 
+def _checked(request: Any) -> Any:
+    """The request, or the stream of requests, as the handler may read it: a body that could not be
+    parsed raises its INVALID_ARGUMENT where it is read."""
+    if isinstance(request, _Undecodable):
+        raise request.error
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request)
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
+
+
 class MalformedRequest(ServiceError):
     """A request body that cannot be parsed as the method's request message: a caller's mistake."""
 
@@ -359,40 +375,32 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        if handler.unary_unary:
-            inner_unary = handler.unary_unary
 
+        def answered_once(inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    if isinstance(request, _Undecodable):
-                        raise request.error
-                    return await inner_unary(request, context)
+                    return await inner(_checked(request), context)
                 except (grpc.aio.AbortError, grpc.aio.UsageError):
                     raise
                 except Exception as error:
                     await _abort(context, error, method)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, _tolerant(handler.request_deserializer), handler.response_serializer
-            )
-        if handler.unary_stream:
-            inner_stream = handler.unary_stream
+            return unary
 
+        def answered_by_stream(inner: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
-                    if isinstance(request, _Undecodable):
-                        raise request.error
-                    if inspect.isasyncgenfunction(inner_stream):
-                        async for response in inner_stream(request, context):
+                    request = _checked(request)
+                    if inspect.isasyncgenfunction(inner):
+                        async for response in inner(request, context):
                             yield response
                     else:  # a coroutine that writes its responses with context.write (the health Watch)
-                        await inner_stream(request, context)
+                        await inner(request, context)
                 except (grpc.aio.AbortError, grpc.aio.UsageError):
                     raise
                 except Exception as error:
                     await _abort(context, error, method)
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream, _tolerant(handler.request_deserializer), handler.response_serializer
-            )
-        return handler
+            return stream
+
+        return rewrap(handler, answered_once, answered_by_stream, _tolerant(handler.request_deserializer))

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aiprod_kit.channels import MESSAGE_SIZE_OPTIONS, keepalive_options
 from aiprod_kit.errors import ErrorInterceptor
+from aiprod_kit.handlers import rewrap
 from aiprod_kit.logs import configure_logging
 from aiprod_kit.redaction import register_settings
 from aiprod_kit.settings import CommonSettings, ConfigurationError
@@ -91,31 +92,26 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         guard = self._guards.get(prefix)
         if handler is None or guard is None:
             return handler
-        if handler.unary_unary:
-            inner_unary = handler.unary_unary
 
+        def answered_once(inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 await guard(details, context)
-                return await inner_unary(request, context)
+                return await inner(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            inner_stream = handler.unary_stream
+            return unary
 
+        def answered_by_stream(inner: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 await guard(details, context)
-                if inspect.isasyncgenfunction(inner_stream):
-                    async for response in inner_stream(request, context):
+                if inspect.isasyncgenfunction(inner):
+                    async for response in inner(request, context):
                         yield response
                 else:
-                    await inner_stream(request, context)
+                    await inner(request, context)
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+            return stream
+
+        return rewrap(handler, answered_once, answered_by_stream)
 
 
 # A service's resources (stores, channels, background tasks) for the life of the server: entered

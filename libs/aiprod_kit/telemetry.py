@@ -38,15 +38,22 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import Status
 
+from aiprod_kit.handlers import rewrap
 from aiprod_kit.redaction import REDACTED, redact, redact_value
 from aiprod_kit.settings import CommonSettings, ConfigurationError
 
-_UNOBSERVED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
-_UNOBSERVED_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+_UNOBSERVED_METHODS = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.",
+    # Open as long as the router runs, carrying thousands of renders: not one call to time or trace;
+    # each render on it joins its own caller's trace (RenderToWatch.trace_context).
+    "/aiprod.renderer.v1.RendererService/WatchRenders",
+)
 
 
 def _traced(details: Any) -> bool:
-    """Health checks and reflection would drown every trace and the RPC metrics; they are left out.
+    """Health checks and reflection would drown every trace and the RPC metrics; they are left out, as
+    is the router's one WatchRenders stream per renderer.
 
     A prefix test on the method rather than the instrumentation's `filters`, whose isinstance checks
     against typing protocols cost about 6% of a create's time at the gateway."""
@@ -294,7 +301,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         full_method = handler_call_details.method
-        if handler is None or full_method.lstrip("/").startswith(_UNOBSERVED_SERVICES):
+        if handler is None or full_method.startswith(_UNOBSERVED_METHODS):
             return handler
         service, _, method = full_method.lstrip("/").partition("/")
         labels = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
@@ -310,29 +317,24 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode(code)
             record(time.perf_counter() - started, {**labels, "rpc.grpc.status_code": code.value[0]})
 
-        if handler.unary_unary:
-            inner_unary = handler.unary_unary
-
+        def answered_once(inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started, failed = time.perf_counter(), None
                 try:
-                    return await inner_unary(request, context)
+                    return await inner(request, context)
                 except BaseException as error:
                     failed = error
                     raise
                 finally:
                     finish(started, context, failed)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            inner_stream = handler.unary_stream
+            return unary
 
+        def answered_by_stream(inner: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 started, failed = time.perf_counter(), None
                 try:
-                    async for response in inner_stream(request, context):
+                    async for response in inner(request, context):
                         yield response
                 except BaseException as error:
                     failed = error
@@ -340,10 +342,9 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     finish(started, context, failed)
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+            return stream
+
+        return rewrap(handler, answered_once, answered_by_stream)
 
 
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:

@@ -22,6 +22,7 @@ from aiprod_kit.channels import open_channel
 from aiprod_kit.settings import CommonSettings
 from aiprod_kit.tls import TlsSettings, dial_aio
 from aiprod_router.stats import BackendStats
+from aiprod_router.watches import RenderWatches
 
 RENDERER_SERVICE = renderer_pb2.DESCRIPTOR.services_by_name["RendererService"].full_name
 BACKENDS_BY_NAME = {
@@ -95,6 +96,11 @@ class Renderer:
     breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker(3, 30.0))
     # How the health watches reach each replica (the mesh's TLS).
     tls: TlsSettings = field(default_factory=TlsSettings)
+    # The renders followed here, over one stream (made from `stub`).
+    watches: RenderWatches = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.watches = RenderWatches(self.stub)
 
     @property
     def records(self) -> renderer_pb2_grpc.RendererServiceStub:
@@ -208,6 +214,7 @@ class RendererPool:
         return self.renderers.get(backend)
 
     async def close(self) -> None:
+        await asyncio.gather(*(renderer.watches.close() for renderer in self.renderers.values()))
         for task in self._watches:
             task.cancel()
         for task in self._watches:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 from google.protobuf import timestamp_pb2
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 
 from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
@@ -53,12 +53,11 @@ from aiprod_router.backends import Renderer, RendererPool
 from aiprod_router.policy import Candidate, RouteRequest, describe, rank_backends, views_of
 from aiprod_router.stats import Outcome
 from aiprod_router.telemetry import RouterMetrics
+from aiprod_router.watches import FINAL_RENDER_STATES, WatchBroken
 
 log = structlog.get_logger()
 _tracer = trace.get_tracer("aiprod.router")
 
-FINAL_RENDER_STATES = (renderer_pb2.RENDER_STATE_SUCCEEDED, renderer_pb2.RENDER_STATE_FAILED,
-                        renderer_pb2.RENDER_STATE_CANCELLED)  # fmt: skip
 # A renderer's answers that say the render itself is wrong: no retry there can help.
 _REFUSALS = frozenset(
     {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE}
@@ -697,20 +696,15 @@ class RenderChain:
         """Follows a render to its end at its renderer, re-attaching when the renderer comes back."""
         started = time.monotonic()
         last_progress, progressed_at = -1.0, 0.0
+        # The attempt's trace, for the renderer's work on this render (a re-attach after a restart).
+        trace_context: dict[str, str] = {}
+        propagate.inject(trace_context, context=trace.set_span_in_context(result.span))
         while True:
-            with trace.use_span(result.span):
-                # The call starts (and its client span opens) here, inside the attempt's span.
-                watch = renderer.stub.WatchRender(renderer_pb2.WatchRenderRequest(task_id=task_id))
             final: renderer_pb2.Render | None = None
             try:
-                # Read to the stream's end (it ends right after the final state): the call, and its
-                # client span, end now rather than whenever the abandoned stream is collected.
-                async for update in watch:
-                    render = update.render
-                    if final is not None:
-                        continue
+                async for render in renderer.watches.follow(task_id, trace_context):
                     if render.state in FINAL_RENDER_STATES:
-                        final = render
+                        final = render  # the last news: the watch ends with it
                         continue
                     moved = abs(render.progress - last_progress)
                     if moved >= _PROGRESS_STEP or (
@@ -718,8 +712,8 @@ class RenderChain:
                     ):
                         last_progress, progressed_at = render.progress, time.monotonic()
                         yield event(attempt, progress=event_pb2.RenderProgress(fraction=render.progress))
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.NOT_FOUND:
+            except WatchBroken as error:
+                if error.code == grpc.StatusCode.NOT_FOUND:
                     # The renderer came back without it: the render died with the renderer's process.
                     result.end(
                         renderer,
@@ -729,7 +723,7 @@ class RenderChain:
                     self._settle(renderer, result, self._settings)
                     return
                 log.warning(
-                    "renderer stream broke", backend=renderer.name, task_id=task_id, code=error.code().name
+                    "renderer stream broke", backend=renderer.name, task_id=task_id, code=error.code.name
                 )
             if final is not None:
                 async for item in self._finish(renderer, final, attempt, job, result, started):

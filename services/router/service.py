@@ -29,7 +29,8 @@ from aiprod_kit.checks import (
 from aiprod_kit.errors import ErrorReason, InvalidArgument, NotFound, Unavailable
 from aiprod_kit.money import usd
 from aiprod_router.backends import Renderer, RendererPool
-from aiprod_router.chain import FINAL_RENDER_STATES, AttemptResult, RenderChain, RenderJob
+from aiprod_router.chain import AttemptResult, RenderChain, RenderJob
+from aiprod_router.watches import FINAL_RENDER_STATES
 
 _CALL_TIMEOUT = 10.0
 # A ledger tenant's name, as the metrics service accepts it.

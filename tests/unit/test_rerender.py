@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
+from fake_watches import watch_renders
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -64,13 +65,11 @@ class RendererStub:
             render=renderer_pb2.Render(handle=handle, state=renderer_pb2.RENDER_STATE_RUNNING)
         )
 
-    def WatchRender(self, request):
-        render = self._renders[request.task_id]
+    def WatchRenders(self, requests):
+        return watch_renders(requests, self._statuses)
 
-        async def updates() -> AsyncIterator[renderer_pb2.WatchRenderResponse]:
-            yield renderer_pb2.WatchRenderResponse(render=render)
-
-        return updates()
+    async def _statuses(self, task_id: str) -> AsyncIterator[renderer_pb2.Render]:
+        yield self._renders[task_id]
 
 
 @dataclass

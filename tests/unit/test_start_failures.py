@@ -5,9 +5,11 @@ the renderer): the renderer is waited for, then the attempt is held. Renderers a
 fakes; the chain and the routing policy are the real ones."""
 
 import itertools
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from fake_watches import watch_renders
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -88,13 +90,11 @@ class FakeRenderer:
             raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED)
         return renderer_pb2.GetCapabilitiesResponse()
 
-    def WatchRender(self, request):
-        render = succeeded(self.backend, request.task_id.removeprefix("task-"))
+    def WatchRenders(self, requests):
+        return watch_renders(requests, self.statuses)
 
-        async def updates():
-            yield renderer_pb2.WatchRenderResponse(render=render)
-
-        return updates()
+    async def statuses(self, task_id: str) -> AsyncIterator[renderer_pb2.Render]:
+        yield succeeded(self.backend, task_id.removeprefix("task-"))
 
 
 class Pool:
@@ -259,18 +259,12 @@ async def test_progress_is_passed_on_in_steps_not_at_every_change():
     # gateway and a message to every watcher), the first one at once.
     runway = FakeRenderer(RUNWAY)
 
-    def watch(request):
-        final = succeeded(RUNWAY, request.task_id.removeprefix("task-"))
+    async def statuses(task_id: str) -> AsyncIterator[renderer_pb2.Render]:
+        for percent in range(100):
+            yield renderer_pb2.Render(state=renderer_pb2.RENDER_STATE_RUNNING, progress=percent / 100)
+        yield succeeded(RUNWAY, task_id.removeprefix("task-"))
 
-        async def updates():
-            for percent in range(100):
-                running = renderer_pb2.Render(state=renderer_pb2.RENDER_STATE_RUNNING, progress=percent / 100)
-                yield renderer_pb2.WatchRenderResponse(render=running)
-            yield renderer_pb2.WatchRenderResponse(render=final)
-
-        return updates()
-
-    runway.WatchRender = watch  # type: ignore[method-assign]
+    runway.statuses = statuses  # type: ignore[method-assign]
     items = await run(Pool(runway))
 
     fractions = [round(item.progress.fraction, 2) for item in items if item.HasField("progress")]

@@ -39,6 +39,7 @@ from aiprod_kit.rendering.registry import RenderRegistry
 from aiprod_kit.rendering.starting import RenderStarter
 from aiprod_kit.rendering.storage import VideoStore
 from aiprod_kit.rendering.telemetry import ProviderCallMetrics
+from aiprod_kit.rendering.watching import watch_renders
 from aiprod_kit.server import HealthSignal
 from aiprod_kit.settings import ProviderSettings
 
@@ -145,20 +146,28 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
         if request.idempotency_key and not request.task_id:
             render = await self._starter.by_key(request.idempotency_key)
         else:
-            render = await self._starter.by_task(_task_id(request.task_id))
+            render = await self._find(request.task_id)
         return renderer_pb2.GetRenderResponse(render=render.snapshot())
 
     async def WatchRender(
         self, request: renderer_pb2.WatchRenderRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[renderer_pb2.WatchRenderResponse]:
-        render = await self._starter.by_task(_task_id(request.task_id))
+        render = await self._find(request.task_id)
         async for status in render.watch():
             yield renderer_pb2.WatchRenderResponse(render=status)
+
+    async def WatchRenders(
+        self,
+        requests: AsyncIterator[renderer_pb2.WatchRendersRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[renderer_pb2.WatchRendersResponse]:
+        async for response in watch_renders(requests, self._find):
+            yield response
 
     async def CancelRender(
         self, request: renderer_pb2.CancelRenderRequest, context: grpc.aio.ServicerContext
     ) -> renderer_pb2.CancelRenderResponse:
-        render = await self._starter.by_task(_task_id(request.task_id))
+        render = await self._find(request.task_id)
         if render.ended:
             raise FailedPrecondition(f"render {echo(request.task_id)} has already ended")
         try:
@@ -176,6 +185,10 @@ class ProviderRendererService(renderer_pb2_grpc.RendererServiceServicer):
             render, renderer_pb2.RENDER_STATE_CANCELLED, failure(Reason.CANCELLED, message, False), charge
         )
         return renderer_pb2.CancelRenderResponse(render=render.snapshot())
+
+    async def _find(self, task_id: str) -> ProviderRender:
+        """The render a caller names by task id (re-attached when this process never saw it)."""
+        return await self._starter.by_task(_task_id(task_id))
 
 
 def _task_id(task_id: str) -> str:

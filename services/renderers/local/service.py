@@ -28,6 +28,7 @@ from aiprod_kit.rendering.keys import KEY_PATTERN, KEY_RULE
 from aiprod_kit.rendering.record import RenderRecord
 from aiprod_kit.rendering.registry import RenderRegistry
 from aiprod_kit.rendering.storage import LocalVideoStore
+from aiprod_kit.rendering.watching import watch_renders
 from aiprod_kit.server import Registration
 from aiprod_kit.settings import LocalRendererSettings
 from aiprod_renderers.local import synth
@@ -154,6 +155,17 @@ class LocalRendererService(renderer_pb2_grpc.RendererServiceServicer):
     ) -> AsyncIterator[renderer_pb2.WatchRenderResponse]:
         async for status in self._find(request.task_id).watch():
             yield renderer_pb2.WatchRenderResponse(render=status)
+
+    async def WatchRenders(
+        self,
+        requests: AsyncIterator[renderer_pb2.WatchRendersRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[renderer_pb2.WatchRendersResponse]:
+        async def find(task_id: str) -> _LocalRender:
+            return self._find(task_id)
+
+        async for response in watch_renders(requests, find):
+            yield response
 
     async def CancelRender(
         self, request: renderer_pb2.CancelRenderRequest, context: grpc.aio.ServicerContext

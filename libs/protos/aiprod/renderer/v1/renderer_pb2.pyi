@@ -166,6 +166,47 @@ class WatchRenderResponse(_message.Message):
     render: Render
     def __init__(self, render: _Optional[_Union[Render, _Mapping]] = ...) -> None: ...
 
+class WatchRendersRequest(_message.Message):
+    __slots__ = ("watch", "stop_task_ids")
+    WATCH_FIELD_NUMBER: _ClassVar[int]
+    STOP_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    watch: _containers.RepeatedCompositeFieldContainer[RenderToWatch]
+    stop_task_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, watch: _Optional[_Iterable[_Union[RenderToWatch, _Mapping]]] = ..., stop_task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RenderToWatch(_message.Message):
+    __slots__ = ("task_id", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, task_id: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class WatchRendersResponse(_message.Message):
+    __slots__ = ("task_id", "render", "error")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    RENDER_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    render: Render
+    error: WatchError
+    def __init__(self, task_id: _Optional[str] = ..., render: _Optional[_Union[Render, _Mapping]] = ..., error: _Optional[_Union[WatchError, _Mapping]] = ...) -> None: ...
+
+class WatchError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class CancelRenderRequest(_message.Message):
     __slots__ = ("task_id",)
     TASK_ID_FIELD_NUMBER: _ClassVar[int]

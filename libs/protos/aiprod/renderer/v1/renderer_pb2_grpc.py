@@ -55,6 +55,11 @@ class RendererServiceStub:
                 request_serializer=aiprod_dot_renderer_dot_v1_dot_renderer__pb2.WatchRenderRequest.SerializeToString,
                 response_deserializer=aiprod_dot_renderer_dot_v1_dot_renderer__pb2.WatchRenderResponse.FromString,
                 _registered_method=True)
+        self.WatchRenders = channel.stream_stream(
+                '/aiprod.renderer.v1.RendererService/WatchRenders',
+                request_serializer=aiprod_dot_renderer_dot_v1_dot_renderer__pb2.WatchRendersRequest.SerializeToString,
+                response_deserializer=aiprod_dot_renderer_dot_v1_dot_renderer__pb2.WatchRendersResponse.FromString,
+                _registered_method=True)
         self.CancelRender = channel.unary_unary(
                 '/aiprod.renderer.v1.RendererService/CancelRender',
                 request_serializer=aiprod_dot_renderer_dot_v1_dot_renderer__pb2.CancelRenderRequest.SerializeToString,
@@ -94,6 +99,16 @@ class RendererServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRenders(self, request_iterator, context):
+        """Follows many renders over one stream, as WatchRender follows one: each request names renders to
+        start or stop following, and each answer carries one render's status, tagged with its task id.
+        For a caller following thousands of renders at once (the router): a stream costs each side tens
+        of kilobytes, one message on an open stream almost nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelRender(self, request, context):
         """Cancels a render that has not ended.
         """
@@ -123,6 +138,11 @@ def add_RendererServiceServicer_to_server(servicer, server):
                     servicer.WatchRender,
                     request_deserializer=aiprod_dot_renderer_dot_v1_dot_renderer__pb2.WatchRenderRequest.FromString,
                     response_serializer=aiprod_dot_renderer_dot_v1_dot_renderer__pb2.WatchRenderResponse.SerializeToString,
+            ),
+            'WatchRenders': grpc.stream_stream_rpc_method_handler(
+                    servicer.WatchRenders,
+                    request_deserializer=aiprod_dot_renderer_dot_v1_dot_renderer__pb2.WatchRendersRequest.FromString,
+                    response_serializer=aiprod_dot_renderer_dot_v1_dot_renderer__pb2.WatchRendersResponse.SerializeToString,
             ),
             'CancelRender': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelRender,
@@ -239,6 +259,33 @@ class RendererService:
             '/aiprod.renderer.v1.RendererService/WatchRender',
             aiprod_dot_renderer_dot_v1_dot_renderer__pb2.WatchRenderRequest.SerializeToString,
             aiprod_dot_renderer_dot_v1_dot_renderer__pb2.WatchRenderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRenders(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/aiprod.renderer.v1.RendererService/WatchRenders',
+            aiprod_dot_renderer_dot_v1_dot_renderer__pb2.WatchRendersRequest.SerializeToString,
+            aiprod_dot_renderer_dot_v1_dot_renderer__pb2.WatchRendersResponse.FromString,
             options,
             channel_credentials,
             insecure,
