@@ -287,11 +287,27 @@ def retry_delay(error: grpc.RpcError) -> float | None:
     return None
 
 
+def rpc_error(status: status_pb2.Status) -> grpc.aio.AioRpcError:
+    """The error a call ending with this status raises, for a call carried over a shared stream
+    (aiprod_kit.multiplexing): its code, message and details as its own trailers would carry them."""
+    code = _STATUS_CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    trailers = grpc.aio.Metadata()
+    if status.details:
+        trailers.add("grpc-status-details-bin", status.SerializeToString())
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, status.message)
+
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
 # The server's side ------------------------------------------------------------------------------
 
 
-def _status_of(error: ServiceError) -> grpc.Status:
-    """The status of an error, within the bounds gRPC's trailers can carry (see MAX_STATUS_BYTES)."""
+def status_proto(error: Exception) -> status_pb2.Status:
+    """The google.rpc.Status a call failing with this error ends with (INTERNAL for anything but a
+    ServiceError), within the bounds gRPC's trailers can carry (see MAX_STATUS_BYTES)."""
+    if not isinstance(error, ServiceError):
+        error = _INTERNAL
     proto = status_pb2.Status(
         code=getattr(code_pb2, error.code.name),
         message=cut(error.message, MAX_STATUS_MESSAGE_BYTES),
@@ -300,18 +316,16 @@ def _status_of(error: ServiceError) -> grpc.Status:
     # Many violations, say: the ErrorInfo, which callers branch on, stays; the message names the fields.
     while proto.ByteSize() > MAX_STATUS_BYTES and len(proto.details) > 1:
         proto.details.pop()
-    return rpc_status.to_status(proto)
+    return proto
 
 
 _INTERNAL = ServiceError("internal error; the service log has the details")
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
-    if isinstance(error, ServiceError):
-        status = _status_of(error)
-        await context.abort(status.code, status.details, status.trailing_metadata)
-    log.exception("unexpected error", method=method)
-    status = _status_of(_INTERNAL)
+    if not isinstance(error, ServiceError):
+        log.exception("unexpected error", method=method)
+    status = rpc_status.to_status(status_proto(error))
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 

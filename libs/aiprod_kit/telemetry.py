@@ -5,13 +5,14 @@ docs/TELEMETRY.md is the metric scheme; the histogram buckets below are part of 
 job duration at 900 s and the quality at 0.6, so both are bucket bounds).
 """
 
+import functools
 import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -38,6 +39,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import Status
 
+from aiprod_kit.errors import ServiceError
 from aiprod_kit.handlers import rewrap
 from aiprod_kit.redaction import REDACTED, redact, redact_value
 from aiprod_kit.settings import CommonSettings, ConfigurationError
@@ -45,15 +47,17 @@ from aiprod_kit.settings import CommonSettings, ConfigurationError
 _UNOBSERVED_METHODS = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.",
-    # Open as long as the router runs, carrying thousands of renders: not one call to time or trace;
-    # each render on it joins its own caller's trace (RenderToWatch.trace_context).
+    # Shared streams, open as long as their caller runs and carrying thousands of renders: not one call
+    # to time or trace. Each render on them joins its own caller's trace, and a render run over
+    # ExecuteRenders is observed as its own ExecuteRender call would be (`as_call`).
     "/aiprod.renderer.v1.RendererService/WatchRenders",
+    "/aiprod.router.v1.RouterService/ExecuteRenders",
 )
 
 
 def _traced(details: Any) -> bool:
     """Health checks and reflection would drown every trace and the RPC metrics; they are left out, as
-    is the router's one WatchRenders stream per renderer.
+    are the shared streams (aiprod_kit.multiplexing).
 
     A prefix test on the method rather than the instrumentation's `filters`, whose isinstance checks
     against typing protocols cost about 6% of a create's time at the gateway."""
@@ -285,14 +289,56 @@ def _google_cloud_exporters(settings: CommonSettings) -> tuple[SpanExporter, Met
     )
 
 
+@functools.cache
+def _rpc_duration() -> metrics.Histogram:
+    return metrics.get_meter("aiprod.rpc").create_histogram(
+        "rpc.server.call.duration", unit="s", description="Duration of the RPCs this service answered"
+    )
+
+
+T = TypeVar("T")
+
+
+async def as_call(full_method: str, answer: AsyncIterator[T]) -> AsyncIterator[T]:
+    """A call carried over a shared stream (aiprod_kit.multiplexing), observed as its own call would
+    be: a server span named by its method, in the caller's trace, and rpc.server.call.duration with its
+    status code."""
+    service, _, method = full_method.lstrip("/").partition("/")
+    labels = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    started, code = time.perf_counter(), grpc.StatusCode.OK
+    with _call_tracer.start_as_current_span(
+        full_method, kind=trace.SpanKind.SERVER, attributes=labels, set_status_on_exception=False
+    ) as span:
+        try:
+            async for item in answer:
+                yield item
+        except ServiceError as error:
+            code = error.code
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            raise
+        except BaseException:
+            code = grpc.StatusCode.CANCELLED  # stopped by its caller
+            raise
+        finally:
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code != grpc.StatusCode.OK:
+                span.set_status(Status(trace.StatusCode.ERROR, code.name))
+            _rpc_duration().record(
+                time.perf_counter() - started, {**labels, "rpc.grpc.status_code": code.value[0]}
+            )
+
+
+_call_tracer = trace.get_tracer("aiprod.rpc")
+
+
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """rpc.server.call.duration for every call, labelled by method and status code (semantic
     conventions): latency and error rate per method from one histogram."""
 
     def __init__(self) -> None:
-        self._duration = metrics.get_meter("aiprod.rpc").create_histogram(
-            "rpc.server.call.duration", unit="s", description="Duration of the RPCs this service answered"
-        )
+        self._duration = _rpc_duration()
 
     async def intercept_service(
         self,

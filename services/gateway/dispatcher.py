@@ -98,6 +98,7 @@ class Dispatcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._driver.close()
         await self._claims.release_all()
 
     def enqueue(self, job_id: str, priority: int = gateway_pb2.PRIORITY_UNSPECIFIED) -> None:

@@ -50,6 +50,7 @@ from aiprod_gateway import attempts
 from aiprod_gateway.films import Films
 from aiprod_gateway.quoting import quoted_constraints
 from aiprod_gateway.reporting import MetricsReporter
+from aiprod_gateway.router_renders import RouterRenders
 from aiprod_gateway.settlement import Settlement, record_charge
 from aiprod_gateway.spending import BudgetRefused, Spending
 from aiprod_gateway.store import TERMINAL_STATES, ClaimLost, JobStore, JobUpdate
@@ -282,6 +283,8 @@ class JobDriver:
     ) -> None:
         self._store = store
         self._router = router
+        # Each shot's render at the router: over shared streams, not a call each.
+        self._renders = RouterRenders(router)
         self._reporter = reporter
         self._spending = spending
         self._settlement = settlement
@@ -293,6 +296,10 @@ class JobDriver:
         self._guarantees = guarantees or Guarantees.from_settings(settings)
         self._films = films or Films.from_settings(settings)
         self._shot_concurrency = shot_concurrency or settings.gateway_shot_concurrency
+
+    async def close(self) -> None:
+        """Closes the streams to the router (the jobs' drives have stopped)."""
+        await self._renders.close()
 
     async def drive(self, job_id: str, driver: Drive) -> float | None:
         """Drives the job inside its own trace, the one its CreateRenderJob started: the router,
@@ -613,7 +620,6 @@ class JobDriver:
                 # started is granted again by the router, for the same attempt and ledger line.
                 rerender_granted=granted is not None and granted <= status.attempt,
             )
-            stream = self._router.ResumeRender(request)
         else:
             request = router_pb2.ExecuteRenderRequest(
                 job_id=job.job_id,
@@ -623,14 +629,11 @@ class JobDriver:
                 tenant_id=job.tenant_id,
                 guarantee=guarantee,
             )
-            stream = self._router.ExecuteRender(request)
-        try:
-            async for response in stream:
-                response.event.shot = index
-                yield response.event
-        finally:
-            # Left early (the claim lost, a write failed): the router stops following it for this driver.
-            stream.cancel()
+        # Left early (the claim lost, a write failed): the router stops following it for this driver.
+        async with contextlib.aclosing(self._renders.run(request)) as events:
+            async for event in events:
+                event.shot = index
+                yield event
 
 
 def _shot_constraints(job: gateway_pb2.RenderJob, index: int) -> render_pb2.RenderConstraints:

@@ -10,6 +10,7 @@ import re
 from collections.abc import AsyncIterator
 
 import grpc
+import structlog
 from google.protobuf import duration_pb2
 
 from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
@@ -26,11 +27,15 @@ from aiprod_kit.checks import (
     task_id_violations,
     valid_timestamp,
 )
-from aiprod_kit.errors import ErrorReason, InvalidArgument, NotFound, Unavailable
+from aiprod_kit.errors import ErrorReason, InvalidArgument, NotFound, ServiceError, Unavailable, status_proto
 from aiprod_kit.money import usd
+from aiprod_kit.multiplexing import Multiplexed, Order, Start, Stop
+from aiprod_kit.telemetry import as_call
 from aiprod_router.backends import Renderer, RendererPool
 from aiprod_router.chain import AttemptResult, RenderChain, RenderJob
 from aiprod_router.watches import FINAL_RENDER_STATES
+
+log = structlog.get_logger()
 
 _CALL_TIMEOUT = 10.0
 # A ledger tenant's name, as the metrics service accepts it.
@@ -99,10 +104,38 @@ def _guarantee(
     return guarantee, []
 
 
+_SERVICE = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+_EXECUTE_RENDER = f"/{_SERVICE}/ExecuteRender"
+_RESUME_RENDER = f"/{_SERVICE}/ResumeRender"
+
+
+def _render_event(render_id: str, event: event_pb2.RenderEvent) -> router_pb2.ExecuteRendersResponse:
+    return router_pb2.ExecuteRendersResponse(render_id=render_id, event=event)
+
+
+def _call_end(render_id: str, error: Exception | None) -> router_pb2.ExecuteRendersResponse:
+    """How a render's call over ExecuteRenders ended, as its own call's status would say it."""
+    if error is None:
+        return router_pb2.ExecuteRendersResponse(render_id=render_id, end=router_pb2.CallEnd())
+    if not isinstance(error, ServiceError):
+        log.error("unexpected error", method=_EXECUTE_RENDER, render_id=render_id, exc_info=error)
+    status = status_proto(error)
+    end = router_pb2.CallEnd(
+        code=status.code, message=status.message, status_details=status.SerializeToString()
+    )
+    return router_pb2.ExecuteRendersResponse(render_id=render_id, end=end)
+
+
+async def _refused(error: ServiceError) -> AsyncIterator[event_pb2.RenderEvent]:
+    raise error
+    yield  # an async generator that only refuses
+
+
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, pool: RendererPool, chain: RenderChain) -> None:
         self._pool = pool
         self._chain = chain
+        self._renders = Multiplexed(self._orders, _render_event, _call_end)
 
     async def PlanRoute(
         self, request: router_pb2.PlanRouteRequest, context: grpc.aio.ServicerContext
@@ -133,6 +166,39 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def ExecuteRender(
         self, request: router_pb2.ExecuteRenderRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.ExecuteRenderResponse]:
+        async for event in self._execute(request):
+            yield router_pb2.ExecuteRenderResponse(event=event)
+
+    async def ResumeRender(
+        self, request: router_pb2.ResumeRenderRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.ResumeRenderResponse]:
+        async for event in self._resume(request):
+            yield router_pb2.ResumeRenderResponse(event=event)
+
+    async def ExecuteRenders(
+        self, requests: AsyncIterator[router_pb2.ExecuteRendersRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.ExecuteRendersResponse]:
+        async for response in self._renders.serve(requests):
+            yield response
+
+    def _orders(self, request: router_pb2.ExecuteRendersRequest) -> list[Order]:
+        """What one request of ExecuteRenders asks: each render observed as its own call would be."""
+        action = request.WhichOneof("action")
+        if action == "stop":
+            return [Stop(request.render_id)]
+        if action == "execute":
+            answer = as_call(_EXECUTE_RENDER, self._execute(request.execute))
+        elif action == "resume":
+            answer = as_call(_RESUME_RENDER, self._resume(request.resume))
+        else:
+            answer = _refused(InvalidArgument([("action", "must be one of execute, resume or stop")]))
+        if not request.render_id:
+            answer = _refused(InvalidArgument([("render_id", "must name the render on this stream")]))
+        return [Start(request.render_id, lambda: answer, request.trace_context)]
+
+    async def _execute(
+        self, request: router_pb2.ExecuteRenderRequest
+    ) -> AsyncIterator[event_pb2.RenderEvent]:
         guarantee, violations = _guarantee(request)
         violations = (
             _render_violations(request.shot, request.constraints, request.tenant_id, request.job_id)
@@ -151,11 +217,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             guarantee=guarantee,
         )
         async for event in self._chain.run(job):
-            yield router_pb2.ExecuteRenderResponse(event=event)
+            yield event
 
-    async def ResumeRender(
-        self, request: router_pb2.ResumeRenderRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[router_pb2.ResumeRenderResponse]:
+    async def _resume(self, request: router_pb2.ResumeRenderRequest) -> AsyncIterator[event_pb2.RenderEvent]:
         self._renderer_of(request.handle)
         guarantee, violations = _guarantee(request)
         violations = (
@@ -180,7 +244,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             rerender_granted=request.rerender_granted,
         )
         async for event in self._chain.run(job, resume=request.handle, resume_attempt=request.attempt or 1):
-            yield router_pb2.ResumeRenderResponse(event=event)
+            yield event
 
     async def CancelRender(
         self, request: router_pb2.CancelRenderRequest, context: grpc.aio.ServicerContext

@@ -8,13 +8,13 @@ render opens a new stream.
 """
 
 import asyncio
-import contextvars
 from collections.abc import AsyncIterator, Mapping
 
 import grpc
 import structlog
 
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from aiprod_kit.multiplexing import SharedStream
 
 log = structlog.get_logger()
 
@@ -58,11 +58,8 @@ class RenderWatches:
     """Every render followed at one renderer, multiplexed over one WatchRenders stream."""
 
     def __init__(self, stub: renderer_pb2_grpc.RendererServiceStub) -> None:
-        self._stub = stub
         self._renders: dict[str, _Followed] = {}
-        # The open stream's reader and the requests it has yet to send; None before the first.
-        self._reader: asyncio.Task[None] | None = None
-        self._requests: asyncio.Queue[renderer_pb2.WatchRendersRequest] = asyncio.Queue()
+        self._stream = SharedStream(stub.WatchRenders, self._on_response, self._on_broken, merge=True)
 
     @property
     def followed(self) -> int:
@@ -75,12 +72,11 @@ class RenderWatches:
         """The render's status, then each change, up to its final state. Raises WatchBroken when the
         watch ends before that."""
         news: asyncio.Queue[_News] = asyncio.Queue()
-        self._open()
         render = self._renders.get(task_id)
         if render is None:
             render = self._renders[task_id] = _Followed()
             watch = renderer_pb2.RenderToWatch(task_id=task_id, trace_context=trace_context)
-            self._requests.put_nowait(renderer_pb2.WatchRendersRequest(watch=[watch]))
+            self._stream.send(renderer_pb2.WatchRendersRequest(watch=[watch]))
         elif render.last is not None:
             news.put_nowait(render.last)
         render.followers.append(news)
@@ -99,56 +95,29 @@ class RenderWatches:
                 # Nobody follows it any more before it ended (the job was cancelled, the router
                 # stops): the renderer need not send its news.
                 del self._renders[task_id]
-                self._requests.put_nowait(renderer_pb2.WatchRendersRequest(stop_task_ids=[task_id]))
+                self._stream.send(renderer_pb2.WatchRendersRequest(stop_task_ids=[task_id]))
 
-    def _open(self) -> None:
-        """Opens the stream unless it is open. Its task starts from an empty context: the stream is
-        nobody's call, and must not keep the first follower's trace alive."""
-        if self._reader is None or self._reader.done():
-            self._requests = asyncio.Queue()
-            self._reader = asyncio.create_task(
-                self._read(self._requests), name="watch-renders", context=contextvars.Context()
-            )
+    def _on_response(self, response: renderer_pb2.WatchRendersResponse) -> None:
+        render = self._renders.get(response.task_id)
+        if render is None:
+            return  # its followers have left
+        if response.HasField("error"):
+            del self._renders[response.task_id]
+            render.tell(WatchBroken(_status_code(response.error.code), response.error.message))
+            return
+        render.last = response.render
+        render.tell(response.render)
+        if response.render.state in FINAL_RENDER_STATES:
+            del self._renders[response.task_id]
 
-    async def _read(self, requests: asyncio.Queue[renderer_pb2.WatchRendersRequest]) -> None:
-        code, message = grpc.StatusCode.UNAVAILABLE, "the renderer ended the stream"
-        try:
-            async for response in self._stub.WatchRenders(_sent(requests)):
-                render = self._renders.get(response.task_id)
-                if render is None:
-                    continue  # its followers have left
-                if response.HasField("error"):
-                    del self._renders[response.task_id]
-                    render.tell(WatchBroken(_status_code(response.error.code), response.error.message))
-                    continue
-                render.last = response.render
-                render.tell(response.render)
-                if response.render.state in FINAL_RENDER_STATES:
-                    del self._renders[response.task_id]
-        except grpc.aio.AioRpcError as error:
-            code, message = error.code(), error.details() or ""
-        finally:
-            # Every render named on this stream hears it ended; a follower naming one from now on
-            # opens a new stream.
-            renders, self._renders = self._renders, {}
-            for render in renders.values():
-                render.tell(WatchBroken(code, message))
+    def _on_broken(self, code: grpc.StatusCode, message: str) -> None:
+        """Every render named on the broken stream hears it; the next one named opens a new stream."""
+        renders, self._renders = self._renders, {}
+        for render in renders.values():
+            render.tell(WatchBroken(code, message))
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-
-
-async def _sent(
-    requests: asyncio.Queue[renderer_pb2.WatchRendersRequest],
-) -> AsyncIterator[renderer_pb2.WatchRendersRequest]:
-    """The stream's requests; those queued meanwhile travel as one message."""
-    while True:
-        request = await requests.get()
-        while not requests.empty():
-            request.MergeFrom(requests.get_nowait())
-        yield request
+        await self._stream.close()
 
 
 def _status_code(value: int) -> grpc.StatusCode:

@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from fake_streams import execute_renders
 from structlog.testing import capture_logs
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
@@ -78,6 +79,9 @@ class Router:
         return stream
 
     ExecuteRender = ResumeRender = _play
+
+    def ExecuteRenders(self, requests):
+        return execute_renders(self, requests)
 
     async def CancelRender(
         self, request: router_pb2.CancelRenderRequest, timeout: float | None = None

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from fake_streams import execute_renders
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import admin_pb2, gateway_pb2
@@ -64,6 +65,9 @@ class Router:
         return Stream(self._scripts.pop(0))
 
     ExecuteRender = ResumeRender = _play
+
+    def ExecuteRenders(self, requests):
+        return execute_renders(self, requests)
 
 
 class Stream:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from fake_watches import watch_renders
+from fake_streams import watch_renders
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from fake_watches import watch_renders
+from fake_streams import watch_renders
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from fake_streams import until_broken
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -141,24 +142,8 @@ class InProcessStub:
                 self.requests.append(request)
                 yield request
 
-        answers = watch_renders(recorded(), self.renders.find)
-        breaking = asyncio.ensure_future(broken.wait())
-        try:
-            while True:
-                answer = asyncio.ensure_future(anext(answers))
-                await asyncio.wait([answer, breaking], return_when=asyncio.FIRST_COMPLETED)
-                if not answer.done():
-                    answer.cancel()
-                    raise grpc.aio.AioRpcError(
-                        grpc.StatusCode.UNAVAILABLE,
-                        grpc.aio.Metadata(),
-                        grpc.aio.Metadata(),
-                        "connection lost",
-                    )
-                yield answer.result()
-        finally:
-            breaking.cancel()
-            await answers.aclose()
+        async for answer in until_broken(watch_renders(recorded(), self.renders.find), broken):
+            yield answer
 
     def break_stream(self) -> None:
         self._break.set()

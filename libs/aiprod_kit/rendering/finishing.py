@@ -114,6 +114,7 @@ class OutputFinisher:
             except ProviderError as error:
                 self._log.warning("output not copied", task_id=render.task_id, error=str(error))
                 return failure(Reason.OUTPUT_LOST, str(error), False)
+            task.outputs[0].data.clear()  # copied: see VideoSource.data
             try:
                 async with self._decoding:
                     facts = await asyncio.to_thread(qc.probe, local)

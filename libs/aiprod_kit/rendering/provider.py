@@ -21,12 +21,14 @@ class TaskState(enum.Enum):
     CANCELLED = "cancelled"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VideoSource:
     """Where a provider put an output: exactly one of url, data or gcs_uri."""
 
     url: str = ""
-    data: bytes = b""
+    # The video itself, when the provider answers with it (Veo). Emptied once copied to disk: an output
+    # may wait a while for its turn at QC, and thousands waiting must not each hold their video here.
+    data: bytearray = field(default_factory=bytearray)
     gcs_uri: str = ""
 
 

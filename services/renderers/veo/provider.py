@@ -487,7 +487,7 @@ def _safety_code(reason: str) -> str:
 
 def _source(video: types.Video) -> VideoSource | None:
     if video.video_bytes:
-        return VideoSource(data=video.video_bytes)
+        return VideoSource(data=bytearray(video.video_bytes))
     if video.uri and video.uri.startswith("gs://"):
         return VideoSource(gcs_uri=video.uri)
     if video.uri:

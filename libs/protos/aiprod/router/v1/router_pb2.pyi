@@ -152,6 +152,47 @@ class ResumeRenderResponse(_message.Message):
     event: _event_pb2.RenderEvent
     def __init__(self, event: _Optional[_Union[_event_pb2.RenderEvent, _Mapping]] = ...) -> None: ...
 
+class ExecuteRendersRequest(_message.Message):
+    __slots__ = ("render_id", "execute", "resume", "stop", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    RENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXECUTE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    render_id: str
+    execute: ExecuteRenderRequest
+    resume: ResumeRenderRequest
+    stop: bool
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, render_id: _Optional[str] = ..., execute: _Optional[_Union[ExecuteRenderRequest, _Mapping]] = ..., resume: _Optional[_Union[ResumeRenderRequest, _Mapping]] = ..., stop: _Optional[bool] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ExecuteRendersResponse(_message.Message):
+    __slots__ = ("render_id", "event", "end")
+    RENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    render_id: str
+    event: _event_pb2.RenderEvent
+    end: CallEnd
+    def __init__(self, render_id: _Optional[str] = ..., event: _Optional[_Union[_event_pb2.RenderEvent, _Mapping]] = ..., end: _Optional[_Union[CallEnd, _Mapping]] = ...) -> None: ...
+
+class CallEnd(_message.Message):
+    __slots__ = ("code", "message", "status_details")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_DETAILS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    status_details: bytes
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., status_details: _Optional[bytes] = ...) -> None: ...
+
 class CancelRenderRequest(_message.Message):
     __slots__ = ("handle",)
     HANDLE_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class RouterServiceStub:
                 request_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.ResumeRenderRequest.SerializeToString,
                 response_deserializer=aiprod_dot_router_dot_v1_dot_router__pb2.ResumeRenderResponse.FromString,
                 _registered_method=True)
+        self.ExecuteRenders = channel.stream_stream(
+                '/aiprod.router.v1.RouterService/ExecuteRenders',
+                request_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.ExecuteRendersRequest.SerializeToString,
+                response_deserializer=aiprod_dot_router_dot_v1_dot_router__pb2.ExecuteRendersResponse.FromString,
+                _registered_method=True)
         self.CancelRender = channel.unary_unary(
                 '/aiprod.router.v1.RouterService/CancelRender',
                 request_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.CancelRenderRequest.SerializeToString,
@@ -87,6 +92,16 @@ class RouterServiceServicer:
 
     def ResumeRender(self, request, context):
         """Re-attaches to a render already started (its handle recorded) instead of starting it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecuteRenders(self, request_iterator, context):
+        """Runs many renders over one stream, each as its own ExecuteRender or ResumeRender call would: each
+        request starts one (or stops following one), and each answer carries one render's event or its
+        end, tagged with the caller's id for it. For a caller with thousands of renders in flight (the
+        gateway): a stream costs each side tens of kilobytes, one message on an open stream almost nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,6 +147,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.ResumeRender,
                     request_deserializer=aiprod_dot_router_dot_v1_dot_router__pb2.ResumeRenderRequest.FromString,
                     response_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.ResumeRenderResponse.SerializeToString,
+            ),
+            'ExecuteRenders': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecuteRenders,
+                    request_deserializer=aiprod_dot_router_dot_v1_dot_router__pb2.ExecuteRendersRequest.FromString,
+                    response_serializer=aiprod_dot_router_dot_v1_dot_router__pb2.ExecuteRendersResponse.SerializeToString,
             ),
             'CancelRender': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelRender,
@@ -231,6 +251,33 @@ class RouterService:
             '/aiprod.router.v1.RouterService/ResumeRender',
             aiprod_dot_router_dot_v1_dot_router__pb2.ResumeRenderRequest.SerializeToString,
             aiprod_dot_router_dot_v1_dot_router__pb2.ResumeRenderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteRenders(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/aiprod.router.v1.RouterService/ExecuteRenders',
+            aiprod_dot_router_dot_v1_dot_router__pb2.ExecuteRendersRequest.SerializeToString,
+            aiprod_dot_router_dot_v1_dot_router__pb2.ExecuteRendersResponse.FromString,
             options,
             channel_credentials,
             insecure,

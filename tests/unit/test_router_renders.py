@@ -1,0 +1,150 @@
+"""The gateway's renders at the router over shared streams (aiprod_gateway.router_renders): to the
+driver each looks exactly like its own ExecuteRender call: its events, then its end, an error raised
+with the call's code, message and details; leaving early stops the router's news of it; a broken
+stream ends every render on it as broken calls."""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from fake_streams import execute_renders, until_broken
+
+from aiprod.common.v1 import event_pb2, render_pb2
+from aiprod.router.v1 import router_pb2
+from aiprod_gateway.router_renders import RouterRenders
+from aiprod_kit.errors import ResourceExhausted, error_reason, retry_delay, status_proto
+
+
+def routed() -> event_pb2.RenderEvent:
+    return event_pb2.RenderEvent(attempt=1, routed=event_pb2.RouteDecision())
+
+
+def succeeded() -> event_pb2.RenderEvent:
+    return event_pb2.RenderEvent(attempt=1, succeeded=render_pb2.RenderOutput())
+
+
+class Call:
+    """One scripted call's stream: its events, then its error if any; `released` lets it end."""
+
+    def __init__(self, events: list[event_pb2.RenderEvent], error: Exception | None, released: asyncio.Event):
+        self.events, self.error, self.released = events, error, released
+        self.cancelled = False
+
+    async def __aiter__(self) -> AsyncIterator[router_pb2.ExecuteRenderResponse]:
+        for event in self.events:
+            yield router_pb2.ExecuteRenderResponse(event=event)
+        await self.released.wait()
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+class Router:
+    """Every ExecuteRender answers routed, then (once released) succeeded or the error its job id names;
+    `streams` counts ExecuteRenders streams opened, `broken` ends them as a lost connection would."""
+
+    def __init__(self, errors: dict[str, Exception] | None = None) -> None:
+        self.errors = errors or {}
+        self.released = asyncio.Event()
+        self.calls: dict[str, Call] = {}
+        self.streams = 0
+        self.broken = asyncio.Event()
+
+    def ExecuteRender(self, request: router_pb2.ExecuteRenderRequest) -> Call:
+        error = self.errors.get(request.job_id)
+        events = [routed()] if error else [routed(), succeeded()]
+        self.calls[request.job_id] = Call(events, error, self.released)
+        return self.calls[request.job_id]
+
+    ResumeRender = ExecuteRender
+
+    def ExecuteRenders(self, requests):
+        self.streams += 1
+        return until_broken(execute_renders(self, requests), self.broken)
+
+
+def request(job_id: str) -> router_pb2.ExecuteRenderRequest:
+    return router_pb2.ExecuteRenderRequest(job_id=job_id, idempotency_key=job_id)
+
+
+async def events_of(renders: RouterRenders, job_id: str) -> list[str]:
+    return [event.WhichOneof("kind") async for event in renders.run(request(job_id))]
+
+
+async def test_each_render_gets_its_own_events_and_end_over_a_few_streams():
+    router = Router()
+    router.released.set()
+    renders = RouterRenders(router, streams=2)  # type: ignore[arg-type]
+    results = await asyncio.wait_for(asyncio.gather(*(events_of(renders, f"job-{n}") for n in range(6))), 5)
+    assert results == [["routed", "succeeded"]] * 6
+    assert router.streams == 2
+    assert renders.in_flight == 0
+    await renders.close()
+
+
+async def test_a_refused_render_raises_its_calls_error_with_its_details():
+    refusal = ResourceExhausted("the tenant's budget is spent", reason="BUDGET_EXHAUSTED", retry_after=30)
+    status = status_proto(refusal)
+    error = grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(("grpc-status-details-bin", status.SerializeToString())),
+        status.message,
+    )
+    router = Router({"refused": error})
+    router.released.set()
+    renders = RouterRenders(router, streams=1)  # type: ignore[arg-type]
+    seen = []
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for event in renders.run(request("refused")):
+            seen.append(event.WhichOneof("kind"))
+    assert seen == ["routed"]
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert raised.value.details() == "the tenant's budget is spent"
+    assert error_reason(raised.value) == "BUDGET_EXHAUSTED"
+    assert retry_delay(raised.value) == 30
+    # The stream goes on for the next render.
+    assert await asyncio.wait_for(events_of(renders, "fine"), 5) == ["routed", "succeeded"]
+    assert router.streams == 1
+    await renders.close()
+
+
+async def test_leaving_a_render_early_stops_the_routers_news_of_it():
+    router = Router()
+    renders = RouterRenders(router, streams=1)  # type: ignore[arg-type]
+    events = renders.run(request("left"))
+    assert (await asyncio.wait_for(anext(events), 5)).WhichOneof("kind") == "routed"
+    await events.aclose()
+    # The router's call for it is cancelled, as when a caller cancels its own ExecuteRender.
+    for _ in range(1000):
+        if router.calls["left"].cancelled:
+            break
+        await asyncio.sleep(0)
+    assert router.calls["left"].cancelled
+    assert renders.in_flight == 0
+    await renders.close()
+
+
+async def test_a_broken_stream_ends_every_render_on_it_as_a_broken_call():
+    router = Router()
+    renders = RouterRenders(router, streams=1)  # type: ignore[arg-type]
+    runs = [asyncio.create_task(events_of(renders, f"job-{n}")) for n in range(3)]
+    for _ in range(1000):
+        if len(router.calls) == 3:
+            break
+        await asyncio.sleep(0)
+    router.broken.set()
+    for run in runs:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await asyncio.wait_for(run, 5)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The next render opens a new stream.
+    router.broken.clear()
+    router.released.set()
+    assert await asyncio.wait_for(events_of(renders, "after"), 5) == ["routed", "succeeded"]
+    assert router.streams == 2
+    await renders.close()
