@@ -105,8 +105,12 @@ class Multiplexed(Generic[Request, Response]):
 
 class SharedStream(Generic[Request, Response]):
     """The caller's side: one bidirectional stream that many answers share, opened when a request is
-    first sent and again after it broke. Each response goes to `on_response`; when the stream ends,
+    first sent and again after it broke. Each response goes to `on_response`; when the stream breaks,
     `on_broken` hears how, and every answer it carried must be told (their requests died with it).
+
+    Its caller says when nothing is in flight (`idle`): its side of the stream is closed then, the
+    stream ends once the server has said its last, and the next request opens a new one. A stream
+    left open would hold the server's graceful stop for its whole grace period.
 
     Its task starts from an empty context: the stream is nobody's call, and must not keep the trace of
     whoever happened to open it alive."""
@@ -123,18 +127,28 @@ class SharedStream(Generic[Request, Response]):
         self._on_broken = on_broken
         # Requests queued while the stream was busy travel as one message (repeated fields only).
         self._merge = merge
-        self._reader: asyncio.Task[None] | None = None
-        self._requests: asyncio.Queue[Request] = asyncio.Queue()
+        # The open stream's requests yet to send (None: no stream takes requests now); its readers,
+        # the open one and any closed by `idle` that the server has not ended yet.
+        self._requests: asyncio.Queue[Request | None] | None = None
+        self._readers: set[asyncio.Task[None]] = set()
 
     def send(self, request: Request) -> None:
-        if self._reader is None or self._reader.done():
+        if self._requests is None:
             self._requests = asyncio.Queue()
-            self._reader = asyncio.create_task(
+            reader = asyncio.create_task(
                 self._read(self._requests), name="shared-stream", context=contextvars.Context()
             )
+            self._readers.add(reader)
+            reader.add_done_callback(self._readers.discard)
         self._requests.put_nowait(request)
 
-    async def _read(self, requests: asyncio.Queue[Request]) -> None:
+    def idle(self) -> None:
+        """Nothing is in flight: closes the caller's side of the open stream."""
+        if self._requests is not None:
+            self._requests.put_nowait(None)
+            self._requests = None
+
+    async def _read(self, requests: asyncio.Queue[Request | None]) -> None:
         code, message = grpc.StatusCode.UNAVAILABLE, "the server ended the stream"
         try:
             async for response in self._open_stream(self._sent(requests)):
@@ -142,16 +156,22 @@ class SharedStream(Generic[Request, Response]):
         except grpc.aio.AioRpcError as error:
             code, message = error.code(), error.details() or ""
         finally:
-            self._on_broken(code, message)
+            # Still the open stream: what it carried dies with it. One closed as idle carried nothing.
+            if self._requests is requests:
+                self._requests = None
+                self._on_broken(code, message)
 
-    async def _sent(self, requests: asyncio.Queue[Request]) -> AsyncIterator[Request]:
-        while True:
-            request = await requests.get()
+    async def _sent(self, requests: asyncio.Queue[Request | None]) -> AsyncIterator[Request]:
+        while (request := await requests.get()) is not None:
             while self._merge and not requests.empty():
-                request.MergeFrom(requests.get_nowait())  # type: ignore[attr-defined]
+                if (more := requests.get_nowait()) is None:
+                    yield request
+                    return
+                request.MergeFrom(more)  # type: ignore[attr-defined]
             yield request
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        readers = list(self._readers)
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)

@@ -63,6 +63,7 @@ class RouterRenders:
         finally:
             if lane.renders.pop(render_id, None) is not None:
                 lane.stream.send(router_pb2.ExecuteRendersRequest(render_id=render_id, stop=True))
+                lane.if_idle()
 
     async def close(self) -> None:
         await asyncio.gather(*(lane.stream.close() for lane in self._lanes))
@@ -90,6 +91,11 @@ class _Lane:
             news.put_nowait(rpc_error(status_pb2.Status.FromString(end.status_details)))
         else:
             news.put_nowait(rpc_error(status_pb2.Status(code=end.code, message=end.message)))
+        self.if_idle()
+
+    def if_idle(self) -> None:
+        if not self.renders:
+            self.stream.idle()
 
     def _on_broken(self, code: grpc.StatusCode, message: str) -> None:
         """Every render on the broken stream ends as its own call would have: broken."""

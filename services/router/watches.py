@@ -96,6 +96,7 @@ class RenderWatches:
                 # stops): the renderer need not send its news.
                 del self._renders[task_id]
                 self._stream.send(renderer_pb2.WatchRendersRequest(stop_task_ids=[task_id]))
+                self._if_idle()
 
     def _on_response(self, response: renderer_pb2.WatchRendersResponse) -> None:
         render = self._renders.get(response.task_id)
@@ -104,11 +105,17 @@ class RenderWatches:
         if response.HasField("error"):
             del self._renders[response.task_id]
             render.tell(WatchBroken(_status_code(response.error.code), response.error.message))
-            return
-        render.last = response.render
-        render.tell(response.render)
-        if response.render.state in FINAL_RENDER_STATES:
+        else:
+            render.last = response.render
+            render.tell(response.render)
+            if response.render.state not in FINAL_RENDER_STATES:
+                return
             del self._renders[response.task_id]
+        self._if_idle()
+
+    def _if_idle(self) -> None:
+        if not self._renders:
+            self._stream.idle()
 
     def _on_broken(self, code: grpc.StatusCode, message: str) -> None:
         """Every render named on the broken stream hears it; the next one named opens a new stream."""

@@ -82,7 +82,19 @@ async def until_broken(responses: AsyncIterator[Any], broken: asyncio.Event) -> 
                 raise grpc.aio.AioRpcError(
                     grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "connection lost"
                 )
-            yield response.result()
+            try:
+                yield response.result()
+            except StopAsyncIteration:
+                return
     finally:
         breaking.cancel()
         await responses.aclose()  # type: ignore[attr-defined]
+
+
+async def until(condition: Callable[[], object]) -> None:
+    """Lets the loop run until the condition holds (no clock: every other task gets its turns)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("never happened")

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from fake_streams import execute_renders, until_broken
+from fake_streams import execute_renders, until, until_broken
 
 from aiprod.common.v1 import event_pb2, render_pb2
 from aiprod.router.v1 import router_pb2
@@ -52,6 +52,7 @@ class Router:
         self.released = asyncio.Event()
         self.calls: dict[str, Call] = {}
         self.streams = 0
+        self.ended = 0
         self.broken = asyncio.Event()
 
     def ExecuteRender(self, request: router_pb2.ExecuteRenderRequest) -> Call:
@@ -64,7 +65,12 @@ class Router:
 
     def ExecuteRenders(self, requests):
         self.streams += 1
-        return until_broken(execute_renders(self, requests), self.broken)
+        return self._counted(until_broken(execute_renders(self, requests), self.broken))
+
+    async def _counted(self, responses):
+        async for response in responses:
+            yield response
+        self.ended += 1  # the caller closed its side and every render on the stream had ended
 
 
 def request(job_id: str) -> router_pb2.ExecuteRenderRequest:
@@ -75,18 +81,22 @@ async def events_of(renders: RouterRenders, job_id: str) -> list[str]:
     return [event.WhichOneof("kind") async for event in renders.run(request(job_id))]
 
 
-async def test_each_render_gets_its_own_events_and_end_over_a_few_streams():
+async def test_each_render_gets_its_own_events_and_end_over_a_few_streams_closed_once_idle():
     router = Router()
-    router.released.set()
     renders = RouterRenders(router, streams=2)  # type: ignore[arg-type]
-    results = await asyncio.wait_for(asyncio.gather(*(events_of(renders, f"job-{n}") for n in range(6))), 5)
-    assert results == [["routed", "succeeded"]] * 6
+    runs = asyncio.gather(*(events_of(renders, f"job-{n}") for n in range(6)))
+    await until(lambda: len(router.calls) == 6)
+    router.released.set()
+    assert await asyncio.wait_for(runs, 5) == [["routed", "succeeded"]] * 6
     assert router.streams == 2
     assert renders.in_flight == 0
+    # Nothing in flight: the gateway's side of each stream is closed, and the router ends it (an open
+    # stream would hold the router's graceful stop for its whole grace period).
+    await until(lambda: router.ended == 2)
     await renders.close()
 
 
-async def test_a_refused_render_raises_its_calls_error_with_its_details():
+async def test_a_refused_render_raises_its_calls_error_with_its_details_and_the_stream_serves_the_others():
     refusal = ResourceExhausted("the tenant's budget is spent", reason="BUDGET_EXHAUSTED", retry_after=30)
     status = status_proto(refusal)
     error = grpc.aio.AioRpcError(
@@ -96,19 +106,25 @@ async def test_a_refused_render_raises_its_calls_error_with_its_details():
         status.message,
     )
     router = Router({"refused": error})
-    router.released.set()
     renders = RouterRenders(router, streams=1)  # type: ignore[arg-type]
     seen = []
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        async for event in renders.run(request("refused")):
-            seen.append(event.WhichOneof("kind"))
+
+    async def refused() -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for event in renders.run(request("refused")):
+                seen.append(event.WhichOneof("kind"))
+        return raised.value
+
+    both = asyncio.gather(refused(), events_of(renders, "fine"))
+    await until(lambda: len(router.calls) == 2)
+    router.released.set()
+    raised, fine = await asyncio.wait_for(both, 5)
     assert seen == ["routed"]
-    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert raised.value.details() == "the tenant's budget is spent"
-    assert error_reason(raised.value) == "BUDGET_EXHAUSTED"
-    assert retry_delay(raised.value) == 30
-    # The stream goes on for the next render.
-    assert await asyncio.wait_for(events_of(renders, "fine"), 5) == ["routed", "succeeded"]
+    assert raised.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert raised.details() == "the tenant's budget is spent"
+    assert error_reason(raised) == "BUDGET_EXHAUSTED"
+    assert retry_delay(raised) == 30
+    assert fine == ["routed", "succeeded"]
     assert router.streams == 1
     await renders.close()
 
@@ -120,11 +136,7 @@ async def test_leaving_a_render_early_stops_the_routers_news_of_it():
     assert (await asyncio.wait_for(anext(events), 5)).WhichOneof("kind") == "routed"
     await events.aclose()
     # The router's call for it is cancelled, as when a caller cancels its own ExecuteRender.
-    for _ in range(1000):
-        if router.calls["left"].cancelled:
-            break
-        await asyncio.sleep(0)
-    assert router.calls["left"].cancelled
+    await until(lambda: router.calls["left"].cancelled)
     assert renders.in_flight == 0
     await renders.close()
 
@@ -133,10 +145,7 @@ async def test_a_broken_stream_ends_every_render_on_it_as_a_broken_call():
     router = Router()
     renders = RouterRenders(router, streams=1)  # type: ignore[arg-type]
     runs = [asyncio.create_task(events_of(renders, f"job-{n}")) for n in range(3)]
-    for _ in range(1000):
-        if len(router.calls) == 3:
-            break
-        await asyncio.sleep(0)
+    await until(lambda: len(router.calls) == 3)
     router.broken.set()
     for run in runs:
         with pytest.raises(grpc.aio.AioRpcError) as raised:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from fake_streams import until_broken
+from fake_streams import until, until_broken
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -128,6 +128,7 @@ class InProcessStub:
     def __init__(self, renders: Renders) -> None:
         self.renders = renders
         self.opened = 0
+        self.ended = 0
         self.requests: list[renderer_pb2.WatchRendersRequest] = []
         self._break = asyncio.Event()
 
@@ -144,6 +145,7 @@ class InProcessStub:
 
         async for answer in until_broken(watch_renders(recorded(), self.renders.find), broken):
             yield answer
+        self.ended += 1
 
     def break_stream(self) -> None:
         self._break.set()
@@ -155,15 +157,6 @@ async def collect(watches: RenderWatches, task_id: str, into: list) -> None:
             into.append(render.state if render.state != RUNNING else render.progress)
     except WatchBroken as error:
         into.append(error.code)
-
-
-async def until(condition) -> None:
-    """Lets the loop run until the condition holds (no clock: every other task gets its turns)."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("never happened")
 
 
 async def test_the_router_follows_every_render_at_a_renderer_over_one_stream():
@@ -193,6 +186,8 @@ async def test_the_router_follows_every_render_at_a_renderer_over_one_stream():
     named = [watch.task_id for request in stub.requests for watch in request.watch]
     assert sorted(named) == ["a", "b", "nope"]
     assert watches.followed == 0
+    # Nothing followed any more: the router's side is closed and the renderer ends the stream.
+    await until(lambda: stub.ended == 1)
     await watches.close()
 
 

@@ -21,7 +21,7 @@ class TaskState(enum.Enum):
     CANCELLED = "cancelled"
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class VideoSource:
     """Where a provider put an output: exactly one of url, data or gcs_uri."""
 
