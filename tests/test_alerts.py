@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from cli_support import aiprod
 from postgres_support import assert_runs_on_its_store
-from support import connect_metrics
+from support import connect_metrics, eventually
 
 from aiprod.common.v1 import backend_pb2, job_pb2
 from aiprod.metrics.v1 import metrics_pb2
@@ -134,8 +134,10 @@ async def test_mean_quality_fires_then_resolves(start_metrics):
         resolved = await wait_for(stub, "mean_quality_low", False)
     assert resolved.value == pytest.approx(0.8)
     assert resolved.since_time.ToNanoseconds() >= firing.since_time.ToNanoseconds()
-    log = mesh.services["metrics"].log_path.read_text()
-    assert '"alert firing"' in log and '"alert resolved"' in log
+    # The service's output reaches its log file through the test's pump thread: read until it has.
+    log_path = mesh.services["metrics"].log_path
+    assert eventually(lambda: '"alert resolved"' in log_path.read_text())
+    assert '"alert firing"' in log_path.read_text()
 
 
 async def test_a_firing_alert_keeps_its_since_time_across_a_restart(start_metrics):
