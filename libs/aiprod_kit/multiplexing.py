@@ -6,7 +6,7 @@ A gRPC stream costs each side tens of kilobytes; a caller with thousands of stre
 one stream and names, in its requests, each answer it wants by an id of its own; each answer runs as
 its own task here and puts its items, and its end, on the one outgoing stream, tagged with that id.
 
-The service says what a request asks (`Orders`) and how an item and an end travel; this module runs
+The service says what a request asks (`orders`) and how an item and an end travel; this module runs
 them. Each answer runs in the caller's trace context for it (W3C carrier), as its own call would.
 """
 
