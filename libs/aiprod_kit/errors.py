@@ -290,7 +290,7 @@ def retry_delay(error: grpc.RpcError) -> float | None:
 def rpc_error(status: status_pb2.Status) -> grpc.aio.AioRpcError:
     """The error a call ending with this status raises, for a call carried over a shared stream
     (aiprod_kit.multiplexing): its code, message and details as its own trailers would carry them."""
-    code = _STATUS_CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    code = status_code(status.code)
     trailers = grpc.aio.Metadata()
     if status.details:
         trailers.add("grpc-status-details-bin", status.SerializeToString())
@@ -298,6 +298,11 @@ def rpc_error(status: status_pb2.Status) -> grpc.aio.AioRpcError:
 
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    """The gRPC status code of a google.rpc.Code value (UNKNOWN for one gRPC does not know)."""
+    return _STATUS_CODES.get(value, grpc.StatusCode.UNKNOWN)
 
 
 # The server's side ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import grpc
 import structlog
 
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from aiprod_kit.errors import status_code
 from aiprod_kit.multiplexing import SharedStream
 
 log = structlog.get_logger()
@@ -38,7 +39,6 @@ class WatchBroken(Exception):
 
 
 _News = renderer_pb2.Render | WatchBroken
-_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class _Followed:
@@ -104,7 +104,7 @@ class RenderWatches:
             return  # its followers have left
         if response.HasField("error"):
             del self._renders[response.task_id]
-            render.tell(WatchBroken(_status_code(response.error.code), response.error.message))
+            render.tell(WatchBroken(status_code(response.error.code), response.error.message))
         else:
             render.last = response.render
             render.tell(response.render)
@@ -125,7 +125,3 @@ class RenderWatches:
 
     async def close(self) -> None:
         await self._stream.close()
-
-
-def _status_code(value: int) -> grpc.StatusCode:
-    return _STATUS_CODES.get(value, grpc.StatusCode.UNKNOWN)
