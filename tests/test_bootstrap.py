@@ -38,7 +38,7 @@ def test_sigterm_turns_health_not_serving_then_the_process_exits_cleanly(tmp_pat
             gateway.process.send_signal(signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert gateway.process.wait(timeout=30) == 0
-        log = gateway.log_path.read_text()
+        log = gateway.log_text()
         assert '"event": "draining"' in log
         assert '"event": "stopped"' in log
     finally:

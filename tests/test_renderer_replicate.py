@@ -748,7 +748,7 @@ def test_missing_credentials(tmp_path: Path) -> None:
             assert "REPLICATE_API_TOKEN" in (error.value.details() or "")
     finally:
         alone.stop()
-    assert "REPLICATE_API_TOKEN" in alone.services["renderer-replicate"].log_path.read_text()
+    assert "REPLICATE_API_TOKEN" in alone.services["renderer-replicate"].log_text()
 
 
 @pytest.mark.parametrize(

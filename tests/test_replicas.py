@@ -44,8 +44,8 @@ def test_a_draining_replica_gets_no_work_while_the_other_serves(tmp_path):
             spec = render_pb2.RenderSpec(prompt=f"Replica test {n}", duration_seconds=1)
             job = gateway.CreateRenderJob(gateway_pb2.CreateRenderJobRequest(spec=spec)).job
             assert wait_terminal(gateway, job.job_id).state == job_pb2.JOB_STATE_SUCCEEDED
-        assert first.log_path.read_text().count('"event": "render started"') == 4
-        assert '"event": "render started"' not in second.log_path.read_text()
+        assert eventually(lambda: first.log_text().count('"event": "render started"') == 4)
+        assert '"event": "render started"' not in second.log_text()
         mesh.kill("renderer-local@127.0.0.2")  # rather than wait out its drain
     finally:
         mesh.stop()

@@ -97,7 +97,7 @@ def start_sandbox(data_dir: Path, **environment: str) -> SandboxProcess:
         start_new_session=True,
     )
     log_path = data_dir / "sandbox.log"
-    port = _await_serving_port(process, log_path, START_TIMEOUT)
+    port, _ = _await_serving_port(process, log_path, START_TIMEOUT)
     if port is None:
         process.kill()
         process.wait()

@@ -133,6 +133,27 @@ def find_offer(
 
 
 @dataclass(frozen=True, slots=True)
+class ShotShape:
+    """The fields of a shot that shot_mismatches reads, read from the message once per route request:
+    with the prompt's and the inline image's lengths (`sized`), and without them (`unsized`, for a
+    backend with no limit on either)."""
+
+    sized: tuple
+    unsized: tuple
+
+    @classmethod
+    def of(cls, shot: render_pb2.Shot) -> "ShotShape":
+        first_frame = shot.first_frame
+        unsized = (
+            shot.duration_seconds,
+            shot.aspect_ratio,
+            shot.resolution,
+            bool(first_frame.data or first_frame.uri),
+        )
+        return cls((*unsized, len(shot.prompt), len(first_frame.data)), unsized)
+
+
+@dataclass(frozen=True, slots=True)
 class Offered:
     """One offer's capabilities (offer_capabilities) with what routing reads of them as plain values,
     read from the message once rather than at every decision."""
@@ -142,8 +163,10 @@ class Offered:
     resolution: str
     price_per_second_micros: int
     nominal_quality: float
+    # Whether the offer limits the prompt's length or the image's size: then a shot's lengths matter.
+    sized: bool = False
     # What shot_mismatches said for each shape of shot (shots repeat their shapes).
-    _said: dict[tuple, list[tuple[str, str]]] = field(default_factory=dict, compare=False)
+    _said: dict[tuple, tuple[tuple[str, str], ...]] = field(default_factory=dict, compare=False)
 
     @classmethod
     def of(cls, capabilities: renderer_pb2.Capabilities) -> "Offered":
@@ -154,26 +177,23 @@ class Offered:
             capabilities.resolutions[0] if capabilities.resolutions else DEFAULT_RESOLUTION,
             capabilities.price_per_second.amount_micros,
             capabilities.nominal_quality,
+            bool(capabilities.max_prompt_characters or capabilities.max_image_bytes),
         )
 
-    def mismatches(self, shot: render_pb2.Shot) -> list[tuple[str, str]]:
-        """shot_mismatches(shot, capabilities), worked out once per shape of shot: the shot's fields
-        shot_mismatches reads, and their lengths where a limit applies."""
-        first_frame = shot.first_frame
-        shape = (
-            shot.duration_seconds,
-            shot.aspect_ratio,
-            shot.resolution,
-            bool(first_frame.data or first_frame.uri),
-            len(shot.prompt) if self.capabilities.max_prompt_characters else 0,
-            len(first_frame.data) if self.capabilities.max_image_bytes else 0,
-        )
-        said = self._said.get(shape)
+    def mismatches(
+        self, shot: render_pb2.Shot, shape: ShotShape | None = None
+    ) -> tuple[tuple[str, str], ...]:
+        """shot_mismatches(shot, capabilities), worked out once per shape of shot (shape: the shot's,
+        when the caller has it already)."""
+        if shape is None:
+            shape = ShotShape.of(shot)
+        key = shape.sized if self.sized else shape.unsized
+        said = self._said.get(key)
         if said is None:
             if len(self._said) >= _SHAPES_KEPT:
                 self._said.clear()
-            said = self._said[shape] = shot_mismatches(shot, self.capabilities)
-        return list(said)
+            said = self._said[key] = tuple(shot_mismatches(shot, self.capabilities))
+        return said
 
 
 def shot_mismatches(shot: render_pb2.Shot, capabilities: renderer_pb2.Capabilities) -> list[tuple[str, str]]:

@@ -85,10 +85,22 @@ class RunningService:
     port: int
     log_path: Path
     host: str = "127.0.0.1"
+    log_pump: threading.Thread | None = None
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def log_text(self) -> str:
+        """The service's log so far; once the process has ended, all of it."""
+        if self.process.poll() is not None:
+            self.await_log_end()
+        return self.log_path.read_text(errors="replace")
+
+    def await_log_end(self, timeout: float = 5.0) -> None:
+        """Waits for the pump thread to copy the ended process's last lines to the log file."""
+        if self.log_pump is not None:
+            self.log_pump.join(timeout)
 
 
 @dataclass
@@ -235,11 +247,13 @@ class Mesh:
             start_new_session=True,
         )
         try:
-            bound = _await_serving_port(process, log_path, self.start_timeout)
+            bound, pump = _await_serving_port(process, log_path, self.start_timeout)
             if bound is None:
+                if process.poll() is not None:
+                    pump.join(timeout=10)  # its last words, which say why
                 tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
                 raise ServiceStartError(f"{name} did not start; its log ({log_path}) ends with:\n{tail}")
-            service = RunningService(spec, process, bound, log_path, host)
+            service = RunningService(spec, process, bound, log_path, host, pump)
             _check_serving(service, self.tls, self.start_timeout)
         except BaseException:
             process.kill()
@@ -260,12 +274,14 @@ class Mesh:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        self.services[name].await_log_end()  # stopped means its log is whole
 
     def kill(self, name: str) -> None:
         """SIGKILL: the service gets no chance to clean up."""
         process = self.services[name].process
         process.kill()
         process.wait()
+        self.services[name].await_log_end()
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM in reverse start order, so that callers drain before the services they call."""
@@ -274,8 +290,11 @@ class Mesh:
                 self.stop_service(name, timeout)
 
 
-def _await_serving_port(process: subprocess.Popen[bytes], log_path: Path, timeout: float) -> int | None:
-    """Copies the child's output to its log file and returns the port of its "serving" line."""
+def _await_serving_port(
+    process: subprocess.Popen[bytes], log_path: Path, timeout: float
+) -> tuple[int | None, threading.Thread]:
+    """Copies the child's output to its log file (the thread returned) and returns the port of its
+    "serving" line, or None if it ended or timed out first."""
     found: dict[str, int] = {}
     serving = threading.Event()
 
@@ -295,9 +314,10 @@ def _await_serving_port(process: subprocess.Popen[bytes], log_path: Path, timeou
                         serving.set()
         serving.set()  # the process ended: stop waiting
 
-    threading.Thread(target=pump, name=f"log-{log_path.stem}", daemon=True).start()
+    thread = threading.Thread(target=pump, name=f"log-{log_path.stem}", daemon=True)
+    thread.start()
     serving.wait(timeout)
-    return found.get("port")
+    return found.get("port"), thread
 
 
 def _check_serving(service: RunningService, tls: TlsSettings, timeout: float) -> None:

@@ -27,13 +27,14 @@ configured (a mesh without providers), and says so.
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2
 from aiprod_kit.breaker import CircuitBreaker
-from aiprod_kit.capabilities import Offered, backend_name, offer_capabilities, offers
+from aiprod_kit.capabilities import Offered, ShotShape, backend_name, offer_capabilities, offers
 from aiprod_router.stats import BackendStats
 
 # Below this observed success rate the expected cost stops growing: the breaker handles worse.
@@ -62,6 +63,11 @@ class RouteRequest:
     quality_first_budget_micros: int | None = None
     # A free re-render: only backends whose nominal quality is higher than this; None: any.
     quality_above: float | None = None
+
+    @cached_property
+    def shape(self) -> ShotShape:
+        """The shot's fields that offers check, read once per request rather than once per offer."""
+        return ShotShape.of(self.shot)
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,7 @@ def views_of(backends: Iterable[Known], video_seconds: float | None = None) -> l
     ]
 
 
-@dataclass
+@dataclass(slots=True)
 class Candidate:
     backend: int
     eligible: bool
@@ -114,7 +120,6 @@ class Candidate:
     quality: float = 0.0
     expected_seconds: float | None = None
     stand_in: bool = False
-    reasons: list[str] = field(default_factory=list)
     # For an excluded candidate, the code of each reason (router_pb2.Exclusion), in the same order.
     exclusions: list[int] = field(default_factory=list)
     # The offer: the model and resolution at the backend ("" for a backend not reached yet).
@@ -125,6 +130,20 @@ class Candidate:
     preferred: bool = False
     # Eligible only because nothing else is: its p95 is over the time left, its median within it.
     long_shot: bool = False
+    # The reasons for people as (format, arguments): written out only when someone reads them (most
+    # decisions are read for their order and codes alone).
+    said: list[tuple[str, tuple]] = field(default_factory=list)
+    _reasons: list[str] | None = None
+
+    @property
+    def reasons(self) -> list[str]:
+        if self._reasons is None:
+            self._reasons = [text.format(*arguments) for text, arguments in self.said]
+        return self._reasons
+
+    def say_first(self, text: str, *arguments: object) -> None:
+        self.said.insert(0, (text, arguments))
+        self._reasons = None
 
     @property
     def name(self) -> str:
@@ -133,8 +152,13 @@ class Candidate:
         return f"{name} {self.model} {self.resolution}" if self.one_of_several else name
 
 
-def _usd(micros: float) -> str:
-    return f"{micros / 1e6:.2f} USD"
+# The reason an eligible candidate is one, by whether its success rate and p95 are known.
+_ELIGIBLE = {
+    (False, False): "quality {:.2f}, expected cost {:.2f} USD",
+    (True, False): "quality {:.2f}, expected cost {:.2f} USD ({:.0%} success)",
+    (False, True): "quality {:.2f}, expected cost {:.2f} USD, p95 {:.0f} s",
+    (True, True): "quality {:.2f}, expected cost {:.2f} USD ({:.0%} success), p95 {:.0f} s",
+}
 
 
 def _assess(
@@ -144,102 +168,98 @@ def _assess(
     providers_configured: bool,
     one_of_several: bool = False,
 ) -> Candidate:
-    """One candidate: the backend with one of its offers."""
+    """One candidate: the backend with one of its offers. Each exclusion has a code, for programs (the
+    gateway's budget policy, the final failure's reason), and a reason, for people."""
     if offered is None:
         return Candidate(
             view.backend,
             False,
-            reasons=["renderer not reached yet"],
             exclusions=[router_pb2.EXCLUSION_NOT_REACHED],
+            said=[("renderer not reached yet", ())],
         )
-    model, quality = offered.model, offered.nominal_quality
-    list_cost = round(offered.price_per_second_micros * request.shot.duration_seconds)
+    quality = offered.nominal_quality
+    list_cost = round(offered.price_per_second_micros * request.shape.unsized[0])
     success = view.success_rate if view.success_rate is not None else 1.0
     expected_cost = round(list_cost / max(success, _MIN_SUCCESS_RATE))
-    candidate = Candidate(
-        view.backend,
-        True,
-        list_cost,
-        expected_cost,
-        quality,
-        view.p95_seconds,
-        stand_in=view.backend == backend_pb2.BACKEND_LOCAL
+    stand_in = (
+        view.backend == backend_pb2.BACKEND_LOCAL
         and quality < request.quality_floor
-        and (request.preferred_backend == backend_pb2.BACKEND_LOCAL or not providers_configured),
-        model=model,
-        resolution=offered.resolution,
-        one_of_several=one_of_several,
-        preferred=view.backend == request.preferred_backend and request.preferred_model in ("", model),
+        and (request.preferred_backend == backend_pb2.BACKEND_LOCAL or not providers_configured)
     )
-    # (code, reason) pairs: the code for programs (the gateway's budget policy, the final failure's
-    # reason), the text for people.
-    excluded = [
-        (router_pb2.EXCLUSION_UNSUPPORTED, f"{field}: {why}")
-        for field, why in offered.mismatches(request.shot)
-    ]
+    codes: list[int] = []
+    said: list[tuple[str, tuple]] = []
+    for mismatch in offered.mismatches(request.shot, request.shape):
+        codes.append(router_pb2.EXCLUSION_UNSUPPORTED)
+        said.append(("{}: {}", mismatch))
     if not view.serving:
-        excluded.append((router_pb2.EXCLUSION_NOT_SERVING, "renderer not serving"))
+        codes.append(router_pb2.EXCLUSION_NOT_SERVING)
+        said.append(("renderer not serving", ()))
     if view.breaker_open:
-        excluded.append(
-            (router_pb2.EXCLUSION_BREAKER_OPEN, "breaker open after recent failures: cooling down")
-        )
+        codes.append(router_pb2.EXCLUSION_BREAKER_OPEN)
+        said.append(("breaker open after recent failures: cooling down", ()))
     if view.backend in request.tried:
-        excluded.append((router_pb2.EXCLUSION_ALREADY_TRIED, "already tried for this render"))
-    if quality < request.quality_floor and not candidate.stand_in:
-        excluded.append(
-            (
-                router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR,
-                f"quality {quality:.2f} under the floor {request.quality_floor:.2f}",
-            )
-        )
+        codes.append(router_pb2.EXCLUSION_ALREADY_TRIED)
+        said.append(("already tried for this render", ()))
+    if quality < request.quality_floor and not stand_in:
+        codes.append(router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR)
+        said.append(("quality {:.2f} under the floor {:.2f}", (quality, request.quality_floor)))
     if request.quality_above is not None and quality <= request.quality_above:
-        excluded.append(
+        codes.append(router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR)
+        said.append(
             (
-                router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR,
-                f"quality {quality:.2f} not above {request.quality_above:.2f}, the "
-                "quality of the backend whose output earned the free re-render",
+                "quality {:.2f} not above {:.2f}, the quality of the backend whose output earned the "
+                "free re-render",
+                (quality, request.quality_above),
             )
         )
     if request.max_cost_micros is not None and list_cost > request.max_cost_micros:
-        excluded.append(
+        codes.append(router_pb2.EXCLUSION_OVER_MAX_COST)
+        said.append(
             (
-                router_pb2.EXCLUSION_OVER_MAX_COST,
-                f"cost {_usd(list_cost)} over the job's limit {_usd(request.max_cost_micros)}",
+                "cost {:.2f} USD over the job's limit {:.2f} USD",
+                (list_cost / 1e6, request.max_cost_micros / 1e6),
             )
         )
     if request.budget_remaining_micros is not None and list_cost > request.budget_remaining_micros:
-        excluded.append(
+        codes.append(router_pb2.EXCLUSION_OVER_BUDGET)
+        said.append(
             (
-                router_pb2.EXCLUSION_OVER_BUDGET,
-                f"cost {_usd(list_cost)} over the budget left {_usd(request.budget_remaining_micros)}",
+                "cost {:.2f} USD over the budget left {:.2f} USD",
+                (list_cost / 1e6, request.budget_remaining_micros / 1e6),
             )
         )
-    if (
-        request.seconds_left is not None
-        and view.p95_seconds is not None
-        and view.p95_seconds > request.seconds_left
-    ):
-        excluded.append(
-            (
-                router_pb2.EXCLUSION_DEADLINE,
-                f"p95 {view.p95_seconds:.0f} s over the {request.seconds_left:.0f} s left to the deadline",
-            )
-        )
-    if excluded:
-        candidate.eligible = False
-        candidate.exclusions = [code for code, _ in excluded]
-        candidate.reasons = [why for _, why in excluded]
-        return candidate
-    retries = f" ({success:.0%} success)" if view.success_rate is not None else ""
-    candidate.reasons = [
-        f"quality {candidate.quality:.2f}, expected cost {_usd(expected_cost)}{retries}"
-        + (f", p95 {view.p95_seconds:.0f} s" if view.p95_seconds is not None else "")
-    ]
-    if candidate.stand_in:
-        candidate.reasons.append(f"development stand-in, under the floor {request.quality_floor:.2f}")
-    if candidate.preferred:
-        candidate.reasons.append("preferred by the request")
-    return candidate
+    p95 = view.p95_seconds
+    if request.seconds_left is not None and p95 is not None and p95 > request.seconds_left:
+        codes.append(router_pb2.EXCLUSION_DEADLINE)
+        said.append(("p95 {:.0f} s over the {:.0f} s left to the deadline", (p95, request.seconds_left)))
+    preferred = view.backend == request.preferred_backend and request.preferred_model in ("", offered.model)
+    if not codes:
+        known = (view.success_rate is not None, p95 is not None)
+        arguments: tuple = (quality, expected_cost / 1e6)
+        if known[0]:
+            arguments += (success,)
+        if known[1]:
+            arguments += (p95,)
+        said.append((_ELIGIBLE[known], arguments))
+        if stand_in:
+            said.append(("development stand-in, under the floor {:.2f}", (request.quality_floor,)))
+        if preferred:
+            said.append(("preferred by the request", ()))
+    return Candidate(
+        view.backend,
+        not codes,
+        list_cost,
+        expected_cost,
+        quality,
+        p95,
+        stand_in,
+        codes,
+        offered.model,
+        offered.resolution,
+        one_of_several,
+        preferred,
+        said=said,
+    )
 
 
 # Each backend's offers as capabilities, by the capabilities message they come from (kept with it, so
@@ -313,7 +333,7 @@ def rank_backends(request: RouteRequest, views: list[BackendView]) -> list[Candi
             mode = "the likeliest to meet the deadline"
         else:
             mode = "best quality (large budget)" if by_quality else "cheapest that meets the floor"
-        first.reasons.insert(0, f"ranked first: {mode}")
+        first.say_first("ranked first: {}", mode)
     return ranked
 
 
@@ -335,9 +355,11 @@ def _admit_long_shots(request: RouteRequest, views: list[BackendView], candidate
         candidate.eligible, candidate.long_shot = True, True
         candidate.expected_seconds = median
         candidate.exclusions = []
-        candidate.reasons = [
-            f"may miss the deadline: {candidate.reasons[0]}, but its median {median:.0f} s is within it"
-        ]
+        (over, arguments), *_ = candidate.said
+        candidate.said.clear()
+        candidate.say_first(
+            f"may miss the deadline: {over}, but its median {{:.0f}} s is within it", *arguments, median
+        )
 
 
 def describe(candidate: Candidate) -> str:
