@@ -2,7 +2,8 @@
 
 Every gateway replica runs one on the shared job store, and each job is driven by one replica at a
 time: the one holding its claim (`aiprod_gateway.claims`). Whenever it has room (at start, on
-every heartbeat, when a job ends) it takes over unfinished jobs nobody holds: new ones, and those of a
+every heartbeat, when a job ends while work was left for want of room) it takes over unfinished jobs
+nobody holds: new ones, and those of a
 replica that died, once their leases run out; no restart is needed. Its heartbeat renews its claims
 every third of the lease and stops at once what it does for a job it lost (another replica took it
 over, or it was cancelled elsewhere). Its queue is in priority order (the preset's: higher first),
@@ -20,7 +21,6 @@ which is tried again after a backoff that grows while it keeps failing, here or 
 """
 
 import asyncio
-import contextlib
 import itertools
 from collections.abc import Awaitable, Callable
 
@@ -72,7 +72,7 @@ class Dispatcher:
         # or backing off after a crash (the claim let go).
         self._later: dict[str, asyncio.Task[None]] = {}
         self._crashes: dict[str, int] = {}
-        # Set when a job driven here ends: the heartbeat looks for work at once.
+        # Set when a job driven here ends: the heartbeat looks for work at once if it left some.
         self._room_made = asyncio.Event()
         self._starter: asyncio.Task[None] | None = None
         # Each job's run: claimed, driven, and what follows its drive.
@@ -130,19 +130,32 @@ class Dispatcher:
     # Claims ---------------------------------------------------------------------------------------
 
     async def _beat(self) -> None:
-        """Every third of the lease, and whenever a job driven here ends: renews this replica's claims,
-        stopping what it does for the jobs it lost, then takes over jobs nobody holds."""
+        """Every third of the lease: renews this replica's claims, stopping what it does for the jobs it
+        lost, then takes over jobs nobody holds. In between, when a job driven here ends and the last
+        take-over left work behind for want of room, takes over again at once. (Not at every ending: with
+        thousands of jobs in flight, each ending would renew every claim and scan every unfinished job.)"""
+        loop = asyncio.get_running_loop()
+        period = self._claims.lease_seconds / 3
+        renew_due = loop.time()
         while True:
+            work_left = False
             try:
-                await self._renew()
-                await self._take_over()
+                if loop.time() >= renew_due:
+                    renew_due = loop.time() + period
+                    await self._renew()
+                work_left = await self._take_over()
             except Exception as error:
                 # The store unreachable, most likely: the next beat tries again. A driver that cannot
                 # write meanwhile crashes and is retried on its own.
                 log.warning("job claims not kept this beat", error=str(error), exc_info=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._room_made.wait(), self._claims.lease_seconds / 3)
-            self._room_made.clear()
+            while (wait := renew_due - loop.time()) > 0:
+                try:
+                    await asyncio.wait_for(self._room_made.wait(), wait)
+                except TimeoutError:
+                    break
+                self._room_made.clear()
+                if work_left:
+                    break
 
     async def _renew(self) -> None:
         for job_id in await self._claims.renew():
@@ -162,13 +175,15 @@ class Dispatcher:
         if driver is not None:
             driver.task.cancel()  # its run then finds out why
 
-    async def _take_over(self) -> None:
-        """Claims jobs nobody holds, as many as this replica has room for, and queues them."""
+    async def _take_over(self) -> bool:
+        """Claims jobs nobody holds, as many as this replica has room for, and queues them; True when
+        there may be more than it had room for."""
         free = self._max_in_flight - len(self._driving) - len(self._queued)
         if free <= 0:
-            return
+            return True
         # Leave room for the ones found that are this replica's already (queued, or backing off).
-        found = await self._store.claimable_jobs(free + len(self._queued) + len(self._later))
+        asked = free + len(self._queued) + len(self._later)
+        found = await self._store.claimable_jobs(asked)
         taken: list[str] = []
         for job_id in found:
             if len(taken) >= free:
@@ -181,6 +196,7 @@ class Dispatcher:
                 self.enqueue(job_id)
         if taken:
             log.info("took over jobs nobody drove", count=len(taken), job_ids=taken)
+        return len(found) >= asked
 
     # Runs ---------------------------------------------------------------------------------------
 

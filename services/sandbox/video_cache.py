@@ -50,7 +50,8 @@ class VideoCache:
             return found
         if (pending := self._encoding.get(key)) is not None:
             self.hits += 1
-            return await pending
+            # Shielded: a waiter cancelled (a stopping sandbox) must not cancel the encode's future.
+            return await asyncio.shield(pending)
         future: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
         self._encoding[key] = future
         try:
@@ -69,8 +70,9 @@ class VideoCache:
             future.set_result(target)
             return target
         except BaseException as error:
-            future.set_exception(error)
-            future.exception()  # retrieved: a failure with nobody else waiting is not logged as lost
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved: a failure with nobody else waiting is not logged as lost
             raise
         finally:
             if self._encoding.get(key) is future:
