@@ -14,6 +14,7 @@ import structlog
 
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod_kit.errors import ErrorReason, ResourceExhausted
+from aiprod_kit.sharing import SharedReads
 
 log = structlog.get_logger()
 
@@ -36,8 +37,10 @@ class Spending:
         self._last: metrics_pb2.GetBudgetResponse | None = None
         # The level each tenant's budgets were last read at (the warnings say each new one once).
         self._levels: dict[str, int] = {}
+        # The jobs routed while a tenant's budgets are read share the reading.
+        self._read_budget = SharedReads(self._ask_budget)
 
-    async def _read_budget(self, tenant_id: str = "") -> metrics_pb2.GetBudgetResponse | None:
+    async def _ask_budget(self, tenant_id: str) -> metrics_pb2.GetBudgetResponse | None:
         """Today's budgets of the tenant ("": the ledger's default one) and of everyone (None when the
         ledger cannot answer). The first read past the notify level, and each higher level after it, is
         logged as a warning: the 70% action tells operators."""
@@ -61,7 +64,7 @@ class Spending:
         """For CreateRenderJob: RESOURCE_EXHAUSTED once today's budget is spent. A ledger that cannot
         answer does not block orders; each attempt's reservation still protects the budget."""
         if time.monotonic() - self._level_read_at >= _LEVEL_FRESH_SECONDS:
-            await self._read_budget()
+            await self._read_budget("")
         if self._level == metrics_pb2.BUDGET_LEVEL_EXHAUSTED:
             raise ResourceExhausted(
                 "today's render budget is spent: no new jobs until it resets",

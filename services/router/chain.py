@@ -49,6 +49,7 @@ from aiprod_kit.exclusions import budget_alone_blocks
 from aiprod_kit.failures import Reason, failure, reason_name
 from aiprod_kit.money import usd
 from aiprod_kit.settings import RouterSettings
+from aiprod_kit.sharing import SharedReads
 from aiprod_router.backends import Renderer, RendererPool
 from aiprod_router.policy import Candidate, RouteRequest, describe, rank_backends, views_of
 from aiprod_router.stats import Outcome
@@ -243,6 +244,8 @@ class RenderChain:
         self._telemetry = telemetry
         # Reservation key -> the account it was reserved under, for the attempts reserved here lately.
         self._accounts: OrderedDict[str, str] = OrderedDict()
+        # The renders routed while a tenant's budget is read share the reading.
+        self._budget = SharedReads(self._read_budget)
 
     def account_of(self, reservation_key: str) -> str:
         """The account an attempt this router reserved draws on; "" when it does not know (reserved by
@@ -289,10 +292,10 @@ class RenderChain:
             quality_above=rerender_above if rerender else None,
         )
 
-    async def _budget(self, tenant_id: str = "") -> tuple[int | None, bool]:
+    async def _read_budget(self, tenant_id: str) -> tuple[int | None, bool]:
         """What is left of the tenant's budget today (None: no cap of its own, or the ledger cannot say)
         and economy mode. Everyone's cap is the ledger's to hold: a reservation it refuses stops the
-        chain as a spent budget does."""
+        chain as a spent budget does, so a reading is advice (and shared: self._budget)."""
         try:
             budget = (
                 await self._metrics.GetBudget(
