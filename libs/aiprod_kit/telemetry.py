@@ -16,10 +16,9 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
+import wrapt
 from opentelemetry import metrics, trace
-from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
-from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -125,13 +124,27 @@ def configure_telemetry(service: str, settings: CommonSettings) -> None:
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
     _providers = (tracer_provider, meter_provider)
-    # The provider clients' HTTP calls join the trace of the render that made them. Their metrics stay
-    # out: aiprod.renderer.provider_* measure the same calls in the scheme's words.
+    # The provider clients' HTTP calls join the trace of the render that made them. Each HTTP library is
+    # instrumented when the process imports it (at once if it has): a service that never talks HTTP
+    # loads neither the library nor its instrumentation (aiohttp and its: about 10 MB a process).
+    wrapt.when_imported("httpx")(_instrument_httpx)
+    wrapt.when_imported("aiohttp")(_instrument_aiohttp)
+
+
+# The HTTP clients' metrics stay out: aiprod.renderer.provider_* measure the same calls in the scheme's words.
+def _instrument_httpx(module: object) -> None:
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
     HTTPXClientInstrumentor().instrument(
         meter_provider=NoOpMeterProvider(),
         request_hook=lambda span, request: without_query(span),
         async_request_hook=_without_query_async,
     )
+
+
+def _instrument_aiohttp(module: object) -> None:
+    from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
+
     AioHttpClientInstrumentor().instrument(
         meter_provider=NoOpMeterProvider(), request_hook=lambda span, params: without_query(span)
     )

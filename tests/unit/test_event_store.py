@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from aiprod.common.v1 import backend_pb2, job_pb2
-from aiprod_kit.database import SqliteDatabase, connect_postgres
+from aiprod_kit.database import SqliteDatabase
+from aiprod_kit.postgres import connect_postgres
 from aiprod_metrics.events import BackendError, EventStore, JobOutcome, Share, SqlEventStore
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)

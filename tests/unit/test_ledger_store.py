@@ -6,7 +6,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from aiprod_kit.database import Database, SqliteDatabase, connect_postgres
+from aiprod_kit.database import Database, SqliteDatabase
+from aiprod_kit.postgres import connect_postgres
 from aiprod_metrics.ledger import (
     BudgetExceeded,
     Caps,

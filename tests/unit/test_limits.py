@@ -20,8 +20,9 @@ from aiprod_gateway.limits import (
 )
 from aiprod_gateway.tenancy import Tenant
 from aiprod_gateway.tiers import DEFAULT_TIERS, TierPolicy
-from aiprod_kit.database import SqliteDatabase, connect_postgres
+from aiprod_kit.database import SqliteDatabase
 from aiprod_kit.errors import ErrorReason, InvalidArgument, ResourceExhausted
+from aiprod_kit.postgres import connect_postgres
 
 BRONZE = Tenant("team-a", admin_pb2.SLA_TIER_BRONZE, 0)
 GOLD = Tenant("team-b", admin_pb2.SLA_TIER_GOLD, 0)

@@ -11,9 +11,10 @@ from aiprod.gateway.v1 import admin_pb2, gateway_pb2
 from aiprod_gateway import review
 from aiprod_gateway.store import JobStore, SqlJobStore
 from aiprod_gateway.tenancy import Tenant, set_current_tenant
-from aiprod_kit.database import SqliteDatabase, connect_postgres
+from aiprod_kit.database import SqliteDatabase
 from aiprod_kit.errors import Aborted, ErrorReason, FailedPrecondition, InvalidArgument
 from aiprod_kit.money import usd
+from aiprod_kit.postgres import connect_postgres
 
 ALICE = Tenant("tenant-a", admin_pb2.SLA_TIER_GOLD, 0, key_prefix="aiprod_alice")
 BOB = Tenant("tenant-a", admin_pb2.SLA_TIER_GOLD, 0, key_prefix="aiprod_bob")

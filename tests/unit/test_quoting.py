@@ -23,9 +23,10 @@ from aiprod_gateway.quoting import (
     quoted_constraints,
 )
 from aiprod_gateway.tenancy import Tenant
-from aiprod_kit.database import Database, SqliteDatabase, connect_postgres
+from aiprod_kit.database import Database, SqliteDatabase
 from aiprod_kit.errors import ErrorReason, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from aiprod_kit.money import usd
+from aiprod_kit.postgres import connect_postgres
 from aiprod_kit.presets import PRESETS, priced_presets
 from aiprod_kit.settings import ConfigurationError, GatewaySettings
 

@@ -8,7 +8,8 @@ import pytest
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
-from aiprod_kit.database import Database, SqliteDatabase, connect_postgres
+from aiprod_kit.database import Database, SqliteDatabase
+from aiprod_kit.postgres import connect_postgres
 from aiprod_kit.rendering.keys import RenderKeyStore
 
 RUNWAY = backend_pb2.BACKEND_RUNWAY

@@ -26,6 +26,7 @@ from aiprod_kit.database import SqliteDatabase
 from aiprod_kit.failures import Reason
 from aiprod_kit.money import usd
 from aiprod_kit.rendering import qc
+from aiprod_kit.rendering.gcs import GcsVideoStore
 from aiprod_kit.rendering.keys import RenderKeyStore
 from aiprod_kit.rendering.provider import (
     ErrorKind,
@@ -37,7 +38,6 @@ from aiprod_kit.rendering.provider import (
 )
 from aiprod_kit.rendering.service import ProviderRendererService
 from aiprod_kit.rendering.storage import (
-    GcsVideoStore,
     LocalVideoStore,
     StoredVideo,
     VideoStore,

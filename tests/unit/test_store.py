@@ -9,7 +9,8 @@ import pytest
 from aiprod.common.v1 import event_pb2, job_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_gateway.store import ClaimLost, JobStore, RequestIdConflict, SqlJobStore, TooManyUnfinished
-from aiprod_kit.database import SqliteDatabase, connect_postgres
+from aiprod_kit.database import SqliteDatabase
+from aiprod_kit.postgres import connect_postgres
 
 OpenStore = Callable[..., Awaitable[JobStore]]
 LEASE = 30.0

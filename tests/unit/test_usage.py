@@ -13,9 +13,10 @@ from aiprod.metrics.v1 import metrics_pb2
 from aiprod_gateway.store import JobStore, SqlJobStore
 from aiprod_gateway.tenancy import Tenant
 from aiprod_gateway.usage import tenant_usage
-from aiprod_kit.database import SqliteDatabase, connect_postgres
+from aiprod_kit.database import SqliteDatabase
 from aiprod_kit.errors import InvalidArgument
 from aiprod_kit.money import usd
+from aiprod_kit.postgres import connect_postgres
 
 AWAITING, QUEUED, RUNNING = (
     job_pb2.JOB_STATE_AWAITING_APPROVAL,

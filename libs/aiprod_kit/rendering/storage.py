@@ -1,4 +1,5 @@
-"""Durable, content-addressed storage of finished videos: on the local disk or in Google Cloud Storage.
+"""Durable, content-addressed storage of finished videos: on the local disk or in Google Cloud Storage
+(`aiprod_kit.rendering.gcs`).
 
 A video is named by the SHA-256 of its bytes (`<sha[:2]>/<sha>.mp4`), so the same content is stored
 once and storing it again is harmless. Neither store ever shows a partial file under a final name:
@@ -20,12 +21,8 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from google.api_core.exceptions import PreconditionFailed
-from google.cloud import storage
-
 _CHUNK = 1 << 20
-_SUFFIX = ".mp4"
-_GCS_PREFIX = "videos"
+VIDEO_SUFFIX = ".mp4"
 
 T = TypeVar("T")
 
@@ -121,7 +118,7 @@ class LocalVideoStore(VideoStore):
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         # In the store's own directory, so that the final rename stays on one file system.
-        descriptor, name = tempfile.mkstemp(dir=self.directory, prefix=".partial-", suffix=_SUFFIX)
+        descriptor, name = tempfile.mkstemp(dir=self.directory, prefix=".partial-", suffix=VIDEO_SUFFIX)
         os.close(descriptor)
         temporary = Path(name)
         try:
@@ -129,7 +126,7 @@ class LocalVideoStore(VideoStore):
             sha256 = sha256_of(temporary)
             with temporary.open("rb") as file:
                 os.fsync(file.fileno())
-            final = self.directory / sha256[:2] / f"{sha256}{_SUFFIX}"
+            final = self.directory / sha256[:2] / f"{sha256}{VIDEO_SUFFIX}"
             final.parent.mkdir(exist_ok=True)
             # mkstemp makes the file private; stored videos are meant to be read by the other services.
             temporary.chmod(0o644)
@@ -143,53 +140,11 @@ class LocalVideoStore(VideoStore):
         return StoredVideo(uri=final.as_uri(), sha256=sha256, size_bytes=final.stat().st_size), written
 
 
-class GcsVideoStore(VideoStore):
-    """Videos as objects `gs://<bucket>/videos/<sha[:2]>/<sha>.mp4` in Google Cloud Storage.
-
-    The client library is blocking, so each call runs in a worker thread.
-    """
-
-    def __init__(self, bucket_name: str, client: storage.Client | None = None) -> None:
-        self.bucket_name = bucket_name
-        self._bucket = (client or storage.Client()).bucket(bucket_name)
-
-    async def put(self, source: Path) -> StoredVideo:
-        return await asyncio.to_thread(self._put, source)
-
-    async def fetch(self, uri: str, destination: Path) -> Path:
-        await asyncio.to_thread(
-            self._bucket.blob(self.object_name(uri)).download_to_filename, str(destination)
-        )
-        return destination
-
-    def object_name(self, uri: str) -> str:
-        """The object name behind a `gs://` URI of this store's bucket; ValueError for any other URI."""
-        parts = urlsplit(uri)
-        if parts.scheme != "gs" or parts.netloc != self.bucket_name or not parts.path.lstrip("/"):
-            raise ValueError(f"{uri!r} is not an object of gs://{self.bucket_name}")
-        return parts.path.lstrip("/")
-
-    def _put(self, source: Path) -> StoredVideo:
-        sha256 = sha256_of(source)
-        size_bytes = source.stat().st_size
-        name = f"{_GCS_PREFIX}/{sha256[:2]}/{sha256}{_SUFFIX}"
-        stored = StoredVideo(uri=f"gs://{self.bucket_name}/{name}", sha256=sha256, size_bytes=size_bytes)
-        # A metadata read is far cheaper than uploading a video again (a retried render, say).
-        if self._bucket.get_blob(name) is not None:
-            return stored
-        blob = self._bucket.blob(name)
-        blob.metadata = {"sha256": sha256}
-        try:
-            # Generation 0 means "only if absent": a concurrent or retried upload of the same content
-            # keeps the existing object.
-            blob.upload_from_filename(str(source), content_type="video/mp4", if_generation_match=0)
-        except PreconditionFailed:
-            pass  # Already there: the name is the content's hash, so it holds the same bytes.
-        return stored
-
-
 def video_store_from_settings(data_dir: Path, gcs_bucket: str) -> VideoStore:
     """GCS when a bucket is configured, else files under `data_dir / "videos"`."""
     if gcs_bucket:
+        # Imported here: the GCS client (22 MB a process) only where a bucket asks for it.
+        from aiprod_kit.rendering.gcs import GcsVideoStore
+
         return GcsVideoStore(gcs_bucket)
     return LocalVideoStore(data_dir / "videos")
