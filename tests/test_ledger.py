@@ -429,6 +429,33 @@ async def test_budget_levels_follow_the_thresholds(start_metrics):
         assert await level() == (EXHAUSTED, pytest.approx(1.049), 0)
 
 
+async def test_a_reservations_answer_carries_the_budgets_with_it_counted_and_each_level_is_warned_once(
+    start_metrics,
+):
+    mesh = start_metrics()
+    async with connect_metrics(mesh) as stub:
+        first = await stub.ReserveBudget(reserve_request("first", 6_990_000, tenant="acme"))
+        assert (first.budget.tenant_id, first.budget.level) == ("acme", OK)
+        assert amounts(first.budget) == (0, 6_990_000, 3_010_000)
+        assert amounts(first.global_budget) == (0, 6_990_000, 3_010_000)
+        # As GetBudget would tell it, without asking.
+        assert first.budget == (await budgets(stub, "acme")).budget
+        notify = await stub.ReserveBudget(reserve_request("second", 10_000, tenant="acme"))
+        assert (notify.budget.level, notify.budget.used_fraction) == (NOTIFY, pytest.approx(0.70))
+        # Repeated, the reservation is not counted twice.
+        again = await stub.ReserveBudget(reserve_request("second", 10_000, tenant="acme"))
+        assert again.existing and amounts(again.budget) == amounts(notify.budget)
+        await reserve(stub, "third", 10_000, tenant="acme")
+        economy = await stub.ReserveBudget(reserve_request("fourth", 2 * USD, tenant="acme"))
+        assert economy.global_budget.level == ECONOMY
+    # The 70% action: operators are told once per budget and level reached, not at every reservation.
+    await until(lambda: len(log_records(mesh, "budget level reached")) == 4)
+    told = {
+        (record["tenant_id"], record["budget_level"]) for record in log_records(mesh, "budget level reached")
+    }
+    assert told == {("acme", "notify"), ("", "notify"), ("acme", "economy"), ("", "economy")}
+
+
 async def test_a_tenant_cap_bounds_each_tenant_under_the_global_cap(start_metrics):
     mesh = start_metrics(AIPROD_METRICS_TENANT_DAILY_CAP_USD="4")
     async with connect_metrics(mesh) as stub:

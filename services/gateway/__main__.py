@@ -64,7 +64,6 @@ async def build() -> AsyncIterator[list[Registration]]:
         store,
         router,
         reporter,
-        spending,
         settlement,
         settings.dispatch_max_in_flight,
         budget_policy,

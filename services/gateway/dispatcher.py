@@ -32,7 +32,6 @@ from aiprod_gateway.claims import Claims
 from aiprod_gateway.driving import BudgetPolicy, Drive, JobDriver
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement
-from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import ClaimLost, JobStore
 
 log = structlog.get_logger()
@@ -47,7 +46,6 @@ class Dispatcher:
         store: JobStore,
         router: router_pb2_grpc.RouterServiceStub,
         reporter: MetricsReporter,
-        spending: Spending,
         settlement: Settlement,
         max_in_flight: int,
         budget_policy: BudgetPolicy,
@@ -60,7 +58,7 @@ class Dispatcher:
         # One per job driven here (or claimed on its way to be): taken before a job leaves the queue.
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._claims = Claims(store, owner, lease_seconds)
-        self._driver = JobDriver(store, router, reporter, spending, settlement, budget_policy, owner)
+        self._driver = JobDriver(store, router, reporter, settlement, budget_policy, owner)
         # (-priority, arrival, job id): the highest priority first, then the first queued.
         self._queue: asyncio.PriorityQueue[tuple[int, int, str]] = asyncio.PriorityQueue()
         self._arrivals = itertools.count()

@@ -52,7 +52,7 @@ from aiprod_gateway.quoting import quoted_constraints
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.router_renders import RouterRenders
 from aiprod_gateway.settlement import Settlement, record_charge
-from aiprod_gateway.spending import BudgetRefused, Spending
+from aiprod_gateway.spending import BudgetRefused
 from aiprod_gateway.store import TERMINAL_STATES, ClaimLost, JobStore, JobUpdate
 from aiprod_gateway.tiers import TierPolicy, parse_tiers
 from aiprod_kit.capabilities import backend_name
@@ -273,7 +273,6 @@ class JobDriver:
         store: JobStore,
         router: router_pb2_grpc.RouterServiceStub,
         reporter: MetricsReporter,
-        spending: Spending,
         settlement: Settlement,
         budget_policy: BudgetPolicy,
         owner: str,
@@ -286,7 +285,6 @@ class JobDriver:
         # Each shot's render at the router: over shared streams, not a call each.
         self._renders = RouterRenders(router)
         self._reporter = reporter
-        self._spending = spending
         self._settlement = settlement
         self._budget_policy = budget_policy
         self._owner = owner
@@ -524,9 +522,10 @@ class JobDriver:
         message, update = _apply(event, job)
         if event.HasField("charged") and event.charged.account not in ("", job.tenant_id):
             message += f" (the free re-render: {event.charged.account} pays)"
-        if event.HasField("routed") and event.routed.reserved.amount_micros:
-            # The budget the attempt draws on: the tenant's, or the company's for the free re-render.
-            message += await self._spending.level_note(event.routed.account or job.tenant_id)
+        if event.HasField("routed") and event.routed.budget_note:
+            # The budget the attempt draws on (the tenant's, or the company's for the free re-render),
+            # as the ledger answered its reservation.
+            message += f"; today's budget is {event.routed.budget_note}"
         was_queued = not driver.running and job.state == job_pb2.JOB_STATE_QUEUED and event.HasField("routed")
         await self._record(driver, job.job_id, message, update, render_event=event)
         if event.HasField("charged"):

@@ -1,5 +1,6 @@
-"""The gateway's view of today's budget: CreateRenderJob is refused once it is spent, operators are told
-when it passes a level, and a job's events say so from the notify level on.
+"""The gateway's view of today's budget: CreateRenderJob is refused once it is spent. (The ledger warns
+operators when a budget reaches a level; a job's routed events say so from the notify level on, as the
+ledger answered the attempt's reservation.)
 
 The money itself moves per attempt: the router reserves each attempt before its provider is called
 (and refuses to start one the budget cannot pay), and the gateway's settlement outbox
@@ -10,13 +11,10 @@ decides what becomes of it (the gateway's budget policy)."""
 import time
 
 import grpc
-import structlog
 
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod_kit.errors import ErrorReason, ResourceExhausted
 from aiprod_kit.sharing import SharedReads
-
-log = structlog.get_logger()
 
 _TIMEOUT = 5.0
 # How long a budget level read for CreateRenderJob stays good: one ledger call per second, not per job.
@@ -35,61 +33,31 @@ class Spending:
         self._level = metrics_pb2.BUDGET_LEVEL_UNSPECIFIED
         self._level_read_at = -_LEVEL_FRESH_SECONDS
         self._last: metrics_pb2.GetBudgetResponse | None = None
-        # The level each tenant's budgets were last read at (the warnings say each new one once).
-        self._levels: dict[str, int] = {}
-        # The jobs routed while a tenant's budgets are read share the reading.
-        self._read_budget = SharedReads(self._ask_budget)
+        # The creates that find the level stale at once share one reading.
+        self._read_level = SharedReads(self._ask_level)
 
-    async def _ask_budget(self, tenant_id: str) -> metrics_pb2.GetBudgetResponse | None:
-        """Today's budgets of the tenant ("": the ledger's default one) and of everyone (None when the
-        ledger cannot answer). The first read past the notify level, and each higher level after it, is
-        logged as a warning: the 70% action tells operators."""
+    async def _ask_level(self, key: str) -> None:
+        """Reads today's budgets (the ledger's default tenant's and everyone's); keeps the old level
+        when the ledger cannot answer."""
         try:
-            response = await self._metrics.GetBudget(
-                metrics_pb2.GetBudgetRequest(tenant_id=tenant_id), timeout=_TIMEOUT
-            )
+            response = await self._metrics.GetBudget(metrics_pb2.GetBudgetRequest(), timeout=_TIMEOUT)
         except grpc.aio.AioRpcError:
-            return None
-        level = max(response.budget.level, response.global_budget.level)
-        if level > self._levels.get(tenant_id, 0) and level >= metrics_pb2.BUDGET_LEVEL_NOTIFY:
-            log.warning("budget level reached", tenant_id=tenant_id, **_level_fields(response))
-        self._levels[tenant_id] = level
-        if not tenant_id:
-            self._level = level
-            self._last = response
-            self._level_read_at = time.monotonic()
-        return response
+            return
+        self._level = max(response.budget.level, response.global_budget.level)
+        self._last = response
+        self._level_read_at = time.monotonic()
 
     async def refuse_when_exhausted(self) -> None:
         """For CreateRenderJob: RESOURCE_EXHAUSTED once today's budget is spent. A ledger that cannot
         answer does not block orders; each attempt's reservation still protects the budget."""
         if time.monotonic() - self._level_read_at >= _LEVEL_FRESH_SECONDS:
-            await self._read_budget("")
+            await self._read_level("")
         if self._level == metrics_pb2.BUDGET_LEVEL_EXHAUSTED:
             raise ResourceExhausted(
                 "today's render budget is spent: no new jobs until it resets",
                 reason=ErrorReason.BUDGET_EXHAUSTED,
                 metadata=_exhausted_metadata(self._last),
             )
-
-    async def level_note(self, tenant_id: str = "") -> str:
-        """From the notify level on, how much of today's budget is used (the tenant's whose job it is,
-        or everyone's, the fuller), for the event of an attempt's reservation (the 70% action, on the
-        job as well as in the log); empty below it."""
-        response = await self._read_budget(tenant_id)
-        if response is None or max(response.budget.level, response.global_budget.level) < (
-            metrics_pb2.BUDGET_LEVEL_NOTIFY
-        ):
-            return ""
-        fields = _level_fields(response)
-        return f"; today's budget is {fields['used']} used ({fields['level']})"
-
-
-def _level_fields(response: metrics_pb2.GetBudgetResponse) -> dict[str, str]:
-    """The fuller of the tenant's and the global budget: its level and share used, for people."""
-    budget = max((response.budget, response.global_budget), key=lambda budget: budget.level)
-    level = metrics_pb2.BudgetLevel.Name(budget.level).removeprefix("BUDGET_LEVEL_").lower()
-    return {"level": level, "used": f"{budget.used_fraction:.0%}"}
 
 
 def _exhausted_metadata(response: metrics_pb2.GetBudgetResponse | None) -> dict[str, object]:

@@ -261,6 +261,8 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         self._events = events
         self._alerts = alerts
         self._slo = slo
+        # Per budget (its tenant; "" for everyone's): the day and level last warned about.
+        self._levels_told: dict[str, tuple[str, int]] = {}
 
     async def RecordJobEvent(
         self, request: metrics_pb2.RecordJobEventRequest, context: grpc.aio.ServicerContext
@@ -382,7 +384,10 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                 asked_backend=backend_name(request.backend),
                 state=str(reservation.state),
             )
+        budgets = await self._budgets(tenant)
         return metrics_pb2.ReserveBudgetResponse(
+            budget=budgets.budget,
+            global_budget=budgets.global_budget,
             reservation=metrics_pb2.Reservation(
                 reservation_key=reservation.key,
                 tenant_id=reservation.tenant,
@@ -529,7 +534,8 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         return metrics_pb2.GetSpendResponse(spent=usd(spend.spent), reserved=usd(spend.reserved))
 
     async def _budgets(self, tenant: str) -> metrics_pb2.GetBudgetResponse:
-        """The tenant's and everyone's budget of today; each read also refreshes the budget gauges."""
+        """The tenant's and everyone's budget of today; each read also refreshes the budget gauges and
+        warns of a level newly reached."""
         totals = await self._ledger.day_totals(tenant)
         tenant_cap = self._policy.tenant_cap_of(totals.tenant_cap)
         response = metrics_pb2.GetBudgetResponse(
@@ -537,7 +543,25 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             global_budget=self._budget("", totals.day, self._policy.global_cap, totals.everyone),
         )
         self._telemetry.budget_read(totals.everyone, self._policy.global_cap, response.global_budget.level)
+        self._tell_level_reached(response)
         return response
+
+    def _tell_level_reached(self, budgets: metrics_pb2.GetBudgetResponse) -> None:
+        """Logs a warning the first time a budget is seen at a level from notify on (the 70% action
+        tells operators), and at each higher level after it, once per budget and day."""
+        for budget in (budgets.budget, budgets.global_budget):
+            if budget.level < metrics_pb2.BUDGET_LEVEL_NOTIFY:
+                continue
+            if self._levels_told.get(budget.tenant_id, ("", 0)) >= (budget.day, budget.level):
+                continue
+            self._levels_told[budget.tenant_id] = (budget.day, budget.level)
+            log.warning(
+                "budget level reached",
+                tenant_id=budget.tenant_id,
+                day=budget.day,
+                budget_level=metrics_pb2.BudgetLevel.Name(budget.level).removeprefix("BUDGET_LEVEL_").lower(),
+                used=f"{budget.used_fraction:.0%}",
+            )
 
     def _budget(self, tenant: str, day: str, cap: int, totals: Totals) -> metrics_pb2.Budget:
         used = totals.spent + totals.reserved

@@ -126,6 +126,22 @@ class _BudgetRefused(Exception):
     """The ledger would not reserve an attempt: the chain stops rather than start it unpaid."""
 
 
+@dataclass(frozen=True)
+class _Reserved:
+    """An attempt's line in the ledger, as the attempt starts with it."""
+
+    # The renderer to start it at (the backend a reservation made before a restart names).
+    renderer: Renderer
+    # Its reservation key; "" for a free render.
+    key: str
+    amount: int
+    # The account it draws on, and whether it is the free re-render.
+    account: str
+    rerender: bool
+    # Today's budget use from the notify level on, for the routed event (`budget_note`).
+    budget_note: str = ""
+
+
 class _KeyConflict(Exception):
     """The attempt's key was reserved under another tenant (or job)."""
 
@@ -412,7 +428,8 @@ class RenderChain:
                     guarantee.kept = cause.output if cause is not None else None
                 attempt += 1
                 continue
-            renderer, key, reserved, account, is_rerender = reservation
+            renderer, key, account = reservation.renderer, reservation.key, reservation.account
+            is_rerender = reservation.rerender  # a key reserved before a restart keeps its account
             self._remember(key, account)
             if is_rerender and not guarantee.granted:
                 guarantee.granted = True
@@ -440,11 +457,12 @@ class RenderChain:
                     reason=reason,
                     estimated_cost=usd(chosen.list_cost_micros),
                     reservation_key=key,
-                    reserved=usd(reserved),
+                    reserved=usd(reservation.amount),
                     account=account,
                     rerender=is_rerender,
                     model=offer[0],
                     resolution=offer[1],
+                    budget_note=reservation.budget_note,
                 ),
             )
             result = AttemptResult(
@@ -513,19 +531,17 @@ class RenderChain:
 
     async def _reserve(
         self, job: RenderJob, attempt: int, chosen: Candidate, rerender: bool = False
-    ) -> tuple[Renderer, str, int, str, bool] | None:
+    ) -> _Reserved | None:
         """Reserves the attempt's worst case at the chosen backend before its provider is called, under
-        the tenant's account or, for the free re-render, the guarantee's; returns the renderer to start
-        it at, its key and the amount (no key for a free render), the account and whether it is the
-        re-render (a key reserved before a restart under the other account keeps it), or None when the
-        attempt's line is settled already. Raises _BudgetRefused, or Unavailable when the ledger is away
+        the tenant's account or, for the free re-render, the guarantee's (a key reserved before a
+        restart under the other account keeps it); None when the attempt's line is settled already. Raises _BudgetRefused, or Unavailable when the ledger is away
         (the caller tries again later: nothing starts unreserved)."""
         renderer = self._pool.get(chosen.backend)
         assert renderer is not None
         company = job.guarantee.account if job.guarantee is not None else ""
         account = company if rerender else job.tenant_id
         if chosen.list_cost_micros <= 0:
-            return renderer, "", 0, account, rerender
+            return _Reserved(renderer, "", 0, account, rerender)
         key = attempt_key(job.idempotency_key, attempt)
         try:
             response = await self._reserve_as(job, attempt, chosen, key, account)
@@ -558,7 +574,9 @@ class RenderChain:
                     "attempt goes to the backend it reserved for", job_id=job.job_id, backend=pinned.name
                 )
                 renderer = pinned
-        return renderer, key, reservation.amount.amount_micros, account, rerender
+        return _Reserved(
+            renderer, key, reservation.amount.amount_micros, account, rerender, _budget_note(response)
+        )
 
     async def _reserve_as(
         self, job: RenderJob, attempt: int, chosen: Candidate, key: str, account: str
@@ -905,3 +923,13 @@ def _no_backend(request: RouteRequest, candidates: list[Candidate]) -> render_pb
     ):
         reason = Reason.DEADLINE_UNMEETABLE
     return failure(reason, "; ".join(describe(candidate) for candidate in candidates) or "no backend", False)
+
+
+def _budget_note(response: metrics_pb2.ReserveBudgetResponse) -> str:
+    """The fuller of the account's and everyone's budget after the reservation, from the notify level
+    on, for people ("82% used (notify)"); empty below it."""
+    budget = max((response.budget, response.global_budget), key=lambda budget: budget.level)
+    if budget.level < metrics_pb2.BUDGET_LEVEL_NOTIFY:
+        return ""
+    level = metrics_pb2.BudgetLevel.Name(budget.level).removeprefix("BUDGET_LEVEL_").lower()
+    return f"{budget.used_fraction:.0%} used ({level})"

@@ -19,7 +19,6 @@ from aiprod_gateway.dispatcher import Dispatcher
 from aiprod_gateway.driving import BudgetPolicy
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement
-from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import JobStore, JobUpdate, SqlJobStore
 from aiprod_kit.database import DatabaseUnavailable, SqliteDatabase
 
@@ -147,9 +146,8 @@ async def start(store: JobStore) -> AsyncIterator[Start]:
     async def start_one(router: Router, on: JobStore = store, lease: float = LEASE) -> Dispatcher:
         metrics = Metrics()
         reporter = MetricsReporter(metrics)  # type: ignore[arg-type]
-        spending = Spending(metrics)  # type: ignore[arg-type]
         settlement = Settlement(on, metrics, router)  # type: ignore[arg-type]
-        dispatcher = Dispatcher(on, router, reporter, spending, settlement, 2, BudgetPolicy(), OWNER, lease)  # type: ignore[arg-type]
+        dispatcher = Dispatcher(on, router, reporter, settlement, 2, BudgetPolicy(), OWNER, lease)  # type: ignore[arg-type]
         await settlement.start()
         await dispatcher.start()
         started.append((dispatcher, reporter))

@@ -17,7 +17,6 @@ from aiprod_gateway import attempts
 from aiprod_gateway.driving import BudgetPolicy, Drive, Guarantees, JobDriver
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement
-from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import SqlJobStore
 from aiprod_gateway.tiers import DEFAULT_TIERS
 from aiprod_kit.database import SqliteDatabase
@@ -148,7 +147,6 @@ async def drive(store: SqlJobStore, router: Router, tier: int) -> gateway_pb2.Re
         store,
         router,  # type: ignore[arg-type]
         MetricsReporter(metrics),  # type: ignore[arg-type]
-        Spending(metrics),  # type: ignore[arg-type]
         Settlement(store, metrics, router),  # type: ignore[arg-type]
         BudgetPolicy(),
         OWNER,

@@ -24,7 +24,7 @@ CHARGE_OUTCOME_RELEASE: ChargeOutcome
 CHARGE_OUTCOME_HOLD: ChargeOutcome
 
 class RouteDecision(_message.Message):
-    __slots__ = ("backend", "reason", "estimated_cost", "reservation_key", "reserved", "account", "rerender", "model", "resolution")
+    __slots__ = ("backend", "reason", "estimated_cost", "reservation_key", "reserved", "account", "rerender", "model", "resolution", "budget_note")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COST_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class RouteDecision(_message.Message):
     RERENDER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_NOTE_FIELD_NUMBER: _ClassVar[int]
     backend: _backend_pb2.Backend
     reason: str
     estimated_cost: _money_pb2.Money
@@ -43,7 +44,8 @@ class RouteDecision(_message.Message):
     rerender: bool
     model: str
     resolution: str
-    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., reason: _Optional[str] = ..., estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., reservation_key: _Optional[str] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., account: _Optional[str] = ..., rerender: _Optional[bool] = ..., model: _Optional[str] = ..., resolution: _Optional[str] = ...) -> None: ...
+    budget_note: str
+    def __init__(self, backend: _Optional[_Union[_backend_pb2.Backend, str]] = ..., reason: _Optional[str] = ..., estimated_cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., reservation_key: _Optional[str] = ..., reserved: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., account: _Optional[str] = ..., rerender: _Optional[bool] = ..., model: _Optional[str] = ..., resolution: _Optional[str] = ..., budget_note: _Optional[str] = ...) -> None: ...
 
 class RenderProgress(_message.Message):
     __slots__ = ("fraction", "message")

@@ -30,15 +30,15 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61iprod/metrics/v1/metrics.proto\x12\x11\x61iprod.metrics.v1\x1a\x1e\x61iprod/common/v1/backend.proto\x1a\x1a\x61iprod/common/v1/job.proto\x1a\x1c\x61iprod/common/v1/money.proto\x1a\x1d\x61iprod/common/v1/render.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd4\x02\n\x0eJobEventRecord\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12*\n\x07\x62\x61\x63kend\x18\x03 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06preset\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08qc_score\x18\x06 \x01(\x01\x12/\n\x0cjob_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x04\x63ost\x18\x08 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x37\n\x0e\x66\x61ilure_reason\x18\t \x01(\x0e\x32\x1f.aiprod.common.v1.FailureReason\"J\n\x15RecordJobEventRequest\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.aiprod.metrics.v1.JobEventRecord\"\x18\n\x16RecordJobEventResponse\"\x14\n\x12GetJobStatsRequest\"o\n\x07JobStat\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\"@\n\x13GetJobStatsResponse\x12)\n\x05stats\x18\x01 \x03(\x0b\x32\x1a.aiprod.metrics.v1.JobStat\"\xcf\x01\n\x0bReservation\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\'\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06job_id\x18\x06 \x01(\t\"\xa7\x01\n\x14ReserveBudgetRequest\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\'\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12*\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\"^\n\x15ReserveBudgetResponse\x12\x33\n\x0breservation\x18\x01 \x01(\x0b\x32\x1e.aiprod.metrics.v1.Reservation\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"V\n\x12\x43ommitSpendRequest\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\x12\'\n\x06\x61\x63tual\x18\x02 \x01(\x0b\x32\x17.aiprod.common.v1.Money\"\x15\n\x13\x43ommitSpendResponse\"/\n\x14ReleaseBudgetRequest\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\"\x17\n\x15ReleaseBudgetResponse\"%\n\x10GetBudgetRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\xdd\x02\n\x06\x42udget\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x02 \x01(\t\x12$\n\x03\x63\x61p\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12&\n\x05spent\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12)\n\x08reserved\x18\x05 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12*\n\tremaining\x18\x06 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12-\n\x05level\x18\x07 \x01(\x0e\x32\x1e.aiprod.metrics.v1.BudgetLevel\x12\x15\n\rused_fraction\x18\x08 \x01(\x01\x12\x1c\n\x14\x65xpired_reservations\x18\t \x01(\x03\x12*\n\tuncertain\x18\n \x01(\x0b\x32\x17.aiprod.common.v1.Money\"p\n\x11GetBudgetResponse\x12)\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x19.aiprod.metrics.v1.Budget\x12\x30\n\rglobal_budget\x18\x02 \x01(\x0b\x32\x19.aiprod.metrics.v1.Budget\"W\n\x16SetTenantBudgetRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12*\n\tdaily_cap\x18\x02 \x01(\x0b\x32\x17.aiprod.common.v1.Money\"D\n\x17SetTenantBudgetResponse\x12)\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x19.aiprod.metrics.v1.Budget\"I\n\x0fGetSpendRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tfirst_day\x18\x02 \x01(\t\x12\x10\n\x08last_day\x18\x03 \x01(\t\"e\n\x10GetSpendResponse\x12&\n\x05spent\x18\x01 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12)\n\x08reserved\x18\x02 \x01(\x0b\x32\x17.aiprod.common.v1.Money\"\x13\n\x11ListAlertsRequest\"\xb7\x01\n\x05\x41lert\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0e\n\x06\x66iring\x18\x02 \x01(\x08\x12.\n\nsince_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x10\n\x08severity\x18\x06 \x01(\t\x12*\n\x07\x62\x61\x63kend\x18\x07 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\">\n\x12ListAlertsResponse\x12(\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x18.aiprod.metrics.v1.Alert\"\x15\n\x13GetSloReportRequest\"p\n\tSloStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\x01\x12\x12\n\nattainment\x18\x03 \x01(\x01\x12\x1e\n\x16\x65rror_budget_remaining\x18\x04 \x01(\x01\x12\x13\n\x0bwindow_days\x18\x05 \x01(\x05\"B\n\x14GetSloReportResponse\x12*\n\x04slos\x18\x01 \x03(\x0b\x32\x1c.aiprod.metrics.v1.SloStatus*\x8f\x01\n\x0b\x42udgetLevel\x12\x1c\n\x18\x42UDGET_LEVEL_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42UDGET_LEVEL_OK\x10\x01\x12\x17\n\x13\x42UDGET_LEVEL_NOTIFY\x10\x02\x12\x18\n\x14\x42UDGET_LEVEL_ECONOMY\x10\x03\x12\x1a\n\x16\x42UDGET_LEVEL_EXHAUSTED\x10\x04\x32\xce\x07\n\x0eMetricsService\x12\x65\n\x0eRecordJobEvent\x12(.aiprod.metrics.v1.RecordJobEventRequest\x1a).aiprod.metrics.v1.RecordJobEventResponse\x12\\\n\x0bGetJobStats\x12%.aiprod.metrics.v1.GetJobStatsRequest\x1a&.aiprod.metrics.v1.GetJobStatsResponse\x12\x62\n\rReserveBudget\x12\'.aiprod.metrics.v1.ReserveBudgetRequest\x1a(.aiprod.metrics.v1.ReserveBudgetResponse\x12\\\n\x0b\x43ommitSpend\x12%.aiprod.metrics.v1.CommitSpendRequest\x1a&.aiprod.metrics.v1.CommitSpendResponse\x12\x62\n\rReleaseBudget\x12\'.aiprod.metrics.v1.ReleaseBudgetRequest\x1a(.aiprod.metrics.v1.ReleaseBudgetResponse\x12V\n\tGetBudget\x12#.aiprod.metrics.v1.GetBudgetRequest\x1a$.aiprod.metrics.v1.GetBudgetResponse\x12h\n\x0fSetTenantBudget\x12).aiprod.metrics.v1.SetTenantBudgetRequest\x1a*.aiprod.metrics.v1.SetTenantBudgetResponse\x12S\n\x08GetSpend\x12\".aiprod.metrics.v1.GetSpendRequest\x1a#.aiprod.metrics.v1.GetSpendResponse\x12Y\n\nListAlerts\x12$.aiprod.metrics.v1.ListAlertsRequest\x1a%.aiprod.metrics.v1.ListAlertsResponse\x12_\n\x0cGetSloReport\x12&.aiprod.metrics.v1.GetSloReportRequest\x1a\'.aiprod.metrics.v1.GetSloReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61iprod/metrics/v1/metrics.proto\x12\x11\x61iprod.metrics.v1\x1a\x1e\x61iprod/common/v1/backend.proto\x1a\x1a\x61iprod/common/v1/job.proto\x1a\x1c\x61iprod/common/v1/money.proto\x1a\x1d\x61iprod/common/v1/render.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd4\x02\n\x0eJobEventRecord\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12*\n\x07\x62\x61\x63kend\x18\x03 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06preset\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08qc_score\x18\x06 \x01(\x01\x12/\n\x0cjob_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x04\x63ost\x18\x08 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x37\n\x0e\x66\x61ilure_reason\x18\t \x01(\x0e\x32\x1f.aiprod.common.v1.FailureReason\"J\n\x15RecordJobEventRequest\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.aiprod.metrics.v1.JobEventRecord\"\x18\n\x16RecordJobEventResponse\"\x14\n\x12GetJobStatsRequest\"o\n\x07JobStat\x12*\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.aiprod.common.v1.JobState\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\"@\n\x13GetJobStatsResponse\x12)\n\x05stats\x18\x01 \x03(\x0b\x32\x1a.aiprod.metrics.v1.JobStat\"\xcf\x01\n\x0bReservation\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\'\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\x12\x0e\n\x06job_id\x18\x06 \x01(\t\"\xa7\x01\n\x14ReserveBudgetRequest\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\'\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12*\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\"\xbb\x01\n\x15ReserveBudgetResponse\x12\x33\n\x0breservation\x18\x01 \x01(\x0b\x32\x1e.aiprod.metrics.v1.Reservation\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\x12)\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x19.aiprod.metrics.v1.Budget\x12\x30\n\rglobal_budget\x18\x04 \x01(\x0b\x32\x19.aiprod.metrics.v1.Budget\"V\n\x12\x43ommitSpendRequest\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\x12\'\n\x06\x61\x63tual\x18\x02 \x01(\x0b\x32\x17.aiprod.common.v1.Money\"\x15\n\x13\x43ommitSpendResponse\"/\n\x14ReleaseBudgetRequest\x12\x17\n\x0freservation_key\x18\x01 \x01(\t\"\x17\n\x15ReleaseBudgetResponse\"%\n\x10GetBudgetRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\xdd\x02\n\x06\x42udget\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x02 \x01(\t\x12$\n\x03\x63\x61p\x18\x03 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12&\n\x05spent\x18\x04 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12)\n\x08reserved\x18\x05 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12*\n\tremaining\x18\x06 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12-\n\x05level\x18\x07 \x01(\x0e\x32\x1e.aiprod.metrics.v1.BudgetLevel\x12\x15\n\rused_fraction\x18\x08 \x01(\x01\x12\x1c\n\x14\x65xpired_reservations\x18\t \x01(\x03\x12*\n\tuncertain\x18\n \x01(\x0b\x32\x17.aiprod.common.v1.Money\"p\n\x11GetBudgetResponse\x12)\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x19.aiprod.metrics.v1.Budget\x12\x30\n\rglobal_budget\x18\x02 \x01(\x0b\x32\x19.aiprod.metrics.v1.Budget\"W\n\x16SetTenantBudgetRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12*\n\tdaily_cap\x18\x02 \x01(\x0b\x32\x17.aiprod.common.v1.Money\"D\n\x17SetTenantBudgetResponse\x12)\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x19.aiprod.metrics.v1.Budget\"I\n\x0fGetSpendRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tfirst_day\x18\x02 \x01(\t\x12\x10\n\x08last_day\x18\x03 \x01(\t\"e\n\x10GetSpendResponse\x12&\n\x05spent\x18\x01 \x01(\x0b\x32\x17.aiprod.common.v1.Money\x12)\n\x08reserved\x18\x02 \x01(\x0b\x32\x17.aiprod.common.v1.Money\"\x13\n\x11ListAlertsRequest\"\xb7\x01\n\x05\x41lert\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0e\n\x06\x66iring\x18\x02 \x01(\x08\x12.\n\nsince_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x10\n\x08severity\x18\x06 \x01(\t\x12*\n\x07\x62\x61\x63kend\x18\x07 \x01(\x0e\x32\x19.aiprod.common.v1.Backend\">\n\x12ListAlertsResponse\x12(\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x18.aiprod.metrics.v1.Alert\"\x15\n\x13GetSloReportRequest\"p\n\tSloStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\x01\x12\x12\n\nattainment\x18\x03 \x01(\x01\x12\x1e\n\x16\x65rror_budget_remaining\x18\x04 \x01(\x01\x12\x13\n\x0bwindow_days\x18\x05 \x01(\x05\"B\n\x14GetSloReportResponse\x12*\n\x04slos\x18\x01 \x03(\x0b\x32\x1c.aiprod.metrics.v1.SloStatus*\x8f\x01\n\x0b\x42udgetLevel\x12\x1c\n\x18\x42UDGET_LEVEL_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42UDGET_LEVEL_OK\x10\x01\x12\x17\n\x13\x42UDGET_LEVEL_NOTIFY\x10\x02\x12\x18\n\x14\x42UDGET_LEVEL_ECONOMY\x10\x03\x12\x1a\n\x16\x42UDGET_LEVEL_EXHAUSTED\x10\x04\x32\xce\x07\n\x0eMetricsService\x12\x65\n\x0eRecordJobEvent\x12(.aiprod.metrics.v1.RecordJobEventRequest\x1a).aiprod.metrics.v1.RecordJobEventResponse\x12\\\n\x0bGetJobStats\x12%.aiprod.metrics.v1.GetJobStatsRequest\x1a&.aiprod.metrics.v1.GetJobStatsResponse\x12\x62\n\rReserveBudget\x12\'.aiprod.metrics.v1.ReserveBudgetRequest\x1a(.aiprod.metrics.v1.ReserveBudgetResponse\x12\\\n\x0b\x43ommitSpend\x12%.aiprod.metrics.v1.CommitSpendRequest\x1a&.aiprod.metrics.v1.CommitSpendResponse\x12\x62\n\rReleaseBudget\x12\'.aiprod.metrics.v1.ReleaseBudgetRequest\x1a(.aiprod.metrics.v1.ReleaseBudgetResponse\x12V\n\tGetBudget\x12#.aiprod.metrics.v1.GetBudgetRequest\x1a$.aiprod.metrics.v1.GetBudgetResponse\x12h\n\x0fSetTenantBudget\x12).aiprod.metrics.v1.SetTenantBudgetRequest\x1a*.aiprod.metrics.v1.SetTenantBudgetResponse\x12S\n\x08GetSpend\x12\".aiprod.metrics.v1.GetSpendRequest\x1a#.aiprod.metrics.v1.GetSpendResponse\x12Y\n\nListAlerts\x12$.aiprod.metrics.v1.ListAlertsRequest\x1a%.aiprod.metrics.v1.ListAlertsResponse\x12_\n\x0cGetSloReport\x12&.aiprod.metrics.v1.GetSloReportRequest\x1a\'.aiprod.metrics.v1.GetSloReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aiprod.metrics.v1.metrics_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BUDGETLEVEL']._serialized_start=2866
-  _globals['_BUDGETLEVEL']._serialized_end=3009
+  _globals['_BUDGETLEVEL']._serialized_start=2960
+  _globals['_BUDGETLEVEL']._serialized_end=3103
   _globals['_JOBEVENTRECORD']._serialized_start=241
   _globals['_JOBEVENTRECORD']._serialized_end=581
   _globals['_RECORDJOBEVENTREQUEST']._serialized_start=583
@@ -55,42 +55,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESERVATION']._serialized_end=1094
   _globals['_RESERVEBUDGETREQUEST']._serialized_start=1097
   _globals['_RESERVEBUDGETREQUEST']._serialized_end=1264
-  _globals['_RESERVEBUDGETRESPONSE']._serialized_start=1266
-  _globals['_RESERVEBUDGETRESPONSE']._serialized_end=1360
-  _globals['_COMMITSPENDREQUEST']._serialized_start=1362
-  _globals['_COMMITSPENDREQUEST']._serialized_end=1448
-  _globals['_COMMITSPENDRESPONSE']._serialized_start=1450
-  _globals['_COMMITSPENDRESPONSE']._serialized_end=1471
-  _globals['_RELEASEBUDGETREQUEST']._serialized_start=1473
-  _globals['_RELEASEBUDGETREQUEST']._serialized_end=1520
-  _globals['_RELEASEBUDGETRESPONSE']._serialized_start=1522
-  _globals['_RELEASEBUDGETRESPONSE']._serialized_end=1545
-  _globals['_GETBUDGETREQUEST']._serialized_start=1547
-  _globals['_GETBUDGETREQUEST']._serialized_end=1584
-  _globals['_BUDGET']._serialized_start=1587
-  _globals['_BUDGET']._serialized_end=1936
-  _globals['_GETBUDGETRESPONSE']._serialized_start=1938
-  _globals['_GETBUDGETRESPONSE']._serialized_end=2050
-  _globals['_SETTENANTBUDGETREQUEST']._serialized_start=2052
-  _globals['_SETTENANTBUDGETREQUEST']._serialized_end=2139
-  _globals['_SETTENANTBUDGETRESPONSE']._serialized_start=2141
-  _globals['_SETTENANTBUDGETRESPONSE']._serialized_end=2209
-  _globals['_GETSPENDREQUEST']._serialized_start=2211
-  _globals['_GETSPENDREQUEST']._serialized_end=2284
-  _globals['_GETSPENDRESPONSE']._serialized_start=2286
-  _globals['_GETSPENDRESPONSE']._serialized_end=2387
-  _globals['_LISTALERTSREQUEST']._serialized_start=2389
-  _globals['_LISTALERTSREQUEST']._serialized_end=2408
-  _globals['_ALERT']._serialized_start=2411
-  _globals['_ALERT']._serialized_end=2594
-  _globals['_LISTALERTSRESPONSE']._serialized_start=2596
-  _globals['_LISTALERTSRESPONSE']._serialized_end=2658
-  _globals['_GETSLOREPORTREQUEST']._serialized_start=2660
-  _globals['_GETSLOREPORTREQUEST']._serialized_end=2681
-  _globals['_SLOSTATUS']._serialized_start=2683
-  _globals['_SLOSTATUS']._serialized_end=2795
-  _globals['_GETSLOREPORTRESPONSE']._serialized_start=2797
-  _globals['_GETSLOREPORTRESPONSE']._serialized_end=2863
-  _globals['_METRICSSERVICE']._serialized_start=3012
-  _globals['_METRICSSERVICE']._serialized_end=3986
+  _globals['_RESERVEBUDGETRESPONSE']._serialized_start=1267
+  _globals['_RESERVEBUDGETRESPONSE']._serialized_end=1454
+  _globals['_COMMITSPENDREQUEST']._serialized_start=1456
+  _globals['_COMMITSPENDREQUEST']._serialized_end=1542
+  _globals['_COMMITSPENDRESPONSE']._serialized_start=1544
+  _globals['_COMMITSPENDRESPONSE']._serialized_end=1565
+  _globals['_RELEASEBUDGETREQUEST']._serialized_start=1567
+  _globals['_RELEASEBUDGETREQUEST']._serialized_end=1614
+  _globals['_RELEASEBUDGETRESPONSE']._serialized_start=1616
+  _globals['_RELEASEBUDGETRESPONSE']._serialized_end=1639
+  _globals['_GETBUDGETREQUEST']._serialized_start=1641
+  _globals['_GETBUDGETREQUEST']._serialized_end=1678
+  _globals['_BUDGET']._serialized_start=1681
+  _globals['_BUDGET']._serialized_end=2030
+  _globals['_GETBUDGETRESPONSE']._serialized_start=2032
+  _globals['_GETBUDGETRESPONSE']._serialized_end=2144
+  _globals['_SETTENANTBUDGETREQUEST']._serialized_start=2146
+  _globals['_SETTENANTBUDGETREQUEST']._serialized_end=2233
+  _globals['_SETTENANTBUDGETRESPONSE']._serialized_start=2235
+  _globals['_SETTENANTBUDGETRESPONSE']._serialized_end=2303
+  _globals['_GETSPENDREQUEST']._serialized_start=2305
+  _globals['_GETSPENDREQUEST']._serialized_end=2378
+  _globals['_GETSPENDRESPONSE']._serialized_start=2380
+  _globals['_GETSPENDRESPONSE']._serialized_end=2481
+  _globals['_LISTALERTSREQUEST']._serialized_start=2483
+  _globals['_LISTALERTSREQUEST']._serialized_end=2502
+  _globals['_ALERT']._serialized_start=2505
+  _globals['_ALERT']._serialized_end=2688
+  _globals['_LISTALERTSRESPONSE']._serialized_start=2690
+  _globals['_LISTALERTSRESPONSE']._serialized_end=2752
+  _globals['_GETSLOREPORTREQUEST']._serialized_start=2754
+  _globals['_GETSLOREPORTREQUEST']._serialized_end=2775
+  _globals['_SLOSTATUS']._serialized_start=2777
+  _globals['_SLOSTATUS']._serialized_end=2889
+  _globals['_GETSLOREPORTRESPONSE']._serialized_start=2891
+  _globals['_GETSLOREPORTRESPONSE']._serialized_end=2957
+  _globals['_METRICSSERVICE']._serialized_start=3106
+  _globals['_METRICSSERVICE']._serialized_end=4080
 # @@protoc_insertion_point(module_scope)

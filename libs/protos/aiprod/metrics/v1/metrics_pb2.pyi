@@ -111,12 +111,16 @@ class ReserveBudgetRequest(_message.Message):
     def __init__(self, reservation_key: _Optional[str] = ..., tenant_id: _Optional[str] = ..., amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., job_id: _Optional[str] = ..., backend: _Optional[_Union[_backend_pb2.Backend, str]] = ...) -> None: ...
 
 class ReserveBudgetResponse(_message.Message):
-    __slots__ = ("reservation", "existing")
+    __slots__ = ("reservation", "existing", "budget", "global_budget")
     RESERVATION_FIELD_NUMBER: _ClassVar[int]
     EXISTING_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_BUDGET_FIELD_NUMBER: _ClassVar[int]
     reservation: Reservation
     existing: bool
-    def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ..., existing: _Optional[bool] = ...) -> None: ...
+    budget: Budget
+    global_budget: Budget
+    def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ..., existing: _Optional[bool] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., global_budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
 
 class CommitSpendRequest(_message.Message):
     __slots__ = ("reservation_key", "actual")
