@@ -34,6 +34,10 @@ that health stays SERVING (the router's own breaker still runs, on the replay's 
 Policies are driven by an event simulation in arrival order: a decision sees only the outcomes that
 ended before it (BackendStats and breakers learn as the router's do), an attempt that fails or is
 rejected moves to the next choice, up to the router's attempt limit, paying what each attempt bills.
+A job whose first attempt finds no backend, when one that could take it is only down or cooling down
+(the gateway then refuses the create UNAVAILABLE with a RetryInfo: `aiprod_gateway.quoting.back_soon`),
+is asked again by its client BACKENDS_RETRY_SECONDS later while its deadline (from its first asking)
+allows; the first version's policy is given no such retry.
 
 - router: the router's policy (`aiprod_router.policy.rank_backends`) on the views the router builds
   (capabilities, breaker, observed p95 and success rate), with the request it builds (quality floor,
@@ -70,6 +74,7 @@ from pydantic import SecretStr
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
+from aiprod_gateway.quoting import BACKENDS_RETRY_SECONDS, back_soon
 from aiprod_gateway.tiers import DEFAULT_TIERS
 from aiprod_kit.breaker import CircuitBreaker
 from aiprod_kit.capabilities import offer_capabilities, offers, shot_mismatches
@@ -100,6 +105,8 @@ JOBS = 1000
 SEED = 12
 ARRIVAL_SECONDS = 20.0
 INCIDENT_SECONDS = 20 * 60
+# How long a client without a deadline keeps asking again a create refused UNAVAILABLE.
+PATIENCE_SECONDS = 15 * 60
 
 DELIVERED, FAILED, REJECTED = "delivered", "failed", "rejected"
 
@@ -411,6 +418,11 @@ class Policy:
     def observe(self, route: Route, attempt: Attempt, now: float, job: Job) -> None:
         pass
 
+    def retry_after(self, job: Job, now: float) -> float | None:
+        """After choose found nothing for a job's first attempt: when its client asks again, if the
+        refusal tells it to (None: the job is given up)."""
+        return None
+
 
 @dataclass
 class ReplayRenderer:
@@ -466,6 +478,8 @@ class RouterPolicy(Policy):
             for backend, caps in capabilities.items()
         ]
         self._by_backend = {renderer.backend: renderer for renderer in self.renderers}
+        # The last decision's candidates.
+        self.ranked: list[Candidate] = []
 
     def rank(self, request: RouteRequest) -> list[Candidate]:
         return rank_backends(request, views_of(self.renderers, request.shot.duration_seconds))
@@ -475,12 +489,23 @@ class RouterPolicy(Policy):
         if attempt > self.max_attempts:
             return None
         left = None if job.deadline_seconds is None else job.deadline_seconds - (now - job.arrival)
-        eligible = [c for c in self.rank(route_request(job, left, tried, spent)) if c.eligible]
+        self.ranked = self.rank(route_request(job, left, tried, spent))
+        eligible = [c for c in self.ranked if c.eligible]
         if not eligible:
             return None
         chosen = eligible[0]
         self._by_backend[chosen.backend].breaker.allow_request()
         return route_of(chosen)
+
+    def retry_after(self, job: Job, now: float) -> float | None:
+        # The gateway's create refused UNAVAILABLE with a RetryInfo (a backend that could take it is
+        # down or cooling down for now), and the client asks again then, while its deadline allows.
+        waited = now - job.arrival + BACKENDS_RETRY_SECONDS
+        if not any(back_soon(candidate.exclusions) for candidate in self.ranked):
+            return None
+        if waited >= (job.deadline_seconds if job.deadline_seconds is not None else PATIENCE_SECONDS):
+            return None
+        return BACKENDS_RETRY_SECONDS
 
     def observe(self, route: Route, attempt: Attempt, now: float, job: Job) -> None:
         self.now = now
@@ -550,6 +575,10 @@ def simulate(world: World, policy: Policy) -> list[JobResult]:
         result = results[job.index]
         route = policy.choose(job, now, frozenset(tried[job.index]), result.attempts + 1, result.spend_micros)
         if route is None:
+            retry = policy.retry_after(job, now) if result.attempts == 0 else None
+            if retry is not None:  # the client's create again, as an arrival
+                heapq.heappush(events, (now + retry, sequence, job.index, None))
+                sequence += 1
             return
         result.attempts += 1
         tried[job.index].add(route[0])

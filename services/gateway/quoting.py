@@ -40,7 +40,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -237,6 +237,12 @@ class QuoteStore:
 def _holds(candidate: router_pb2.RouteCandidate) -> bool:
     """Whether the backend can take the render: now, or once today's budget can pay it."""
     return candidate.eligible or (bool(candidate.exclusions) and set(candidate.exclusions) <= _WAITABLE)
+
+
+def back_soon(exclusions: Iterable[int]) -> bool:
+    """Whether only what passes by itself (a renderer down, cooling down, not reached yet, or today's
+    budget) keeps a backend out: a create refused for it is refused UNAVAILABLE, to be asked again."""
+    return set(exclusions) <= _PASSING | _WAITABLE
 
 
 def _over_limit_only(candidate: router_pb2.RouteCandidate) -> bool:
@@ -653,7 +659,7 @@ def _refusal(
     why = "; ".join(
         f"{backend_name(candidate.backend)}: {', '.join(candidate.reasons)}" for candidate in candidates
     )
-    if any(set(candidate.exclusions) <= _PASSING | _WAITABLE for candidate in candidates):
+    if any(back_soon(candidate.exclusions) for candidate in candidates):
         return Unavailable(
             f"no backend can take this render now, but one could once it is back ({why}); try again",
             reason=ErrorReason.BACKENDS_UNAVAILABLE,

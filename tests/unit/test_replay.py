@@ -1,6 +1,7 @@
 """The routing replay of `make bench` (bench/replay.py): its oracle on a case checked by hand, its
 determinism, and the bound the oracle is: no policy finishes a job within its SLO for less."""
 
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
@@ -163,3 +164,32 @@ def test_no_policy_finishes_a_job_within_its_slo_for_less_than_the_oracle(seed):
             assert oracle[index] is not None
             assert results[index].spend_micros >= oracle[index], (policy.name, index)
         assert replay.score(world, results, oracle).cost_vs_oracle_on_met >= 1.0
+
+
+def test_a_job_refused_while_its_only_backend_cools_down_is_asked_again_as_its_client_is_told():
+    """The gateway refuses a create that only a backend down or cooling down keeps out UNAVAILABLE,
+    with a RetryInfo of BACKENDS_RETRY_SECONDS; the replay's client asks again then, while its deadline
+    allows. A's breaker opens at t=990 (30 s cooldown): job 1 (t=1000, deadline 300 s) is asked again
+    every 5 s, taken by A's half-open trial at t=1020 and delivered 50 s later, within its SLO; job 2
+    (t=2000, 15 s deadline) finds A's breaker open again and is given up once its deadline cannot be met."""
+    capable = {A: capabilities(A, 0.10, 0.95)}
+    delivers = ({RA: attempt(OK, 50, 1.00, 0.95)},)
+    policy = replay.RouterPolicy(capable)
+    breaker = policy.renderers[0].breaker
+
+    def trip(at: float) -> None:
+        policy.now = at
+        while breaker.allow_request():
+            breaker.record_failure()
+
+    def alone(index: int, deadline: float) -> list:
+        """Job `index` (arriving at 1000 * index s) in a world of its own, after the jobs before it."""
+        only = dataclasses.replace(job(index, 0.6, deadline), index=0)
+        return replay.simulate(replay.World((only,), capable, delivers), policy)
+
+    trip(990.0)
+    assert [(r.attempts, r.delivered_by, r.seconds, r.slo_met) for r in alone(1, 300.0)] == [
+        (1, RA, 70.0, True)
+    ]
+    trip(1990.0)
+    assert [(r.attempts, r.delivered_by, r.slo_met) for r in alone(2, 15.0)] == [(0, None, False)]
