@@ -10,8 +10,10 @@ plaintext port for health alone (AIPROD_HEALTH_PORT) for probes that cannot pres
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import inspect
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -200,8 +202,29 @@ async def _publish_health(servicer: health.aio.HealthServicer, name: str, servin
     await servicer.set(name, status)
 
 
+# glibc's M_MMAP_THRESHOLD, and the value it starts at.
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def _give_back_large_blocks() -> None:
+    """Pins glibc's mmap threshold at its starting 128 KB. Left to itself, glibc raises it after each
+    large block freed (up to 32 MB), so a decoded frame's buffer (about 1.4 MB at 720p) then comes from
+    the heap and stays in the process once freed: a renderer grew 26 MB over 200 QC decodes on two
+    threads, 15 MB with the threshold pinned (66 and 22 MB on four). An operator's own
+    MALLOC_MMAP_THRESHOLD_ wins; nothing is done where the C library is not glibc."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
 def run(component: str, settings: CommonSettings, port: int, build: ServiceFactory) -> None:
     """Entry point of a service process; a configuration error ends it at once, naming the variable."""
+    _give_back_large_blocks()
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(component, settings, port, build))
