@@ -1,11 +1,12 @@
 """Failover: how fast the router stops choosing a renderer that died or stopped serving, and whether any
 job is lost meanwhile.
 
-Each trial takes the Runway renderer out while jobs run on every provider, and measures from that
-moment to the router reporting it NOT_SERVING (from then on no render is routed to it): the even trials
-SIGKILL it (the router's health Watch stream breaks), the odd ones SIGTERM it (its health turns
-NOT_SERVING at once, then it drains its renders for up to AIPROD_SHUTDOWN_GRACE_SECONDS). It is started
-again, and the next trial begins once the router sees it SERVING. Every job created during the trials
+Each trial takes the Runway renderer out while jobs run on every provider (a new one every
+CREATE_EVERY_SECONDS, a load the box sustains), and measures from that moment to the router reporting
+it NOT_SERVING (from then on no render is routed to it): the even trials SIGKILL it (the router's
+health Watch stream breaks), the odd ones SIGTERM it (its health turns NOT_SERVING at once, then it
+drains its renders for up to AIPROD_SHUTDOWN_GRACE_SECONDS). It is started again, and the next trial
+begins once the router sees it SERVING. Every job created during the trials
 must end; one that does not, or fails, is counted.
 """
 
@@ -25,6 +26,10 @@ from bench.otlp import MetricTotals
 TRIALS = 20
 RENDERER = "renderer-runway"
 REACTION_LIMIT_SECONDS = 10.0
+# A job created this often during the trials: about half what this box completes (a 1 s render and
+# the full decode of its output for QC, 0.2 CPU-seconds, on two cores: about 8 a second). At 20 a
+# second (0.05, until session 12) the box was overloaded and a reaction measured the QC backlog.
+CREATE_EVERY_SECONDS = 0.25
 JOB_END_SECONDS = 300.0
 
 
@@ -54,7 +59,7 @@ async def _trials(mesh, trials: int) -> dict[str, object]:
             while not stop.is_set():
                 created.append(await client.create(jobs.spec("Failover", jobs.PROVIDERS[index % 3])))
                 index += 1
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(CREATE_EVERY_SECONDS)
 
         creating = asyncio.create_task(keep_creating())
         reactions = []
@@ -90,6 +95,7 @@ async def _trials(mesh, trials: int) -> dict[str, object]:
         "failover_sigkill_ms": [round(seconds * 1000, 1) for seconds in kill],
         "failover_sigterm_ms": [round(seconds * 1000, 1) for seconds in term],
         "failover_trials": trials,
+        "failover_create_every_s": CREATE_EVERY_SECONDS,
         "failover_jobs": len(created),
         "jobs_lost": unfinished,
         "failover_jobs_failed": sum(1 for state in states if state != job_pb2.JOB_STATE_SUCCEEDED),
