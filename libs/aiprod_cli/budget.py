@@ -12,6 +12,7 @@ from aiprod.common.v1 import money_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod_cli.gateway import CALL_TIMEOUT_SECONDS, exit_on_rpc_error, open_channel
 from aiprod_cli.output import JsonOption, message_to_dict, new_table, print_json, stdout
+from aiprod_kit.money import budget_level_name
 from aiprod_kit.settings import METRICS_PORT
 
 MetricsOption = Annotated[
@@ -47,7 +48,7 @@ def _budget_table(budgets: dict[str, metrics_pb2.Budget]) -> Table:
             _usd(budget.reserved),
             _usd(budget.remaining) if capped else "-",
             f"{budget.used_fraction:.0%}" if capped else "-",
-            metrics_pb2.BudgetLevel.Name(budget.level).removeprefix("BUDGET_LEVEL_").lower(),
+            budget_level_name(budget.level),
         )
     return table
 

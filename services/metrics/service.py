@@ -70,7 +70,7 @@ from aiprod_kit.errors import (
     ResourceExhausted,
 )
 from aiprod_kit.failures import reason_name
-from aiprod_kit.money import MICROS_PER_UNIT, usd
+from aiprod_kit.money import MICROS_PER_UNIT, budget_level_name, usd
 from aiprod_kit.settings import ConfigurationError, MetricsSettings
 from aiprod_metrics.alerts import AlertEvaluator
 from aiprod_metrics.events import BackendError, EventStore, JobOutcome
@@ -559,7 +559,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                 "budget level reached",
                 tenant_id=budget.tenant_id,
                 day=budget.day,
-                budget_level=metrics_pb2.BudgetLevel.Name(budget.level).removeprefix("BUDGET_LEVEL_").lower(),
+                budget_level=budget_level_name(budget.level),
                 used=f"{budget.used_fraction:.0%}",
             )
 

@@ -47,7 +47,7 @@ from aiprod.router.v1 import router_pb2
 from aiprod_kit.errors import ErrorReason, Unavailable, error_reason
 from aiprod_kit.exclusions import budget_alone_blocks
 from aiprod_kit.failures import Reason, failure, reason_name
-from aiprod_kit.money import usd
+from aiprod_kit.money import budget_level_name, usd
 from aiprod_kit.settings import RouterSettings
 from aiprod_kit.sharing import SharedReads
 from aiprod_router.backends import Renderer, RendererPool
@@ -534,7 +534,8 @@ class RenderChain:
     ) -> _Reserved | None:
         """Reserves the attempt's worst case at the chosen backend before its provider is called, under
         the tenant's account or, for the free re-render, the guarantee's (a key reserved before a
-        restart under the other account keeps it); None when the attempt's line is settled already. Raises _BudgetRefused, or Unavailable when the ledger is away
+        restart under the other account keeps it); None when the attempt's line is settled already.
+        Raises _BudgetRefused, or Unavailable when the ledger is away
         (the caller tries again later: nothing starts unreserved)."""
         renderer = self._pool.get(chosen.backend)
         assert renderer is not None
@@ -931,5 +932,5 @@ def _budget_note(response: metrics_pb2.ReserveBudgetResponse) -> str:
     budget = max((response.budget, response.global_budget), key=lambda budget: budget.level)
     if budget.level < metrics_pb2.BUDGET_LEVEL_NOTIFY:
         return ""
-    level = metrics_pb2.BudgetLevel.Name(budget.level).removeprefix("BUDGET_LEVEL_").lower()
+    level = budget_level_name(budget.level)
     return f"{budget.used_fraction:.0%} used ({level})"
