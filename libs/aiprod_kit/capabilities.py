@@ -2,6 +2,7 @@
 and what a backend is called."""
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from google.protobuf.message import Message
 
@@ -165,8 +166,8 @@ class Offered:
     nominal_quality: float
     # Whether the offer limits the prompt's length or the image's size: then a shot's lengths matter.
     sized: bool = False
-    # What shot_mismatches said for each shape of shot (shots repeat their shapes).
-    _said: dict[tuple, tuple[tuple[str, str], ...]] = field(default_factory=dict, compare=False)
+    # How each shape of shot fits the offer (shots repeat their shapes).
+    _fits: dict[tuple, "ShotFit"] = field(default_factory=dict, compare=False)
 
     @classmethod
     def of(cls, capabilities: renderer_pb2.Capabilities) -> "Offered":
@@ -180,20 +181,36 @@ class Offered:
             bool(capabilities.max_prompt_characters or capabilities.max_image_bytes),
         )
 
-    def mismatches(
-        self, shot: render_pb2.Shot, shape: ShotShape | None = None
-    ) -> tuple[tuple[str, str], ...]:
-        """shot_mismatches(shot, capabilities), worked out once per shape of shot (shape: the shot's,
-        when the caller has it already)."""
+    def fit(self, shot: render_pb2.Shot, shape: ShotShape | None = None) -> "ShotFit":
+        """What the offer makes of the shot, worked out once per shape of shot (shape: the shot's, when
+        the caller has it already)."""
         if shape is None:
             shape = ShotShape.of(shot)
         key = shape.sized if self.sized else shape.unsized
-        said = self._said.get(key)
-        if said is None:
-            if len(self._said) >= _SHAPES_KEPT:
-                self._said.clear()
-            said = self._said[key] = tuple(shot_mismatches(shot, self.capabilities))
-        return said
+        fit = self._fits.get(key)
+        if fit is None:
+            if len(self._fits) >= _SHAPES_KEPT:
+                self._fits.clear()
+            fit = self._fits[key] = ShotFit(
+                tuple(shot_mismatches(shot, self.capabilities)),
+                round(self.price_per_second_micros * shape.unsized[0]),
+            )
+        return fit
+
+    def mismatches(
+        self, shot: render_pb2.Shot, shape: ShotShape | None = None
+    ) -> tuple[tuple[str, str], ...]:
+        """shot_mismatches(shot, capabilities), worked out once per shape of shot."""
+        return self.fit(shot, shape).mismatches
+
+
+class ShotFit(NamedTuple):
+    """A shot at one offer."""
+
+    # What the offer cannot do of it, as (field, reason): shot_mismatches.
+    mismatches: tuple[tuple[str, str], ...]
+    # Its list price: the offer's price per second times the shot's duration.
+    list_cost_micros: int
 
 
 def shot_mismatches(shot: render_pb2.Shot, capabilities: renderer_pb2.Capabilities) -> list[tuple[str, str]]:

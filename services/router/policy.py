@@ -28,7 +28,7 @@ configured (a mesh without providers), and says so.
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
@@ -70,9 +70,8 @@ class RouteRequest:
         return ShotShape.of(self.shot)
 
 
-@dataclass(frozen=True)
-class BackendView:
-    """What the router knows of one backend."""
+class BackendView(NamedTuple):
+    """What the router knows of one backend (a tuple: one is built per backend at every decision)."""
 
     backend: int
     capabilities: renderer_pb2.Capabilities | None
@@ -96,19 +95,23 @@ class Known(Protocol):
 def views_of(backends: Iterable[Known], video_seconds: float | None = None) -> list[BackendView]:
     """The views the policy ranks on, from what the router keeps of each backend; the p95 latency of
     clips of video_seconds when the backend rendered enough of them lately."""
-    return [
-        BackendView(
-            known.backend,
-            known.capabilities,
-            known.serving,
-            # Half-open: eligible for one trial render at a time.
-            breaker_open=not known.breaker.trial_available(),
-            p95_seconds=known.stats.percentile_seconds(95, video_seconds),
-            p50_seconds=known.stats.percentile_seconds(50, video_seconds),
-            success_rate=known.stats.success_rate,
+    views = []
+    for known in backends:
+        stats = known.stats
+        p95, p50 = stats.p95_p50_seconds(video_seconds)
+        views.append(
+            BackendView(
+                known.backend,
+                known.capabilities,
+                known.serving,
+                # Half-open: eligible for one trial render at a time.
+                not known.breaker.trial_available(),
+                p95,
+                p50,
+                stats.success_rate,
+            )
         )
-        for known in backends
-    ]
+    return views
 
 
 @dataclass(slots=True)
@@ -161,34 +164,41 @@ _ELIGIBLE = {
 }
 
 
+def _not_reached(view: BackendView) -> Candidate:
+    return Candidate(
+        view.backend,
+        False,
+        exclusions=[router_pb2.EXCLUSION_NOT_REACHED],
+        said=[("renderer not reached yet", ())],
+    )
+
+
 def _assess(
     request: RouteRequest,
     view: BackendView,
-    offered: Offered | None,
+    offered: Offered,
     providers_configured: bool,
     one_of_several: bool = False,
 ) -> Candidate:
     """One candidate: the backend with one of its offers. Each exclusion has a code, for programs (the
-    gateway's budget policy, the final failure's reason), and a reason, for people."""
-    if offered is None:
-        return Candidate(
-            view.backend,
-            False,
-            exclusions=[router_pb2.EXCLUSION_NOT_REACHED],
-            said=[("renderer not reached yet", ())],
-        )
+    gateway's budget policy, the final failure's reason), and a reason, for people. Run for every offer
+    at every decision (17 µs a decision of seven offers, docs/performance.md): the request's fields are
+    read once, and what depends only on the shot's shape comes from the offer's cache (`fit`)."""
+    backend = view.backend
     quality = offered.nominal_quality
-    list_cost = round(offered.price_per_second_micros * request.shape.unsized[0])
-    success = view.success_rate if view.success_rate is not None else 1.0
-    expected_cost = round(list_cost / max(success, _MIN_SUCCESS_RATE))
+    floor = request.quality_floor
+    fit = offered.fit(request.shot, request.shape)
+    list_cost = fit.list_cost_micros
+    success = view.success_rate
+    expected_cost = round(list_cost / max(success, _MIN_SUCCESS_RATE)) if success is not None else list_cost
     stand_in = (
-        view.backend == backend_pb2.BACKEND_LOCAL
-        and quality < request.quality_floor
+        quality < floor
+        and backend == backend_pb2.BACKEND_LOCAL
         and (request.preferred_backend == backend_pb2.BACKEND_LOCAL or not providers_configured)
     )
     codes: list[int] = []
     said: list[tuple[str, tuple]] = []
-    for mismatch in offered.mismatches(request.shot, request.shape):
+    for mismatch in fit.mismatches:
         codes.append(router_pb2.EXCLUSION_UNSUPPORTED)
         said.append(("{}: {}", mismatch))
     if not view.serving:
@@ -197,44 +207,38 @@ def _assess(
     if view.breaker_open:
         codes.append(router_pb2.EXCLUSION_BREAKER_OPEN)
         said.append(("breaker open after recent failures: cooling down", ()))
-    if view.backend in request.tried:
+    if backend in request.tried:
         codes.append(router_pb2.EXCLUSION_ALREADY_TRIED)
         said.append(("already tried for this render", ()))
-    if quality < request.quality_floor and not stand_in:
+    if quality < floor and not stand_in:
         codes.append(router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR)
-        said.append(("quality {:.2f} under the floor {:.2f}", (quality, request.quality_floor)))
-    if request.quality_above is not None and quality <= request.quality_above:
+        said.append(("quality {:.2f} under the floor {:.2f}", (quality, floor)))
+    above = request.quality_above
+    if above is not None and quality <= above:
         codes.append(router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR)
         said.append(
             (
                 "quality {:.2f} not above {:.2f}, the quality of the backend whose output earned the "
                 "free re-render",
-                (quality, request.quality_above),
+                (quality, above),
             )
         )
-    if request.max_cost_micros is not None and list_cost > request.max_cost_micros:
+    max_cost = request.max_cost_micros
+    if max_cost is not None and list_cost > max_cost:
         codes.append(router_pb2.EXCLUSION_OVER_MAX_COST)
-        said.append(
-            (
-                "cost {:.2f} USD over the job's limit {:.2f} USD",
-                (list_cost / 1e6, request.max_cost_micros / 1e6),
-            )
-        )
-    if request.budget_remaining_micros is not None and list_cost > request.budget_remaining_micros:
+        said.append(("cost {:.2f} USD over the job's limit {:.2f} USD", (list_cost / 1e6, max_cost / 1e6)))
+    budget = request.budget_remaining_micros
+    if budget is not None and list_cost > budget:
         codes.append(router_pb2.EXCLUSION_OVER_BUDGET)
-        said.append(
-            (
-                "cost {:.2f} USD over the budget left {:.2f} USD",
-                (list_cost / 1e6, request.budget_remaining_micros / 1e6),
-            )
-        )
+        said.append(("cost {:.2f} USD over the budget left {:.2f} USD", (list_cost / 1e6, budget / 1e6)))
     p95 = view.p95_seconds
-    if request.seconds_left is not None and p95 is not None and p95 > request.seconds_left:
+    seconds_left = request.seconds_left
+    if seconds_left is not None and p95 is not None and p95 > seconds_left:
         codes.append(router_pb2.EXCLUSION_DEADLINE)
-        said.append(("p95 {:.0f} s over the {:.0f} s left to the deadline", (p95, request.seconds_left)))
-    preferred = view.backend == request.preferred_backend and request.preferred_model in ("", offered.model)
+        said.append(("p95 {:.0f} s over the {:.0f} s left to the deadline", (p95, seconds_left)))
+    preferred = backend == request.preferred_backend and request.preferred_model in ("", offered.model)
     if not codes:
-        known = (view.success_rate is not None, p95 is not None)
+        known = (success is not None, p95 is not None)
         arguments: tuple = (quality, expected_cost / 1e6)
         if known[0]:
             arguments += (success,)
@@ -242,11 +246,11 @@ def _assess(
             arguments += (p95,)
         said.append((_ELIGIBLE[known], arguments))
         if stand_in:
-            said.append(("development stand-in, under the floor {:.2f}", (request.quality_floor,)))
+            said.append(("development stand-in, under the floor {:.2f}", (floor,)))
         if preferred:
             said.append(("preferred by the request", ()))
     return Candidate(
-        view.backend,
+        backend,
         not codes,
         list_cost,
         expected_cost,
@@ -258,7 +262,8 @@ def _assess(
         offered.resolution,
         one_of_several,
         preferred,
-        said=said,
+        False,  # a long shot: _admit_long_shots says so
+        said,  # positional: a keyword costs a third of the construction
     )
 
 
@@ -284,14 +289,6 @@ def _offered(capabilities: renderer_pb2.Capabilities) -> list[Offered]:
     return each
 
 
-def _assess_offers(request: RouteRequest, view: BackendView, providers_configured: bool) -> list[Candidate]:
-    """A candidate for each of the backend's offers (one for a backend not reached yet)."""
-    if view.capabilities is None:
-        return [_assess(request, view, None, providers_configured)]
-    each = _offered(view.capabilities)
-    return [_assess(request, view, offered, providers_configured, len(each) > 1) for offered in each]
-
-
 def quality_first(request: RouteRequest) -> bool:
     return (
         not request.economy
@@ -301,34 +298,76 @@ def quality_first(request: RouteRequest) -> bool:
     )
 
 
+# The orders to try candidates in: eligible first, then the preferred backend, the stand-in last...
+def _cheapest(candidate: Candidate) -> tuple:
+    """...the cheapest that meets the floor, then the best quality, then the fastest."""
+    latency = candidate.expected_seconds
+    return (
+        not candidate.eligible,
+        not candidate.preferred,
+        candidate.stand_in,
+        candidate.expected_cost_micros,
+        -candidate.quality,
+        _INFINITY if latency is None else latency,
+    )
+
+
+def _best_quality(candidate: Candidate) -> tuple:
+    """...the best quality (a large budget), then the cheapest, then the fastest."""
+    latency = candidate.expected_seconds
+    return (
+        not candidate.eligible,
+        not candidate.preferred,
+        candidate.stand_in,
+        -candidate.quality,
+        candidate.expected_cost_micros,
+        _INFINITY if latency is None else latency,
+    )
+
+
+def _likeliest(candidate: Candidate) -> tuple:
+    """...when only long shots are left: the likeliest to meet the deadline, then the cheapest."""
+    latency = candidate.expected_seconds
+    return (
+        not candidate.eligible,
+        not candidate.preferred,
+        candidate.stand_in,
+        _INFINITY if latency is None else latency,
+        candidate.expected_cost_micros,
+        -candidate.quality,
+    )
+
+
+_INFINITY = float("inf")
+
+
 def rank_backends(request: RouteRequest, views: list[BackendView]) -> list[Candidate]:
-    """Every backend as a candidate, eligible ones first in the order to try them."""
-    providers_configured = any(view.backend != backend_pb2.BACKEND_LOCAL for view in views)
-    candidates = [
-        candidate for view in views for candidate in _assess_offers(request, view, providers_configured)
-    ]
+    """Every backend as a candidate, one for each of its offers (one for a backend not reached yet),
+    eligible ones first in the order to try them. Plain loops: this runs at every decision, and a
+    comprehension is a function call of its own (Python 3.11)."""
+    providers_configured = False
+    for view in views:
+        if view.backend != backend_pb2.BACKEND_LOCAL:
+            providers_configured = True
+            break
+    candidates: list[Candidate] = []
+    for view in views:
+        if view.capabilities is None:
+            candidates.append(_not_reached(view))
+            continue
+        each = _offered(view.capabilities)
+        several = len(each) > 1
+        for offered in each:
+            candidates.append(_assess(request, view, offered, providers_configured, several))
     by_quality = quality_first(request)
-
-    def order(candidate: Candidate) -> tuple:
-        latency = candidate.expected_seconds if candidate.expected_seconds is not None else float("inf")
-        if candidate.long_shot:
-            value = (latency, candidate.expected_cost_micros, -candidate.quality)
-        elif by_quality:
-            value = (-candidate.quality, candidate.expected_cost_micros, latency)
-        else:
-            value = (candidate.expected_cost_micros, -candidate.quality, latency)
-        return (
-            not candidate.eligible,
-            not candidate.preferred,
-            candidate.stand_in,
-            *value,
-        )
-
-    if not any(candidate.eligible for candidate in candidates):
-        _admit_long_shots(request, views, candidates)
+    order = _best_quality if by_quality else _cheapest
     ranked = sorted(candidates, key=order)
-    first = next((candidate for candidate in ranked if candidate.eligible), None)
-    if first is not None:
+    if ranked and not ranked[0].eligible and _admit_long_shots(request, views, candidates):
+        ranked = sorted(
+            candidates, key=lambda candidate: (_likeliest if candidate.long_shot else order)(candidate)
+        )
+    if ranked and ranked[0].eligible:
+        first = ranked[0]
         if first.long_shot:
             mode = "the likeliest to meet the deadline"
         else:
@@ -337,10 +376,10 @@ def rank_backends(request: RouteRequest, views: list[BackendView]) -> list[Candi
     return ranked
 
 
-def _admit_long_shots(request: RouteRequest, views: list[BackendView], candidates: list[Candidate]) -> None:
+def _admit_long_shots(request: RouteRequest, views: list[BackendView], candidates: list[Candidate]) -> bool:
     """When the deadline alone leaves every backend out, the ones whose median latency is within the time
     left may still make it: eligible after all (rather than a job given up that could have been on
-    time), the likeliest first."""
+    time), the likeliest first. Whether any was admitted."""
     medians = {view.backend: view.p50_seconds for view in views}
     shots = [
         candidate
@@ -360,6 +399,7 @@ def _admit_long_shots(request: RouteRequest, views: list[BackendView], candidate
         candidate.say_first(
             f"may miss the deadline: {over}, but its median {{:.0f}} s is within it", *arguments, median
         )
+    return bool(shots)
 
 
 def describe(candidate: Candidate) -> str:

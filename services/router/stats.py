@@ -33,10 +33,12 @@ class BackendStats:
         # decision (a percentile over the window dominated the policy's time).
         self._percentiles: dict[tuple[int, float | None], float | None] = {}
         self._success_rate: tuple[float | None] | None = None
+        self._latency: dict[float | None, tuple[float | None, float | None]] = {}
 
     def record(self, outcome: Outcome) -> None:
         self._outcomes.append(outcome)
         self._percentiles.clear()
+        self._latency.clear()
         self._success_rate = None
         if outcome.qc_score is not None:
             if self.qc_average is None:
@@ -71,6 +73,16 @@ class BackendStats:
                     percent - 1
                 ]
         return self._percentiles[key]
+
+    def p95_p50_seconds(self, video_seconds: float | None = None) -> tuple[float | None, float | None]:
+        """The two percentiles routing reads, for clips of video_seconds, in one look-up."""
+        latency = self._latency.get(video_seconds)
+        if latency is None:
+            latency = self._latency[video_seconds] = (
+                self.percentile_seconds(95, video_seconds),
+                self.percentile_seconds(50, video_seconds),
+            )
+        return latency
 
     @property
     def success_rate(self) -> float | None:
