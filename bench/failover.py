@@ -11,9 +11,11 @@ must end; one that does not, or fails, is counted.
 """
 
 import asyncio
+import json
 import signal
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -54,6 +56,27 @@ async def _exited(process, signalled: float) -> float:
     return time.perf_counter() - signalled
 
 
+def _logged_after(log_path: Path, since: float, event: str, **fields: object) -> float | None:
+    """When (epoch seconds) a service first logged the event with those fields at or after `since`."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if event not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") != event or any(record.get(key) != value for key, value in fields.items()):
+            continue
+        logged = datetime.fromisoformat(record["timestamp"]).timestamp()
+        if logged >= since:
+            return logged
+    return None
+
+
+def _ms_after(since: float, logged: float | None) -> float | None:
+    return None if logged is None else round((logged - since) * 1000, 1)
+
+
 async def _trials(mesh, trials: int) -> dict[str, object]:
     client = jobs.Client(mesh)
     async with grpc.aio.insecure_channel(mesh.address("router")) as channel:
@@ -71,16 +94,35 @@ async def _trials(mesh, trials: int) -> dict[str, object]:
         creating = asyncio.create_task(keep_creating())
         reactions: list[float] = []
         exits: list[float] = []
+        drained: list[float | None] = []
+        noticed: list[float | None] = []
         try:
             for trial in range(trials):
-                process = mesh.services[RENDERER].process
-                signalled = time.perf_counter()
+                renderer = mesh.services[RENDERER]
+                process = renderer.process
+                signalled, signalled_at = time.perf_counter(), time.time()
                 process.send_signal(signal.SIGKILL if trial % 2 == 0 else signal.SIGTERM)
                 exited = asyncio.create_task(_exited(process, signalled))
                 reactions.append(
                     await _until(router, router_pb2.BACKEND_HEALTH_NOT_SERVING, REACTION_LIMIT_SECONDS)
                 )
                 exits.append(await exited)
+                # Where a slow reaction's time went, from the services' own logs.
+                drained.append(
+                    _ms_after(signalled_at, _logged_after(renderer.log_path, signalled_at, "draining"))
+                )
+                noticed.append(
+                    _ms_after(
+                        signalled_at,
+                        _logged_after(
+                            mesh.services["router"].log_path,
+                            signalled_at,
+                            "renderer health",
+                            backend="runway",
+                            serving=False,
+                        ),
+                    )
+                )
                 await asyncio.to_thread(mesh.start_service, RENDERER)
                 await _until(router, router_pb2.BACKEND_HEALTH_SERVING, 60.0)
         finally:
@@ -106,6 +148,11 @@ async def _trials(mesh, trials: int) -> dict[str, object]:
         "failover_sigterm_ms": [round(seconds * 1000, 1) for seconds in term],
         # From the SIGKILL to the process's exit: the part of a reaction the router cannot shorten.
         "failover_sigkill_exit_ms": [round(seconds * 1000, 1) for seconds in exits[0::2]],
+        # From the SIGTERM to the renderer's "draining" line (its health turns NOT_SERVING next).
+        "failover_sigterm_draining_ms": drained[1::2],
+        # From the signal to the router's "renderer health" line (serving false): the rest of a
+        # reaction is the bench's ListBackends call reaching the router and coming back.
+        "failover_router_noticed_ms": noticed,
         "failover_trials": trials,
         "failover_create_every_s": CREATE_EVERY_SECONDS,
         "failover_jobs": len(created),
