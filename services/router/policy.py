@@ -27,7 +27,7 @@ configured (a mesh without providers), and says so.
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import NamedTuple, Protocol
 
 from aiprod.common.v1 import backend_pb2, render_pb2
@@ -298,44 +298,20 @@ def quality_first(request: RouteRequest) -> bool:
     )
 
 
-# The orders to try candidates in: eligible first, then the preferred backend, the stand-in last...
-def _cheapest(candidate: Candidate) -> tuple:
-    """...the cheapest that meets the floor, then the best quality, then the fastest."""
+def _order(by_quality: bool, candidate: Candidate) -> tuple:
+    """The order to try candidates in: eligible first, then the preferred backend, the stand-in last,
+    then the cheapest that meets the floor (then the best quality, then the fastest); by quality first
+    with a large budget; a long shot (only long shots are eligible then) by its latency first."""
     latency = candidate.expected_seconds
-    return (
-        not candidate.eligible,
-        not candidate.preferred,
-        candidate.stand_in,
-        candidate.expected_cost_micros,
-        -candidate.quality,
-        _INFINITY if latency is None else latency,
-    )
-
-
-def _best_quality(candidate: Candidate) -> tuple:
-    """...the best quality (a large budget), then the cheapest, then the fastest."""
-    latency = candidate.expected_seconds
-    return (
-        not candidate.eligible,
-        not candidate.preferred,
-        candidate.stand_in,
-        -candidate.quality,
-        candidate.expected_cost_micros,
-        _INFINITY if latency is None else latency,
-    )
-
-
-def _likeliest(candidate: Candidate) -> tuple:
-    """...when only long shots are left: the likeliest to meet the deadline, then the cheapest."""
-    latency = candidate.expected_seconds
-    return (
-        not candidate.eligible,
-        not candidate.preferred,
-        candidate.stand_in,
-        _INFINITY if latency is None else latency,
-        candidate.expected_cost_micros,
-        -candidate.quality,
-    )
+    latency = _INFINITY if latency is None else latency
+    cost, quality = candidate.expected_cost_micros, -candidate.quality
+    first = not candidate.eligible
+    preferred_first = not candidate.preferred
+    if candidate.long_shot:
+        return (first, preferred_first, candidate.stand_in, latency, cost, quality)
+    if by_quality:
+        return (first, preferred_first, candidate.stand_in, quality, cost, latency)
+    return (first, preferred_first, candidate.stand_in, cost, quality, latency)
 
 
 _INFINITY = float("inf")
@@ -360,26 +336,25 @@ def rank_backends(request: RouteRequest, views: list[BackendView]) -> list[Candi
         for offered in each:
             candidates.append(_assess(request, view, offered, providers_configured, several))
     by_quality = quality_first(request)
-    order = _best_quality if by_quality else _cheapest
-    ranked = sorted(candidates, key=order)
-    if ranked and not ranked[0].eligible and _admit_long_shots(request, views, candidates):
-        ranked = sorted(
-            candidates, key=lambda candidate: (_likeliest if candidate.long_shot else order)(candidate)
-        )
-    if ranked and ranked[0].eligible:
-        first = ranked[0]
+    order = partial(_order, by_quality)
+    candidates.sort(key=order)
+    if candidates and not candidates[0].eligible:
+        _admit_long_shots(request, views, candidates)
+        candidates.sort(key=order)
+    if candidates and candidates[0].eligible:
+        first = candidates[0]
         if first.long_shot:
             mode = "the likeliest to meet the deadline"
         else:
             mode = "best quality (large budget)" if by_quality else "cheapest that meets the floor"
         first.say_first("ranked first: {}", mode)
-    return ranked
+    return candidates
 
 
-def _admit_long_shots(request: RouteRequest, views: list[BackendView], candidates: list[Candidate]) -> bool:
+def _admit_long_shots(request: RouteRequest, views: list[BackendView], candidates: list[Candidate]) -> None:
     """When the deadline alone leaves every backend out, the ones whose median latency is within the time
     left may still make it: eligible after all (rather than a job given up that could have been on
-    time), the likeliest first. Whether any was admitted."""
+    time), the likeliest first."""
     medians = {view.backend: view.p50_seconds for view in views}
     shots = [
         candidate
@@ -399,7 +374,6 @@ def _admit_long_shots(request: RouteRequest, views: list[BackendView], candidate
         candidate.say_first(
             f"may miss the deadline: {over}, but its median {{:.0f}} s is within it", *arguments, median
         )
-    return bool(shots)
 
 
 def describe(candidate: Candidate) -> str:
