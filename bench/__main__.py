@@ -47,7 +47,7 @@ MEASURED_SECONDS = 5.0
 ROUND_TRIP_CALLS = 2000
 DECISIONS = 20_000
 # Telemetry on and off, alternated this many times (accept_path).
-TELEMETRY_PAIRS = 3
+TELEMETRY_PAIRS = 5
 
 
 async def measure(call: Callable[[], Awaitable[object]]) -> dict[str, float]:
