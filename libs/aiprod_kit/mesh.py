@@ -294,30 +294,54 @@ def _await_serving_port(
     process: subprocess.Popen[bytes], log_path: Path, timeout: float
 ) -> tuple[int | None, threading.Thread]:
     """Copies the child's output to its log file (the thread returned) and returns the port of its
-    "serving" line, or None if it ended or timed out first."""
+    "serving" line, or None if it ended or timed out first.
+
+    The copy moves whatever the pipe holds at each read, not a line at a time: a service under load
+    writes hundreds of lines a second, and a write and a flush per line in this process (the bench's
+    client, the tests' runner) took the GIL from it, or let the pipe fill and stall the service."""
     found: dict[str, int] = {}
     serving = threading.Event()
 
     def pump() -> None:
         assert process.stdout is not None
+        source = process.stdout.fileno()
+        pending = b""  # an unfinished line, until the serving one is found
         with log_path.open("ab") as log_file:
-            for line in process.stdout:
-                log_file.write(line)
+            while chunk := os.read(source, _PUMP_BYTES):
+                log_file.write(chunk)
                 log_file.flush()
-                if not serving.is_set():
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(record, dict) and record.get("event") == "serving":
-                        found["port"] = int(record["port"])
+                if serving.is_set():
+                    continue
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    port = _serving_port(line)
+                    if port is not None:
+                        found["port"] = port
                         serving.set()
+                        break
         serving.set()  # the process ended: stop waiting
 
     thread = threading.Thread(target=pump, name=f"log-{log_path.stem}", daemon=True)
     thread.start()
     serving.wait(timeout)
     return found.get("port"), thread
+
+
+# The most a log copy moves at once (the pipe's whole buffer by default on Linux).
+_PUMP_BYTES = 1 << 16
+
+
+def _serving_port(line: bytes) -> int | None:
+    """The port of a service's "serving" log line; None for any other line."""
+    if b'"serving"' not in line:
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(record, dict) and record.get("event") == "serving":
+        return int(record["port"])
+    return None
 
 
 def _check_serving(service: RunningService, tls: TlsSettings, timeout: float) -> None:
