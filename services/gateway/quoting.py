@@ -578,15 +578,17 @@ class Quoter:
             # a large budget buys): what the cheapest qualifying one would cost.
             quote.cheapest_cost.CopyFrom(usd(cheapest))
         if keep:
+            # A quote asked for on its own (GetQuote, a review's re-quote); a job's own quote is told on
+            # its "job created" line, one line a create rather than two.
             await self._store.save(StoredQuote(quote, tenant.tenant_id, fingerprint, request_id), now)
-        log.info(
-            "quoted",
-            quote_id=quote.quote_id,
-            tenant_id=tenant.tenant_id,
-            backend=backend_name(route.backend),
-            price_micros=price,
-            max_cost_micros=limit.micros,
-        )
+            log.info(
+                "quoted",
+                quote_id=quote.quote_id,
+                tenant_id=tenant.tenant_id,
+                backend=backend_name(route.backend),
+                price_micros=price,
+                max_cost_micros=limit.micros,
+            )
         return quote
 
     async def _check_holding(

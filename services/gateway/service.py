@@ -24,6 +24,7 @@ from aiprod_gateway.store import TERMINAL_STATES, JobStore, RequestIdConflict, T
 from aiprod_gateway.tenancy import current_tenant
 from aiprod_gateway.tiers import DEFAULT_TIERS, TierPolicy
 from aiprod_gateway.usage import tenant_usage
+from aiprod_kit.capabilities import backend_name
 from aiprod_kit.database import Transaction
 from aiprod_kit.errors import (
     AlreadyExists,
@@ -112,6 +113,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 tenant_id=job.tenant_id,
                 preset=job.spec.preset,
                 state=job_pb2.JobState.Name(job.state),
+                quote_id=job.quote.quote_id,
+                backend=backend_name(job.quote.backend),
+                price_micros=job.quote.price.amount_micros,
+                max_cost_micros=job.quote.max_cost.amount_micros,
             )
             self._reporter.job_changed(job)
             if job.state == job_pb2.JOB_STATE_QUEUED:
