@@ -18,7 +18,7 @@ from google.protobuf import any_pb2, duration_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from aiprod_kit.handlers import rewrap
+from aiprod_kit.handlers import AnsweredByStream, AnsweredOnce, Behavior, Responses, rewrap
 from aiprod_kit.redaction import redact
 
 log = structlog.get_logger()
@@ -395,7 +395,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
 
-        def answered_once(inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        def answered_once(inner: AnsweredOnce) -> AnsweredOnce:
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
                     return await inner(_checked(request), context)
@@ -406,8 +406,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return unary
 
-        def answered_by_stream(inner: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        def answered_by_stream(inner: Behavior) -> AnsweredByStream:
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Responses:
                 try:
                     request = _checked(request)
                     if inspect.isasyncgenfunction(inner):

@@ -6,13 +6,18 @@ interceptor says how it wraps a call answered once and a call answered by a stre
 the right one and rebuilds the handler of the same kind.
 """
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
 Behavior = Callable[..., Any]
 Wrap = Callable[[Behavior], Behavior]
+# Named once here: the interceptors define their wrappers at every call, and a nested function's
+# annotations are evaluated each time it is defined (Callable[...] built anew, about 1% of a create).
+AnsweredOnce = Callable[..., Awaitable[Any]]
+Responses = AsyncIterator[Any]
+AnsweredByStream = Callable[..., Responses]
 
 
 def rewrap(

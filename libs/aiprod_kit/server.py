@@ -16,7 +16,7 @@ import inspect
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aiprod_kit.channels import MESSAGE_SIZE_OPTIONS, keepalive_options
 from aiprod_kit.errors import ErrorInterceptor
-from aiprod_kit.handlers import rewrap
+from aiprod_kit.handlers import AnsweredByStream, AnsweredOnce, Behavior, Responses, rewrap
 from aiprod_kit.logs import configure_logging
 from aiprod_kit.redaction import register_settings
 from aiprod_kit.settings import CommonSettings, ConfigurationError
@@ -95,15 +95,15 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or guard is None:
             return handler
 
-        def answered_once(inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        def answered_once(inner: AnsweredOnce) -> AnsweredOnce:
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 await guard(details, context)
                 return await inner(request, context)
 
             return unary
 
-        def answered_by_stream(inner: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        def answered_by_stream(inner: Behavior) -> AnsweredByStream:
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Responses:
                 await guard(details, context)
                 if inspect.isasyncgenfunction(inner):
                     async for response in inner(request, context):

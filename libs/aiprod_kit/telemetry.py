@@ -39,7 +39,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import Status
 
 from aiprod_kit.errors import ServiceError
-from aiprod_kit.handlers import rewrap
+from aiprod_kit.handlers import AnsweredByStream, AnsweredOnce, Behavior, Responses, rewrap
 from aiprod_kit.redaction import REDACTED, redact, redact_value
 from aiprod_kit.settings import CommonSettings, ConfigurationError
 
@@ -376,7 +376,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode(code)
             record(time.perf_counter() - started, {**labels, "rpc.grpc.status_code": code.value[0]})
 
-        def answered_once(inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        def answered_once(inner: AnsweredOnce) -> AnsweredOnce:
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started, failed = time.perf_counter(), None
                 try:
@@ -389,8 +389,8 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return unary
 
-        def answered_by_stream(inner: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        def answered_by_stream(inner: Behavior) -> AnsweredByStream:
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Responses:
                 started, failed = time.perf_counter(), None
                 try:
                     async for response in inner(request, context):
