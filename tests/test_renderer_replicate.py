@@ -494,7 +494,7 @@ def decoded_frames(path: Path) -> int:
 
 
 def assert_stored_video(mesh: Mesh, final: renderer_pb2.Render, seconds: float) -> None:
-    assert final.state == renderer_pb2.RENDER_STATE_SUCCEEDED, final
+    assert final.state == renderer_pb2.RENDER_STATE_SUCCEEDED, final.failure
     output = final.output
     path = stored_file(mesh, output.video.uri)
     assert decoded_frames(path) == output.video.frame_count > 0

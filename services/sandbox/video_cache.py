@@ -9,6 +9,7 @@ cached one), so deleting a task's files or revoking its URLs never touches anoth
 import asyncio
 import hashlib
 import os
+import secrets
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable
@@ -56,7 +57,9 @@ class VideoCache:
         self._encoding[key] = future
         try:
             target = self._directory / f"{key}.mp4"
-            partial = self._directory / f"{key}.partial.mp4"
+            # A name of this encode's own: one a reset forgot may still be writing in its thread when a
+            # task after the reset encodes the same video, and the two must not write one file.
+            partial = self._directory / f"{key}.{secrets.token_hex(4)}.partial.mp4"
             self._directory.mkdir(parents=True, exist_ok=True)
             async with self._encoders:
                 await asyncio.to_thread(encode, partial)

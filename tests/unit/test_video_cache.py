@@ -121,3 +121,23 @@ async def test_a_task_after_a_reset_encodes_afresh_rather_than_join_an_encode_fr
     assert (tmp_path / "later.mp4").exists() and len(after.calls) == 1
     before.gate.set()
     await asyncio.gather(earlier, return_exceptions=True)  # whatever became of it, the reset stopped its task
+
+
+async def test_an_encode_from_before_a_reset_never_writes_the_file_a_later_one_writes(tmp_path):
+    # An encode a reset forgot runs on in its thread; a task after the reset encodes the same video
+    # afresh. Had both written one partial file, the later task could get a file of two encodes.
+    cache = VideoCache(tmp_path / "cache", concurrency=2)
+    before, after = Encoder(gated=True), Encoder(gated=True)
+    key = VideoCache.key("A lantern", 5, 2.0, 640, 360)
+    earlier = asyncio.create_task(cache.place(key, tmp_path / "earlier.mp4", before))
+    assert await asyncio.to_thread(before.started.wait, 10)
+    cache.clear()
+    shutil.rmtree(tmp_path / "cache")
+    later = asyncio.create_task(cache.place(key, tmp_path / "later.mp4", after))
+    assert await asyncio.to_thread(after.started.wait, 10)
+    assert before.calls[0] != after.calls[0]
+    before.gate.set()
+    await asyncio.gather(earlier, return_exceptions=True)
+    after.gate.set()
+    await later
+    assert (tmp_path / "later.mp4").read_bytes() == b"video " + after.calls[0].name.encode()
