@@ -197,12 +197,6 @@ class Offered:
             )
         return fit
 
-    def mismatches(
-        self, shot: render_pb2.Shot, shape: ShotShape | None = None
-    ) -> tuple[tuple[str, str], ...]:
-        """shot_mismatches(shot, capabilities), worked out once per shape of shot."""
-        return self.fit(shot, shape).mismatches
-
 
 class ShotFit(NamedTuple):
     """A shot at one offer."""

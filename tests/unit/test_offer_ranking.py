@@ -213,5 +213,5 @@ def test_an_offers_plain_checks_agree_with_shot_mismatches(
         resolution=resolution,
     )
     offered = Offered.of(capabilities)
-    assert list(offered.mismatches(asked)) == shot_mismatches(asked, capabilities)
-    assert list(offered.mismatches(asked)) == shot_mismatches(asked, capabilities)
+    assert list(offered.fit(asked).mismatches) == shot_mismatches(asked, capabilities)
+    assert list(offered.fit(asked).mismatches) == shot_mismatches(asked, capabilities)
