@@ -33,6 +33,8 @@ REACTION_LIMIT_SECONDS = 10.0
 # second (0.05, until session 12) the box was overloaded and a reaction measured the QC backlog.
 CREATE_EVERY_SECONDS = 0.25
 JOB_END_SECONDS = 300.0
+LOG_WAIT_SECONDS = 2.0
+LOG_READ_EVERY_SECONDS = 0.05
 
 
 async def _health(router: router_pb2_grpc.RouterServiceStub) -> int:
@@ -73,6 +75,16 @@ def _logged_after(log_path: Path, since: float, event: str, **fields: object) ->
     return None
 
 
+async def _logged(log_path: Path, since: float, event: str, **fields: object) -> float | None:
+    """_logged_after, waiting LOG_WAIT_SECONDS for the line: the mesh copies each service's output to its
+    log file from a pipe, a moment after the service wrote it."""
+    for _ in range(round(LOG_WAIT_SECONDS / LOG_READ_EVERY_SECONDS)):
+        if (logged := _logged_after(log_path, since, event, **fields)) is not None:
+            return logged
+        await asyncio.sleep(LOG_READ_EVERY_SECONDS)
+    return None
+
+
 def _ms_after(since: float, logged: float | None) -> float | None:
     return None if logged is None else round((logged - since) * 1000, 1)
 
@@ -109,12 +121,12 @@ async def _trials(mesh, trials: int) -> dict[str, object]:
                 exits.append(await exited)
                 # Where a slow reaction's time went, from the services' own logs.
                 drained.append(
-                    _ms_after(signalled_at, _logged_after(renderer.log_path, signalled_at, "draining"))
+                    _ms_after(signalled_at, await _logged(renderer.log_path, signalled_at, "draining"))
                 )
                 noticed.append(
                     _ms_after(
                         signalled_at,
-                        _logged_after(
+                        await _logged(
                             mesh.services["router"].log_path,
                             signalled_at,
                             "renderer health",

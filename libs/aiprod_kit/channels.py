@@ -38,6 +38,15 @@ _SERVICE_CONFIG = {
 }
 
 
+# How soon a channel tries again to reach a peer it lost: gRPC's defaults (1 s, growing to 120 s) would
+# leave a renderer that came back after a few minutes unreachable for up to two more, while the
+# router's own health watch (_RECONNECT_BACKOFF there) already sees it SERVING within two seconds.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
 def keepalive_options(settings: CommonSettings, server: bool = False) -> list[tuple[str, int]]:
     """gRPC keepalive (AIPROD_GRPC_KEEPALIVE_*): pings while calls are open, also on a stream that
     carries no data for minutes, so that a vanished peer fails its calls within keepalive + timeout.
@@ -77,6 +86,7 @@ def open_channel(
             ("grpc.service_config", json.dumps(config)),
             ("grpc.enable_retries", 1),
             *MESSAGE_SIZE_OPTIONS,
+            *RECONNECT_OPTIONS,
             *keepalive_options(settings),
         ],
         interceptors=client_interceptors(),

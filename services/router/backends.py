@@ -1,7 +1,7 @@
 """The renderers the router is configured with: their stubs, capabilities and live health.
 
-Health comes from one grpc.health.v1 Watch stream per renderer (pushed changes, not polling);
-capabilities are fetched again each time a renderer turns SERVING.
+Health comes from one grpc.health.v1 Watch stream per replica (pushed changes, not polling);
+capabilities are fetched again each time a replica turns SERVING.
 """
 
 import asyncio
@@ -18,7 +18,7 @@ from aiprod.common.v1 import backend_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod_kit.breaker import CircuitBreaker
 from aiprod_kit.capabilities import backend_name
-from aiprod_kit.channels import open_channel
+from aiprod_kit.channels import RECONNECT_OPTIONS, open_channel
 from aiprod_kit.settings import CommonSettings
 from aiprod_kit.tls import TlsSettings, dial_aio
 from aiprod_router.stats import BackendStats
@@ -128,24 +128,30 @@ class Renderer:
                 for address in set(watches) - addresses:
                     watches.pop(address).cancel()
                     self.replicas.pop(address, None)
-                await self._update()
+                self._update()
                 await asyncio.sleep(_RESOLVE_SECONDS)
         finally:
             for watch in watches.values():
                 watch.cancel()
 
     async def _watch_replica(self, address: str) -> None:
-        """Follows one replica's health, reconnecting with backoff."""
+        """Follows one replica's health, reconnecting with backoff. A replica counts as serving once it
+        has said SERVING and answered GetCapabilities, asked over the connection it said it on: the
+        calls' own channel may still be waiting to reconnect after a restart, and its retries would
+        hold this loop (and the next NOT_SERVING behind it) for seconds."""
         delay = _RECONNECT_BACKOFF[0]
-        async with dial_aio(address, self.tls) as channel:
+        async with dial_aio(address, self.tls, options=RECONNECT_OPTIONS) as channel:
             health = health_pb2_grpc.HealthStub(channel)
+            replica = renderer_pb2_grpc.RendererServiceStub(channel)
             while True:
+                watch = health.Watch(health_pb2.HealthCheckRequest(service=RENDERER_SERVICE))
                 try:
-                    async for response in health.Watch(
-                        health_pb2.HealthCheckRequest(service=RENDERER_SERVICE)
-                    ):
-                        self.replicas[address] = response.status == health_pb2.HealthCheckResponse.SERVING
-                        await self._update()
+                    async for response in watch:
+                        serving = response.status == health_pb2.HealthCheckResponse.SERVING
+                        if serving and not self.replicas.get(address):
+                            await self._read_capabilities(replica)
+                        self.replicas[address] = serving
+                        self._update()
                         delay = _RECONNECT_BACKOFF[0]
                 except grpc.aio.AioRpcError as error:
                     log.debug(
@@ -154,32 +160,35 @@ class Renderer:
                         address=address,
                         code=error.code().name,
                     )
+                except _CapabilitiesUnavailable:
+                    watch.cancel()  # asked again once the replica says SERVING on a new stream
                 self.replicas[address] = False
-                await self._update()
+                self._update()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RECONNECT_BACKOFF[1])
 
-    async def _update(self) -> None:
+    async def _read_capabilities(self, replica: renderer_pb2_grpc.RendererServiceStub) -> None:
+        try:
+            response = await replica.GetCapabilities(
+                renderer_pb2.GetCapabilitiesRequest(), timeout=_CAPABILITIES_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as error:
+            log.warning("renderer capabilities unavailable", backend=self.name, code=error.code().name)
+            raise _CapabilitiesUnavailable from error
+        self.capabilities = response.capabilities
+
+    def _update(self) -> None:
         """The backend serves while any replica does (and its capabilities are known)."""
-        serving = any(self.replicas.values())
-        if serving and not self.serving:
-            await self._refresh_capabilities()
-        serving = serving and self.capabilities is not None
+        serving = any(self.replicas.values()) and self.capabilities is not None
         if serving != self.serving:
             log.info("renderer health", backend=self.name, serving=serving, replicas=self.replicas)
             self.serving = serving
         if self.replicas:
             self.known.set()
 
-    async def _refresh_capabilities(self) -> None:
-        try:
-            response = await self.stub.GetCapabilities(
-                renderer_pb2.GetCapabilitiesRequest(), timeout=_CAPABILITIES_TIMEOUT
-            )
-        except grpc.aio.AioRpcError as error:
-            log.warning("renderer capabilities unavailable", backend=self.name, code=error.code().name)
-            return
-        self.capabilities = response.capabilities
+
+class _CapabilitiesUnavailable(Exception):
+    """A replica said SERVING but did not answer GetCapabilities."""
 
 
 class RendererPool:
