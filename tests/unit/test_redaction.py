@@ -6,6 +6,8 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Status, StatusCode
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
@@ -18,6 +20,7 @@ from aiprod_kit.redaction import (
     register_secret,
     register_settings,
 )
+from aiprod_kit.telemetry import redacted_span
 
 
 @pytest.fixture(autouse=True)
@@ -131,3 +134,24 @@ def test_the_patterns_skipped_for_text_without_their_marks_would_have_changed_no
     for _, pattern, replacement in _PATTERNS:
         expected = pattern.sub(replacement, expected)
     assert redact(text) == expected
+
+
+def test_an_exported_span_is_redacted_in_its_attributes_events_and_status():
+    register_secret("key_0123456789abcdef")
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("call", attributes={"rpc.method": "Create", "n": 3}) as span:
+        clean = span
+    assert redacted_span(clean) is clean  # nothing to redact: exported as it is
+    with tracer.start_as_current_span("call", attributes={"url": "key_0123456789abcdef", "n": 3}) as span:
+        span.add_event("refused", {"body": "bad key key_0123456789abcdef"})
+        span.add_event("retried", {"attempt": 2})
+        span.set_status(Status(StatusCode.ERROR, "key_0123456789abcdef refused"))
+        dirty = span
+    redacted = redacted_span(dirty)
+    assert dict(redacted.attributes) == {"url": REDACTED, "n": 3}
+    assert [(event.name, dict(event.attributes)) for event in redacted.events] == [
+        ("refused", {"body": f"bad key {REDACTED}"}),
+        ("retried", {"attempt": 2}),
+    ]
+    assert redacted.status.description == f"{REDACTED} refused"
+    assert redacted.context == dirty.context
