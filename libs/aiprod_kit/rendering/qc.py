@@ -77,7 +77,9 @@ def probe(path: Path) -> Probe:
             if not container.streams.video:
                 raise DecodeError("the file has no video stream")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            # One thread: decodes already run side by side, one a core (qc_concurrency), and FFmpeg's
+            # frame threads on top cost 17% more CPU a decode (0.213 -> 0.177 CPU-s for 8 s of 720p).
+            stream.thread_count = 1
             frame_rate = float(stream.average_rate or stream.guessed_rate or 0)
             sample_every = max(1, round(frame_rate / _SAMPLES_PER_SECOND))
             # Sizes come from the first frame; samples keep its size so that they compare even if the
