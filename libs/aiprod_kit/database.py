@@ -18,12 +18,9 @@ job costs the stores.
 """
 
 import asyncio
-import collections
-import functools
 import sqlite3
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -31,10 +28,10 @@ from typing import ClassVar, TypeVar
 
 import structlog
 from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Observation
 
 from aiprod_kit.errors import ErrorReason, Unavailable
 from aiprod_kit.settings import CommonSettings
+from aiprod_kit.telemetry import Tally
 
 log = structlog.get_logger()
 
@@ -45,35 +42,18 @@ Parameters = Sequence[object]
 Listener = Callable[[str | None], None]
 
 
-# Transactions so far by (dialect, kind), reported when metrics are collected (an asynchronous
-# counter): a transaction is the hottest path of every service, and a counter's add through the metric
-# SDK costs 8 to 18 µs once a reader is attached (docs/performance.md), an increment here well under one.
-_transactions: collections.Counter[tuple[str, str]] = collections.Counter()
-_transactions_lock = threading.Lock()
-
-
-def _observe_transactions(options: CallbackOptions) -> Iterable[Observation]:
-    with _transactions_lock:
-        counts = list(_transactions.items())
-    for (dialect, kind), count in counts:
-        yield Observation(count, {"db.system.name": dialect, "kind": kind})
-
-
-@functools.cache
-def _report_transactions() -> None:
-    metrics.get_meter("aiprod.store").create_observable_counter(
-        "aiprod.store.transactions",
-        callbacks=[_observe_transactions],
-        unit="{transaction}",
-        description="Transactions, and statements run alone, on the service's databases",
-    )
+# Counted as a tally: a transaction is the hottest path of every service.
+_transactions = Tally(
+    metrics.get_meter("aiprod.store"),
+    "aiprod.store.transactions",
+    unit="{transaction}",
+    description="Transactions, and statements run alone, on the service's databases",
+)
 
 
 def _counted(dialect: str, kind: str) -> None:
     """One transaction ("transaction") or one statement outside any ("statement")."""
-    _report_transactions()
-    with _transactions_lock:
-        _transactions[dialect, kind] += 1
+    _transactions.add(1, {"db.system.name": dialect, "kind": kind})
 
 
 class DatabaseUnavailable(Unavailable):

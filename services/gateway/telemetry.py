@@ -11,15 +11,17 @@ from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_kit.capabilities import backend_name
 from aiprod_kit.failures import reason_name
+from aiprod_kit.telemetry import Tally
 
 
 class GatewayMetrics:
     def __init__(self, meter: metrics.Meter | None = None) -> None:
         meter = meter or metrics.get_meter("aiprod.gateway")
-        self._created = meter.create_counter("aiprod.gateway.jobs_created", unit="{job}")
-        self._completed = meter.create_counter("aiprod.gateway.jobs_completed", unit="{job}")
-        self._failed = meter.create_counter("aiprod.gateway.jobs_failed", unit="{job}")
-        self._cancelled = meter.create_counter("aiprod.gateway.jobs_cancelled", unit="{job}")
+        # Tallies: jobs_created is counted on the accept path, at every create.
+        self._created = Tally(meter, "aiprod.gateway.jobs_created", unit="{job}")
+        self._completed = Tally(meter, "aiprod.gateway.jobs_completed", unit="{job}")
+        self._failed = Tally(meter, "aiprod.gateway.jobs_failed", unit="{job}")
+        self._cancelled = Tally(meter, "aiprod.gateway.jobs_cancelled", unit="{job}")
         self._duration = meter.create_histogram(
             "aiprod.gateway.job_duration", unit="s", description="From creation to the end of a job"
         )
