@@ -38,12 +38,14 @@ _SERVICE_CONFIG = {
 }
 
 
-# How soon a channel tries again to reach a peer it lost: gRPC's defaults (1 s, growing to 120 s) would
-# leave a renderer that came back after a few minutes unreachable for up to two more, while the
-# router's own health watch (_RECONNECT_BACKOFF there) already sees it SERVING within two seconds.
+# How soon a peer that was lost is tried again, first and at most (seconds): the mesh's channels, and the
+# router's health watches, which reconnect at this pace too. gRPC's defaults (1 s, growing to 120 s)
+# would leave a renderer that came back after a few minutes unreachable through a channel for up to two
+# more, while its health watch already says SERVING.
+RECONNECT_BACKOFF_SECONDS = (0.1, 2.0)
 RECONNECT_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.initial_reconnect_backoff_ms", round(RECONNECT_BACKOFF_SECONDS[0] * 1000)),
+    ("grpc.max_reconnect_backoff_ms", round(RECONNECT_BACKOFF_SECONDS[1] * 1000)),
 ]
 
 

@@ -235,10 +235,11 @@ def _redacted_attributes(attributes: Mapping[str, Any] | None) -> dict[str, Any]
     return redacted
 
 
-def _redacted_event(event: Event) -> Event | None:
+def _redacted_event(event: Event) -> Event:
+    """The event with its name and attributes redacted; the event itself when they had nothing to redact."""
     name, attributes = redact(event.name), _redacted_attributes(event.attributes)
     if name == event.name and attributes is None:
-        return None
+        return event
     return Event(name, event.attributes if attributes is None else attributes, event.timestamp)
 
 
@@ -251,11 +252,13 @@ def redacted_span(span: ReadableSpan) -> ReadableSpan:
     status = span.status
     if status.description and (description := redact(status.description)) != status.description:
         status = Status(status.status_code, description)
-    events: Sequence[Event] = span.events
-    redacted_events = [_redacted_event(event) for event in events]
-    if any(event is not None for event in redacted_events):
-        events = [clean or event for clean, event in zip(redacted_events, span.events, strict=True)]
-    if name == span.name and attributes is None and status is span.status and events is span.events:
+    events = [_redacted_event(event) for event in span.events]
+    if (
+        name == span.name
+        and attributes is None
+        and status is span.status
+        and all(clean is event for clean, event in zip(events, span.events, strict=True))
+    ):
         return span
     return ReadableSpan(
         name=name,

@@ -18,7 +18,7 @@ from aiprod.common.v1 import backend_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod_kit.breaker import CircuitBreaker
 from aiprod_kit.capabilities import backend_name
-from aiprod_kit.channels import RECONNECT_OPTIONS, open_channel
+from aiprod_kit.channels import RECONNECT_BACKOFF_SECONDS, RECONNECT_OPTIONS, open_channel
 from aiprod_kit.settings import CommonSettings
 from aiprod_kit.tls import TlsSettings, dial_aio
 from aiprod_router.stats import BackendStats
@@ -32,7 +32,6 @@ BACKENDS_BY_NAME = {
     "replicate": backend_pb2.BACKEND_REPLICATE,
 }
 _CAPABILITIES_TIMEOUT = 5.0
-_RECONNECT_BACKOFF = (0.1, 2.0)
 # How often a dns:/// target is resolved again, to follow replicas coming and going.
 _RESOLVE_SECONDS = 30.0
 
@@ -139,7 +138,7 @@ class Renderer:
         has said SERVING and answered GetCapabilities, asked over the connection it said it on: the
         calls' own channel may still be waiting to reconnect after a restart, and its retries would
         hold this loop (and the next NOT_SERVING behind it) for seconds."""
-        delay = _RECONNECT_BACKOFF[0]
+        delay = RECONNECT_BACKOFF_SECONDS[0]
         async with dial_aio(address, self.tls, options=RECONNECT_OPTIONS) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             replica = renderer_pb2_grpc.RendererServiceStub(channel)
@@ -148,11 +147,16 @@ class Renderer:
                 try:
                     async for response in watch:
                         serving = response.status == health_pb2.HealthCheckResponse.SERVING
-                        if serving and not self.replicas.get(address):
-                            await self._read_capabilities(replica)
+                        if (
+                            serving
+                            and not self.replicas.get(address)
+                            and not await self._read_capabilities(replica)
+                        ):
+                            watch.cancel()  # asked again once the replica says SERVING on a new stream
+                            break
                         self.replicas[address] = serving
                         self._update()
-                        delay = _RECONNECT_BACKOFF[0]
+                        delay = RECONNECT_BACKOFF_SECONDS[0]
                 except grpc.aio.AioRpcError as error:
                     log.debug(
                         "replica health stream broke",
@@ -160,22 +164,22 @@ class Renderer:
                         address=address,
                         code=error.code().name,
                     )
-                except _CapabilitiesUnavailable:
-                    watch.cancel()  # asked again once the replica says SERVING on a new stream
                 self.replicas[address] = False
                 self._update()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _RECONNECT_BACKOFF[1])
+                delay = min(delay * 2, RECONNECT_BACKOFF_SECONDS[1])
 
-    async def _read_capabilities(self, replica: renderer_pb2_grpc.RendererServiceStub) -> None:
+    async def _read_capabilities(self, replica: renderer_pb2_grpc.RendererServiceStub) -> bool:
+        """Whether the replica answered GetCapabilities (its answer kept as the backend's)."""
         try:
             response = await replica.GetCapabilities(
                 renderer_pb2.GetCapabilitiesRequest(), timeout=_CAPABILITIES_TIMEOUT
             )
         except grpc.aio.AioRpcError as error:
             log.warning("renderer capabilities unavailable", backend=self.name, code=error.code().name)
-            raise _CapabilitiesUnavailable from error
+            return False
         self.capabilities = response.capabilities
+        return True
 
     def _update(self) -> None:
         """The backend serves while any replica does (and its capabilities are known)."""
@@ -185,10 +189,6 @@ class Renderer:
             self.serving = serving
         if self.replicas:
             self.known.set()
-
-
-class _CapabilitiesUnavailable(Exception):
-    """A replica said SERVING but did not answer GetCapabilities."""
 
 
 class RendererPool:
