@@ -26,15 +26,16 @@ configured (a mesh without providers), and says so.
 """
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from functools import cached_property, partial
+from dataclasses import dataclass
+from functools import cached_property
+from operator import attrgetter
 from typing import NamedTuple, Protocol
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2
 from aiprod_kit.breaker import CircuitBreaker
-from aiprod_kit.capabilities import Offered, ShotShape, backend_name, offer_capabilities, offers
+from aiprod_kit.capabilities import Offered, ShotFit, ShotShape, backend_name, offer_capabilities, offers
 from aiprod_router.stats import BackendStats
 
 # Below this observed success rate the expected cost stops growing: the breaker handles worse.
@@ -92,6 +93,11 @@ class Known(Protocol):
     stats: BackendStats
 
 
+# A named tuple made by tuple.__new__ directly: its own __new__ is a Python function taking keywords, a
+# third of a decision's views (docs/performance.md, route_decision).
+_new_tuple = tuple.__new__
+
+
 def views_of(backends: Iterable[Known], video_seconds: float | None = None) -> list[BackendView]:
     """The views the policy ranks on, from what the router keeps of each backend; the p95 latency of
     clips of video_seconds when the backend rendered enough of them lately."""
@@ -99,54 +105,51 @@ def views_of(backends: Iterable[Known], video_seconds: float | None = None) -> l
     for known in backends:
         stats = known.stats
         p95, p50 = stats.p95_p50_seconds(video_seconds)
-        views.append(
-            BackendView(
-                known.backend,
-                known.capabilities,
-                known.serving,
-                # Half-open: eligible for one trial render at a time.
-                not known.breaker.trial_available(),
-                p95,
-                p50,
-                stats.success_rate,
-            )
+        # In BackendView's order: backend, capabilities, serving, breaker_open (half-open: eligible for
+        # one trial render at a time), p95_seconds, p50_seconds, success_rate.
+        fields = (
+            known.backend,
+            known.capabilities,
+            known.serving,
+            not known.breaker.trial_available(),
+            p95,
+            p50,
+            stats.success_rate,
         )
+        views.append(_new_tuple(BackendView, fields))
     return views
 
 
-@dataclass(slots=True)
-class Candidate:
+class Candidate(NamedTuple):
+    """One backend with one of its offers, as the policy assessed it. A tuple, built in C: seven are
+    built at every decision, and a dataclass's __init__ cost a sixth of it."""
+
     backend: int
     eligible: bool
-    list_cost_micros: int = 0
-    expected_cost_micros: int = 0
-    quality: float = 0.0
-    expected_seconds: float | None = None
-    stand_in: bool = False
+    list_cost_micros: int
+    expected_cost_micros: int
+    quality: float
+    expected_seconds: float | None
+    stand_in: bool
     # For an excluded candidate, the code of each reason (router_pb2.Exclusion), in the same order.
-    exclusions: list[int] = field(default_factory=list)
+    exclusions: list[int]
     # The offer: the model and resolution at the backend ("" for a backend not reached yet).
-    model: str = ""
-    resolution: str = ""
+    model: str
+    resolution: str
     # Whether the backend offers several: then people are told which one.
-    one_of_several: bool = False
-    preferred: bool = False
+    one_of_several: bool
+    preferred: bool
     # Eligible only because nothing else is: its p95 is over the time left, its median within it.
-    long_shot: bool = False
+    long_shot: bool
     # The reasons for people as (format, arguments): written out only when someone reads them (most
     # decisions are read for their order and codes alone).
-    said: list[tuple[str, tuple]] = field(default_factory=list)
-    _reasons: list[str] | None = None
+    said: list[tuple[str, tuple]]
+    # Where it goes in the order to try candidates in: _rank_key.
+    rank_key: tuple
 
     @property
     def reasons(self) -> list[str]:
-        if self._reasons is None:
-            self._reasons = [text.format(*arguments) for text, arguments in self.said]
-        return self._reasons
-
-    def say_first(self, text: str, *arguments: object) -> None:
-        self.said.insert(0, (text, arguments))
-        self._reasons = None
+        return [text.format(*arguments) for text, arguments in self.said]
 
     @property
     def name(self) -> str:
@@ -156,137 +159,184 @@ class Candidate:
 
 
 # The reason an eligible candidate is one, by whether its success rate and p95 are known.
-_ELIGIBLE = {
-    (False, False): "quality {:.2f}, expected cost {:.2f} USD",
-    (True, False): "quality {:.2f}, expected cost {:.2f} USD ({:.0%} success)",
-    (False, True): "quality {:.2f}, expected cost {:.2f} USD, p95 {:.0f} s",
-    (True, True): "quality {:.2f}, expected cost {:.2f} USD ({:.0%} success), p95 {:.0f} s",
-}
+_ELIGIBLE = "quality {:.2f}, expected cost {:.2f} USD"
+_ELIGIBLE_SUCCESS = "quality {:.2f}, expected cost {:.2f} USD ({:.0%} success)"
+_ELIGIBLE_P95 = "quality {:.2f}, expected cost {:.2f} USD, p95 {:.0f} s"
+_ELIGIBLE_SUCCESS_P95 = "quality {:.2f}, expected cost {:.2f} USD ({:.0%} success), p95 {:.0f} s"
 
 
-def _not_reached(view: BackendView) -> Candidate:
+def _not_reached(view: BackendView, by_quality: bool) -> Candidate:
     return Candidate(
-        view.backend,
-        False,
+        backend=view.backend,
+        eligible=False,
+        list_cost_micros=0,
+        expected_cost_micros=0,
+        quality=0.0,
+        expected_seconds=None,
+        stand_in=False,
         exclusions=[router_pb2.EXCLUSION_NOT_REACHED],
+        model="",
+        resolution="",
+        one_of_several=False,
+        preferred=False,
+        long_shot=False,
         said=[("renderer not reached yet", ())],
+        rank_key=_rank_key(by_quality, False, False, False, 0, 0.0, _INFINITY),
     )
 
 
 def _assess(
     request: RouteRequest,
     view: BackendView,
-    offered: Offered,
+    fitted: list[tuple[Offered, ShotFit]],
     providers_configured: bool,
-    one_of_several: bool = False,
-) -> Candidate:
-    """One candidate: the backend with one of its offers. Each exclusion has a code, for programs (the
-    gateway's budget policy, the final failure's reason), and a reason, for people. Run for every offer
-    at every decision (17 µs a decision of seven offers, docs/performance.md): the request's fields are
-    read once, and what depends only on the shot's shape comes from the offer's cache (`fit`)."""
+    by_quality: bool,
+    candidates: list[Candidate],
+) -> None:
+    """Each of the backend's offers (fitted: with the shot's fit to it) as a candidate, appended to
+    candidates. Each exclusion has a code, for programs (the gateway's budget policy, the final
+    failure's reason), and a reason, for people. Run at every decision (13 µs a decision of seven
+    offers, docs/performance.md): what depends on the backend alone is worked out once for its offers,
+    and what depends on the shot's shape alone comes from the offer's cache (`fit`)."""
     backend = view.backend
-    quality = offered.nominal_quality
     floor = request.quality_floor
-    fit = offered.fit(request.shot, request.shape)
-    list_cost = fit.list_cost_micros
     success = view.success_rate
-    expected_cost = round(list_cost / max(success, _MIN_SUCCESS_RATE)) if success is not None else list_cost
-    stand_in = (
-        quality < floor
-        and backend == backend_pb2.BACKEND_LOCAL
-        and (request.preferred_backend == backend_pb2.BACKEND_LOCAL or not providers_configured)
-    )
-    codes: list[int] = []
-    said: list[tuple[str, tuple]] = []
-    for mismatch in fit.mismatches:
-        codes.append(router_pb2.EXCLUSION_UNSUPPORTED)
-        said.append(("{}: {}", mismatch))
-    if not view.serving:
-        codes.append(router_pb2.EXCLUSION_NOT_SERVING)
-        said.append(("renderer not serving", ()))
-    if view.breaker_open:
-        codes.append(router_pb2.EXCLUSION_BREAKER_OPEN)
-        said.append(("breaker open after recent failures: cooling down", ()))
-    if backend in request.tried:
-        codes.append(router_pb2.EXCLUSION_ALREADY_TRIED)
-        said.append(("already tried for this render", ()))
-    if quality < floor and not stand_in:
-        codes.append(router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR)
-        said.append(("quality {:.2f} under the floor {:.2f}", (quality, floor)))
-    above = request.quality_above
-    if above is not None and quality <= above:
-        codes.append(router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR)
-        said.append(
-            (
-                "quality {:.2f} not above {:.2f}, the quality of the backend whose output earned the "
-                "free re-render",
-                (quality, above),
-            )
-        )
-    max_cost = request.max_cost_micros
-    if max_cost is not None and list_cost > max_cost:
-        codes.append(router_pb2.EXCLUSION_OVER_MAX_COST)
-        said.append(("cost {:.2f} USD over the job's limit {:.2f} USD", (list_cost / 1e6, max_cost / 1e6)))
-    budget = request.budget_remaining_micros
-    if budget is not None and list_cost > budget:
-        codes.append(router_pb2.EXCLUSION_OVER_BUDGET)
-        said.append(("cost {:.2f} USD over the budget left {:.2f} USD", (list_cost / 1e6, budget / 1e6)))
+    retried = None if success is None else (success if success > _MIN_SUCCESS_RATE else _MIN_SUCCESS_RATE)
     p95 = view.p95_seconds
+    latency = _INFINITY if p95 is None else p95
     seconds_left = request.seconds_left
-    if seconds_left is not None and p95 is not None and p95 > seconds_left:
-        codes.append(router_pb2.EXCLUSION_DEADLINE)
-        said.append(("p95 {:.0f} s over the {:.0f} s left to the deadline", (p95, seconds_left)))
-    preferred = backend == request.preferred_backend and request.preferred_model in ("", offered.model)
-    if not codes:
-        known = (success is not None, p95 is not None)
-        arguments: tuple = (quality, expected_cost / 1e6)
-        if known[0]:
-            arguments += (success,)
-        if known[1]:
-            arguments += (p95,)
-        said.append((_ELIGIBLE[known], arguments))
-        if stand_in:
-            said.append(("development stand-in, under the floor {:.2f}", (floor,)))
-        if preferred:
-            said.append(("preferred by the request", ()))
-    return Candidate(
-        backend,
-        not codes,
-        list_cost,
-        expected_cost,
-        quality,
-        p95,
-        stand_in,
-        codes,
-        offered.model,
-        offered.resolution,
-        one_of_several,
-        preferred,
-        False,  # a long shot: _admit_long_shots says so
-        said,  # positional: a keyword costs a third of the construction
+    late = seconds_left is not None and p95 is not None and p95 > seconds_left
+    # What the backend itself is excluded for, whichever the offer: (code, reason).
+    down: list[tuple[int, str]] = []
+    if not view.serving:
+        down.append((router_pb2.EXCLUSION_NOT_SERVING, "renderer not serving"))
+    if view.breaker_open:
+        down.append((router_pb2.EXCLUSION_BREAKER_OPEN, "breaker open after recent failures: cooling down"))
+    if backend in request.tried:
+        down.append((router_pb2.EXCLUSION_ALREADY_TRIED, "already tried for this render"))
+    may_stand_in = backend == backend_pb2.BACKEND_LOCAL and (
+        request.preferred_backend == backend_pb2.BACKEND_LOCAL or not providers_configured
     )
+    preferred_backend = backend == request.preferred_backend
+    preferred_model = request.preferred_model
+    above = request.quality_above
+    max_cost = request.max_cost_micros
+    budget = request.budget_remaining_micros
+    several = len(fitted) > 1
+    for offered, fit in fitted:
+        quality = offered.nominal_quality
+        list_cost = fit.list_cost_micros
+        expected_cost = list_cost if retried is None else round(list_cost / retried)
+        stand_in = quality < floor and may_stand_in
+        codes: list[int] = []
+        said: list[tuple[str, tuple]] = []
+        for mismatch in fit.mismatches:
+            codes.append(router_pb2.EXCLUSION_UNSUPPORTED)
+            said.append(("{}: {}", mismatch))
+        for code, reason in down:
+            codes.append(code)
+            said.append((reason, ()))
+        if quality < floor and not stand_in:
+            codes.append(router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR)
+            said.append(("quality {:.2f} under the floor {:.2f}", (quality, floor)))
+        if above is not None and quality <= above:
+            codes.append(router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR)
+            said.append(
+                (
+                    "quality {:.2f} not above {:.2f}, the quality of the backend whose output earned the "
+                    "free re-render",
+                    (quality, above),
+                )
+            )
+        if max_cost is not None and list_cost > max_cost:
+            codes.append(router_pb2.EXCLUSION_OVER_MAX_COST)
+            said.append(
+                ("cost {:.2f} USD over the job's limit {:.2f} USD", (list_cost / 1e6, max_cost / 1e6))
+            )
+        if budget is not None and list_cost > budget:
+            codes.append(router_pb2.EXCLUSION_OVER_BUDGET)
+            said.append(("cost {:.2f} USD over the budget left {:.2f} USD", (list_cost / 1e6, budget / 1e6)))
+        if late:
+            codes.append(router_pb2.EXCLUSION_DEADLINE)
+            said.append(("p95 {:.0f} s over the {:.0f} s left to the deadline", (p95, seconds_left)))
+        preferred = preferred_backend and preferred_model in ("", offered.model)
+        eligible = not codes
+        if eligible:
+            usd = expected_cost / 1e6
+            if success is None:
+                said.append(
+                    (_ELIGIBLE, (quality, usd)) if p95 is None else (_ELIGIBLE_P95, (quality, usd, p95))
+                )
+            elif p95 is None:
+                said.append((_ELIGIBLE_SUCCESS, (quality, usd, success)))
+            else:
+                said.append((_ELIGIBLE_SUCCESS_P95, (quality, usd, success, p95)))
+            if stand_in:
+                said.append(("development stand-in, under the floor {:.2f}", (floor,)))
+            if preferred:
+                said.append(("preferred by the request", ()))
+        key = _rank_key(by_quality, eligible, preferred, stand_in, expected_cost, quality, latency)
+        # In Candidate's order, built as a plain tuple (_new_tuple): backend, eligible,
+        # list_cost_micros, expected_cost_micros, quality, expected_seconds, stand_in, exclusions,
+        # model, resolution, one_of_several, preferred, long_shot (_admit_long_shots says so), said,
+        # rank_key.
+        fields = (
+            backend,
+            eligible,
+            list_cost,
+            expected_cost,
+            quality,
+            p95,
+            stand_in,
+            codes,
+            offered.model,
+            offered.resolution,
+            several,
+            preferred,
+            False,
+            said,
+            key,
+        )
+        candidates.append(_new_tuple(Candidate, fields))
 
 
-# Each backend's offers as capabilities, by the capabilities message they come from (kept with it, so
-# that its id is not reused): built once per message, not per decision (a renderer's capabilities
-# change only when it turns SERVING again).
-_OFFERED: dict[int, tuple[renderer_pb2.Capabilities, list[Offered]]] = {}
-_OFFERED_KEPT = 64
+class _Offers(NamedTuple):
+    capabilities: renderer_pb2.Capabilities
+    # Each offer as capabilities of its own (the backend's own when it has one).
+    each: list[Offered]
+    # The offers with a shot's fit to each, by the shot's shape (shots repeat their shapes).
+    fitted: dict[tuple, list[tuple[Offered, ShotFit]]]
 
 
-def _offered(capabilities: renderer_pb2.Capabilities) -> list[Offered]:
-    kept = _OFFERED.get(id(capabilities))
-    if kept is not None and kept[0] is capabilities:
-        return kept[1]
-    offered = offers(capabilities)
-    each = [
-        Offered.of(capabilities if len(offered) == 1 else offer_capabilities(capabilities, offer))
-        for offer in offered
-    ]
-    if len(_OFFERED) >= _OFFERED_KEPT:
-        _OFFERED.clear()
-    _OFFERED[id(capabilities)] = (capabilities, each)
-    return each
+# Each backend's offers by the capabilities message they come from (kept with it, so that its id is not
+# reused): built once per message, not per decision (a renderer's capabilities change only when it
+# turns SERVING again).
+_OFFERS: dict[int, _Offers] = {}
+_OFFERS_KEPT = 64
+_SHAPES_KEPT = 256
+
+
+def _fitted(capabilities: renderer_pb2.Capabilities, request: RouteRequest) -> list[tuple[Offered, ShotFit]]:
+    """The backend's offers, each with the request's shot's fit to it."""
+    kept = _OFFERS.get(id(capabilities))
+    if kept is None or kept.capabilities is not capabilities:
+        offered = offers(capabilities)
+        each = [
+            Offered.of(capabilities if len(offered) == 1 else offer_capabilities(capabilities, offer))
+            for offer in offered
+        ]
+        if len(_OFFERS) >= _OFFERS_KEPT:
+            _OFFERS.clear()
+        kept = _OFFERS[id(capabilities)] = _Offers(capabilities, each, {})
+    shape = request.shape
+    fitted = kept.fitted.get(shape.sized)
+    if fitted is None:
+        if len(kept.fitted) >= _SHAPES_KEPT:
+            kept.fitted.clear()
+        fitted = kept.fitted[shape.sized] = [
+            (offered, offered.fit(request.shot, shape)) for offered in kept.each
+        ]
+    return fitted
 
 
 def quality_first(request: RouteRequest) -> bool:
@@ -298,23 +348,28 @@ def quality_first(request: RouteRequest) -> bool:
     )
 
 
-def _order(by_quality: bool, candidate: Candidate) -> tuple:
+def _rank_key(
+    by_quality: bool,
+    eligible: bool,
+    preferred: bool,
+    stand_in: bool,
+    cost_micros: int,
+    quality: float,
+    latency: float,
+    long_shot: bool = False,
+) -> tuple:
     """The order to try candidates in: eligible first, then the preferred backend, the stand-in last,
     then the cheapest that meets the floor (then the best quality, then the fastest); by quality first
     with a large budget; a long shot (only long shots are eligible then) by its latency first."""
-    latency = candidate.expected_seconds
-    latency = _INFINITY if latency is None else latency
-    cost, quality = candidate.expected_cost_micros, -candidate.quality
-    first = not candidate.eligible
-    preferred_first = not candidate.preferred
-    if candidate.long_shot:
-        return (first, preferred_first, candidate.stand_in, latency, cost, quality)
+    if long_shot:
+        return (not eligible, not preferred, stand_in, latency, cost_micros, -quality)
     if by_quality:
-        return (first, preferred_first, candidate.stand_in, quality, cost, latency)
-    return (first, preferred_first, candidate.stand_in, cost, quality, latency)
+        return (not eligible, not preferred, stand_in, -quality, cost_micros, latency)
+    return (not eligible, not preferred, stand_in, cost_micros, -quality, latency)
 
 
 _INFINITY = float("inf")
+_BY_RANK = attrgetter("rank_key")
 
 
 def rank_backends(request: RouteRequest, views: list[BackendView]) -> list[Candidate]:
@@ -326,54 +381,71 @@ def rank_backends(request: RouteRequest, views: list[BackendView]) -> list[Candi
         if view.backend != backend_pb2.BACKEND_LOCAL:
             providers_configured = True
             break
+    by_quality = quality_first(request)
     candidates: list[Candidate] = []
     for view in views:
         if view.capabilities is None:
-            candidates.append(_not_reached(view))
-            continue
-        each = _offered(view.capabilities)
-        several = len(each) > 1
-        for offered in each:
-            candidates.append(_assess(request, view, offered, providers_configured, several))
-    by_quality = quality_first(request)
-    order = partial(_order, by_quality)
-    candidates.sort(key=order)
-    if candidates and not candidates[0].eligible:
-        _admit_long_shots(request, views, candidates)
-        candidates.sort(key=order)
+            candidates.append(_not_reached(view, by_quality))
+        else:
+            _assess(
+                request,
+                view,
+                _fitted(view.capabilities, request),
+                providers_configured,
+                by_quality,
+                candidates,
+            )
+    candidates.sort(key=_BY_RANK)
+    if (
+        candidates
+        and not candidates[0].eligible
+        and _admit_long_shots(request, views, candidates, by_quality)
+    ):
+        candidates.sort(key=_BY_RANK)
     if candidates and candidates[0].eligible:
         first = candidates[0]
         if first.long_shot:
             mode = "the likeliest to meet the deadline"
         else:
             mode = "best quality (large budget)" if by_quality else "cheapest that meets the floor"
-        first.say_first("ranked first: {}", mode)
+        first.said.insert(0, ("ranked first: {}", (mode,)))
     return candidates
 
 
-def _admit_long_shots(request: RouteRequest, views: list[BackendView], candidates: list[Candidate]) -> None:
+def _admit_long_shots(
+    request: RouteRequest, views: list[BackendView], candidates: list[Candidate], by_quality: bool
+) -> bool:
     """When the deadline alone leaves every backend out, the ones whose median latency is within the time
     left may still make it: eligible after all (rather than a job given up that could have been on
-    time), the likeliest first."""
+    time), the likeliest first. Whether any was."""
+    seconds_left = request.seconds_left
+    if seconds_left is None:
+        return False
     medians = {view.backend: view.p50_seconds for view in views}
-    shots = [
-        candidate
-        for candidate in candidates
-        if candidate.exclusions == [router_pb2.EXCLUSION_DEADLINE]
-        and request.seconds_left is not None
-        and (median := medians.get(candidate.backend)) is not None
-        and median <= request.seconds_left
-    ]
-    for candidate in shots:
-        median = medians[candidate.backend]
-        candidate.eligible, candidate.long_shot = True, True
-        candidate.expected_seconds = median
-        candidate.exclusions = []
+    admitted = False
+    for index, candidate in enumerate(candidates):
+        median = medians.get(candidate.backend)
+        if candidate.exclusions != [router_pb2.EXCLUSION_DEADLINE] or median is None or median > seconds_left:
+            continue
         (over, arguments), *_ = candidate.said
-        candidate.said.clear()
-        candidate.say_first(
-            f"may miss the deadline: {over}, but its median {{:.0f}} s is within it", *arguments, median
+        said = [
+            (f"may miss the deadline: {over}, but its median {{:.0f}} s is within it", (*arguments, median))
+        ]
+        key = _rank_key(
+            by_quality,
+            True,
+            candidate.preferred,
+            candidate.stand_in,
+            candidate.expected_cost_micros,
+            candidate.quality,
+            median,
+            long_shot=True,
         )
+        candidates[index] = candidate._replace(
+            eligible=True, expected_seconds=median, exclusions=[], long_shot=True, said=said, rank_key=key
+        )
+        admitted = True
+    return admitted
 
 
 def describe(candidate: Candidate) -> str:
