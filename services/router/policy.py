@@ -40,6 +40,11 @@ from aiprod_router.stats import BackendStats
 
 # Below this observed success rate the expected cost stops growing: the breaker handles worse.
 _MIN_SUCCESS_RATE = 0.25
+# A backend whose p95 takes more than this share of the time left to the deadline cuts it close: one
+# render in twenty is slower than its p95, and some far slower (queued at the provider). It ranks after
+# the eligible ones that leave a margin (the replay: one to two more jobs of 900 on time, for 0.4 to
+# 1% more spend; docs/performance.md).
+_CLOSE_TO_DEADLINE = 0.9
 # The first version's threshold: from 35 USD left today, quality ranked first.
 FIRST_VERSION_QUALITY_FIRST_MICROS = 35_000_000
 
@@ -181,7 +186,7 @@ def _not_reached(view: BackendView, by_quality: bool) -> Candidate:
         preferred=False,
         long_shot=False,
         said=[("renderer not reached yet", ())],
-        rank_key=_rank_key(by_quality, False, False, False, 0, 0.0, _INFINITY),
+        rank_key=_rank_key(by_quality, False, False, False, False, 0, 0.0, _INFINITY),
     )
 
 
@@ -205,7 +210,10 @@ def _assess(
     p95 = view.p95_seconds
     latency = _INFINITY if p95 is None else p95
     seconds_left = request.seconds_left
-    late = seconds_left is not None and p95 is not None and p95 > seconds_left
+    late = close = False
+    if seconds_left is not None and p95 is not None:
+        late = p95 > seconds_left
+        close = p95 > seconds_left * _CLOSE_TO_DEADLINE
     # What the backend itself is excluded for, whichever the offer: (code, reason).
     down: list[tuple[int, str]] = []
     if not view.serving:
@@ -275,7 +283,9 @@ def _assess(
                 said.append(("development stand-in, under the floor {:.2f}", (floor,)))
             if preferred:
                 said.append(("preferred by the request", ()))
-        key = _rank_key(by_quality, eligible, preferred, stand_in, expected_cost, quality, latency)
+            if close:
+                said.append(("p95 {:.0f} s close to the {:.0f} s left to the deadline", (p95, seconds_left)))
+        key = _rank_key(by_quality, eligible, preferred, stand_in, close, expected_cost, quality, latency)
         # In Candidate's order, built as a plain tuple (_new_tuple): backend, eligible,
         # list_cost_micros, expected_cost_micros, quality, expected_seconds, stand_in, exclusions,
         # model, resolution, one_of_several, preferred, long_shot (_admit_long_shots says so), said,
@@ -353,19 +363,21 @@ def _rank_key(
     eligible: bool,
     preferred: bool,
     stand_in: bool,
+    close: bool,
     cost_micros: int,
     quality: float,
     latency: float,
     long_shot: bool = False,
 ) -> tuple:
     """The order to try candidates in: eligible first, then the preferred backend, the stand-in last,
-    then the cheapest that meets the floor (then the best quality, then the fastest); by quality first
-    with a large budget; a long shot (only long shots are eligible then) by its latency first."""
+    then those that leave a margin to the deadline (not `close`), then the cheapest that meets the
+    floor (then the best quality, then the fastest); by quality first with a large budget; a long shot
+    (only long shots are eligible then) by its latency first."""
     if long_shot:
         return (not eligible, not preferred, stand_in, latency, cost_micros, -quality)
     if by_quality:
-        return (not eligible, not preferred, stand_in, -quality, cost_micros, latency)
-    return (not eligible, not preferred, stand_in, cost_micros, -quality, latency)
+        return (not eligible, not preferred, stand_in, close, -quality, cost_micros, latency)
+    return (not eligible, not preferred, stand_in, close, cost_micros, -quality, latency)
 
 
 _INFINITY = float("inf")
@@ -436,6 +448,7 @@ def _admit_long_shots(
             True,
             candidate.preferred,
             candidate.stand_in,
+            True,
             candidate.expected_cost_micros,
             candidate.quality,
             median,

@@ -249,3 +249,22 @@ def test_a_backend_within_the_deadline_keeps_the_long_shots_out():
         views(runway={"p95_seconds": 300, "p50_seconds": 60}, veo={"p95_seconds": 200, "p50_seconds": 50}),
     )
     assert [c.backend for c in ranked if c.eligible] == [VEO]
+
+
+def test_a_backend_cutting_the_deadline_close_ranks_after_one_that_leaves_a_margin():
+    # 4 s at a 0.8 floor: Runway 0.48 USD, Veo 0.80. Runway's p95, 115 s of the 120 left, cuts it close.
+    close = views(runway={"p95_seconds": 115}, veo={"p95_seconds": 60})
+    ranked = rank_backends(RouteRequest(shot(), 0.8, seconds_left=120), close)
+    assert [c.backend for c in ranked if c.eligible] == [VEO, RUNWAY]
+    runway = next(c for c in ranked if c.backend == RUNWAY)
+    assert "p95 115 s close to the 120 s left to the deadline" in runway.reasons
+    # With a margin at both (or no deadline), the cheaper first again.
+    for request, known in [
+        (RouteRequest(shot(), 0.8, seconds_left=200), close),
+        (RouteRequest(shot(), 0.8), close),
+    ]:
+        assert [c.backend for c in rank_backends(request, known) if c.eligible] == [RUNWAY, VEO]
+    # Both close: the cheaper first.
+    both = views(runway={"p95_seconds": 115}, veo={"p95_seconds": 110})
+    ranked = rank_backends(RouteRequest(shot(), 0.8, seconds_left=120), both)
+    assert [c.backend for c in ranked if c.eligible] == [RUNWAY, VEO]
