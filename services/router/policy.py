@@ -125,9 +125,34 @@ def views_of(backends: Iterable[Known], video_seconds: float | None = None) -> l
     return views
 
 
+# Why a candidate is out, as bits of Candidate.out; its exclusions and reasons are told in this order.
+_UNSUPPORTED = 1  # one exclusion for each of the shot's mismatches with the offer
+_NOT_SERVING = 1 << 1
+_BREAKER_OPEN = 1 << 2
+_TRIED = 1 << 3
+_UNDER_FLOOR = 1 << 4
+_NOT_ABOVE = 1 << 5
+_OVER_MAX_COST = 1 << 6
+_OVER_BUDGET = 1 << 7
+_LATE = 1 << 8
+_NOT_REACHED = 1 << 9
+_CODES = (
+    (_NOT_SERVING, router_pb2.EXCLUSION_NOT_SERVING),
+    (_BREAKER_OPEN, router_pb2.EXCLUSION_BREAKER_OPEN),
+    (_TRIED, router_pb2.EXCLUSION_ALREADY_TRIED),
+    (_UNDER_FLOOR, router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR),
+    (_NOT_ABOVE, router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR),
+    (_OVER_MAX_COST, router_pb2.EXCLUSION_OVER_MAX_COST),
+    (_OVER_BUDGET, router_pb2.EXCLUSION_OVER_BUDGET),
+    (_LATE, router_pb2.EXCLUSION_DEADLINE),
+    (_NOT_REACHED, router_pb2.EXCLUSION_NOT_REACHED),
+)
+
+
 class Candidate(NamedTuple):
-    """One backend with one of its offers, as the policy assessed it. A tuple, built in C: seven are
-    built at every decision, and a dataclass's __init__ cost a sixth of it."""
+    """One backend with one of its offers, as the policy assessed it: the facts it is ranked on, with
+    its exclusions (for programs) and reasons (for people) told from them when someone reads them (most
+    decisions are read for their order alone). A tuple built in C: seven are built at every decision."""
 
     backend: int
     eligible: bool
@@ -136,8 +161,6 @@ class Candidate(NamedTuple):
     quality: float
     expected_seconds: float | None
     stand_in: bool
-    # For an excluded candidate, the code of each reason (router_pb2.Exclusion), in the same order.
-    exclusions: list[int]
     # The offer: the model and resolution at the backend ("" for a backend not reached yet).
     model: str
     resolution: str
@@ -146,15 +169,29 @@ class Candidate(NamedTuple):
     preferred: bool
     # Eligible only because nothing else is: its p95 is over the time left, its median within it.
     long_shot: bool
-    # The reasons for people as (format, arguments): written out only when someone reads them (most
-    # decisions are read for their order and codes alone).
-    said: list[tuple[str, tuple]]
     # Where it goes in the order to try candidates in: _rank_key.
     rank_key: tuple
+    # Why it is out (_UNSUPPORTED...), 0 when eligible; and what the reasons are told from.
+    out: int
+    mismatches: tuple[tuple[str, str], ...]
+    request: RouteRequest
+    view: BackendView
+    # How the first candidate was ranked first ("" for the others). Last: rank_backends sets it.
+    ranked_first: str
+
+    @property
+    def exclusions(self) -> list[int]:
+        """The code of each reason it is out (router_pb2.Exclusion), in the order of its reasons."""
+        out = self.out
+        codes = [router_pb2.EXCLUSION_UNSUPPORTED] * len(self.mismatches) if out & _UNSUPPORTED else []
+        for bit, code in _CODES:
+            if out & bit:
+                codes.append(code)
+        return codes
 
     @property
     def reasons(self) -> list[str]:
-        return [text.format(*arguments) for text, arguments in self.said]
+        return [text.format(*arguments) for text, arguments in _said(self)]
 
     @property
     def name(self) -> str:
@@ -163,14 +200,75 @@ class Candidate(NamedTuple):
         return f"{name} {self.model} {self.resolution}" if self.one_of_several else name
 
 
+def _said(candidate: Candidate) -> list[tuple[str, tuple]]:
+    """A candidate's reasons as (format, arguments)."""
+    said: list[tuple[str, tuple]] = []
+    if candidate.ranked_first:
+        said.append(("ranked first: {}", (candidate.ranked_first,)))
+    request, view, out, quality = candidate.request, candidate.view, candidate.out, candidate.quality
+    p95, seconds_left = view.p95_seconds, request.seconds_left
+    if candidate.long_shot:
+        said.append((_LONG_SHOT, (p95, seconds_left, candidate.expected_seconds)))
+        return said
+    if candidate.eligible:
+        arguments: tuple = (quality, candidate.expected_cost_micros / 1e6)
+        if view.success_rate is not None:
+            arguments += (view.success_rate,)
+        if p95 is not None:
+            arguments += (p95,)
+        said.append((_ELIGIBLE[view.success_rate is not None, p95 is not None], arguments))
+        if candidate.stand_in:
+            said.append(("development stand-in, under the floor {:.2f}", (request.quality_floor,)))
+        if candidate.preferred:
+            said.append(("preferred by the request", ()))
+        if seconds_left is not None and p95 is not None and p95 > seconds_left * _CLOSE_TO_DEADLINE:
+            said.append(("p95 {:.0f} s close to the {:.0f} s left to the deadline", (p95, seconds_left)))
+        return said
+    if out & _UNSUPPORTED:
+        for mismatch in candidate.mismatches:
+            said.append(("{}: {}", mismatch))
+    if out & _NOT_SERVING:
+        said.append(("renderer not serving", ()))
+    if out & _BREAKER_OPEN:
+        said.append(("breaker open after recent failures: cooling down", ()))
+    if out & _TRIED:
+        said.append(("already tried for this render", ()))
+    if out & _UNDER_FLOOR:
+        said.append(("quality {:.2f} under the floor {:.2f}", (quality, request.quality_floor)))
+    if out & _NOT_ABOVE:
+        said.append(
+            (
+                "quality {:.2f} not above {:.2f}, the quality of the backend whose output earned the "
+                "free re-render",
+                (quality, request.quality_above),
+            )
+        )
+    list_usd = candidate.list_cost_micros / 1e6
+    if out & _OVER_MAX_COST:
+        limit = request.max_cost_micros or 0
+        said.append(("cost {:.2f} USD over the job's limit {:.2f} USD", (list_usd, limit / 1e6)))
+    if out & _OVER_BUDGET:
+        budget = request.budget_remaining_micros or 0
+        said.append(("cost {:.2f} USD over the budget left {:.2f} USD", (list_usd, budget / 1e6)))
+    if out & _LATE:
+        said.append((_LATE_REASON, (p95, seconds_left)))
+    if out & _NOT_REACHED:
+        said.append(("renderer not reached yet", ()))
+    return said
+
+
 # The reason an eligible candidate is one, by whether its success rate and p95 are known.
-_ELIGIBLE = "quality {:.2f}, expected cost {:.2f} USD"
-_ELIGIBLE_SUCCESS = "quality {:.2f}, expected cost {:.2f} USD ({:.0%} success)"
-_ELIGIBLE_P95 = "quality {:.2f}, expected cost {:.2f} USD, p95 {:.0f} s"
-_ELIGIBLE_SUCCESS_P95 = "quality {:.2f}, expected cost {:.2f} USD ({:.0%} success), p95 {:.0f} s"
+_ELIGIBLE = {
+    (False, False): "quality {:.2f}, expected cost {:.2f} USD",
+    (True, False): "quality {:.2f}, expected cost {:.2f} USD ({:.0%} success)",
+    (False, True): "quality {:.2f}, expected cost {:.2f} USD, p95 {:.0f} s",
+    (True, True): "quality {:.2f}, expected cost {:.2f} USD ({:.0%} success), p95 {:.0f} s",
+}
+_LATE_REASON = "p95 {:.0f} s over the {:.0f} s left to the deadline"
+_LONG_SHOT = f"may miss the deadline: {_LATE_REASON}, but its median {{:.0f}} s is within it"
 
 
-def _not_reached(view: BackendView, by_quality: bool) -> Candidate:
+def _not_reached(request: RouteRequest, view: BackendView, by_quality: bool) -> Candidate:
     return Candidate(
         backend=view.backend,
         eligible=False,
@@ -179,14 +277,17 @@ def _not_reached(view: BackendView, by_quality: bool) -> Candidate:
         quality=0.0,
         expected_seconds=None,
         stand_in=False,
-        exclusions=[router_pb2.EXCLUSION_NOT_REACHED],
         model="",
         resolution="",
         one_of_several=False,
         preferred=False,
         long_shot=False,
-        said=[("renderer not reached yet", ())],
         rank_key=_rank_key(by_quality, False, False, False, False, 0, 0.0, _INFINITY),
+        out=_NOT_REACHED,
+        mismatches=(),
+        request=request,
+        view=view,
+        ranked_first="",
     )
 
 
@@ -199,10 +300,9 @@ def _assess(
     candidates: list[Candidate],
 ) -> None:
     """Each of the backend's offers (fitted: with the shot's fit to it) as a candidate, appended to
-    candidates. Each exclusion has a code, for programs (the gateway's budget policy, the final
-    failure's reason), and a reason, for people. Run at every decision (13 µs a decision of seven
-    offers, docs/performance.md): what depends on the backend alone is worked out once for its offers,
-    and what depends on the shot's shape alone comes from the offer's cache (`fit`)."""
+    candidates. Run at every decision (13 µs a decision of seven offers, docs/performance.md): what
+    depends on the backend alone is worked out once for its offers, what depends on the shot's shape
+    alone comes from the offer's cache (`fit`), and reasons are told only when read."""
     backend = view.backend
     floor = request.quality_floor
     success = view.success_rate
@@ -210,18 +310,19 @@ def _assess(
     p95 = view.p95_seconds
     latency = _INFINITY if p95 is None else p95
     seconds_left = request.seconds_left
-    late = close = False
-    if seconds_left is not None and p95 is not None:
-        late = p95 > seconds_left
-        close = p95 > seconds_left * _CLOSE_TO_DEADLINE
-    # What the backend itself is excluded for, whichever the offer: (code, reason).
-    down: list[tuple[int, str]] = []
+    # What the backend itself is out for, whichever the offer.
+    down = 0
     if not view.serving:
-        down.append((router_pb2.EXCLUSION_NOT_SERVING, "renderer not serving"))
+        down |= _NOT_SERVING
     if view.breaker_open:
-        down.append((router_pb2.EXCLUSION_BREAKER_OPEN, "breaker open after recent failures: cooling down"))
+        down |= _BREAKER_OPEN
     if backend in request.tried:
-        down.append((router_pb2.EXCLUSION_ALREADY_TRIED, "already tried for this render"))
+        down |= _TRIED
+    close = False
+    if seconds_left is not None and p95 is not None:
+        if p95 > seconds_left:
+            down |= _LATE
+        close = p95 > seconds_left * _CLOSE_TO_DEADLINE
     may_stand_in = backend == backend_pb2.BACKEND_LOCAL and (
         request.preferred_backend == backend_pb2.BACKEND_LOCAL or not providers_configured
     )
@@ -236,60 +337,22 @@ def _assess(
         list_cost = fit.list_cost_micros
         expected_cost = list_cost if retried is None else round(list_cost / retried)
         stand_in = quality < floor and may_stand_in
-        codes: list[int] = []
-        said: list[tuple[str, tuple]] = []
-        for mismatch in fit.mismatches:
-            codes.append(router_pb2.EXCLUSION_UNSUPPORTED)
-            said.append(("{}: {}", mismatch))
-        for code, reason in down:
-            codes.append(code)
-            said.append((reason, ()))
+        out = _UNSUPPORTED | down if fit.mismatches else down
         if quality < floor and not stand_in:
-            codes.append(router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR)
-            said.append(("quality {:.2f} under the floor {:.2f}", (quality, floor)))
+            out |= _UNDER_FLOOR
         if above is not None and quality <= above:
-            codes.append(router_pb2.EXCLUSION_UNDER_QUALITY_FLOOR)
-            said.append(
-                (
-                    "quality {:.2f} not above {:.2f}, the quality of the backend whose output earned the "
-                    "free re-render",
-                    (quality, above),
-                )
-            )
+            out |= _NOT_ABOVE
         if max_cost is not None and list_cost > max_cost:
-            codes.append(router_pb2.EXCLUSION_OVER_MAX_COST)
-            said.append(
-                ("cost {:.2f} USD over the job's limit {:.2f} USD", (list_cost / 1e6, max_cost / 1e6))
-            )
+            out |= _OVER_MAX_COST
         if budget is not None and list_cost > budget:
-            codes.append(router_pb2.EXCLUSION_OVER_BUDGET)
-            said.append(("cost {:.2f} USD over the budget left {:.2f} USD", (list_cost / 1e6, budget / 1e6)))
-        if late:
-            codes.append(router_pb2.EXCLUSION_DEADLINE)
-            said.append(("p95 {:.0f} s over the {:.0f} s left to the deadline", (p95, seconds_left)))
+            out |= _OVER_BUDGET
         preferred = preferred_backend and preferred_model in ("", offered.model)
-        eligible = not codes
-        if eligible:
-            usd = expected_cost / 1e6
-            if success is None:
-                said.append(
-                    (_ELIGIBLE, (quality, usd)) if p95 is None else (_ELIGIBLE_P95, (quality, usd, p95))
-                )
-            elif p95 is None:
-                said.append((_ELIGIBLE_SUCCESS, (quality, usd, success)))
-            else:
-                said.append((_ELIGIBLE_SUCCESS_P95, (quality, usd, success, p95)))
-            if stand_in:
-                said.append(("development stand-in, under the floor {:.2f}", (floor,)))
-            if preferred:
-                said.append(("preferred by the request", ()))
-            if close:
-                said.append(("p95 {:.0f} s close to the {:.0f} s left to the deadline", (p95, seconds_left)))
+        eligible = not out
         key = _rank_key(by_quality, eligible, preferred, stand_in, close, expected_cost, quality, latency)
         # In Candidate's order, built as a plain tuple (_new_tuple): backend, eligible,
-        # list_cost_micros, expected_cost_micros, quality, expected_seconds, stand_in, exclusions,
-        # model, resolution, one_of_several, preferred, long_shot (_admit_long_shots says so), said,
-        # rank_key.
+        # list_cost_micros, expected_cost_micros, quality, expected_seconds, stand_in, model,
+        # resolution, one_of_several, preferred, long_shot (_admit_long_shots says so), rank_key, out,
+        # mismatches, request, view, ranked_first.
         fields = (
             backend,
             eligible,
@@ -298,14 +361,17 @@ def _assess(
             quality,
             p95,
             stand_in,
-            codes,
             offered.model,
             offered.resolution,
             several,
             preferred,
             False,
-            said,
             key,
+            out,
+            fit.mismatches,
+            request,
+            view,
+            "",
         )
         candidates.append(_new_tuple(Candidate, fields))
 
@@ -397,7 +463,7 @@ def rank_backends(request: RouteRequest, views: list[BackendView]) -> list[Candi
     candidates: list[Candidate] = []
     for view in views:
         if view.capabilities is None:
-            candidates.append(_not_reached(view, by_quality))
+            candidates.append(_not_reached(request, view, by_quality))
         else:
             _assess(
                 request,
@@ -420,7 +486,7 @@ def rank_backends(request: RouteRequest, views: list[BackendView]) -> list[Candi
             mode = "the likeliest to meet the deadline"
         else:
             mode = "best quality (large budget)" if by_quality else "cheapest that meets the floor"
-        first.said.insert(0, ("ranked first: {}", (mode,)))
+        candidates[0] = _new_tuple(Candidate, (*first[:-1], mode))  # ranked_first, the last field
     return candidates
 
 
@@ -437,12 +503,8 @@ def _admit_long_shots(
     admitted = False
     for index, candidate in enumerate(candidates):
         median = medians.get(candidate.backend)
-        if candidate.exclusions != [router_pb2.EXCLUSION_DEADLINE] or median is None or median > seconds_left:
+        if candidate.out != _LATE or median is None or median > seconds_left:
             continue
-        (over, arguments), *_ = candidate.said
-        said = [
-            (f"may miss the deadline: {over}, but its median {{:.0f}} s is within it", (*arguments, median))
-        ]
         key = _rank_key(
             by_quality,
             True,
@@ -455,7 +517,7 @@ def _admit_long_shots(
             long_shot=True,
         )
         candidates[index] = candidate._replace(
-            eligible=True, expected_seconds=median, exclusions=[], long_shot=True, said=said, rank_key=key
+            eligible=True, expected_seconds=median, long_shot=True, rank_key=key, out=0
         )
         admitted = True
     return admitted
