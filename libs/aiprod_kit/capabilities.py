@@ -27,7 +27,7 @@ FRAME_SIZES = {
 }
 
 # Shapes of shot whose mismatches an offer keeps.
-_SHAPES_KEPT = 256
+SHAPES_KEPT = 256
 # Tolerance when comparing a requested duration with a backend's exact allowed ones.
 _DURATION_EPSILON = 1e-6
 
@@ -189,7 +189,7 @@ class Offered:
         key = shape.sized if self.sized else shape.unsized
         fit = self._fits.get(key)
         if fit is None:
-            if len(self._fits) >= _SHAPES_KEPT:
+            if len(self._fits) >= SHAPES_KEPT:
                 self._fits.clear()
             fit = self._fits[key] = ShotFit(
                 tuple(shot_mismatches(shot, self.capabilities)),

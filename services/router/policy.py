@@ -35,7 +35,15 @@ from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2
 from aiprod_kit.breaker import CircuitBreaker
-from aiprod_kit.capabilities import Offered, ShotFit, ShotShape, backend_name, offer_capabilities, offers
+from aiprod_kit.capabilities import (
+    SHAPES_KEPT,
+    Offered,
+    ShotFit,
+    ShotShape,
+    backend_name,
+    offer_capabilities,
+    offers,
+)
 from aiprod_router.stats import BackendStats
 
 # Below this observed success rate the expected cost stops growing: the breaker handles worse.
@@ -380,6 +388,8 @@ class _Offers(NamedTuple):
     capabilities: renderer_pb2.Capabilities
     # Each offer as capabilities of its own (the backend's own when it has one).
     each: list[Offered]
+    # Whether an offer limits the prompt's length or the image's size: then a shot's lengths matter.
+    sized: bool
     # The offers with a shot's fit to each, by the shot's shape (shots repeat their shapes).
     fitted: dict[tuple, list[tuple[Offered, ShotFit]]]
 
@@ -389,7 +399,6 @@ class _Offers(NamedTuple):
 # turns SERVING again).
 _OFFERS: dict[int, _Offers] = {}
 _OFFERS_KEPT = 64
-_SHAPES_KEPT = 256
 
 
 def _fitted(capabilities: renderer_pb2.Capabilities, request: RouteRequest) -> list[tuple[Offered, ShotFit]]:
@@ -403,15 +412,15 @@ def _fitted(capabilities: renderer_pb2.Capabilities, request: RouteRequest) -> l
         ]
         if len(_OFFERS) >= _OFFERS_KEPT:
             _OFFERS.clear()
-        kept = _OFFERS[id(capabilities)] = _Offers(capabilities, each, {})
+        kept = _OFFERS[id(capabilities)] = _Offers(capabilities, each, any(o.sized for o in each), {})
     shape = request.shape
-    fitted = kept.fitted.get(shape.sized)
+    # Keyed as Offered.fit keys an offer's answers: by the lengths only where an offer limits them.
+    key = shape.sized if kept.sized else shape.unsized
+    fitted = kept.fitted.get(key)
     if fitted is None:
-        if len(kept.fitted) >= _SHAPES_KEPT:
+        if len(kept.fitted) >= SHAPES_KEPT:
             kept.fitted.clear()
-        fitted = kept.fitted[shape.sized] = [
-            (offered, offered.fit(request.shot, shape)) for offered in kept.each
-        ]
+        fitted = kept.fitted[key] = [(offered, offered.fit(request.shot, shape)) for offered in kept.each]
     return fitted
 
 
