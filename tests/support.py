@@ -98,6 +98,17 @@ def wait_terminal(gateway: gateway_pb2_grpc.GatewayServiceStub, job_id: str) -> 
     return gateway.GetRenderJob(gateway_pb2.GetRenderJobRequest(job_id=job_id)).job
 
 
+def log_lines(mesh: Mesh, *needles: str, limit: int = 40) -> list[str]:
+    """The services' log lines that mention any of needles (a job id, a key, a task id), for a failing
+    run's report."""
+    lines = []
+    for path in sorted((mesh.data_dir / "logs").glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if any(needle in line for needle in needles if needle):
+                lines.append(f"{path.stem}: {line[:400]}")
+    return lines[-limit:]
+
+
 def eventually(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> bool:
     """Polls predicate until it holds: for state that travels in the background, with no push to wait on."""
     deadline = time.monotonic() + timeout

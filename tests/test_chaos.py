@@ -27,7 +27,7 @@ import httpx
 import pytest
 from postgres_support import assert_runs_on_its_store
 from sandbox_support import Sandbox, account, provider_settings, sandbox_mesh
-from support import TERMINAL, budget, eventually, gateway
+from support import TERMINAL, budget, eventually, gateway, log_lines
 
 from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
@@ -169,16 +169,6 @@ def list_job_ids(mesh: Mesh) -> set[str]:
         token = answer.next_page_token
         if not token:
             return found
-
-
-def log_lines(mesh: Mesh, needle: str, limit: int = 40) -> list[str]:
-    """The services' log lines that mention needle (a job id, a key), for a failing run's report."""
-    lines = []
-    for path in sorted((mesh.data_dir / "logs").glob("*.log")):
-        for line in path.read_text(errors="replace").splitlines():
-            if needle in line:
-                lines.append(f"{path.stem}: {line[:400]}")
-    return lines[-limit:]
 
 
 def report(mesh: Mesh, job_ids: list[str], chaos: Chaos) -> str:

@@ -22,7 +22,8 @@ once: the providers' own request limits lifted, 180p videos, no daily cap, polls
    renders for a preset's job only as a stand-in when the job prefers it, and then the storm would
    never be met. What serves is the stormed providers themselves, each request 70% likely to pass and
    the renderers' retries of what the provider did not act on (503, 429, a dropped poll) carrying the
-   rest, with a fallback to another provider when a create still fails.
+   rest, with a fallback to another provider when a create still fails, and a round again to the
+   ones that refused when each provider a job qualifies at refused it (a 4 s job qualifies at two).
 3. No provider can serve: every create refused with a 503 on every try, jobs of 6 s so that all three
    providers qualify, the local renderer under the floor. Every job fails with a reason naming why, the
    sandbox created no task and billed nothing, the ledger's committed spend is unchanged and nothing
@@ -54,7 +55,7 @@ import grpc
 import httpx
 import pytest
 from sandbox_support import Sandbox, account, provider_settings, sandbox_mesh
-from support import TERMINAL, budget, eventually, gateway, router, watch_until
+from support import TERMINAL, budget, eventually, gateway, log_lines, router, watch_until
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
@@ -164,7 +165,10 @@ def terminal(mesh: Mesh, job_ids: list[str]) -> dict[str, gateway_pb2.RenderJob]
             if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
         job = get(mesh, job_id)
-        assert job.state in TERMINAL, (f"not terminal within {TERMINAL_SECONDS:g} s", job)
+        if job.state not in TERMINAL:
+            task_ids = [attempt.handle.task_id for attempt in job.attempts]
+            logs = "\n".join(log_lines(mesh, job_id, *task_ids, limit=80))
+            raise AssertionError(f"not terminal within {TERMINAL_SECONDS:g} s:\n{job}\nlogs:\n{logs}")
         done[job_id] = job
     return done
 

@@ -100,6 +100,34 @@ def test_a_not_serving_renderer_gets_no_work_until_it_recovers(mesh, sandbox):
     assert wait_terminal(gateway(mesh), refused.job_id).state == job_pb2.JOB_STATE_SUCCEEDED
 
 
+def test_a_render_every_qualifying_provider_refused_goes_round_again_and_is_paid_once(mesh, sandbox):
+    # A 4 s quick_social render qualifies at Runway and Veo only (Replicate's default model renders 6 s,
+    # the local renderer is under the preset's floor). Each refuses every try of its renderer's create
+    # (its four tries) as unavailable; the third attempt goes back to Runway, which takes it.
+    sandbox.fault("runway", "create", "5xx", status=503, times=4)
+    sandbox.fault("veo", "create", "5xx", status=503, times=4)
+    spec = render_pb2.RenderSpec(
+        prompt="Refused everywhere once",
+        preset="quick_social",
+        duration_seconds=4,
+        aspect_ratio=render_pb2.ASPECT_RATIO_16_9,
+        constraints=render_pb2.RenderConstraints(preferred_backend=RUNWAY),
+    )
+    job = gateway(mesh).CreateRenderJob(gateway_pb2.CreateRenderJobRequest(spec=spec)).job
+    done = wait_terminal(gateway(mesh), job.job_id)
+    assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.error
+    assert [attempt.backend for attempt in done.attempts] == [RUNWAY, VEO, RUNWAY]
+    refusals = [attempt.charge for attempt in done.attempts[:2]]
+    assert [charge.failure.reason for charge in refusals] == [Reason.PROVIDER_UNAVAILABLE] * 2
+    assert all(not charge.billed.amount_micros for charge in refusals)
+    routed = [event.routed for event in render_events(mesh, job.job_id) if event.HasField("routed")]
+    assert routed[2].reason.startswith("again, as every backend that qualifies refused the render"), routed
+    # One task created and billed, under the third attempt's key, and the job costs what it billed.
+    bills = sandbox.bills()
+    assert list(bills.by_key) == [done.attempts[2].reservation_key]
+    assert done.cost.amount_micros == bills.total_micros > 0
+
+
 def test_the_routers_breaker_opens_on_a_failing_provider_and_closes_after_its_cooldown(mesh, sandbox):
     # Jobs that prefer Replicate, whose creates are refused as unavailable until the faults run out.
     sandbox.fault("replicate", "create", "5xx", status=503, times=12)

@@ -44,6 +44,7 @@ from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2
+from aiprod_kit.capabilities import backend_name
 from aiprod_kit.errors import ErrorReason, Unavailable, error_reason
 from aiprod_kit.exclusions import budget_alone_blocks
 from aiprod_kit.failures import Reason, failure, reason_name
@@ -79,6 +80,13 @@ _PROGRESS_SECONDS = 10.0
 # Asking a renderer for the render under a key. It waits while a create under the key is under way;
 # past this, the chain waits for the renderer and asks StartRender again, which waits for it too.
 _LOOKUP_TIMEOUT = 10.0
+# Failures of an attempt that created nothing and may pass on another try: the provider or its renderer
+# was busy or briefly down (the renderer's own retries of the create ran out meanwhile).
+_TRANSIENT_REFUSALS = frozenset(
+    {Reason.PROVIDER_UNAVAILABLE, Reason.PROVIDER_RATE_LIMITED, Reason.RENDERER_UNAVAILABLE}
+)
+# Before a render goes round again to backends that only refused it (see RenderChain.run).
+_ROUND_AGAIN_SECONDS = 1.0
 
 
 def event(attempt: int, **kind: object) -> event_pb2.RenderEvent:
@@ -210,6 +218,16 @@ class AttemptResult:
             reservation_key=reservation_key, backend=renderer.backend, account=account
         )
 
+    @property
+    def refused(self) -> bool:
+        """It ended before anything was created, refused for a reason that may pass (nothing to pay)."""
+        return (
+            self.cause is not None
+            and self.cause.failure.reason in _TRANSIENT_REFUSALS
+            and not self.charge.task_id
+            and self.charge.outcome == event_pb2.CHARGE_OUTCOME_RELEASE
+        )
+
     def end(
         self,
         renderer: Renderer,
@@ -335,8 +353,15 @@ class RenderChain:
         self, job: RenderJob, resume: backend_pb2.RenderHandle | None = None, resume_attempt: int = 1
     ) -> AsyncIterator[event_pb2.RenderEvent]:
         """Every event of the render, each attempt's `charged` among them, ending with exactly one final
-        event (succeeded or failed)."""
+        event (succeeded or failed).
+
+        Each attempt goes to the best backend not tried yet. Once none is left, attempts remaining, the
+        backends that only refused (busy or briefly down, nothing created) are tried again after a pause,
+        once: a storm at every qualifying provider at once need not fail a job that another try saves."""
         tried: set[int] = set()
+        refused: set[int] = set()
+        # The backends being tried again after they refused.
+        again: set[int] = set()
         # What the tenant's attempts cost so far, against the job's cost limit (the re-render is not its).
         spent = 0
         attempt = resume_attempt if resume is not None else 1
@@ -385,6 +410,18 @@ class RenderChain:
             else:
                 request = await self.route_request(job, frozenset(tried), spent)
                 candidates = self.rank(request)
+                if refused and attempt <= self._limit(guarantee) and not any(c.eligible for c in candidates):
+                    log.info(
+                        "going round again",
+                        job_id=job.job_id,
+                        backends=[backend_name(b) for b in sorted(refused)],
+                    )
+                    tried -= refused
+                    again |= refused
+                    refused.clear()
+                    await asyncio.sleep(_ROUND_AGAIN_SECONDS)
+                    request = await self.route_request(job, frozenset(tried), spent)
+                    candidates = self.rank(request)
             eligible = [candidate for candidate in candidates if candidate.eligible]
             if cause is not None and not is_rerender:
                 if attempt > self._limit(guarantee) or not eligible:
@@ -448,6 +485,8 @@ class RenderChain:
             offer = (chosen.model, chosen.resolution) if renderer.backend == chosen.backend else ("", "")
             if renderer.backend != chosen.backend:
                 reason = f"the backend this attempt reserved for before a restart ({reason} now ranks first)"
+            if renderer.backend in again:
+                reason = f"again, as every backend that qualifies refused the render: {reason}"
             if is_rerender:
                 reason = f"free re-render of an output under the service level's minimum, paid by {account}: {reason}"
             yield event(
@@ -482,6 +521,8 @@ class RenderChain:
                 yield _delivered(result.final, guarantee)
                 return
             tried.add(renderer.backend)
+            if result.refused and renderer.backend not in again:
+                refused.add(renderer.backend)
             if not is_rerender:
                 spent += result.cost_micros
             cause = result.cause
