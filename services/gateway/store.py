@@ -8,7 +8,9 @@ nothing of another's, and a request id is unique per tenant (the `request_id` co
 one SQLite file in WAL mode under the data directory (the embedded default), or PostgreSQL, shared by
 every gateway replica. Writers of one job, or of one request_id, take that one lock (in SQLite the
 database's); an appended event is announced to every replica's watchers (NOTIFY), which also poll
-now and then in case an announcement was lost with a connection.
+now and then in case an announcement was lost with a connection. Watchers in the process that appended
+an event are handed it as its transaction commits: they read the log only for what another process
+appended (its announcement), or when the sequence says they missed one.
 
 It also keeps which jobs have attempt charges the spend ledger has not acknowledged yet (`unsettled`)
 and held attempts their backends may yet account for (`held`), counts derived from the job on every
@@ -26,10 +28,11 @@ NTP, and a replica that takes a job over early still cannot make its old driver 
 """
 
 import asyncio
+import contextlib
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
@@ -45,10 +48,12 @@ TERMINAL_STATES = frozenset(
 
 # Changes an event makes to its job, applied in the same transaction as the event's append.
 JobUpdate = Callable[[gateway_pb2.RenderJob], None]
-# Where appended events are announced; the payload is the job id.
+# Where appended events are announced; the payload is "<job id> <sequence>".
 _CHANNEL = "aiprod_job_events"
-# A waiting watcher looks again this often even with no announcement (one lost with a connection).
-_POLL_SECONDS = 2.0
+# A waiting watcher looks again this often even without news: a net under the news, as this process
+# hands its events over, other replicas' are announced, and a listener that lost its connection tells
+# every watcher to look once it listens again. (At 2 s it was 4 of a job's 25 store transactions.)
+_POLL_SECONDS = 10.0
 
 
 class RequestIdConflict(Exception):
@@ -138,9 +143,9 @@ class JobStore(ABC):
     async def events_after(self, job_id: str, sequence: int) -> list[gateway_pb2.JobEvent]: ...
 
     @abstractmethod
-    def announcement(self, job_id: str) -> asyncio.Event:
-        """Set once an event of the job is announced after this call (or when announcements may have
-        been missed): taken before reading the job's events, it misses none committed after the read."""
+    def following(self, job_id: str) -> contextlib.AbstractContextManager["News"]:
+        """The job's news from now on, while in the context: taken before reading the job's events, it
+        misses none committed after the read."""
 
     @abstractmethod
     async def claimable_jobs(self, limit: int) -> list[str]:
@@ -195,27 +200,75 @@ class JobStore(ABC):
 
     async def watch(self, job_id: str, after_sequence: int) -> AsyncIterator[gateway_pb2.JobEvent]:
         """Every event after after_sequence, then the new ones as they come, until a terminal state.
-        One read per announcement; the job itself is read only when no event came (a job that ended
-        before after_sequence, or an announcement missed: looked at again every _POLL_SECONDS)."""
+        The log is read once at first, then only for news that does not carry its events (another
+        process's announcement, or an event missed); the job itself is read only when no event came (a
+        job that ended before after_sequence, or an announcement missed: looked at again every
+        _POLL_SECONDS)."""
         sequence = after_sequence
         look_at_job = True
-        while True:
-            announced = self.announcement(job_id)
+        with self.following(job_id) as news:
             events = await self.events_after(job_id, sequence)
-            for event in events:
-                sequence = event.sequence
-                yield event
-                if event.state in TERMINAL_STATES:
-                    return
-            if look_at_job and not events:
-                job = await self.get_job(job_id)
-                if job is None or (job.state in TERMINAL_STATES and job.last_sequence <= sequence):
-                    return
-            try:
-                await asyncio.wait_for(announced.wait(), _POLL_SECONDS)
-                look_at_job = False
-            except TimeoutError:
-                look_at_job = True
+            while True:
+                for event in events:
+                    if event.sequence <= sequence:
+                        continue  # read from the log and handed over too
+                    sequence = event.sequence
+                    yield event
+                    if event.state in TERMINAL_STATES:
+                        return
+                if look_at_job and not events:
+                    job = await self.get_job(job_id)
+                    if job is None or (job.state in TERMINAL_STATES and job.last_sequence <= sequence):
+                        return
+                try:
+                    async with asyncio.timeout(_POLL_SECONDS):
+                        told = await news.next()
+                    look_at_job = False
+                except TimeoutError:
+                    told, look_at_job = None, True
+                if told is not None and _follow_on(told, sequence):
+                    events = told
+                else:
+                    events = await self.events_after(job_id, sequence)
+
+
+def _follow_on(events: list[gateway_pb2.JobEvent], sequence: int) -> bool:
+    """Whether events are every event after sequence up to the last of them (none missing)."""
+    expected = sequence + 1
+    for event in events:
+        if event.sequence > expected:
+            return False
+        expected = max(expected, event.sequence + 1)
+    return True
+
+
+class News:
+    """What one watcher hears of one job: the events appended in this process, handed over as their
+    transactions commit, and announcements that carry no event (look in the log)."""
+
+    def __init__(self) -> None:
+        self._events: list[gateway_pb2.JobEvent] = []
+        self._look = False
+        self._told = asyncio.Event()
+        # The last sequence handed over: an announcement of it or earlier says nothing new.
+        self.handed = 0
+
+    def hand(self, event: gateway_pb2.JobEvent) -> None:
+        self._events.append(event)
+        self.handed = max(self.handed, event.sequence)
+        self._told.set()
+
+    def look(self) -> None:
+        self._look = True
+        self._told.set()
+
+    async def next(self) -> list[gateway_pb2.JobEvent] | None:
+        """The events handed over since the last call, once there is news; None: look in the log."""
+        await self._told.wait()
+        self._told.clear()
+        events, look = self._events, self._look
+        self._events, self._look = [], False
+        return None if look else events
 
 
 _UNFINISHED = (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING)
@@ -357,7 +410,9 @@ class SqlJobStore(JobStore):
     def __init__(self, database: Database, clock: Callable[[], float] = time.time) -> None:
         self._db = database
         self._clock = clock
-        self._new_events: dict[str, asyncio.Event] = {}
+        # The watchers in this process, by job; the events this process is committing, (job id, sequence).
+        self._watchers: dict[str, set[News]] = {}
+        self._appending: set[tuple[str, int]] = set()
 
     @classmethod
     async def open(cls, database: Database, clock: Callable[[], float] = time.time) -> "SqlJobStore":
@@ -392,12 +447,37 @@ class SqlJobStore(JobStore):
         await database.listen(_CHANNEL, store._announced)
         return store
 
-    def _announced(self, job_id: str | None) -> None:
-        """Wakes the watchers of the job (None: of every job)."""
-        for waiting in [job_id] if job_id is not None else list(self._new_events):
-            waiter = self._new_events.pop(waiting, None)
-            if waiter is not None:
-                waiter.set()
+    def _announced(self, payload: str | None) -> None:
+        """An appended event's announcement, "<job id> <sequence>" (None: announcements may have been
+        missed). Its watchers here look in the log, unless the event is this process's: append_event
+        hands it over (it may hear of its commit before its own commit call returns)."""
+        if payload is None:
+            for watchers in self._watchers.values():
+                for news in watchers:
+                    news.look()
+            return
+        job_id, _, sequence = payload.partition(" ")
+        if not sequence.isdigit():
+            for news in self._watchers.get(job_id, ()):
+                news.look()
+            return
+        if (job_id, int(sequence)) in self._appending:
+            return
+        for news in self._watchers.get(job_id, ()):
+            if news.handed < int(sequence):
+                news.look()
+
+    @contextlib.contextmanager
+    def following(self, job_id: str) -> Iterator[News]:
+        news = News()
+        watchers = self._watchers.setdefault(job_id, set())
+        watchers.add(news)
+        try:
+            yield news
+        finally:
+            watchers.discard(news)
+            if not watchers and self._watchers.get(job_id) is watchers:
+                del self._watchers[job_id]
 
     @staticmethod
     async def _load(queries: Queries, job_id: str) -> gateway_pb2.RenderJob | None:
@@ -527,6 +607,35 @@ class SqlJobStore(JobStore):
         details: gateway_pb2.JobEvent | None = None,
         max_unfinished: int | None = None,
     ) -> gateway_pb2.JobEvent:
+        committing: list[tuple[str, int]] = []
+        try:
+            event = await self._append(
+                job_id, message, update, render_event, owner, details, max_unfinished, committing
+            )
+        except BaseException:
+            # Its commit's outcome is unknown here: this process's watchers look in the log.
+            for news in self._watchers.get(job_id, ()) if committing else ():
+                news.look()
+            raise
+        finally:
+            self._appending.difference_update(committing)
+        # Committed: this process's watchers have it without a read (its announcement says nothing new).
+        for news in self._watchers.get(job_id, ()):
+            news.hand(event)
+        return event
+
+    async def _append(
+        self,
+        job_id: str,
+        message: str,
+        update: JobUpdate,
+        render_event: object | None,
+        owner: str | None,
+        details: gateway_pb2.JobEvent | None,
+        max_unfinished: int | None,
+        committing: list[tuple[str, int]],
+    ) -> gateway_pb2.JobEvent:
+        """append_event's transaction; committing: the event's (job id, sequence) once it is committing."""
         async with self._db.transaction() as transaction:
             tenant_id = None
             if max_unfinished is not None:
@@ -575,7 +684,9 @@ class SqlJobStore(JobStore):
                 "INSERT INTO job_events (job_id, sequence, event) VALUES (?, ?, ?)",
                 (job_id, event.sequence, event.SerializeToString()),
             )
-            await transaction.notify(_CHANNEL, job_id)
+            committing.append((job_id, event.sequence))
+            self._appending.add(committing[0])
+            await transaction.notify(_CHANNEL, f"{job_id} {event.sequence}")
         return event
 
     async def events_after(self, job_id: str, sequence: int) -> list[gateway_pb2.JobEvent]:
@@ -584,9 +695,6 @@ class SqlJobStore(JobStore):
             (job_id, sequence),
         )
         return [gateway_pb2.JobEvent.FromString(row[0]) for row in rows]
-
-    def announcement(self, job_id: str) -> asyncio.Event:
-        return self._new_events.setdefault(job_id, asyncio.Event())
 
     async def claimable_jobs(self, limit: int) -> list[str]:
         rows = await self._db.fetchall(

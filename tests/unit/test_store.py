@@ -101,6 +101,50 @@ async def test_watch_replays_then_follows_until_terminal(store):
     assert await asyncio.wait_for(watcher, 5) == [1, 2, 3]
 
 
+async def test_a_watcher_is_handed_what_its_process_appends_without_reading_the_log(store, monkeypatch):
+    await store.create_job(job("job_a", "r1"), "f")
+    reads = []
+    read = store.events_after
+
+    async def counted(job_id: str, sequence: int):
+        reads.append(sequence)
+        return await read(job_id, sequence)
+
+    monkeypatch.setattr(store, "events_after", counted)
+    seen: list[int] = []
+
+    async def follow() -> None:
+        async for event in store.watch("job_a", 0):
+            seen.append(event.sequence)
+
+    watcher = asyncio.create_task(follow())
+    await asyncio.sleep(0)  # the watcher reads the log once, then waits for news
+    for n in range(4):
+        await store.append_event("job_a", f"progress {n}", set_state(job_pb2.JOB_STATE_RUNNING))
+    await asyncio.gather(*(store.append_event("job_a", "more", lambda job: None) for _ in range(3)))
+    await store.append_event("job_a", "done", set_state(job_pb2.JOB_STATE_SUCCEEDED))
+    await asyncio.wait_for(watcher, 5)
+    assert seen == list(range(1, 10))
+    assert reads == [0]
+
+
+@pytest.mark.parametrize("open_store", ["postgres"], indirect=True)
+async def test_a_watcher_reads_the_log_for_what_another_replica_appended_between_its_own(open_store):
+    watching, appending = await open_store(), await open_store()
+    await watching.create_job(job("job_a", "r1"), "f")
+
+    async def follow() -> list[int]:
+        return [event.sequence async for event in watching.watch("job_a", 0)]
+
+    watcher = asyncio.create_task(follow())
+    await asyncio.sleep(0.2)  # the watcher is waiting for news
+    await appending.append_event("job_a", "elsewhere", set_state(job_pb2.JOB_STATE_RUNNING))
+    await watching.append_event("job_a", "here", lambda job: None)
+    await appending.append_event("job_a", "elsewhere again", lambda job: None)
+    await watching.append_event("job_a", "done here", set_state(job_pb2.JOB_STATE_SUCCEEDED))
+    assert await asyncio.wait_for(watcher, 5) == [1, 2, 3, 4, 5]
+
+
 async def test_listing_pages_newest_first_and_claimable_jobs_oldest_first(store):
     for n in range(5):
         await store.create_job(job(f"job_{n}", f"r{n}"), "f")
