@@ -304,11 +304,11 @@ class JobDriver:
         renderer and provider calls join it, also when the job is resumed after a restart. Returns how
         long to wait before driving it again when it waits for budget (None: it ended, or was lost:
         ClaimLost)."""
-        parent = propagate.extract(await self._store.trace_context(job_id))
+        job, trace_context = await self._store.job_with_trace(job_id)
         with _tracer.start_as_current_span(
-            "dispatch job", context=parent, attributes={"aiprod.job_id": job_id}
+            "dispatch job", context=propagate.extract(trace_context), attributes={"aiprod.job_id": job_id}
         ):
-            return await self._drive(job_id, driver)
+            return await self._drive(job_id, job, driver)
 
     async def _record(
         self,
@@ -328,11 +328,10 @@ class JobDriver:
 
         await self._store.append_event(job_id, message, recorded, render_event, owner=self._owner)
 
-    async def _drive(self, job_id: str, driver: Drive) -> float | None:
+    async def _drive(self, job_id: str, job: gateway_pb2.RenderJob | None, driver: Drive) -> float | None:
         """Renders every unfinished shot (finished ones are never rendered again), each as its own chain
         of attempts, side by side up to the shot concurrency; then ends the job: its one shot's video,
-        its shots' film, or the first shot that failed."""
-        job = await self._store.get_job(job_id)
+        its shots' film, or the first shot that failed. job: as just read."""
         if job is None or job.state not in (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING):
             return None
         driver.priority = job.priority
@@ -347,7 +346,7 @@ class JobDriver:
         try:
             async with asyncio.TaskGroup() as group:
                 for index in range(shots):
-                    group.create_task(self._drive_shot(job_id, index, driver, slots, settled))
+                    group.create_task(self._drive_shot(job, index, driver, slots, settled))
         except BaseExceptionGroup as errors:
             # A lost claim stops the job here; a budget refusal (nothing spent) goes to the budget policy.
             lost = _first(errors, ClaimLost)
@@ -375,16 +374,16 @@ class JobDriver:
 
     async def _drive_shot(
         self,
-        job_id: str,
+        job: gateway_pb2.RenderJob,
         index: int,
         driver: Drive,
         slots: asyncio.Semaphore,
         settled: list[asyncio.Event],
     ) -> None:
-        """Renders one shot until it has ended, re-attached to its recorded render when it has one."""
+        """Renders one shot until it has ended, re-attached to its recorded render when it has one.
+        job: as the drive read it (each shot's render goes by the store's record of it once it ends)."""
+        job_id = job.job_id
         try:
-            job = await self._store.get_job(job_id)
-            assert job is not None
             shot = job.plan.shots[index]
             if _shot_ended(job, index):
                 return
@@ -590,8 +589,8 @@ class JobDriver:
         return self._guarantees.account if driver.rerenders.get(shot) == attempt else job.tenant_id
 
     async def _rerender_attempts(self, job: gateway_pb2.RenderJob) -> dict[int, int]:
-        """Each shot's attempt the job's log records as its free re-render."""
-        if self._guarantees.of(job) is None:
+        """Each shot's attempt the job's log records as its free re-render (none before any attempt)."""
+        if self._guarantees.of(job) is None or not job.attempts:
             return {}
         found = {}
         for recorded in await self._store.events_after(job.job_id, 0):

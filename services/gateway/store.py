@@ -109,9 +109,9 @@ class JobStore(ABC):
         """The job; with tenant_id, only if it is that tenant's (None otherwise, as if it did not exist)."""
 
     @abstractmethod
-    async def trace_context(self, job_id: str) -> dict[str, str]:
-        """The job's trace context as stored at creation (empty if none): all its work, resumed after
-        a restart or not, continues that one trace."""
+    async def job_with_trace(self, job_id: str) -> tuple[gateway_pb2.RenderJob | None, dict[str, str]]:
+        """The job and its trace context as stored at creation (empty if none), in one read: all its
+        work, resumed after a restart or not, continues that one trace."""
 
     @abstractmethod
     async def list_jobs(
@@ -575,9 +575,11 @@ class SqlJobStore(JobStore):
         )
         return gateway_pb2.RenderJob.FromString(row[0]) if row else None
 
-    async def trace_context(self, job_id: str) -> dict[str, str]:
-        row = await self._db.fetchone("SELECT trace_context FROM jobs WHERE job_id = ?", (job_id,))
-        return json.loads(row[0]) if row else {}
+    async def job_with_trace(self, job_id: str) -> tuple[gateway_pb2.RenderJob | None, dict[str, str]]:
+        row = await self._db.fetchone("SELECT job, trace_context FROM jobs WHERE job_id = ?", (job_id,))
+        if row is None:
+            return None, {}
+        return gateway_pb2.RenderJob.FromString(row[0]), json.loads(row[1])
 
     async def list_jobs(
         self, tenant_id: str, states: Sequence[int], limit: int, before: int | None

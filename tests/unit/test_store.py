@@ -164,9 +164,10 @@ async def test_a_job_keeps_the_trace_context_it_was_created_in(store):
     context = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
     await store.create_job(job("job_a", "r1"), "f", context)
     await store.create_job(job("job_b", "r2"), "f")
-    assert await store.trace_context("job_a") == context
-    assert await store.trace_context("job_b") == {}
-    assert await store.trace_context("job_unknown") == {}
+    job_a, traced = await store.job_with_trace("job_a")
+    assert (job_a.job_id, traced) == ("job_a", context)
+    assert (await store.job_with_trace("job_b"))[1] == {}
+    assert await store.job_with_trace("job_unknown") == (None, {})
 
 
 async def test_racing_creates_of_one_request_id_store_one_job(open_store):
@@ -219,7 +220,7 @@ async def test_the_store_survives_reopening(open_store):
     second = await open_store()
     assert (await second.get_job("job_a")).state == job_pb2.JOB_STATE_SUCCEEDED
     assert await second.events_after("job_a", 0) == events
-    assert await second.trace_context("job_a") == {"traceparent": "00-ab-cd-01"}
+    assert (await second.job_with_trace("job_a"))[1] == {"traceparent": "00-ab-cd-01"}
     assert (await second.create_job(job("job_b", "r1"), "f"))[1] is False
 
 
