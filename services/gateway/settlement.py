@@ -116,16 +116,13 @@ class Settlement:
     async def settle_pending(self) -> bool:
         """One pass: the charges to tell the ledger, then a batch of held attempts (at their own pace).
         True unless more charges than a batch were waiting."""
-        job_ids = await self._store.unsettled_jobs(_BATCH)
-        for job_id in job_ids:
-            job = await self._store.get_job(job_id)
-            if job is None:
-                continue
+        jobs = await self._store.unsettled_jobs(_BATCH)
+        for job in jobs:
             settled = [
                 attempt.reservation_key for attempt in to_settle(job) if await self._settle(job, attempt)
             ]
             if settled:
-                await self._store.mark_settled(job_id, settled)
+                await self._store.mark_settled(job.job_id, settled)
         held = await self._store.held_jobs(_BATCH, self._held_after)
         self._held_after = held[-1][0] if len(held) == _BATCH else 0
         for _, job_id in held:
@@ -134,7 +131,7 @@ class Settlement:
                 continue
             for attempt in to_reconcile(job):
                 await self._reconcile(job, attempt)
-        return len(job_ids) < _BATCH
+        return len(jobs) < _BATCH
 
     async def _reconcile(self, job: gateway_pb2.RenderJob, attempt: gateway_pb2.RenderAttempt) -> None:
         """Asks a held attempt's backend what became of it, when due; records its charge once known."""

@@ -168,8 +168,8 @@ class JobStore(ABC):
         """Lets go of owner's claims on these jobs (a claim another owner holds stays)."""
 
     @abstractmethod
-    async def unsettled_jobs(self, limit: int) -> list[str]:
-        """Up to limit ids of jobs with attempt charges the ledger has not acknowledged, oldest first."""
+    async def unsettled_jobs(self, limit: int) -> list[gateway_pb2.RenderJob]:
+        """Up to limit jobs with attempt charges the ledger has not acknowledged, oldest first."""
 
     @abstractmethod
     async def held_jobs(self, limit: int, after: int) -> list[tuple[int, str]]:
@@ -739,11 +739,11 @@ class SqlJobStore(JobStore):
                 (owner, *job_ids),
             )
 
-    async def unsettled_jobs(self, limit: int) -> list[str]:
+    async def unsettled_jobs(self, limit: int) -> list[gateway_pb2.RenderJob]:
         rows = await self._db.fetchall(
-            "SELECT job_id FROM jobs WHERE unsettled > 0 ORDER BY position LIMIT ?", (limit,)
+            "SELECT job FROM jobs WHERE unsettled > 0 ORDER BY position LIMIT ?", (limit,)
         )
-        return [row[0] for row in rows]
+        return [gateway_pb2.RenderJob.FromString(row[0]) for row in rows]
 
     async def held_jobs(self, limit: int, after: int) -> list[tuple[int, str]]:
         rows = await self._db.fetchall(

@@ -344,7 +344,7 @@ async def test_charges_to_tell_and_held_attempts_are_found_apart_until_settled(s
     await store.append_event("job_paid", "charged", charge(event_pb2.CHARGE_OUTCOME_COMMIT))
     await store.append_event("job_held", "charged", charge(event_pb2.CHARGE_OUTCOME_HOLD))
     # A held attempt never stands in the way of a charge to tell the ledger, and the other way round.
-    assert await store.unsettled_jobs(1) == ["job_paid"]
+    assert [job.job_id for job in await store.unsettled_jobs(1)] == ["job_paid"]
     assert [job_id for _, job_id in await store.held_jobs(10, 0)] == ["job_held"]
     settled = await store.mark_settled("job_paid", ["job_paid:1"])
     assert settled.attempts[0].settled
