@@ -89,13 +89,19 @@ async def test_events_are_numbered_and_applied_atomically(store):
     assert [e.sequence for e in await store.events_after("job_a", 0)] == [1, 2]
 
 
+def following(store: SqlJobStore, job_id: str) -> "asyncio.Task[list[int]]":
+    """A watch of the job from its start, running: the sequences it yields, once it ends."""
+
+    async def follow() -> list[int]:
+        return [event.sequence async for event in store.watch(job_id, 0)]
+
+    return asyncio.create_task(follow())
+
+
 async def test_watch_replays_then_follows_until_terminal(store):
     await store.create_job(job("job_a", "r1"), "f")
 
-    async def follow() -> list[int]:
-        return [event.sequence async for event in store.watch("job_a", 0)]
-
-    watcher = asyncio.create_task(follow())
+    watcher = following(store, "job_a")
     await store.append_event("job_a", "running", set_state(job_pb2.JOB_STATE_RUNNING))
     await store.append_event("job_a", "done", set_state(job_pb2.JOB_STATE_SUCCEEDED))
     assert await asyncio.wait_for(watcher, 5) == [1, 2, 3]
@@ -133,10 +139,7 @@ async def test_a_watcher_reads_the_log_for_what_another_replica_appended_between
     watching, appending = await open_store(), await open_store()
     await watching.create_job(job("job_a", "r1"), "f")
 
-    async def follow() -> list[int]:
-        return [event.sequence async for event in watching.watch("job_a", 0)]
-
-    watcher = asyncio.create_task(follow())
+    watcher = following(watching, "job_a")
     await asyncio.sleep(0.2)  # the watcher is waiting for news
     await appending.append_event("job_a", "elsewhere", set_state(job_pb2.JOB_STATE_RUNNING))
     await watching.append_event("job_a", "here", lambda job: None)
@@ -198,10 +201,7 @@ async def test_a_watcher_sees_events_another_replica_appends(open_store):
     watching, appending = await open_store(), await open_store()
     await appending.create_job(job("job_a", "r1"), "f")
 
-    async def follow() -> list[int]:
-        return [event.sequence async for event in watching.watch("job_a", 0)]
-
-    watcher = asyncio.create_task(follow())
+    watcher = following(watching, "job_a")
     await asyncio.sleep(0.2)  # the watcher is waiting for news
     started = asyncio.get_running_loop().time()
     await appending.append_event("job_a", "running", set_state(job_pb2.JOB_STATE_RUNNING))
