@@ -91,8 +91,9 @@ HANG_SECONDS = 1.5
 DROPS = 3
 # Bounds: every job of a batch terminal within TERMINAL_SECONDS of the batch's creation, every attempt
 # settled within SETTLE_SECONDS after (a settlement retried with backoff waits up to 10 s). A job usually
-# ends within seconds; the tail is an output download refused several times in a row, which the
-# renderers retry with a doubling pause of up to 30 s (six refusals in a row cost 31.5 s).
+# ends within seconds; the tail is an output download refused several times in a row (the last one in
+# flight meets every 429 of a burst): 429s are waited out as their Retry-After asks (a second), 503s
+# with a doubling pause of up to 30 s.
 TERMINAL_SECONDS = 180.0
 SETTLE_SECONDS = 60.0
 

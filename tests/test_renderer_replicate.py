@@ -28,9 +28,15 @@ from aiprod.common.v1 import render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod_kit.failures import SAFETY_REASONS, Reason
 from aiprod_kit.mesh import SANDBOX_API_KEY, Mesh
-from aiprod_kit.rendering.provider import ErrorKind, ProviderError, TaskState, VideoSource
+from aiprod_kit.rendering.provider import (
+    ErrorKind,
+    ProviderError,
+    TaskState,
+    VideoSource,
+    retry_after_seconds,
+)
 from aiprod_kit.settings import ConfigurationError, ReplicateSettings
-from aiprod_renderers.replicate.provider import ReplicateProvider, retry_after_seconds
+from aiprod_renderers.replicate.provider import ReplicateProvider
 
 # A model the sandbox renders at any length; the default one (minimax/video-01) only makes 6 s.
 MODEL = "aiprod/sandbox-video"

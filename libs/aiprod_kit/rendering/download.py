@@ -4,7 +4,7 @@ from pathlib import Path
 
 import httpx
 
-from aiprod_kit.rendering.provider import ErrorKind, ProviderError
+from aiprod_kit.rendering.provider import ErrorKind, ProviderError, retry_after_seconds
 from aiprod_kit.telemetry import output_download
 
 
@@ -21,7 +21,12 @@ async def download_url(client: httpx.AsyncClient, url: str, destination: Path) -
                     )
                 if response.status_code >= 400:
                     kind = ErrorKind.RATE_LIMITED if response.status_code == 429 else ErrorKind.UNAVAILABLE
-                    raise ProviderError(kind, "the output could not be fetched", response.status_code)
+                    # Waited out as asked: a lone copy refused again and again would otherwise back off
+                    # to 30 s between tries, and a storm's refusals could take its whole time.
+                    retry_after = retry_after_seconds(response.headers.get("retry-after"))
+                    raise ProviderError(
+                        kind, "the output could not be fetched", response.status_code, retry_after=retry_after
+                    )
                 with destination.open("wb") as file:
                     async for chunk in response.aiter_bytes():
                         file.write(chunk)

@@ -1,7 +1,10 @@
 """What a provider adapter implements, in the kit's terms; the kit does the rest (idempotency, one poll
 loop, limits, retries, the breaker, health, durable outputs, QC)."""
 
+import email.utils
 import enum
+import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,6 +63,23 @@ class ErrorKind(enum.Enum):
     AMBIGUOUS = "ambiguous"
     # The task does not exist at the provider.
     NOT_FOUND = "not_found"
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header in seconds, from either of its forms (seconds, or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
 
 
 @dataclass

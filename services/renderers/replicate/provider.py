@@ -23,11 +23,8 @@ reports 0 until it ends: no estimate is invented.
 
 import base64
 import contextvars
-import email.utils
 import json
-import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +47,7 @@ from aiprod_kit.rendering.provider import (
     ProviderTask,
     TaskState,
     VideoSource,
+    retry_after_seconds,
 )
 from aiprod_kit.settings import ConfigurationError, ReplicateSettings
 
@@ -128,23 +126,6 @@ async def _on_response(response: httpx.Response) -> None:
     exchange = _exchange.get()
     if exchange is not None and response.status_code == 429:
         exchange.retry_after = retry_after_seconds(response.headers.get("retry-after"))
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After in seconds, from either of its forms (seconds, or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(seconds, 0.0) if math.isfinite(seconds) else None
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
 
 
 def provider_error(error: Exception, exchange: _Exchange | None = None) -> ProviderError:

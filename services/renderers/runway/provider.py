@@ -20,6 +20,7 @@ from aiprod_kit.rendering.provider import (
     ProviderTask,
     TaskState,
     VideoSource,
+    retry_after_seconds,
     tabled_offers,
 )
 from aiprod_kit.settings import RunwaySettings
@@ -81,10 +82,7 @@ def provider_error(error: Exception) -> ProviderError:
         if status == 404:
             return ProviderError(ErrorKind.NOT_FOUND, message, status)
         if status == 429:
-            retry_after = error.response.headers.get("retry-after")
-            seconds = (
-                float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
-            )
+            seconds = retry_after_seconds(error.response.headers.get("retry-after"))
             return ProviderError(ErrorKind.RATE_LIMITED, message, status, retry_after=seconds)
         if status in (502, 503, 504):
             return ProviderError(ErrorKind.UNAVAILABLE, message, status)

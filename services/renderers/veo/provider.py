@@ -18,11 +18,9 @@ connection, which would otherwise send a create twice): the kit decides what is 
 """
 
 import asyncio
-import email.utils
 import json
 import mimetypes
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -47,6 +45,7 @@ from aiprod_kit.rendering.provider import (
     ProviderTask,
     TaskState,
     VideoSource,
+    retry_after_seconds,
     tabled_offers,
 )
 from aiprod_kit.settings import ConfigurationError, VeoSettings
@@ -129,19 +128,7 @@ _SUPPORT_CODES = re.compile(r"support codes?:\s*(\d+)", re.IGNORECASE)
 
 def _retry_after(error: errors.APIError) -> float | None:
     headers = getattr(error.response, "headers", None)
-    value = headers.get("retry-after") if headers is not None else None
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    return retry_after_seconds(headers.get("retry-after") if headers is not None else None)
 
 
 def provider_error(error: BaseException) -> ProviderError:
