@@ -1,4 +1,4 @@
-"""Errors a handler raises, and the interceptor that turns them into proper gRPC statuses.
+"""Errors a handler raises, and the wrapper of every method that turns them into proper gRPC statuses.
 
 Handlers raise; they never build statuses themselves. An unexpected exception becomes INTERNAL
 with a generic message, so that nothing private (a prompt, a secret) leaks to the caller.
@@ -9,7 +9,7 @@ NOT_FOUND). Callers branch on `error_reason(error)`, never on the status text.
 """
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -381,20 +381,12 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorStatuses:
     """Maps ServiceError to its status and anything unexpected to INTERNAL; a request body that is no
-    message of the method's type is INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN)."""
+    message of the method's type is INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN). A
+    `MethodWrapper` (aiprod_kit.handlers)."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         def answered_once(inner: AnsweredOnce) -> AnsweredOnce:
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:

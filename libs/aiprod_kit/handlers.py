@@ -1,20 +1,19 @@
-"""Wrapping a gRPC method handler's behaviour, whatever its kind, for the server interceptors.
+"""Wrapping a gRPC method handler's behaviour, whatever its kind: how the concerns of every call
+(telemetry, errors, guards) reach each method, once per method (`WrappingInterceptor`).
 
-A handler holds its behaviour under one of four attributes, one per kind of call; an interceptor that
+A handler holds its behaviour under one of four attributes, one per kind of call; a concern that
 wrapped only some kinds would let the others past it (an unguarded bidirectional stream, say). Each
-interceptor says how it wraps a call answered once and a call answered by a stream; `rewrap` applies
-the right one and rebuilds the handler of the same kind.
+concern says how it wraps a call answered once and a call answered by a stream; `rewrap` applies the
+right one and rebuilds the handler of the same kind.
 """
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 import grpc
 
 Behavior = Callable[..., Any]
 Wrap = Callable[[Behavior], Behavior]
-# Named once here: the interceptors define their wrappers at every call, and a nested function's
-# annotations are evaluated each time it is defined (Callable[...] built anew, about 1% of a create).
 AnsweredOnce = Callable[..., Awaitable[Any]]
 Responses = AsyncIterator[Any]
 AnsweredByStream = Callable[..., Responses]
@@ -46,3 +45,41 @@ def rewrap(
     return grpc.stream_stream_rpc_method_handler(
         answered_by_stream(handler.stream_stream), deserializer, serializer
     )
+
+
+class MethodWrapper(Protocol):
+    """One concern of every call (its telemetry, its errors' statuses, a service's guard)."""
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The method's handler with this concern's behaviour around it (or the handler itself)."""
+        ...
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """A server's one interceptor: each method's handler wrapped by every concern, the first one
+    outermost, the first time the method is called, and kept. An interceptor per concern built its
+    wrapping again at every call (an interceptor's coroutine, closures and a new handler each): with
+    OpenTelemetry's server interceptor among them, 45% of the cheapest call's time at the gateway."""
+
+    def __init__(self, wrappers: Sequence[MethodWrapper]) -> None:
+        self._wrappers = list(reversed(wrappers))
+        # By method: the handler as found, and as wrapped.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = handler
+        for wrapper in self._wrappers:
+            wrapped = wrapper.wrap(method, wrapped)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped

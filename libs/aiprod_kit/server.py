@@ -1,8 +1,8 @@
 """The service bootstrap every AIPROD service runs in.
 
-grpc.aio server with the error and OpenTelemetry interceptors, each service's own guard (the gateway's
-API keys: checked once here for every method of that service, never for health or reflection), the
-standard health service (each service's full name and ""), reflection, and a clean stop: on SIGTERM
+grpc.aio server whose every call is traced, timed and given a proper status on error (one interceptor,
+aiprod_kit.handlers), each service's own guard (the gateway's API keys: checked once here for every
+method of that service, never for health or reflection), the standard health service (each service's full name and ""), reflection, and a clean stop: on SIGTERM
 or SIGINT health turns NOT_SERVING, in-flight calls drain for the grace period, then the service's
 resources close. The port is plaintext or TLS as AIPROD_TLS_* say (aiprod_kit/tls.py), with an optional
 plaintext port for health alone (AIPROD_HEALTH_PORT) for probes that cannot present a certificate.
@@ -28,12 +28,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aiprod_kit.channels import MESSAGE_SIZE_OPTIONS, keepalive_options
-from aiprod_kit.errors import ErrorInterceptor
-from aiprod_kit.handlers import AnsweredByStream, AnsweredOnce, Behavior, Responses, rewrap
+from aiprod_kit.errors import ErrorStatuses
+from aiprod_kit.handlers import (
+    AnsweredByStream,
+    AnsweredOnce,
+    Behavior,
+    Responses,
+    WrappingInterceptor,
+    rewrap,
+)
 from aiprod_kit.logs import configure_logging
 from aiprod_kit.redaction import register_settings
 from aiprod_kit.settings import CommonSettings, ConfigurationError
-from aiprod_kit.telemetry import configure_telemetry, server_interceptors, shutdown_telemetry
+from aiprod_kit.telemetry import CallTelemetry, configure_telemetry, shutdown_telemetry
 from aiprod_kit.tls import server_credentials
 
 
@@ -58,10 +65,10 @@ class HealthSignal:
         await publish(self.serving)
 
 
-# Admits a call to a service before its handler runs, from the call's method and metadata and its
-# servicer context (the peer): raises a ServiceError to refuse it (UNAUTHENTICATED...), and may set
-# context variables the handler reads (the calling tenant); runs in the call's own context.
-Guard = Callable[[grpc.HandlerCallDetails, grpc.aio.ServicerContext], Awaitable[None]]
+# Admits a call to a service before its handler runs, from its servicer context (the metadata, the
+# peer): raises a ServiceError to refuse it (UNAUTHENTICATED...), and may set context variables the
+# handler reads (the calling tenant); runs in the call's own context.
+Guard = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -77,35 +84,29 @@ class Registration:
     guard: Guard | None = None
 
 
-class GuardInterceptor(grpc.aio.ServerInterceptor):
+class Guards:
     """Runs each registration's guard before the handlers of its own service's methods (only those: a
-    health check or a reflection call never needs a key). Placed after the error interceptor, so that
-    a guard's refusal becomes a proper status like any handler's."""
+    health check or a reflection call never needs a key). A `MethodWrapper` inside the error statuses,
+    so that a guard's refusal becomes a proper status like any handler's."""
 
     def __init__(self, registrations: list[Registration]) -> None:
         self._guards = {f"/{r.full_name}/": r.guard for r in registrations if r.guard is not None}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        prefix = details.method[: details.method.rfind("/") + 1]
-        guard = self._guards.get(prefix)
-        if handler is None or guard is None:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        guard = self._guards.get(method[: method.rfind("/") + 1])
+        if guard is None:
             return handler
 
         def answered_once(inner: AnsweredOnce) -> AnsweredOnce:
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await guard(details, context)
+                await guard(context)
                 return await inner(request, context)
 
             return unary
 
         def answered_by_stream(inner: Behavior) -> AnsweredByStream:
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Responses:
-                await guard(details, context)
+                await guard(context)
                 if inspect.isasyncgenfunction(inner):
                     async for response in inner(request, context):
                         yield response
@@ -136,7 +137,7 @@ async def serve(component: str, settings: CommonSettings, port: int, build: Serv
 
     async with build() as registrations:
         server = grpc.aio.server(
-            interceptors=[*server_interceptors(), ErrorInterceptor(), GuardInterceptor(registrations)],
+            interceptors=[WrappingInterceptor([CallTelemetry(), ErrorStatuses(), Guards(registrations)])],
             options=[*MESSAGE_SIZE_OPTIONS, *keepalive_options(settings, server=True)],
         )
         health_servicer = health.aio.HealthServicer()

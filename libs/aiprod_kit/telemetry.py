@@ -1,5 +1,5 @@
-"""OpenTelemetry set-up: one tracer and meter provider per process, gRPC interceptors from the SDK, the
-RPC metrics every service exports, the provider HTTP clients traced, and the exporters of each path.
+"""OpenTelemetry set-up: one tracer and meter provider per process, every served call's span and duration
+(CallTelemetry), the calls made traced by the gRPC instrumentation's client interceptors, the provider HTTP clients traced, and the exporters of each path.
 
 docs/TELEMETRY.md is the metric scheme; the histogram buckets below are part of it (the SLOs cut the
 job duration at 900 s and the quality at 0.6, so both are bucket bounds).
@@ -10,7 +10,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 
 import grpc
 import wrapt
-from opentelemetry import metrics, trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.metrics import CallbackOptions, NoOpMeterProvider, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -357,88 +358,106 @@ def _rpc_duration() -> metrics.Histogram:
 
 
 T = TypeVar("T")
+_call_tracer = trace.get_tracer("aiprod.rpc")
+
+
+class _ObservedCall:
+    """One call's server span, current while it runs, and its rpc.server.call.duration once it ends."""
+
+    __slots__ = ("_labels", "_span", "_started", "_token")
+
+    def __init__(self, full_method: str, labels: dict[str, str], parent: otel_context.Context | None) -> None:
+        self._labels = labels
+        self._span = _call_tracer.start_span(
+            full_method, parent, kind=trace.SpanKind.SERVER, attributes=labels, record_exception=False
+        )
+        self._token = otel_context.attach(trace.set_span_in_context(self._span, parent))
+        self._started = time.perf_counter()
+
+    def end(self, code: grpc.StatusCode) -> None:
+        elapsed = time.perf_counter() - self._started
+        span = self._span
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code != grpc.StatusCode.OK:
+            span.set_status(Status(trace.StatusCode.ERROR, code.name))
+        span.end()
+        otel_context.detach(self._token)
+        _rpc_duration().record(elapsed, {**self._labels, "rpc.grpc.status_code": code.value[0]})
+
+
+def _rpc_labels(full_method: str) -> dict[str, str]:
+    service, _, method = full_method.lstrip("/").partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
 
 async def as_call(full_method: str, answer: AsyncIterator[T]) -> AsyncIterator[T]:
     """A call carried over a shared stream (aiprod_kit.multiplexing), observed as its own call would
     be: a server span named by its method, in the caller's trace, and rpc.server.call.duration with its
     status code."""
-    service, _, method = full_method.lstrip("/").partition("/")
-    labels = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-    started, code = time.perf_counter(), grpc.StatusCode.OK
-    with _call_tracer.start_as_current_span(
-        full_method, kind=trace.SpanKind.SERVER, attributes=labels, set_status_on_exception=False
-    ) as span:
-        try:
-            async for item in answer:
-                yield item
-        except ServiceError as error:
-            code = error.code
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            raise
-        except BaseException:
-            code = grpc.StatusCode.CANCELLED  # stopped by its caller
-            raise
-        finally:
-            span.set_attribute("rpc.grpc.status_code", code.value[0])
-            if code != grpc.StatusCode.OK:
-                span.set_status(Status(trace.StatusCode.ERROR, code.name))
-            _rpc_duration().record(
-                time.perf_counter() - started, {**labels, "rpc.grpc.status_code": code.value[0]}
-            )
+    call, code = _ObservedCall(full_method, _rpc_labels(full_method), None), grpc.StatusCode.OK
+    try:
+        async for item in answer:
+            yield item
+    except ServiceError as error:
+        code = error.code
+        raise
+    except Exception:
+        code = grpc.StatusCode.INTERNAL
+        raise
+    except BaseException:
+        code = grpc.StatusCode.CANCELLED  # stopped by its caller
+        raise
+    finally:
+        call.end(code)
 
 
-_call_tracer = trace.get_tracer("aiprod.rpc")
+def _answered_with(context: grpc.aio.ServicerContext, failed: BaseException | None) -> grpc.StatusCode:
+    """The status a call answered with, as its servicer context holds it once the handler returned or
+    raised (the error statuses abort with it)."""
+    if failed is not None and not isinstance(failed, Exception):
+        return grpc.StatusCode.CANCELLED  # the caller went away (asyncio.CancelledError)
+    code = context.code()
+    if code is None:
+        return grpc.StatusCode.UNKNOWN if failed is not None else grpc.StatusCode.OK
+    return grpc.StatusCode(code) if isinstance(code, int) else code
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """rpc.server.call.duration for every call, labelled by method and status code (semantic
-    conventions): latency and error rate per method from one histogram."""
+class CallTelemetry:
+    """Every call's server span, in its caller's trace (the W3C trace context in its metadata), and its
+    rpc.server.call.duration by method and status code (semantic conventions): latency, error rate and
+    traces per method. Health, reflection and the shared streams are left out (_UNOBSERVED_METHODS).
 
-    def __init__(self) -> None:
-        self._duration = _rpc_duration()
+    A `MethodWrapper` (aiprod_kit.handlers), the outermost: it reads the status the error statuses set.
+    Written here rather than taken from OpenTelemetry's gRPC instrumentation, whose server interceptor
+    at every call read the metadata twice, parsed the peer's address, proxied the servicer context and
+    built its wrapping anew: with our interceptors as they were, it cost ListPresets 0.80 -> 0.56 of the
+    bare floor at the gateway (docs/performance.md, session 17)."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        full_method = handler_call_details.method
-        if handler is None or full_method.startswith(_UNOBSERVED_METHODS):
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if method.startswith(_UNOBSERVED_METHODS):
             return handler
-        service, _, method = full_method.lstrip("/").partition("/")
-        labels = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-        record = self._duration.record
+        labels = _rpc_labels(method)
 
-        def finish(started: float, context: grpc.aio.ServicerContext, failed: BaseException | None) -> None:
-            code = context.code()
-            if code is None:
-                code = grpc.StatusCode.UNKNOWN if failed is not None else grpc.StatusCode.OK
-            if isinstance(failed, BaseException) and not isinstance(failed, Exception):
-                code = grpc.StatusCode.CANCELLED  # the caller went away (asyncio.CancelledError)
-            if isinstance(code, int):
-                code = grpc.StatusCode(code)
-            record(time.perf_counter() - started, {**labels, "rpc.grpc.status_code": code.value[0]})
+        def observed(context: grpc.aio.ServicerContext) -> _ObservedCall:
+            metadata = context.invocation_metadata()
+            return _ObservedCall(method, labels, propagate.extract(dict(metadata)) if metadata else None)
 
         def answered_once(inner: AnsweredOnce) -> AnsweredOnce:
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started, failed = time.perf_counter(), None
+                call, failed = observed(context), None
                 try:
                     return await inner(request, context)
                 except BaseException as error:
                     failed = error
                     raise
                 finally:
-                    finish(started, context, failed)
+                    call.end(_answered_with(context, failed))
 
             return unary
 
         def answered_by_stream(inner: Behavior) -> AnsweredByStream:
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Responses:
-                started, failed = time.perf_counter(), None
+                call, failed = observed(context), None
                 try:
                     async for response in inner(request, context):
                         yield response
@@ -446,15 +465,11 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                     failed = error
                     raise
                 finally:
-                    finish(started, context, failed)
+                    call.end(_answered_with(context, failed))
 
             return stream
 
         return rewrap(handler, answered_once, answered_by_stream)
-
-
-def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
-    return [aio_server_interceptor(filter_=_traced), RpcMetricsInterceptor()]
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:

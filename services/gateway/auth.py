@@ -36,9 +36,9 @@ GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
-def bearer(details: grpc.HandlerCallDetails) -> str:
+def bearer(context: grpc.aio.ServicerContext) -> str:
     """The call's bearer token; UNAUTHENTICATED when there is none."""
-    for name, value in details.invocation_metadata or ():
+    for name, value in context.invocation_metadata() or ():
         if name == "authorization" and isinstance(value, str):
             scheme, _, token = value.partition(" ")
             if scheme.lower() == "bearer" and token.strip():
@@ -72,11 +72,9 @@ class ApiKeyGuard:
         self._cache: dict[str, _Resolved] = {}
         self._failures = failures or AuthFailures(GATEWAY_SERVICE)
 
-    async def __call__(
-        self, details: grpc.HandlerCallDetails, context: grpc.aio.ServicerContext | None = None
-    ) -> None:
+    async def __call__(self, context: grpc.aio.ServicerContext) -> None:
         try:
-            tenant = await self._resolve(bearer(details))
+            tenant = await self._resolve(bearer(context))
         except (Unauthenticated, PermissionDenied) as refusal:
             await self._failures.refused(calling_peer(context), refusal)
             raise
@@ -142,19 +140,17 @@ class AdminKeyGuard:
         self._digest = hashlib.sha256(admin_key.encode()).digest() if admin_key else None
         self._failures = failures or AuthFailures(ADMIN_SERVICE)
 
-    async def __call__(
-        self, details: grpc.HandlerCallDetails, context: grpc.aio.ServicerContext | None = None
-    ) -> None:
+    async def __call__(self, context: grpc.aio.ServicerContext) -> None:
         try:
-            self._check(details)
+            self._check(context)
         except (Unauthenticated, PermissionDenied) as refusal:
             await self._failures.refused(calling_peer(context), refusal)
             raise
         self._failures.sweep()
 
-    def _check(self, details: grpc.HandlerCallDetails) -> None:
+    def _check(self, context: grpc.aio.ServicerContext) -> None:
         if self._digest is None:
             raise PermissionDenied("the admin service is off: no AIPROD_GATEWAY_ADMIN_KEY is configured")
-        presented = hashlib.sha256(bearer(details).encode()).digest()
+        presented = hashlib.sha256(bearer(context).encode()).digest()
         if not hmac.compare_digest(presented, self._digest):
             raise Unauthenticated("the admin key is not valid")

@@ -60,9 +60,9 @@ def peer_address(peer: str) -> str:
     return peer or UNKNOWN_PEER
 
 
-def calling_peer(context: grpc.aio.ServicerContext | None) -> str:
-    """The call's peer address; UNKNOWN_PEER when the guard was not given the call's context."""
-    return peer_address(context.peer()) if context is not None else UNKNOWN_PEER
+def calling_peer(context: grpc.aio.ServicerContext) -> str:
+    """The call's peer address."""
+    return peer_address(context.peer())
 
 
 @dataclass

@@ -14,7 +14,7 @@ from telemetry_support import collected
 
 from aiprod.gateway.v1 import admin_pb2
 from aiprod_gateway.auth import ADMIN_SERVICE, GATEWAY_SERVICE, AdminKeyGuard, ApiKeyGuard
-from aiprod_gateway.auth_failures import UNKNOWN_PEER, AuthFailures, calling_peer, peer_address
+from aiprod_gateway.auth_failures import UNKNOWN_PEER, AuthFailures, peer_address
 from aiprod_gateway.keys import KeyMatch
 from aiprod_gateway.telemetry import AuthMetrics
 from aiprod_kit.errors import ErrorReason, PermissionDenied, ServiceError, Unauthenticated
@@ -189,33 +189,28 @@ def test_a_peer_is_its_ip_address_without_the_port(peer: str, address: str):
     assert peer_address(peer) == address
 
 
-def test_a_call_without_a_context_is_the_unknown_peer():
-    assert calling_peer(None) == UNKNOWN_PEER
-
-
 # The guards ---------------------------------------------------------------------------------------------
 
 SECRET = "aiprod_0123456789ab_" + "S" * 32
 GUESS = "aiprod_0123456789ab_" + "G" * 32
 
 
-@dataclass(frozen=True)
-class Details:
-    method: str
-    invocation_metadata: tuple[tuple[str, str], ...]
-
-
-def call(service: str, key: str | None) -> Details:
-    metadata = (("authorization", f"Bearer {key}"),) if key is not None else ()
-    return Details(f"/{service}/Method", metadata)
-
-
 class Context:
-    def __init__(self, peer: str) -> None:
+    """A call's servicer context as a guard reads it: its peer and its metadata."""
+
+    def __init__(self, peer: str, key: str | None = None) -> None:
         self._peer = peer
+        self._metadata = (("authorization", f"Bearer {key}"),) if key is not None else ()
 
     def peer(self) -> str:
         return self._peer
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def calling_with(self, key: str | None) -> "Context":
+        """A call from the same peer with this key."""
+        return Context(self._peer, key)
 
 
 class Tenants:
@@ -230,9 +225,9 @@ class Tenants:
         return KeyMatch(admin_pb2.ApiKey(key_id="0123456789ab", prefix="aiprod_0123456789ab"), self.tenant)
 
 
-async def refused_by(guard: ApiKeyGuard | AdminKeyGuard, details: Details, context: Context) -> ServiceError:
+async def refused_by(guard: ApiKeyGuard | AdminKeyGuard, context: Context) -> ServiceError:
     with pytest.raises(ServiceError) as caught:
-        await guard(details, context)  # type: ignore[arg-type]
+        await guard(context)  # type: ignore[arg-type]
     return caught.value
 
 
@@ -247,18 +242,18 @@ async def test_the_api_key_guard_slows_a_peer_that_keeps_failing_and_a_success_r
     )
     with capture_logs() as logs:
         for key in (GUESS, None, "not-even-a-key", GUESS, GUESS, GUESS, GUESS):
-            error = await refused_by(guard, call(GATEWAY_SERVICE, key), looping)
+            error = await refused_by(guard, looping.calling_with(key))
             assert (error.code.name, error.reason) == ("UNAUTHENTICATED", "UNAUTHENTICATED")
         assert t.waits == [0.1, 0.2]
         # A valid key from the same address, or from another, is served at once, and resets nothing.
-        await guard(call(GATEWAY_SERVICE, SECRET), neighbour)  # type: ignore[arg-type]
-        await guard(call(GATEWAY_SERVICE, SECRET), other)  # type: ignore[arg-type]
+        await guard(neighbour.calling_with(SECRET))  # type: ignore[arg-type]
+        await guard(other.calling_with(SECRET))  # type: ignore[arg-type]
         assert t.waits == [0.1, 0.2]
-        await refused_by(guard, call(GATEWAY_SERVICE, GUESS), neighbour)
+        await refused_by(guard, neighbour.calling_with(GUESS))
         assert t.waits == [0.1, 0.2, 0.4]
         t.clock.now += 60
         # A success sweeps: the window's summary is written though no failure follows.
-        await guard(call(GATEWAY_SERVICE, SECRET), other)  # type: ignore[arg-type]
+        await guard(other.calling_with(SECRET))  # type: ignore[arg-type]
     assert [line["event"] for line in logs] == ["authentication failed", "repeated authentication failures"]
     assert logs[1]["failures"] == 8 and logs[1]["peer"] == "10.0.0.7"
     assert SECRET[20:] not in str(logs) and GUESS[20:] not in str(logs)
@@ -268,7 +263,7 @@ async def test_the_api_key_guard_slows_a_peer_that_keeps_failing_and_a_success_r
 async def test_the_api_key_guard_counts_a_disabled_tenant_by_its_reason():
     t = tracked()
     guard = ApiKeyGuard(Tenants(disabled=True), 5.0, failures=t.failures)  # type: ignore[arg-type]
-    error = await refused_by(guard, call(GATEWAY_SERVICE, SECRET), Context("ipv4:10.0.0.7:5"))
+    error = await refused_by(guard, Context("ipv4:10.0.0.7:5").calling_with(SECRET))
     assert (error.code.name, error.reason) == ("PERMISSION_DENIED", "TENANT_DISABLED")
     assert t.counted() == {(GATEWAY_SERVICE, "TENANT_DISABLED"): 1}
 
@@ -277,22 +272,11 @@ async def test_the_admin_guard_gets_the_same_treatment():
     t = tracked(ADMIN_SERVICE)
     guard = AdminKeyGuard("the-admin-key", failures=t.failures)
     for _ in range(7):
-        await refused_by(guard, call(ADMIN_SERVICE, "a-guess"), Context("ipv4:10.0.0.7:5"))
-    await guard(call(ADMIN_SERVICE, "the-admin-key"), Context("ipv4:10.0.0.7:5"))  # type: ignore[arg-type]
+        await refused_by(guard, Context("ipv4:10.0.0.7:5").calling_with("a-guess"))
+    await guard(Context("ipv4:10.0.0.7:5").calling_with("the-admin-key"))  # type: ignore[arg-type]
     assert t.waits == [0.1, 0.2]
     off = tracked(ADMIN_SERVICE)
-    error = await refused_by(
-        AdminKeyGuard("", failures=off.failures), call(ADMIN_SERVICE, "a-guess"), Context("ipv4:10.0.0.7:5")
-    )
+    error = await refused_by(AdminKeyGuard("", failures=off.failures), Context("ipv4:10.0.0.7:5", "a-guess"))
     assert error.reason == "PERMISSION_DENIED"
     assert t.counted() == {(ADMIN_SERVICE, "UNAUTHENTICATED"): 7}
     assert off.counted() == {(ADMIN_SERVICE, "PERMISSION_DENIED"): 1}
-
-
-async def test_a_guard_called_without_the_context_counts_its_callers_as_one_peer():
-    t = tracked()
-    guard = ApiKeyGuard(Tenants(), 5.0, failures=t.failures)  # type: ignore[arg-type]
-    for _ in range(6):
-        with pytest.raises(Unauthenticated):
-            await guard(call(GATEWAY_SERVICE, GUESS))  # type: ignore[arg-type]
-    assert t.waits == [0.1]

@@ -1,5 +1,5 @@
 """Reasons are codes: the failure-reason catalogue's helper, and the ErrorInfo every error status carries,
-read back through a real in-process gRPC server with the error interceptor, as a caller reads it."""
+read back through a real in-process gRPC server with the error statuses, as a caller reads it."""
 
 from collections.abc import AsyncIterator
 
@@ -15,8 +15,8 @@ from aiprod_kit.errors import (
     MAX_DETAIL_TEXT_BYTES,
     MAX_STATUS_MESSAGE_BYTES,
     AlreadyExists,
-    ErrorInterceptor,
     ErrorReason,
+    ErrorStatuses,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -30,6 +30,7 @@ from aiprod_kit.errors import (
     retry_delay,
 )
 from aiprod_kit.failures import Reason, failure, reason_name, reason_value
+from aiprod_kit.handlers import WrappingInterceptor
 
 # The failure catalogue -------------------------------------------------------------------------------
 
@@ -141,7 +142,7 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
             "ParseStream": grpc.unary_stream_rpc_method_handler(parse_stream, render_pb2.Shot.FromString),
         },
     )
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    server = grpc.aio.server(interceptors=[WrappingInterceptor([ErrorStatuses()])])
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
