@@ -1,11 +1,12 @@
 """The service bootstrap every AIPROD service runs in.
 
-grpc.aio server whose every call is traced, timed and given a proper status on error (one interceptor,
-aiprod_kit.handlers), each service's own guard (the gateway's API keys: checked once here for every
-method of that service, never for health or reflection), the standard health service (each service's full name and ""), reflection, and a clean stop: on SIGTERM
-or SIGINT health turns NOT_SERVING, in-flight calls drain for the grace period, then the service's
-resources close. The port is plaintext or TLS as AIPROD_TLS_* say (aiprod_kit/tls.py), with an optional
-plaintext port for health alone (AIPROD_HEALTH_PORT) for probes that cannot present a certificate.
+grpc.aio server whose every call is traced, timed and given a proper status on error, and passes each
+service's own guard (the gateway's API keys: checked here for every method of that service, never for
+health or reflection), all through one interceptor (aiprod_kit.handlers); the standard health service
+(each service's full name and ""), reflection, and a clean stop: on SIGTERM or SIGINT health turns
+NOT_SERVING, in-flight calls drain for the grace period, then the service's resources close. The port
+is plaintext or TLS as AIPROD_TLS_* say (aiprod_kit/tls.py), with an optional plaintext port for health
+alone (AIPROD_HEALTH_PORT) for probes that cannot present a certificate.
 """
 
 import asyncio
