@@ -49,7 +49,7 @@ TERMINAL_STATES = frozenset(
 # Changes an event makes to its job, applied in the same transaction as the event's append.
 JobUpdate = Callable[[gateway_pb2.RenderJob], None]
 # Where appended events are announced; the payload is "<job id> <sequence>".
-_CHANNEL = "aiprod_job_events"
+EVENTS_CHANNEL = "aiprod_job_events"
 # A waiting watcher looks again this often even without news: a net under the news, as this process
 # hands its events over, other replicas' are announced, and a listener that lost its connection tells
 # every watcher to look once it listens again. (Every 2 s, the polls were 5 of the 35 store transactions
@@ -445,7 +445,7 @@ class SqlJobStore(JobStore):
                     "CREATE INDEX IF NOT EXISTS jobs_dispatch ON jobs (state, priority DESC, position)"
                 )
         store = cls(database, clock)
-        await database.listen(_CHANNEL, store._announced)
+        await database.listen(EVENTS_CHANNEL, store._announced)
         return store
 
     def _announced(self, payload: str | None) -> None:
@@ -458,14 +458,12 @@ class SqlJobStore(JobStore):
                     news.look()
             return
         job_id, _, sequence = payload.partition(" ")
-        if not sequence.isdigit():
-            for news in self._watchers.get(job_id, ()):
-                news.look()
-            return
-        if (job_id, int(sequence)) in self._appending:
+        # A replica of the version before names the job alone: its every watcher looks.
+        number = int(sequence) if sequence.isdigit() else None
+        if number is not None and (job_id, number) in self._appending:
             return
         for news in self._watchers.get(job_id, ()):
-            if news.handed < int(sequence):
+            if number is None or news.handed < number:
                 news.look()
 
     @contextlib.contextmanager
@@ -689,7 +687,7 @@ class SqlJobStore(JobStore):
             )
             committing.append((job_id, event.sequence))
             self._appending.add(committing[0])
-            await transaction.notify(_CHANNEL, f"{job_id} {event.sequence}")
+            await transaction.notify(EVENTS_CHANNEL, f"{job_id} {event.sequence}")
         return event
 
     async def events_after(self, job_id: str, sequence: int) -> list[gateway_pb2.JobEvent]:

@@ -8,7 +8,14 @@ import pytest
 
 from aiprod.common.v1 import event_pb2, job_pb2
 from aiprod.gateway.v1 import gateway_pb2
-from aiprod_gateway.store import ClaimLost, JobStore, RequestIdConflict, SqlJobStore, TooManyUnfinished
+from aiprod_gateway.store import (
+    EVENTS_CHANNEL,
+    ClaimLost,
+    JobStore,
+    RequestIdConflict,
+    SqlJobStore,
+    TooManyUnfinished,
+)
 from aiprod_kit.database import SqliteDatabase
 from aiprod_kit.postgres import connect_postgres
 
@@ -426,3 +433,33 @@ async def test_replicas_creating_and_approving_at_once_stay_within_the_limit_in_
     outcomes = await asyncio.gather(*(attempt(call) for call in [*creates, *approvals]))
     assert outcomes.count(True) == 3, outcomes
     assert (await stores[1].count_by_state("acme")).get(job_pb2.JOB_STATE_QUEUED) == 3
+
+
+async def test_an_announcement_sends_a_watcher_to_the_log_only_for_what_it_was_not_handed(tmp_path):
+    """Announcements as the listener hears them (another replica's commits, or this process's own
+    before its commit call returns); the payload of a replica of the version before names the job
+    alone."""
+    database = SqliteDatabase(tmp_path / "jobs.sqlite3", "jobs", private=True)
+    store = await SqlJobStore.open(database)
+
+    async def announce(payload: str) -> None:
+        async with database.transaction() as transaction:
+            await transaction.notify(EVENTS_CHANNEL, payload)
+
+    try:
+        with store.following("job_a") as news:
+
+            async def heard() -> list[gateway_pb2.JobEvent] | None:
+                return await asyncio.wait_for(news.next(), timeout=10)
+
+            handed = gateway_pb2.JobEvent(sequence=3)
+            news.hand(handed)
+            await announce("job_a 3")
+            await announce("job_b 9")
+            assert await heard() == [handed]
+            await announce("job_a 4")
+            assert await heard() is None
+            await announce("job_a")
+            assert await heard() is None
+    finally:
+        await store.close()
