@@ -56,16 +56,18 @@ _UNOBSERVED_METHODS = (
 )
 
 
-def _traced(details: Any) -> bool:
+def _observed_method(method: str | bytes) -> bool:
     """Health checks and reflection would drown every trace and the RPC metrics; they are left out, as
-    are the shared streams (aiprod_kit.multiplexing).
-
-    A prefix test on the method rather than the instrumentation's `filters`, whose isinstance checks
-    against typing protocols cost about 6% of a create's time at the gateway."""
-    method = details.method
+    are the shared streams (aiprod_kit.multiplexing)."""
     if isinstance(method, bytes):  # grpc.aio clients' call details hold bytes
         method = method.decode()
     return not method.startswith(_UNOBSERVED_METHODS)
+
+
+def _traced(details: Any) -> bool:
+    """The client instrumentation's filter: a prefix test on the method rather than its `filters`, whose
+    isinstance checks against typing protocols cost about 6% of a create's time at the gateway."""
+    return _observed_method(details.method)
 
 
 _BUCKETS = {
@@ -366,9 +368,15 @@ class _ObservedCall:
 
     __slots__ = ("_labels", "_span", "_started", "_token")
 
-    def __init__(self, full_method: str, labels: dict[str, str], parent: otel_context.Context | None) -> None:
+    def __init__(
+        self,
+        tracer: trace.Tracer,
+        full_method: str,
+        labels: dict[str, str],
+        parent: otel_context.Context | None,
+    ) -> None:
         self._labels = labels
-        self._span = _call_tracer.start_span(
+        self._span = tracer.start_span(
             full_method, parent, kind=trace.SpanKind.SERVER, attributes=labels, record_exception=False
         )
         self._token = otel_context.attach(trace.set_span_in_context(self._span, parent))
@@ -394,7 +402,7 @@ async def as_call(full_method: str, answer: AsyncIterator[T]) -> AsyncIterator[T
     """A call carried over a shared stream (aiprod_kit.multiplexing), observed as its own call would
     be: a server span named by its method, in the caller's trace, and rpc.server.call.duration with its
     status code."""
-    call, code = _ObservedCall(full_method, _rpc_labels(full_method), None), grpc.StatusCode.OK
+    call, code = _ObservedCall(_call_tracer, full_method, _rpc_labels(full_method), None), grpc.StatusCode.OK
     try:
         async for item in answer:
             yield item
@@ -433,14 +441,19 @@ class CallTelemetry:
     built its wrapping anew: with our interceptors as they were, it cost ListPresets 0.80 -> 0.56 of the
     bare floor at the gateway (docs/performance.md, session 17)."""
 
+    def __init__(self, tracer: trace.Tracer | None = None) -> None:
+        self._tracer = tracer or _call_tracer
+
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        if method.startswith(_UNOBSERVED_METHODS):
+        if not _observed_method(method):
             return handler
-        labels = _rpc_labels(method)
+        labels, tracer = _rpc_labels(method), self._tracer
 
         def observed(context: grpc.aio.ServicerContext) -> _ObservedCall:
             metadata = context.invocation_metadata()
-            return _ObservedCall(method, labels, propagate.extract(dict(metadata)) if metadata else None)
+            return _ObservedCall(
+                tracer, method, labels, propagate.extract(dict(metadata)) if metadata else None
+            )
 
         def answered_once(inner: AnsweredOnce) -> AnsweredOnce:
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
