@@ -58,8 +58,9 @@ class MethodWrapper(Protocol):
 class WrappingInterceptor(grpc.aio.ServerInterceptor):
     """A server's one interceptor: each method's handler wrapped by every concern, the first one
     outermost, the first time the method is called, and kept. An interceptor per concern built its
-    wrapping again at every call (an interceptor's coroutine, closures and a new handler each): with
-    OpenTelemetry's server interceptor among them, 45% of the cheapest call's time at the gateway."""
+    wrapping again at every call (an interceptor's coroutine, closures and a new handler each), health
+    checks included: wrapped once, the gateway's health checks went 15% faster (docs/performance.md,
+    session 17)."""
 
     def __init__(self, wrappers: Sequence[MethodWrapper]) -> None:
         self._wrappers = list(reversed(wrappers))
