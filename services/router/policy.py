@@ -34,7 +34,7 @@ from typing import NamedTuple, Protocol
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2
-from aiprod_kit.breaker import CircuitBreaker
+from aiprod_kit.breaker import BreakerState, CircuitBreaker
 from aiprod_kit.capabilities import (
     SHAPES_KEPT,
     Offered,
@@ -109,27 +109,43 @@ class Known(Protocol):
 # A named tuple made by tuple.__new__ directly: its own __new__ is a Python function taking keywords, a
 # third of a decision's views (docs/performance.md, route_decision).
 _new_tuple = tuple.__new__
+_CLOSED = BreakerState.CLOSED
 
 
 def views_of(backends: Iterable[Known], video_seconds: float | None = None) -> list[BackendView]:
     """The views the policy ranks on, from what the router keeps of each backend; the p95 latency of
-    clips of video_seconds when the backend rendered enough of them lately."""
+    clips of video_seconds when the backend rendered enough of them lately.
+
+    A backend's view is kept with its stats until their next outcome, and used again while its health,
+    capabilities and breaker still read the same (half-open is a matter of time: a breaker that is not
+    closed is asked at every decision); a decision built every view anew before (a fifth of its time,
+    docs/performance.md, route_decision)."""
     views = []
     for known in backends:
         stats = known.stats
-        p95, p50 = stats.p95_p50_seconds(video_seconds)
-        # In BackendView's order: backend, capabilities, serving, breaker_open (half-open: eligible for
-        # one trial render at a time), p95_seconds, p50_seconds, success_rate.
-        fields = (
-            known.backend,
-            known.capabilities,
-            known.serving,
-            not known.breaker.trial_available(),
-            p95,
-            p50,
-            stats.success_rate,
-        )
-        views.append(_new_tuple(BackendView, fields))
+        breaker = known.breaker
+        breaker_open = breaker.state is not _CLOSED and not breaker.trial_available()
+        view = stats.views.get(video_seconds)
+        if (
+            view is None
+            or view.breaker_open is not breaker_open
+            or view.serving is not known.serving
+            or view.capabilities is not known.capabilities
+        ):
+            p95, p50 = stats.p95_p50_seconds(video_seconds)
+            # In BackendView's order: backend, capabilities, serving, breaker_open (half-open: eligible
+            # for one trial render at a time), p95_seconds, p50_seconds, success_rate.
+            fields = (
+                known.backend,
+                known.capabilities,
+                known.serving,
+                breaker_open,
+                p95,
+                p50,
+                stats.success_rate,
+            )
+            view = stats.views[video_seconds] = _new_tuple(BackendView, fields)
+        views.append(view)
     return views
 
 

@@ -3,6 +3,7 @@
 import statistics
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 # Recent renders kept per backend; older ones no longer describe it.
 WINDOW = 100
@@ -34,11 +35,15 @@ class BackendStats:
         self._percentiles: dict[tuple[int, float | None], float | None] = {}
         self._success_rate: tuple[float | None] | None = None
         self._latency: dict[float | None, tuple[float | None, float | None]] = {}
+        # The routing policy's view of the backend by clip length (aiprod_router.policy.views_of), kept
+        # until the next outcome: its other sources (health, capabilities, breaker) it checks itself.
+        self.views: dict[float | None, Any] = {}
 
     def record(self, outcome: Outcome) -> None:
         self._outcomes.append(outcome)
         self._percentiles.clear()
         self._latency.clear()
+        self.views.clear()
         self._success_rate = None
         if outcome.qc_score is not None:
             if self.qc_average is None:

@@ -5,10 +5,12 @@ import pytest
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
 from aiprod.router.v1 import router_pb2
+from aiprod_kit.breaker import CircuitBreaker
 from aiprod_kit.exclusions import budget_alone_blocks
 from aiprod_kit.money import usd_from_units
 from aiprod_router.policy import FIRST_VERSION_QUALITY_FIRST_MICROS as FIRST
-from aiprod_router.policy import BackendView, RouteRequest, rank_backends
+from aiprod_router.policy import BackendView, RouteRequest, rank_backends, views_of
+from aiprod_router.stats import BackendStats, Outcome
 
 LOCAL, RUNWAY, VEO, REPLICATE = (
     backend_pb2.BACKEND_LOCAL,
@@ -268,3 +270,48 @@ def test_a_backend_cutting_the_deadline_close_ranks_after_one_that_leaves_a_marg
     both = views(runway={"p95_seconds": 115}, veo={"p95_seconds": 110})
     ranked = rank_backends(RouteRequest(shot(), 0.8, seconds_left=120), both)
     assert [c.backend for c in ranked if c.eligible] == [RUNWAY, VEO]
+
+
+class _Known:
+    """What the router keeps of a backend (aiprod_router.backends.Renderer's fields the views read)."""
+
+    def __init__(self, backend: int, clock) -> None:
+        self.backend = backend
+        self.capabilities = CAPABILITIES[backend]
+        self.serving = True
+        self.breaker = CircuitBreaker(1, 30.0, clock=clock)
+        self.stats = BackendStats()
+
+
+def test_a_kept_view_is_the_view_a_fresh_look_would_build():
+    now = [0.0]
+    known = _Known(RUNWAY, lambda: now[0])
+
+    def fresh(video_seconds: float) -> BackendView:
+        p95, p50 = known.stats.p95_p50_seconds(video_seconds)
+        return BackendView(
+            RUNWAY,
+            known.capabilities,
+            known.serving,
+            not known.breaker.trial_available(),
+            p95,
+            p50,
+            known.stats.success_rate,
+        )
+
+    changes = [
+        ("nothing changed", lambda: None),
+        ("an outcome recorded", lambda: known.stats.record(Outcome(True, 40.0, video_seconds=4))),
+        ("another", lambda: known.stats.record(Outcome(True, 90.0, video_seconds=4))),
+        ("not serving", lambda: setattr(known, "serving", False)),
+        ("serving again", lambda: setattr(known, "serving", True)),
+        ("new capabilities", lambda: setattr(known, "capabilities", capabilities(0.1, 0.9))),
+        ("the breaker opened", known.breaker.record_failure),
+        ("its cooldown over: half-open", lambda: now.__setitem__(0, 31.0)),
+        ("its trial out", known.breaker.allow_request),
+        ("the trial succeeded: closed", known.breaker.record_success),
+    ]
+    for change, apply in changes:
+        apply()
+        for video_seconds in (4.0, 8.0):
+            assert views_of([known], video_seconds) == [fresh(video_seconds)], change
