@@ -1,6 +1,7 @@
 """The job store's contract, run against every implementation: SQLite and PostgreSQL."""
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -463,3 +464,40 @@ async def test_an_announcement_sends_a_watcher_to_the_log_only_for_what_it_was_n
             assert await heard() is None
     finally:
         await store.close()
+
+
+async def test_a_store_made_before_keeps_its_jobs_order_and_loses_the_index_nothing_reads(tmp_path):
+    """A SQLite store made by the version before (AUTOINCREMENT positions, the jobs_state index): its
+    jobs and the ones created after it is opened again page in creation order; the index is gone."""
+    path = tmp_path / "jobs.sqlite3"
+    before = sqlite3.connect(path)
+    before.executescript(
+        """
+        CREATE TABLE jobs (
+            position INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL UNIQUE,
+            request_id TEXT NOT NULL UNIQUE, fingerprint TEXT NOT NULL, state INTEGER NOT NULL,
+            job BLOB NOT NULL, trace_context TEXT NOT NULL DEFAULT '{}', claim_owner TEXT,
+            claim_expires REAL, unsettled INTEGER NOT NULL DEFAULT 0, held INTEGER NOT NULL DEFAULT 0,
+            tenant_id TEXT NOT NULL DEFAULT '', priority INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX jobs_state ON jobs (state, position);
+        """
+    )
+    old = job("job_0", "r0")
+    before.execute(
+        "INSERT INTO jobs (job_id, request_id, fingerprint, state, job, tenant_id) VALUES (?, ?, ?, ?, ?, ?)",
+        ("job_0", "acme/r0", "f", old.state, old.SerializeToString(), "acme"),
+    )
+    before.commit()
+    before.close()
+    store = await SqlJobStore.open(SqliteDatabase(path, "jobs", private=True))
+    try:
+        for n in (1, 2):
+            await store.create_job(job(f"job_{n}", f"r{n}"), "f")
+        page = await store.list_jobs("acme", [], 10, None)
+        assert [j.job_id for j in page.jobs] == ["job_2", "job_1", "job_0"]
+        assert await store.claimable_jobs(10) == ["job_0", "job_1", "job_2"]
+    finally:
+        await store.close()
+    indexes = {row[1] for row in sqlite3.connect(path).execute("PRAGMA index_list(jobs)")}
+    assert "jobs_state" not in indexes and "jobs_dispatch" in indexes
