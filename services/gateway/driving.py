@@ -250,6 +250,9 @@ class Drive:
     renders: dict[int, tuple[backend_pb2.RenderHandle, int]] = field(default_factory=dict)
     # The driver recorded the job's end itself (which ended its claim) and is settling it.
     ended: bool = False
+    # The job as that write left it, once committed: an ended job's state never changes again, so the
+    # drive goes on from it rather than reading the job back (two reads a job).
+    final: gateway_pb2.RenderJob | None = None
     # Stopped for a cancel made here: the canceller records the end.
     cancelled: bool = False
     # An attempt of this run was charged or held: money went out, whatever the budget says next.
@@ -320,13 +323,27 @@ class JobDriver:
     ) -> None:
         """Appends one of the driver's events, fenced by this replica's claim (ClaimLost: stop)."""
 
+        ending: gateway_pb2.RenderJob | None = None
+
         def recorded(job: gateway_pb2.RenderJob) -> None:
+            nonlocal ending
             update(job)
             if job.state in TERMINAL_STATES:
                 # Known before the commit that ends the claim: a renewal that finds it gone knows why.
                 driver.ended = True
+                ending = job
 
         await self._store.append_event(job_id, message, recorded, render_event, owner=self._owner)
+        if ending is not None:
+            driver.final = ending
+
+    async def _latest(self, job_id: str, driver: Drive) -> gateway_pb2.RenderJob:
+        """The job as it is now: as the driver's own write that ended it left it, else as stored."""
+        if driver.final is not None:
+            return driver.final
+        job = await self._store.get_job(job_id)
+        assert job is not None
+        return job
 
     async def _drive(self, job_id: str, job: gateway_pb2.RenderJob | None, driver: Drive) -> float | None:
         """Renders every unfinished shot (finished ones are never rendered again), each as its own chain
@@ -360,12 +377,10 @@ class JobDriver:
             wait = await self._budget_refused(job, refused, driver)
             if wait is not None:
                 return wait  # waits, queued
-        job = await self._store.get_job(job_id)
-        assert job is not None
+        job = await self._latest(job_id, driver)
         if job.state not in TERMINAL_STATES:
             await self._end_film(job, driver)
-            job = await self._store.get_job(job_id)
-            assert job is not None
+            job = await self._latest(job_id, driver)
         if not driver.ended:
             # It ended elsewhere while this driver recorded nothing (a cancel while the router was away).
             raise ClaimLost(f"job {job_id} ended elsewhere")
@@ -449,9 +464,7 @@ class JobDriver:
                         shot=index,
                         code=error.code().name,
                     )
-            latest = await self._store.get_job(job.job_id)
-            assert latest is not None
-            job = latest
+            job = await self._latest(job.job_id, driver)
             if job.state in TERMINAL_STATES or _shot_ended(job, index):
                 if shot_status(job, index).state == job_pb2.JOB_STATE_FAILED:
                     driver.shot_failed = True

@@ -366,3 +366,37 @@ async def test_queued_jobs_start_in_priority_order_then_oldest_first(store, star
     await eventually(lambda: len(started) == 6)
     assert started[2:] == ["job_high", "job_medium", "job_medium_later", "job_low"]
     releases[1].set()
+
+
+class CountingReads(SqlJobStore):
+    """The job store, counting whole-job reads (get_job) after the drive's first."""
+
+    reads = 0
+
+    async def get_job(self, job_id: str, tenant_id: str | None = None) -> gateway_pb2.RenderJob | None:
+        self.reads += 1
+        return await super().get_job(job_id, tenant_id)
+
+
+async def test_a_drive_that_ended_its_job_goes_on_from_what_it_wrote_without_reading_it_back(
+    start, tmp_path, monkeypatch
+):
+    reported: list[gateway_pb2.RenderJob] = []
+    monkeypatch.setattr(MetricsReporter, "job_changed", lambda self, job: reported.append(job))
+
+    async def render() -> AsyncIterator[event_pb2.RenderEvent]:
+        for event in (routed(), submitted(), succeeded()):
+            yield event
+
+    store = await CountingReads.open(SqliteDatabase(tmp_path / "counted.sqlite3", "jobs"))
+    try:
+        await create(store)
+        await start(Router(render), on=store)
+        await eventually(lambda: any(job.state == job_pb2.JOB_STATE_SUCCEEDED for job in reported))
+        assert store.reads == 0
+        # Reported as the store holds it at the end.
+        ended = reported[-1]
+        assert ended == await store.get_job("job_a")
+        assert ended.last_sequence == len(await messages(store)) and ended.HasField("result")
+    finally:
+        await store.close()
