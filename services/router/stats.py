@@ -12,6 +12,9 @@ QC_SMOOTHING = 0.2
 # A clip's latency is judged from renders of its own length once there are this many in the window
 # (a 10 s clip takes longer than a 4 s one), else from all of them.
 SAME_LENGTH_RENDERS = 5
+# Figures kept by clip length between two outcomes, for at most this many lengths: requests of ever
+# new durations (any float in a backend's range) do not grow them while a backend has no outcome.
+LENGTHS_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,9 @@ class BackendStats:
         """The two percentiles routing reads, for clips of video_seconds, in one look-up."""
         latency = self._latency.get(video_seconds)
         if latency is None:
+            if len(self._latency) >= LENGTHS_KEPT:
+                self._latency.clear()
+                self._percentiles.clear()
             latency = self._latency[video_seconds] = (
                 self.percentile_seconds(95, video_seconds),
                 self.percentile_seconds(50, video_seconds),

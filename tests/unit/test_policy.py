@@ -10,7 +10,7 @@ from aiprod_kit.exclusions import budget_alone_blocks
 from aiprod_kit.money import usd_from_units
 from aiprod_router.policy import FIRST_VERSION_QUALITY_FIRST_MICROS as FIRST
 from aiprod_router.policy import BackendView, RouteRequest, rank_backends, views_of
-from aiprod_router.stats import BackendStats, Outcome
+from aiprod_router.stats import LENGTHS_KEPT, BackendStats, Outcome
 
 LOCAL, RUNWAY, VEO, REPLICATE = (
     backend_pb2.BACKEND_LOCAL,
@@ -315,3 +315,13 @@ def test_a_kept_view_is_the_view_a_fresh_look_would_build():
         apply()
         for video_seconds in (4.0, 8.0):
             assert views_of([known], video_seconds) == [fresh(video_seconds)], change
+
+
+def test_views_kept_for_ever_new_clip_lengths_stay_bounded():
+    known = _Known(RUNWAY, lambda: 0.0)
+    known.stats.record(Outcome(True, 40.0, video_seconds=4))
+    for index in range(1000):
+        seconds = 2 + index / 1000
+        [view] = views_of([known], seconds)
+        assert view.p95_seconds == 40.0
+    assert 0 < len(known.stats.views) <= LENGTHS_KEPT
