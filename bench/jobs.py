@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ import httpx
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod_kit.apikeys import aio_interceptors
-from aiprod_kit.errors import retry_delay
+from aiprod_kit.errors import error_reason, retry_delay
 from aiprod_kit.mesh import PROVIDER_BACKENDS, Mesh
 from aiprod_kit.rendering import qc
 from bench.otlp import MetricTotals
@@ -100,8 +101,8 @@ class Client:
             mesh.address("gateway"), interceptors=aio_interceptors(mesh.api_key)
         )
         self.gateway = gateway_pb2_grpc.GatewayServiceStub(self._channel)
-        # Creates asked again after a RetryInfo.
-        self.create_retries = 0
+        # Creates asked again after a RetryInfo, by the refusal's ErrorInfo reason.
+        self.create_retries: Counter[str] = Counter()
 
     async def close(self) -> None:
         await self._channel.close()
@@ -118,7 +119,7 @@ class Client:
                 delay = retry_delay(error)
                 if delay is None or time.monotonic() + delay > give_up:
                     raise
-                self.create_retries += 1
+                self.create_retries[error_reason(error) or error.code().name] += 1
                 await asyncio.sleep(delay)
 
     async def finish(self, job_id: str) -> int:
@@ -313,7 +314,8 @@ async def _in_flight(mesh: Mesh, jobs: int, render_seconds: float) -> dict[str, 
         "inflight_most_running": most_running,
         "inflight_all_succeeded": counts.get(job_pb2.JOB_STATE_SUCCEEDED, 0) == jobs,
         "inflight_create_seconds": round(created_seconds, 1),
-        "inflight_create_retries": client.create_retries,
+        "inflight_create_retries": client.create_retries.total(),
+        "inflight_create_retries_by_reason": dict(client.create_retries),
         "inflight_failed": counts.get(job_pb2.JOB_STATE_FAILED, 0),
         "inflight_seconds": round(elapsed, 1),
         "inflight_render_seconds": render_seconds,
