@@ -44,7 +44,7 @@ from aiprod_kit.capabilities import (
     offer_capabilities,
     offers,
 )
-from aiprod_router.stats import LENGTHS_KEPT, BackendStats
+from aiprod_router.stats import BackendStats
 
 # Below this observed success rate the expected cost stops growing: the breaker handles worse.
 _MIN_SUCCESS_RATE = 0.25
@@ -144,8 +144,6 @@ def views_of(backends: Iterable[Known], video_seconds: float | None = None) -> l
                 p50,
                 stats.success_rate,
             )
-            if len(stats.views) >= LENGTHS_KEPT:
-                stats.views.clear()
             view = stats.views[video_seconds] = _new_tuple(BackendView, fields)
         views.append(view)
     return views

@@ -39,7 +39,8 @@ class BackendStats:
         self._success_rate: tuple[float | None] | None = None
         self._latency: dict[float | None, tuple[float | None, float | None]] = {}
         # The routing policy's view of the backend by clip length (aiprod_router.policy.views_of), kept
-        # until the next outcome: its other sources (health, capabilities, breaker) it checks itself.
+        # until the next outcome, for the lengths whose latency is kept: its other sources (health,
+        # capabilities, breaker) it checks itself.
         self.views: dict[float | None, Any] = {}
 
     def record(self, outcome: Outcome) -> None:
@@ -87,8 +88,10 @@ class BackendStats:
         latency = self._latency.get(video_seconds)
         if latency is None:
             if len(self._latency) >= LENGTHS_KEPT:
+                # The views too: each is built with its length's latency, so they stay within the bound.
                 self._latency.clear()
                 self._percentiles.clear()
+                self.views.clear()
             latency = self._latency[video_seconds] = (
                 self.percentile_seconds(95, video_seconds),
                 self.percentile_seconds(50, video_seconds),
