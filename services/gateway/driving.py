@@ -56,6 +56,7 @@ from aiprod_gateway.spending import BudgetRefused
 from aiprod_gateway.store import TERMINAL_STATES, ClaimLost, JobStore, JobUpdate
 from aiprod_gateway.tiers import TierPolicy, parse_tiers
 from aiprod_kit.capabilities import backend_name
+from aiprod_kit.errors import error_reason
 from aiprod_kit.failures import Reason, failure, reason_name
 from aiprod_kit.rendering.stitching import StitchError
 from aiprod_kit.settings import ConfigurationError, GatewaySettings
@@ -463,6 +464,8 @@ class JobDriver:
                         job_id=job.job_id,
                         shot=index,
                         code=error.code().name,
+                        reason=error_reason(error),
+                        details=error.details(),
                     )
             job = await self._latest(job.job_id, driver)
             if job.state in TERMINAL_STATES or _shot_ended(job, index):

@@ -3,9 +3,10 @@ makes of a job's spec (its deadline, its quality floor, its longest duration).
 
 Requests per minute are counted in the gateway's shared database (`aiprod_kit.database`: one SQLite file,
 or PostgreSQL shared by every replica), one row per tenant, so that the limit holds in total across
-replicas. A replica takes a lease of calls at a time (a twentieth of the limit, at least one) in one
-atomic statement that learns the new count, and spends it locally: a call costs no write, and the
-replicas together never admit more than the limit (a lease another replica leaves unused can refuse a
+replicas. A replica takes a lease of calls at a time (a twentieth of the limit, at least one; one lease
+asked at a time per tenant, however many of its calls arrive together) in one atomic statement that
+learns the new count, and spends it locally: a call costs no write, and the replicas together never
+admit more than the limit (a lease another replica leaves unused can refuse a
 tenant a few calls early, never admit one too many; with small limits the lease is one call, exact).
 A tenant's window is a fixed minute that starts with its first call after the previous one ended, so a
 burst is never split across two windows (and never gets twice the limit). A refused tenant is refused
@@ -15,6 +16,7 @@ Jobs at once are counted by the job store in the transaction that stores or appr
 tenant's lock (`SqlJobStore.create_job`, `append_event`'s max_unfinished); this module words the refusal.
 """
 
+import asyncio
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -80,6 +82,8 @@ class RequestLimiter:
         self._exhausted: dict[str, float] = {}
         # Calls leased from the shared count and not spent yet: (when the window ends, how many).
         self._leases: dict[str, tuple[float, int]] = {}
+        # Per tenant, held while a lease is asked for.
+        self._leasing: dict[str, asyncio.Lock] = {}
 
     @classmethod
     async def open(
@@ -92,17 +96,35 @@ class RequestLimiter:
     async def admit(self, tenant: Tenant) -> None:
         """Counts one call of the tenant; RESOURCE_EXHAUSTED (RATE_LIMITED, with a RetryInfo until its
         window ends) when its tier's requests a minute are spent."""
-        policy = self._tiers[tenant.tier]
+        if self._spend(tenant):
+            return
+        # One lease asked at a time per tenant: calls arriving together while none is left wait for
+        # that one rather than each asking its own and dropping the others (which spent the tenant's
+        # minute in leases nobody used, and refused it after a burst of a few dozen calls).
+        lock = self._leasing.setdefault(tenant.tenant_id, asyncio.Lock())
+        async with lock:
+            if self._spend(tenant):
+                return
+            await self._lease(tenant)
+
+    def _spend(self, tenant: Tenant) -> bool:
+        """Spends one call of the tenant's lease: True if there was one; raises while it is refused."""
         now = self._clock()
         window_end = self._exhausted.get(tenant.tenant_id)
         if window_end is not None:
             if now < window_end:
-                raise _rate_limited(tenant, policy, window_end - now)
+                raise _rate_limited(tenant, self._tiers[tenant.tier], window_end - now)
             del self._exhausted[tenant.tenant_id]
         lease_end, leased = self._leases.get(tenant.tenant_id, (0.0, 0))
         if leased > 0 and now < lease_end:
             self._leases[tenant.tenant_id] = (lease_end, leased - 1)
-            return
+            return True
+        return False
+
+    async def _lease(self, tenant: Tenant) -> None:
+        """Takes a lease from the shared count and spends one call of it; raises when none is left."""
+        policy = self._tiers[tenant.tier]
+        now = self._clock()
         limit = int(policy.requests_per_minute)
         asked = max(1, limit // 20)
         async with self._db.transaction() as transaction:

@@ -26,10 +26,13 @@ from aiprod_kit.postgres import connect_postgres
 
 BRONZE = Tenant("team-a", admin_pb2.SLA_TIER_BRONZE, 0)
 GOLD = Tenant("team-b", admin_pb2.SLA_TIER_GOLD, 0)
+# 400 calls a minute: leases of 20.
+PLATINUM = Tenant("team-c", admin_pb2.SLA_TIER_PLATINUM, 0)
 TIERS = {
     **DEFAULT_TIERS,
     admin_pb2.SLA_TIER_BRONZE: TierPolicy(300, 0.6, 0.7, 2, 3, 30),
     admin_pb2.SLA_TIER_GOLD: TierPolicy(900, 0.7, 0.8, 10, 5, 120),
+    admin_pb2.SLA_TIER_PLATINUM: TierPolicy(600, 0.6, 0.7, 5, 400, 60),
 }
 
 OpenLimiter = Callable[..., Awaitable[RequestLimiter]]
@@ -111,6 +114,19 @@ async def test_the_limit_holds_in_total_across_replicas_calling_at_once(open_lim
     # A replica that never refused the tenant itself still counts the others' calls.
     fresh = await open_limiter(clock)
     assert (await outcomes(fresh, BRONZE, 1))[0] is not None
+
+
+async def test_a_burst_of_calls_at_once_gets_the_whole_limit_on_one_replica(open_limiter):
+    # Forty calls arriving together once asked forty leases of 20 and kept the last: the tenant was
+    # refused after 20 of them, its minute spent in leases nobody used.
+    clock = Clock()
+    limiter = await open_limiter(clock)
+    burst = await asyncio.gather(*(limiter.admit(PLATINUM) for _ in range(40)), return_exceptions=True)
+    assert burst == [None] * 40
+    # The rest of the minute's calls, one by one: exactly the limit in all, then a refusal.
+    rest = await outcomes(limiter, PLATINUM, 361)
+    assert rest[:360] == [None] * 360 and rest[360] is not None
+    assert rest[360].reason == ErrorReason.RATE_LIMITED
 
 
 async def test_a_refused_tenant_is_refused_without_the_database_until_its_window_ends(tmp_path):
