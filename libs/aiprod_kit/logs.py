@@ -7,7 +7,7 @@ import structlog
 from opentelemetry import trace
 from structlog.typing import EventDict, WrappedLogger
 
-from aiprod_kit.redaction import redact_value
+from aiprod_kit.redaction import redact_fields
 
 
 def _add_trace(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
@@ -22,7 +22,7 @@ def _add_trace(logger: WrappedLogger, method: str, event: EventDict) -> EventDic
 def _redact(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
     """Every value of the line, its formatted exception included, without secrets: a provider error
     quoting the token it was sent, a URL with its signature (aiprod_kit.redaction)."""
-    return {key: redact_value(value) for key, value in event.items()}
+    return redact_fields(event)
 
 
 def configure_logging(service: str, level: str, fmt: str) -> structlog.stdlib.BoundLogger:

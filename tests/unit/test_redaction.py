@@ -16,6 +16,7 @@ from aiprod_kit.redaction import (
     REDACTED,
     forget_secrets,
     redact,
+    redact_fields,
     redact_value,
     register_secret,
     register_settings,
@@ -134,6 +135,36 @@ def test_the_patterns_skipped_for_text_without_their_marks_would_have_changed_no
     for _, pattern, replacement in _PATTERNS:
         expected = pattern.sub(replacement, expected)
     assert redact(text) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["event", "job_id", "url", "error", "count", "items"]),
+        st.one_of(
+            st.lists(_PIECES, max_size=8).map("".join),
+            st.integers(),
+            st.lists(st.lists(_PIECES, max_size=4).map("".join), max_size=2),
+        ),
+        max_size=5,
+    )
+)
+def test_a_lines_fields_are_redacted_as_each_value_would_be(fields):
+    """redact_fields looks at the fields' text joined and gives them back as they are when that has
+    nothing to redact (a speed-up: most log lines): the same result as every value redacted."""
+    register_secret("key_0123456789abcdef")
+    fields = {**fields, "echo": "sent key_0123456789abcdef"} if "url" in fields else fields
+    expected = {key: redact_value(value) for key, value in fields.items()}
+    assert redact_fields(fields) == expected
+
+
+def test_fields_with_nothing_to_redact_come_back_as_they_are():
+    fields = {"event": "job created", "job_id": "job_1", "price_micros": 480000}
+    assert redact_fields(fields) is fields
+    # Any one value with a credential in it is enough for every value to be redacted one by one.
+    register_secret("key_0123456789abcdef")
+    leaky = {**fields, "error": "bad key key_0123456789abcdef"}
+    assert redact_fields(leaky) == {**fields, "error": f"bad key {REDACTED}"}
 
 
 def test_an_exported_span_is_redacted_in_its_attributes_events_and_status():
