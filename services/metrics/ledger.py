@@ -252,8 +252,20 @@ CREATE TABLE IF NOT EXISTS tenant_caps (
     -- Unix time in microseconds
     updated INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- Each day's money by tenant, micro-USD, as its reservations count it: kept by the database
+-- (_DAY_MONEY_TRIGGERS) in the transaction that writes a reservation, whichever code writes it.
+CREATE TABLE IF NOT EXISTS day_money (
+    day TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    -- committed actuals; open reservations; expired, unreconciled reservations (their worst case)
+    committed INTEGER NOT NULL,
+    reserved INTEGER NOT NULL,
+    uncertain INTEGER NOT NULL,
+    PRIMARY KEY (day, tenant)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS day_money_tenant ON day_money (tenant, day);
 """,
-    # The same table; 64-bit integers are BIGINT there.
+    # The same tables; 64-bit integers are BIGINT there.
     "postgresql": """
 CREATE TABLE IF NOT EXISTS reservations (
     key TEXT PRIMARY KEY,
@@ -279,8 +291,69 @@ CREATE TABLE IF NOT EXISTS tenant_caps (
     cap BIGINT NOT NULL CHECK (cap >= 0),
     updated BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS day_money (
+    day TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    committed BIGINT NOT NULL,
+    reserved BIGINT NOT NULL,
+    uncertain BIGINT NOT NULL,
+    PRIMARY KEY (day, tenant)
+);
+CREATE INDEX IF NOT EXISTS day_money_tenant ON day_money (tenant, day);
 """,
 }
+
+# What a reservation adds to its day's money in each state (released: nothing), and the statement that
+# adds a row's share (sign 1) or takes it back (sign -1).
+_SHARES = (
+    "CASE {row}.state WHEN 'committed' THEN {row}.actual ELSE 0 END",
+    "CASE {row}.state WHEN 'reserved' THEN {row}.amount ELSE 0 END",
+    "CASE {row}.state WHEN 'expired' THEN {row}.amount ELSE 0 END",
+)
+
+
+def _add_share(row: str, sign: str = "") -> str:
+    committed, reserved, uncertain = (f"{sign}({share.format(row=row)})" for share in _SHARES)
+    return (
+        "INSERT INTO day_money (day, tenant, committed, reserved, uncertain) "
+        f"VALUES ({row}.day, {row}.tenant, {committed}, {reserved}, {uncertain}) "
+        "ON CONFLICT (day, tenant) DO UPDATE SET committed = day_money.committed + excluded.committed, "
+        "reserved = day_money.reserved + excluded.reserved, uncertain = day_money.uncertain + excluded.uncertain"
+    )
+
+
+# A day's caps are checked against its money at every reservation: summed over the day's reservations,
+# that grew with the day (10 ms a reservation, under the day's lock, once a day had 10,000) and the
+# ledger's reservations a second with it. The database keeps the sums instead, with triggers, so that
+# a replica of the version before, during a rolling update, keeps them too.
+_DAY_MONEY_TRIGGER = "reservations_day_money"
+_DAY_MONEY_TRIGGERS = {
+    "sqlite": [
+        f"CREATE TRIGGER {_DAY_MONEY_TRIGGER}_insert AFTER INSERT ON reservations "
+        f"BEGIN {_add_share('NEW')}; END",
+        f"CREATE TRIGGER {_DAY_MONEY_TRIGGER}_update AFTER UPDATE ON reservations "
+        f"BEGIN {_add_share('OLD', '-')}; {_add_share('NEW')}; END",
+    ],
+    "postgresql": [
+        f"CREATE OR REPLACE FUNCTION {_DAY_MONEY_TRIGGER}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF TG_OP = 'UPDATE' THEN {_add_share('OLD', '-')}; END IF; {_add_share('NEW')}; RETURN NULL; END $$",
+        f"CREATE TRIGGER {_DAY_MONEY_TRIGGER} AFTER INSERT OR UPDATE ON reservations "
+        f"FOR EACH ROW EXECUTE FUNCTION {_DAY_MONEY_TRIGGER}()",
+    ],
+}
+_DAY_MONEY_KEPT = {
+    "sqlite": f"SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = '{_DAY_MONEY_TRIGGER}_insert'",
+    "postgresql": "SELECT 1 FROM pg_trigger WHERE tgrelid = 'reservations'::regclass "
+    f"AND tgname = '{_DAY_MONEY_TRIGGER}'",
+}
+# A ledger from before the triggers: its days' money, summed once.
+_DAY_MONEY_FROM_RESERVATIONS = (
+    "INSERT INTO day_money (day, tenant, committed, reserved, uncertain) "
+    "SELECT day, tenant, COALESCE(SUM(CASE WHEN state = 'committed' THEN actual END), 0), "
+    "COALESCE(SUM(CASE WHEN state = 'reserved' THEN amount END), 0), "
+    "COALESCE(SUM(CASE WHEN state = 'expired' THEN amount END), 0) "
+    "FROM reservations GROUP BY day, tenant"
+)
 # Columns added to reservations after its first version, which an older SQLite ledger gets on opening
 # (PostgreSQL's script adds them itself, SQLite has no ADD COLUMN IF NOT EXISTS).
 _SQLITE_ADDED_COLUMNS = {"backend": "INTEGER NOT NULL DEFAULT 0"}
@@ -333,11 +406,13 @@ class SqlLedgerStore(LedgerStore):
     async def open(
         cls, database: Database, time_zone: tzinfo = UTC, clock: Clock = system_clock
     ) -> "SqlLedgerStore":
-        """Creates the table if needed, and adds the columns an older SQLite ledger lacks."""
+        """Creates the tables if needed, adds the columns an older SQLite ledger lacks, and the
+        triggers that keep each day's money (summed once from the reservations of a ledger without them)."""
         await database.create_schema(_SCHEMAS)
-        if database.dialect == "sqlite":
-            # Read under the write lock: another process opening the same file may be adding them too.
-            async with database.transaction() as transaction:
+        # Under the write lock (SQLite) or the lock below: another process may be opening it too.
+        async with database.transaction() as transaction:
+            await transaction.lock("ledger-schema")
+            if database.dialect == "sqlite":
                 rows = await transaction.fetchall("PRAGMA table_info(reservations)")
                 columns = {row[1] for row in rows}
                 for column, definition in _SQLITE_ADDED_COLUMNS.items():
@@ -345,6 +420,14 @@ class SqlLedgerStore(LedgerStore):
                         await transaction.execute(
                             f"ALTER TABLE reservations ADD COLUMN {column} {definition}"
                         )
+            if await transaction.fetchone(_DAY_MONEY_KEPT[database.dialect]) is None:
+                if database.dialect == "postgresql":
+                    # No reservation written between the sums and the triggers (a replica running).
+                    await transaction.execute("LOCK TABLE reservations IN SHARE ROW EXCLUSIVE MODE")
+                for statement in _DAY_MONEY_TRIGGERS[database.dialect]:
+                    await transaction.execute(statement)
+                await transaction.execute("DELETE FROM day_money")
+                await transaction.execute(_DAY_MONEY_FROM_RESERVATIONS)
         return cls(database, time_zone, clock)
 
     def _day(self, moment: datetime) -> str:
@@ -363,8 +446,7 @@ class SqlLedgerStore(LedgerStore):
         """Committed actuals plus open and expired reservations (worst case) of the day, micro-USD."""
         where, parameters = _scope("day", day, tenant)
         row = await queries.fetchone(
-            "SELECT COALESCE(SUM(CASE WHEN state = 'committed' THEN actual ELSE amount END), 0) "
-            f"FROM reservations WHERE {where} AND state IN ('committed', 'reserved', 'expired')",
+            f"SELECT COALESCE(SUM(committed + reserved + uncertain), 0) FROM day_money WHERE {where}",
             parameters,
         )
         assert row is not None
@@ -478,10 +560,8 @@ class SqlLedgerStore(LedgerStore):
     async def _totals(queries: Queries, day: str, tenant: str | None) -> Totals:
         where, parameters = _scope("day", day, tenant)
         row = await queries.fetchone(
-            "SELECT COALESCE(SUM(CASE WHEN state = 'committed' THEN actual END), 0), "
-            "COALESCE(SUM(CASE WHEN state = 'reserved' THEN amount END), 0), "
-            "COALESCE(SUM(CASE WHEN state = 'expired' THEN amount END), 0) "
-            f"FROM reservations WHERE {where} AND state IN ('committed', 'reserved', 'expired')",
+            "SELECT COALESCE(SUM(committed), 0), COALESCE(SUM(reserved), 0), COALESCE(SUM(uncertain), 0) "
+            f"FROM day_money WHERE {where}",
             parameters,
         )
         assert row is not None
@@ -528,11 +608,8 @@ class SqlLedgerStore(LedgerStore):
     async def spend(self, tenant: str, first_day: str, last_day: str) -> Spend:
         # ISO days compare as strings do.
         row = await self._db.fetchone(
-            "SELECT COALESCE(SUM(CASE WHEN state = 'committed' THEN actual "
-            "WHEN state = 'expired' THEN amount END), 0), "
-            "COALESCE(SUM(CASE WHEN state = 'reserved' THEN amount END), 0) "
-            "FROM reservations WHERE tenant = ? AND day >= ? AND day <= ? "
-            "AND state IN ('committed', 'reserved', 'expired')",
+            "SELECT COALESCE(SUM(committed + uncertain), 0), COALESCE(SUM(reserved), 0) "
+            "FROM day_money WHERE tenant = ? AND day >= ? AND day <= ?",
             (tenant, first_day, last_day),
         )
         assert row is not None

@@ -1,6 +1,7 @@
 """The ledger store's contract, run against every implementation: SQLite and PostgreSQL."""
 
 import asyncio
+import random
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -452,3 +453,85 @@ async def test_spend_over_days_counts_as_each_days_budget_does(store, clock):
     # A late commit of the expired one replaces its worst case.
     await store.commit("d2-a", USD)
     assert await store.spend("acme", "2025-05-30", "2025-06-01") == Spend(spent=7 * USD, reserved=4 * USD)
+
+
+# Each day's money by tenant, summed from the reservations: what the ledger's day_money must hold.
+_MONEY_FROM_RESERVATIONS = (
+    "SELECT day, tenant, COALESCE(SUM(CASE WHEN state = 'committed' THEN actual END), 0), "
+    "COALESCE(SUM(CASE WHEN state = 'reserved' THEN amount END), 0), "
+    "COALESCE(SUM(CASE WHEN state = 'expired' THEN amount END), 0) "
+    "FROM reservations GROUP BY day, tenant"
+)
+
+
+async def _money(database: Database, query: str) -> set[tuple]:
+    return {
+        tuple(int(v) if i > 1 else v for i, v in enumerate(row)) for row in await database.fetchall(query)
+    }
+
+
+async def test_each_days_money_is_kept_equal_to_its_reservations_sums(open_database, open_store, clock):
+    """The caps and totals read each day's money from sums the database keeps as reservations change
+    (not summed over the day's reservations at each reservation): after every kind of change, on
+    several days and tenants, the kept sums equal the reservations' own."""
+    store = await open_store()
+    reader = await open_database()
+    rng = random.Random(19)
+    open_keys: list[str] = []
+    expired_keys: list[str] = []
+    try:
+        for step in range(240):
+            roll = rng.random()
+            if roll < 0.45 or not (open_keys or expired_keys):
+                key = f"k{step}"
+                await store.reserve(
+                    key, rng.choice(["acme", "globex", "initech"]), "", rng.randint(1, 9) * USD, NO_CAPS, TTL
+                )
+                open_keys.append(key)
+            elif roll < 0.65:
+                keys = rng.choice([keys for keys in (open_keys, expired_keys) if keys])
+                await store.commit(keys.pop(rng.randrange(len(keys))), rng.randint(0, 12) * USD)
+            elif roll < 0.8:
+                keys = rng.choice([keys for keys in (open_keys, expired_keys) if keys])
+                await store.release(keys.pop(rng.randrange(len(keys))))
+            elif roll < 0.9:
+                clock.advance(TTL)  # everything open expires; some days turn
+                expired_keys += [reservation.key for reservation in await store.expire_overdue()]
+                open_keys.clear()
+            else:
+                clock.advance(timedelta(hours=rng.randint(1, 30)))
+            kept = await _money(reader, "SELECT day, tenant, committed, reserved, uncertain FROM day_money")
+            assert kept == await _money(reader, _MONEY_FROM_RESERVATIONS), step
+        assert len({day for day, *_ in kept}) > 3
+    finally:
+        await reader.close()
+
+
+async def test_a_ledger_from_before_the_kept_sums_gets_them_on_opening(open_database, open_store, clock):
+    store = await open_store()
+    await store.reserve("a", "acme", "", 2 * USD, NO_CAPS, TTL)
+    await store.reserve("b", "acme", "", 3 * USD, NO_CAPS, TTL)
+    await store.commit("b", USD)
+    await store.reserve("c", "globex", "", 4 * USD, NO_CAPS, TTL)
+    # As the version before left it: no sums kept, no triggers.
+    database = await open_database()
+    async with database.transaction() as transaction:
+        if database.dialect == "sqlite":
+            for name in ("reservations_day_money_insert", "reservations_day_money_update"):
+                await transaction.execute(f"DROP TRIGGER {name}")
+        else:
+            await transaction.execute("DROP TRIGGER reservations_day_money ON reservations")
+        await transaction.execute("DROP TABLE day_money")
+        # A reservation written by that version.
+        await transaction.execute(
+            "INSERT INTO reservations (key, tenant, job_id, amount, state, created, expires, day) "
+            "VALUES ('old', 'acme', 'job-0', 5000000, 'reserved', 0, 9000000000000000, '2025-06-01')"
+        )
+    await database.close()
+    reopened = await open_store()
+    totals = await reopened.day_totals("acme")
+    assert (totals.tenant.spent, totals.tenant.reserved) == (USD, 7 * USD)
+    assert totals.everyone.reserved == 11 * USD
+    await reopened.reserve("d", "acme", "", USD, Caps(tenant=9 * USD, everyone=0), TTL)
+    with pytest.raises(BudgetExceeded):
+        await reopened.reserve("e", "acme", "", USD, Caps(tenant=9 * USD, everyone=0), TTL)
