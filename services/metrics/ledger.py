@@ -4,7 +4,9 @@
 (`aiprod_kit.database`): one SQLite file in WAL mode under the data directory, or PostgreSQL shared by
 every metrics replica. Every mutation is one transaction that first takes the lock of the budget day
 it touches (SQLite: the database's write lock, which covers every day), so a day's caps are checked
-and written by one transaction at a time, in one process or many.
+and written by one transaction at a time, in one process or many. Each day's money by tenant (committed,
+reserved, uncertain) is kept by the database's own triggers in the transaction that changes a
+reservation, so that a cap's check reads a row per tenant, not every reservation of the day.
 
 Semantics every implementation keeps:
 
