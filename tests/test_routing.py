@@ -131,16 +131,19 @@ def test_a_render_every_qualifying_provider_refused_goes_round_again_and_is_paid
 def test_the_routers_breaker_opens_on_a_failing_provider_and_closes_after_its_cooldown(mesh, sandbox):
     # Jobs that prefer Replicate, whose creates are refused as unavailable until the faults run out.
     sandbox.fault("replicate", "create", "5xx", status=503, times=12)
-    for n in range(3):
-        done = wait_terminal(
-            gateway(mesh), create(mesh, f"Replicate fails {n}", 6, preferred=REPLICATE).job_id
-        )
+    failing = [create(mesh, "Replicate fails 0", 6, preferred=REPLICATE).job_id]
+    for n in (1, 2):
+        wait_terminal(gateway(mesh), failing[-1])
+        failing.append(create(mesh, f"Replicate fails {n}", 6, preferred=REPLICATE).job_id)
+    # The third one's failure opens the breaker: watched for at once, and the next job routed while it
+    # is open, not after the third job's fallback render (which on a slow box outlasted the cooldown).
+    assert eventually(lambda: backend_status(mesh, REPLICATE).breaker == router_pb2.BREAKER_STATE_OPEN)
+    open_job_id = create(mesh, "While the breaker is open", 6, preferred=REPLICATE).job_id
+    for job_id in failing:
+        done = wait_terminal(gateway(mesh), job_id)
         assert done.state == job_pb2.JOB_STATE_SUCCEEDED, done.error
         assert done.backend != REPLICATE
-    assert backend_status(mesh, REPLICATE).breaker == router_pb2.BREAKER_STATE_OPEN
-    open_job = wait_terminal(
-        gateway(mesh), create(mesh, "While the breaker is open", 6, preferred=REPLICATE).job_id
-    )
+    open_job = wait_terminal(gateway(mesh), open_job_id)
     assert open_job.backend != REPLICATE
     events = render_events(mesh, open_job.job_id)
     assert not any(event.HasField("fallback") for event in events)  # not even tried
