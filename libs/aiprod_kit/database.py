@@ -87,6 +87,17 @@ class Transaction(Queries):
         """Tells the channel's listeners, once the transaction commits."""
 
 
+_TRIGGER_EXISTS = {
+    "sqlite": "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ? AND name = ?",
+    "postgresql": "SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(?) AND tgname = ?",
+}
+
+
+async def has_trigger(queries: Queries, dialect: str, table: str, name: str) -> bool:
+    """Whether the table has the trigger: sums a store keeps by triggers are summed once without them."""
+    return await queries.fetchone(_TRIGGER_EXISTS[dialect], (table, name)) is not None
+
+
 class Database(Queries):
     """fetchone and fetchall outside a transaction: one statement, reading what is committed."""
 

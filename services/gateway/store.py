@@ -20,6 +20,11 @@ by any replica. Two counts, so that attempts held for long never stand in the wa
 It also keeps every revision of a job's plan in review (`job_revisions`), each written in the
 transaction of the event that makes it.
 
+It also keeps each tenant's jobs by state and the sums GetUsage reports of them (`tenant_job_figures`:
+how many were created in review and approved, their quotes and costs), kept by the database's
+triggers in the transaction that writes a job, so that a tenant's usage costs one read however many
+jobs it has.
+
 It also keeps who drives each unfinished job: a claim, held by one gateway process (its owner id) for
 a lease it renews. A claim is taken only when nobody holds it, its owner already does, or its lease
 ran out (the owner died); the events a driver records are fenced by it, and a job that ends lets go of
@@ -39,7 +44,7 @@ from google.protobuf import timestamp_pb2
 
 from aiprod.common.v1 import event_pb2, job_pb2
 from aiprod.gateway.v1 import gateway_pb2
-from aiprod_kit.database import Database, Queries, Transaction
+from aiprod_kit.database import Database, Queries, Transaction, has_trigger
 from aiprod_kit.failures import Reason
 
 TERMINAL_STATES = frozenset(
@@ -273,6 +278,10 @@ class News:
 
 
 _UNFINISHED = (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING)
+# Jobs that finished rendering, well or not, as GetUsage's actual against quoted counts them.
+_FINISHED = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED)
+# A job created in review and in one of these states was approved.
+_PAST_REVIEW = (*_UNFINISHED, *_FINISHED)
 _SETTLED_BY_LEDGER = (event_pb2.CHARGE_OUTCOME_COMMIT, event_pb2.CHARGE_OUTCOME_RELEASE)
 
 
@@ -331,7 +340,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     unsettled INTEGER NOT NULL DEFAULT 0,
     held INTEGER NOT NULL DEFAULT 0,
     tenant_id TEXT NOT NULL DEFAULT '',
-    priority INTEGER NOT NULL DEFAULT 0
+    priority INTEGER NOT NULL DEFAULT 0,
+    reviewed INTEGER NOT NULL DEFAULT 0,
+    approved INTEGER NOT NULL DEFAULT 0,
+    quoted_micros INTEGER NOT NULL DEFAULT 0,
+    cost_micros INTEGER NOT NULL DEFAULT 0
 );
 DROP INDEX IF EXISTS jobs_state;
 CREATE TABLE IF NOT EXISTS job_events (
@@ -345,6 +358,18 @@ CREATE TABLE IF NOT EXISTS job_revisions (
     plan_version INTEGER NOT NULL,
     revision BLOB NOT NULL,
     PRIMARY KEY (job_id, plan_version)
+) WITHOUT ROWID;
+-- Each tenant's jobs by state, and what GetUsage sums of them (the columns of the same names in
+-- jobs): kept by the database (_FIGURES_TRIGGERS) in the transaction that writes a job.
+CREATE TABLE IF NOT EXISTS tenant_job_figures (
+    tenant_id TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    jobs INTEGER NOT NULL,
+    reviewed INTEGER NOT NULL,
+    approved INTEGER NOT NULL,
+    quoted_micros INTEGER NOT NULL,
+    cost_micros INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, state)
 ) WITHOUT ROWID;
 """,
     "postgresql": """
@@ -361,7 +386,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     unsettled INTEGER NOT NULL DEFAULT 0,
     held INTEGER NOT NULL DEFAULT 0,
     tenant_id TEXT NOT NULL DEFAULT '',
-    priority INTEGER NOT NULL DEFAULT 0
+    priority INTEGER NOT NULL DEFAULT 0,
+    reviewed INTEGER NOT NULL DEFAULT 0,
+    approved INTEGER NOT NULL DEFAULT 0,
+    quoted_micros BIGINT NOT NULL DEFAULT 0,
+    cost_micros BIGINT NOT NULL DEFAULT 0
 );
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS claim_owner TEXT;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS tenant_id TEXT NOT NULL DEFAULT '';
@@ -387,6 +416,20 @@ CREATE TABLE IF NOT EXISTS job_revisions (
     revision BYTEA NOT NULL,
     PRIMARY KEY (job_id, plan_version)
 );
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS reviewed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS approved INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS quoted_micros BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS cost_micros BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS tenant_job_figures (
+    tenant_id TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    jobs BIGINT NOT NULL,
+    reviewed BIGINT NOT NULL,
+    approved BIGINT NOT NULL,
+    quoted_micros BIGINT NOT NULL,
+    cost_micros BIGINT NOT NULL,
+    PRIMARY KEY (tenant_id, state)
+);
 """,
 }
 # Columns added to jobs after its first version, which an older SQLite store gets on opening
@@ -404,7 +447,70 @@ _SQLITE_ADDED_COLUMNS = {
     "tenant_id": "TEXT NOT NULL DEFAULT ''",
     # Its scheduling priority (gateway_pb2.Priority, its preset's): claimable jobs come highest first.
     "priority": "INTEGER NOT NULL DEFAULT 0",
+    # GetUsage's figures of the job (1 or 0; micro-USD), the sums of which tenant_job_figures keeps:
+    # it was created in review (with its plan's first revision); its log holds an approval; its
+    # quote's price; its cost.
+    "reviewed": "INTEGER NOT NULL DEFAULT 0",
+    "approved": "INTEGER NOT NULL DEFAULT 0",
+    "quoted_micros": "INTEGER NOT NULL DEFAULT 0",
+    "cost_micros": "INTEGER NOT NULL DEFAULT 0",
 }
+
+# GetUsage counted a tenant's jobs, and summed their quotes and costs from every finished job's blob
+# and an approval from every cancelled job's log, at every call: a second at 100,000 jobs, on the event
+# loop. The database keeps the sums by (tenant, state) instead, with triggers, so that a replica of the
+# version before, during a rolling update, keeps the counts by state too (the figures of a job it
+# creates or changes keep the columns it does not write: that job's quote, cost or approval may be
+# missed). A job's share: its count, whether it was reviewed, approved in review, and its quoted
+# price and cost when it holds a quote.
+_FIGURES_COLUMNS = ("state", "reviewed", "approved", "quoted_micros", "cost_micros")
+_FIGURES_SHARES = (
+    "1",
+    "{row}.reviewed",
+    "{row}.reviewed * {row}.approved",
+    "{row}.quoted_micros",
+    "CASE WHEN {row}.quoted_micros > 0 THEN {row}.cost_micros ELSE 0 END",
+)
+
+
+def _add_figures(row: str, sign: str = "") -> str:
+    jobs, reviewed, approved, quoted, cost = (f"{sign}({share.format(row=row)})" for share in _FIGURES_SHARES)
+    return (
+        "INSERT INTO tenant_job_figures (tenant_id, state, jobs, reviewed, approved, quoted_micros, cost_micros) "
+        f"VALUES ({row}.tenant_id, {row}.state, {jobs}, {reviewed}, {approved}, {quoted}, {cost}) "
+        "ON CONFLICT (tenant_id, state) DO UPDATE SET jobs = tenant_job_figures.jobs + excluded.jobs, "
+        "reviewed = tenant_job_figures.reviewed + excluded.reviewed, "
+        "approved = tenant_job_figures.approved + excluded.approved, "
+        "quoted_micros = tenant_job_figures.quoted_micros + excluded.quoted_micros, "
+        "cost_micros = tenant_job_figures.cost_micros + excluded.cost_micros"
+    )
+
+
+_FIGURES_TRIGGER = "jobs_tenant_figures"
+# Most of a job's events change none of its figures (progress, an attempt): those fire nothing.
+_FIGURES_CHANGED = " OR ".join(f"OLD.{column} <> NEW.{column}" for column in _FIGURES_COLUMNS)
+_FIGURES_TRIGGERS = {
+    "sqlite": [
+        f"CREATE TRIGGER {_FIGURES_TRIGGER}_insert AFTER INSERT ON jobs BEGIN {_add_figures('NEW')}; END",
+        f"CREATE TRIGGER {_FIGURES_TRIGGER}_update AFTER UPDATE OF {', '.join(_FIGURES_COLUMNS)} ON jobs "
+        f"WHEN {_FIGURES_CHANGED} "
+        f"BEGIN {_add_figures('OLD', '-')}; {_add_figures('NEW')}; END",
+    ],
+    "postgresql": [
+        f"CREATE OR REPLACE FUNCTION {_FIGURES_TRIGGER}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF TG_OP = 'UPDATE' THEN {_add_figures('OLD', '-')}; END IF; {_add_figures('NEW')}; RETURN NULL; END $$",
+        f"CREATE TRIGGER {_FIGURES_TRIGGER}_insert AFTER INSERT ON jobs "
+        f"FOR EACH ROW EXECUTE FUNCTION {_FIGURES_TRIGGER}()",
+        f"CREATE TRIGGER {_FIGURES_TRIGGER}_update AFTER UPDATE OF {', '.join(_FIGURES_COLUMNS)} ON jobs "
+        f"FOR EACH ROW WHEN ({_FIGURES_CHANGED}) EXECUTE FUNCTION {_FIGURES_TRIGGER}()",
+    ],
+}
+# A store from before the triggers: its sums, once its jobs' columns are filled (_fill_figures).
+_FIGURES_FROM_JOBS = (
+    "INSERT INTO tenant_job_figures (tenant_id, state, jobs, reviewed, approved, quoted_micros, cost_micros) "
+    "SELECT tenant_id, state, COUNT(*), SUM(reviewed), SUM(reviewed * approved), SUM(quoted_micros), "
+    "SUM(CASE WHEN quoted_micros > 0 THEN cost_micros ELSE 0 END) FROM jobs GROUP BY tenant_id, state"
+)
 
 
 class SqlJobStore(JobStore):
@@ -448,9 +554,56 @@ class SqlJobStore(JobStore):
                 await transaction.execute(
                     "CREATE INDEX IF NOT EXISTS jobs_dispatch ON jobs (state, priority DESC, position)"
                 )
+        async with database.transaction() as transaction:
+            await transaction.lock("job-figures")  # another replica may be opening it too
+            if not await has_trigger(transaction, database.dialect, "jobs", f"{_FIGURES_TRIGGER}_insert"):
+                if database.dialect == "postgresql":
+                    # No job written between the sums and the triggers (a replica running).
+                    await transaction.execute("LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE")
+                await cls._fill_figures(transaction)
+                for statement in _FIGURES_TRIGGERS[database.dialect]:
+                    await transaction.execute(statement)
+                await transaction.execute("DELETE FROM tenant_job_figures")
+                await transaction.execute(_FIGURES_FROM_JOBS)
         store = cls(database, clock)
         await database.listen(EVENTS_CHANNEL, store._announced)
         return store
+
+    @staticmethod
+    async def _fill_figures(transaction: Transaction) -> None:
+        """Fills every job's figures columns from its revisions, log and blob (a store from before them),
+        as GetUsage summed them at every call."""
+        await transaction.execute(
+            "UPDATE jobs SET reviewed = 1 WHERE job_id IN (SELECT job_id FROM job_revisions)"
+        )
+        # A reviewed job past review was approved; a cancelled one if its log says so.
+        await transaction.execute(
+            "UPDATE jobs SET approved = 1 WHERE reviewed = 1 AND state IN (?, ?, ?, ?)", _PAST_REVIEW
+        )
+        cancelled = await transaction.fetchall(
+            "SELECT job_id FROM jobs WHERE reviewed = 1 AND state = ?", (job_pb2.JOB_STATE_CANCELLED,)
+        )
+        approved = []
+        for (job_id,) in cancelled:
+            events = await transaction.fetchall("SELECT event FROM job_events WHERE job_id = ?", (job_id,))
+            if any(gateway_pb2.JobEvent.FromString(row[0]).HasField("approved") for row in events):
+                approved.append((job_id,))
+        await transaction.executemany("UPDATE jobs SET approved = 1 WHERE job_id = ?", approved)
+        after = 0
+        while True:  # a page at a time: a store may hold many jobs
+            page = await transaction.fetchall(
+                "SELECT position, job FROM jobs WHERE position > ? ORDER BY position LIMIT 500", (after,)
+            )
+            figures = []
+            for position, blob in page:
+                job = gateway_pb2.RenderJob.FromString(blob)
+                figures.append((job.quote.price.amount_micros, job.cost.amount_micros, position))
+                after = position
+            await transaction.executemany(
+                "UPDATE jobs SET quoted_micros = ?, cost_micros = ? WHERE position = ?", figures
+            )
+            if len(page) < 500:
+                return
 
     def _announced(self, payload: str | None) -> None:
         """An appended event's announcement, "<job id> <sequence>" (None: announcements may have been
@@ -538,9 +691,8 @@ class SqlJobStore(JobStore):
                 event.plan_updated.CopyFrom(revision)
                 await self._insert_revision(transaction, job.job_id, revision)
             await transaction.execute(
-                "INSERT INTO jobs"
-                " (job_id, request_id, fingerprint, state, job, trace_context, tenant_id, priority)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (job_id, request_id, fingerprint, state, job, trace_context, tenant_id,"
+                " priority, reviewed, quoted_micros, cost_micros) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.job_id,
                     request_key,
@@ -550,6 +702,9 @@ class SqlJobStore(JobStore):
                     json.dumps(dict(trace_context or {})),
                     job.tenant_id,
                     job.priority,
+                    int(revision is not None),
+                    job.quote.price.amount_micros,
+                    job.cost.amount_micros,
                 ),
             )
             await transaction.execute(
@@ -650,10 +805,13 @@ class SqlJobStore(JobStore):
             await transaction.lock(
                 f"job:{job_id}", *([f"tenant:{tenant_id}"] if tenant_id is not None else [])
             )
-            row = await transaction.fetchone("SELECT job, claim_owner FROM jobs WHERE job_id = ?", (job_id,))
+            row = await transaction.fetchone(
+                "SELECT job, claim_owner, approved FROM jobs WHERE job_id = ?", (job_id,)
+            )
             if row is None:
                 raise KeyError(job_id)
             job = gateway_pb2.RenderJob.FromString(row[0])
+            approved = row[2]
             if owner is not None and (row[1] != owner or job.state in TERMINAL_STATES):
                 why = "it has ended" if job.state in TERMINAL_STATES else "another replica claimed it"
                 raise ClaimLost(f"job {job_id} is not {owner}'s to drive: {why}")
@@ -676,9 +834,20 @@ class SqlJobStore(JobStore):
                 event.MergeFrom(details)
                 if details.HasField("plan_updated"):
                     await self._insert_revision(transaction, job_id, details.plan_updated)
+                if details.HasField("approved"):
+                    approved = 1
             await transaction.execute(
-                "UPDATE jobs SET state = ?, job = ?, unsettled = ?, held = ? WHERE job_id = ?",
-                (job.state, job.SerializeToString(), *_outbox_counts(job), job_id),
+                "UPDATE jobs SET state = ?, job = ?, unsettled = ?, held = ?, approved = ?, quoted_micros = ?,"
+                " cost_micros = ? WHERE job_id = ?",
+                (
+                    job.state,
+                    job.SerializeToString(),
+                    *_outbox_counts(job),
+                    approved,
+                    job.quote.price.amount_micros,
+                    job.cost.amount_micros,
+                    job_id,
+                ),
             )
             if job.state in TERMINAL_STATES:
                 # Nothing is left to drive: whoever ended it, the claim ends with it.
@@ -772,9 +941,9 @@ class SqlJobStore(JobStore):
 
     async def count_by_state(self, tenant_id: str) -> dict[int, int]:
         rows = await self._db.fetchall(
-            "SELECT state, COUNT(*) FROM jobs WHERE tenant_id = ? GROUP BY state", (tenant_id,)
+            "SELECT state, jobs FROM tenant_job_figures WHERE tenant_id = ? AND jobs > 0", (tenant_id,)
         )
-        return {state: count for state, count in rows}
+        return {state: int(count) for state, count in rows}
 
     async def close(self) -> None:
         await self._db.close()
@@ -795,47 +964,25 @@ class SqlJobStore(JobStore):
         return [gateway_pb2.PlanRevision.FromString(row[0]) for row in rows]
 
     async def usage_figures(self, tenant_id: str) -> gateway_pb2.GetUsageResponse:
-        # Jobs created in review have revisions. One past review (queued or beyond) was approved, one
-        # still waiting neither; a cancelled one was approved only if its log says so.
-        reviewed = "EXISTS (SELECT 1 FROM job_revisions r WHERE r.job_id = jobs.job_id)"
-        past_review = (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING, *_FINISHED)
-        row = await self._db.fetchone(
-            f"SELECT COUNT(*) FROM jobs WHERE tenant_id = ? AND state IN (?, ?, ?, ?) AND {reviewed}",
-            (tenant_id, *past_review),
-        )
-        approved = int(row[0]) if row else 0
-        cancelled = 0
         rows = await self._db.fetchall(
-            f"SELECT job_id FROM jobs WHERE tenant_id = ? AND state = ? AND {reviewed}",
-            (tenant_id, job_pb2.JOB_STATE_CANCELLED),
+            "SELECT state, reviewed, approved, quoted_micros, cost_micros FROM tenant_job_figures"
+            " WHERE tenant_id = ?",
+            (tenant_id,),
         )
-        for (job_id,) in rows:
-            if any(event.HasField("approved") for event in await self.events_after(job_id, 0)):
-                approved += 1
-            else:
-                cancelled += 1
-        quoted = actual = 0
-        after = 0
-        while True:  # a page at a time: a tenant may have many finished jobs
-            page = await self._db.fetchall(
-                "SELECT position, job FROM jobs WHERE tenant_id = ? AND state IN (?, ?) AND position > ? "
-                "ORDER BY position LIMIT 500",
-                (tenant_id, *_FINISHED, after),
-            )
-            for position, blob in page:
-                after = position
-                job = gateway_pb2.RenderJob.FromString(blob)
-                if job.quote.price.amount_micros > 0:
-                    quoted += job.quote.price.amount_micros
-                    actual += job.cost.amount_micros
-            if len(page) < 500:
-                break
+        # Jobs created in review: one past review (queued or beyond) was approved, one still waiting
+        # neither; a cancelled one was approved only if its log says so.
+        approved = cancelled = quoted = actual = 0
+        for state, reviewed, approved_in_review, quoted_micros, cost_micros in rows:
+            if state in _PAST_REVIEW:
+                approved += int(reviewed)
+            elif state == job_pb2.JOB_STATE_CANCELLED:
+                approved += int(approved_in_review)
+                cancelled += int(reviewed) - int(approved_in_review)
+            if state in _FINISHED:
+                quoted += int(quoted_micros)
+                actual += int(cost_micros)
         return gateway_pb2.GetUsageResponse(
             approval_rate=approved / (approved + cancelled) if approved + cancelled else 0.0,
             quoted_total={"currency_code": "USD", "amount_micros": quoted},
             actual_total={"currency_code": "USD", "amount_micros": actual},
         )
-
-
-# Jobs that finished rendering, well or not, as GetUsage's actual against quoted counts them.
-_FINISHED = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED)

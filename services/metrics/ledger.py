@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from enum import StrEnum
 
-from aiprod_kit.database import Database, Queries, Transaction
+from aiprod_kit.database import Database, Queries, Transaction, has_trigger
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -343,11 +343,8 @@ _DAY_MONEY_TRIGGERS = {
         f"FOR EACH ROW EXECUTE FUNCTION {_DAY_MONEY_TRIGGER}()",
     ],
 }
-_DAY_MONEY_KEPT = {
-    "sqlite": f"SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = '{_DAY_MONEY_TRIGGER}_insert'",
-    "postgresql": "SELECT 1 FROM pg_trigger WHERE tgrelid = 'reservations'::regclass "
-    f"AND tgname = '{_DAY_MONEY_TRIGGER}'",
-}
+# The trigger whose presence says the sums are kept.
+_DAY_MONEY_KEPT_BY = {"sqlite": f"{_DAY_MONEY_TRIGGER}_insert", "postgresql": _DAY_MONEY_TRIGGER}
 # A ledger from before the triggers: its days' money, summed once.
 _DAY_MONEY_FROM_RESERVATIONS = (
     "INSERT INTO day_money (day, tenant, committed, reserved, uncertain) "
@@ -422,7 +419,8 @@ class SqlLedgerStore(LedgerStore):
                         await transaction.execute(
                             f"ALTER TABLE reservations ADD COLUMN {column} {definition}"
                         )
-            if await transaction.fetchone(_DAY_MONEY_KEPT[database.dialect]) is None:
+            kept_by = _DAY_MONEY_KEPT_BY[database.dialect]
+            if not await has_trigger(transaction, database.dialect, "reservations", kept_by):
                 if database.dialect == "postgresql":
                     # No reservation written between the sums and the triggers (a replica running).
                     await transaction.execute("LOCK TABLE reservations IN SHARE ROW EXCLUSIVE MODE")

@@ -1,8 +1,10 @@
 """GetUsage's figures for one tenant: the job store's approval rate and actual against quoted (on SQLite
-and PostgreSQL), and the usage answer put together from the store and the ledger (a fake metrics
-service), its range of days checked."""
+and PostgreSQL), kept by the database as jobs change and summed once for a store from before; and the
+usage answer put together from the store and the ledger (a fake metrics service), its range of days
+checked."""
 
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -13,7 +15,7 @@ from aiprod.metrics.v1 import metrics_pb2
 from aiprod_gateway.store import JobStore, SqlJobStore
 from aiprod_gateway.tenancy import Tenant
 from aiprod_gateway.usage import tenant_usage
-from aiprod_kit.database import SqliteDatabase
+from aiprod_kit.database import Database, SqliteDatabase
 from aiprod_kit.errors import InvalidArgument
 from aiprod_kit.money import usd
 from aiprod_kit.postgres import connect_postgres
@@ -31,15 +33,27 @@ SUCCEEDED, FAILED, CANCELLED = (
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-async def store(request, tmp_path) -> AsyncIterator[JobStore]:
+async def open_database(request, tmp_path) -> AsyncIterator[Callable[[], Awaitable[Database]]]:
+    """Opens the one database: another connection each call, as another replica (or version) would."""
     url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
-    if url:
-        database = await connect_postgres(url, "test", connect_timeout=5)
-    else:
-        database = SqliteDatabase(tmp_path / "jobs.sqlite3", "jobs", private=True)
-    opened = await SqlJobStore.open(database)
-    yield opened
-    await opened.close()
+    opened: list[Database] = []
+
+    async def open_one() -> Database:
+        if url:
+            database: Database = await connect_postgres(url, "test", connect_timeout=5)
+        else:
+            database = SqliteDatabase(tmp_path / "jobs.sqlite3", "jobs", private=True)
+        opened.append(database)
+        return database
+
+    yield open_one
+    for database in opened:
+        await database.close()
+
+
+@pytest.fixture
+async def store(open_database) -> JobStore:
+    return await SqlJobStore.open(await open_database())
 
 
 async def create(
@@ -109,6 +123,149 @@ async def test_actual_against_quoted_sums_the_finished_jobs_that_hold_a_quote(st
     figures = await store.usage_figures("acme")
     assert (figures.quoted_total.amount_micros, figures.actual_total.amount_micros) == (800_000, 580_000)
     assert figures.quoted_total.currency_code == "USD"
+
+
+async def figures_from_the_jobs(store: JobStore, tenant: str) -> tuple[dict[int, int], float, int, int]:
+    """The tenant's jobs by state, approval rate, quoted and actual totals, from every job's blob,
+    revisions and log: what GetUsage summed at every call before the store kept them."""
+    jobs: list[gateway_pb2.RenderJob] = []
+    before = None
+    while True:
+        page = await store.list_jobs(tenant, [], 100, before)
+        jobs += page.jobs
+        if page.next_cursor is None:
+            break
+        before = page.next_cursor
+    counts: dict[int, int] = {}
+    approved = cancelled = quoted = actual = 0
+    for job in jobs:
+        counts[job.state] = counts.get(job.state, 0) + 1
+        if await store.revisions(job.job_id):
+            if job.state in (QUEUED, RUNNING, SUCCEEDED, FAILED):
+                approved += 1
+            elif job.state == CANCELLED:
+                events = await store.events_after(job.job_id, 0)
+                if any(event.HasField("approved") for event in events):
+                    approved += 1
+                else:
+                    cancelled += 1
+        if job.state in (SUCCEEDED, FAILED) and job.quote.price.amount_micros > 0:
+            quoted += job.quote.price.amount_micros
+            actual += job.cost.amount_micros
+    rate = approved / (approved + cancelled) if approved + cancelled else 0.0
+    return counts, rate, quoted, actual
+
+
+async def kept_figures(store: JobStore, tenant: str) -> tuple[dict[int, int], float, int, int]:
+    figures = await store.usage_figures(tenant)
+    return (
+        await store.count_by_state(tenant),
+        figures.approval_rate,
+        figures.quoted_total.amount_micros,
+        figures.actual_total.amount_micros,
+    )
+
+
+async def change_jobs_at_random(store: JobStore, rng: random.Random, steps: int, check=None) -> set[str]:
+    """Creates jobs (in review or not, quoted or not) of two tenants and moves them as the gateway
+    does: plans revised and quotes changed in review, approvals, progress that changes no figure,
+    runs, ends with a cost, cancellations; check() after each step. Returns what it did."""
+    unended: dict[str, int] = {}  # job id -> state
+    approved: set[str] = set()
+    done: set[str] = set()
+    for step in range(steps):
+        action = rng.choice(["create", "create", "revise", "approve", "progress", "run", "end", "cancel"])
+        if action == "create" or not unended:
+            job_id = f"job-{step}"
+            state = rng.choice([AWAITING, QUEUED])
+            await create(
+                store,
+                job_id,
+                state,
+                tenant=rng.choice(["acme", "bravo"]),
+                quoted=rng.choice([0, 250_000, 400_000]),
+            )
+            unended[job_id] = state
+        else:
+            job_id = rng.choice(sorted(unended))
+            state = unended[job_id]
+            if action == "revise" and state == AWAITING:
+                price = rng.choice([0, 300_000, 600_000])
+
+                def requote(job: gateway_pb2.RenderJob, price: int = price) -> None:
+                    job.plan_version += 1
+                    job.quote.price.CopyFrom(usd(price))
+
+                job = await store.get_job(job_id)
+                assert job is not None
+                revision = gateway_pb2.PlanRevision(plan_version=job.plan_version + 1)
+                await store.append_event(
+                    job_id, "revised", requote, details=gateway_pb2.JobEvent(plan_updated=revision)
+                )
+            elif action == "approve" and state == AWAITING:
+                await approve(store, job_id)
+                unended[job_id] = QUEUED
+                approved.add(job_id)
+            elif action == "progress":
+                await store.append_event(job_id, "progress", lambda job: None)
+            elif action == "run" and state == QUEUED:
+                await store.append_event(job_id, "running", to(RUNNING))
+                unended[job_id] = RUNNING
+            elif action == "end" and state == RUNNING:
+                ended, cost = rng.choice([SUCCEEDED, FAILED]), rng.choice([0, 180_000, 520_000])
+
+                def end(job: gateway_pb2.RenderJob, ended: int = ended, cost: int = cost) -> None:
+                    job.state = ended
+                    job.cost.CopyFrom(usd(cost))
+
+                await store.append_event(job_id, "ended", end)
+                del unended[job_id]
+            elif action == "cancel":
+                await cancel(store, job_id)
+                del unended[job_id]
+                action = "cancel approved" if job_id in approved else f"cancel {state}"
+            else:
+                action = "nothing"
+            done.add(action)
+        if check is not None:
+            await check()
+    return done
+
+
+async def test_the_kept_figures_equal_the_jobs_own_after_every_change(store):
+    async def check() -> None:
+        for tenant in ("acme", "bravo", "nobody"):
+            assert await kept_figures(store, tenant) == await figures_from_the_jobs(store, tenant)
+
+    done = await change_jobs_at_random(store, random.Random(4), 160, check)
+    # The walk did every kind of change and reached every state, so the check compared all of them.
+    assert done >= {"revise", "approve", "progress", "run", "end", "cancel approved", f"cancel {AWAITING}"}
+    counts, rate, quoted, _ = await kept_figures(store, "acme")
+    assert set(counts) == {AWAITING, QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED}
+    assert 0 < rate < 1 and quoted > 0
+
+
+async def test_a_store_from_before_the_kept_figures_gets_them_on_opening(open_database, store):
+    await change_jobs_at_random(store, random.Random(7), 120)
+    expected = {tenant: await figures_from_the_jobs(store, tenant) for tenant in ("acme", "bravo")}
+    # As the version before left it: no figures kept, no triggers, the jobs' columns at their defaults.
+    database = await open_database()
+    async with database.transaction() as transaction:
+        for trigger in ("jobs_tenant_figures_insert", "jobs_tenant_figures_update"):
+            await transaction.execute(
+                f"DROP TRIGGER {trigger}" + (" ON jobs" if database.dialect == "postgresql" else "")
+            )
+        await transaction.execute("DROP TABLE tenant_job_figures")
+        await transaction.execute(
+            "UPDATE jobs SET reviewed = 0, approved = 0, quoted_micros = 0, cost_micros = 0"
+        )
+    await database.close()
+    reopened = await SqlJobStore.open(await open_database())
+    for tenant, figures in expected.items():
+        assert await kept_figures(reopened, tenant) == figures
+    # And kept from there on.
+    await create(reopened, "new", SUCCEEDED, quoted=100_000, cost=90_000)
+    assert await kept_figures(reopened, "acme") == await figures_from_the_jobs(reopened, "acme")
 
 
 class Metrics:
