@@ -125,7 +125,7 @@ def redact_value(value: Any) -> Any:
 
 
 def redact_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    """redact_value() of each value of a log line's or a span's fields. Fields of plain values with
+    """redact_value() of each value of a log line's fields. Fields of plain values with
     nothing to redact, most of them, come back as they are after one look at their text joined, rather
     than one look per value (a match in any one value is a match in the joined text)."""
     texts = []

@@ -6,8 +6,8 @@ or PostgreSQL shared by every replica), one row per tenant, so that the limit ho
 replicas. A replica takes a lease of calls at a time (a twentieth of the limit, at least one; one lease
 asked at a time per tenant, however many of its calls arrive together) in one atomic statement that
 learns the new count, and spends it locally: a call costs no write, and the replicas together never
-admit more than the limit (a lease another replica leaves unused can refuse a
-tenant a few calls early, never admit one too many; with small limits the lease is one call, exact).
+admit more than the limit (a lease another replica leaves unused can refuse a tenant a few calls
+early, never admit one too many; with small limits the lease is one call, exact).
 A tenant's window is a fixed minute that starts with its first call after the previous one ended, so a
 burst is never split across two windows (and never gets twice the limit). A refused tenant is refused
 here, without asking the database, until its window ends: counts only grow within a window.
