@@ -29,7 +29,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/pytest -q -rs
+	$(BIN)/pytest -q -rs --durations=25
 
 # The unit tier: single modules, injected clocks, no processes.
 test-fast: lint
