@@ -121,7 +121,11 @@ CREATE TABLE IF NOT EXISTS job_outcomes (
     cost INTEGER NOT NULL,
     UNIQUE (job_id, state)
 );
-CREATE INDEX IF NOT EXISTS job_outcomes_time ON job_outcomes (time);
+-- The windows' counts read these alone, not the table: the SLOs' over a week of jobs took 3.3 s at
+-- 1,000,000 jobs reading the rows the time index found, 0.16 s reading these.
+CREATE INDEX IF NOT EXISTS job_outcomes_latency ON job_outcomes (time, duration_seconds);
+CREATE INDEX IF NOT EXISTS job_outcomes_quality ON job_outcomes (state, time, qc_score);
+DROP INDEX IF EXISTS job_outcomes_time;
 CREATE TABLE IF NOT EXISTS backend_errors (
     job_id TEXT,
     time INTEGER NOT NULL,
@@ -152,7 +156,9 @@ CREATE TABLE IF NOT EXISTS job_outcomes (
     cost BIGINT NOT NULL,
     UNIQUE (job_id, state)
 );
-CREATE INDEX IF NOT EXISTS job_outcomes_time ON job_outcomes (time);
+CREATE INDEX IF NOT EXISTS job_outcomes_latency ON job_outcomes (time, duration_seconds);
+CREATE INDEX IF NOT EXISTS job_outcomes_quality ON job_outcomes (state, time, qc_score);
+DROP INDEX IF EXISTS job_outcomes_time;
 CREATE TABLE IF NOT EXISTS backend_errors (
     job_id TEXT,
     time BIGINT NOT NULL,
