@@ -20,7 +20,7 @@ job costs the stores.
 import asyncio
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -85,6 +85,17 @@ class Transaction(Queries):
     @abstractmethod
     async def notify(self, channel: str, payload: str) -> None:
         """Tells the channel's listeners, once the transaction commits."""
+
+
+# Values named in one statement's IN list at most: a statement takes at most 65,535 parameters on
+# PostgreSQL (32,766 in SQLite's default build), and a replica may hold tens of thousands of claims.
+IN_LIST_SIZE = 1000
+
+
+def in_batches(values: Sequence[_T]) -> Iterator[Sequence[_T]]:
+    """values, IN_LIST_SIZE at a time, for statements that name each in a list of parameters."""
+    for start in range(0, len(values), IN_LIST_SIZE):
+        yield values[start : start + IN_LIST_SIZE]
 
 
 _TRIGGER_EXISTS = {

@@ -44,7 +44,7 @@ from google.protobuf import timestamp_pb2
 
 from aiprod.common.v1 import event_pb2, job_pb2
 from aiprod.gateway.v1 import gateway_pb2
-from aiprod_kit.database import Database, Queries, Transaction, has_trigger
+from aiprod_kit.database import Database, Queries, Transaction, has_trigger, in_batches
 from aiprod_kit.failures import Reason
 
 TERMINAL_STATES = frozenset(
@@ -905,23 +905,28 @@ class SqlJobStore(JobStore):
     async def renew_claims(self, owner: str, job_ids: Sequence[str], lease_seconds: float) -> set[str]:
         if not job_ids:
             return set()
+        renewed: set[str] = set()
         async with self._db.transaction() as transaction:
-            rows = await transaction.fetchall(
-                "UPDATE jobs SET claim_expires = ? WHERE claim_owner = ? AND state IN (?, ?)"
-                f" AND job_id IN ({', '.join('?' * len(job_ids))}) RETURNING job_id",
-                (self._clock() + lease_seconds, owner, *_UNFINISHED, *job_ids),
-            )
-        return {row[0] for row in rows}
+            expires = self._clock() + lease_seconds
+            for some in in_batches(job_ids):
+                rows = await transaction.fetchall(
+                    "UPDATE jobs SET claim_expires = ? WHERE claim_owner = ? AND state IN (?, ?)"
+                    f" AND job_id IN ({', '.join('?' * len(some))}) RETURNING job_id",
+                    (expires, owner, *_UNFINISHED, *some),
+                )
+                renewed.update(row[0] for row in rows)
+        return renewed
 
     async def release_claims(self, owner: str, job_ids: Sequence[str]) -> None:
         if not job_ids:
             return
         async with self._db.transaction() as transaction:
-            await transaction.execute(
-                "UPDATE jobs SET claim_owner = NULL, claim_expires = NULL"
-                f" WHERE claim_owner = ? AND job_id IN ({', '.join('?' * len(job_ids))})",
-                (owner, *job_ids),
-            )
+            for some in in_batches(job_ids):
+                await transaction.execute(
+                    "UPDATE jobs SET claim_owner = NULL, claim_expires = NULL"
+                    f" WHERE claim_owner = ? AND job_id IN ({', '.join('?' * len(some))})",
+                    (owner, *some),
+                )
 
     async def unsettled_jobs(self, limit: int) -> list[gateway_pb2.RenderJob]:
         rows = await self._db.fetchall(

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from enum import StrEnum
 
-from aiprod_kit.database import Database, Queries, Transaction, has_trigger
+from aiprod_kit.database import Database, Queries, Transaction, has_trigger, in_batches
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -545,16 +545,17 @@ class SqlLedgerStore(LedgerStore):
             )
             if not rows:
                 return []
-            keys = [row[0] for row in rows]
-            in_keys = f"key IN ({', '.join('?' * len(keys))})"
-            await transaction.execute(
-                f"UPDATE reservations SET state = 'expired', settled = ?, expired_day = ? WHERE {in_keys}",
-                (_micros(now), self._day(now), *keys),
-            )
-            rows = await transaction.fetchall(
-                f"SELECT {_COLUMNS} FROM reservations WHERE {in_keys} ORDER BY expires, key", keys
-            )
-            return [_reservation(row) for row in rows]
+            expired = []
+            for keys in in_batches([row[0] for row in rows]):
+                in_keys = f"key IN ({', '.join('?' * len(keys))})"
+                await transaction.execute(
+                    f"UPDATE reservations SET state = 'expired', settled = ?, expired_day = ? WHERE {in_keys}",
+                    (_micros(now), self._day(now), *keys),
+                )
+                expired += await transaction.fetchall(
+                    f"SELECT {_COLUMNS} FROM reservations WHERE {in_keys}", keys
+                )
+            return sorted((_reservation(row) for row in expired), key=lambda r: (r.expires, r.key))
 
     @staticmethod
     async def _totals(queries: Queries, day: str, tenant: str | None) -> Totals:

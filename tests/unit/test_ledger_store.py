@@ -7,6 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from aiprod_kit import database
 from aiprod_kit.database import Database, SqliteDatabase
 from aiprod_kit.postgres import connect_postgres
 from aiprod_metrics.ledger import (
@@ -347,6 +348,17 @@ async def test_the_ledger_survives_reopening(open_store):
     assert (await second.get("a1")).actual == USD
     assert (await second.reserve("a2", "acme", "job-2", 3 * USD, NO_CAPS, TTL))[1] is False
     await second.close()
+
+
+async def test_a_sweep_expires_more_reservations_than_one_statement_names_in_expiry_order(
+    store, clock, monkeypatch
+):
+    monkeypatch.setattr(database, "IN_LIST_SIZE", 2)  # a statement names at most 1,000 at a time
+    for n in (4, 0, 3, 1, 2):
+        await store.reserve(f"k{n}", "acme", f"job-{n}", USD, NO_CAPS, TTL + timedelta(seconds=n))
+    clock.advance(TTL + timedelta(seconds=4))
+    assert [r.key for r in await store.expire_overdue()] == ["k0", "k1", "k2", "k3", "k4"]
+    assert (await store.day_totals("acme")).tenant.expired == 5
 
 
 async def test_racing_sweeps_expire_each_reservation_once(open_store, clock):

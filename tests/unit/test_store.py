@@ -251,6 +251,18 @@ async def test_a_claim_is_taken_once_renewed_by_its_owner_and_released(store):
     assert await store.renew_claims("one", ["job_a"], LEASE) == set()
 
 
+async def test_a_replica_renews_and_releases_more_claims_than_one_statement_can_name(store):
+    # A replica may drive tens of thousands of jobs (AIPROD_DISPATCH_MAX_IN_FLIGHT): more ids than one
+    # statement takes parameters (SQLite 32,766; PostgreSQL 65,535).
+    await store.create_job(job("job_a", "r1"), "f")
+    await store.create_job(job("job_b", "r2"), "f")
+    assert await store.claim("job_a", "one", LEASE) and await store.claim("job_b", "one", LEASE)
+    held = [f"job-{n}" for n in range(70_000)] + ["job_b", "job_a"]
+    assert await store.renew_claims("one", held, LEASE) == {"job_a", "job_b"}
+    await store.release_claims("one", held)
+    assert await store.claimable_jobs(10) == ["job_a", "job_b"]
+
+
 async def test_a_claim_whose_lease_ran_out_is_taken_over(open_store):
     clock = Clock()
     store = await open_store(clock)
