@@ -24,6 +24,7 @@ from aiprod_cli.gateway import (
     exit_on_rpc_error,
     require_key,
 )
+from aiprod_cli.interrupt import interruptible
 from aiprod_cli.output import (
     JsonOption,
     job_to_dict,
@@ -177,29 +178,35 @@ def render_video(
         created = gateway.stub.CreateRenderJob(request, timeout=CALL_TIMEOUT_SECONDS).job
         job_id = created.job_id
         state, after_sequence = created.state, created.last_sequence
+        in_review = state == job_pb2.JOB_STATE_AWAITING_APPROVAL
+        keeps_running = f"job {job_id} keeps running: `aiprod jobs get {job_id}` shows it"
         try:
-            if state == job_pb2.JOB_STATE_AWAITING_APPROVAL:
-                try:
-                    reviewed = await_approval(gateway, created, review)
-                except KeyboardInterrupt:
-                    version = created.plan_version or 1
-                    raise RenderError(
-                        f"interrupted; job {job_id} still awaits approval: "
-                        f"`aiprod jobs get {job_id}` shows it, `{approve_command(job_id, version)}` approves it"
-                    ) from None
-                state, after_sequence = reviewed.state, reviewed.after_sequence
-            if state not in TERMINAL_STATES:
-                with reporting() as reporter:
-                    # Follow what comes after the events already seen (the created job shows its first ones).
-                    for response in follow_job(
-                        gateway, job_id, reporter.reconnecting, after_sequence=after_sequence
-                    ):
-                        reporter.show(response)
-        except (KeyboardInterrupt, GatewayLost) as stopped:
-            why = str(stopped) or "interrupted"
-            raise RenderError(
-                f"{why}; job {job_id} keeps running: `aiprod jobs get {job_id}` shows it"
-            ) from None
+            with interruptible() as interrupt:
+                if in_review:
+                    reviewed = await_approval(gateway, created, review, interrupt)
+                    in_review = False
+                    state, after_sequence = reviewed.state, reviewed.after_sequence
+                if state not in TERMINAL_STATES:
+                    with reporting() as reporter:
+                        # Follow what comes after the events already seen (the created job shows its first ones).
+                        for response in follow_job(
+                            gateway,
+                            job_id,
+                            reporter.reconnecting,
+                            after_sequence=after_sequence,
+                            interrupt=interrupt,
+                        ):
+                            reporter.show(response)
+        except KeyboardInterrupt:
+            if in_review:
+                version = created.plan_version or 1
+                raise RenderError(
+                    f"interrupted; job {job_id} still awaits approval: "
+                    f"`aiprod jobs get {job_id}` shows it, `{approve_command(job_id, version)}` approves it"
+                ) from None
+            raise RenderError(f"interrupted; {keeps_running}") from None
+        except GatewayLost as lost:
+            raise RenderError(f"{lost}; {keeps_running}") from None
         # The stream's last message says the job ended; the job itself has the result or the error.
         job = gateway.stub.GetRenderJob(
             gateway_pb2.GetRenderJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_SECONDS

@@ -1,7 +1,7 @@
 """A job in review, as `aiprod render` shows it: the plan, the quote and how to approve, then each
 change (a new plan version, the approval, a cancel) until the job leaves AWAITING_APPROVAL."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -10,6 +10,7 @@ from rich.console import Console
 from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_cli.gateway import Gateway
+from aiprod_cli.interrupt import Interrupt
 from aiprod_cli.output import money, plan_table, quote_table
 from aiprod_cli.watch import follow_job
 
@@ -97,13 +98,18 @@ def await_approval(
     gateway: Gateway,
     job: gateway_pb2.RenderJob,
     reporter: ReviewReporter,
-    follow: Callable[..., Iterator[gateway_pb2.WatchRenderJobResponse]] = follow_job,
+    interrupt: Interrupt | None = None,
 ) -> Reviewed:
-    """Follows a job awaiting approval, reporting each change, until it leaves AWAITING_APPROVAL."""
+    """Follows a job awaiting approval, reporting each change, until it leaves AWAITING_APPROVAL.
+
+    Ctrl-C raises KeyboardInterrupt (through interrupt, when one is installed).
+    """
     after, version = job.last_sequence, job.plan_version or 1
     reporter.awaiting(job)
     with reporter.waiting():
-        for response in follow(gateway, job.job_id, reporter.reconnecting, after_sequence=after):
+        for response in follow_job(
+            gateway, job.job_id, reporter.reconnecting, after_sequence=after, interrupt=interrupt
+        ):
             if response.WhichOneof("kind") == "job":
                 snapshot = response.job
                 version = snapshot.plan_version or version

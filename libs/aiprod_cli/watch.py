@@ -8,6 +8,7 @@ import grpc
 from aiprod.common.v1 import job_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_cli.gateway import Gateway
+from aiprod_cli.interrupt import Interrupt
 
 TERMINAL_STATES = frozenset(
     {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
@@ -34,6 +35,7 @@ def follow_job(
     on_reconnect: Callable[[str], None],
     after_sequence: int = 0,
     reconnect_timeout: float = RECONNECT_TIMEOUT_SECONDS,
+    interrupt: Interrupt | None = None,
 ) -> Iterator[gateway_pb2.WatchRenderJobResponse]:
     """Yields the job's stream messages, from the events after after_sequence, until the job ends.
 
@@ -41,12 +43,17 @@ def follow_job(
     stream closing before the job ended) it waits for the gateway and resumes after the last event
     seen, so that no event is lost or repeated; every new stream starts with a fresh snapshot of the
     job. on_reconnect gets the reason of each break.
+
+    With an installed interrupt (`interruptible`), Ctrl-C cancels the stream or the wait for the gateway
+    and raises KeyboardInterrupt here.
     """
+    interrupt = interrupt or Interrupt()
     broken_since: float | None = None
     while True:
         call = gateway.stub.WatchRenderJob(
             gateway_pb2.WatchRenderJobRequest(job_id=job_id, after_sequence=after_sequence)
         )
+        interrupt.waiting_on(call)
         try:
             for response in call:
                 broken_since = None
@@ -55,8 +62,11 @@ def follow_job(
                 yield response
                 if _state(response) in TERMINAL_STATES:
                     return
+                interrupt.check()
             reason = "the gateway closed the stream before the job ended"
         except grpc.RpcError as error:
+            # A stream cancelled by Ctrl-C ends CANCELLED.
+            interrupt.check()
             if error.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
             reason = error.details() or "the gateway is unavailable"
@@ -71,9 +81,14 @@ def follow_job(
             raise lost
         on_reconnect(reason)
         time.sleep(min(_RECONNECT_PAUSE_SECONDS, max(deadline - time.monotonic(), 0.0)))
+        interrupt.check()
         ready = grpc.channel_ready_future(gateway.channel)
+        interrupt.waiting_on(ready)
         try:
             ready.result(timeout=max(deadline - time.monotonic(), 0.0))
+        except grpc.FutureCancelledError:
+            interrupt.check()
+            raise
         except grpc.FutureTimeoutError:
             ready.cancel()
             raise lost from None
