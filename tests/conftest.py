@@ -3,7 +3,9 @@ and the databases the stores run on."""
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -11,7 +13,9 @@ from postgres_support import fresh_schema
 
 from aiprod.gateway.v1 import gateway_pb2_grpc
 from aiprod_kit.apikeys import with_api_key
+from aiprod_kit.database import Database, SqliteDatabase
 from aiprod_kit.mesh import Mesh
+from aiprod_kit.postgres import connect_postgres
 
 # The development tenant (GOLD) of the test meshes orders without the tier's limits: tests poll and race
 # far beyond 50 calls a minute, and their floors are the presets' own. The tier tests set their own.
@@ -66,3 +70,28 @@ def database_environment(request: pytest.FixtureRequest) -> dict[str, str]:
     if request.param == "sqlite":
         return {}
     return {"AIPROD_DATABASE_URL": request.getfixturevalue("postgres_url")}
+
+
+OpenDatabase = Callable[..., Awaitable[Database]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def open_database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenDatabase]:
+    """Opens the one database a store lives in, on SQLite or on PostgreSQL (a test using it runs on
+    each): another connection at each call, as another replica (or version) would have; closed after
+    the test. `await open_database(name, **options)`: the SQLite file's name and SqliteDatabase's
+    options (private=True as the gateway's own file), ignored on PostgreSQL."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
+    opened: list[Database] = []
+
+    async def open_one(name: str, **sqlite_options: Any) -> Database:
+        if url:
+            database: Database = await connect_postgres(url, "test", connect_timeout=5)
+        else:
+            database = SqliteDatabase(tmp_path / f"{name}.sqlite3", name, **sqlite_options)
+        opened.append(database)
+        return database
+
+    yield open_one
+    for database in opened:
+        await database.close()

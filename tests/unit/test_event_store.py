@@ -2,14 +2,12 @@
 stands), run against every implementation: SQLite and PostgreSQL."""
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from aiprod.common.v1 import backend_pb2, job_pb2
-from aiprod_kit.database import SqliteDatabase
-from aiprod_kit.postgres import connect_postgres
 from aiprod_metrics.events import BackendError, EventStore, JobOutcome, Share, SqlEventStore
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -20,24 +18,14 @@ RUNWAY, VEO = backend_pb2.BACKEND_RUNWAY, backend_pb2.BACKEND_VEO
 OpenStore = Callable[[], Awaitable[EventStore]]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def open_store(request, tmp_path) -> AsyncIterator[OpenStore]:
+@pytest.fixture
+def open_store(open_database) -> OpenStore:
     """Opens a store on the one database: another connection each call, as another replica would have."""
-    opened: list[EventStore] = []
-    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
 
     async def open_one() -> EventStore:
-        if url:
-            database = await connect_postgres(url, "test", connect_timeout=5)
-        else:
-            database = SqliteDatabase(tmp_path / "events.sqlite3", "events")
-        store = await SqlEventStore.open(database)
-        opened.append(store)
-        return store
+        return await SqlEventStore.open(await open_database("events"))
 
-    yield open_one
-    for store in opened:
-        await store.close()
+    return open_one
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from aiprod_kit import database
-from aiprod_kit.database import Database, SqliteDatabase
-from aiprod_kit.postgres import connect_postgres
+from aiprod_kit.database import Database
 from aiprod_metrics.ledger import (
     BudgetExceeded,
     Caps,
@@ -46,32 +45,14 @@ def clock() -> FakeClock:
     return FakeClock(datetime(2025, 6, 1, 12, 0, tzinfo=UTC))
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def open_database(request, tmp_path):
-    """Opens the one database the ledger lives in: another connection each call."""
-    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
-
-    async def open_one() -> Database:
-        if url:
-            return await connect_postgres(url, "test", connect_timeout=5)
-        return SqliteDatabase(tmp_path / "ledger.sqlite3", "ledger", "FULL")
-
-    return open_one
-
-
 @pytest.fixture
-async def open_store(open_database, clock):
+def open_store(open_database, clock):
     """Opens a store on the one ledger: another connection each call, as another process would have."""
-    opened: list[LedgerStore] = []
 
     async def open_one(time_zone=UTC) -> LedgerStore:
-        store = await SqlLedgerStore.open(await open_database(), time_zone, clock)
-        opened.append(store)
-        return store
+        return await SqlLedgerStore.open(await open_database("ledger", synchronous="FULL"), time_zone, clock)
 
-    yield open_one
-    for store in opened:
-        await store.close()
+    return open_one
 
 
 @pytest.fixture
@@ -116,7 +97,7 @@ async def test_a_repeat_with_another_amount_or_backend_returns_the_first_reserva
 
 
 async def test_a_ledger_without_the_backend_column_gets_it_on_opening(open_database, clock):
-    database = await open_database()
+    database = await open_database("ledger", synchronous="FULL")
     # The reservations table as it was before reservations recorded their backend.
     old_table = """
 CREATE TABLE reservations (
@@ -131,7 +112,7 @@ CREATE TABLE reservations (
             "VALUES ('old', 'acme', 'job-0', 1000000, 'reserved', 0, 9000000000000000, '2025-06-01')"
         )
     await database.close()
-    store = await SqlLedgerStore.open(await open_database(), UTC, clock)
+    store = await SqlLedgerStore.open(await open_database("ledger", synchronous="FULL"), UTC, clock)
     try:
         assert (await store.get("old")).backend == 0  # not named when it was made
         new, _ = await store.reserve("new", "acme", "job-1", USD, NO_CAPS, TTL, VEO)
@@ -487,7 +468,7 @@ async def test_each_days_money_is_kept_equal_to_its_reservations_sums(open_datab
     (not summed over the day's reservations at each reservation): after every kind of change, on
     several days and tenants, the kept sums equal the reservations' own."""
     store = await open_store()
-    reader = await open_database()
+    reader = await open_database("ledger", synchronous="FULL")
     rng = random.Random(19)
     open_keys: list[str] = []
     expired_keys: list[str] = []
@@ -526,7 +507,7 @@ async def test_a_ledger_from_before_the_kept_sums_gets_them_on_opening(open_data
     await store.commit("b", USD)
     await store.reserve("c", "globex", "", 4 * USD, NO_CAPS, TTL)
     # As the version before left it: no sums kept, no triggers.
-    database = await open_database()
+    database = await open_database("ledger", synchronous="FULL")
     async with database.transaction() as transaction:
         if database.dialect == "sqlite":
             for name in ("reservations_day_money_insert", "reservations_day_money_update"):

@@ -4,7 +4,7 @@ RetryInfo; what a tier makes of a job's spec."""
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from google.protobuf import timestamp_pb2
@@ -22,7 +22,6 @@ from aiprod_gateway.tenancy import Tenant
 from aiprod_gateway.tiers import DEFAULT_TIERS, TierPolicy
 from aiprod_kit.database import SqliteDatabase
 from aiprod_kit.errors import ErrorReason, InvalidArgument, ResourceExhausted
-from aiprod_kit.postgres import connect_postgres
 
 BRONZE = Tenant("team-a", admin_pb2.SLA_TIER_BRONZE, 0)
 GOLD = Tenant("team-b", admin_pb2.SLA_TIER_GOLD, 0)
@@ -46,23 +45,14 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def open_limiter(request, tmp_path) -> AsyncIterator[OpenLimiter]:
+@pytest.fixture
+def open_limiter(open_database) -> OpenLimiter:
     """Opens a limiter on the one database: another connection each call, as another replica's."""
-    opened = []
-    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
 
     async def open_one(clock: Callable[[], float] = time.time) -> RequestLimiter:
-        if url:
-            database = await connect_postgres(url, "test", connect_timeout=5)
-        else:
-            database = SqliteDatabase(tmp_path / "jobs.sqlite3", "jobs", private=True)
-        opened.append(database)
-        return await RequestLimiter.open(database, TIERS, clock)
+        return await RequestLimiter.open(await open_database("jobs", private=True), TIERS, clock)
 
-    yield open_one
-    for database in opened:
-        await database.close()
+    return open_one
 
 
 async def outcomes(limiter: RequestLimiter, tenant: Tenant, calls: int) -> list[ResourceExhausted | None]:

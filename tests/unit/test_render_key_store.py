@@ -1,15 +1,10 @@
 """The render key store on SQLite (one file several processes share) and on PostgreSQL."""
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-
-import pytest
+from collections.abc import Callable
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
-from aiprod_kit.database import Database, SqliteDatabase
-from aiprod_kit.postgres import connect_postgres
 from aiprod_kit.rendering.keys import RenderKeyStore
 
 RUNWAY = backend_pb2.BACKEND_RUNWAY
@@ -20,28 +15,9 @@ SHOT = render_pb2.Shot(
 )
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def open_database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Callable]:
-    """Opens connections to one database, as separate replicas would; closes them afterwards."""
-    opened: list[Database] = []
-    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
-
-    async def connect() -> Database:
-        if url:
-            database: Database = await connect_postgres(url, "keys-test", 10)
-        else:
-            database = SqliteDatabase(tmp_path / "runway-keys.sqlite3", "keys-test")
-        opened.append(database)
-        return database
-
-    yield connect
-    for database in opened:
-        await database.close()
-
-
 async def test_one_claimant_wins_a_key_and_the_others_read_what_it_wrote(open_database: Callable) -> None:
-    first = await RenderKeyStore.open(await open_database(), RUNWAY, owner="replica-a")
-    second = await RenderKeyStore.open(await open_database(), RUNWAY, owner="replica-b")
+    first = await RenderKeyStore.open(await open_database("runway-keys"), RUNWAY, owner="replica-a")
+    second = await RenderKeyStore.open(await open_database("runway-keys"), RUNWAY, owner="replica-b")
     won, record = await first.claim("key-1", "gen4.5", SHOT)
     assert won and record.task_id == "" and record.ended is None
     # The image's bytes are not kept; what the shot is, is.
@@ -59,7 +35,7 @@ async def test_one_claimant_wins_a_key_and_the_others_read_what_it_wrote(open_da
 
 
 async def test_the_first_ending_recorded_stays(open_database: Callable) -> None:
-    store = await RenderKeyStore.open(await open_database(), RUNWAY)
+    store = await RenderKeyStore.open(await open_database("runway-keys"), RUNWAY)
     await store.claim("key-2", "gen4.5", SHOT)
     await store.record_task("key-2", "task-2")
     ended = renderer_pb2.Render(state=renderer_pb2.RENDER_STATE_CANCELLED)
@@ -71,8 +47,8 @@ async def test_the_first_ending_recorded_stays(open_database: Callable) -> None:
 
 
 async def test_release_frees_only_an_unsent_claim_of_its_own(open_database: Callable) -> None:
-    mine = await RenderKeyStore.open(await open_database(), RUNWAY, owner="a")
-    other = await RenderKeyStore.open(await open_database(), RUNWAY, owner="b")
+    mine = await RenderKeyStore.open(await open_database("runway-keys"), RUNWAY, owner="a")
+    other = await RenderKeyStore.open(await open_database("runway-keys"), RUNWAY, owner="b")
     await mine.claim("unsent", "gen4.5", SHOT)
     await other.release("unsent")
     assert await mine.get("unsent") is not None
@@ -85,7 +61,7 @@ async def test_release_frees_only_an_unsent_claim_of_its_own(open_database: Call
 
 
 async def test_backends_keep_their_own_keys(open_database: Callable) -> None:
-    database = await open_database()
+    database = await open_database("runway-keys")
     runway = await RenderKeyStore.open(database, RUNWAY)
     veo = await RenderKeyStore.open(database, backend_pb2.BACKEND_VEO)
     assert (await runway.claim("shared", "gen4.5", SHOT))[0]
@@ -93,7 +69,9 @@ async def test_backends_keep_their_own_keys(open_database: Callable) -> None:
 
 
 async def test_racing_replicas_have_exactly_one_winner(open_database: Callable) -> None:
-    stores = [await RenderKeyStore.open(await open_database(), RUNWAY, owner=f"r{i}") for i in range(4)]
+    stores = [
+        await RenderKeyStore.open(await open_database("runway-keys"), RUNWAY, owner=f"r{i}") for i in range(4)
+    ]
     outcomes = await asyncio.gather(*(store.claim("raced", "gen4.5", SHOT) for store in stores))
     assert sum(won for won, _ in outcomes) == 1
     assert len({record.owner for _, record in outcomes}) == 1

@@ -3,7 +3,7 @@
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -18,7 +18,6 @@ from aiprod_gateway.store import (
     TooManyUnfinished,
 )
 from aiprod_kit.database import SqliteDatabase
-from aiprod_kit.postgres import connect_postgres
 
 OpenStore = Callable[..., Awaitable[JobStore]]
 LEASE = 30.0
@@ -34,25 +33,15 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def open_store(request, tmp_path) -> AsyncIterator[OpenStore]:
+@pytest.fixture
+def open_store(open_database) -> OpenStore:
     """Opens a store on the one database: another connection each call, as another replica would have."""
-    opened: list[JobStore] = []
-    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
 
     async def open_one(clock: Callable[[], float] = time.time) -> JobStore:
-        if url:
-            database = await connect_postgres(url, "test", connect_timeout=5)
-        else:
-            # As the gateway opens it: a file of its own, used from the event loop.
-            database = SqliteDatabase(tmp_path / "jobs.sqlite3", "jobs", private=True)
-        store = await SqlJobStore.open(database, clock)
-        opened.append(store)
-        return store
+        # As the gateway opens it: a file of its own, used from the event loop.
+        return await SqlJobStore.open(await open_database("jobs", private=True), clock)
 
-    yield open_one
-    for store in opened:
-        await store.close()
+    return open_one
 
 
 @pytest.fixture
@@ -142,7 +131,7 @@ async def test_a_watcher_is_handed_what_its_process_appends_without_reading_the_
     assert reads == [0]
 
 
-@pytest.mark.parametrize("open_store", ["postgres"], indirect=True)
+@pytest.mark.parametrize("open_database", ["postgres"], indirect=True)
 async def test_a_watcher_reads_the_log_for_what_another_replica_appended_between_its_own(open_store):
     watching, appending = await open_store(), await open_store()
     await watching.create_job(job("job_a", "r1"), "f")
@@ -203,7 +192,7 @@ async def test_racing_appends_number_events_without_gaps(open_store):
 
 
 # One SQLite file belongs to one gateway process; replicas share PostgreSQL.
-@pytest.mark.parametrize("open_store", ["postgres"], indirect=True)
+@pytest.mark.parametrize("open_database", ["postgres"], indirect=True)
 async def test_a_watcher_sees_events_another_replica_appends(open_store):
     """Replicas on one database: a watch on one follows the events another appends, as they come."""
     watching, appending = await open_store(), await open_store()
@@ -343,7 +332,7 @@ async def test_claims_outlive_a_reopened_store_on_postgres_not_on_sqlite(open_st
     await first.create_job(job("job_a", "r1"), "f")
     assert await first.claim("job_a", "previous", LEASE)
     second = await open_store()
-    expected = [] if request.node.callspec.params["open_store"] == "postgres" else ["job_a"]
+    expected = [] if request.node.callspec.params["open_database"] == "postgres" else ["job_a"]
     assert await second.claimable_jobs(10) == expected
 
 

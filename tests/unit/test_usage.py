@@ -4,7 +4,6 @@ usage answer put together from the store and the ledger (a fake metrics service)
 checked."""
 
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -15,10 +14,8 @@ from aiprod.metrics.v1 import metrics_pb2
 from aiprod_gateway.store import JobStore, SqlJobStore
 from aiprod_gateway.tenancy import Tenant
 from aiprod_gateway.usage import tenant_usage
-from aiprod_kit.database import Database, SqliteDatabase
 from aiprod_kit.errors import InvalidArgument
 from aiprod_kit.money import usd
-from aiprod_kit.postgres import connect_postgres
 
 AWAITING, QUEUED, RUNNING = (
     job_pb2.JOB_STATE_AWAITING_APPROVAL,
@@ -32,28 +29,9 @@ SUCCEEDED, FAILED, CANCELLED = (
 )
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def open_database(request, tmp_path) -> AsyncIterator[Callable[[], Awaitable[Database]]]:
-    """Opens the one database: another connection each call, as another replica (or version) would."""
-    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
-    opened: list[Database] = []
-
-    async def open_one() -> Database:
-        if url:
-            database: Database = await connect_postgres(url, "test", connect_timeout=5)
-        else:
-            database = SqliteDatabase(tmp_path / "jobs.sqlite3", "jobs", private=True)
-        opened.append(database)
-        return database
-
-    yield open_one
-    for database in opened:
-        await database.close()
-
-
 @pytest.fixture
 async def store(open_database) -> JobStore:
-    return await SqlJobStore.open(await open_database())
+    return await SqlJobStore.open(await open_database("jobs", private=True))
 
 
 async def create(
@@ -249,7 +227,7 @@ async def test_a_store_from_before_the_kept_figures_gets_them_on_opening(open_da
     await change_jobs_at_random(store, random.Random(7), 120)
     expected = {tenant: await figures_from_the_jobs(store, tenant) for tenant in ("acme", "bravo")}
     # As the version before left it: no figures kept, no triggers, the jobs' columns at their defaults.
-    database = await open_database()
+    database = await open_database("jobs", private=True)
     async with database.transaction() as transaction:
         for trigger in ("jobs_tenant_figures_insert", "jobs_tenant_figures_update"):
             await transaction.execute(
@@ -260,7 +238,7 @@ async def test_a_store_from_before_the_kept_figures_gets_them_on_opening(open_da
             "UPDATE jobs SET reviewed = 0, approved = 0, quoted_micros = 0, cost_micros = 0"
         )
     await database.close()
-    reopened = await SqlJobStore.open(await open_database())
+    reopened = await SqlJobStore.open(await open_database("jobs", private=True))
     for tenant, figures in expected.items():
         assert await kept_figures(reopened, tenant) == figures
     # And kept from there on.
