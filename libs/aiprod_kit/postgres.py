@@ -23,6 +23,7 @@ from aiprod_kit.database import (
     Transaction,
     _counted,
 )
+from aiprod_kit.errors import ServiceError
 from aiprod_kit.settings import ConfigurationError
 
 log = structlog.get_logger()
@@ -46,6 +47,23 @@ def _reachable(where: str, redact: Callable[[str], str]) -> Iterator[None]:
     except (psycopg.OperationalError, PoolTimeout) as error:
         log.warning("database unreachable", database=where, reason=redact(_one_line(error)))
         raise DatabaseUnavailable(f"the database is unreachable now ({where}); try again") from None
+
+
+class StatementRefused(ServiceError):
+    """libpq would not send a statement (more than 65,535 parameters, say): the fault of the code that
+    built it, which trying again will not mend (INTERNAL, not UNAVAILABLE)."""
+
+
+@contextlib.contextmanager
+def _sendable(connection: psycopg.AsyncConnection) -> Iterator[None]:
+    """libpq reports a statement it refuses to send as it reports a lost connection: an OperationalError
+    without a SQLSTATE. The connection, still good after a refusal, tells the two apart."""
+    try:
+        yield
+    except psycopg.OperationalError as error:
+        if error.sqlstate is None and not connection.broken:
+            raise StatementRefused(f"the database client refused a statement: {_one_line(error)}") from error
+        raise
 
 
 class _PostgresTransaction(Transaction):
@@ -97,24 +115,27 @@ class PostgresDatabase(Database):
         _counted(self.dialect, "statement")
         with _reachable(self._where, self._redact):
             async with self._pool.connection() as connection:
-                cursor = await connection.execute(_placeholders(query), parameters)
-                return await cursor.fetchone()
+                with _sendable(connection):
+                    cursor = await connection.execute(_placeholders(query), parameters)
+                    return await cursor.fetchone()
 
     async def fetchall(self, query: str, parameters: Parameters = ()) -> list[tuple]:
         _counted(self.dialect, "statement")
         with _reachable(self._where, self._redact):
             async with self._pool.connection() as connection:
-                cursor = await connection.execute(_placeholders(query), parameters)
-                return await cursor.fetchall()
+                with _sendable(connection):
+                    cursor = await connection.execute(_placeholders(query), parameters)
+                    return await cursor.fetchall()
 
     @asynccontextmanager
     async def transaction(self, read_only: bool = False) -> AsyncIterator[Transaction]:
         _counted(self.dialect, "transaction")
         with _reachable(self._where, self._redact):
             async with self._pool.connection() as connection, connection.transaction():
-                if read_only:
-                    await connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                yield _PostgresTransaction(connection)
+                with _sendable(connection):
+                    if read_only:
+                        await connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    yield _PostgresTransaction(connection)
 
     async def create_schema(self, schemas: Mapping[str, str]) -> None:
         async with self.transaction() as transaction:
