@@ -10,13 +10,25 @@ from typing import Any
 import pytest
 from cli_support import AIPROD, cli_environment
 
-from aiprod.common.v1 import backend_pb2, render_pb2
-from aiprod_cli.explain import plan_request
-from aiprod_cli.render import AspectRatio, Backend, build_spec
+from aiprod_cli.explain import explain_route
+from aiprod_cli.render import build_spec
 from aiprod_kit.mesh import Mesh
-from aiprod_kit.presets import PRESETS
 
+# The development tenant's tier asks more quality than quick_social's floor (0.6): a plan must rank as
+# the job is routed, with the tier's minimum.
+TIER_QUALITY_MINIMUM = 0.7
 ENVIRONMENT = {
+    "AIPROD_GATEWAY_TIERS": json.dumps(
+        {
+            "GOLD": {
+                "concurrent_jobs": 1_000_000,
+                "requests_per_minute": 1_000_000_000,
+                "quality_minimum": TIER_QUALITY_MINIMUM,
+                "max_duration_seconds": 180,
+                "latency_seconds": 86_400,
+            }
+        }
+    ),
     "AIPROD_SANDBOX_RENDER_SECONDS": "1",
     "AIPROD_RUNWAY_POLL_SECONDS": "0.2",
     "AIPROD_VEO_POLL_SECONDS": "0.2",
@@ -126,7 +138,7 @@ def test_a_render_shows_in_the_backends_figures(mesh: Mesh) -> None:
     assert runway["p95_latency"] != "0s"
 
 
-def test_render_explain_json_has_the_ranked_candidates_and_their_reasons(mesh: Mesh) -> None:
+def test_render_explain_json_has_every_backends_estimate_ranked_as_the_job_is_routed(mesh: Mesh) -> None:
     result = aiprod(
         "render",
         "A lighthouse in a storm",
@@ -134,8 +146,6 @@ def test_render_explain_json_has_the_ranked_candidates_and_their_reasons(mesh: M
         "4",
         "--explain",
         "--json",
-        "--router",
-        mesh.address("router"),
         "--gateway",
         mesh.address("gateway"),
         api_key=mesh.api_key,
@@ -144,53 +154,38 @@ def test_render_explain_json_has_the_ranked_candidates_and_their_reasons(mesh: M
     assert job["state"] == "JOB_STATE_SUCCEEDED"
 
     explain = job["explain"]
-    assert {candidate["backend"] for candidate in explain} == BACKENDS
-    for candidate in explain:
-        assert {"rank", "eligible", "estimated_cost", "estimated_latency", "reasons"} <= set(candidate)
-        assert candidate["reasons"], candidate
-    eligible = [candidate for candidate in explain if candidate["eligible"]]
-    # Eligible ones first, ranked 1, 2...; the others after them, with rank 0.
-    assert explain[: len(eligible)] == eligible
-    assert [candidate["rank"] for candidate in eligible] == list(range(1, len(eligible) + 1))
-    assert all(candidate["rank"] == 0 for candidate in explain[len(eligible) :])
+    assert {estimate["backend"] for estimate in explain} == BACKENDS
+    for estimate in explain:
+        assert {"estimated_cost", "estimated_latency", "reasons", "model", "resolution"} <= set(estimate)
+        assert estimate["reasons"], estimate
+    qualifying = [estimate for estimate in explain if estimate["qualifies"]]
+    # The route first, the qualifying ones ranked 1, 2...; the others after them, unranked.
+    assert explain[: len(qualifying)] == qualifying
+    assert [estimate["rank"] for estimate in qualifying] == list(range(1, len(qualifying) + 1))
+    assert all(estimate["rank"] == 0 for estimate in explain[len(qualifying) :])
 
-    by_name = {candidate["backend"]: candidate for candidate in explain}
-    # The local renderer's quality is under the preset's floor (quick_social: 0.6).
-    assert not by_name["BACKEND_LOCAL"]["eligible"]
-    assert any("floor" in reason for reason in by_name["BACKEND_LOCAL"]["reasons"])
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for estimate in explain:
+        by_name.setdefault(estimate["backend"], []).append(estimate)
+    # The local renderer's quality (0.5) is under the floor: the tier's 0.70, not quick_social's 0.60,
+    # as the job's own routing says.
+    local_reasons = [reason for estimate in by_name["BACKEND_LOCAL"] for reason in estimate["reasons"]]
+    assert not any(estimate["qualifies"] for estimate in by_name["BACKEND_LOCAL"])
+    assert any(f"floor {TIER_QUALITY_MINIMUM:.2f}" in reason for reason in local_reasons), local_reasons
     # Replicate's model renders 6 s only.
-    assert not by_name["BACKEND_REPLICATE"]["eligible"]
-    assert any("duration" in reason for reason in by_name["BACKEND_REPLICATE"]["reasons"])
-    assert by_name["BACKEND_VEO"]["eligible"]
-    assert by_name["BACKEND_RUNWAY"]["eligible"]
-    assert int(by_name["BACKEND_VEO"]["estimated_cost"]["amount_micros"]) > 0
-    assert any(reason.startswith("ranked first") for reason in eligible[0]["reasons"])
-    # The plan is the router's answer for the same render: the job went where it ranked first.
-    assert job["backend"] == eligible[0]["backend"]
+    assert not any(estimate["qualifies"] for estimate in by_name["BACKEND_REPLICATE"])
+    assert qualifying[0]["backend"] in {"BACKEND_RUNWAY", "BACKEND_VEO"}
+    assert int(qualifying[0]["estimated_cost"]["amount_micros"]) > 0
+    # The plan is the gateway's quote for the same render: the job went where it ranked first.
+    assert job["backend"] == qualifying[0]["backend"]
 
 
-def test_render_explain_goes_on_without_the_router(mesh: Mesh) -> None:
+def test_render_explain_goes_on_without_a_plan(mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
     address = f"127.0.0.1:{closed_port()}"
-
-    result = aiprod(
-        "render",
-        "A kite over a beach",
-        "--duration",
-        "4",
-        "--explain",
-        "--json",
-        "--router",
-        address,
-        "--gateway",
-        mesh.address("gateway"),
-        api_key=mesh.api_key,
-    )
-
-    job = json_of(result)
-    assert job["state"] == "JOB_STATE_SUCCEEDED"
-    assert job["explain"] is None
-    assert f"the router cannot be reached at {address}" in result.stderr
-    assert "rendering anyway" in result.stderr
+    assert explain_route(build_spec("A kite over a beach"), address, mesh.api_key) is None
+    said = capsys.readouterr().err
+    assert f"no route plan: the gateway cannot be reached at {address} (UNAVAILABLE)" in said
+    assert "rendering anyway" in said
 
 
 def test_render_explain_table_and_every_fallback_in_the_progress(mesh: Mesh) -> None:
@@ -204,8 +199,6 @@ def test_render_explain_table_and_every_fallback_in_the_progress(mesh: Mesh) -> 
         "--duration",
         "4",
         "--explain",
-        "--router",
-        mesh.address("router"),
         "--gateway",
         mesh.address("gateway"),
         api_key=mesh.api_key,
@@ -223,26 +216,3 @@ def test_render_explain_table_and_every_fallback_in_the_progress(mesh: Mesh) -> 
     assert "routed to veo: " in notes
     # The plan comes before the render starts.
     assert notes.index("Route plan") < notes.index("routed to runway")
-
-
-def test_the_plan_asks_for_the_render_the_gateway_will_route() -> None:
-    presets = {preset.name: preset.to_proto() for preset in PRESETS.values()}
-
-    default = plan_request(build_spec("  A fox in the snow "), presets)
-    assert default is not None
-    assert default.shot.prompt == "A fox in the snow"
-    assert default.shot.duration_seconds == PRESETS["quick_social"].default_duration_seconds
-    assert default.shot.aspect_ratio == render_pb2.ASPECT_RATIO_16_9
-    assert not default.shot.HasField("first_frame")
-    assert default.constraints.quality_floor == PRESETS["quick_social"].quality_floor
-    assert default.constraints.preferred_backend == backend_pb2.BACKEND_UNSPECIFIED
-
-    spec = build_spec("A fox", "premium_spot", 6, AspectRatio.PORTRAIT, Backend.VEO)
-    chosen = plan_request(spec, presets)
-    assert chosen is not None
-    assert chosen.shot.duration_seconds == 6
-    assert chosen.shot.aspect_ratio == render_pb2.ASPECT_RATIO_9_16
-    assert chosen.constraints.quality_floor == PRESETS["premium_spot"].quality_floor
-    assert chosen.constraints.preferred_backend == backend_pb2.BACKEND_VEO
-
-    assert plan_request(build_spec("A fox", "no_such_preset"), presets) is None

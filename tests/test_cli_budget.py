@@ -9,7 +9,7 @@ from cli_support import aiprod
 from support import eventually
 
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
-from aiprod_kit.mesh import Mesh
+from aiprod_kit.mesh import DEVELOPMENT_TENANT, Mesh
 from aiprod_kit.money import usd
 
 
@@ -67,3 +67,20 @@ def test_budget_shows_uncertain_money_on_its_own_line(metrics_address):
     assert table.returncode == 0, table.stderr
     (line,) = [line for line in table.stdout.splitlines() if line.startswith("uncertain")]
     assert "tenant default 1.75" in line and "global 1.75" in line
+
+
+def test_budget_shows_the_api_keys_tenant_unless_told_another(mesh: Mesh):
+    where = ("--metrics", mesh.address("metrics"), "--gateway", mesh.address("gateway"))
+
+    mine = aiprod("budget", "--json", *where, api_key=mesh.api_key)
+    assert mine.returncode == 0, mine.stderr
+    assert json.loads(mine.stdout)["budget"]["tenant_id"] == DEVELOPMENT_TENANT
+
+    other = aiprod("budget", "--json", "--tenant", "acme", *where, api_key=mesh.api_key)
+    assert other.returncode == 0, other.stderr
+    assert json.loads(other.stdout)["budget"]["tenant_id"] == "acme"
+
+    refused = aiprod("budget", *where, api_key="not-a-key")
+    assert refused.returncode == 2
+    assert "UNAUTHENTICATED" in refused.stderr
+    assert "not-a-key" not in refused.stderr

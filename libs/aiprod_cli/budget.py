@@ -1,4 +1,5 @@
-"""`aiprod budget`: today's budget from the metrics service's ledger, for the tenant and overall."""
+"""`aiprod budget`: today's budget from the metrics service's ledger, for a tenant (the API key's, by
+default) and overall."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,8 +10,17 @@ from rich import box
 from rich.table import Table
 
 from aiprod.common.v1 import money_pb2
+from aiprod.gateway.v1 import gateway_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
-from aiprod_cli.gateway import CALL_TIMEOUT_SECONDS, exit_on_rpc_error, open_channel
+from aiprod_cli.gateway import (
+    CALL_TIMEOUT_SECONDS,
+    DEFAULT_GATEWAY,
+    ApiKeyOption,
+    GatewayOption,
+    connect,
+    exit_on_rpc_error,
+    open_channel,
+)
 from aiprod_cli.output import JsonOption, message_to_dict, new_table, print_json, stdout
 from aiprod_kit.money import budget_level_name
 from aiprod_kit.settings import METRICS_PORT
@@ -59,16 +69,34 @@ def _uncertain_line(budgets: dict[str, metrics_pb2.Budget]) -> str:
     return f"uncertain: {amounts} (expired, unreconciled: in spent at full amount)"
 
 
+def key_tenant(gateway: str, api_key: str) -> str:
+    """The tenant the API key orders for, as the gateway knows it (exits 2 when it refuses the key)."""
+    with exit_on_rpc_error(gateway), connect(gateway, api_key) as connection:
+        usage = connection.stub.GetUsage(gateway_pb2.GetUsageRequest(), timeout=CALL_TIMEOUT_SECONDS)
+    return usage.tenant_id
+
+
 def budget(
-    tenant: Annotated[str, typer.Option(metavar="ID", help="The tenant (default: the default tenant).")] = "",
+    tenant: Annotated[
+        str,
+        typer.Option(
+            metavar="ID",
+            help="The tenant (default: the API key's, asked of the gateway; without a key, the ledger's "
+            "default tenant).",
+        ),
+    ] = "",
     metrics: MetricsOption = DEFAULT_METRICS,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    api_key: ApiKeyOption = "",
     json_output: JsonOption = False,
 ) -> None:
     """Show today's budget: cap, spent, reserved, remaining and level (ok, notify, economy, exhausted),
     and the uncertain money within spent (expired reservations nobody reconciled yet).
 
-    Exits 2 when the metrics service cannot be reached.
+    Exits 2 when the metrics service cannot be reached, or the gateway refuses the API key.
     """
+    if not tenant and api_key.strip():
+        tenant = key_tenant(gateway, api_key)
     with exit_on_rpc_error(metrics, "metrics service"), connect_metrics(metrics) as stub:
         response = stub.GetBudget(
             metrics_pb2.GetBudgetRequest(tenant_id=tenant), timeout=CALL_TIMEOUT_SECONDS

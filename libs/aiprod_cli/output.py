@@ -213,31 +213,6 @@ def backends_table(backends: list[router_pb2.BackendStatus]) -> Table:
     return table
 
 
-def route_table(candidates: list[router_pb2.RouteCandidate]) -> Table:
-    """A route plan: every backend, eligible ones first by rank, each with the router's reasons."""
-    table = new_table(
-        "rank",
-        "backend",
-        "eligible",
-        "est. cost",
-        "est. latency",
-        "reasons",
-        title="Route plan",
-        box=box.SIMPLE,
-    )
-    for candidate in candidates:
-        table.add_row(
-            str(candidate.rank) if candidate.eligible else "-",
-            offer_name(candidate.backend, candidate.model, candidate.resolution),
-            "yes" if candidate.eligible else "no",
-            _money(candidate.estimated_cost),
-            _seconds(candidate.estimated_latency),
-            # Text, not str: the reasons are the router's words, not rich markup.
-            Text("\n".join(candidate.reasons)),
-        )
-    return table
-
-
 def _duration_text(seconds: float) -> str:
     return f"{seconds:g} s"
 
@@ -297,7 +272,7 @@ def quote_table(quote: gateway_pb2.Quote) -> Table:
     return table
 
 
-def estimates_table(estimates: list[gateway_pb2.BackendEstimate]) -> Table:
+def estimates_table(estimates: list[gateway_pb2.BackendEstimate], title: str = "Estimates") -> Table:
     """Every backend's estimate, the route first: whether it qualifies, and why not."""
     table = new_table(
         "rank",
@@ -306,7 +281,7 @@ def estimates_table(estimates: list[gateway_pb2.BackendEstimate]) -> Table:
         "estimate",
         "est. latency",
         "reasons",
-        title="Estimates",
+        title=title,
         box=box.SIMPLE,
     )
     for estimate in estimates:

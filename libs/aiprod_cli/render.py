@@ -14,7 +14,7 @@ import typer
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
-from aiprod_cli.explain import plan_route
+from aiprod_cli.explain import explain_route
 from aiprod_cli.gateway import (
     CALL_TIMEOUT_SECONDS,
     DEFAULT_GATEWAY,
@@ -27,17 +27,16 @@ from aiprod_cli.gateway import (
 from aiprod_cli.interrupt import interruptible
 from aiprod_cli.output import (
     JsonOption,
+    estimates_table,
     job_to_dict,
     message_to_dict,
     print_json,
     print_line,
-    route_table,
     state_name,
     stderr,
 )
 from aiprod_cli.progress import Reporter, SilentReporter, progress_reporter
 from aiprod_cli.review import ReviewReporter, approve_command, await_approval
-from aiprod_cli.router import DEFAULT_ROUTER, RouterOption
 from aiprod_cli.watch import TERMINAL_STATES, GatewayLost, follow_job
 from aiprod_kit.failures import reason_name
 from aiprod_kit.money import usd_from_units
@@ -233,8 +232,8 @@ def render(
         bool,
         typer.Option(
             "--explain",
-            help="First show how the router ranks the backends for this render, with its reasons "
-            '(asks the router at --router; with --json, under "explain").',
+            help="First show how the backends rank for this render, with the reasons (the gateway's quote "
+            'for it: every backend\'s estimate; with --json, under "explain").',
         ),
     ] = False,
     review: Annotated[
@@ -254,7 +253,6 @@ def render(
             "and price, or a refusal saying why it no longer holds.",
         ),
     ] = "",
-    router: RouterOption = DEFAULT_ROUTER,
     gateway: GatewayOption = DEFAULT_GATEWAY,
     api_key: ApiKeyOption = "",
     json_output: JsonOption = False,
@@ -270,13 +268,13 @@ def render(
     """
     require_key(api_key)
     spec = build_spec(prompt, preset, duration, aspect_ratio, backend, max_cost, resolution)
-    # With --explain, the JSON has "explain": the candidates, or null when the router could not say.
+    # With --explain, the JSON has "explain": the estimates, or null when the gateway gave none.
     extra: dict[str, object] = {}
     if explain:
-        candidates = plan_route(spec, gateway, router, api_key)
-        extra["explain"] = None if candidates is None else [message_to_dict(c) for c in candidates]
-        if candidates is not None and not json_output:
-            stderr.print(route_table(candidates))
+        estimates = explain_route(spec, gateway, api_key)
+        extra["explain"] = None if estimates is None else [message_to_dict(e) for e in estimates]
+        if estimates is not None and not json_output:
+            stderr.print(estimates_table(estimates, title="Route plan"))
 
     def reporting() -> AbstractContextManager[Reporter]:
         return nullcontext(SilentReporter()) if json_output else progress_reporter(stderr)
