@@ -211,7 +211,7 @@ def test_render_explain_table_and_every_fallback_in_the_progress(mesh: Mesh) -> 
     # Each candidate is a backend's model at a resolution.
     assert re.search(r"^\s*1\s+runway gen4\.5 720p\s+yes\s", notes, re.MULTILINE), notes
     assert re.search(r"^\s*-\s+local local-synth-v1 720p\s+no\s.*under the floor", notes, re.MULTILINE), notes
-    assert re.search(r"routed to runway: .*preferred by the request", notes), notes
+    assert re.search(r"routed to runway: .*preferred by the request or its quote", notes), notes
     assert re.search(r"falling back from runway to veo: [A-Z_]+: \S", notes), notes
     assert "routed to veo: " in notes
     # The plan comes before the render starts.

@@ -143,11 +143,18 @@ def normalized_spec(
         or shots_duration(spec.shots)
         or (preset.default_duration_seconds if preset else 0)
     )
-    if not math.isfinite(duration) or duration < 0 or (preset and duration > preset.max_duration_seconds):
-        limit = (
-            f"at most {preset.max_duration_seconds:g} s for preset {preset.name}" if preset else "positive"
+    if not math.isfinite(duration) or duration < 0:
+        violations.append(
+            ("spec.duration_seconds", f"must be a positive number of seconds, not {spec.duration_seconds:g}")
         )
-        violations.append(("spec.duration_seconds", f"must be {limit}, not {spec.duration_seconds:g}"))
+    elif preset and duration > preset.max_duration_seconds:
+        violations.append(
+            (
+                "spec.duration_seconds",
+                f"must be at most {preset.max_duration_seconds:g} s for preset {preset.name}, "
+                f"not {spec.duration_seconds:g}",
+            )
+        )
     if spec.aspect_ratio not in render_pb2.AspectRatio.values():
         violations.append(("spec.aspect_ratio", f"unknown aspect ratio {spec.aspect_ratio}"))
     violations += resolution_violations(spec.resolution, "spec.resolution")

@@ -244,7 +244,8 @@ def _said(candidate: Candidate) -> list[tuple[str, tuple]]:
         if candidate.stand_in:
             said.append(("development stand-in, under the floor {:.2f}", (request.quality_floor,)))
         if candidate.preferred:
-            said.append(("preferred by the request", ()))
+            # The gateway prefers a quoted route as a request naming a backend does.
+            said.append(("preferred by the request or its quote", ()))
         if seconds_left is not None and p95 is not None and p95 > seconds_left * _CLOSE_TO_DEADLINE:
             said.append(("p95 {:.0f} s close to the {:.0f} s left to the deadline", (p95, seconds_left)))
         return said

@@ -267,6 +267,20 @@ def test_shots_are_checked_one_by_one_and_in_all():
     ]
 
 
+@pytest.mark.parametrize(
+    ("seconds", "why"),
+    [
+        (-1, "must be a positive number of seconds, not -1"),
+        (float("inf"), "must be a positive number of seconds, not inf"),
+        (31, "must be at most 30 s for preset quick_social, not 31"),
+    ],
+)
+def test_a_bad_duration_says_what_is_wrong_with_it(seconds, why):
+    with pytest.raises(InvalidArgument) as raised:
+        normalized_spec(render_pb2.RenderSpec(prompt="a", duration_seconds=seconds), POLICY)
+    assert raised.value.violations == [("spec.duration_seconds", why)]
+
+
 def test_a_requests_own_shots_must_add_up_to_its_duration():
     shots = [render_pb2.Shot(prompt="a", duration_seconds=8), render_pb2.Shot(prompt="b", duration_seconds=6)]
     normalized, _ = normalized_spec(render_pb2.RenderSpec(prompt="film", shots=shots), POLICY)
