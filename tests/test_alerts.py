@@ -95,6 +95,8 @@ async def test_a_fresh_service_lists_every_policy_resolved(start_metrics):
         ("daily_spend_critical", 0),
         ("mean_quality_low", 0),
         ("job_latency_p95_high", 0),
+        # About no backend in particular while none has had an error.
+        ("backend_errors_high", 0),
     }
     assert not any(alert.firing for alert in listed.values())
     assert listed["daily_spend_warning", 0].threshold == 90

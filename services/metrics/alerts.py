@@ -7,7 +7,8 @@
 - job_latency_p95_high: the p95 duration (nearest rank) of the jobs that ended in the latency window
   over the maximum, seconds.
 - backend_errors_high: per backend, its errors (failed jobs, attempts given up) in the errors window
-  over the maximum; one alert per backend with an error kept.
+  over the maximum; one alert per backend with an error kept, or one for no backend in particular
+  (value 0) while none has, so that every policy is listed.
 
 A policy that starts firing logs "alert firing"; one that stops, "alert resolved". Each condition and
 since when it holds is kept in the event store: a restarted service (or another replica) reports the
@@ -113,6 +114,8 @@ class AlertEvaluator:
         jobs, quality = await self._events.quality(now - limits.quality_window, job_pb2.JOB_STATE_SUCCEEDED)
         latency = p95(await self._events.durations(now - limits.latency_window))
         errors = await self._events.error_counts(now - limits.backend_errors_window)
+        # No backend has an error kept: the policy is still listed, about none of them.
+        errors = errors or {backend_pb2.BACKEND_UNSPECIFIED: 0}
         return [
             _Measure(
                 "daily_spend_warning",
