@@ -273,6 +273,22 @@ def test_render_end_to_end(up_gateway: str, up_key: str, tmp_path: Path) -> None
     assert "FAILED_PRECONDITION" in cancelled.stderr
 
 
+def test_a_backend_asked_for_that_does_not_qualify_is_said_and_the_render_goes_on(
+    up_gateway: str, up_key: str
+) -> None:
+    # `aiprod up` without --sandbox runs the local renderer only.
+    rendered = aiprod(
+        "render", "A lighthouse at dusk", "--backend", "runway", "--duration", "1", "--json",
+        "--gateway", up_gateway, api_key=up_key,
+    )  # fmt: skip
+
+    assert rendered.returncode == 0, rendered.stderr
+    assert json.loads(rendered.stdout)["backend"] == "BACKEND_LOCAL"
+    assert re.search(
+        r"note: runway was asked for but does not qualify \(.+\): routing to local", rendered.stderr
+    ), rendered.stderr
+
+
 def test_empty_prompt_exits_2_and_names_the_field(up_gateway: str, up_key: str) -> None:
     result = aiprod("render", "", "--json", "--gateway", up_gateway, api_key=up_key)
 

@@ -216,3 +216,19 @@ def test_render_explain_table_and_every_fallback_in_the_progress(mesh: Mesh) -> 
     assert "routed to veo: " in notes
     # The plan comes before the render starts.
     assert notes.index("Route plan") < notes.index("routed to runway")
+
+
+def test_a_backend_asked_for_that_does_not_qualify_is_said_with_its_reasons(mesh: Mesh) -> None:
+    # Replicate's model renders 6 s only.
+    result = aiprod(
+        "render", "A kite over a beach", "--backend", "replicate", "--duration", "4", "--json",
+        "--gateway", mesh.address("gateway"), api_key=mesh.api_key,
+    )  # fmt: skip
+    job = json_of(result)
+    assert job["backend"] != "BACKEND_REPLICATE"
+    note = re.search(
+        r"note: replicate was asked for but does not qualify \((.+)\): routing to (\w+)", result.stderr
+    )
+    assert note, result.stderr
+    assert "duration" in note.group(1)
+    assert f"BACKEND_{note.group(2).upper()}" == job["backend"]

@@ -38,6 +38,7 @@ from aiprod_cli.output import (
 from aiprod_cli.progress import Reporter, SilentReporter, progress_reporter
 from aiprod_cli.review import ReviewReporter, approve_command, await_approval
 from aiprod_cli.watch import TERMINAL_STATES, GatewayLost, follow_job
+from aiprod_kit.capabilities import backend_name
 from aiprod_kit.failures import reason_name
 from aiprod_kit.money import usd_from_units
 
@@ -158,6 +159,19 @@ def _deliver(job: gateway_pb2.RenderJob, out: Path | None) -> str:
     return str(target)
 
 
+def preference_not_taken(asked: int, quote: gateway_pb2.Quote) -> str | None:
+    """Why the backend asked for (--backend) is not the quote's route, for people; None when it is.
+
+    A preference is soft: the router takes another backend when the one asked does not qualify."""
+    if not asked or not quote.backend or quote.backend == asked:
+        return None
+    reasons = [
+        reason for estimate in quote.estimates if estimate.backend == asked for reason in estimate.reasons
+    ]
+    why = "; ".join(dict.fromkeys(reasons)) or "this mesh has no such renderer"
+    return f"{backend_name(asked)} was asked for but does not qualify ({why}): routing to {backend_name(quote.backend)}"
+
+
 def render_video(
     address: str,
     api_key: str,
@@ -176,6 +190,8 @@ def render_video(
     with connect(address, api_key) as gateway:
         created = gateway.stub.CreateRenderJob(request, timeout=CALL_TIMEOUT_SECONDS).job
         job_id = created.job_id
+        if note := preference_not_taken(request.spec.constraints.preferred_backend, created.quote):
+            stderr.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
         state, after_sequence = created.state, created.last_sequence
         in_review = state == job_pb2.JOB_STATE_AWAITING_APPROVAL
         keeps_running = f"job {job_id} keeps running: `aiprod jobs get {job_id}` shows it"
