@@ -1,5 +1,6 @@
 """Typed settings, read once at start-up from environment variables prefixed ``AIPROD_``."""
 
+import math
 import os
 import re
 from pathlib import Path
@@ -23,6 +24,32 @@ SANDBOX_PORT = 50080
 
 # A Cloud Storage bucket name (lower case letters, digits, dots, dashes and underscores).
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: those it may run on, fewer under a container's CPU limit (cgroup
+    v2's cpu.max, or v1's CFS quota), rounded up. os.cpu_count() counts the node's: a pod limited to one
+    CPU on a 32-core node would run 32 CPU-bound steps at once."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return cpus
+    try:
+        limit = math.ceil(int(quota) / int(period))
+    except (ValueError, ZeroDivisionError):
+        return cpus  # "max" (v2) or -1 (v1): no limit
+    return max(1, min(cpus, limit)) if limit > 0 else cpus
+
+
+def _bucket_name(value: str) -> str:
+    if value and not _BUCKET.fullmatch(value):
+        raise ValueError(f"{value[:80]!r} is not a Cloud Storage bucket name (no gs://, no path)")
+    return value
 
 
 class ConfigurationError(Exception):
@@ -81,7 +108,7 @@ class GatewaySettings(CommonSettings):
     dispatch_max_in_flight: int = Field(10_000, ge=0)
     # How many of the jobs' steps that use this replica's CPU (a film's stitching, a shot's last frame
     # for the continuous shot after it) run at once.
-    dispatch_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    dispatch_concurrency: int = Field(default_factory=usable_cpus, ge=1)
     # How many shots of one job render at once (a long video's shots render side by side, each its own
     # chain of attempts), at most the tenant's tier's concurrent jobs.
     gateway_shot_concurrency: int = Field(4, ge=1)
@@ -138,9 +165,10 @@ class GatewaySettings(CommonSettings):
     @classmethod
     def _bucket_names(cls, value: str) -> str:
         for name in filter(None, (part.strip() for part in value.split(","))):
-            if not _BUCKET.fullmatch(name):
-                raise ValueError(f"{name[:80]!r} is not a Cloud Storage bucket name (no gs://, no path)")
+            _bucket_name(name)
         return value
+
+    _gcs_bucket_name = field_validator("gcs_bucket")(_bucket_name)
 
     @property
     def image_buckets(self) -> frozenset[str]:
@@ -263,12 +291,14 @@ class ProviderSettings(BaseSettings):
     download_timeout_seconds: float = 300.0
     # Outputs decoded for QC at once (the others wait their turn): the CPUs this process may use. More
     # at once is no faster (each decode keeps a core busy) and holds a decoder's frames each.
-    qc_concurrency: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1)
+    qc_concurrency: int = Field(default_factory=usable_cpus, ge=1)
     # Consecutive provider failures that open the breaker, and how long it stays open before a probe.
     breaker_failures: int = 5
     breaker_cooldown_seconds: float = 30.0
     # Outputs go to this Google Cloud Storage bucket when set, else under AIPROD_DATA_DIR/videos.
     gcs_bucket: str = Field("", validation_alias="AIPROD_GCS_BUCKET")
+
+    _gcs_bucket_name = field_validator("gcs_bucket")(_bucket_name)
 
     def offered(self) -> list[tuple[str, str]]:
         """(model, resolution) of every offer, the default model at 720p first, each once."""
@@ -324,3 +354,10 @@ class ReplicateSettings(ProviderSettings):
     input_mapping: str = (
         '{"prompt": "prompt", "first_frame": "first_frame_image", "duration_seconds": "duration"}'
     )
+
+    @field_validator("offers")
+    @classmethod
+    def _one_model(cls, value: str) -> str:
+        if value.strip():
+            raise ValueError("Replicate renders one model (AIPROD_REPLICATE_MODEL); it takes no other offers")
+        return value
