@@ -5,6 +5,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -44,6 +45,9 @@ class FakeGateway(gateway_pb2_grpc.GatewayServiceServicer):
 
     def __init__(self, video: Path) -> None:
         self.after_sequences: list[int] = []
+        # A create of a prompt starting "[slow]" answers only once released: the request ids it got.
+        self.slow_creates: list[str] = []
+        self.release = threading.Event()
         # The authorization metadata of every call.
         self.authorizations: list[str] = []
         self.events = [
@@ -84,6 +88,9 @@ class FakeGateway(gateway_pb2_grpc.GatewayServiceServicer):
                 code=code_pb2.INVALID_ARGUMENT, message="spec.prompt: must not be empty", details=[detail]
             )
             context.abort_with_status(rpc_status.to_status(status))
+        if request.spec.prompt.startswith("[slow]"):
+            self.slow_creates.append(request.request_id)
+            self.release.wait(60)
         return gateway_pb2.CreateRenderJobResponse(
             job=gateway_pb2.RenderJob(
                 job_id=JOB_ID, request_id=request.request_id, state=job_pb2.JOB_STATE_QUEUED
@@ -154,6 +161,37 @@ def test_render_prints_the_video_path_last(fake_gateway: tuple[FakeGateway, str]
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines()[-1] == str(tmp_path / "rendered.mp4")
     assert "SUCCEEDED" in result.stderr
+
+
+def test_ctrl_c_before_the_gateway_answers_gives_the_request_id_that_gets_the_job_without_another(
+    fake_gateway: tuple[FakeGateway, str], tmp_path: Path
+) -> None:
+    servicer, address = fake_gateway
+    render = subprocess.Popen(
+        [str(AIPROD), "render", "[slow] A kite", "--gateway", address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_environment(FAKE_KEY),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not servicer.slow_creates:
+            assert render.poll() is None, render.communicate()
+            assert time.monotonic() < deadline, "the create never reached the gateway"
+            time.sleep(0.02)
+
+        render.send_signal(signal.SIGINT)
+
+        _, stderr = render.communicate(timeout=60)
+    finally:
+        servicer.release.set()
+        if render.poll() is None:
+            render.kill()
+            render.wait()
+    assert render.returncode == 1, stderr
+    assert "interrupted before the gateway answered: the job may have been ordered" in stderr
+    assert f"--request-id {servicer.slow_creates[0]} returns it rather than ordering another" in stderr
 
 
 def test_bad_input_reports_the_field_and_exits_2(fake_gateway: tuple[FakeGateway, str]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import unquote, urlparse
 
+import grpc
 import typer
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
@@ -19,12 +20,13 @@ from aiprod_cli.gateway import (
     CALL_TIMEOUT_SECONDS,
     DEFAULT_GATEWAY,
     ApiKeyOption,
+    Gateway,
     GatewayOption,
     connect,
     exit_on_rpc_error,
     require_key,
 )
-from aiprod_cli.interrupt import interruptible
+from aiprod_cli.interrupt import Interrupt, interruptible
 from aiprod_cli.output import (
     JsonOption,
     estimates_table,
@@ -172,6 +174,42 @@ def preference_not_taken(asked: int, quote: gateway_pb2.Quote) -> str | None:
     return f"{backend_name(asked)} was asked for but does not qualify ({why}): routing to {backend_name(quote.backend)}"
 
 
+def _create(
+    gateway: Gateway, request: gateway_pb2.CreateRenderJobRequest, interrupt: Interrupt
+) -> gateway_pb2.RenderJob:
+    """The created job; KeyboardInterrupt when Ctrl-C cancelled the call (raises the gateway's refusal)."""
+    call = gateway.stub.CreateRenderJob.future(request, timeout=CALL_TIMEOUT_SECONDS)
+    interrupt.waiting_on(call)
+    try:
+        return call.result().job
+    except grpc.FutureCancelledError:
+        interrupt.check()
+        raise
+
+
+def _keeps_running(job_id: str) -> str:
+    return f"job {job_id} keeps running: `aiprod jobs get {job_id}` shows it"
+
+
+def _interrupted(
+    request: gateway_pb2.CreateRenderJobRequest, created: gateway_pb2.RenderJob | None, in_review: bool
+) -> RenderError:
+    """What Ctrl-C left behind, and the command that goes on from there."""
+    if created is None:
+        # The gateway may have made the job: the same request id returns it rather than ordering another.
+        return RenderError(
+            "interrupted before the gateway answered: the job may have been ordered; the same command with "
+            f"--request-id {request.request_id} returns it rather than ordering another"
+        )
+    if in_review:
+        job_id, version = created.job_id, created.plan_version or 1
+        return RenderError(
+            f"interrupted; job {job_id} still awaits approval: "
+            f"`aiprod jobs get {job_id}` shows it, `{approve_command(job_id, version)}` approves it"
+        )
+    return RenderError(f"interrupted; {_keeps_running(created.job_id)}")
+
+
 def render_video(
     address: str,
     api_key: str,
@@ -188,15 +226,15 @@ def render_video(
     or the gateway gone for good), grpc.RpcError when the gateway refused a call.
     """
     with connect(address, api_key) as gateway:
-        created = gateway.stub.CreateRenderJob(request, timeout=CALL_TIMEOUT_SECONDS).job
-        job_id = created.job_id
-        if note := preference_not_taken(request.spec.constraints.preferred_backend, created.quote):
-            stderr.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
-        state, after_sequence = created.state, created.last_sequence
-        in_review = state == job_pb2.JOB_STATE_AWAITING_APPROVAL
-        keeps_running = f"job {job_id} keeps running: `aiprod jobs get {job_id}` shows it"
+        created: gateway_pb2.RenderJob | None = None
+        in_review = False
         try:
             with interruptible() as interrupt:
+                created = _create(gateway, request, interrupt)
+                if note := preference_not_taken(request.spec.constraints.preferred_backend, created.quote):
+                    stderr.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+                state, after_sequence = created.state, created.last_sequence
+                in_review = state == job_pb2.JOB_STATE_AWAITING_APPROVAL
                 if in_review:
                     reviewed = await_approval(gateway, created, review, interrupt)
                     in_review = False
@@ -206,22 +244,17 @@ def render_video(
                         # Follow what comes after the events already seen (the created job shows its first ones).
                         for response in follow_job(
                             gateway,
-                            job_id,
+                            created.job_id,
                             reporter.reconnecting,
                             after_sequence=after_sequence,
                             interrupt=interrupt,
                         ):
                             reporter.show(response)
         except KeyboardInterrupt:
-            if in_review:
-                version = created.plan_version or 1
-                raise RenderError(
-                    f"interrupted; job {job_id} still awaits approval: "
-                    f"`aiprod jobs get {job_id}` shows it, `{approve_command(job_id, version)}` approves it"
-                ) from None
-            raise RenderError(f"interrupted; {keeps_running}") from None
-        except GatewayLost as lost:
-            raise RenderError(f"{lost}; {keeps_running}") from None
+            raise _interrupted(request, created, in_review) from None
+        except GatewayLost as lost:  # only while following: the job was created
+            raise RenderError(f"{lost}; {_keeps_running(created.job_id)}") from None
+        job_id = created.job_id
         # The stream's last message says the job ended; the job itself has the result or the error.
         job = gateway.stub.GetRenderJob(
             gateway_pb2.GetRenderJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_SECONDS
