@@ -161,7 +161,7 @@ def _deliver(job: gateway_pb2.RenderJob, out: Path | None) -> str:
     return str(target)
 
 
-def preference_not_taken(asked: int, quote: gateway_pb2.Quote) -> str | None:
+def _preference_not_taken(asked: int, quote: gateway_pb2.Quote) -> str | None:
     """Why the backend asked for (--backend) is not the quote's route, for people; None when it is.
 
     A preference is soft: the router takes another backend when the one asked does not qualify."""
@@ -177,7 +177,8 @@ def preference_not_taken(asked: int, quote: gateway_pb2.Quote) -> str | None:
 def _create(
     gateway: Gateway, request: gateway_pb2.CreateRenderJobRequest, interrupt: Interrupt
 ) -> gateway_pb2.RenderJob:
-    """The created job; KeyboardInterrupt when Ctrl-C cancelled the call (raises the gateway's refusal)."""
+    """The created job. Raises the gateway's refusal (grpc.RpcError), or KeyboardInterrupt when Ctrl-C
+    cancelled the call."""
     call = gateway.stub.CreateRenderJob.future(request, timeout=CALL_TIMEOUT_SECONDS)
     interrupt.waiting_on(call)
     try:
@@ -231,7 +232,7 @@ def render_video(
         try:
             with interruptible() as interrupt:
                 created = _create(gateway, request, interrupt)
-                if note := preference_not_taken(request.spec.constraints.preferred_backend, created.quote):
+                if note := _preference_not_taken(request.spec.constraints.preferred_backend, created.quote):
                     stderr.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
                 state, after_sequence = created.state, created.last_sequence
                 in_review = state == job_pb2.JOB_STATE_AWAITING_APPROVAL
