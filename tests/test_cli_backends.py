@@ -1,6 +1,7 @@
 """`aiprod backends` and `aiprod render --explain`, run as users do against a mesh with the provider sandbox."""
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -14,21 +15,13 @@ from aiprod_cli.explain import explain_route
 from aiprod_cli.render import build_spec
 from aiprod_kit.mesh import Mesh
 
-# The development tenant's tier asks more quality than quick_social's floor (0.6): a plan must rank as
-# the job is routed, with the tier's minimum.
+# The development tenant's tier (the test meshes', conftest.py) asks more quality than quick_social's
+# floor (0.6): a plan must rank as the job is routed, with the tier's minimum.
 TIER_QUALITY_MINIMUM = 0.7
+TIERS = json.loads(os.environ["AIPROD_GATEWAY_TIERS"])
+TIERS["GOLD"]["quality_minimum"] = TIER_QUALITY_MINIMUM
 ENVIRONMENT = {
-    "AIPROD_GATEWAY_TIERS": json.dumps(
-        {
-            "GOLD": {
-                "concurrent_jobs": 1_000_000,
-                "requests_per_minute": 1_000_000_000,
-                "quality_minimum": TIER_QUALITY_MINIMUM,
-                "max_duration_seconds": 180,
-                "latency_seconds": 86_400,
-            }
-        }
-    ),
+    "AIPROD_GATEWAY_TIERS": json.dumps(TIERS),
     "AIPROD_SANDBOX_RENDER_SECONDS": "1",
     "AIPROD_RUNWAY_POLL_SECONDS": "0.2",
     "AIPROD_VEO_POLL_SECONDS": "0.2",
