@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from aiprod_kit.database import Database
+from aiprod_kit.database import Database, has_trigger
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -83,6 +83,11 @@ class EventStore(ABC):
         """Backend errors since then, for every backend with an error kept (0 for older ones only)."""
 
     @abstractmethod
+    async def keep_slo_counts(self, latency_under_seconds: float, quality_at_least: float) -> None:
+        """Keeps the SLO shares' counts by hour for these thresholds from now on (counted again from the
+        outcomes kept when they change): the shares asked with them then read hours, not jobs."""
+
+    @abstractmethod
     async def latency_share(self, since: datetime, under_seconds: float) -> Share:
         """Of the jobs that ended since then with a duration, those that took less than under_seconds."""
 
@@ -144,6 +149,26 @@ CREATE TABLE IF NOT EXISTS alert_conditions (
     since INTEGER NOT NULL,
     PRIMARY KEY (policy, backend)
 ) WITHOUT ROWID;
+-- The SLO shares' counts by hour and state for the thresholds in slo_thresholds (its one row), kept by
+-- a trigger on job_outcomes (keep_slo_counts): a week's shares read about 170 of these rows and at most
+-- an hour of outcomes, where they read every outcome of the week.
+CREATE TABLE IF NOT EXISTS slo_thresholds (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    latency_under_seconds REAL NOT NULL,
+    quality_at_least REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS job_outcome_hours (
+    -- time / 3,600,000,000
+    hour INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    outcomes INTEGER NOT NULL,
+    -- with a duration, and of those under latency_under_seconds
+    timed INTEGER NOT NULL,
+    fast INTEGER NOT NULL,
+    -- with a QC score of quality_at_least or more
+    scored INTEGER NOT NULL,
+    PRIMARY KEY (hour, state)
+) WITHOUT ROWID;
 """,
     # The same tables; 64-bit integers are BIGINT there.
     "postgresql": """
@@ -176,7 +201,64 @@ CREATE TABLE IF NOT EXISTS alert_conditions (
     since BIGINT NOT NULL,
     PRIMARY KEY (policy, backend)
 );
+CREATE TABLE IF NOT EXISTS slo_thresholds (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    latency_under_seconds DOUBLE PRECISION NOT NULL,
+    quality_at_least DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS job_outcome_hours (
+    hour BIGINT NOT NULL,
+    state INTEGER NOT NULL,
+    outcomes BIGINT NOT NULL,
+    timed BIGINT NOT NULL,
+    fast BIGINT NOT NULL,
+    scored BIGINT NOT NULL,
+    PRIMARY KEY (hour, state)
+);
 """,
+}
+
+
+_HOUR_MICROS = 3_600_000_000
+# Later than any outcome's time (a signed 64-bit integer).
+_NO_END = 2**63 - 1
+
+
+def _hour_counts(row: str, outcomes: str, total: str) -> str:
+    """A row of job_outcome_hours from an outcome (total "") or, summed, from outcomes (total "SUM"),
+    with the thresholds' row as t."""
+    return (
+        f"{row}.time / {_HOUR_MICROS}, {row}.state, {outcomes}, "
+        f"{total}(CASE WHEN {row}.duration_seconds IS NULL THEN 0 ELSE 1 END), "
+        f"{total}(CASE WHEN {row}.duration_seconds < t.latency_under_seconds THEN 1 ELSE 0 END), "
+        f"{total}(CASE WHEN {row}.qc_score >= t.quality_at_least THEN 1 ELSE 0 END)"
+    )
+
+
+_ADD_OUTCOME = (
+    "INSERT INTO job_outcome_hours (hour, state, outcomes, timed, fast, scored) "
+    f"SELECT {_hour_counts('NEW', '1', '')} FROM slo_thresholds t "
+    # WHERE true: SQLite's upsert after a SELECT needs a WHERE to parse.
+    "WHERE true ON CONFLICT (hour, state) DO UPDATE SET "
+    "outcomes = job_outcome_hours.outcomes + excluded.outcomes, "
+    "timed = job_outcome_hours.timed + excluded.timed, "
+    "fast = job_outcome_hours.fast + excluded.fast, "
+    "scored = job_outcome_hours.scored + excluded.scored"
+)
+_HOURS_FROM_OUTCOMES = (
+    "INSERT INTO job_outcome_hours (hour, state, outcomes, timed, fast, scored) "
+    f"SELECT {_hour_counts('o', 'COUNT(*)', 'SUM')} FROM job_outcomes o CROSS JOIN slo_thresholds t "
+    f"GROUP BY o.time / {_HOUR_MICROS}, o.state"
+)
+_HOURS_TRIGGER = "job_outcomes_hours"
+_HOURS_TRIGGERS = {
+    "sqlite": [f"CREATE TRIGGER {_HOURS_TRIGGER} AFTER INSERT ON job_outcomes BEGIN {_ADD_OUTCOME}; END"],
+    "postgresql": [
+        f"CREATE OR REPLACE FUNCTION {_HOURS_TRIGGER}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"{_ADD_OUTCOME}; RETURN NULL; END $$",
+        f"CREATE TRIGGER {_HOURS_TRIGGER} AFTER INSERT ON job_outcomes "
+        f"FOR EACH ROW EXECUTE FUNCTION {_HOURS_TRIGGER}()",
+    ],
 }
 
 
@@ -247,32 +329,88 @@ class SqlEventStore(EventStore):
 
     async def error_counts(self, since: datetime) -> dict[int, int]:
         # Every backend with an error kept, 0 for none since (its alert resolves), each counted on the
-        # (backend, time) index rather than by reading every error kept: 51 -> 6.4 ms at 200,000 on SQLite.
+        # (backend, time) index rather than by reading every error kept (51 -> 6.4 ms at 200,000 on
+        # SQLite), the backends found on it one after the other, not by reading it whole (DISTINCT).
         rows = await self._db.fetchall(
-            "SELECT backend, (SELECT COUNT(*) FROM backend_errors e WHERE e.backend = b.backend AND e.time >= ?)"
-            " FROM (SELECT DISTINCT backend FROM backend_errors) b",
+            "WITH RECURSIVE kept (backend) AS (SELECT MIN(backend) FROM backend_errors UNION ALL "
+            "SELECT (SELECT MIN(backend) FROM backend_errors WHERE backend > kept.backend) FROM kept "
+            "WHERE kept.backend IS NOT NULL) "
+            "SELECT backend, (SELECT COUNT(*) FROM backend_errors e WHERE e.backend = kept.backend AND e.time >= ?)"
+            " FROM kept WHERE backend IS NOT NULL",
             (_micros(since),),
         )
         return {backend: int(count) for backend, count in rows}
 
+    async def keep_slo_counts(self, latency_under_seconds: float, quality_at_least: float) -> None:
+        thresholds = (float(latency_under_seconds), float(quality_at_least))
+        dialect = self._db.dialect
+        async with self._db.transaction() as transaction:
+            await transaction.lock("slo-counts")
+            if dialect == "postgresql":
+                # No outcome recorded between the counts and the trigger or the thresholds (a replica).
+                await transaction.execute("LOCK TABLE job_outcomes IN SHARE ROW EXCLUSIVE MODE")
+            if not await has_trigger(transaction, dialect, "job_outcomes", _HOURS_TRIGGER):
+                for statement in _HOURS_TRIGGERS[dialect]:
+                    await transaction.execute(statement)
+            kept = await transaction.fetchone(
+                "SELECT latency_under_seconds, quality_at_least FROM slo_thresholds"
+            )
+            if kept is None or tuple(kept) != thresholds:
+                await transaction.execute("DELETE FROM slo_thresholds")
+                await transaction.execute(
+                    "INSERT INTO slo_thresholds (id, latency_under_seconds, quality_at_least) VALUES (1, ?, ?)",
+                    thresholds,
+                )
+                await transaction.execute("DELETE FROM job_outcome_hours")
+                await transaction.execute(_HOURS_FROM_OUTCOMES)
+
     async def latency_share(self, since: datetime, under_seconds: float) -> Share:
-        good, total = await self._one(
-            "SELECT COALESCE(SUM(CASE WHEN duration_seconds < ? THEN 1 ELSE 0 END), 0), COUNT(*) "
-            "FROM job_outcomes WHERE time >= ? AND duration_seconds IS NOT NULL",
-            under_seconds,
-            _micros(since),
+        return await self._share(
+            since,
+            "SELECT CASE WHEN duration_seconds < ? THEN 1 ELSE 0 END AS good, 1 AS total FROM job_outcomes "
+            "WHERE duration_seconds IS NOT NULL AND time >= ? AND time < ?",
+            (under_seconds,),
+            "SELECT fast, timed FROM job_outcome_hours WHERE hour >= ?",
+            (),
+            ("latency_under_seconds", under_seconds),
         )
-        return Share(int(good), total)
 
     async def quality_share(self, since: datetime, state: int, at_least: float) -> Share:
-        good, total = await self._one(
-            "SELECT COALESCE(SUM(CASE WHEN qc_score >= ? THEN 1 ELSE 0 END), 0), COUNT(*) "
-            "FROM job_outcomes WHERE time >= ? AND state = ?",
-            at_least,
-            _micros(since),
-            state,
+        return await self._share(
+            since,
+            "SELECT CASE WHEN qc_score >= ? THEN 1 ELSE 0 END AS good, 1 AS total FROM job_outcomes "
+            "WHERE state = ? AND time >= ? AND time < ?",
+            (at_least, state),
+            "SELECT scored, outcomes FROM job_outcome_hours WHERE state = ? AND hour >= ?",
+            (state,),
+            ("quality_at_least", at_least),
         )
-        return Share(int(good), total)
+
+    async def _share(
+        self,
+        since: datetime,
+        outcomes: str,
+        outcome_parameters: tuple,
+        hours: str,
+        hour_parameters: tuple,
+        threshold: tuple[str, float],
+    ) -> Share:
+        """Good and total over the outcomes' rows (good, 1) since then (the query's last parameters: from,
+        until). The whole hours from the hours' counts when they are kept for this threshold (by any
+        replica), from their outcomes when not; the rest of the first hour from its outcomes. One
+        statement: one snapshot."""
+        start = _micros(since)
+        whole = -(-start // _HOUR_MICROS)  # the first whole hour
+        column, value = threshold
+        kept = f"EXISTS (SELECT 1 FROM slo_thresholds WHERE {column} = ?)"
+        good, total = await self._one(
+            "SELECT COALESCE(SUM(good), 0), COALESCE(SUM(total), 0) FROM ("
+            f"{outcomes} UNION ALL {hours} AND {kept} UNION ALL {outcomes} AND NOT {kept}) AS counted",
+            *(*outcome_parameters, start, whole * _HOUR_MICROS),
+            *(*hour_parameters, whole, value),
+            *(*outcome_parameters, whole * _HOUR_MICROS, _NO_END, value),
+        )
+        return Share(int(good), int(total))
 
     async def track_conditions(
         self, firing: Mapping[ConditionKey, bool], now: datetime
@@ -306,6 +444,11 @@ class SqlEventStore(EventStore):
         async with self._db.transaction() as transaction:
             await transaction.execute("DELETE FROM job_outcomes WHERE time < ?", (_micros(before),))
             await transaction.execute("DELETE FROM backend_errors WHERE time < ?", (_micros(before),))
+            # The hours wholly before then. The one it falls in goes on counting the outcomes forgotten
+            # of it, but only a window from before then would read it.
+            await transaction.execute(
+                "DELETE FROM job_outcome_hours WHERE hour < ?", (_micros(before) // _HOUR_MICROS,)
+            )
 
     async def close(self) -> None:
         await self._db.close()

@@ -2,6 +2,7 @@
 stands), run against every implementation: SQLite and PostgreSQL."""
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -114,3 +115,101 @@ async def test_conditions_survive_reopening_and_replicas_agree(open_store):
     assert [answer[key].changed for answer in seen].count(True) == 1
     assert len({answer[key].since for answer in seen}) == 1
     assert (await replicas[0].track_conditions({key: False}, NOW + HOUR))[key].since == seen[0][key].since
+
+
+LATENCY_UNDER, QUALITY_AT_LEAST = 900.0, 0.6
+
+
+def drawn_outcomes(seed: int, count: int, hours: int) -> list[JobOutcome]:
+    """Outcomes over the last hours, some exactly on an hour or on a threshold, some without a duration
+    or a score, of three states."""
+    draw = random.Random(seed)
+    outcomes = []
+    for index in range(count):
+        ago = timedelta(seconds=draw.choice([draw.uniform(0, hours * 3600), 3600 * draw.randint(0, hours)]))
+        state = draw.choice([SUCCEEDED, SUCCEEDED, FAILED, job_pb2.JOB_STATE_CANCELLED])
+        qc = draw.choice([None, QUALITY_AT_LEAST, round(draw.random(), 2)]) if state == SUCCEEDED else None
+        seconds = draw.choice([None, LATENCY_UNDER, draw.uniform(10, 2000)])
+        outcomes.append(outcome(f"job{index}", ago, state=state, qc=qc, seconds=seconds))
+    return outcomes
+
+
+def recorded(*batches: list[JobOutcome]) -> list[JobOutcome]:
+    """The outcomes a store keeps of these batches: the first of each job and state."""
+    kept: dict[tuple[str, int], JobOutcome] = {}
+    for batch in batches:
+        for one in batch:
+            kept.setdefault((one.job_id, one.state), one)
+    return list(kept.values())
+
+
+def counted(
+    outcomes: list[JobOutcome],
+    since: datetime,
+    under: float = LATENCY_UNDER,
+    at_least: float = QUALITY_AT_LEAST,
+) -> tuple[Share, Share]:
+    """The SLO shares since then, counted here one outcome at a time."""
+    timed = [o for o in outcomes if o.time >= since and o.duration_seconds is not None]
+    scored = [o for o in outcomes if o.time >= since and o.state == SUCCEEDED]
+    return (
+        Share(sum(o.duration_seconds < under for o in timed), len(timed)),
+        Share(sum(o.qc_score is not None and o.qc_score >= at_least for o in scored), len(scored)),
+    )
+
+
+async def shares(
+    store: EventStore, since: datetime, under: float = LATENCY_UNDER, at_least: float = QUALITY_AT_LEAST
+) -> tuple[Share, Share]:
+    return await store.latency_share(since, under), await store.quality_share(since, SUCCEEDED, at_least)
+
+
+def windows(hours: int) -> list[datetime]:
+    """Windows starting on an hour, within one, a microsecond either side of one, and before them all."""
+    starts = [NOW - hours * HOUR - HOUR, NOW + HOUR]
+    for hour in range(hours + 1):
+        on = NOW - hour * HOUR
+        starts += [
+            on,
+            on - timedelta(minutes=17),
+            on - timedelta(microseconds=1),
+            on + timedelta(microseconds=1),
+        ]
+    return starts
+
+
+async def test_slo_shares_read_from_hours_count_every_outcome_once(store):
+    """Counted by hour, every window's shares are those of the outcomes themselves."""
+    await store.keep_slo_counts(LATENCY_UNDER, QUALITY_AT_LEAST)
+    outcomes = drawn_outcomes(seed=7, count=300, hours=30)
+    # In batches, one sent twice: an outcome recorded again counts once in the hours too.
+    for first in range(0, len(outcomes), 50):
+        await store.record(outcomes[first : first + 50], [])
+    await store.record(outcomes[:50], [])
+    for since in windows(30):
+        assert await shares(store, since) == counted(outcomes, since), since
+    # Other thresholds than those kept are counted from the outcomes.
+    since = NOW - timedelta(hours=5, minutes=30)
+    assert await shares(store, since, 100.0, 0.9) == counted(outcomes, since, 100.0, 0.9)
+    # Forgetting the older outcomes leaves the windows after them as they were.
+    forgotten = NOW - timedelta(hours=10, minutes=30)
+    await store.prune(forgotten)
+    for since in (since for since in windows(10) if since >= forgotten):
+        assert await shares(store, since) == counted(outcomes, since), since
+
+
+async def test_slo_counts_by_hour_start_from_the_outcomes_kept(open_store):
+    """Outcomes recorded before the counts were kept, or kept for other thresholds, are counted again;
+    a replica still asking with the old thresholds counts the outcomes themselves."""
+    first = await open_store()
+    before = drawn_outcomes(seed=3, count=120, hours=12)
+    await first.record(before, [])
+    await first.keep_slo_counts(100.0, 0.9)
+    after = drawn_outcomes(seed=4, count=120, hours=12)[60:]  # some of the same jobs: kept once
+    await first.record(after, [])
+    restarted = await open_store()
+    await restarted.keep_slo_counts(LATENCY_UNDER, QUALITY_AT_LEAST)
+    outcomes = recorded(before, after)
+    for since in windows(12):
+        assert await shares(restarted, since) == counted(outcomes, since), since
+        assert await shares(first, since, 100.0, 0.9) == counted(outcomes, since, 100.0, 0.9), since
