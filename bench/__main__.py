@@ -16,7 +16,9 @@ line (and each scenario's time on stderr). docs/performance.md records a run and
 - failover (bench/failover.py): the router's reaction to a renderer killed or stopped, 20 trials, and
   the jobs lost meanwhile.
 
-The development tenant's tier limits are lifted: the bench measures the mesh, not the limiter.
+The development tenant's tier limits are lifted: the bench measures the mesh, not the limiter. Last,
+each of issue 12's goals whose figures the run has is read against them (bench/goals.py): a line each
+on stderr, met or missed, and `goals` in the JSON.
 """
 
 import asyncio
@@ -38,7 +40,7 @@ from aiprod.common.v1 import render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from aiprod_kit.apikeys import aio_interceptors
 from aiprod_kit.mesh import Mesh
-from bench import failover, jobs, replay
+from bench import failover, goals, jobs, replay
 from bench.otlp import MetricTotals
 
 CONCURRENCY = 32
@@ -222,6 +224,8 @@ def main() -> None:
         figures["route_decision_vs_rpc"] = round(
             figures["route_decision_us"] / figures["rpc_round_trip_us"], 4
         )
+    figures["goals"] = goals.goals(figures)
+    print(goals.summary(figures["goals"]), file=sys.stderr, flush=True)
     print(json.dumps(figures))
 
 
