@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from aiprod_kit.database import Database, has_trigger
+from aiprod_kit.database import Database, Queries, has_trigger
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -270,6 +270,12 @@ def _moment(micros: int) -> datetime:
     return _EPOCH + timedelta(microseconds=micros)
 
 
+async def _one(queries: Queries, query: str, *parameters: object) -> tuple:
+    row = await queries.fetchone(query, parameters)
+    assert row is not None  # aggregates always answer one row
+    return row
+
+
 class SqlEventStore(EventStore):
     def __init__(self, database: Database) -> None:
         self._db = database
@@ -279,11 +285,6 @@ class SqlEventStore(EventStore):
         """Creates the tables if needed."""
         await database.create_schema(_SCHEMAS)
         return cls(database)
-
-    async def _one(self, query: str, *parameters: object) -> tuple:
-        row = await self._db.fetchone(query, parameters)
-        assert row is not None  # aggregates always answer one row
-        return row
 
     async def record(self, outcomes: Sequence[JobOutcome], errors: Sequence[BackendError]) -> None:
         async with self._db.transaction() as transaction:
@@ -312,7 +313,8 @@ class SqlEventStore(EventStore):
                 )
 
     async def quality(self, since: datetime, state: int) -> tuple[int, float]:
-        count, mean = await self._one(
+        count, mean = await _one(
+            self._db,
             "SELECT COUNT(*), COALESCE(AVG(qc_score), 0) FROM job_outcomes WHERE time >= ? AND state = ?",
             _micros(since),
             state,
@@ -367,50 +369,51 @@ class SqlEventStore(EventStore):
     async def latency_share(self, since: datetime, under_seconds: float) -> Share:
         return await self._share(
             since,
-            "SELECT CASE WHEN duration_seconds < ? THEN 1 ELSE 0 END AS good, 1 AS total FROM job_outcomes "
-            "WHERE duration_seconds IS NOT NULL AND time >= ? AND time < ?",
-            (under_seconds,),
-            "SELECT fast, timed FROM job_outcome_hours WHERE hour >= ?",
-            (),
             ("latency_under_seconds", under_seconds),
+            "SELECT COALESCE(SUM(CASE WHEN duration_seconds < ? THEN 1 ELSE 0 END), 0), COUNT(*) "
+            "FROM job_outcomes WHERE duration_seconds IS NOT NULL AND time >= ? AND time < ?",
+            (under_seconds,),
+            "SELECT COALESCE(SUM(fast), 0), COALESCE(SUM(timed), 0) FROM job_outcome_hours WHERE hour >= ?",
+            (),
         )
 
     async def quality_share(self, since: datetime, state: int, at_least: float) -> Share:
         return await self._share(
             since,
-            "SELECT CASE WHEN qc_score >= ? THEN 1 ELSE 0 END AS good, 1 AS total FROM job_outcomes "
-            "WHERE state = ? AND time >= ? AND time < ?",
-            (at_least, state),
-            "SELECT scored, outcomes FROM job_outcome_hours WHERE state = ? AND hour >= ?",
-            (state,),
             ("quality_at_least", at_least),
+            "SELECT COALESCE(SUM(CASE WHEN qc_score >= ? THEN 1 ELSE 0 END), 0), COUNT(*) "
+            "FROM job_outcomes WHERE state = ? AND time >= ? AND time < ?",
+            (at_least, state),
+            "SELECT COALESCE(SUM(scored), 0), COALESCE(SUM(outcomes), 0) FROM job_outcome_hours "
+            "WHERE state = ? AND hour >= ?",
+            (state,),
         )
 
     async def _share(
         self,
         since: datetime,
+        threshold: tuple[str, float],
         outcomes: str,
         outcome_parameters: tuple,
         hours: str,
         hour_parameters: tuple,
-        threshold: tuple[str, float],
     ) -> Share:
-        """Good and total over the outcomes' rows (good, 1) since then (the query's last parameters: from,
-        until). The whole hours from the hours' counts when they are kept for this threshold (by any
-        replica), from their outcomes when not; the rest of the first hour from its outcomes. One
-        statement: one snapshot."""
+        """(good, total) since then: the whole hours' from the hours' counts when they are kept for this
+        threshold (by any replica) and the rest of the first hour from its outcomes; else from every
+        outcome since then (the outcomes' query's last two parameters: from, until). In one snapshot."""
         start = _micros(since)
-        whole = -(-start // _HOUR_MICROS)  # the first whole hour
         column, value = threshold
-        kept = f"EXISTS (SELECT 1 FROM slo_thresholds WHERE {column} = ?)"
-        good, total = await self._one(
-            "SELECT COALESCE(SUM(good), 0), COALESCE(SUM(total), 0) FROM ("
-            f"{outcomes} UNION ALL {hours} AND {kept} UNION ALL {outcomes} AND NOT {kept}) AS counted",
-            *(*outcome_parameters, start, whole * _HOUR_MICROS),
-            *(*hour_parameters, whole, value),
-            *(*outcome_parameters, whole * _HOUR_MICROS, _NO_END, value),
-        )
-        return Share(int(good), int(total))
+        async with self._db.transaction(read_only=True) as transaction:
+            if (
+                await transaction.fetchone(f"SELECT 1 FROM slo_thresholds WHERE {column} = ?", (value,))
+                is None
+            ):
+                good, total = await _one(transaction, outcomes, *outcome_parameters, start, _NO_END)
+                return Share(int(good), int(total))
+            whole = -(-start // _HOUR_MICROS)  # the first whole hour
+            good, total = await _one(transaction, outcomes, *outcome_parameters, start, whole * _HOUR_MICROS)
+            hours_good, hours_total = await _one(transaction, hours, *hour_parameters, whole)
+        return Share(int(good + hours_good), int(total + hours_total))
 
     async def track_conditions(
         self, firing: Mapping[ConditionKey, bool], now: datetime
