@@ -32,7 +32,7 @@ async def build() -> AsyncIterator[list[Registration]]:
         await open_database(settings, metrics_dir / "ledger.sqlite3", "ledger", "FULL"), policy.time_zone
     )
     events = await SqlEventStore.open(await open_database(settings, metrics_dir / "events.sqlite3", "events"))
-    # The SLO report's shares read hours, not a week of jobs: 0.16 s at 1,000,000 on SQLite, every interval.
+    # The SLO report's shares read hours, not a week of outcomes (67 ms -> 0.8 ms at 1,000,000 on SQLite).
     await events.keep_slo_counts(slo.latency_max_seconds, slo.quality_min)
     alerts = AlertEvaluator(events, ledger, policy.default_tenant, thresholds)
     telemetry = MetricsTelemetry()

@@ -150,8 +150,8 @@ CREATE TABLE IF NOT EXISTS alert_conditions (
     PRIMARY KEY (policy, backend)
 ) WITHOUT ROWID;
 -- The SLO shares' counts by hour and state for the thresholds in slo_thresholds (its one row), kept by
--- a trigger on job_outcomes (keep_slo_counts): a week's shares read about 170 of these rows and at most
--- an hour of outcomes, where they read every outcome of the week.
+-- a trigger on job_outcomes (keep_slo_counts): a week's shares read its 168 hours' rows (of each state
+-- for the latency share) and at most an hour of outcomes, where they read every outcome of the week.
 CREATE TABLE IF NOT EXISTS slo_thresholds (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     latency_under_seconds REAL NOT NULL,
@@ -224,11 +224,16 @@ _HOUR_MICROS = 3_600_000_000
 _NO_END = 2**63 - 1
 
 
+def _hour(time: str) -> str:
+    """The hour of a time in microseconds, rounded down as Python's // does (SQL's / rounds towards 0)."""
+    return f"CASE WHEN {time} >= 0 THEN {time} / {_HOUR_MICROS} ELSE ({time} + 1) / {_HOUR_MICROS} - 1 END"
+
+
 def _hour_counts(row: str, outcomes: str, total: str) -> str:
     """A row of job_outcome_hours from an outcome (total "") or, summed, from outcomes (total "SUM"),
     with the thresholds' row as t."""
     return (
-        f"{row}.time / {_HOUR_MICROS}, {row}.state, {outcomes}, "
+        f"{_hour(row + '.time')}, {row}.state, {outcomes}, "
         f"{total}(CASE WHEN {row}.duration_seconds IS NULL THEN 0 ELSE 1 END), "
         f"{total}(CASE WHEN {row}.duration_seconds < t.latency_under_seconds THEN 1 ELSE 0 END), "
         f"{total}(CASE WHEN {row}.qc_score >= t.quality_at_least THEN 1 ELSE 0 END)"
@@ -248,14 +253,19 @@ _ADD_OUTCOME = (
 _HOURS_FROM_OUTCOMES = (
     "INSERT INTO job_outcome_hours (hour, state, outcomes, timed, fast, scored) "
     f"SELECT {_hour_counts('o', 'COUNT(*)', 'SUM')} FROM job_outcomes o CROSS JOIN slo_thresholds t "
-    f"GROUP BY o.time / {_HOUR_MICROS}, o.state"
+    f"GROUP BY {_hour('o.time')}, o.state"
 )
 _HOURS_TRIGGER = "job_outcomes_hours"
+# Made again at every start (keep_slo_counts), so that a store gets this version's.
 _HOURS_TRIGGERS = {
-    "sqlite": [f"CREATE TRIGGER {_HOURS_TRIGGER} AFTER INSERT ON job_outcomes BEGIN {_ADD_OUTCOME}; END"],
+    "sqlite": [
+        f"DROP TRIGGER IF EXISTS {_HOURS_TRIGGER}",
+        f"CREATE TRIGGER {_HOURS_TRIGGER} AFTER INSERT ON job_outcomes BEGIN {_ADD_OUTCOME}; END",
+    ],
     "postgresql": [
         f"CREATE OR REPLACE FUNCTION {_HOURS_TRIGGER}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
         f"{_ADD_OUTCOME}; RETURN NULL; END $$",
+        f"DROP TRIGGER IF EXISTS {_HOURS_TRIGGER} ON job_outcomes",
         f"CREATE TRIGGER {_HOURS_TRIGGER} AFTER INSERT ON job_outcomes "
         f"FOR EACH ROW EXECUTE FUNCTION {_HOURS_TRIGGER}()",
     ],
@@ -287,29 +297,40 @@ class SqlEventStore(EventStore):
         return cls(database)
 
     async def record(self, outcomes: Sequence[JobOutcome], errors: Sequence[BackendError]) -> None:
+        # In one order, the hour's counts' and then the job's: on PostgreSQL a row written is locked until
+        # its writer commits, and two replicas' batches writing the same rows in opposite orders would
+        # deadlock (the trigger adds to the hour's and state's counts).
+        outcome_rows = sorted(
+            (
+                (
+                    o.job_id or None,
+                    _micros(o.time),
+                    o.backend,
+                    o.state,
+                    o.qc_score,
+                    o.duration_seconds,
+                    o.cost_micros,
+                )
+                for o in outcomes
+            ),
+            key=lambda row: (row[1] // _HOUR_MICROS, row[3], row[0] or ""),
+        )
+        error_rows = sorted(
+            ((e.job_id or None, _micros(e.time), e.backend, e.reason) for e in errors),
+            key=lambda row: (row[0] or "", row[2], row[3], row[1]),
+        )
         async with self._db.transaction() as transaction:
-            if outcomes:
+            if outcome_rows:
                 await transaction.executemany(
                     "INSERT INTO job_outcomes (job_id, time, backend, state, qc_score, duration_seconds, cost) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    [
-                        (
-                            o.job_id or None,
-                            _micros(o.time),
-                            o.backend,
-                            o.state,
-                            o.qc_score,
-                            o.duration_seconds,
-                            o.cost_micros,
-                        )
-                        for o in outcomes
-                    ],
+                    outcome_rows,
                 )
-            if errors:
+            if error_rows:
                 await transaction.executemany(
                     "INSERT INTO backend_errors (job_id, time, backend, reason) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT DO NOTHING",
-                    [(e.job_id or None, _micros(e.time), e.backend, e.reason) for e in errors],
+                    error_rows,
                 )
 
     async def quality(self, since: datetime, state: int) -> tuple[int, float]:
@@ -351,13 +372,14 @@ class SqlEventStore(EventStore):
             if dialect == "postgresql":
                 # No outcome recorded between the counts and the trigger or the thresholds (a replica).
                 await transaction.execute("LOCK TABLE job_outcomes IN SHARE ROW EXCLUSIVE MODE")
-            if not await has_trigger(transaction, dialect, "job_outcomes", _HOURS_TRIGGER):
-                for statement in _HOURS_TRIGGERS[dialect]:
-                    await transaction.execute(statement)
+            # Counts kept without the trigger (dropped, or a store from before) are counted again.
+            counting = await has_trigger(transaction, dialect, "job_outcomes", _HOURS_TRIGGER)
+            for statement in _HOURS_TRIGGERS[dialect]:
+                await transaction.execute(statement)
             kept = await transaction.fetchone(
                 "SELECT latency_under_seconds, quality_at_least FROM slo_thresholds"
             )
-            if kept is None or tuple(kept) != thresholds:
+            if not counting or kept is None or tuple(kept) != thresholds:
                 await transaction.execute("DELETE FROM slo_thresholds")
                 await transaction.execute(
                     "INSERT INTO slo_thresholds (id, latency_under_seconds, quality_at_least) VALUES (1, ?, ?)",

@@ -213,3 +213,57 @@ async def test_slo_counts_by_hour_start_from_the_outcomes_kept(open_store):
     for since in windows(12):
         assert await shares(restarted, since) == counted(outcomes, since), since
         assert await shares(first, since, 100.0, 0.9) == counted(outcomes, since, 100.0, 0.9), since
+
+
+async def test_whole_hours_are_read_from_their_counts(store, open_database):
+    """The counts kept by hour are each hour's and state's, and a share reads them, not the outcomes:
+    outcomes deleted under the store (no trigger sees it) still count in their whole hours."""
+    await store.keep_slo_counts(LATENCY_UNDER, QUALITY_AT_LEAST)
+    outcomes = drawn_outcomes(seed=11, count=200, hours=6)
+    await store.record(outcomes, [])
+    database = await open_database("events")
+    expected: dict[tuple[int, int], list[int]] = {}
+    for one in outcomes:
+        hour = int((one.time - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()) // 3600
+        counts = expected.setdefault((hour, one.state), [0, 0, 0, 0])
+        counts[0] += 1
+        counts[1] += one.duration_seconds is not None
+        counts[2] += one.duration_seconds is not None and one.duration_seconds < LATENCY_UNDER
+        counts[3] += one.qc_score is not None and one.qc_score >= QUALITY_AT_LEAST
+    rows = await database.fetchall("SELECT hour, state, outcomes, timed, fast, scored FROM job_outcome_hours")
+    assert {(hour, state): list(counts) for hour, state, *counts in rows} == expected
+    since = NOW - timedelta(hours=5, minutes=30)
+    before = await shares(store, since)
+    async with database.transaction() as transaction:
+        await transaction.execute(
+            "DELETE FROM job_outcomes WHERE time >= ?", (int(NOW.timestamp()) * 10**6 - 3 * 3600 * 10**6,)
+        )
+    assert await shares(store, since) == before
+    # Other thresholds than those kept read the outcomes left.
+    assert await shares(store, since, 100.0, 0.9) == counted(
+        [o for o in outcomes if o.time < NOW - 3 * HOUR], since, 100.0, 0.9
+    )
+
+
+async def test_replicas_recording_the_same_hours_at_once_all_succeed(open_store):
+    """On PostgreSQL an hour's counts are locked by their writer until it commits: batches of two
+    replicas writing the same hours' counts at once, in opposite orders, must not deadlock."""
+    first, second = await open_store(), await open_store()
+    await first.keep_slo_counts(LATENCY_UNDER, QUALITY_AT_LEAST)
+    recorded_outcomes = []
+    for round_ in range(150):
+        one = [outcome(f"x{round_}", HOUR), outcome(f"y{round_}", HOUR, state=FAILED, qc=None)]
+        two = [outcome(f"z{round_}", HOUR, state=FAILED, qc=None), outcome(f"w{round_}", HOUR)]
+        await asyncio.gather(first.record(one, []), second.record(two, []))
+        recorded_outcomes += one + two
+    assert await shares(second, NOW - 2 * HOUR) == counted(recorded_outcomes, NOW - 2 * HOUR)
+
+
+async def test_an_outcome_before_1970_counts_in_its_own_hour(store):
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    await store.keep_slo_counts(LATENCY_UNDER, QUALITY_AT_LEAST)
+    await store.record(
+        [JobOutcome("early", epoch - timedelta(minutes=30), RUNWAY, SUCCEEDED, 0.9, 60, 0)], []
+    )
+    assert await shares(store, epoch) == (Share(0, 0), Share(0, 0))
+    assert await shares(store, epoch - HOUR) == (Share(1, 1), Share(1, 1))
