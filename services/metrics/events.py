@@ -158,7 +158,7 @@ CREATE TABLE IF NOT EXISTS slo_thresholds (
     quality_at_least REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS job_outcome_hours (
-    -- time / 3,600,000,000
+    -- the hour of time: time / 3,600,000,000, rounded down
     hour INTEGER NOT NULL,
     state INTEGER NOT NULL,
     outcomes INTEGER NOT NULL,
