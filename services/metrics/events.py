@@ -297,9 +297,10 @@ class SqlEventStore(EventStore):
         return cls(database)
 
     async def record(self, outcomes: Sequence[JobOutcome], errors: Sequence[BackendError]) -> None:
-        # In one order, the hour's counts' and then the job's: on PostgreSQL a row written is locked until
-        # its writer commits, and two replicas' batches writing the same rows in opposite orders would
-        # deadlock (the trigger adds to the hour's and state's counts).
+        # On PostgreSQL a row written is locked until its writer commits, and two replicas' batches that
+        # write the same rows (an outcome's key, then its hour's counts: the trigger's) in other orders
+        # deadlock. So a batch first holds the hours' and states' locks it will add to, all at once, and
+        # writes its rows in one order.
         outcome_rows = sorted(
             (
                 (
@@ -321,6 +322,9 @@ class SqlEventStore(EventStore):
         )
         async with self._db.transaction() as transaction:
             if outcome_rows:
+                await transaction.lock(
+                    *{f"slo-hour {row[1] // _HOUR_MICROS} {row[3]}" for row in outcome_rows}
+                )
                 await transaction.executemany(
                     "INSERT INTO job_outcomes (job_id, time, backend, state, qc_score, duration_seconds, cost) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",

@@ -247,7 +247,8 @@ async def test_whole_hours_are_read_from_their_counts(store, open_database):
 
 async def test_replicas_recording_the_same_hours_at_once_all_succeed(open_store):
     """On PostgreSQL an hour's counts are locked by their writer until it commits: batches of two
-    replicas writing the same hours' counts at once, in opposite orders, must not deadlock."""
+    replicas writing the same hours' counts at once, in opposite orders or one part of the other, must
+    not deadlock."""
     first, second = await open_store(), await open_store()
     await first.keep_slo_counts(LATENCY_UNDER, QUALITY_AT_LEAST)
     recorded_outcomes = []
@@ -256,6 +257,11 @@ async def test_replicas_recording_the_same_hours_at_once_all_succeed(open_store)
         two = [outcome(f"z{round_}", HOUR, state=FAILED, qc=None), outcome(f"w{round_}", HOUR)]
         await asyncio.gather(first.record(one, []), second.record(two, []))
         recorded_outcomes += one + two
+    # A batch and part of it (the other replica's): its keys and their hour's counts.
+    for round_ in range(30):
+        batch = [outcome(f"b{round_}-{n}", HOUR) for n in range(60)]
+        await asyncio.gather(first.record(batch, []), second.record(batch[30:], []))
+        recorded_outcomes += batch
     assert await shares(second, NOW - 2 * HOUR) == counted(recorded_outcomes, NOW - 2 * HOUR)
 
 
