@@ -550,8 +550,12 @@ class SqlJobStore(JobStore):
                         await transaction.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
                 # One SQLite file has one gateway at a time: claims found in it are a previous process's,
                 # dead, and its jobs are resumed at once rather than after their leases.
+                # Only queued and running jobs are claimed (an ended job's claim ends with it): read on their
+                # index, not the whole table (0.7 s at 1,000,000 jobs).
                 await transaction.execute(
-                    "UPDATE jobs SET claim_owner = NULL, claim_expires = NULL WHERE claim_owner IS NOT NULL"
+                    "UPDATE jobs SET claim_owner = NULL, claim_expires = NULL"
+                    " WHERE state IN (?, ?) AND claim_owner IS NOT NULL",
+                    _UNFINISHED,
                 )
                 for column in ("unsettled", "held"):
                     await transaction.execute(
@@ -757,18 +761,29 @@ class SqlJobStore(JobStore):
     async def list_jobs(
         self, tenant_id: str, states: Sequence[int], limit: int, before: int | None
     ) -> JobPage:
-        clauses: list[str] = ["tenant_id = ?"]
-        parameters: list[object] = [tenant_id]
-        if states:
-            clauses.append(f"state IN ({', '.join('?' * len(states))})")
-            parameters.extend(states)
-        if before is not None:
-            clauses.append("position < ?")
-            parameters.append(before)
-        where = f"WHERE {' AND '.join(clauses)}"
-        rows = await self._db.fetchall(
-            f"SELECT position, job FROM jobs {where} ORDER BY position DESC LIMIT ?", (*parameters, limit + 1)
-        )
+        # Several states: each one's newest from its own index range (tenant, state, position), merged.
+        # One range over them all was read back from the newest job until the page filled, so every job
+        # of the tenant when fewer were in those states (0.4 s at 700,000 jobs, where these take 0.1 ms).
+        after, cursor = ("", ()) if before is None else (" AND position < ?", (before,))
+        kinds = list(dict.fromkeys(states))
+        if len(kinds) <= 1:
+            state = " AND state = ?" if kinds else ""
+            query = f"SELECT position, job FROM jobs WHERE tenant_id = ?{state}{after} ORDER BY position DESC LIMIT ?"
+            parameters: tuple = (tenant_id, *kinds, *cursor, limit + 1)
+        else:
+            one = (
+                f"SELECT position, job FROM jobs WHERE tenant_id = ? AND state = ?{after} "
+                "ORDER BY position DESC LIMIT ?"
+            )
+            query = " UNION ALL ".join(
+                f"SELECT position, job FROM ({one}) AS in_state_{n}" for n in range(len(kinds))
+            )
+            query += " ORDER BY position DESC LIMIT ?"
+            parameters = (
+                *(value for kind in kinds for value in (tenant_id, kind, *cursor, limit + 1)),
+                limit + 1,
+            )
+        rows = await self._db.fetchall(query, parameters)
         jobs = [gateway_pb2.RenderJob.FromString(row[1]) for row in rows[:limit]]
         return JobPage(jobs, rows[limit - 1][0] if len(rows) > limit else None)
 

@@ -1,6 +1,7 @@
 """The job store's contract, run against every implementation: SQLite and PostgreSQL."""
 
 import asyncio
+import random
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -143,6 +144,31 @@ async def test_a_watcher_reads_the_log_for_what_another_replica_appended_between
     await appending.append_event("job_a", "elsewhere again", lambda job: None)
     await watching.append_event("job_a", "done here", set_state(job_pb2.JOB_STATE_SUCCEEDED))
     assert await asyncio.wait_for(watcher, 5) == [1, 2, 3, 4, 5]
+
+
+async def test_listing_by_several_states_pages_through_each_of_them_newest_first(store):
+    """Jobs of several states, a tenant's own only, newest first, page after page, whatever the page's
+    size and however the states are named (a state named twice counts once)."""
+    draw = random.Random(5)
+    states = [job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING, job_pb2.JOB_STATE_SUCCEEDED]
+    made = []
+    for n in range(60):
+        one = job(f"job_{n}", f"r{n}", draw.choice(states))
+        one.tenant_id = draw.choice(["acme", "acme", "other"])
+        await store.create_job(one, "f")
+        made.append(one)
+    for asked in ([states[0], states[2]], [states[1], states[0], states[1]], states):
+        expected = [j.job_id for j in reversed(made) if j.tenant_id == "acme" and j.state in asked]
+        for limit in (1, 4, 100):
+            listed, cursor = [], None
+            while True:
+                page = await store.list_jobs("acme", asked, limit, cursor)
+                assert len(page.jobs) <= limit
+                listed += [j.job_id for j in page.jobs]
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+            assert listed == expected, (asked, limit)
 
 
 async def test_listing_pages_newest_first_and_claimable_jobs_oldest_first(store):
