@@ -43,7 +43,11 @@ CREATE TABLE IF NOT EXISTS render_keys (
     ended BLOB,
     PRIMARY KEY (backend, idempotency_key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS render_keys_task ON render_keys (backend, task_id);
+-- A task's key by its id: SQLite chose the primary key's backend range over (backend, task_id), every key
+-- of the file's one backend (363 ms at 1,000,000 keys); it takes this index (whose rows end with the
+-- primary key's columns, backend among them).
+CREATE INDEX IF NOT EXISTS render_keys_by_task ON render_keys (task_id);
+DROP INDEX IF EXISTS render_keys_task;
 """,
     "postgresql": """
 CREATE TABLE IF NOT EXISTS render_keys (
@@ -57,7 +61,8 @@ CREATE TABLE IF NOT EXISTS render_keys (
     ended BYTEA,
     PRIMARY KEY (backend, idempotency_key)
 );
-CREATE INDEX IF NOT EXISTS render_keys_task ON render_keys (backend, task_id);
+CREATE INDEX IF NOT EXISTS render_keys_by_task ON render_keys (task_id, backend);
+DROP INDEX IF EXISTS render_keys_task;
 """,
 }
 # What an idempotency key may be, and the rule as told to a caller who broke it.
