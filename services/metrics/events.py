@@ -256,16 +256,13 @@ _HOURS_FROM_OUTCOMES = (
     f"GROUP BY {_hour('o.time')}, o.state"
 )
 _HOURS_TRIGGER = "job_outcomes_hours"
-# Made again at every start (keep_slo_counts), so that a store gets this version's.
 _HOURS_TRIGGERS = {
     "sqlite": [
-        f"DROP TRIGGER IF EXISTS {_HOURS_TRIGGER}",
         f"CREATE TRIGGER {_HOURS_TRIGGER} AFTER INSERT ON job_outcomes BEGIN {_ADD_OUTCOME}; END",
     ],
     "postgresql": [
         f"CREATE OR REPLACE FUNCTION {_HOURS_TRIGGER}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
         f"{_ADD_OUTCOME}; RETURN NULL; END $$",
-        f"DROP TRIGGER IF EXISTS {_HOURS_TRIGGER} ON job_outcomes",
         f"CREATE TRIGGER {_HOURS_TRIGGER} AFTER INSERT ON job_outcomes "
         f"FOR EACH ROW EXECUTE FUNCTION {_HOURS_TRIGGER}()",
     ],
@@ -376,10 +373,11 @@ class SqlEventStore(EventStore):
             if dialect == "postgresql":
                 # No outcome recorded between the counts and the trigger or the thresholds (a replica).
                 await transaction.execute("LOCK TABLE job_outcomes IN SHARE ROW EXCLUSIVE MODE")
-            # Counts kept without the trigger (dropped, or a store from before) are counted again.
+            # Counts kept without the trigger (a store from before it) are counted again.
             counting = await has_trigger(transaction, dialect, "job_outcomes", _HOURS_TRIGGER)
-            for statement in _HOURS_TRIGGERS[dialect]:
-                await transaction.execute(statement)
+            if not counting:
+                for statement in _HOURS_TRIGGERS[dialect]:
+                    await transaction.execute(statement)
             kept = await transaction.fetchone(
                 "SELECT latency_under_seconds, quality_at_least FROM slo_thresholds"
             )
