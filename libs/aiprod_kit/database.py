@@ -109,6 +109,18 @@ async def has_trigger(queries: Queries, dialect: str, table: str, name: str) -> 
     return await queries.fetchone(_TRIGGER_EXISTS[dialect], (table, name)) is not None
 
 
+_COLUMN_EXISTS = {
+    "sqlite": "SELECT 1 FROM pragma_table_info(?) WHERE name = ?",
+    "postgresql": "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(?) AND attname = ? AND NOT attisdropped",
+}
+
+
+async def has_column(queries: Queries, dialect: str, table: str, name: str) -> bool:
+    """Whether the table exists with the column: a column added to a store that has rows may need them
+    filled once."""
+    return await queries.fetchone(_COLUMN_EXISTS[dialect], (table, name)) is not None
+
+
 class Database(Queries):
     """fetchone and fetchall outside a transaction: one statement, reading what is committed."""
 

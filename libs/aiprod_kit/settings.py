@@ -95,6 +95,18 @@ class CommonSettings(BaseSettings):
     # A second, plaintext port that serves only the standard health service: for probes that cannot
     # speak TLS (the kubelet's gRPC probes) when the service's own port requires it; unset: none.
     health_port: int | None = Field(None, ge=0, le=65535)
+    # How long an ended job's records are kept once it ended: the gateway's job with its events and plan
+    # revisions, the renderers' keys of its renders; older ones are deleted, a batch at a time, by the
+    # service that keeps them. A tenant's usage figures (GetUsage) outlive them, and a request id is
+    # forgotten with its job. The renderers keep a key this long after its render began, so that no
+    # render is sent twice while its job may still ask for it. 0: kept forever.
+    job_retention_seconds: float = Field(30 * 86400.0, ge=0)
+    # How long the spend ledger keeps a settled (committed or released) reservation once it settled;
+    # each day's money by tenant is kept forever, and reservations not settled are never deleted.
+    # 0: kept forever.
+    ledger_retention_seconds: float = Field(400 * 86400.0, ge=0)
+    # How often each service deletes what is past its retention (the first time soon after it starts).
+    retention_purge_interval_seconds: float = Field(600.0, gt=0)
 
 
 class GatewaySettings(CommonSettings):

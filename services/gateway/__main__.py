@@ -21,6 +21,7 @@ from aiprod_gateway.store import SqlJobStore
 from aiprod_gateway.tiers import parse_tiers
 from aiprod_kit.channels import open_channel
 from aiprod_kit.database import open_database
+from aiprod_kit.retention import Retention
 from aiprod_kit.server import Registration, run
 from aiprod_kit.settings import GatewaySettings
 
@@ -73,8 +74,16 @@ async def build() -> AsyncIterator[list[Registration]]:
     key_guard = ApiKeyGuard(
         tenants, settings.gateway_key_cache_seconds, limiter.admit, auth_failures(GATEWAY_SERVICE)
     )
+    # Ended jobs past their retention, with their logs, deleted in the background.
+    retention = Retention(
+        "ended jobs",
+        store.purge_ended,
+        settings.job_retention_seconds,
+        settings.retention_purge_interval_seconds,
+    )
     await settlement.start()
     await dispatcher.start()
+    await retention.start()
     try:
         yield [
             Registration(
@@ -95,6 +104,7 @@ async def build() -> AsyncIterator[list[Registration]]:
             ),
         ]
     finally:
+        await retention.stop()
         await dispatcher.stop()
         await settlement.stop()
         await reporter.close()

@@ -44,7 +44,7 @@ from google.protobuf import timestamp_pb2
 
 from aiprod.common.v1 import event_pb2, job_pb2
 from aiprod.gateway.v1 import gateway_pb2
-from aiprod_kit.database import Database, Queries, Transaction, has_trigger, in_batches
+from aiprod_kit.database import Database, Queries, Transaction, has_column, has_trigger, in_batches
 from aiprod_kit.failures import Reason
 
 TERMINAL_STATES = frozenset(
@@ -187,6 +187,11 @@ class JobStore(ABC):
         """Records that the ledger has these attempts' settlements (no event: it changes no state)."""
 
     @abstractmethod
+    async def purge_ended(self, before: float, limit: int) -> int:
+        """Deletes up to limit jobs that ended before `before` (Unix seconds), their charges settled,
+        with their events and plan revisions; how many. The tenants' figures keep counting them."""
+
+    @abstractmethod
     async def count_by_state(self, tenant_id: str) -> dict[int, int]:
         """The tenant's jobs by state."""
 
@@ -278,6 +283,7 @@ class News:
 
 
 _UNFINISHED = (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING)
+_TERMINAL_LIST = ", ".join("?" * len(TERMINAL_STATES))
 # Jobs that finished rendering, well or not, as GetUsage's actual against quoted counts them.
 _FINISHED = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED)
 # A job created in review and in one of these states was approved.
@@ -344,7 +350,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     reviewed INTEGER NOT NULL DEFAULT 0,
     approved INTEGER NOT NULL DEFAULT 0,
     quoted_micros INTEGER NOT NULL DEFAULT 0,
-    cost_micros INTEGER NOT NULL DEFAULT 0
+    cost_micros INTEGER NOT NULL DEFAULT 0,
+    ended REAL
 );
 DROP INDEX IF EXISTS jobs_state;
 CREATE TABLE IF NOT EXISTS job_events (
@@ -392,7 +399,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     reviewed INTEGER NOT NULL DEFAULT 0,
     approved INTEGER NOT NULL DEFAULT 0,
     quoted_micros BIGINT NOT NULL DEFAULT 0,
-    cost_micros BIGINT NOT NULL DEFAULT 0
+    cost_micros BIGINT NOT NULL DEFAULT 0,
+    ended DOUBLE PRECISION
 );
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS claim_owner TEXT;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS tenant_id TEXT NOT NULL DEFAULT '';
@@ -422,6 +430,8 @@ ALTER TABLE jobs ADD COLUMN IF NOT EXISTS reviewed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS approved INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS quoted_micros BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS cost_micros BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS ended DOUBLE PRECISION;
+CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (ended) WHERE ended IS NOT NULL;
 CREATE TABLE IF NOT EXISTS tenant_job_figures (
     tenant_id TEXT NOT NULL,
     state INTEGER NOT NULL,
@@ -457,6 +467,8 @@ _SQLITE_ADDED_COLUMNS = {
     "approved": "INTEGER NOT NULL DEFAULT 0",
     "quoted_micros": "INTEGER NOT NULL DEFAULT 0",
     "cost_micros": "INTEGER NOT NULL DEFAULT 0",
+    # When it ended (Unix seconds; NULL while it runs): what its retention counts from.
+    "ended": "REAL",
 }
 
 # GetUsage counted a tenant's jobs, and summed their quotes and costs from every finished job's blob
@@ -540,7 +552,8 @@ class SqlJobStore(JobStore):
     @classmethod
     async def open(cls, database: Database, clock: Callable[[], float] = time.time) -> "SqlJobStore":
         """Creates the tables if needed and starts following appended events. clock: seconds since the
-        epoch, for leases."""
+        epoch, for leases and ends."""
+        ends_kept = await has_column(database, database.dialect, "jobs", "ended")
         await database.create_schema(_SCHEMAS)
         if database.dialect == "sqlite":
             columns = {row[1] for row in await database.fetchall("PRAGMA table_info(jobs)")}
@@ -570,6 +583,9 @@ class SqlJobStore(JobStore):
                 await transaction.execute(
                     "CREATE INDEX IF NOT EXISTS jobs_dispatch ON jobs (state, priority DESC, position)"
                 )
+                await transaction.execute(
+                    "CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (ended) WHERE ended IS NOT NULL"
+                )
         async with database.transaction() as transaction:
             await transaction.lock("job-figures")  # another replica may be opening it too
             if not await has_trigger(transaction, database.dialect, "jobs", f"{_FIGURES_TRIGGER}_insert"):
@@ -581,6 +597,15 @@ class SqlJobStore(JobStore):
                     await transaction.execute(statement)
                 await transaction.execute("DELETE FROM tenant_job_figures")
                 await transaction.execute(_FIGURES_FROM_JOBS)
+        if not ends_kept:
+            # Jobs that ended before their ends were kept: their retention counts from now, never shorter
+            # than it should be. (An older replica ending a job during a rolling update leaves it NULL:
+            # kept until a person deletes it.)
+            async with database.transaction() as transaction:
+                await transaction.execute(
+                    f"UPDATE jobs SET ended = ? WHERE ended IS NULL AND state IN ({_TERMINAL_LIST})",
+                    (clock(), *TERMINAL_STATES),
+                )
         store = cls(database, clock)
         await database.listen(EVENTS_CHANNEL, store._announced)
         return store
@@ -711,7 +736,7 @@ class SqlJobStore(JobStore):
                 await self._insert_revision(transaction, job.job_id, revision)
             await transaction.execute(
                 "INSERT INTO jobs (job_id, request_id, fingerprint, state, job, trace_context, tenant_id,"
-                " priority, reviewed, quoted_micros, cost_micros) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " priority, reviewed, quoted_micros, cost_micros, ended) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.job_id,
                     request_key,
@@ -724,6 +749,7 @@ class SqlJobStore(JobStore):
                     int(revision is not None),
                     job.quote.price.amount_micros,
                     job.cost.amount_micros,
+                    self._clock() if job.state in TERMINAL_STATES else None,
                 ),
             )
             await transaction.execute(
@@ -863,9 +889,9 @@ class SqlJobStore(JobStore):
                     await self._insert_revision(transaction, job_id, details.plan_updated)
                 if details.HasField("approved"):
                     approved = 1
-            await transaction.execute(
+            written = await transaction.fetchone(
                 "UPDATE jobs SET state = ?, job = ?, unsettled = ?, held = ?, approved = ?, quoted_micros = ?,"
-                " cost_micros = ? WHERE job_id = ?",
+                " cost_micros = ? WHERE job_id = ? RETURNING position",
                 (
                     job.state,
                     job.SerializeToString(),
@@ -876,10 +902,17 @@ class SqlJobStore(JobStore):
                     job_id,
                 ),
             )
+            if written is None:
+                # Purged past its retention since it was read (PostgreSQL: the read takes no row lock):
+                # no event is logged for a job that is no more.
+                raise KeyError(job_id)
             if job.state in TERMINAL_STATES:
-                # Nothing is left to drive: whoever ended it, the claim ends with it.
+                # Nothing is left to drive: whoever ended it, the claim ends with it; its retention counts
+                # from its first end.
                 await transaction.execute(
-                    "UPDATE jobs SET claim_owner = NULL, claim_expires = NULL WHERE job_id = ?", (job_id,)
+                    "UPDATE jobs SET claim_owner = NULL, claim_expires = NULL, ended = COALESCE(ended, ?)"
+                    " WHERE job_id = ?",
+                    (self._clock(), job_id),
                 )
             await transaction.execute(
                 "INSERT INTO job_events (job_id, sequence, event) VALUES (?, ?, ?)",
@@ -970,6 +1003,26 @@ class SqlJobStore(JobStore):
                 (job.SerializeToString(), *_outbox_counts(job), job_id),
             )
         return job
+
+    async def purge_ended(self, before: float, limit: int) -> int:
+        # Ended before the cutoff, its charges settled and none held (money the ledger or a backend may
+        # still account for keeps its job); the conditions again on the row deleted, which PostgreSQL
+        # checks anew on a row changed since the selection. The newest job is kept: SQLite gives a new
+        # job the position after the largest kept, and a position must never be given twice.
+        purgeable = f"ended < ? AND unsettled = 0 AND held = 0 AND state IN ({_TERMINAL_LIST})"
+        async with self._db.transaction() as transaction:
+            await transaction.lock("jobs-purge")  # replicas purge one at a time, not the same rows
+            rows = await transaction.fetchall(
+                f"DELETE FROM jobs WHERE {purgeable} AND job_id IN (SELECT job_id FROM jobs WHERE {purgeable}"
+                " AND position < (SELECT MAX(position) FROM jobs) ORDER BY ended LIMIT ?) RETURNING job_id",
+                (before, *TERMINAL_STATES, before, *TERMINAL_STATES, limit),
+            )
+            job_ids = [row[0] for row in rows]
+            for some in in_batches(job_ids):
+                listed = ", ".join("?" * len(some))
+                for table in ("job_events", "job_revisions"):
+                    await transaction.execute(f"DELETE FROM {table} WHERE job_id IN ({listed})", tuple(some))
+        return len(job_ids)
 
     async def count_by_state(self, tenant_id: str) -> dict[int, int]:
         rows = await self._db.fetchall(

@@ -528,3 +528,108 @@ async def test_a_store_made_before_keeps_its_jobs_order_and_loses_the_index_noth
         await store.close()
     indexes = {row[1] for row in sqlite3.connect(path).execute("PRAGMA index_list(jobs)")}
     assert "jobs_state" not in indexes and "jobs_dispatch" in indexes
+
+
+DAY = 86_400.0
+
+
+async def end_job(
+    store: JobStore, job_id: str, state: int = job_pb2.JOB_STATE_SUCCEEDED, charge: int = 0
+) -> None:
+    def update(stored: gateway_pb2.RenderJob) -> None:
+        stored.state = state
+        if charge:
+            stored.attempts.add(
+                attempt=1, reservation_key=f"{job_id}:1", charge=event_pb2.AttemptCharge(outcome=charge)
+            )
+
+    await store.append_event(job_id, "ended", update)
+
+
+async def test_jobs_ended_past_their_retention_go_with_their_logs_and_the_tenants_figures_stay(open_store):
+    clock = Clock()
+    store = await open_store(clock)
+    names = ("done", "cancelled", "unsettled", "held", "recent", "running", "newest")
+    for name in names:
+        revision = gateway_pb2.PlanRevision(plan_version=1) if name == "done" else None
+        await store.create_job(job(f"job_{name}", name), "f", revision=revision)
+    await end_job(store, "job_done")
+    await end_job(store, "job_cancelled", job_pb2.JOB_STATE_CANCELLED)
+    # Money the ledger must still hear of, or a backend may still account for, keeps its job.
+    await end_job(store, "job_unsettled", charge=event_pb2.CHARGE_OUTCOME_COMMIT)
+    await end_job(store, "job_held", charge=event_pb2.CHARGE_OUTCOME_HOLD)
+    await store.append_event("job_running", "running", set_state(job_pb2.JOB_STATE_RUNNING))
+    await end_job(store, "job_newest")
+    ended_at = clock.now
+    clock.now += 2 * DAY
+    await end_job(store, "job_recent")
+    # An event on a job already ended does not move its end.
+    await store.append_event("job_done", "noted", lambda stored: None)
+    counts, usage = await store.count_by_state("acme"), await store.usage_figures("acme")
+
+    assert await store.purge_ended(ended_at, 100) == 0  # ended at the cutoff, not before it
+    assert await store.purge_ended(ended_at + 1, 100) == 2
+    for name in ("done", "cancelled"):
+        assert await store.get_job(f"job_{name}") is None
+        assert await store.events_after(f"job_{name}", 0) == []
+    assert await store.revisions("job_done") == []
+    # The newest job stays whatever its end (SQLite would give its position to the next job).
+    kept = {j.job_id for j in (await store.list_jobs("acme", [], 100, None)).jobs}
+    assert kept == {f"job_{name}" for name in ("unsettled", "held", "recent", "running", "newest")}
+    for job_id in kept:
+        assert (await store.events_after(job_id, 0))[0].sequence == 1
+    # The tenant's figures count the jobs it ever had; the request id is free again.
+    assert (await store.count_by_state("acme"), await store.usage_figures("acme")) == (counts, usage)
+    assert (await store.create_job(job("job_again", "done"), "other"))[1]
+    assert await store.purge_ended(clock.now + 1, 100) == 2  # recent and newest, job_again newer
+    await store.mark_settled("job_unsettled", ["job_unsettled:1"])
+    assert await store.purge_ended(clock.now + 1, 100) == 1
+    assert await store.get_job("job_unsettled") is None
+    # A job that is no more takes no event.
+    with pytest.raises(KeyError):
+        await store.append_event("job_done", "late", lambda stored: None)
+    assert await store.events_after("job_done", 0) == []
+
+
+async def test_a_purge_deletes_a_batch_at_a_time_and_replicas_purging_at_once_share_the_work(open_store):
+    clock = Clock()
+    first, second = await open_store(clock), await open_store(clock)
+    for n in range(7):
+        await first.create_job(job(f"job_{n}", f"r{n}"), "f")
+        await end_job(first, f"job_{n}")
+    await first.create_job(job("job_last", "last"), "f")
+    cutoff = clock.now + 1
+    assert [await first.purge_ended(cutoff, 2) for _ in range(3)] == [2, 2, 2]
+    await first.create_job(job("job_more", "more"), "f")
+    for n in range(7, 12):
+        await first.create_job(job(f"job_{n}", f"r{n}"), "f")
+        await end_job(first, f"job_{n}")
+    await first.create_job(job("job_after", "after"), "f")
+    done = await asyncio.gather(*(store.purge_ended(cutoff, 3) for store in (first, second, first, second)))
+    assert sum(done) == 6  # job_6 and 7 to 11
+    left = {j.job_id for j in (await second.list_jobs("acme", [], 100, None)).jobs}
+    assert left == {"job_last", "job_more", "job_after"}
+
+
+async def test_jobs_that_ended_before_their_ends_were_kept_count_their_retention_from_the_upgrade(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    clock = Clock()
+    store = await SqlJobStore.open(SqliteDatabase(path, "jobs", private=True), clock)
+    for name in ("old", "running", "newest"):
+        await store.create_job(job(f"job_{name}", name), "f")
+    await end_job(store, "job_old")
+    await store.close()
+    before = sqlite3.connect(path)
+    before.execute("DROP INDEX jobs_ended")
+    before.execute("ALTER TABLE jobs DROP COLUMN ended")  # as the version before left it
+    before.commit()
+    before.close()
+    clock.now += 10 * DAY
+    upgraded = clock.now
+    store = await SqlJobStore.open(SqliteDatabase(path, "jobs", private=True), clock)
+    try:
+        assert await store.purge_ended(upgraded, 100) == 0
+        assert await store.purge_ended(upgraded + 1, 100) == 1
+        assert await store.get_job("job_old") is None and await store.get_job("job_running") is not None
+    finally:
+        await store.close()
