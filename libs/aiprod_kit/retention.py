@@ -18,7 +18,7 @@ log = structlog.get_logger()
 Purge = Callable[[float, int], Awaitable[int]]
 
 PURGE_INTERVAL_SECONDS = 600.0
-PURGE_BATCH = 1000
+PURGE_BATCH = 500
 # A round stops after this many batches (a store many years old meets its retention over a few rounds,
 # not in one that holds the process's database connection for minutes).
 _BATCHES_A_ROUND = 100

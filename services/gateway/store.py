@@ -1005,17 +1005,19 @@ class SqlJobStore(JobStore):
         return job
 
     async def purge_ended(self, before: float, limit: int) -> int:
-        # Ended before the cutoff, its charges settled and none held (money the ledger or a backend may
-        # still account for keeps its job); the conditions again on the row deleted, which PostgreSQL
-        # checks anew on a row changed since the selection. The newest job is kept: SQLite gives a new
-        # job the position after the largest kept, and a position must never be given twice.
-        purgeable = f"ended < ? AND unsettled = 0 AND held = 0 AND state IN ({_TERMINAL_LIST})"
+        # Ended before the cutoff (only an ended job has an end, and an end is final: no state condition,
+        # which SQLite would read on jobs_dispatch, every ended job at every batch), its charges settled
+        # and none held (money the ledger or a backend may still account for keeps its job). The
+        # conditions again on the row deleted, which PostgreSQL checks anew on a row changed since the
+        # selection. The newest job is kept: SQLite gives a new job the position after the largest
+        # kept, and a position must never be given twice.
+        purgeable = "ended < ? AND unsettled = 0 AND held = 0"
         async with self._db.transaction() as transaction:
             await transaction.lock("jobs-purge")  # replicas purge one at a time, not the same rows
             rows = await transaction.fetchall(
                 f"DELETE FROM jobs WHERE {purgeable} AND job_id IN (SELECT job_id FROM jobs WHERE {purgeable}"
                 " AND position < (SELECT MAX(position) FROM jobs) ORDER BY ended LIMIT ?) RETURNING job_id",
-                (before, *TERMINAL_STATES, before, *TERMINAL_STATES, limit),
+                (before, before, limit),
             )
             job_ids = [row[0] for row in rows]
             for some in in_batches(job_ids):
