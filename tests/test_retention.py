@@ -28,6 +28,7 @@ def test_jobs_ended_past_the_retention_are_deleted_and_usage_still_counts_them(t
                 stub.GetRenderJob(gateway_pb2.GetRenderJobRequest(job_id=job_id))
             except grpc.RpcError as error:
                 assert error.code() == grpc.StatusCode.NOT_FOUND
+                assert error.details() == f"job {job_id} does not exist (a job is kept 1 s after it ends)"
                 return True
             return False
 

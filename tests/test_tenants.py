@@ -170,7 +170,7 @@ def assert_not_found_for(stub, job_id: str) -> None:
     for name, call in calls.items():
         error = refused(call, grpc.StatusCode.NOT_FOUND)
         # Exactly as a job that does not exist: nothing tells the other tenant it is there.
-        assert error.details() == f"job {job_id} does not exist", name
+        assert error.details() == f"job {job_id} does not exist (a job is kept 30 days after it ends)", name
         assert error_info(error).reason == "JOB_NOT_FOUND", name
 
 

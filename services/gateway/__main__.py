@@ -89,7 +89,16 @@ async def build() -> AsyncIterator[list[Registration]]:
             Registration(
                 gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
                 GatewayServicer(
-                    store, dispatcher, router, metrics, reporter, spending, settlement, quoter, tiers=tiers
+                    store,
+                    dispatcher,
+                    router,
+                    metrics,
+                    reporter,
+                    spending,
+                    settlement,
+                    quoter,
+                    tiers=tiers,
+                    job_retention_seconds=settings.job_retention_seconds,
                 ),
                 gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
                 guard=key_guard,

@@ -39,6 +39,14 @@ from aiprod_kit.failures import Reason, failure
 log = structlog.get_logger()
 
 
+def _duration(seconds: float) -> str:
+    """A retention as a person says it: whole days when it is some, else seconds."""
+    days = seconds / 86_400
+    if days >= 1 and days.is_integer():
+        return f"{int(days)} day{'s' if days > 1 else ''}"
+    return f"{seconds:g} s"
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(
         self,
@@ -51,8 +59,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         settlement: Settlement,
         quoter: Quoter,
         tiers: Mapping[int, TierPolicy] = DEFAULT_TIERS,
+        job_retention_seconds: float = 0.0,
     ) -> None:
         self._store = store
+        # What a NOT_FOUND adds: a job asked for long after it ended may have been deleted.
+        self._not_kept = (
+            f" (a job is kept {_duration(job_retention_seconds)} after it ends)"
+            if job_retention_seconds
+            else ""
+        )
         self._tiers = tiers
         self._dispatcher = dispatcher
         self._router = router
@@ -69,7 +84,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         job = await self._store.get_job(validation.job_id(job_id), current_tenant().tenant_id)
         if job is None:
             raise NotFound(
-                f"job {job_id} does not exist", reason=ErrorReason.JOB_NOT_FOUND, metadata={"job_id": job_id}
+                f"job {job_id} does not exist{self._not_kept}",
+                reason=ErrorReason.JOB_NOT_FOUND,
+                metadata={"job_id": job_id},
             )
         return job
 
