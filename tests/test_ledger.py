@@ -332,6 +332,8 @@ async def test_unknown_keys_are_not_found(start_metrics):
             error = await failure(call)
             assert error.code() == grpc.StatusCode.NOT_FOUND
             assert "never-reserved" in error.details()
+            # A key settled longer ago than the ledger keeps one is unknown too: the answer says so.
+            assert "(a settled reservation is kept 400 days after it settled)" in error.details()
             info = error_info(error)
             assert (info.reason, dict(info.metadata)) == (
                 "RESERVATION_NOT_FOUND",

@@ -1,42 +1,71 @@
-"""Retention through the real mesh: a gateway deletes the jobs that ended past it, and its tenants'
-figures keep counting them."""
+"""Retention through the real mesh, its providers the sandbox's: the gateway deletes the jobs that ended
+past it, the spend ledger the reservations settled past its own, a renderer its keys of ended renders;
+the tenants' usage and the day's money keep counting them."""
 
 import grpc
-from support import eventually, gateway, start_mesh, wait_terminal
+from sandbox_support import sandbox_mesh
+from support import budget, eventually, gateway, log_lines, metrics, wait_terminal
 
-from aiprod.common.v1 import job_pb2, render_pb2
+from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
+from aiprod.metrics.v1 import metrics_pb2
+
+RETENTION = {
+    "AIPROD_JOB_RETENTION_SECONDS": "1",
+    "AIPROD_LEDGER_RETENTION_SECONDS": "1",
+    "AIPROD_RETENTION_PURGE_INTERVAL_SECONDS": "0.2",
+}
 
 
-def test_jobs_ended_past_the_retention_are_deleted_and_usage_still_counts_them(tmp_path):
-    mesh = start_mesh(
-        tmp_path, AIPROD_JOB_RETENTION_SECONDS="1", AIPROD_RETENTION_PURGE_INTERVAL_SECONDS="0.2"
-    )
+def not_found(call) -> str | None:
+    """The details of the call's NOT_FOUND; None when it succeeds."""
     try:
+        call()
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
+        return error.details()
+    return None
+
+
+def test_what_ended_past_its_retention_is_deleted_and_usage_and_money_still_count_it(tmp_path):
+    with sandbox_mesh(tmp_path, RETENTION) as mesh:
         stub = gateway(mesh)
-        spec = render_pb2.RenderSpec(prompt="A lighthouse at dusk", duration_seconds=2)
+        spec = render_pb2.RenderSpec(
+            prompt="A lighthouse at dusk",
+            duration_seconds=6,
+            constraints=render_pb2.RenderConstraints(preferred_backend=backend_pb2.BACKEND_REPLICATE),
+        )
         jobs = []
         for n in range(3):
             request = gateway_pb2.CreateRenderJobRequest(request_id=f"kept-{n}", spec=spec)
             jobs.append(stub.CreateRenderJob(request).job.job_id)
-        for job_id in jobs:
-            assert wait_terminal(stub, job_id).state == job_pb2.JOB_STATE_SUCCEEDED
-        usage = stub.GetUsage(gateway_pb2.GetUsageRequest())
+        done = [wait_terminal(stub, job_id) for job_id in jobs]
+        assert [job.state for job in done] == [job_pb2.JOB_STATE_SUCCEEDED] * 3, [job.error for job in done]
+        assert {job.backend for job in done} == {backend_pb2.BACKEND_REPLICATE}
+        attempt = done[0].attempts[-1]
+        usage, spent = stub.GetUsage(gateway_pb2.GetUsageRequest()), budget(mesh).spent
 
-        def gone(job_id: str) -> bool:
-            try:
-                stub.GetRenderJob(gateway_pb2.GetRenderJobRequest(job_id=job_id))
-            except grpc.RpcError as error:
-                assert error.code() == grpc.StatusCode.NOT_FOUND
-                assert error.details() == f"job {job_id} does not exist (a job is kept 1 s after it ends)"
-                return True
-            return False
+        def get(job_id: str):
+            return lambda: stub.GetRenderJob(gateway_pb2.GetRenderJobRequest(job_id=job_id))
 
-        assert eventually(lambda: gone(jobs[0]) and gone(jobs[1]), timeout=30)
-        # The newest job stays (a position is never given twice); usage counts every job the tenant had.
-        assert not gone(jobs[2])
+        def commit_again() -> None:
+            """The first job's charge told the ledger again: answered as the first, until it is forgotten."""
+            charge = metrics_pb2.CommitSpendRequest(
+                reservation_key=attempt.reservation_key, actual=attempt.charge.billed
+            )
+            metrics(mesh).CommitSpend(charge)
+
+        assert eventually(lambda: not_found(get(jobs[1])) is not None, timeout=30)
+        assert not_found(get(jobs[0])) == f"job {jobs[0]} does not exist (a job is kept 1 s after it ends)"
+        assert eventually(lambda: not_found(commit_again) is not None, timeout=30)
+        assert not_found(commit_again).endswith("(a settled reservation is kept 1 s after it settled)")
+        assert eventually(lambda: log_lines(mesh, "replicate render keys"), timeout=30)
+        assert all("purged past retention" in line for line in log_lines(mesh, "replicate render keys"))
+
+        # The newest job stays (a position is never given twice); usage counts every job the tenant had,
+        # and the day's money every reservation.
+        assert not_found(get(jobs[2])) is None
         listed = stub.ListRenderJobs(gateway_pb2.ListRenderJobsRequest(page_size=10)).jobs
         assert [job.job_id for job in listed] == [jobs[2]]
         assert stub.GetUsage(gateway_pb2.GetUsageRequest()) == usage
-    finally:
-        mesh.stop()
+        assert budget(mesh).spent == spent and spent.amount_micros > 0

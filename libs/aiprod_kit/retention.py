@@ -24,6 +24,15 @@ PURGE_BATCH = 500
 _BATCHES_A_ROUND = 100
 
 
+def duration(seconds: float) -> str:
+    """A retention as a person says it, for the errors that answer for what was deleted: whole days when
+    it is some, else seconds."""
+    days = seconds / 86_400
+    if days >= 1 and days.is_integer():
+        return f"{int(days)} day{'s' if days > 1 else ''}"
+    return f"{seconds:g} s"
+
+
 class Retention:
     """Purges `what` older than retention_seconds every interval_seconds (the first round soon after
     start); retention 0 keeps everything. Replicas sharing a store may purge at once: a purge deletes

@@ -35,16 +35,9 @@ from aiprod_kit.errors import (
     ServiceError,
 )
 from aiprod_kit.failures import Reason, failure
+from aiprod_kit.retention import duration
 
 log = structlog.get_logger()
-
-
-def _duration(seconds: float) -> str:
-    """A retention as a person says it: whole days when it is some, else seconds."""
-    days = seconds / 86_400
-    if days >= 1 and days.is_integer():
-        return f"{int(days)} day{'s' if days > 1 else ''}"
-    return f"{seconds:g} s"
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -64,7 +57,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._store = store
         # What a NOT_FOUND adds: a job asked for long after it ended may have been deleted.
         self._not_kept = (
-            f" (a job is kept {_duration(job_retention_seconds)} after it ends)"
+            f" (a job is kept {duration(job_retention_seconds)} after it ends)"
             if job_retention_seconds
             else ""
         )

@@ -5,6 +5,7 @@ from contextlib import asynccontextmanager
 
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod_kit.database import open_database
+from aiprod_kit.retention import Retention
 from aiprod_kit.server import Registration, run
 from aiprod_kit.settings import MetricsSettings
 from aiprod_metrics.alerts import AlertEvaluator, AlertThresholds, evaluate_alerts
@@ -37,6 +38,14 @@ async def build() -> AsyncIterator[list[Registration]]:
     alerts = AlertEvaluator(events, ledger, policy.default_tenant, thresholds)
     telemetry = MetricsTelemetry()
     servicer = MetricsServicer(ledger, policy, events, alerts, slo, telemetry)
+    # Settled reservations past the ledger's retention, deleted in the background (each day's money stays).
+    retention = Retention(
+        "settled reservations",
+        ledger.purge,
+        settings.ledger_retention_seconds,
+        settings.retention_purge_interval_seconds,
+    )
+    await retention.start()
     tasks = [
         asyncio.create_task(expire_stuck_reservations(ledger, policy.expiry_sweep_seconds, telemetry)),
         asyncio.create_task(evaluate_alerts(alerts, events, thresholds.interval_seconds, slo.retention)),
@@ -51,6 +60,7 @@ async def build() -> AsyncIterator[list[Registration]]:
             )
         ]
     finally:
+        await retention.stop()
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -18,9 +18,11 @@ The ledger's API, on top of the store's semantics (see `aiprod_metrics.ledger`):
   releasing again is OK; a committed one FAILED_PRECONDITION.
 - Expiry frees nothing: an expired reservation is spent at its full amount until reconciled by a late
   commit or release, and reported as the budget's uncertain money meanwhile.
-- Unknown keys are NOT_FOUND; bad input INVALID_ARGUMENT naming each field, with nothing written
-  (`aiprod_kit.checks`: no NaN, no enum value this build does not know, no time outside protobuf's
-  range, no overlong string). Errors quote a caller's key by a short prefix (`echo`).
+- Unknown keys are NOT_FOUND (a reservation settled longer ago than the ledger's retention is
+  deleted: its key is unknown again, its day's money stays); bad input INVALID_ARGUMENT naming each
+  field, with nothing written (`aiprod_kit.checks`: no NaN, no enum value this build does not know, no
+  time outside protobuf's range, no overlong string). Errors quote a caller's key by a short prefix
+  (`echo`).
 - GetBudget reports today's budget of the tenant and of everyone together.
 - SetTenantBudget records a tenant's own daily cap in the ledger's database (shared by every replica):
   ReserveBudget, GetBudget and the budget levels use it for that tenant from then on. Zero means no
@@ -71,6 +73,7 @@ from aiprod_kit.errors import (
 )
 from aiprod_kit.failures import reason_name
 from aiprod_kit.money import MICROS_PER_UNIT, budget_level_name, usd
+from aiprod_kit.retention import duration
 from aiprod_kit.settings import ConfigurationError, MetricsSettings
 from aiprod_metrics.alerts import AlertEvaluator
 from aiprod_metrics.events import BackendError, EventStore, JobOutcome
@@ -115,6 +118,8 @@ class BudgetPolicy:
     economy_threshold: float
     reservation_ttl: timedelta
     expiry_sweep_seconds: float
+    # How long a settled reservation is kept once it settled (0: forever); its day's money stays.
+    ledger_retention_seconds: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: MetricsSettings) -> "BudgetPolicy":
@@ -148,6 +153,7 @@ class BudgetPolicy:
             economy_threshold=economy,
             reservation_ttl=timedelta(seconds=settings.metrics_reservation_ttl_seconds),
             expiry_sweep_seconds=settings.metrics_expiry_sweep_seconds,
+            ledger_retention_seconds=settings.ledger_retention_seconds,
         )
 
     @property
@@ -258,6 +264,13 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         self._job_counts: Counter[tuple[int, int]] = Counter()
         self._ledger = ledger
         self._policy = policy
+        # What a NOT_FOUND adds: a key settled longer ago than the retention was forgotten (the
+        # gateway settles each charge once; only a retry that late meets this, and stops).
+        self._not_kept = (
+            f" (a settled reservation is kept {duration(policy.ledger_retention_seconds)} after it settled)"
+            if policy.ledger_retention_seconds
+            else ""
+        )
         self._events = events
         self._alerts = alerts
         self._slo = slo
@@ -415,7 +428,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             reservation, before = await self._ledger.commit(key, actual)
         except UnknownKey as error:
             raise NotFound(
-                f"no reservation has the key {echo(key)}",
+                f"no reservation has the key {echo(key)}{self._not_kept}",
                 reason=ErrorReason.RESERVATION_NOT_FOUND,
                 metadata={"reservation_key": key},
             ) from error
@@ -459,7 +472,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             reservation, before = await self._ledger.release(key)
         except UnknownKey as error:
             raise NotFound(
-                f"no reservation has the key {echo(key)}",
+                f"no reservation has the key {echo(key)}{self._not_kept}",
                 reason=ErrorReason.RESERVATION_NOT_FOUND,
                 metadata={"reservation_key": key},
             ) from error

@@ -9,6 +9,7 @@ import pytest
 
 from aiprod_kit import database
 from aiprod_kit.database import Database
+from aiprod_kit.retention import Retention
 from aiprod_metrics.ledger import (
     BudgetExceeded,
     Caps,
@@ -528,3 +529,99 @@ async def test_a_ledger_from_before_the_kept_sums_gets_them_on_opening(open_data
     await reopened.reserve("d", "acme", "", USD, Caps(tenant=9 * USD, everyone=0), TTL)
     with pytest.raises(BudgetExceeded):
         await reopened.reserve("e", "acme", "", USD, Caps(tenant=9 * USD, everyone=0), TTL)
+
+
+async def _keys(store) -> set[str]:
+    return {row[0] for row in await store._db.fetchall("SELECT key FROM reservations")}
+
+
+async def _settled(store, key: str, how: str, actual: int = USD) -> None:
+    await store.reserve(key, "acme", f"job-{key}", 2 * USD, NO_CAPS, TTL)
+    await (store.commit(key, actual) if how == "commit" else store.release(key))
+
+
+async def _reported_money(store, first_day: str, last_day: str) -> tuple:
+    """What every report reads of the days' money: spend over the days, and today's budgets."""
+    totals = await store.day_totals("acme")
+    return (
+        await store.spend("acme", first_day, last_day),
+        await store.spend("globex", first_day, last_day),
+        (totals.tenant.spent, totals.tenant.reserved, totals.tenant.uncertain),
+        (totals.everyone.spent, totals.everyone.reserved, totals.everyone.uncertain),
+    )
+
+
+async def test_a_purge_deletes_only_reservations_settled_before_the_cutoff_and_keeps_the_days_reported_money(
+    store, clock
+):
+    await _settled(store, "committed-old", "commit", 3 * USD)
+    await _settled(store, "released-old", "release")
+    await store.reserve("expired-then-committed", "globex", "job-x", 4 * USD, NO_CAPS, TTL)
+    await store.reserve("open", "acme", "job-open", USD, NO_CAPS, TTL * 48)
+    await store.reserve("expired", "acme", "job-expired", 5 * USD, NO_CAPS, TTL)
+    clock.advance(TTL)
+    assert {r.key for r in await store.expire_overdue()} == {"expired-then-committed", "expired"}
+    await store.commit("expired-then-committed", 2 * USD)
+    cutoff = clock.now + timedelta(minutes=1)
+    clock.advance(timedelta(minutes=1))
+    await _settled(store, "committed-at-cutoff", "commit")
+    clock.advance(timedelta(days=1))
+    await _settled(store, "committed-new", "commit", 7 * USD)
+    await _settled(store, "released-new", "release")
+    before = await _reported_money(store, "2025-06-01", "2025-06-02")
+    clock.now = datetime(2025, 6, 1, 23, tzinfo=UTC)  # on the first day again: its budgets
+    first_day_before = await _reported_money(store, "2025-06-01", "2025-06-01")
+
+    assert await store.purge(cutoff.timestamp(), 1000) == 3
+    # Open and expired ones are never deleted, however old: their money is not settled.
+    assert await _keys(store) == {"open", "expired", "committed-at-cutoff", "committed-new", "released-new"}
+    assert await store.purge(cutoff.timestamp(), 1000) == 0
+    # No trigger runs on DELETE: each day's money is as it was.
+    assert await _reported_money(store, "2025-06-01", "2025-06-01") == first_day_before
+    clock.now = datetime(2025, 6, 2, 23, tzinfo=UTC)
+    assert await _reported_money(store, "2025-06-01", "2025-06-02") == before
+    assert before[0] == Spend(spent=3 * USD + 5 * USD + USD + 7 * USD, reserved=USD)
+    # A purged key is unknown again; a kept one settles as before.
+    with pytest.raises(UnknownKey):
+        await store.commit("committed-old", 3 * USD)
+    with pytest.raises(UnknownKey):
+        await store.release("released-old")
+    assert (await store.commit("committed-new", 7 * USD))[1] == State.COMMITTED
+    assert (await store.commit("expired", USD))[1] == State.EXPIRED
+
+
+async def test_a_purge_deletes_a_batch_and_retention_repeats_it_until_none_is_left(store, clock):
+    for index in range(7):
+        await _settled(store, f"old-{index}", "commit" if index % 2 else "release")
+        clock.advance(timedelta(seconds=1))
+    await store.reserve("open", "acme", "job-open", USD, NO_CAPS, TTL)
+    now = clock.now.timestamp()
+    assert await store.purge(now, 3) == 3
+    assert len(await _keys(store)) == 5 and "open" in await _keys(store)
+    retention = Retention("settled reservations", store.purge, 3600.0, batch=3, clock=lambda: now + 3600.0)
+    assert await retention.purge_once() == 4
+    assert await _keys(store) == {"open"}
+
+
+async def test_replicas_purging_at_once_both_succeed(open_store, clock):
+    stores = [await open_store() for _ in range(2)]
+    for index in range(50):
+        await _settled(stores[index % 2], f"old-{index}", "commit" if index % 3 else "release")
+    await stores[0].reserve("open", "acme", "job-open", USD, NO_CAPS, TTL)
+    money = await _reported_money(stores[0], "2025-06-01", "2025-06-01")
+    clock.advance(timedelta(seconds=1))
+    deleted = await asyncio.gather(*(store.purge(clock.now.timestamp(), 30) for store in stores))
+    assert sum(deleted) == 50
+    assert await _keys(stores[1]) == {"open"}
+    assert await _reported_money(stores[1], "2025-06-01", "2025-06-01") == money
+
+
+async def test_retention_purges_reservations_settled_longer_ago_than_it_and_zero_keeps_them(store, clock):
+    await _settled(store, "old", "commit")
+    clock.advance(timedelta(days=400, seconds=2))
+    await _settled(store, "young", "release")
+    now = clock.now.timestamp() - 1  # "old" settled 400 days and a second before, "young" after it
+    assert await Retention("reservations", store.purge, 0.0, clock=lambda: now).purge_once() == 0
+    assert await _keys(store) == {"old", "young"}
+    assert await Retention("reservations", store.purge, 400 * 86400.0, clock=lambda: now).purge_once() == 1
+    assert await _keys(store) == {"young"}

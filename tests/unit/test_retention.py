@@ -1,6 +1,6 @@
 """The background purge's rounds: the cutoff it asks for, its batches, and a retention of 0."""
 
-from aiprod_kit.retention import Retention
+from aiprod_kit.retention import Retention, duration
 
 
 class Kept:
@@ -39,3 +39,12 @@ async def test_a_retention_of_zero_keeps_everything():
     await retention.start()
     await retention.stop()
     assert kept.asked == [] and kept.count == 5
+
+
+def test_a_retention_is_told_in_days_when_it_is_whole_days():
+    assert [duration(s) for s in (86_400.0, 30 * 86_400.0, 1.0, 129_600.0)] == [
+        "1 day",
+        "30 days",
+        "1 s",
+        "129600 s",
+    ]

@@ -9,6 +9,10 @@ A key goes through at most three writes, each one transaction:
    GetRender answers the same even once the provider has forgotten the task (Replicate deletes
    outputs after an hour).
 
+A key whose render ended is deleted once claimed longer ago than the jobs' retention (`purge`,
+`aiprod_kit.retention`); a key without an end is kept however old, as its create may have reached the
+provider. A key purged is free again: a StartRender under it creates anew.
+
 A key with an intent and no task id, once its claimant's create deadline has passed, may have
 reached the provider: it is never sent again (the kit reports it PROVIDER_UNCERTAIN).
 
@@ -48,6 +52,8 @@ CREATE TABLE IF NOT EXISTS render_keys (
 -- primary key's columns, backend among them).
 CREATE INDEX IF NOT EXISTS render_keys_by_task ON render_keys (task_id);
 DROP INDEX IF EXISTS render_keys_task;
+-- The ended keys by when they were claimed: the purge reads only the keys it deletes.
+CREATE INDEX IF NOT EXISTS render_keys_ended ON render_keys (backend, claimed) WHERE ended IS NOT NULL;
 """,
     "postgresql": """
 CREATE TABLE IF NOT EXISTS render_keys (
@@ -63,6 +69,7 @@ CREATE TABLE IF NOT EXISTS render_keys (
 );
 CREATE INDEX IF NOT EXISTS render_keys_by_task ON render_keys (task_id, backend);
 DROP INDEX IF EXISTS render_keys_task;
+CREATE INDEX IF NOT EXISTS render_keys_ended ON render_keys (backend, claimed) WHERE ended IS NOT NULL;
 """,
 }
 # What an idempotency key may be, and the rule as told to a caller who broke it.
@@ -191,3 +198,20 @@ class RenderKeyStore:
                 "UPDATE render_keys SET ended = ? WHERE backend = ? AND idempotency_key = ? AND ended IS NULL",
                 (render.SerializeToString(), self._backend, key),
             )
+
+    async def purge(self, before: float, limit: int) -> int:
+        """Deletes up to limit keys of this backend whose render ended and that were claimed before
+        `before` (Unix seconds); how many. One short transaction: `Retention` calls it batch by batch."""
+        async with self._db.transaction() as transaction:
+            # Replicas purge one at a time (PostgreSQL), not the same rows.
+            await transaction.lock(f"render-keys-purge:{self._backend}")
+            # An ended key's end and claim never change, so the rows selected are the rows deleted,
+            # found by primary key: the condition again in the DELETE made SQLite, without
+            # statistics, read the index's every key past the cutoff at each batch (4.5 s for 100,000).
+            rows = await transaction.fetchall(
+                "DELETE FROM render_keys WHERE backend = ? AND idempotency_key IN (SELECT idempotency_key "
+                "FROM render_keys WHERE backend = ? AND ended IS NOT NULL AND claimed < ? "
+                "ORDER BY claimed LIMIT ?) RETURNING 1",
+                (self._backend, self._backend, before, limit),
+            )
+        return len(rows)

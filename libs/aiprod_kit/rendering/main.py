@@ -11,6 +11,7 @@ from aiprod_kit.rendering.keys import RenderKeyStore
 from aiprod_kit.rendering.provider import Provider
 from aiprod_kit.rendering.service import ProviderRendererService
 from aiprod_kit.rendering.storage import video_store_from_settings
+from aiprod_kit.retention import Retention
 from aiprod_kit.server import HealthSignal, Registration, run
 from aiprod_kit.settings import CommonSettings, ProviderSettings
 
@@ -41,10 +42,19 @@ def run_renderer(component: str, settings: S, make_provider: Callable[[S], Provi
             synchronous="FULL",
         )
         keys = await RenderKeyStore.open(database, provider.backend)
+        # Keys of ended renders past the jobs' retention, deleted in the background (by every replica:
+        # harmless, each purge deletes only what is past it).
+        retention = Retention(
+            f"{provider.name} render keys",
+            keys.purge,
+            common.job_retention_seconds,
+            common.retention_purge_interval_seconds,
+        )
         service = ProviderRendererService(
             provider, settings, store, health, common.data_dir / "tmp" / component, keys
         )
         await service.start()
+        await retention.start()
         try:
             yield [
                 Registration(
@@ -52,6 +62,7 @@ def run_renderer(component: str, settings: S, make_provider: Callable[[S], Provi
                 )
             ]
         finally:
+            await retention.stop()
             await service.close()
             await provider.aclose()
             await keys.close()
