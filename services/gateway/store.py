@@ -327,8 +327,9 @@ def _now() -> timestamp_pb2.Timestamp:
     return time
 
 
-# A job's position orders jobs (pages, claims); jobs are never deleted, so SQLite's rowid grows as
-# AUTOINCREMENT's would, without its sqlite_sequence write at every create (stores made before keep it).
+# A job's position orders jobs (pages, claims); the newest job is never deleted (purge_ended), so
+# SQLite's rowid grows as AUTOINCREMENT's would, without its sqlite_sequence write at every create
+# (stores made before keep it).
 # jobs_state (state, position) served what jobs_dispatch and jobs_tenant_state serve now, and every
 # create and change of state paid for it: dropped. The two: 9 µs of a create's 63 in its transaction.
 _SCHEMAS = {
