@@ -98,8 +98,10 @@ class CommonSettings(BaseSettings):
     # How long an ended job's records are kept once it ended: the gateway's job with its events and plan
     # revisions, the renderers' keys of its renders; older ones are deleted, a batch at a time, by the
     # service that keeps them. A tenant's usage figures (GetUsage) outlive them, and a request id is
-    # forgotten with its job. The renderers keep a key this long after its render began, so that no
-    # render is sent twice while its job may still ask for it. 0: kept forever.
+    # forgotten with its job. The renderers keep a key this long after its render began: a job that
+    # still asks for a render so long after (its gateways all down that long) may have it sent again,
+    # and a held attempt of a job that old stays held rather than be released for want of its key.
+    # 0: kept forever.
     job_retention_seconds: float = Field(30 * 86400.0, ge=0)
     # How long the spend ledger keeps a settled (committed or released) reservation once it settled;
     # each day's money by tenant is kept forever, and reservations not settled are never deleted.

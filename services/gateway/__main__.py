@@ -60,7 +60,7 @@ async def build() -> AsyncIterator[list[Registration]]:
     quoter = Quoter.from_settings(settings, router, await QuoteStore.open(database))
     reporter = MetricsReporter(metrics)
     spending = Spending(metrics)
-    settlement = Settlement(store, metrics, router)
+    settlement = Settlement(store, metrics, router, settings.job_retention_seconds)
     dispatcher = Dispatcher(
         store,
         router,

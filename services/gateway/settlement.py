@@ -12,12 +12,15 @@ A held charge (an attempt whose end nobody saw) keeps its reservation, and the o
 through the router, what became of it, less and less often, until the backend knows: the render ended
 (then its charge is recorded on the job like any other and settled), or no create was ever made under
 its key (released). One whose create outcome even its backend lost stays held; its reservation then
-counts at its worst case once it expires.
+counts at its worst case once it expires. A backend's renderers forget the keys of renders begun longer
+ago than the jobs' retention (AIPROD_JOB_RETENTION_SECONDS): "no create under its key" from one of them
+is then no proof, and an attempt of a job that old stays held rather than be released.
 """
 
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import grpc
 import structlog
@@ -69,8 +72,12 @@ class Settlement:
         store: JobStore,
         metrics: metrics_pb2_grpc.MetricsServiceStub,
         router: router_pb2_grpc.RouterServiceStub,
+        key_retention_seconds: float = 0.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._key_retention = key_retention_seconds
+        self._clock = clock
         self._metrics = metrics
         self._router = router
         # Held attempts: when to ask again, and the pause after that; and where the last pass stopped.
@@ -157,6 +164,14 @@ class Settlement:
             return
         if not response.ended:
             return
+        if self._may_be_forgotten(job, request, response.charge):
+            log.warning(
+                "held attempt left held: its backend may have forgotten its key",
+                job_id=job.job_id,
+                reservation_key=key,
+                key_retention_seconds=self._key_retention,
+            )
+            return
         charge = event_pb2.AttemptCharge()
         charge.CopyFrom(response.charge)
         charge.reservation_key = key
@@ -164,6 +179,21 @@ class Settlement:
         await record_charge(self._store, job.job_id, attempt.shot, attempt.attempt, charge)
         self._next_ask.pop(key, None)
         self._wake.set()
+
+    def _may_be_forgotten(
+        self,
+        job: gateway_pb2.RenderJob,
+        request: router_pb2.ReconcileAttemptRequest,
+        charge: event_pb2.AttemptCharge,
+    ) -> bool:
+        """Whether a release for want of any create under the key may be the renderers' forgetting it:
+        the attempt began after its job was created, so a job younger than the keys' retention has its
+        key kept, and an older one may not."""
+        unknown_key = charge.outcome == event_pb2.CHARGE_OUTCOME_RELEASE and not (
+            request.task_id or charge.task_id
+        )
+        old = self._clock() - job.create_time.ToSeconds() >= self._key_retention
+        return bool(self._key_retention) and unknown_key and old
 
     async def _settle(self, job: gateway_pb2.RenderJob, attempt: gateway_pb2.RenderAttempt) -> bool:
         """Tells the ledger one attempt's charge; True once it has it. Raises grpc errors to retry."""

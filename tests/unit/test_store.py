@@ -611,25 +611,21 @@ async def test_a_purge_deletes_a_batch_at_a_time_and_replicas_purging_at_once_sh
     assert left == {"job_last", "job_more", "job_after"}
 
 
-async def test_jobs_that_ended_before_their_ends_were_kept_count_their_retention_from_the_upgrade(tmp_path):
-    path = tmp_path / "jobs.sqlite3"
+async def test_jobs_that_ended_before_their_ends_were_kept_count_their_retention_from_the_upgrade(
+    open_store, open_database
+):
     clock = Clock()
-    store = await SqlJobStore.open(SqliteDatabase(path, "jobs", private=True), clock)
+    store = await open_store(clock)
     for name in ("old", "running", "newest"):
         await store.create_job(job(f"job_{name}", name), "f")
     await end_job(store, "job_old")
-    await store.close()
-    before = sqlite3.connect(path)
-    before.execute("DROP INDEX jobs_ended")
-    before.execute("ALTER TABLE jobs DROP COLUMN ended")  # as the version before left it
-    before.commit()
-    before.close()
+    database = await open_database("jobs", private=True)
+    async with database.transaction() as transaction:  # as the version before left it
+        await transaction.execute("DROP INDEX jobs_purgeable")
+        await transaction.execute("ALTER TABLE jobs DROP COLUMN ended")
     clock.now += 10 * DAY
     upgraded = clock.now
-    store = await SqlJobStore.open(SqliteDatabase(path, "jobs", private=True), clock)
-    try:
-        assert await store.purge_ended(upgraded, 100) == 0
-        assert await store.purge_ended(upgraded + 1, 100) == 1
-        assert await store.get_job("job_old") is None and await store.get_job("job_running") is not None
-    finally:
-        await store.close()
+    store = await open_store(clock)
+    assert await store.purge_ended(upgraded, 100) == 0
+    assert await store.purge_ended(upgraded + 1, 100) == 1
+    assert await store.get_job("job_old") is None and await store.get_job("job_running") is not None

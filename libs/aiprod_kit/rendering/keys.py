@@ -153,25 +153,26 @@ class RenderKeyStore:
     ) -> tuple[bool, KeyRecord]:
         """Records the intent to create under key unless the key is known; returns (won, the record).
         Only one claimant wins a key, across processes."""
-        async with self._db.transaction() as transaction:
-            await transaction.lock(f"render-key:{self._backend}:{key}")
-            await transaction.execute(
-                "INSERT INTO render_keys (backend, idempotency_key, owner, claimed, model, shot) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (backend, idempotency_key) DO NOTHING",
-                (
-                    self._backend,
-                    key,
-                    self.owner,
-                    time.time() if now is None else now,
-                    model,
-                    stored_shot(shot),
-                ),
-            )
-            row = await transaction.fetchone(
-                f"SELECT {_COLUMNS} FROM render_keys WHERE backend = ? AND idempotency_key = ?",
-                (self._backend, key),
-            )
-        assert row is not None
+        row = None
+        while row is None:  # a key purged between the INSERT and the SELECT (PostgreSQL) is claimed anew
+            async with self._db.transaction() as transaction:
+                await transaction.lock(f"render-key:{self._backend}:{key}")
+                await transaction.execute(
+                    "INSERT INTO render_keys (backend, idempotency_key, owner, claimed, model, shot) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (backend, idempotency_key) DO NOTHING",
+                    (
+                        self._backend,
+                        key,
+                        self.owner,
+                        time.time() if now is None else now,
+                        model,
+                        stored_shot(shot),
+                    ),
+                )
+                row = await transaction.fetchone(
+                    f"SELECT {_COLUMNS} FROM render_keys WHERE backend = ? AND idempotency_key = ?",
+                    (self._backend, key),
+                )
         record = _record(row)
         return record.owner == self.owner and not record.task_id and record.ended is None, record
 
