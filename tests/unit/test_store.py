@@ -629,3 +629,22 @@ async def test_jobs_that_ended_before_their_ends_were_kept_count_their_retention
     assert await store.purge_ended(upgraded, 100) == 0
     assert await store.purge_ended(upgraded + 1, 100) == 1
     assert await store.get_job("job_old") is None and await store.get_job("job_running") is not None
+
+
+async def test_a_purge_deletes_the_jobs_that_ended_first_first(open_store):
+    clock = Clock()
+    store = await open_store(clock)
+    for name in ("a", "b", "c", "newest"):
+        await store.create_job(job(f"job_{name}", name), "f")
+    for name in ("c", "a", "b"):  # ended in another order than created
+        await end_job(store, f"job_{name}")
+        clock.now += 1
+    left = []
+    for _ in range(3):
+        assert await store.purge_ended(clock.now, 1) == 1
+        left.append(sorted(j.job_id for j in (await store.list_jobs("acme", [], 10, None)).jobs))
+    assert left == [
+        ["job_a", "job_b", "job_newest"],
+        ["job_b", "job_newest"],
+        ["job_newest"],
+    ]
