@@ -283,7 +283,6 @@ class News:
 
 
 _UNFINISHED = (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING)
-_TERMINAL_LIST = ", ".join("?" * len(TERMINAL_STATES))
 # Jobs that finished rendering, well or not, as GetUsage's actual against quoted counts them.
 _FINISHED = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED)
 # A job created in review and in one of these states was approved.
@@ -613,10 +612,10 @@ class SqlJobStore(JobStore):
                 await transaction.execute(
                     f"ALTER TABLE jobs ADD COLUMN ended {_ENDED_COLUMN[database.dialect]}"
                 )
+                ended = ", ".join("?" * len(TERMINAL_STATES))
                 await transaction.execute(
-                    f"UPDATE jobs SET ended = ? WHERE state IN ({_TERMINAL_LIST})", (now, *TERMINAL_STATES)
+                    f"UPDATE jobs SET ended = ? WHERE state IN ({ended})", (now, *TERMINAL_STATES)
                 )
-            await transaction.execute("DROP INDEX IF EXISTS jobs_ended")
             await transaction.execute(
                 f"CREATE INDEX IF NOT EXISTS jobs_purgeable ON jobs (ended) WHERE {_PURGEABLE}"
             )
