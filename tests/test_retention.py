@@ -43,6 +43,9 @@ def test_what_ended_past_its_retention_is_deleted_and_usage_and_money_still_coun
         assert [job.state for job in done] == [job_pb2.JOB_STATE_SUCCEEDED] * 3, [job.error for job in done]
         assert {job.backend for job in done} == {backend_pb2.BACKEND_REPLICATE}
         attempt = done[0].attempts[-1]
+        # The ledger hears of each charge from the gateway's outbox, after the job ends: once it has all three.
+        cost = sum(job.cost.amount_micros for job in done)
+        assert eventually(lambda: budget(mesh).spent.amount_micros == cost, timeout=30)
         usage, spent = stub.GetUsage(gateway_pb2.GetUsageRequest()), budget(mesh).spent
 
         def get(job_id: str):
