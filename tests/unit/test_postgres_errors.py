@@ -7,6 +7,7 @@ import pytest
 from postgres_support import SERVER_URL
 from structlog.testing import capture_logs
 
+from aiprod_kit import postgres
 from aiprod_kit.database import DatabaseUnavailable
 from aiprod_kit.postgres import StatementRefused, connect_postgres
 
@@ -43,3 +44,60 @@ async def test_a_connection_lost_mid_transaction_is_the_database_unreachable(dat
     assert [entry["event"] for entry in logs] == ["database unreachable"]
     # The pool replaces the lost connection.
     assert await database.fetchone("SELECT 2") == (2,)
+
+
+async def test_a_statement_failing_in_a_pipelined_transaction_fails_it_whole(database) -> None:
+    """A transaction's statements are sent without waiting for each other: a failed one may only be
+    reported at the commit, and nothing the transaction wrote stays."""
+    async with database.transaction() as transaction:
+        await transaction.execute("CREATE TABLE pipelined (key INTEGER PRIMARY KEY)")
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        async with database.transaction() as transaction:
+            await transaction.execute("INSERT INTO pipelined (key) VALUES (1)")
+            await transaction.execute("INSERT INTO pipelined (key) VALUES (1)")
+            await transaction.execute("INSERT INTO pipelined (key) VALUES (2)")
+    assert await database.fetchall("SELECT key FROM pipelined") == []
+    # A read in the transaction sees what was sent before it.
+    async with database.transaction() as transaction:
+        await transaction.execute("INSERT INTO pipelined (key) VALUES (3)")
+        assert await transaction.fetchall("SELECT key FROM pipelined") == [(3,)]
+
+
+async def test_an_idle_connection_the_server_closed_is_replaced_before_use(database, monkeypatch) -> None:
+    """A connection idle in the pool (a failover, an idle timeout) is checked before it is handed out."""
+    monkeypatch.setattr(postgres, "CHECK_IDLE_SECONDS", 0.0)
+    pids = {(await database.fetchone("SELECT pg_backend_pid()"))[0] for _ in range(3)}
+    with psycopg.connect(SERVER_URL, autocommit=True) as admin:
+        for pid in pids:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert await database.fetchone("SELECT 2") == (2,)
+    async with database.transaction() as transaction:
+        assert await transaction.fetchone("SELECT 3") == (3,)
+
+
+class _Connection:
+    """Stands in for a pooled connection: counts the pool's checks (an empty statement)."""
+
+    autocommit = True
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    async def execute(self, query: str) -> None:
+        assert query == ""
+        self.checks += 1
+
+
+async def test_only_a_connection_idle_for_a_while_is_checked() -> None:
+    now = [100.0]
+    freshness = postgres._Freshness(clock=lambda: now[0])
+    connection = _Connection()
+    await freshness.check(connection)  # new to the pool: checked
+    await freshness.returned(connection)
+    now[0] += postgres.CHECK_IDLE_SECONDS / 2
+    await freshness.check(connection)  # back a moment ago: not
+    assert connection.checks == 1
+    await freshness.returned(connection)
+    now[0] += postgres.CHECK_IDLE_SECONDS * 2
+    await freshness.check(connection)
+    assert connection.checks == 2
