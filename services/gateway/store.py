@@ -320,6 +320,18 @@ def _outbox_counts(job: gateway_pb2.RenderJob) -> tuple[int, int]:
     return len(to_settle(job)), len(to_reconcile(job))
 
 
+# A tenant's jobs queued or running, from the figures kept (parameters: the tenant, then _UNFINISHED).
+_UNFINISHED_COUNT = (
+    "(SELECT COALESCE(SUM(figures.jobs), 0) FROM tenant_job_figures AS figures"
+    " WHERE figures.tenant_id = ? AND figures.state IN (?, ?))"
+)
+
+
+def _refuse_beyond(tenant_id: str, unfinished: int, max_unfinished: int | None) -> None:
+    if max_unfinished is not None and unfinished >= max_unfinished:
+        raise TooManyUnfinished(f"tenant {tenant_id} has {unfinished} jobs queued or running")
+
+
 def _now() -> timestamp_pb2.Timestamp:
     time = timestamp_pb2.Timestamp()
     time.GetCurrentTime()
@@ -696,12 +708,8 @@ class SqlJobStore(JobStore):
         """TooManyUnfinished when the tenant has max_unfinished jobs queued or running; under its lock.
         Counted from the tenant's kept figures (a row a state and shard), not its jobs: a create or an
         approval under a large limit no longer reads every job the tenant has in flight."""
-        row = await transaction.fetchone(
-            "SELECT COALESCE(SUM(jobs), 0) FROM tenant_job_figures WHERE tenant_id = ? AND state IN (?, ?)",
-            (tenant_id, *_UNFINISHED),
-        )
-        if max_unfinished is not None and row is not None and int(row[0]) >= max_unfinished:
-            raise TooManyUnfinished(f"tenant {tenant_id} has {int(row[0])} jobs queued or running")
+        row = await transaction.fetchone(f"SELECT {_UNFINISHED_COUNT}", (tenant_id, *_UNFINISHED))
+        _refuse_beyond(tenant_id, int(row[0]) if row else 0, max_unfinished)
 
     async def create_job(
         self,
@@ -720,15 +728,19 @@ class SqlJobStore(JobStore):
             await transaction.lock(
                 f"job-request:{request_key}", *([f"tenant:{job.tenant_id}"] if limited else [])
             )
+            # The job under this request id, if any, and the tenant's unfinished count: one read (on
+            # PostgreSQL, one round trip of the create's three).
             row = await transaction.fetchone(
-                "SELECT fingerprint, job FROM jobs WHERE request_id = ?", (request_key,)
+                f"SELECT jobs.fingerprint, jobs.job, {_UNFINISHED_COUNT if limited else '0'}"
+                " FROM (SELECT 1) AS one LEFT JOIN jobs ON jobs.request_id = ?",
+                ((job.tenant_id, *_UNFINISHED) if limited else ()) + (request_key,),
             )
-            if row is not None:
+            if row is not None and row[1] is not None:
                 if row[0] != fingerprint:
                     raise RequestIdConflict(job.request_id)
                 return gateway_pb2.RenderJob.FromString(row[1]), False
             if limited:
-                await self._check_unfinished(transaction, job.tenant_id, max_unfinished)
+                _refuse_beyond(job.tenant_id, int(row[2]), max_unfinished)
             if also is not None:
                 await also(transaction)
             job.last_sequence = 1
