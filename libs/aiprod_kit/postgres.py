@@ -39,6 +39,10 @@ log = structlog.get_logger()
 # Connections per PostgreSQL store and process. Writers that contend wait on a lock anyway; a few
 # connections keep the server's connection budget (max_connections, shared by every replica) for others.
 POOL_SIZE = 8
+# How long a statement still running when its caller was cancelled is given to be cancelled on the server.
+CANCEL_TIMEOUT_SECONDS = 5.0
+_BEGIN_READ_ONLY = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+_OPEN = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
 # A connection idle in the pool for longer than this is checked (a round trip) before it is handed out:
 # a failover or an idle timeout may have closed it. One back from a transaction more recently is not:
 # under load every transaction paid a round trip for it, a seventh of a create's.
@@ -146,12 +150,24 @@ class PostgresDatabase(Database):
             async with self._pool.connection() as connection:
                 # Pipelined, a statement's error may only come at a later read or at the commit.
                 with _sendable(connection):
-                    async with connection.pipeline(), connection.transaction():
-                        if read_only:
-                            await connection.execute(
-                                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
-                            )
-                        yield _PostgresTransaction(connection)
+                    try:
+                        # BEGIN and COMMIT in the pipeline too: psycopg's transaction() waits for each.
+                        async with connection.pipeline():
+                            await connection.execute(_BEGIN_READ_ONLY if read_only else "BEGIN")
+                            try:
+                                yield _PostgresTransaction(connection)
+                            except asyncio.CancelledError:
+                                # The pipeline's end waits for every statement sent: one still running
+                                # would hold a cancelled caller until it finished.
+                                await _cancel_running(connection)
+                                raise
+                            await connection.execute("COMMIT")
+                    except BaseException:
+                        # A statement refused, an error of the caller's, a cancellation: what the
+                        # transaction did is undone (a connection lost or still busy, the pool drops).
+                        if connection.info.transaction_status in _OPEN:
+                            await connection.execute("ROLLBACK")
+                        raise
 
     async def create_schema(self, schemas: Mapping[str, str]) -> None:
         async with self.transaction() as transaction:
@@ -206,6 +222,11 @@ class PostgresDatabase(Database):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listening
         await self._pool.close()
+
+
+async def _cancel_running(connection: psycopg.AsyncConnection) -> None:
+    with contextlib.suppress(psycopg.Error):
+        await connection.cancel_safe(timeout=CANCEL_TIMEOUT_SECONDS)
 
 
 class _Freshness:

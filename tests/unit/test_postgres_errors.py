@@ -2,6 +2,8 @@
 (UNAVAILABLE, try again); a statement libpq will not send is the code's fault, said so, and the pool
 keeps serving."""
 
+import asyncio
+
 import psycopg
 import pytest
 from postgres_support import SERVER_URL
@@ -9,7 +11,7 @@ from structlog.testing import capture_logs
 
 from aiprod_kit import postgres
 from aiprod_kit.database import DatabaseUnavailable
-from aiprod_kit.postgres import StatementRefused, connect_postgres
+from aiprod_kit.postgres import POOL_SIZE, StatementRefused, connect_postgres
 
 # libpq sends at most 65,535 parameters with a statement.
 TOO_MANY = 70_000
@@ -101,3 +103,42 @@ async def test_only_a_connection_idle_for_a_while_is_checked() -> None:
     now[0] += postgres.CHECK_IDLE_SECONDS * 2
     await freshness.check(connection)
     assert connection.checks == 2
+
+
+async def test_an_error_of_the_callers_own_undoes_the_transaction_even_after_a_failed_statement(
+    database,
+) -> None:
+    async with database.transaction() as transaction:
+        await transaction.execute("CREATE TABLE undone (key INTEGER PRIMARY KEY)")
+    for failing_first in (False, True):
+        with pytest.raises(ValueError, match="the caller's"):
+            async with database.transaction() as transaction:
+                await transaction.execute("INSERT INTO undone (key) VALUES (1)")
+                if failing_first:  # sent, its error not read yet
+                    await transaction.execute("INSERT INTO undone (key) VALUES (1)")
+                raise ValueError("the caller's")
+    assert await database.fetchall("SELECT key FROM undone") == []
+
+
+async def test_a_transaction_cancelled_while_it_waits_leaves_nothing_held(database) -> None:
+    """A caller's deadline cancels a transaction mid-read: its locks are let go and the pool serves on."""
+    waiting = asyncio.Event()
+
+    async def holds_a_lock() -> None:
+        async with database.transaction() as transaction:
+            await transaction.lock("cancelled")
+            await transaction.execute("SELECT 1")
+            waiting.set()
+            await transaction.fetchone("SELECT pg_sleep(60)")
+
+    task = asyncio.create_task(holds_a_lock())
+    await waiting.wait()
+    task.cancel()
+    # Not held until the statement's minute is over.
+    await asyncio.wait({task}, timeout=10)
+    assert task.cancelled()
+    async with asyncio.timeout(10):
+        for _ in range(POOL_SIZE * 2):
+            async with database.transaction() as transaction:
+                await transaction.lock("cancelled")
+                assert await transaction.fetchone("SELECT 2") == (2,)
