@@ -47,7 +47,7 @@ Semantics every implementation keeps:
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from enum import StrEnum
 
@@ -522,7 +522,8 @@ class SqlLedgerStore(LedgerStore):
                 "UPDATE reservations SET state = 'committed', actual = ?, settled = ? WHERE key = ?",
                 (actual, _micros(self._clock()), key),
             )
-            return await self._load(transaction, key), existing.state  # type: ignore[return-value]
+            # What the row now holds, without reading it back (on PostgreSQL, sent with the commit).
+            return replace(existing, state=State.COMMITTED, actual=actual), existing.state
 
     async def release(self, key: str) -> tuple[Reservation, State]:
         async with self._db.transaction() as transaction:
@@ -535,7 +536,7 @@ class SqlLedgerStore(LedgerStore):
                 "UPDATE reservations SET state = 'released', settled = ? WHERE key = ?",
                 (_micros(self._clock()), key),
             )
-            return await self._load(transaction, key), existing.state  # type: ignore[return-value]
+            return replace(existing, state=State.RELEASED), existing.state
 
     async def _locked(self, transaction: Transaction, key: str) -> Reservation:
         """The reservation, read under its day's lock. Raises UnknownKey."""

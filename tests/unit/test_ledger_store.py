@@ -208,6 +208,7 @@ async def test_release_frees_the_money_once(store):
     await store.reserve("a1", "acme", "job-1", 2 * USD, NO_CAPS, TTL)
     released, before = await store.release("a1")
     assert (released.state, before) == (State.RELEASED, State.RESERVED)
+    assert await store.get("a1") == released  # what it answers is what it keeps
     assert (await store.release("a1"))[1] == State.RELEASED
     with pytest.raises(WrongState):
         await store.commit("a1", USD)
@@ -231,6 +232,7 @@ async def test_overdue_reservations_expire_once_and_may_still_be_committed(store
     # The stuck job finished after all: its actual replaces the worst case.
     committed, before = await store.commit("stuck", USD // 2)
     assert (committed.state, committed.actual, before) == (State.COMMITTED, USD // 2, State.EXPIRED)
+    assert await store.get("stuck") == committed  # its expiry's day kept
     assert (await store.day_totals("acme")).tenant == Totals(spent=USD // 2, reserved=USD, expired=1)
 
 
@@ -240,6 +242,7 @@ async def test_an_expired_reservation_may_be_released(store, clock):
     await store.expire_overdue()
     released, before = await store.release("stuck")
     assert (released.state, before) == (State.RELEASED, State.EXPIRED)
+    assert await store.get("stuck") == released
     # Known not to have billed: its money is free again.
     assert (await store.day_totals("acme")).tenant == Totals(spent=0, reserved=0, expired=1)
 
