@@ -729,7 +729,7 @@ class SqlJobStore(JobStore):
                 f"job-request:{request_key}", *([f"tenant:{job.tenant_id}"] if limited else [])
             )
             # The job under this request id, if any, and the tenant's unfinished count: one read (on
-            # PostgreSQL, one round trip of the create's three).
+            # PostgreSQL a round trip fewer: the create's transaction takes two).
             row = await transaction.fetchone(
                 f"SELECT jobs.fingerprint, jobs.job, {_UNFINISHED_COUNT if limited else '0'}"
                 " FROM (SELECT 1) AS one LEFT JOIN jobs ON jobs.request_id = ?",
