@@ -1,6 +1,7 @@
 """Log lines name the trace they were written in, so that a line leads to its job's trace."""
 
 import json
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -13,8 +14,11 @@ from aiprod_kit.logs import configure_logging
 @pytest.fixture(autouse=True)
 def default_logging() -> Iterator[None]:
     """configure_logging is process-wide: later tests must not write to this test's captured stderr."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     yield
     structlog.reset_defaults()
+    root.handlers[:], root.level = handlers, level
 
 
 def test_a_line_written_inside_a_span_carries_its_trace_and_span_ids(capsys):
@@ -54,3 +58,23 @@ def test_a_line_never_carries_a_secret_nor_a_credential_shaped_value(capsys):
     assert first["error"] == f"auth (HTTP 401): invalid credentials: 'Bearer {REDACTED}'"
     assert first["detail"] == {"echo": [REDACTED]}
     assert "RuntimeError" in second["exception"] and REDACTED in second["exception"]
+
+
+def test_a_librarys_own_warning_is_a_line_like_the_others_and_as_redacted(capsys):
+    """psycopg's pool, gRPC or asyncio log through the standard library: their lines are JSON too, name
+    their logger and service, and keep no secret."""
+    log = configure_logging("test", "info", "json")
+    library = logging.getLogger("psycopg.pool")
+    library.info("connection given by %r", "pool")  # its bookkeeping: not logged
+    try:
+        raise ConnectionError("refused: postgresql://u:pg-pass-word@db/x")
+    except ConnectionError:
+        library.warning("rolling back returned connection: %s", "Bearer tok_unregistered_42", exc_info=True)
+    log.info("ours")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [line["event"].split(":")[0] for line in lines] == ["rolling back returned connection", "ours"]
+    theirs = lines[0]
+    assert (theirs["level"], theirs["logger"], theirs["service"]) == ("warning", "psycopg.pool", "test")
+    assert "ConnectionError" in theirs["exception"]
+    text = json.dumps(theirs)
+    assert "tok_unregistered_42" not in text and "pg-pass-word" not in text
