@@ -379,6 +379,8 @@ _SQLITE_ADDED_COLUMNS = {"backend": "INTEGER NOT NULL DEFAULT 0"}
 
 _COLUMNS = "key, tenant, job_id, amount, state, actual, created, expires, day, expired_day, backend"
 _COLUMNS_OF_RESERVATION = ", ".join(f"reservations.{column}" for column in _COLUMNS.split(", "))
+# A tenant's own daily cap (no row: none of its own).
+_TENANT_CAP = "SELECT cap FROM tenant_caps WHERE tenant = ?"
 # What a day holds (committed actuals, open and expired reservations at their worst), micro-USD.
 _DAY_USED = "COALESCE(SUM(committed + reserved + uncertain), 0) FROM day_money"
 
@@ -476,7 +478,7 @@ class SqlLedgerStore(LedgerStore):
             # round trip on PostgreSQL instead of four.
             row = await transaction.fetchone(
                 f"SELECT {_COLUMNS_OF_RESERVATION},"
-                " (SELECT cap FROM tenant_caps WHERE tenant = ?),"
+                f" ({_TENANT_CAP}),"
                 f" (SELECT {_DAY_USED} WHERE day = ? AND tenant = ?), (SELECT {_DAY_USED} WHERE day = ?)"
                 " FROM (SELECT 1) AS one LEFT JOIN reservations ON reservations.key = ?",
                 (tenant, day, tenant, day, key),
@@ -492,7 +494,7 @@ class SqlLedgerStore(LedgerStore):
                 if existing.state not in (State.RESERVED, State.EXPIRED):
                     raise WrongState(existing, "reserve")
                 return existing, False
-            tenant_cap = caps.tenant if own is None else own
+            tenant_cap = caps.tenant if own is None else int(own)
             refusals = []
             for cap, scope, used in ((tenant_cap, tenant, tenant_used), (caps.everyone, None, everyone_used)):
                 spent = int(used)  # PostgreSQL sums BIGINTs as NUMERIC
@@ -611,7 +613,7 @@ class SqlLedgerStore(LedgerStore):
 
     @staticmethod
     async def _tenant_cap(queries: Queries, tenant: str) -> int | None:
-        row = await queries.fetchone("SELECT cap FROM tenant_caps WHERE tenant = ?", (tenant,))
+        row = await queries.fetchone(_TENANT_CAP, (tenant,))
         return None if row is None else int(row[0])
 
     async def set_tenant_cap(self, tenant: str, cap: int) -> None:
