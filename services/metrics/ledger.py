@@ -383,6 +383,20 @@ _COLUMNS_OF_RESERVATION = ", ".join(f"reservations.{column}" for column in _COLU
 _TENANT_CAP = "SELECT cap FROM tenant_caps WHERE tenant = ?"
 # What a day holds (committed actuals, open and expired reservations at their worst), micro-USD.
 _DAY_USED = "COALESCE(SUM(committed + reserved + uncertain), 0) FROM day_money"
+# A day's totals, the tenant's (its committed, reserved, uncertain money and expired count) then
+# everyone's, then the tenant's own cap. The expired are counted from the reservations: one that
+# expired and was reconciled is forgotten with them by the purge, so a ledger retention under a day
+# (the default is 400) may count fewer of today's.
+_DAY_TOTALS = (
+    "SELECT COALESCE(SUM(CASE WHEN tenant = ? THEN committed END), 0),"
+    " COALESCE(SUM(CASE WHEN tenant = ? THEN reserved END), 0),"
+    " COALESCE(SUM(CASE WHEN tenant = ? THEN uncertain END), 0),"
+    " (SELECT COUNT(*) FROM reservations WHERE expired_day = ? AND tenant = ?),"
+    " COALESCE(SUM(committed), 0), COALESCE(SUM(reserved), 0), COALESCE(SUM(uncertain), 0),"
+    " (SELECT COUNT(*) FROM reservations WHERE expired_day = ?),"
+    f" ({_TENANT_CAP})"
+    " FROM day_money WHERE day = ?"
+)
 
 
 def _micros(moment: datetime) -> int:
@@ -393,11 +407,9 @@ def _moment(micros: int) -> datetime:
     return _EPOCH + timedelta(microseconds=micros)
 
 
-def _scope(day_column: str, day: str, tenant: str | None) -> tuple[str, list[str]]:
-    """A WHERE clause for one day, of one tenant or (None) of everyone."""
-    if tenant is None:
-        return f"{day_column} = ?", [day]
-    return f"{day_column} = ? AND tenant = ?", [day, tenant]
+def _day_totals(committed: int, reserved: int, uncertain: int, expired: int) -> Totals:
+    # Uncertain money is spent at its worst case until reconciled.
+    return Totals(committed + uncertain, reserved, expired, uncertain)
 
 
 def _reservation(row: tuple) -> Reservation:
@@ -583,33 +595,16 @@ class SqlLedgerStore(LedgerStore):
                 )
             return sorted((_reservation(row) for row in expired), key=lambda r: (r.expires, r.key))
 
-    @staticmethod
-    async def _totals(queries: Queries, day: str, tenant: str | None) -> Totals:
-        where, parameters = _scope("day", day, tenant)
-        row = await queries.fetchone(
-            "SELECT COALESCE(SUM(committed), 0), COALESCE(SUM(reserved), 0), COALESCE(SUM(uncertain), 0) "
-            f"FROM day_money WHERE {where}",
-            parameters,
-        )
-        assert row is not None
-        committed, reserved, uncertain = (int(value) for value in row)
-        # Counted from the reservations: one that expired and was reconciled is forgotten with them by the
-        # purge, so a ledger retention under a day (the default is 400) may count fewer of today's.
-        where, parameters = _scope("expired_day", day, tenant)
-        expired = await queries.fetchone(f"SELECT COUNT(*) FROM reservations WHERE {where}", parameters)
-        assert expired is not None
-        # Uncertain money is spent at its worst case until reconciled.
-        return Totals(committed + uncertain, reserved, int(expired[0]), uncertain)
-
     async def day_totals(self, tenant: str) -> DayTotals:
-        async with self._db.transaction(read_only=True) as transaction:
-            day = self.today()
-            return DayTotals(
-                day,
-                await self._totals(transaction, day, tenant),
-                await self._totals(transaction, day, None),
-                await self._tenant_cap(transaction, tenant),
-            )
+        # One statement (one snapshot, one round trip): the router asks it about once a job.
+        day = self.today()
+        row = await self._db.fetchone(_DAY_TOTALS, (tenant, tenant, tenant, day, tenant, day, tenant, day))
+        assert row is not None
+        # PostgreSQL sums BIGINTs as NUMERIC.
+        mine, everyone = (tuple(int(value) for value in row[at : at + 4]) for at in (0, 4))
+        return DayTotals(
+            day, _day_totals(*mine), _day_totals(*everyone), None if row[8] is None else int(row[8])
+        )
 
     @staticmethod
     async def _tenant_cap(queries: Queries, tenant: str) -> int | None:
