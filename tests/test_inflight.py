@@ -75,7 +75,10 @@ def test_five_hundred_jobs_in_flight_at_once_all_succeed(mesh):
     assert eventually(lambda: tasks_created(sandbox) == JOBS, timeout=CREATED_SECONDS, interval=0.5), (
         f"{tasks_created(sandbox)} of {JOBS} renders created at the providers"
     )
-    assert jobs_in(mesh, job_pb2.JOB_STATE_RUNNING) == JOBS
+    # A job is running once the gateway has recorded its route, which may come after its provider's create.
+    assert eventually(lambda: jobs_in(mesh, job_pb2.JOB_STATE_RUNNING) == JOBS, timeout=60, interval=0.5), (
+        f"{jobs_in(mesh, job_pb2.JOB_STATE_RUNNING)} of {JOBS} jobs running"
+    )
 
     for provider in PROVIDERS:
         sandbox.configure(provider=provider, max_concurrent=None)

@@ -178,7 +178,10 @@ def test_a_quote_is_its_tenants_and_its_specs_only(mesh, sandbox):
     assert job_count(stub) == before
     assert job_count(other) == 0
     # Still there for its own spec and tenant.
-    assert create(stub, the_spec, quoted.quote_id).quote == quoted
+    job = create(stub, the_spec, quoted.quote_id)
+    assert job.quote == quoted
+    # Rendered to its end here: its provider create must not land in the next test's counters.
+    assert wait_terminal(stub, job.job_id).state == job_pb2.JOB_STATE_SUCCEEDED
 
 
 def test_a_job_whose_cheapest_route_is_over_its_presets_limit_is_refused_naming_the_price(mesh, sandbox):

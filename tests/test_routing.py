@@ -18,7 +18,7 @@ ENVIRONMENT = {
     # The breaker under test is the router's: Replicate's own renderer keeps serving through failures.
     "AIPROD_REPLICATE_BREAKER_FAILURES": "100",
     # Long enough to route a job while it is open, short enough to wait out.
-    "AIPROD_ROUTER_BREAKER_COOLDOWN_SECONDS": "6",
+    "AIPROD_ROUTER_BREAKER_COOLDOWN_SECONDS": "10",
     "AIPROD_LOCAL_RENDER_PACE_FPS": "24",
 }
 RUNWAY, VEO, REPLICATE, LOCAL = (
@@ -81,8 +81,9 @@ def test_a_renderer_killed_mid_render_falls_back_and_the_events_say_why(mesh, sa
 def test_a_not_serving_renderer_gets_no_work_until_it_recovers(mesh, sandbox):
     with health_watch(mesh, "runway") as statuses:
         wait_for_status(statuses, SERVING)
-        # Rejected credentials: the create, then probes, until the faults are used up.
-        sandbox.fault("runway", "*", "401", times=4)
+        # Rejected credentials: the create, then probes (one a second), until the faults are used up: long
+        # enough for the next job to be routed while Runway is down, on a loaded box too.
+        sandbox.fault("runway", "*", "401", times=6)
         refused = create(mesh, "Refused at Runway", 4, preferred=RUNWAY)
         wait_for_status(statuses, NOT_SERVING)
         assert eventually(
@@ -149,7 +150,7 @@ def test_the_routers_breaker_opens_on_a_failing_provider_and_closes_after_its_co
     assert not any(event.HasField("fallback") for event in events)  # not even tried
     # After the cooldown the next render is a trial; the faults are used up, so it succeeds there.
     assert eventually(
-        lambda: backend_status(mesh, REPLICATE).breaker != router_pb2.BREAKER_STATE_OPEN, timeout=10
+        lambda: backend_status(mesh, REPLICATE).breaker != router_pb2.BREAKER_STATE_OPEN, timeout=15
     )
     trial = wait_terminal(gateway(mesh), create(mesh, "After the cooldown", 6, preferred=REPLICATE).job_id)
     assert trial.backend == REPLICATE

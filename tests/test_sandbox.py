@@ -316,6 +316,8 @@ def test_runway_throttles_over_the_concurrency_limit_and_on_the_trigger(sandbox:
     seen = runway_until(client, second.id, {"SUCCEEDED"})
     assert "RUNNING" in {task.status for task in seen}
 
+    # Throttled long enough that the first read, on a loaded box too, comes while it still is.
+    sandbox.configure(provider="runway", throttle_seconds=2)
     third = client.text_to_video.create(
         model="gen4.5", prompt_text="[sandbox:throttle] [sandbox:fail]", ratio="1280:720", duration=2
     )

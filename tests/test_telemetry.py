@@ -124,31 +124,44 @@ def test_every_documented_metric_is_exported_with_exactly_its_labels(mesh, recei
 
 
 def test_metrics_carry_what_happened(mesh, receiver, runway_job):
-    received = receiver.metrics()
-    completed = received["aiprod.gateway.jobs_completed"].points
-    assert {"preset": "quick_social", "backend": "runway"} in [attributes for _, attributes in completed]
-    failed_reasons = {attributes["reason"] for _, attributes in received["aiprod.gateway.jobs_failed"].points}
-    assert {"PROVIDER_FAILED", "RENDER_UNCERTAIN"} <= failed_reasons
-    errors = {(a["backend"], a["reason"]) for _, a in received["aiprod.router.backend_errors"].points}
-    assert ("runway", "PROVIDER_FAILED") in errors
-    uncertain = {a["backend"] for _, a in received["aiprod.router.uncertain_attempts"].points}
-    assert uncertain == {"runway"}
-    operations = {
-        (a["operation"], a["outcome"]) for _, a in received["aiprod.renderer.provider_requests"].points
-    }
-    assert {("create", "ok"), ("get", "ok"), ("download", "ok")} <= operations
-    outcomes = {a["outcome"] for _, a in received["aiprod.metrics.reservations"].points}
-    assert {"reserved", "committed", "released"} <= outcomes
-    methods = {(service, a["rpc.method"]) for service, a in received["rpc.server.call.duration"].points}
-    assert {
-        ("aiprod-gateway", "CreateRenderJob"),
-        ("aiprod-router", "ExecuteRender"),
-        ("aiprod-renderer-runway", "StartRender"),
-        ("aiprod-metrics", "ReserveBudget"),
-    } <= methods
-    assert not any(
-        a["rpc.service"].startswith("grpc.") for _, a in received["rpc.server.call.duration"].points
-    )
+    def carry_it(received: dict) -> None:
+        completed = received["aiprod.gateway.jobs_completed"].points
+        assert {"preset": "quick_social", "backend": "runway"} in [attributes for _, attributes in completed]
+        failed_reasons = {
+            attributes["reason"] for _, attributes in received["aiprod.gateway.jobs_failed"].points
+        }
+        assert {"PROVIDER_FAILED", "RENDER_UNCERTAIN"} <= failed_reasons
+        errors = {(a["backend"], a["reason"]) for _, a in received["aiprod.router.backend_errors"].points}
+        assert ("runway", "PROVIDER_FAILED") in errors
+        uncertain = {a["backend"] for _, a in received["aiprod.router.uncertain_attempts"].points}
+        assert uncertain == {"runway"}
+        operations = {
+            (a["operation"], a["outcome"]) for _, a in received["aiprod.renderer.provider_requests"].points
+        }
+        assert {("create", "ok"), ("get", "ok"), ("download", "ok")} <= operations
+        outcomes = {a["outcome"] for _, a in received["aiprod.metrics.reservations"].points}
+        assert {"reserved", "committed", "released"} <= outcomes
+        methods = {(service, a["rpc.method"]) for service, a in received["rpc.server.call.duration"].points}
+        assert {
+            ("aiprod-gateway", "CreateRenderJob"),
+            ("aiprod-router", "ExecuteRender"),
+            ("aiprod-renderer-runway", "StartRender"),
+            ("aiprod-metrics", "ReserveBudget"),
+        } <= methods
+        assert not any(
+            a["rpc.service"].startswith("grpc.") for _, a in received["rpc.server.call.duration"].points
+        )
+
+    def carried() -> bool:
+        try:
+            carry_it(receiver.metrics())
+        except (AssertionError, KeyError):
+            return False
+        return True
+
+    # Each point arrives with the export after it was recorded: waited for, then asserted, saying what lacks.
+    eventually(carried, timeout=30)
+    carry_it(receiver.metrics())
 
 
 def test_rpc_errors_are_counted_per_method_and_status_code(mesh, receiver, runway_job):
