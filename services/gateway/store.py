@@ -481,6 +481,23 @@ _SQLITE_ADDED_COLUMNS = {
 # When a job ended (Unix seconds; NULL while it runs): what its retention counts from. A store from before
 # it gets the column and its ended jobs' ends in one transaction (_keep_ends).
 _ENDED_COLUMN = {"sqlite": "REAL", "postgresql": "DOUBLE PRECISION"}
+# An older replica, during a rolling update, ends a job without its end: the database writes it then
+# (its own clock, which is the replicas' in production), so that the job is purged in its time.
+_ENDS_KEPT = "jobs_ended"
+_TERMINAL_LIST = ", ".join(str(state) for state in sorted(TERMINAL_STATES))
+_ENDS_KEPT_TRIGGERS = {
+    "sqlite": [
+        f"CREATE TRIGGER {_ENDS_KEPT} AFTER UPDATE OF state ON jobs"
+        f" WHEN NEW.ended IS NULL AND NEW.state IN ({_TERMINAL_LIST})"
+        " BEGIN UPDATE jobs SET ended = (julianday('now') - 2440587.5) * 86400.0 WHERE job_id = NEW.job_id; END"
+    ],
+    "postgresql": [
+        f"CREATE OR REPLACE FUNCTION {_ENDS_KEPT}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "NEW.ended := extract(epoch FROM clock_timestamp()); RETURN NEW; END $$",
+        f"CREATE TRIGGER {_ENDS_KEPT} BEFORE UPDATE OF state ON jobs FOR EACH ROW"
+        f" WHEN (NEW.ended IS NULL AND NEW.state IN ({_TERMINAL_LIST})) EXECUTE FUNCTION {_ENDS_KEPT}()",
+    ],
+}
 # The jobs a purge may delete, by end: one held or unsettled is not in it, so a purge reads only what it
 # deletes however many such jobs wait (on jobs (ended), every batch read them all: 35 ms at 199,500).
 _PURGEABLE = "ended IS NOT NULL AND unsettled = 0 AND held = 0"
@@ -616,8 +633,8 @@ class SqlJobStore(JobStore):
     async def _keep_ends(database: Database, now: float) -> None:
         """Gives a store from before them its jobs' ends, in the transaction that adds the column (a start
         cut short in between would leave the jobs ended before it without an end, never purged): those
-        ended count their retention from now, never shorter than they should. (An older replica ending
-        a job during a rolling update leaves it without one: kept until a person deletes it.)"""
+        ended count their retention from now, never shorter than they should. A job an older replica
+        ends during a rolling update gets its end from the database (_ENDS_KEPT)."""
         async with database.transaction() as transaction:
             await transaction.lock("job-ends")  # another replica may be opening it too
             if not await has_column(transaction, database.dialect, "jobs", "ended"):
@@ -631,6 +648,9 @@ class SqlJobStore(JobStore):
             await transaction.execute(
                 f"CREATE INDEX IF NOT EXISTS jobs_purgeable ON jobs (ended) WHERE {_PURGEABLE}"
             )
+            if not await has_trigger(transaction, database.dialect, "jobs", _ENDS_KEPT):
+                for statement in _ENDS_KEPT_TRIGGERS[database.dialect]:
+                    await transaction.execute(statement)
 
     @staticmethod
     async def _fill_figures(transaction: Transaction) -> None:
@@ -911,9 +931,14 @@ class SqlJobStore(JobStore):
                     await self._insert_revision(transaction, job_id, details.plan_updated)
                 if details.HasField("approved"):
                     approved = 1
+            # An end: nothing is left to drive, whoever ended it, so the claim ends with it; its retention
+            # counts from its first end (written here, with the state: _ENDS_KEPT is for older replicas).
+            ends = job.state in TERMINAL_STATES
             written = await transaction.fetchone(
                 "UPDATE jobs SET state = ?, job = ?, unsettled = ?, held = ?, approved = ?, quoted_micros = ?,"
-                " cost_micros = ? WHERE job_id = ? RETURNING position",
+                " cost_micros = ?"
+                + (", claim_owner = NULL, claim_expires = NULL, ended = COALESCE(ended, ?)" if ends else "")
+                + " WHERE job_id = ? RETURNING position",
                 (
                     job.state,
                     job.SerializeToString(),
@@ -921,6 +946,7 @@ class SqlJobStore(JobStore):
                     approved,
                     job.quote.price.amount_micros,
                     job.cost.amount_micros,
+                    *((self._clock(),) if ends else ()),
                     job_id,
                 ),
             )
@@ -928,14 +954,6 @@ class SqlJobStore(JobStore):
                 # Purged past its retention since it was read (PostgreSQL: the read takes no row lock):
                 # no event is logged for a job that is no more.
                 raise KeyError(job_id)
-            if job.state in TERMINAL_STATES:
-                # Nothing is left to drive: whoever ended it, the claim ends with it; its retention counts
-                # from its first end.
-                await transaction.execute(
-                    "UPDATE jobs SET claim_owner = NULL, claim_expires = NULL, ended = COALESCE(ended, ?)"
-                    " WHERE job_id = ?",
-                    (self._clock(), job_id),
-                )
             await transaction.execute(
                 "INSERT INTO job_events (job_id, sequence, event) VALUES (?, ?, ?)",
                 (job_id, event.sequence, event.SerializeToString()),

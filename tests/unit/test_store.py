@@ -622,6 +622,8 @@ async def test_jobs_that_ended_before_their_ends_were_kept_count_their_retention
     await end_job(store, "job_old")
     database = await open_database("jobs", private=True)
     async with database.transaction() as transaction:  # as the version before left it
+        on_jobs = " ON jobs" if database.dialect == "postgresql" else ""
+        await transaction.execute(f"DROP TRIGGER jobs_ended{on_jobs}")
         await transaction.execute("DROP INDEX jobs_purgeable")
         await transaction.execute("ALTER TABLE jobs DROP COLUMN ended")
     clock.now += 10 * DAY
@@ -630,6 +632,24 @@ async def test_jobs_that_ended_before_their_ends_were_kept_count_their_retention
     assert await store.purge_ended(upgraded, 100) == 0
     assert await store.purge_ended(upgraded + 1, 100) == 1
     assert await store.get_job("job_old") is None and await store.get_job("job_running") is not None
+
+
+async def test_a_job_an_older_replica_ends_gets_its_end_from_the_database(open_store, open_database):
+    store = await open_store()
+    for name in ("old", "newest"):
+        await store.create_job(job(f"job_{name}", name), "f")
+    database = await open_database("jobs", private=True)
+    ended = job("job_old", "old", job_pb2.JOB_STATE_SUCCEEDED)
+    before = time.time()
+    async with database.transaction() as transaction:  # as a replica of the version before ends a job
+        await transaction.execute(
+            "UPDATE jobs SET state = ?, job = ? WHERE job_id = ?",
+            (ended.state, ended.SerializeToString(), "job_old"),
+        )
+    after = time.time()
+    assert await store.purge_ended(before - 1, 100) == 0  # its retention counts from when it ended
+    assert await store.purge_ended(after + 1, 100) == 1
+    assert await store.get_job("job_old") is None
 
 
 async def test_a_purge_deletes_the_jobs_that_ended_first_first(open_store):
