@@ -83,6 +83,7 @@ class Settlement:
         # Held attempts: when to ask again, and the pause after that; and where the last pass stopped.
         self._next_ask: dict[str, tuple[float, float]] = {}
         self._held_after = 0
+        self._held_due = 0.0  # time.monotonic() of the next pass over held attempts
         self._wake = asyncio.Event()
         # Set, then replaced, each time a settlement frees money: what jobs waiting for budget wait on.
         self._freed = asyncio.Event()
@@ -130,6 +131,11 @@ class Settlement:
             ]
             if settled:
                 await self._store.mark_settled(job.job_id, settled)
+        if time.monotonic() < self._held_due:
+            return len(jobs) < _BATCH
+        # Held attempts are read no oftener than any is asked about (a pass at every charge read them for
+        # nothing: about one read a job).
+        self._held_due = time.monotonic() + _RECONCILE_BACKOFF[0]
         held = await self._store.held_jobs(_BATCH, self._held_after)
         self._held_after = held[-1][0] if len(held) == _BATCH else 0
         for _, job_id in held:
