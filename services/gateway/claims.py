@@ -14,7 +14,7 @@ import socket
 
 import structlog
 
-from aiprod_gateway.store import JobStore
+from aiprod_gateway.store import Claimed, JobStore
 from aiprod_kit.settings import ConfigurationError, GatewaySettings
 
 log = structlog.get_logger()
@@ -57,15 +57,16 @@ class Claims:
     def holds(self, job_id: str) -> bool:
         return job_id in self._held
 
-    async def claim(self, job_id: str) -> bool:
-        """Takes a job's claim in the store; True when this replica holds it. Raises what the store does."""
+    async def claim(self, job_id: str) -> Claimed | None:
+        """Takes a job's claim in the store: the job as claimed when this replica holds it, else None.
+        Raises what the store does."""
         self.hold(job_id)
         try:
             claimed = await self._store.claim(job_id, self.owner, self.lease_seconds)
         except Exception:
             self.drop(job_id)
             raise
-        if not claimed:
+        if claimed is None:
             self.drop(job_id)
         return claimed
 

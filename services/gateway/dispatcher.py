@@ -188,7 +188,7 @@ class Dispatcher:
                 break
             if job_id in self._queued or job_id in self._driving or job_id in self._later:
                 continue
-            if await self._claims.claim(job_id):
+            if await self._claims.claim(job_id) is not None:
                 taken.append(job_id)
                 # There is room for each: the store's order (priority first) is the order they start.
                 self.enqueue(job_id)
@@ -232,12 +232,12 @@ class Dispatcher:
         except Exception as error:
             self._crashed(job_id, error, priority)
             return
-        if not claimed:
+        if claimed is None:
             # Another replica drives it, or it ended meanwhile (cancelled while queued).
             self._crashes.pop(job_id, None)
             return
         driver = Drive()
-        driver.task = asyncio.create_task(self._driver.drive(job_id, driver))
+        driver.task = asyncio.create_task(self._driver.drive(claimed, driver))
         self._driving[job_id] = driver
         try:
             # wait() rather than await: a stopped job ends its task, not this run.

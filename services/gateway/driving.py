@@ -53,7 +53,7 @@ from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.router_renders import RouterRenders
 from aiprod_gateway.settlement import Settlement, record_charge
 from aiprod_gateway.spending import BudgetRefused
-from aiprod_gateway.store import TERMINAL_STATES, ClaimLost, JobStore, JobUpdate
+from aiprod_gateway.store import TERMINAL_STATES, Claimed, ClaimLost, JobStore, JobUpdate
 from aiprod_gateway.tiers import TierPolicy, parse_tiers
 from aiprod_kit.capabilities import backend_name
 from aiprod_kit.errors import error_reason
@@ -303,16 +303,16 @@ class JobDriver:
         """Closes the streams to the router (the jobs' drives have stopped)."""
         await self._renders.close()
 
-    async def drive(self, job_id: str, driver: Drive) -> float | None:
-        """Drives the job inside its own trace, the one its CreateRenderJob started: the router,
-        renderer and provider calls join it, also when the job is resumed after a restart. Returns how
-        long to wait before driving it again when it waits for budget (None: it ended, or was lost:
-        ClaimLost)."""
-        job, trace_context = await self._store.job_with_trace(job_id)
+    async def drive(self, claimed: Claimed, driver: Drive) -> float | None:
+        """Drives the job, as its claim found it, inside its own trace, the one its CreateRenderJob
+        started: the router, renderer and provider calls join it, also when the job is resumed after a
+        restart. Returns how long to wait before driving it again when it waits for budget (None: it
+        ended, or was lost: ClaimLost)."""
+        job, trace_context = claimed
         with _tracer.start_as_current_span(
-            "dispatch job", context=propagate.extract(trace_context), attributes={"aiprod.job_id": job_id}
+            "dispatch job", context=propagate.extract(trace_context), attributes={"aiprod.job_id": job.job_id}
         ):
-            return await self._drive(job_id, job, driver)
+            return await self._drive(job, driver)
 
     async def _record(
         self,
@@ -346,12 +346,11 @@ class JobDriver:
         assert job is not None
         return job
 
-    async def _drive(self, job_id: str, job: gateway_pb2.RenderJob | None, driver: Drive) -> float | None:
+    async def _drive(self, job: gateway_pb2.RenderJob, driver: Drive) -> float | None:
         """Renders every unfinished shot (finished ones are never rendered again), each as its own chain
         of attempts, side by side up to the shot concurrency; then ends the job: its one shot's video,
-        its shots' film, or the first shot that failed. job: as just read."""
-        if job is None or job.state not in (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING):
-            return None
+        its shots' film, or the first shot that failed. job: as claimed (queued or running)."""
+        job_id = job.job_id
         driver.priority = job.priority
         driver.rerenders = await self._rerender_attempts(job)
         tier = self._guarantees.tiers.get(job.tier)

@@ -39,6 +39,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from google.protobuf import timestamp_pb2
 
@@ -60,6 +61,13 @@ EVENTS_CHANNEL = "aiprod_job_events"
 # every watcher to look once it listens again. (Every 2 s, the polls were 5 of the 35 store transactions
 # a finished job cost in the throughput bench.)
 _POLL_SECONDS = 10.0
+
+
+class Claimed(NamedTuple):
+    """A job as its claim found it, and the trace context of the call that created it."""
+
+    job: gateway_pb2.RenderJob
+    trace_context: dict[str, str]
 
 
 class RequestIdConflict(Exception):
@@ -115,11 +123,6 @@ class JobStore(ABC):
         """The job; with tenant_id, only if it is that tenant's (None otherwise, as if it did not exist)."""
 
     @abstractmethod
-    async def job_with_trace(self, job_id: str) -> tuple[gateway_pb2.RenderJob | None, dict[str, str]]:
-        """The job and its trace context as stored at creation (empty if none), in one read: all its
-        work, resumed after a restart or not, continues that one trace."""
-
-    @abstractmethod
     async def list_jobs(
         self, tenant_id: str, states: Sequence[int], limit: int, before: int | None
     ) -> JobPage:
@@ -160,9 +163,11 @@ class JobStore(ABC):
         replica."""
 
     @abstractmethod
-    async def claim(self, job_id: str, owner: str, lease_seconds: float) -> bool:
+    async def claim(self, job_id: str, owner: str, lease_seconds: float) -> Claimed | None:
         """Claims a queued or running job for owner, for lease_seconds from now, atomically: only if
-        nobody holds it, owner already does, or its holder's lease ran out. True when owner holds it."""
+        nobody holds it, owner already does, or its holder's lease ran out. When owner holds it, the job
+        as claimed and its trace context as stored at creation (empty if none), so that its drive starts
+        from it without reading it again and continues that one trace; None otherwise."""
 
     @abstractmethod
     async def renew_claims(self, owner: str, job_ids: Sequence[str], lease_seconds: float) -> set[str]:
@@ -820,12 +825,6 @@ class SqlJobStore(JobStore):
         )
         return gateway_pb2.RenderJob.FromString(row[0]) if row else None
 
-    async def job_with_trace(self, job_id: str) -> tuple[gateway_pb2.RenderJob | None, dict[str, str]]:
-        row = await self._db.fetchone("SELECT job, trace_context FROM jobs WHERE job_id = ?", (job_id,))
-        if row is None:
-            return None, {}
-        return gateway_pb2.RenderJob.FromString(row[0]), json.loads(row[1])
-
     async def list_jobs(
         self, tenant_id: str, states: Sequence[int], limit: int, before: int | None
     ) -> JobPage:
@@ -978,17 +977,18 @@ class SqlJobStore(JobStore):
         )
         return [row[0] for row in rows]
 
-    async def claim(self, job_id: str, owner: str, lease_seconds: float) -> bool:
+    async def claim(self, job_id: str, owner: str, lease_seconds: float) -> Claimed | None:
         async with self._db.transaction() as transaction:
             await transaction.lock(f"job:{job_id}")
             now = self._clock()
             # One statement, so that of owners racing for one job exactly one finds it free.
-            rows = await transaction.fetchall(
+            row = await transaction.fetchone(
                 "UPDATE jobs SET claim_owner = ?, claim_expires = ? WHERE job_id = ? AND state IN (?, ?)"
-                " AND (claim_owner IS NULL OR claim_owner = ? OR claim_expires < ?) RETURNING job_id",
+                " AND (claim_owner IS NULL OR claim_owner = ? OR claim_expires < ?)"
+                " RETURNING job, trace_context",
                 (owner, now + lease_seconds, job_id, *_UNFINISHED, owner, now),
             )
-        return bool(rows)
+        return None if row is None else Claimed(gateway_pb2.RenderJob.FromString(row[0]), json.loads(row[1]))
 
     async def renew_claims(self, owner: str, job_ids: Sequence[str], lease_seconds: float) -> set[str]:
         if not job_ids:

@@ -141,7 +141,8 @@ async def drive(store: SqlJobStore, router: Router, tier: int) -> gateway_pb2.Re
         plan=render_pb2.RenderPlan(shots=[render_pb2.Shot(prompt="p", duration_seconds=2)]),
     )
     await store.create_job(job, "f")
-    assert await store.claim("job_a", OWNER, 30)
+    claimed = await store.claim("job_a", OWNER, 30)
+    assert claimed is not None
     metrics = Metrics()
     driver = JobDriver(
         store,
@@ -152,7 +153,7 @@ async def drive(store: SqlJobStore, router: Router, tier: int) -> gateway_pb2.Re
         OWNER,
         Guarantees(DEFAULT_TIERS, COMPANY),
     )
-    assert await driver.drive("job_a", Drive()) is None
+    assert await driver.drive(claimed, Drive()) is None
     done = await store.get_job("job_a")
     assert done is not None
     return done

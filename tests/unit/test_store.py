@@ -190,10 +190,11 @@ async def test_a_job_keeps_the_trace_context_it_was_created_in(store):
     context = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
     await store.create_job(job("job_a", "r1"), "f", context)
     await store.create_job(job("job_b", "r2"), "f")
-    job_a, traced = await store.job_with_trace("job_a")
-    assert (job_a.job_id, traced) == ("job_a", context)
-    assert (await store.job_with_trace("job_b"))[1] == {}
-    assert await store.job_with_trace("job_unknown") == (None, {})
+    # Its claim answers it with the trace context, for its drive to continue that trace.
+    job_a, traced = await store.claim("job_a", "one", LEASE)
+    assert (job_a, traced) == (await store.get_job("job_a"), context)
+    assert (await store.claim("job_b", "one", LEASE)).trace_context == {}
+    assert await store.claim("job_unknown", "one", LEASE) is None
 
 
 async def test_racing_creates_of_one_request_id_store_one_job(open_store):
@@ -238,13 +239,14 @@ async def test_a_watcher_sees_events_another_replica_appends(open_store):
 async def test_the_store_survives_reopening(open_store):
     first = await open_store()
     await first.create_job(job("job_a", "r1"), "f", {"traceparent": "00-ab-cd-01"})
+    await first.create_job(job("job_q", "rq"), "f", {"traceparent": "00-ab-cd-02"})
     await first.append_event("job_a", "done", set_state(job_pb2.JOB_STATE_SUCCEEDED))
     events = await first.events_after("job_a", 0)
     await first.close()
     second = await open_store()
     assert (await second.get_job("job_a")).state == job_pb2.JOB_STATE_SUCCEEDED
     assert await second.events_after("job_a", 0) == events
-    assert (await second.job_with_trace("job_a"))[1] == {"traceparent": "00-ab-cd-01"}
+    assert (await second.claim("job_q", "one", LEASE)).trace_context == {"traceparent": "00-ab-cd-02"}
     assert (await second.create_job(job("job_b", "r1"), "f"))[1] is False
 
 
@@ -339,9 +341,10 @@ async def test_owners_racing_for_jobs_each_get_exactly_one_owner(open_store):
     for name in names:
         await stores[0].create_job(job(name, name), "f")
     owners = ["one", "two", "three", "four"]
-    outcomes = await asyncio.gather(
+    claimed = await asyncio.gather(
         *(stores[n % 2].claim(name, owner, LEASE) for name in names for n, owner in enumerate(owners))
     )
+    outcomes = [outcome is not None for outcome in claimed]
     won = [outcomes[i * len(owners) : (i + 1) * len(owners)] for i in range(len(names))]
     assert all(claims.count(True) == 1 for claims in won), won
     # Each job's winner, and only it, holds the claim.
