@@ -606,11 +606,6 @@ class SqlLedgerStore(LedgerStore):
             day, _day_totals(*mine), _day_totals(*everyone), None if row[8] is None else int(row[8])
         )
 
-    @staticmethod
-    async def _tenant_cap(queries: Queries, tenant: str) -> int | None:
-        row = await queries.fetchone(_TENANT_CAP, (tenant,))
-        return None if row is None else int(row[0])
-
     async def set_tenant_cap(self, tenant: str, cap: int) -> None:
         if cap < 0:
             raise ValueError(f"a cap is at least 0, not {cap}")
@@ -627,7 +622,8 @@ class SqlLedgerStore(LedgerStore):
             await transaction.execute("DELETE FROM tenant_caps WHERE tenant = ?", (tenant,))
 
     async def tenant_cap(self, tenant: str) -> int | None:
-        return await self._tenant_cap(self._db, tenant)
+        row = await self._db.fetchone(_TENANT_CAP, (tenant,))
+        return None if row is None else int(row[0])
 
     async def spend(self, tenant: str, first_day: str, last_day: str) -> Spend:
         # ISO days compare as strings do.
