@@ -76,12 +76,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         """The calling tenant's job; another tenant's is NOT_FOUND, exactly as one that does not exist."""
         job = await self._store.get_job(validation.job_id(job_id), current_tenant().tenant_id)
         if job is None:
-            raise NotFound(
-                f"job {job_id} does not exist{self._not_kept}",
-                reason=ErrorReason.JOB_NOT_FOUND,
-                metadata={"job_id": job_id},
-            )
+            raise self._not_found(job_id)
         return job
+
+    def _not_found(self, job_id: str) -> NotFound:
+        return NotFound(
+            f"job {job_id} does not exist{self._not_kept}",
+            reason=ErrorReason.JOB_NOT_FOUND,
+            metadata={"job_id": job_id},
+        )
 
     async def CreateRenderJob(
         self, request: gateway_pb2.CreateRenderJobRequest, context: grpc.aio.ServicerContext
@@ -232,10 +235,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     ) -> AsyncIterator[gateway_pb2.WatchRenderJobResponse]:
         if request.after_sequence < 0:
             raise InvalidArgument([("after_sequence", "must not be negative")])
-        job = await self._job(request.job_id)
-        yield gateway_pb2.WatchRenderJobResponse(job=job)
-        async for event in self._store.watch(job.job_id, request.after_sequence):
-            yield gateway_pb2.WatchRenderJobResponse(event=event)
+        job_id, tenant_id = validation.job_id(request.job_id), current_tenant().tenant_id
+        async with self._store.watching(job_id, request.after_sequence, tenant_id) as (job, events):
+            if job is None:
+                raise self._not_found(request.job_id)
+            yield gateway_pb2.WatchRenderJobResponse(job=job)
+            async for event in events:
+                yield gateway_pb2.WatchRenderJobResponse(event=event)
 
     async def QuoteRender(
         self, request: gateway_pb2.QuoteRenderRequest, context: grpc.aio.ServicerContext

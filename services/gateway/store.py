@@ -152,6 +152,13 @@ class JobStore(ABC):
     async def events_after(self, job_id: str, sequence: int) -> list[gateway_pb2.JobEvent]: ...
 
     @abstractmethod
+    async def job_and_events_after(
+        self, job_id: str, sequence: int, tenant_id: str | None = None
+    ) -> tuple[gateway_pb2.RenderJob | None, list[gateway_pb2.JobEvent]]:
+        """The job (as get_job reads it) and its events after sequence, as one read saw them; no events
+        when there is no such job."""
+
+    @abstractmethod
     def following(self, job_id: str) -> contextlib.AbstractContextManager["News"]:
         """The job's news from now on, while in the context: taken before reading the job's events, it
         misses none committed after the read."""
@@ -214,38 +221,54 @@ class JobStore(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
-    async def watch(self, job_id: str, after_sequence: int) -> AsyncIterator[gateway_pb2.JobEvent]:
-        """Every event after after_sequence, then the new ones as they come, until a terminal state.
-        The log is read once at first, then only for news that does not carry its events (another
-        process's announcement, or an event missed); the job itself is read only when no event came (a
-        job that ended before after_sequence, or an announcement missed: looked at again every
-        _POLL_SECONDS)."""
-        sequence = after_sequence
-        look_at_job = True
+    @contextlib.asynccontextmanager
+    async def watching(
+        self, job_id: str, after_sequence: int, tenant_id: str | None = None
+    ) -> AsyncIterator[tuple[gateway_pb2.RenderJob | None, AsyncIterator[gateway_pb2.JobEvent]]]:
+        """The job (None if it does not exist, or with tenant_id is not that tenant's) and every event
+        after after_sequence, then the new ones as they come, until a terminal state; while in the
+        context. The job and its log are read in one statement, after the news is followed, so that
+        nothing committed after the read is missed."""
         with self.following(job_id) as news:
-            events = await self.events_after(job_id, sequence)
-            while True:
-                for event in events:
-                    if event.sequence <= sequence:
-                        continue  # read from the log and handed over too
-                    sequence = event.sequence
-                    yield event
-                    if event.state in TERMINAL_STATES:
-                        return
-                if look_at_job and not events:
+            job, events = await self.job_and_events_after(job_id, after_sequence, tenant_id)
+            yield job, self._follow(job_id, after_sequence, job, events, news)
+
+    async def _follow(
+        self,
+        job_id: str,
+        sequence: int,
+        job: gateway_pb2.RenderJob | None,
+        events: list[gateway_pb2.JobEvent],
+        news: "News",
+    ) -> AsyncIterator[gateway_pb2.JobEvent]:
+        """The log is read again only for news that does not carry its events (another process's
+        announcement, or an event missed); the job itself only when no event came (a job that ended
+        before after_sequence, or an announcement missed: looked at again every _POLL_SECONDS)."""
+        look_at_job = True
+        while True:
+            for event in events:
+                if event.sequence <= sequence:
+                    continue  # read from the log and handed over too
+                sequence = event.sequence
+                yield event
+                if event.state in TERMINAL_STATES:
+                    return
+            if look_at_job and not events:
+                if job is None:
                     job = await self.get_job(job_id)
-                    if job is None or (job.state in TERMINAL_STATES and job.last_sequence <= sequence):
-                        return
-                try:
-                    async with asyncio.timeout(_POLL_SECONDS):
-                        told = await news.next()
-                    look_at_job = False
-                except TimeoutError:
-                    told, look_at_job = None, True
-                if told is not None and _follow_on(told, sequence):
-                    events = told
-                else:
-                    events = await self.events_after(job_id, sequence)
+                if job is None or (job.state in TERMINAL_STATES and job.last_sequence <= sequence):
+                    return
+            job = None  # as read then: read again when next looked at
+            try:
+                async with asyncio.timeout(_POLL_SECONDS):
+                    told = await news.next()
+                look_at_job = False
+            except TimeoutError:
+                told, look_at_job = None, True
+            if told is not None and _follow_on(told, sequence):
+                events = told
+            else:
+                events = await self.events_after(job_id, sequence)
 
 
 def _follow_on(events: list[gateway_pb2.JobEvent], sequence: int) -> bool:
@@ -968,6 +991,23 @@ class SqlJobStore(JobStore):
             (job_id, sequence),
         )
         return [gateway_pb2.JobEvent.FromString(row[0]) for row in rows]
+
+    async def job_and_events_after(
+        self, job_id: str, sequence: int, tenant_id: str | None = None
+    ) -> tuple[gateway_pb2.RenderJob | None, list[gateway_pb2.JobEvent]]:
+        # One statement where a watch's start took two: the job (sequence 0, before any event's) and
+        # its log after sequence; another tenant's job's events are read and dropped with it.
+        tenant, parameters = ("", ()) if tenant_id is None else (" AND tenant_id = ?", (tenant_id,))
+        rows = await self._db.fetchall(
+            f"SELECT 0, job FROM jobs WHERE job_id = ?{tenant} UNION ALL"
+            " SELECT sequence, event FROM job_events WHERE job_id = ? AND sequence > ? ORDER BY 1",
+            (job_id, *parameters, job_id, sequence),
+        )
+        if not rows or rows[0][0] != 0:
+            return None, []
+        return gateway_pb2.RenderJob.FromString(rows[0][1]), [
+            gateway_pb2.JobEvent.FromString(row[1]) for row in rows[1:]
+        ]
 
     async def claimable_jobs(self, limit: int) -> list[str]:
         rows = await self._db.fetchall(

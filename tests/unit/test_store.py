@@ -87,11 +87,37 @@ async def test_events_are_numbered_and_applied_atomically(store):
     assert [e.sequence for e in await store.events_after("job_a", 0)] == [1, 2]
 
 
+async def test_a_watch_starts_from_the_job_and_its_log_as_one_read_saw_them(store, monkeypatch):
+    """A watch's start: the job with its events after the sequence asked; nothing for a job that does
+    not exist or is another tenant's; an ended job watched past its end ends at once, read once."""
+    await store.create_job(job("job_a", "r1"), "f")  # acme's
+    for state in (job_pb2.JOB_STATE_RUNNING, job_pb2.JOB_STATE_SUCCEEDED):
+        await store.append_event("job_a", "next", set_state(state))
+
+    read, events = await store.job_and_events_after("job_a", 1, "acme")
+    assert (read.job_id, read.state, read.last_sequence) == ("job_a", job_pb2.JOB_STATE_SUCCEEDED, 3)
+    assert [event.sequence for event in events] == [2, 3]
+    read, events = await store.job_and_events_after("job_a", 3)
+    assert (read.job_id, events) == ("job_a", [])
+    assert await store.job_and_events_after("job_a", 0, "other") == (None, [])
+    assert await store.job_and_events_after("job_missing", 0) == (None, [])
+
+    async def unread(*arguments):
+        raise AssertionError("the job was read again")
+
+    monkeypatch.setattr(store, "get_job", unread)
+    monkeypatch.setattr(store, "events_after", unread)
+    async with store.watching("job_a", 3, "acme") as (read, events):
+        assert read.state == job_pb2.JOB_STATE_SUCCEEDED
+        assert [event async for event in events] == []
+
+
 def following(store: SqlJobStore, job_id: str) -> "asyncio.Task[list[int]]":
     """A watch of the job from its start, running: the sequences it yields, once it ends."""
 
     async def follow() -> list[int]:
-        return [event.sequence async for event in store.watch(job_id, 0)]
+        async with store.watching(job_id, 0) as (_, events):
+            return [event.sequence async for event in events]
 
     return asyncio.create_task(follow())
 
@@ -108,18 +134,24 @@ async def test_watch_replays_then_follows_until_terminal(store):
 async def test_a_watcher_is_handed_what_its_process_appends_without_reading_the_log(store, monkeypatch):
     await store.create_job(job("job_a", "r1"), "f")
     reads = []
-    read = store.events_after
 
-    async def counted(job_id: str, sequence: int):
-        reads.append(sequence)
-        return await read(job_id, sequence)
+    def counted(name: str):
+        read = getattr(store, name)
 
-    monkeypatch.setattr(store, "events_after", counted)
+        async def reading(*arguments):
+            reads.append((name, *arguments[1:2]))
+            return await read(*arguments)
+
+        monkeypatch.setattr(store, name, reading)
+
+    for name in ("job_and_events_after", "events_after", "get_job"):
+        counted(name)
     seen: list[int] = []
 
     async def follow() -> None:
-        async for event in store.watch("job_a", 0):
-            seen.append(event.sequence)
+        async with store.watching("job_a", 0) as (_, events):
+            async for event in events:
+                seen.append(event.sequence)
 
     watcher = asyncio.create_task(follow())
     await asyncio.sleep(0)  # the watcher reads the log once, then waits for news
@@ -129,7 +161,7 @@ async def test_a_watcher_is_handed_what_its_process_appends_without_reading_the_
     await store.append_event("job_a", "done", set_state(job_pb2.JOB_STATE_SUCCEEDED))
     await asyncio.wait_for(watcher, 5)
     assert seen == list(range(1, 10))
-    assert reads == [0]
+    assert reads == [("job_and_events_after", 0)]  # the job and its log, in one read at the start
 
 
 @pytest.mark.parametrize("open_database", ["postgres"], indirect=True)
