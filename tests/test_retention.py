@@ -1,6 +1,9 @@
 """Retention through the real mesh, its providers the sandbox's: the gateway deletes the jobs that ended
-past it, the spend ledger the reservations settled past its own, a renderer its keys of ended renders;
-the tenants' usage and the day's money keep counting them."""
+past it and the local videos no kept job names, the spend ledger the reservations settled past its own,
+a renderer its keys of ended renders; the tenants' usage and the day's money keep counting them."""
+
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 from sandbox_support import sandbox_mesh
@@ -30,18 +33,20 @@ def not_found(call) -> str | None:
 def test_what_ended_past_its_retention_is_deleted_and_usage_and_money_still_count_it(tmp_path):
     with sandbox_mesh(tmp_path, RETENTION) as mesh:
         stub = gateway(mesh)
-        spec = render_pb2.RenderSpec(
-            prompt="A lighthouse at dusk",
-            duration_seconds=6,
-            constraints=render_pb2.RenderConstraints(preferred_backend=backend_pb2.BACKEND_REPLICATE),
-        )
         jobs = []
         for n in range(3):
+            spec = render_pb2.RenderSpec(
+                prompt=f"A lighthouse at dusk, take {n}",  # a video of its own each
+                duration_seconds=6,
+                constraints=render_pb2.RenderConstraints(preferred_backend=backend_pb2.BACKEND_REPLICATE),
+            )
             request = gateway_pb2.CreateRenderJobRequest(request_id=f"kept-{n}", spec=spec)
             jobs.append(stub.CreateRenderJob(request).job.job_id)
         done = [wait_terminal(stub, job_id) for job_id in jobs]
         assert [job.state for job in done] == [job_pb2.JOB_STATE_SUCCEEDED] * 3, [job.error for job in done]
         assert {job.backend for job in done} == {backend_pb2.BACKEND_REPLICATE}
+        videos = [Path(urlsplit(job.result.video.uri).path) for job in done]
+        assert len(set(videos)) == 3
         attempt = done[0].attempts[-1]
         # The ledger hears of each charge from the gateway's outbox, after the job ends: once it has all three.
         cost = sum(job.cost.amount_micros for job in done)
@@ -69,6 +74,9 @@ def test_what_ended_past_its_retention_is_deleted_and_usage_and_money_still_coun
         # The newest job stays (a position is never given twice); usage counts every job the tenant had,
         # and the day's money every reservation.
         assert not_found(get(jobs[2])) is None
+        # The purged jobs' videos go with them; the kept job's stays.
+        assert eventually(lambda: not any(video.exists() for video in videos[:2]), timeout=30)
+        assert videos[2].exists()
         listed = stub.ListRenderJobs(gateway_pb2.ListRenderJobsRequest(page_size=10)).jobs
         assert [job.job_id for job in listed] == [jobs[2]]
         assert stub.GetUsage(gateway_pb2.GetUsageRequest()) == usage

@@ -19,8 +19,10 @@ from aiprod_gateway.settlement import Settlement
 from aiprod_gateway.spending import Spending
 from aiprod_gateway.store import SqlJobStore
 from aiprod_gateway.tiers import parse_tiers
+from aiprod_gateway.videos import VideoRetention
 from aiprod_kit.channels import open_channel
 from aiprod_kit.database import open_database
+from aiprod_kit.rendering.storage import local_video_store
 from aiprod_kit.retention import Retention
 from aiprod_kit.server import Registration, run
 from aiprod_kit.settings import GatewaySettings
@@ -81,9 +83,21 @@ async def build() -> AsyncIterator[list[Registration]]:
         settings.job_retention_seconds,
         settings.retention_purge_interval_seconds,
     )
+    # Local videos past the same retention that no kept job names (a bucket's lifecycle rule in GCS).
+    retentions = [retention]
+    if not settings.gcs_bucket:
+        retentions.append(
+            Retention(
+                "videos no kept job names",
+                VideoRetention(local_video_store(settings.data_dir), store).purge,
+                settings.job_retention_seconds,
+                settings.retention_purge_interval_seconds,
+            )
+        )
     await settlement.start()
     await dispatcher.start()
-    await retention.start()
+    for each in retentions:
+        await each.start()
     try:
         yield [
             Registration(
@@ -113,7 +127,8 @@ async def build() -> AsyncIterator[list[Registration]]:
             ),
         ]
     finally:
-        await retention.stop()
+        for each in retentions:
+            await each.stop()
         await dispatcher.stop()
         await settlement.stop()
         await reporter.close()

@@ -204,6 +204,15 @@ class JobStore(ABC):
         with their events and plan revisions; how many. The tenants' figures keep counting them."""
 
     @abstractmethod
+    async def unnamed_videos(self, limit: int) -> list[str]:
+        """Up to limit URIs of local videos that purged jobs named and no kept job names, to delete (then
+        forget_videos); those a kept job names again are forgotten here."""
+
+    @abstractmethod
+    async def forget_videos(self, uris: Sequence[str]) -> None:
+        """Forgets these unnamed videos, deleted or kept for good reason."""
+
+    @abstractmethod
     async def count_by_state(self, tenant_id: str) -> dict[int, int]:
         """The tenant's jobs by state."""
 
@@ -529,6 +538,25 @@ _ENDS_KEPT_TRIGGERS = {
 # The jobs a purge may delete, by end: one held or unsettled is not in it, so a purge reads only what it
 # deletes however many such jobs wait (on jobs (ended), every batch read them all: 35 ms at 199,500).
 _PURGEABLE = "ended IS NOT NULL AND unsettled = 0 AND held = 0"
+# The videos each job names (videos_named); and local videos its purged jobs named that no kept job
+# does, to delete (aiprod_gateway.videos; a bucket's lifecycle rule deletes those in GCS).
+_JOB_VIDEOS = {
+    dialect: (
+        f"CREATE TABLE job_videos (job_id TEXT NOT NULL, uri TEXT NOT NULL, PRIMARY KEY (job_id, uri)){kind}",
+        "CREATE INDEX job_videos_uri ON job_videos (uri)",
+        f"CREATE TABLE unnamed_videos (uri TEXT PRIMARY KEY){kind}",
+    )
+    for dialect, kind in (("sqlite", " WITHOUT ROWID"), ("postgresql", ""))
+}
+_NAMED = "EXISTS (SELECT 1 FROM job_videos WHERE job_videos.uri = unnamed_videos.uri)"
+_NAME_VIDEO = "INSERT INTO job_videos (job_id, uri) VALUES (?, ?) ON CONFLICT DO NOTHING"
+
+
+def videos_named(job: gateway_pb2.RenderJob) -> set[str]:
+    """The URIs of every video the job names: its result, its shots' and its attempts' outputs."""
+    outputs = [job.result, *(shot.output for shot in job.shots), *(a.charge.output for a in job.attempts)]
+    return {output.video.uri for output in outputs if output.video.uri}
+
 
 # GetUsage counted a tenant's jobs, and summed their quotes and costs from every finished job's blob
 # and an approval from every cancelled job's log, at every call: a second at 100,000 jobs, on the event
@@ -653,6 +681,7 @@ class SqlJobStore(JobStore):
                 await transaction.execute("DELETE FROM tenant_job_figures")
                 await transaction.execute(_FIGURES_FROM_JOBS)
         await cls._keep_ends(database, clock())
+        await cls._name_videos(database)
         store = cls(database, clock)
         await database.listen(EVENTS_CHANNEL, store._announced)
         return store
@@ -679,6 +708,33 @@ class SqlJobStore(JobStore):
             if not await has_trigger(transaction, database.dialect, "jobs", _ENDS_KEPT):
                 for statement in _ENDS_KEPT_TRIGGERS[database.dialect]:
                     await transaction.execute(statement)
+
+    @staticmethod
+    async def _name_videos(database: Database) -> None:
+        """Makes the table of the videos each job names, filled from the jobs of a store from before it
+        in the transaction that creates it (a start cut short in between would leave their videos named
+        by nobody, deleted past retention while their jobs are kept)."""
+        async with database.transaction() as transaction:
+            await transaction.lock("job-videos")  # another replica may be opening it too
+            if await has_column(transaction, database.dialect, "job_videos", "uri"):
+                return
+            for statement in _JOB_VIDEOS[database.dialect]:
+                await transaction.execute(statement)
+            after = 0
+            while True:  # a page at a time: a store may hold many jobs
+                page = await transaction.fetchall(
+                    "SELECT position, job_id, job FROM jobs WHERE position > ? ORDER BY position LIMIT 500",
+                    (after,),
+                )
+                if not page:
+                    return
+                named = [
+                    (job_id, uri)
+                    for _, job_id, blob in page
+                    for uri in videos_named(gateway_pb2.RenderJob.FromString(blob))
+                ]
+                await transaction.executemany(_NAME_VIDEO, named)
+                after = page[-1][0]
 
     @staticmethod
     async def _fill_figures(transaction: Transaction) -> None:
@@ -932,7 +988,7 @@ class SqlJobStore(JobStore):
             if owner is not None and (row[1] != owner or job.state in TERMINAL_STATES):
                 why = "it has ended" if job.state in TERMINAL_STATES else "another replica claimed it"
                 raise ClaimLost(f"job {job_id} is not {owner}'s to drive: {why}")
-            previous_state = job.state
+            previous_state, named = job.state, videos_named(job)
             update(job)
             if tenant_id is not None and job.state in _UNFINISHED and previous_state not in _UNFINISHED:
                 await self._check_unfinished(transaction, tenant_id, max_unfinished)
@@ -980,6 +1036,8 @@ class SqlJobStore(JobStore):
                 "INSERT INTO job_events (job_id, sequence, event) VALUES (?, ?, ?)",
                 (job_id, event.sequence, event.SerializeToString()),
             )
+            if newly_named := videos_named(job) - named:
+                await transaction.executemany(_NAME_VIDEO, [(job_id, uri) for uri in newly_named])
             committing.append((job_id, event.sequence))
             self._appending.add(committing[0])
             await transaction.notify(EVENTS_CHANNEL, f"{job_id} {event.sequence}")
@@ -1106,7 +1164,26 @@ class SqlJobStore(JobStore):
                 listed = ", ".join("?" * len(some))
                 for table in ("job_events", "job_revisions"):
                     await transaction.execute(f"DELETE FROM {table} WHERE job_id IN ({listed})", tuple(some))
+                # Their local videos, to delete unless a kept job names them too (looked at then).
+                await transaction.execute(
+                    "INSERT INTO unnamed_videos (uri) SELECT DISTINCT uri FROM job_videos"
+                    f" WHERE job_id IN ({listed}) AND uri LIKE ? ON CONFLICT DO NOTHING",
+                    (*some, "file:%"),
+                )
+                await transaction.execute(f"DELETE FROM job_videos WHERE job_id IN ({listed})", tuple(some))
         return len(job_ids)
+
+    async def unnamed_videos(self, limit: int) -> list[str]:
+        async with self._db.transaction() as transaction:
+            await transaction.execute(f"DELETE FROM unnamed_videos WHERE {_NAMED}")
+            rows = await transaction.fetchall("SELECT uri FROM unnamed_videos LIMIT ?", (limit,))
+        return [row[0] for row in rows]
+
+    async def forget_videos(self, uris: Sequence[str]) -> None:
+        async with self._db.transaction() as transaction:
+            for some in in_batches(uris):
+                listed = ", ".join("?" * len(some))
+                await transaction.execute(f"DELETE FROM unnamed_videos WHERE uri IN ({listed})", tuple(some))
 
     async def count_by_state(self, tenant_id: str) -> dict[int, int]:
         rows = await self._db.fetchall(

@@ -167,6 +167,44 @@ def test_local_store_failed_sync_leaves_no_final_name(
     assert _files(store.directory) == []
 
 
+def _stored_at(store: LocalVideoStore, content: bytes, when: float) -> Path:
+    stored, _ = store.store(lambda path: path.write_bytes(content))
+    path = store.path_of(stored.uri)
+    os.utime(path, (when, when))
+    return path
+
+
+def test_local_video_stored_again_while_being_deleted_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A render storing the same bytes as the deletion runs: the file it stored stays, whichever came first."""
+    store = LocalVideoStore(tmp_path / "videos")
+    now = time.time()
+    old = _stored_at(store, CONTENT, now - 100)
+    assert store.delete_if_stored_before(old, now - 50) and not old.exists()
+    assert not store.delete_if_stored_before(old, now - 50)  # gone already
+
+    rename = os.rename
+
+    def stored_again_first(source, destination) -> None:
+        store.store(lambda path: path.write_bytes(CONTENT))  # just before the deletion moves it aside
+        rename(source, destination)
+
+    _stored_at(store, CONTENT, now - 100)
+    monkeypatch.setattr(os, "rename", stored_again_first)
+    assert not store.delete_if_stored_before(old, now - 50)
+    assert old.read_bytes() == CONTENT and old.stat().st_mtime >= now - 50
+
+    def stored_again_after(source, destination) -> None:
+        rename(source, destination)
+        store.store(lambda path: path.write_bytes(CONTENT))  # just after it moved the old one aside
+
+    os.utime(old, (now - 100, now - 100))
+    monkeypatch.setattr(os, "rename", stored_again_after)
+    assert store.delete_if_stored_before(old, now - 50)
+    assert old.read_bytes() == CONTENT and _files(store.directory) == [old]
+
+
 def test_video_store_from_settings_local(tmp_path: Path) -> None:
     store = video_store_from_settings(tmp_path, "")
     assert isinstance(store, LocalVideoStore)

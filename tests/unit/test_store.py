@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from aiprod.common.v1 import event_pb2, job_pb2
+from aiprod.common.v1 import event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_gateway.store import (
     EVENTS_CHANNEL,
@@ -685,6 +685,49 @@ async def test_a_job_an_older_replica_ends_gets_its_end_from_the_database(open_s
     assert await store.purge_ended(before - 1, 100) == 0  # its retention counts from when it ended
     assert await store.purge_ended(after + 1, 100) == 1
     assert await store.get_job("job_old") is None
+
+
+def output(uri: str) -> render_pb2.RenderOutput:
+    return render_pb2.RenderOutput(video=render_pb2.VideoArtifact(uri=uri))
+
+
+async def test_a_purged_jobs_local_videos_no_kept_job_names_are_listed_to_delete(open_store, open_database):
+    """Every local video a purged job named (its result, its shots', its attempts', a rejected one too)
+    is listed to delete, but for one a kept job names, from the append that first named it; a store from
+    before the table learns them from its jobs when it opens."""
+    clock = Clock()
+    store = await open_store(clock)
+    for name in ("film", "other", "newest"):
+        await store.create_job(job(f"job_{name}", name), "f")
+
+    def shot_rendered(stored: gateway_pb2.RenderJob) -> None:
+        stored.shots.add(index=0, output=output("file:///v/shot.mp4"))
+        rejected = event_pb2.AttemptCharge(output=output("file:///v/rejected.mp4"))
+        stored.attempts.extend([gateway_pb2.RenderAttempt(attempt=1, charge=rejected)])
+        stored.attempts.add(attempt=2, charge=event_pb2.AttemptCharge(output=output("gs://bucket/v.mp4")))
+
+    def film_made(stored: gateway_pb2.RenderJob) -> None:
+        stored.result.CopyFrom(output("file:///v/film.mp4"))
+        stored.state = job_pb2.JOB_STATE_SUCCEEDED
+
+    await store.append_event("job_film", "shot", shot_rendered)
+    await store.append_event("job_film", "film", film_made)
+    await store.append_event(
+        "job_other", "its", lambda stored: stored.result.CopyFrom(output("file:///v/shot.mp4"))
+    )
+
+    database = await open_database("jobs", private=True)
+    async with database.transaction() as transaction:  # as the version before left it
+        for table in ("job_videos", "unnamed_videos"):
+            await transaction.execute(f"DROP TABLE {table}")
+    store = await open_store(clock)
+    assert await store.unnamed_videos(10) == []
+    assert await store.purge_ended(clock.now + 1, 100) == 1
+    # shot.mp4 is job_other's too; a video in a bucket is the bucket's lifecycle rule's.
+    assert sorted(await store.unnamed_videos(10)) == ["file:///v/film.mp4", "file:///v/rejected.mp4"]
+    assert len(await store.unnamed_videos(1)) == 1
+    await store.forget_videos(["file:///v/film.mp4", "file:///v/rejected.mp4"])
+    assert await store.unnamed_videos(10) == []
 
 
 async def test_a_purge_deletes_the_jobs_that_ended_first_first(open_store):

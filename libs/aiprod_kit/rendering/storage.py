@@ -109,6 +109,23 @@ class LocalVideoStore(VideoStore):
             raise ValueError(f"{uri!r} is not in the video store at {self.directory}")
         return path
 
+    def delete_if_stored_before(self, path: Path, before: float) -> bool:
+        """Deletes the file at path unless it was stored (again) at or after `before`; whether it did.
+        Blocking. Moved aside first and its time read there: a store of the same bytes racing with the
+        deletion either lands after the move (a new file, kept) or is the file moved, put back."""
+        aside = path.with_name(f".deleting-{os.getpid()}-{path.name}")
+        try:
+            os.rename(path, aside)
+            stored = aside.stat().st_mtime
+        except FileNotFoundError:  # deleted meanwhile
+            return False
+        if stored >= before:
+            # The same bytes as any copy stored since, so replacing one with the other loses nothing.
+            os.replace(aside, path)
+            return False
+        aside.unlink()
+        return True
+
     def store(self, write: Callable[[Path], T]) -> tuple[StoredVideo, T]:
         """Calls write(temporary path), then moves the file to its content address. Blocking.
 
@@ -147,4 +164,9 @@ def video_store_from_settings(data_dir: Path, gcs_bucket: str) -> VideoStore:
         from aiprod_kit.rendering.gcs import GcsVideoStore
 
         return GcsVideoStore(gcs_bucket)
+    return local_video_store(data_dir)
+
+
+def local_video_store(data_dir: Path) -> LocalVideoStore:
+    """The files under `data_dir / "videos"`, where every service of one machine's mesh keeps them."""
     return LocalVideoStore(data_dir / "videos")
