@@ -25,6 +25,10 @@ how many were created in review and approved, their quotes and costs), kept by t
 triggers in the transaction that writes a job, so that a tenant's usage costs one read however many
 jobs it has.
 
+It also keeps the videos each job names (`job_videos`), written with the event that first names one,
+and the local videos its purged jobs named (`unnamed_videos`), for the gateway's video retention
+(`aiprod_gateway.videos`) to delete unless a kept job names them.
+
 It also keeps who drives each unfinished job: a claim, held by one gateway process (its owner id) for
 a lease it renews. A claim is taken only when nobody holds it, its owner already does, or its lease
 ran out (the owner died); the events a driver records are fenced by it, and a job that ends lets go of
