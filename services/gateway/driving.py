@@ -321,22 +321,23 @@ class JobDriver:
         message: str,
         update: JobUpdate,
         render_event: event_pb2.RenderEvent | None = None,
-    ) -> None:
-        """Appends one of the driver's events, fenced by this replica's claim (ClaimLost: stop)."""
+    ) -> gateway_pb2.RenderJob:
+        """Appends one of the driver's events, fenced by this replica's claim (ClaimLost: stop); the job
+        as the event wrote it."""
 
-        ending: gateway_pb2.RenderJob | None = None
+        written: list[gateway_pb2.RenderJob] = []
 
         def recorded(job: gateway_pb2.RenderJob) -> None:
-            nonlocal ending
             update(job)
             if job.state in TERMINAL_STATES:
                 # Known before the commit that ends the claim: a renewal that finds it gone knows why.
                 driver.ended = True
-                ending = job
+            written[:] = [job]
 
         await self._store.append_event(job_id, message, recorded, render_event, owner=self._owner)
-        if ending is not None:
-            driver.final = ending
+        if written[0].state in TERMINAL_STATES:
+            driver.final = written[0]
+        return written[0]
 
     async def _latest(self, job_id: str, driver: Drive) -> gateway_pb2.RenderJob:
         """The job as it is now: as the driver's own write that ended it left it, else as stored."""
@@ -541,10 +542,10 @@ class JobDriver:
             # as the ledger answered its reservation.
             message += f"; today's budget is {event.routed.budget_note}"
         was_queued = not driver.running and job.state == job_pb2.JOB_STATE_QUEUED and event.HasField("routed")
-        await self._record(driver, job.job_id, message, update, render_event=event)
+        written = await self._record(driver, job.job_id, message, update, render_event=event)
         if event.HasField("charged"):
             driver.charged = driver.charged or event.charged.outcome != event_pb2.CHARGE_OUTCOME_RELEASE
-            self._settlement.charged()
+            self._settlement.charged(written)
         if event.HasField("fallback"):
             self._reporter.backend_failed(job, event.fallback)
         if was_queued:
@@ -596,8 +597,9 @@ class JobDriver:
             if charge is not None:
                 if not charge.account:
                     charge.account = self._account(job, index, attempt, driver)
-                await record_charge(self._store, job_id, index, attempt, charge, handle)
-                self._settlement.charged()
+                self._settlement.charged(
+                    await record_charge(self._store, job_id, index, attempt, charge, handle)
+                )
 
     def _account(self, job: gateway_pb2.RenderJob, shot: int, attempt: int, driver: Drive) -> str:
         """The ledger account an attempt of the job draws on: the company's for its free re-render."""

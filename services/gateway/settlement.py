@@ -52,18 +52,22 @@ async def record_charge(
     attempt: int,
     charge: event_pb2.AttemptCharge,
     handle: backend_pb2.RenderHandle | None = None,
-) -> None:
+) -> gateway_pb2.RenderJob:
     """Records what an attempt of a shot costs on its job, which may have ended (a cancelled render, a
-    held one reconciled); the outbox then tells the ledger."""
+    held one reconciled); the outbox then tells the ledger. The job as the charge's event wrote it."""
     render_event = event_pb2.RenderEvent(shot=shot, attempt=attempt, charged=charge)
     render_event.time.GetCurrentTime()
+
+    written: list[gateway_pb2.RenderJob] = []
 
     def update(job: gateway_pb2.RenderJob) -> None:
         if handle is not None:
             attempts.submitted(job, shot, attempt, handle)
         attempts.charged(job, shot, attempt, charge)
+        written[:] = [job]
 
     await store.append_event(job_id, attempts.charge_message(charge), update, render_event)
+    return written[0]
 
 
 class Settlement:
@@ -80,6 +84,10 @@ class Settlement:
         self._clock = clock
         self._metrics = metrics
         self._router = router
+        # Jobs handed over with the charge just recorded on them, settled from there without a read; the
+        # unsettled jobs are read at least every _IDLE_SECONDS (others', and those a pass failed to settle).
+        self._handed: dict[str, gateway_pb2.RenderJob] = {}
+        self._read_due = 0.0  # time.monotonic() of the next read of the unsettled jobs
         # Held attempts: when to ask again, and the pause after that; and where the last pass stopped.
         self._next_ask: dict[str, tuple[float, float]] = {}
         self._held_after = 0
@@ -97,8 +105,13 @@ class Settlement:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def charged(self) -> None:
-        """A charge was recorded here: settle it now rather than at the next pass."""
+    def charged(self, job: gateway_pb2.RenderJob | None = None) -> None:
+        """A charge was recorded here: settle it now rather than at the next pass; given the job as the
+        charge's event wrote it, from that job alone (else every unsettled job is read)."""
+        if job is None:
+            self._read_due = 0.0
+        else:
+            self._handed[job.job_id] = job
         self._wake.set()
 
     async def money_freed(self, timeout: float) -> None:
@@ -113,9 +126,9 @@ class Settlement:
             try:
                 done = await self.settle_pending()
             except Exception as error:
-                # The ledger or the store away: the charges stay recorded and are tried again.
+                # The ledger or the store away: the charges stay recorded and are tried again, read.
                 log.warning("attempt charges not settled yet", error=str(error))
-                done = False
+                done, self._read_due = False, 0.0
             pause = _BACKOFF[0] if done else min(pause * 2, _BACKOFF[1])
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -124,7 +137,12 @@ class Settlement:
     async def settle_pending(self) -> bool:
         """One pass: the charges to tell the ledger, then a batch of held attempts (at their own pace).
         True unless more charges than a batch were waiting."""
-        jobs = await self._store.unsettled_jobs(_BATCH)
+        # Jobs handed over settle from the job their charge wrote, a read of every unsettled job spared
+        # (about one a job); the read still comes every _IDLE_SECONDS, and after a pass that failed.
+        jobs, self._handed = list(self._handed.values()), {}
+        if not jobs or time.monotonic() >= self._read_due:
+            self._read_due = time.monotonic() + _IDLE_SECONDS
+            jobs = await self._store.unsettled_jobs(_BATCH)
         for job in jobs:
             settled = [
                 attempt.reservation_key for attempt in to_settle(job) if await self._settle(job, attempt)
@@ -182,9 +200,9 @@ class Settlement:
         charge.CopyFrom(response.charge)
         charge.reservation_key = key
         log.info("held attempt reconciled", job_id=job.job_id, reservation_key=key, outcome=charge.outcome)
-        await record_charge(self._store, job.job_id, attempt.shot, attempt.attempt, charge)
+        reconciled = await record_charge(self._store, job.job_id, attempt.shot, attempt.attempt, charge)
         self._next_ask.pop(key, None)
-        self._wake.set()
+        self.charged(reconciled)
 
     def _may_be_forgotten(
         self,

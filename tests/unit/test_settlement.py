@@ -3,7 +3,7 @@
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod.router.v1 import router_pb2
-from aiprod_gateway.settlement import Settlement
+from aiprod_gateway.settlement import Settlement, record_charge
 from aiprod_gateway.store import SqlJobStore
 from aiprod_kit.database import SqliteDatabase
 
@@ -67,5 +67,59 @@ async def test_a_held_attempt_older_than_the_keys_retention_is_not_released_for_
             (old := await store.get_job("job_old")), old.attempts[0]
         )
         assert (await store.get_job("job_old")).attempts[0].charge.outcome == RELEASE
+    finally:
+        await store.close()
+
+
+class Ledger:
+    """Takes every commit and release; records the reservation keys it was told."""
+
+    def __init__(self) -> None:
+        self.told: list[str] = []
+
+    async def CommitSpend(self, request, timeout: float):
+        self.told.append(request.reservation_key)
+
+    async def ReleaseBudget(self, request, timeout: float):
+        self.told.append(request.reservation_key)
+
+
+async def test_a_charge_handed_over_is_settled_from_its_job_and_others_from_a_read(tmp_path, monkeypatch):
+    """The charge recorded here is told from the job its event wrote, no read of the unsettled jobs; one
+    recorded elsewhere (another replica) waits for a read, which a charge without its job asks for."""
+    store = await SqlJobStore.open(SqliteDatabase(tmp_path / "jobs.sqlite3", "jobs"))
+    try:
+        for job_id in ("job_here", "job_elsewhere", "job_later"):
+            await store.create_job(
+                gateway_pb2.RenderJob(job_id=job_id, request_id=job_id, tenant_id="acme"), "f"
+            )
+        ledger = Ledger()
+        settlement = Settlement(store, ledger, Router())  # type: ignore[arg-type]
+        reads = []
+        read = store.unsettled_jobs
+
+        async def counted(limit: int):
+            reads.append(limit)
+            return await read(limit)
+
+        monkeypatch.setattr(store, "unsettled_jobs", counted)
+        await settlement.settle_pending()  # the first pass reads
+        assert len(reads) == 1
+
+        async def charged(job_id: str) -> gateway_pb2.RenderJob:
+            charge = event_pb2.AttemptCharge(reservation_key=f"{job_id}:0:1", outcome=RELEASE)
+            return await record_charge(store, job_id, 0, 1, charge)
+
+        settlement.charged(await charged("job_here"))
+        await charged("job_elsewhere")
+        await settlement.settle_pending()
+        assert (ledger.told, len(reads)) == (["job_here:0:1"], 1)
+        assert await store.unsettled_jobs(10) == [await store.get_job("job_elsewhere")]
+
+        settlement.charged(await charged("job_later"))
+        settlement.charged()  # a charge whose job is not at hand: read them all
+        await settlement.settle_pending()
+        assert sorted(ledger.told) == ["job_elsewhere:0:1", "job_here:0:1", "job_later:0:1"]
+        assert await store.unsettled_jobs(10) == []
     finally:
         await store.close()
