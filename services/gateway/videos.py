@@ -4,7 +4,8 @@ lifecycle rule deletes videos).
 Videos are stored content-addressed: one file may serve several jobs. A job's purge notes the local
 videos it named (the job store's `unnamed_videos`); each is deleted here unless a kept job names it
 (then forgotten: its own purge notes it again), or it was stored again since the purge's cutoff, for a
-render whose job has not named it yet (the same bytes stored again make a new file).
+render whose job has not named it yet (the same bytes stored again make a new file). What a crash
+left of a store or a deletion goes too, once as old.
 """
 
 import asyncio
@@ -20,7 +21,8 @@ class VideoRetention:
 
     async def purge(self, before: float, limit: int) -> int:
         """Deletes up to limit videos that purged jobs named and no kept job names, unless stored again
-        at or after `before`; how many it looked at."""
+        at or after `before`, and the leftovers of crashes older than that; how many it looked at."""
+        leftovers = await asyncio.to_thread(self._videos.delete_leftovers, before)
         uris = await self._jobs.unnamed_videos(limit)
         for uri in uris:
             try:
@@ -29,4 +31,4 @@ class VideoRetention:
                 continue  # not in this store (another machine's, or moved): nothing here to delete
             await asyncio.to_thread(self._videos.delete_if_stored_before, path, before)
         await self._jobs.forget_videos(uris)
-        return len(uris)
+        return leftovers + len(uris)

@@ -174,6 +174,23 @@ def _stored_at(store: LocalVideoStore, content: bytes, when: float) -> Path:
     return path
 
 
+def test_local_leftovers_of_crashes_are_deleted_once_old(tmp_path: Path) -> None:
+    """What a store or a deletion cut short left (a partial file, a file moved aside) goes once older
+    than the cutoff; videos, and a store under way, stay."""
+    store = LocalVideoStore(tmp_path / "videos")
+    now = time.time()
+    video = _stored_at(store, CONTENT, now - 100)
+    old = [store.directory / ".partial-crashed.mp4", store.directory / ".deleting-7-abc.mp4"]
+    writing = store.directory / ".partial-writing.mp4"
+    for path in (*old, writing):
+        path.write_bytes(b"half")
+    for path in old:
+        os.utime(path, (now - 100, now - 100))
+    assert store.delete_leftovers(now - 50) == 2
+    assert _files(store.directory) == sorted([video, writing])
+    assert store.delete_leftovers(now - 50) == 0
+
+
 def test_local_video_stored_again_while_being_deleted_is_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -65,3 +65,10 @@ async def test_a_purged_jobs_videos_go_unless_kept_jobs_name_them_or_they_were_s
     assert await jobs.purge_ended(time.time() + 1, 100) == 1
     assert await retention.purge(cutoff, 2) == 1
     assert not shared.exists() and again.exists()
+
+    # What a crash left of a store goes once as old.
+    partial = videos.directory / ".partial-crashed.mp4"
+    partial.write_bytes(b"half a video")
+    os.utime(partial, (cutoff - 10, cutoff - 10))
+    assert await retention.purge(cutoff, 2) == 1
+    assert not partial.exists() and again.exists()

@@ -8,6 +8,7 @@ has completed.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -23,6 +24,9 @@ from urllib.request import url2pathname
 
 _CHUNK = 1 << 20
 VIDEO_SUFFIX = ".mp4"
+# Files in the store's directory that are not videos yet, or not any more: a store's, then a deletion's.
+_PARTIAL = ".partial-"
+_DELETING = ".deleting-"
 
 T = TypeVar("T")
 
@@ -109,11 +113,23 @@ class LocalVideoStore(VideoStore):
             raise ValueError(f"{uri!r} is not in the video store at {self.directory}")
         return path
 
+    def delete_leftovers(self, before: float) -> int:
+        """Deletes what stores and deletions cut short by a crash left, older than `before`: partial
+        files, and files moved aside to be deleted; how many. Blocking."""
+        deleted = 0
+        for prefix in (_PARTIAL, _DELETING):
+            for path in self.directory.glob(f"{prefix}*{VIDEO_SUFFIX}"):
+                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                    if path.stat().st_mtime < before:
+                        path.unlink()
+                        deleted += 1
+        return deleted
+
     def delete_if_stored_before(self, path: Path, before: float) -> bool:
         """Deletes the file at path unless it was stored (again) at or after `before`; whether it did.
         Blocking. Moved aside first and its time read there: a store of the same bytes racing with the
         deletion either lands after the move (a new file, kept) or is the file moved, put back."""
-        aside = path.with_name(f".deleting-{os.getpid()}-{path.name}")
+        aside = self.directory / f"{_DELETING}{os.getpid()}-{path.name}"
         try:
             os.rename(path, aside)
             stored = aside.stat().st_mtime
@@ -135,7 +151,7 @@ class LocalVideoStore(VideoStore):
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         # In the store's own directory, so that the final rename stays on one file system.
-        descriptor, name = tempfile.mkstemp(dir=self.directory, prefix=".partial-", suffix=VIDEO_SUFFIX)
+        descriptor, name = tempfile.mkstemp(dir=self.directory, prefix=_PARTIAL, suffix=VIDEO_SUFFIX)
         os.close(descriptor)
         temporary = Path(name)
         try:
