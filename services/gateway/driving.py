@@ -325,19 +325,16 @@ class JobDriver:
         """Appends one of the driver's events, fenced by this replica's claim (ClaimLost: stop); the job
         as the event wrote it."""
 
-        written: list[gateway_pb2.RenderJob] = []
-
         def recorded(job: gateway_pb2.RenderJob) -> None:
             update(job)
             if job.state in TERMINAL_STATES:
                 # Known before the commit that ends the claim: a renewal that finds it gone knows why.
                 driver.ended = True
-            written[:] = [job]
 
-        await self._store.append_event(job_id, message, recorded, render_event, owner=self._owner)
-        if written[0].state in TERMINAL_STATES:
-            driver.final = written[0]
-        return written[0]
+        written = await self._store.append_event(job_id, message, recorded, render_event, owner=self._owner)
+        if written.state in TERMINAL_STATES:
+            driver.final = written
+        return written
 
     async def _latest(self, job_id: str, driver: Drive) -> gateway_pb2.RenderJob:
         """The job as it is now: as the driver's own write that ended it left it, else as stored."""

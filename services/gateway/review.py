@@ -182,10 +182,10 @@ class Review:
 
     async def update_plan(
         self, job: gateway_pb2.RenderJob, request: gateway_pb2.UpdateRenderManifestRequest
-    ) -> None:
+    ) -> gateway_pb2.RenderJob:
         """UpdateRenderManifest: the edited plan becomes the job's next version, re-quoted, its revision
-        kept; INVALID_ARGUMENT, FAILED_PRECONDITION (not awaiting approval) or ABORTED (a stale
-        version) change nothing."""
+        kept; the job as updated. INVALID_ARGUMENT, FAILED_PRECONDITION (not awaiting approval) or ABORTED
+        (a stale version) change nothing."""
         violations = _plan_violations(request, PRESETS[job.spec.preset])
         if violations:
             raise InvalidArgument(violations)
@@ -218,15 +218,15 @@ class Review:
             details.plan_updated.CopyFrom(revision)
             details.quoted.CopyFrom(quote)
 
-        await self._store.append_event(
+        return await self._store.append_event(
             job.job_id, f"plan updated to version {version}", edit, details=details
         )
 
     async def approve(
         self, job: gateway_pb2.RenderJob, plan_version: int, max_unfinished: int | None = None
-    ) -> None:
+    ) -> gateway_pb2.RenderJob:
         """ApproveRenderJob: the job, awaiting approval at plan_version, is queued (the caller enqueues
-        it); INVALID_ARGUMENT (no version), FAILED_PRECONDITION (not awaiting) or ABORTED (stale).
+        it), as returned; INVALID_ARGUMENT (no version), FAILED_PRECONDITION (not awaiting) or ABORTED (stale).
         max_unfinished: the tenant's jobs queued or running at most (TooManyUnfinished: not approved)."""
         if plan_version <= 0:
             raise InvalidArgument(
@@ -248,7 +248,7 @@ class Review:
             awaiting(job)
             job.state = job_pb2.JOB_STATE_QUEUED
 
-        await self._store.append_event(
+        return await self._store.append_event(
             job.job_id,
             f"approved: plan version {plan_version}",
             approve,

@@ -211,10 +211,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
         # The job ends first: a replica driving it elsewhere then records nothing more, not even the
         # failure its render's cancel would bring.
-        await self._store.append_event(
+        job = await self._store.append_event(
             job.job_id, f"cancelled: {reason}", cancel, details=review.cancellation(reason)
         )
-        job = await self._job(job.job_id)
         # Here, whichever replica drove the job: that one may be away, and stops on its own once it
         # finds the job ended (and cancels a render it started but could not record).
         running = [
@@ -223,10 +222,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         for status in running:
             charge = await cancel_render(self._router, job.job_id, status.handle)
             if charge is not None:
-                await record_charge(self._store, job.job_id, status.index, status.attempt, charge)
-        if running:
-            job = await self._job(job.job_id)
-        self._settlement.charged()
+                job = await record_charge(self._store, job.job_id, status.index, status.attempt, charge)
+                self._settlement.charged(job)
         self._reporter.job_changed(job)
         return gateway_pb2.CancelRenderJobResponse(job=job)
 
@@ -272,11 +269,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         tier = self._tiers[tenant.tier]
         try:
             # Queued, the job counts among the tenant's jobs at once.
-            await self._review.approve(job, request.plan_version, int(tier.concurrent_jobs))
+            job = await self._review.approve(job, request.plan_version, int(tier.concurrent_jobs))
         except TooManyUnfinished as error:
             raise limits.too_many_jobs(tenant, tier) from error
         self._dispatcher.enqueue(job.job_id, job.priority)
-        job = await self._job(job.job_id)
         self._reporter.job_changed(job)
         return gateway_pb2.ApproveRenderJobResponse(job=job)
 
@@ -284,8 +280,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.UpdateRenderManifestRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.UpdateRenderManifestResponse:
         job = await self._job(request.job_id)
-        await self._review.update_plan(job, request)
-        return gateway_pb2.UpdateRenderManifestResponse(job=await self._job(job.job_id))
+        return gateway_pb2.UpdateRenderManifestResponse(job=await self._review.update_plan(job, request))
 
     async def ListRenderRevisions(
         self, request: gateway_pb2.ListRenderRevisionsRequest, context: grpc.aio.ServicerContext

@@ -58,16 +58,12 @@ async def record_charge(
     render_event = event_pb2.RenderEvent(shot=shot, attempt=attempt, charged=charge)
     render_event.time.GetCurrentTime()
 
-    written: list[gateway_pb2.RenderJob] = []
-
     def update(job: gateway_pb2.RenderJob) -> None:
         if handle is not None:
             attempts.submitted(job, shot, attempt, handle)
         attempts.charged(job, shot, attempt, charge)
-        written[:] = [job]
 
-    await store.append_event(job_id, attempts.charge_message(charge), update, render_event)
-    return written[0]
+    return await store.append_event(job_id, attempts.charge_message(charge), update, render_event)
 
 
 class Settlement:

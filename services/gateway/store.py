@@ -142,8 +142,8 @@ class JobStore(ABC):
         owner: str | None = None,
         details: gateway_pb2.JobEvent | None = None,
         max_unfinished: int | None = None,
-    ) -> gateway_pb2.JobEvent:
-        """Applies update to the job and appends one event, atomically; returns the event. An event that
+    ) -> gateway_pb2.RenderJob:
+        """Applies update to the job and appends one event, atomically; returns the job as written. An event that
         ends the job also ends its claim. owner: the event is the job's driver's, refused (ClaimLost,
         nothing written) unless owner holds the job's claim and the job has not ended. details: the
         event's typed fields (plan_updated, quoted, approved, cancelled), which update may still fill in;
@@ -943,10 +943,10 @@ class SqlJobStore(JobStore):
         owner: str | None = None,
         details: gateway_pb2.JobEvent | None = None,
         max_unfinished: int | None = None,
-    ) -> gateway_pb2.JobEvent:
+    ) -> gateway_pb2.RenderJob:
         committing: list[tuple[str, int]] = []
         try:
-            event = await self._append(
+            event, job = await self._append(
                 job_id, message, update, render_event, owner, details, max_unfinished, committing
             )
         except BaseException:
@@ -959,7 +959,7 @@ class SqlJobStore(JobStore):
         # Committed: this process's watchers have it without a read (its announcement says nothing new).
         for news in self._watchers.get(job_id, ()):
             news.hand(event)
-        return event
+        return job
 
     async def _append(
         self,
@@ -971,8 +971,9 @@ class SqlJobStore(JobStore):
         details: gateway_pb2.JobEvent | None,
         max_unfinished: int | None,
         committing: list[tuple[str, int]],
-    ) -> gateway_pb2.JobEvent:
-        """append_event's transaction; committing: the event's (job id, sequence) once it is committing."""
+    ) -> tuple[gateway_pb2.JobEvent, gateway_pb2.RenderJob]:
+        """append_event's transaction, the event and the job written; committing: the event's (job id,
+        sequence) once it is committing."""
         async with self._db.transaction() as transaction:
             tenant_id = None
             if max_unfinished is not None:
@@ -1045,7 +1046,7 @@ class SqlJobStore(JobStore):
             committing.append((job_id, event.sequence))
             self._appending.add(committing[0])
             await transaction.notify(EVENTS_CHANNEL, f"{job_id} {event.sequence}")
-        return event
+        return event, job
 
     async def events_after(self, job_id: str, sequence: int) -> list[gateway_pb2.JobEvent]:
         rows = await self._db.fetchall(

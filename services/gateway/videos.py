@@ -22,13 +22,18 @@ class VideoRetention:
     async def purge(self, before: float, limit: int) -> int:
         """Deletes up to limit videos that purged jobs named and no kept job names, unless stored again
         at or after `before`, and the leftovers of crashes older than that; how many it looked at."""
-        leftovers = await asyncio.to_thread(self._videos.delete_leftovers, before)
         uris = await self._jobs.unnamed_videos(limit)
+        leftovers = await asyncio.to_thread(self._delete, uris, before)
+        await self._jobs.forget_videos(uris)
+        return leftovers + len(uris)
+
+    def _delete(self, uris: list[str], before: float) -> int:
+        """The file work of a batch, blocking: the crashes' leftovers (how many), then the videos."""
+        leftovers = self._videos.delete_leftovers(before)
         for uri in uris:
             try:
                 path = self._videos.path_of(uri)
             except ValueError:
                 continue  # not in this store (another machine's, or moved): nothing here to delete
-            await asyncio.to_thread(self._videos.delete_if_stored_before, path, before)
-        await self._jobs.forget_videos(uris)
-        return leftovers + len(uris)
+            self._videos.delete_if_stored_before(path, before)
+        return leftovers

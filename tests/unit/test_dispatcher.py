@@ -209,7 +209,7 @@ class FailingOnce(SqlJobStore):
         update: JobUpdate,
         render_event: object | None = None,
         owner: str | None = None,
-    ) -> gateway_pb2.JobEvent:
+    ) -> gateway_pb2.RenderJob:
         if self.failing and message.startswith(self.failing):
             self.failing = ""
             raise DatabaseUnavailable("the database is unreachable now (test); try again")
