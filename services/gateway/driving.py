@@ -53,7 +53,7 @@ from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.router_renders import RouterRenders
 from aiprod_gateway.settlement import Settlement, record_charge
 from aiprod_gateway.spending import BudgetRefused
-from aiprod_gateway.store import TERMINAL_STATES, Claimed, ClaimLost, JobStore, JobUpdate
+from aiprod_gateway.store import TERMINAL_STATES, Claimed, ClaimLost, Entry, JobStore, JobUpdate
 from aiprod_gateway.tiers import TierPolicy, parse_tiers
 from aiprod_kit.capabilities import backend_name
 from aiprod_kit.errors import error_reason
@@ -315,23 +315,26 @@ class JobDriver:
             return await self._drive(job, driver)
 
     async def _record(
-        self,
-        driver: Drive,
-        job_id: str,
-        message: str,
-        update: JobUpdate,
-        render_event: event_pb2.RenderEvent | None = None,
+        self, driver: Drive, job_id: str, message: str, update: JobUpdate
     ) -> gateway_pb2.RenderJob:
         """Appends one of the driver's events, fenced by this replica's claim (ClaimLost: stop); the job
         as the event wrote it."""
+        return await self._record_all(driver, job_id, [Entry(message, update)])
 
-        def recorded(job: gateway_pb2.RenderJob) -> None:
-            update(job)
-            if job.state in TERMINAL_STATES:
-                # Known before the commit that ends the claim: a renewal that finds it gone knows why.
-                driver.ended = True
+    async def _record_all(self, driver: Drive, job_id: str, entries: list[Entry]) -> gateway_pb2.RenderJob:
+        """Appends the driver's events in one transaction, as _record does one."""
 
-        written = await self._store.append_event(job_id, message, recorded, render_event, owner=self._owner)
+        def ending(update: JobUpdate) -> JobUpdate:
+            def recorded(job: gateway_pb2.RenderJob) -> None:
+                update(job)
+                if job.state in TERMINAL_STATES:
+                    # Known before the commit that ends the claim: a renewal that finds it gone knows why.
+                    driver.ended = True
+
+            return recorded
+
+        fenced = [entry._replace(update=ending(entry.update)) for entry in entries]
+        written = await self._store.append_events(job_id, fenced, owner=self._owner)
         if written.state in TERMINAL_STATES:
             driver.final = written
         return written
@@ -444,9 +447,9 @@ class JobDriver:
             try:
                 # Read to the stream's end (the router ends it after the final event): a call left open
                 # would keep its span, and the job's trace, unfinished.
-                async with contextlib.aclosing(self._render_events(job, index, shot, driver)) as events:
-                    async for event in events:
-                        await self._on_event(job, event, driver)
+                async with contextlib.aclosing(self._render_events(job, index, shot, driver)) as batches:
+                    async for events in batches:
+                        await self._on_events(job, events, driver)
             except grpc.aio.AioRpcError as error:
                 if error.code() not in _TRANSIENT:
                     await self._record(
@@ -510,19 +513,50 @@ class JobDriver:
         error.message = f"shot {index + 1} of {len(job.plan.shots)} failed: {error.message or 'not rendered'}"
         await self._record(driver, job.job_id, f"render failed: {error.message}", _failed_with(error))
 
-    async def _on_event(
-        self, job: gateway_pb2.RenderJob, event: event_pb2.RenderEvent, driver: Drive
+    async def _on_events(
+        self, job: gateway_pb2.RenderJob, events: list[event_pb2.RenderEvent], driver: Drive
     ) -> None:
-        """Records one render event of one shot on the job (job: as it was when its stream began)."""
+        """Records render events of one shot that came together, in one write (job: as it was when its
+        stream began); a budget refusal stops the events there, those before it recorded."""
+        entries: list[Entry] = []
+        refused = None
+        started = False
+        for event in events:
+            if (
+                event.HasField("failed")
+                and event.failed.reason == Reason.BUDGET_EXHAUSTED
+                and not attempts.may_have_billed(job)
+                and not driver.charged
+            ):
+                # Nothing was spent on it: the budget policy decides (wait, or fail).
+                refused = BudgetRefused(event.failed.message)
+                break
+            entries.append(self._entry(job, event, driver))
+            if event.HasField("charged"):
+                driver.charged = driver.charged or event.charged.outcome != event_pb2.CHARGE_OUTCOME_RELEASE
+            started = started or (
+                not driver.running and job.state == job_pb2.JOB_STATE_QUEUED and event.HasField("routed")
+            )
+        if entries:
+            written = await self._record_all(driver, job.job_id, entries)
+            recorded = events[: len(entries)]
+            if any(event.HasField("charged") for event in recorded):
+                self._settlement.charged(written)
+            for event in recorded:
+                if event.HasField("fallback"):
+                    self._reporter.backend_failed(job, event.fallback)
+            if started:
+                driver.running = True
+                running = gateway_pb2.RenderJob()
+                running.CopyFrom(job)
+                running.state = job_pb2.JOB_STATE_RUNNING
+                self._reporter.job_changed(running)
+        if refused is not None:
+            raise refused
+
+    def _entry(self, job: gateway_pb2.RenderJob, event: event_pb2.RenderEvent, driver: Drive) -> Entry:
+        """One render event as the job's log records it."""
         index = event.shot
-        if (
-            event.HasField("failed")
-            and event.failed.reason == Reason.BUDGET_EXHAUSTED
-            and not attempts.may_have_billed(job)
-            and not driver.charged
-        ):
-            # Nothing was spent on it: the budget policy decides (wait, or fail).
-            raise BudgetRefused(event.failed.message)
         if event.HasField("submitted"):
             # Known before it is recorded: should the job be cancelled elsewhere meanwhile, this
             # replica cancels the render.
@@ -538,19 +572,7 @@ class JobDriver:
             # The budget the attempt draws on (the tenant's, or the company's for the free re-render),
             # as the ledger answered its reservation.
             message += f"; today's budget is {event.routed.budget_note}"
-        was_queued = not driver.running and job.state == job_pb2.JOB_STATE_QUEUED and event.HasField("routed")
-        written = await self._record(driver, job.job_id, message, update, render_event=event)
-        if event.HasField("charged"):
-            driver.charged = driver.charged or event.charged.outcome != event_pb2.CHARGE_OUTCOME_RELEASE
-            self._settlement.charged(written)
-        if event.HasField("fallback"):
-            self._reporter.backend_failed(job, event.fallback)
-        if was_queued:
-            driver.running = True
-            running = gateway_pb2.RenderJob()
-            running.CopyFrom(job)
-            running.state = job_pb2.JOB_STATE_RUNNING
-            self._reporter.job_changed(running)
+        return Entry(message, update, event)
 
     async def _budget_refused(
         self, job: gateway_pb2.RenderJob, refused: BudgetRefused, driver: Drive
@@ -614,7 +636,7 @@ class JobDriver:
 
     async def _render_events(
         self, job: gateway_pb2.RenderJob, index: int, shot: render_pb2.Shot, driver: Drive
-    ) -> AsyncIterator[event_pb2.RenderEvent]:
+    ) -> AsyncIterator[list[event_pb2.RenderEvent]]:
         guarantee = self._guarantees.of(job)
         constraints = _shot_constraints(job, index)
         status = job.shots[index] if index < len(job.shots) else None
@@ -642,10 +664,11 @@ class JobDriver:
                 guarantee=guarantee,
             )
         # Left early (the claim lost, a write failed): the router stops following it for this driver.
-        async with contextlib.aclosing(self._renders.run(request)) as events:
-            async for event in events:
-                event.shot = index
-                yield event
+        async with contextlib.aclosing(self._renders.run(request)) as batches:
+            async for events in batches:
+                for event in events:
+                    event.shot = index
+                yield events
 
 
 def _shot_constraints(job: gateway_pb2.RenderJob, index: int) -> render_pb2.RenderConstraints:

@@ -41,10 +41,12 @@ class RouterRenders:
 
     async def run(
         self, request: router_pb2.ExecuteRenderRequest | router_pb2.ResumeRenderRequest
-    ) -> AsyncIterator[event_pb2.RenderEvent]:
-        """The render's events to its end; raises grpc.aio.AioRpcError as its own call would, also when
-        the stream it travels on breaks. Leaving early stops the router following it for this caller
-        (the render goes on)."""
+    ) -> AsyncIterator[list[event_pb2.RenderEvent]]:
+        """The render's events to its end, those that arrived while the caller was busy with the ones
+        before as one list (a render's QC, charge and end come together: one write); raises
+        grpc.aio.AioRpcError as its own call would, after the events before it, also when the stream it
+        travels on breaks. Leaving early stops the router following it for this caller (the render goes
+        on)."""
         number = next(self._ids)
         render_id, lane = str(number), self._lanes[number % len(self._lanes)]
         if isinstance(request, router_pb2.ExecuteRenderRequest):
@@ -56,10 +58,20 @@ class RouterRenders:
         lane.renders[render_id] = news
         lane.stream.send(order)
         try:
-            while (item := await news.get()) is not None:
-                if isinstance(item, grpc.aio.AioRpcError):
-                    raise item
-                yield item
+            while True:
+                items = [await news.get()]
+                while not news.empty():
+                    items.append(news.get_nowait())
+                # The end (None, or an error) is the last news of a render: nothing is put after it.
+                end = items[-1]
+                if isinstance(end, event_pb2.RenderEvent):
+                    yield items
+                    continue
+                if len(items) > 1:
+                    yield items[:-1]
+                if end is None:
+                    return
+                raise end
         finally:
             if lane.renders.pop(render_id, None) is not None:
                 lane.stream.send(router_pb2.ExecuteRendersRequest(render_id=render_id, stop=True))

@@ -74,6 +74,14 @@ class Claimed(NamedTuple):
     trace_context: dict[str, str]
 
 
+class Entry(NamedTuple):
+    """One event to append: its message, the job change it makes, and the render event it records."""
+
+    message: str
+    update: JobUpdate
+    render_event: object | None = None
+
+
 class RequestIdConflict(Exception):
     """The request_id was already used for a different request."""
 
@@ -151,6 +159,15 @@ class JobStore(ABC):
         previous_state is the job's state before update. max_unfinished: an update that queues a job
         which was not (an approval) is refused (TooManyUnfinished, nothing written) when the job's tenant
         has that many jobs queued or running already, counted under the tenant's lock."""
+
+    @abstractmethod
+    async def append_events(
+        self, job_id: str, entries: Sequence[Entry], owner: str | None = None
+    ) -> gateway_pb2.RenderJob:
+        """Appends events that came together in one transaction, each applied and logged in turn as
+        append_event would (its own sequence and previous_state), announced once; returns the job as the
+        last one wrote it. owner: fenced as append_event's, once for all; entries after one that ended
+        the job are not written, and ClaimLost is raised once the ones before it have committed."""
 
     @abstractmethod
     async def events_after(self, job_id: str, sequence: int) -> list[gateway_pb2.JobEvent]: ...
@@ -944,11 +961,32 @@ class SqlJobStore(JobStore):
         details: gateway_pb2.JobEvent | None = None,
         max_unfinished: int | None = None,
     ) -> gateway_pb2.RenderJob:
+        job, _ = await self._appended(
+            job_id, [Entry(message, update, render_event)], owner, details, max_unfinished
+        )
+        return job
+
+    async def append_events(
+        self, job_id: str, entries: Sequence[Entry], owner: str | None = None
+    ) -> gateway_pb2.RenderJob:
+        job, unwritten = await self._appended(job_id, entries, owner)
+        if unwritten:
+            raise ClaimLost(f"job {job_id} is not {owner}'s to drive: it has ended")
+        return job
+
+    async def _appended(
+        self,
+        job_id: str,
+        entries: Sequence[Entry],
+        owner: str | None,
+        details: gateway_pb2.JobEvent | None = None,
+        max_unfinished: int | None = None,
+    ) -> tuple[gateway_pb2.RenderJob, int]:
+        """_append, its events handed to this process's watchers once committed: the job as written, and
+        how many entries were not (they came after the job's end)."""
         committing: list[tuple[str, int]] = []
         try:
-            event, job = await self._append(
-                job_id, message, update, render_event, owner, details, max_unfinished, committing
-            )
+            events, job = await self._append(job_id, entries, owner, details, max_unfinished, committing)
         except BaseException:
             # Its commit's outcome is unknown here: this process's watchers look in the log.
             for news in self._watchers.get(job_id, ()) if committing else ():
@@ -956,24 +994,24 @@ class SqlJobStore(JobStore):
             raise
         finally:
             self._appending.difference_update(committing)
-        # Committed: this process's watchers have it without a read (its announcement says nothing new).
+        # Committed: this process's watchers have them without a read (the announcement says nothing new).
         for news in self._watchers.get(job_id, ()):
-            news.hand(event)
-        return job
+            for event in events:
+                news.hand(event)
+        return job, len(entries) - len(events)
 
     async def _append(
         self,
         job_id: str,
-        message: str,
-        update: JobUpdate,
-        render_event: object | None,
+        entries: Sequence[Entry],
         owner: str | None,
         details: gateway_pb2.JobEvent | None,
         max_unfinished: int | None,
         committing: list[tuple[str, int]],
-    ) -> tuple[gateway_pb2.JobEvent, gateway_pb2.RenderJob]:
-        """append_event's transaction, the event and the job written; committing: the event's (job id,
-        sequence) once it is committing."""
+    ) -> tuple[list[gateway_pb2.JobEvent], gateway_pb2.RenderJob]:
+        """append_events' transaction: the events and the job written. details and max_unfinished are
+        append_event's, for its one entry. committing: the last event's (job id, sequence), the one
+        announced, once it is committing."""
         async with self._db.transaction() as transaction:
             tenant_id = None
             if max_unfinished is not None:
@@ -993,23 +1031,30 @@ class SqlJobStore(JobStore):
             if owner is not None and (row[1] != owner or job.state in TERMINAL_STATES):
                 why = "it has ended" if job.state in TERMINAL_STATES else "another replica claimed it"
                 raise ClaimLost(f"job {job_id} is not {owner}'s to drive: {why}")
-            previous_state, named = job.state, videos_named(job)
-            update(job)
-            if tenant_id is not None and job.state in _UNFINISHED and previous_state not in _UNFINISHED:
+            first_state, named = job.state, videos_named(job)
+            events: list[gateway_pb2.JobEvent] = []
+            for message, update, render_event in entries:
+                if owner is not None and job.state in TERMINAL_STATES:
+                    break  # not the driver's to write once the job has ended, as a next append's would not be
+                previous_state = job.state
+                update(job)
+                job.last_sequence += 1
+                job.update_time.CopyFrom(_now())
+                events.append(
+                    gateway_pb2.JobEvent(
+                        job_id=job_id,
+                        sequence=job.last_sequence,
+                        create_time=job.update_time,
+                        state=job.state,
+                        previous_state=previous_state,
+                        message=message,
+                        render=render_event,
+                    )
+                )
+            if tenant_id is not None and job.state in _UNFINISHED and first_state not in _UNFINISHED:
                 await self._check_unfinished(transaction, tenant_id, max_unfinished)
-            job.last_sequence += 1
-            job.update_time.CopyFrom(_now())
-            event = gateway_pb2.JobEvent(
-                job_id=job_id,
-                sequence=job.last_sequence,
-                create_time=job.update_time,
-                state=job.state,
-                previous_state=previous_state,
-                message=message,
-                render=render_event,
-            )
             if details is not None:
-                event.MergeFrom(details)
+                events[0].MergeFrom(details)
                 if details.HasField("plan_updated"):
                     await self._insert_revision(transaction, job_id, details.plan_updated)
                 if details.HasField("approved"):
@@ -1037,16 +1082,21 @@ class SqlJobStore(JobStore):
                 # Purged past its retention since it was read (PostgreSQL: the read takes no row lock):
                 # no event is logged for a job that is no more.
                 raise KeyError(job_id)
+            # One statement for them all: one round trip on PostgreSQL.
             await transaction.execute(
-                "INSERT INTO job_events (job_id, sequence, event) VALUES (?, ?, ?)",
-                (job_id, event.sequence, event.SerializeToString()),
+                "INSERT INTO job_events (job_id, sequence, event) VALUES "
+                + ", ".join(["(?, ?, ?)"] * len(events)),
+                tuple(
+                    value for event in events for value in (job_id, event.sequence, event.SerializeToString())
+                ),
             )
             if newly_named := videos_named(job) - named:
                 await transaction.executemany(_NAME_VIDEO, [(job_id, uri) for uri in newly_named])
-            committing.append((job_id, event.sequence))
+            last = events[-1].sequence
+            committing.append((job_id, last))
             self._appending.add(committing[0])
-            await transaction.notify(EVENTS_CHANNEL, f"{job_id} {event.sequence}")
-        return event, job
+            await transaction.notify(EVENTS_CHANNEL, f"{job_id} {last}")
+        return events, job
 
     async def events_after(self, job_id: str, sequence: int) -> list[gateway_pb2.JobEvent]:
         rows = await self._db.fetchall(

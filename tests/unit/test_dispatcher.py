@@ -4,7 +4,7 @@ elsewhere stops its driver, which cancels a render it saw start but could not re
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 from fake_streams import execute_renders
@@ -19,7 +19,7 @@ from aiprod_gateway.dispatcher import Dispatcher
 from aiprod_gateway.driving import BudgetPolicy
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement
-from aiprod_gateway.store import JobStore, JobUpdate, SqlJobStore
+from aiprod_gateway.store import Entry, JobStore, SqlJobStore
 from aiprod_kit.database import DatabaseUnavailable, SqliteDatabase
 
 OWNER = "this-replica"
@@ -202,18 +202,53 @@ class FailingOnce(SqlJobStore):
 
     failing = ""
 
-    async def append_event(
-        self,
-        job_id: str,
-        message: str,
-        update: JobUpdate,
-        render_event: object | None = None,
-        owner: str | None = None,
+    async def append_events(
+        self, job_id: str, entries: Sequence[Entry], owner: str | None = None
     ) -> gateway_pb2.RenderJob:
-        if self.failing and message.startswith(self.failing):
+        if self.failing and any(entry.message.startswith(self.failing) for entry in entries):
             self.failing = ""
             raise DatabaseUnavailable("the database is unreachable now (test); try again")
-        return await super().append_event(job_id, message, update, render_event, owner)
+        return await super().append_events(job_id, entries, owner)
+
+
+class Gated(SqlJobStore):
+    """The job store, listing the messages of each write of the driver's events; the first write waits
+    for `opened`."""
+
+    async def append_events(
+        self, job_id: str, entries: Sequence[Entry], owner: str | None = None
+    ) -> gateway_pb2.RenderJob:
+        self.writes.append([entry.message for entry in entries])
+        if len(self.writes) == 1:
+            await self.opened.wait()
+        return await super().append_events(job_id, entries, owner)
+
+
+async def test_a_renders_events_that_come_while_the_driver_writes_are_written_at_once(start, tmp_path):
+    charge = event_pb2.AttemptCharge(outcome=event_pb2.CHARGE_OUTCOME_RELEASE)
+
+    async def render() -> AsyncIterator[event_pb2.RenderEvent]:
+        yield routed()
+        await eventually(lambda: len(gated.writes) == 1)
+        yield submitted()
+        yield event_pb2.RenderEvent(attempt=1, charged=charge)
+        yield succeeded()
+
+    gated = await Gated.open(SqliteDatabase(tmp_path / "gated.sqlite3", "gated"))
+    gated.writes, gated.opened = [], asyncio.Event()
+    await create(gated)
+    dispatcher = await start(Router(render), on=gated)
+    # The rest of the render, and its end, reach the gateway while its first event is being written.
+    await eventually(lambda: len(gated.writes) == 1)
+    renders = dispatcher._driver._renders
+    await eventually(lambda: renders.in_flight == 0)
+    gated.opened.set()
+    await eventually(lambda: has_message(gated, "video ready"))
+    assert [len(write) for write in gated.writes] == [1, 3]
+    assert await messages(gated) == ["job created", *(message for write in gated.writes for message in write)]
+    assert await state(gated) == job_pb2.JOB_STATE_SUCCEEDED
+    await dispatcher.stop()
+    await gated.close()
 
 
 async def test_a_crashed_driver_lets_go_of_the_job_which_is_tried_again_after_a_backoff(

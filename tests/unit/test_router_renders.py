@@ -1,7 +1,8 @@
 """The gateway's renders at the router over shared streams (aiprod_gateway.router_renders): to the
 driver each looks exactly like its own ExecuteRender call: its events, then its end, an error raised
 with the call's code, message and details; leaving early stops the router's news of it; a broken
-stream ends every render on it as broken calls."""
+stream ends every render on it as broken calls. Events that arrive while the driver is busy come to it
+together, to be written at once."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -78,7 +79,7 @@ def request(job_id: str) -> router_pb2.ExecuteRenderRequest:
 
 
 async def events_of(renders: RouterRenders, job_id: str) -> list[str]:
-    return [event.WhichOneof("kind") async for event in renders.run(request(job_id))]
+    return [event.WhichOneof("kind") async for events in renders.run(request(job_id)) for event in events]
 
 
 async def test_each_render_gets_its_own_events_and_end_over_a_few_streams_closed_once_idle():
@@ -111,8 +112,8 @@ async def test_a_refused_render_raises_its_calls_error_with_its_details_and_the_
 
     async def refused() -> grpc.aio.AioRpcError:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            async for event in renders.run(request("refused")):
-                seen.append(event.WhichOneof("kind"))
+            async for events in renders.run(request("refused")):
+                seen.extend(event.WhichOneof("kind") for event in events)
         return raised.value
 
     both = asyncio.gather(refused(), events_of(renders, "fine"))
@@ -133,7 +134,7 @@ async def test_leaving_a_render_early_stops_the_routers_news_of_it():
     router = Router()
     renders = RouterRenders(router, streams=1)  # type: ignore[arg-type]
     events = renders.run(request("left"))
-    assert (await asyncio.wait_for(anext(events), 5)).WhichOneof("kind") == "routed"
+    assert [event.WhichOneof("kind") for event in await asyncio.wait_for(anext(events), 5)] == ["routed"]
     await events.aclose()
     # The router's call for it is cancelled, as when a caller cancels its own ExecuteRender.
     await until(lambda: router.calls["left"].cancelled)
@@ -156,4 +157,51 @@ async def test_a_broken_stream_ends_every_render_on_it_as_a_broken_call():
     router.released.set()
     assert await asyncio.wait_for(events_of(renders, "after"), 5) == ["routed", "succeeded"]
     assert router.streams == 2
+    await renders.close()
+
+
+class LateCall(Call):
+    """Routed at once; once released, a charge and the render's end, then the call's end (or error)."""
+
+    async def __aiter__(self) -> AsyncIterator[router_pb2.ExecuteRenderResponse]:
+        yield router_pb2.ExecuteRenderResponse(event=routed())
+        await self.released.wait()
+        yield router_pb2.ExecuteRenderResponse(
+            event=event_pb2.RenderEvent(attempt=1, charged=event_pb2.AttemptCharge())
+        )
+        yield router_pb2.ExecuteRenderResponse(event=succeeded())
+        if self.error is not None:
+            raise self.error
+
+
+class LateRouter(Router):
+    def ExecuteRender(self, request: router_pb2.ExecuteRenderRequest) -> Call:
+        self.calls[request.job_id] = LateCall([], self.errors.get(request.job_id), self.released)
+        return self.calls[request.job_id]
+
+
+def kinds(events: list[event_pb2.RenderEvent]) -> list[str]:
+    return [event.WhichOneof("kind") for event in events]
+
+
+@pytest.mark.parametrize("error", [None, "refused late"])
+async def test_events_that_arrive_while_the_caller_is_busy_come_together_then_the_calls_end(error):
+    failure = grpc.aio.AioRpcError(
+        grpc.StatusCode.FAILED_PRECONDITION, grpc.aio.Metadata(), grpc.aio.Metadata(), error or ""
+    )
+    router = LateRouter({"late": failure} if error else {})
+    renders = RouterRenders(router, streams=1)  # type: ignore[arg-type]
+    batches = renders.run(request("late"))
+    assert kinds(await asyncio.wait_for(anext(batches), 5)) == ["routed"]
+    # The caller is busy with its first batch while the rest of the render, and its end, arrive.
+    router.released.set()
+    await until(lambda: renders.in_flight == 0)
+    assert kinds(await asyncio.wait_for(anext(batches), 5)) == ["charged", "succeeded"]
+    if error:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await asyncio.wait_for(anext(batches), 5)
+        assert raised.value.details() == "refused late"
+    else:
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(batches), 5)
     await renders.close()

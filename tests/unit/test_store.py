@@ -1,6 +1,7 @@
 """The job store's contract, run against every implementation: SQLite and PostgreSQL."""
 
 import asyncio
+import contextlib
 import random
 import sqlite3
 import time
@@ -13,6 +14,7 @@ from aiprod.gateway.v1 import gateway_pb2
 from aiprod_gateway.store import (
     EVENTS_CHANNEL,
     ClaimLost,
+    Entry,
     JobStore,
     RequestIdConflict,
     SqlJobStore,
@@ -352,6 +354,72 @@ async def test_a_drivers_events_are_fenced_by_its_claim(store):
         "rendering",
         "cancelled",
     ]
+
+
+async def test_events_that_came_together_are_appended_in_one_transaction_each_in_turn(store, monkeypatch):
+    """A driver's burst (a render's QC, charge and end) is one transaction: each event numbered and
+    applied in turn, its watchers handed every one, one announcement; fenced by the claim once, and
+    nothing past the job's end is the driver's to write."""
+    await store.create_job(job("job_a", "r1"), "f")
+    assert await store.claim("job_a", "one", LEASE)
+    with pytest.raises(ClaimLost):
+        await store.append_events("job_a", [Entry("routed", lambda job: None)], owner="two")
+    transactions, notified = 0, []
+    begin = store._db.transaction
+
+    @contextlib.asynccontextmanager
+    async def counted():
+        nonlocal transactions
+        transactions += 1
+        async with begin() as transaction:
+            real = transaction.notify
+
+            async def notify(channel: str, payload: str) -> None:
+                notified.append(payload)
+                await real(channel, payload)
+
+            monkeypatch.setattr(transaction, "notify", notify)
+            yield transaction
+
+    monkeypatch.setattr(store._db, "transaction", counted)
+    watcher = following(store, "job_a")
+    await asyncio.sleep(0)  # the watcher has read the log and waits for news
+
+    def progress(job: gateway_pb2.RenderJob) -> None:
+        job.progress = job.progress + 0.5
+
+    written = await store.append_events(
+        "job_a",
+        [
+            Entry("rendering", set_state(job_pb2.JOB_STATE_RUNNING)),
+            Entry("half", progress),
+            Entry("video ready", set_state(job_pb2.JOB_STATE_SUCCEEDED)),
+        ],
+        owner="one",
+    )
+    assert (transactions, notified) == (1, ["job_a 4"])
+    assert (written.state, written.progress, written.last_sequence) == (job_pb2.JOB_STATE_SUCCEEDED, 0.5, 4)
+    assert await asyncio.wait_for(watcher, 5) == [1, 2, 3, 4]
+    logged = await store.events_after("job_a", 0)
+    assert [(event.sequence, event.message, event.previous_state, event.state) for event in logged[1:]] == [
+        (2, "rendering", job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING),
+        (3, "half", job_pb2.JOB_STATE_RUNNING, job_pb2.JOB_STATE_RUNNING),
+        (4, "video ready", job_pb2.JOB_STATE_RUNNING, job_pb2.JOB_STATE_SUCCEEDED),
+    ]
+    assert await store.get_job("job_a") == written
+
+    # Past the end: the events before it are written, the rest are not the driver's, which is told so.
+    await store.create_job(job("job_b", "r2"), "f")
+    assert await store.claim("job_b", "one", LEASE)
+    with pytest.raises(ClaimLost, match="ended"):
+        await store.append_events(
+            "job_b",
+            [Entry("failed", set_state(job_pb2.JOB_STATE_FAILED)), Entry("after", progress)],
+            owner="one",
+        )
+    stored = await store.get_job("job_b")
+    assert (stored.state, stored.progress, stored.last_sequence) == (job_pb2.JOB_STATE_FAILED, 0.0, 2)
+    assert [event.message for event in await store.events_after("job_b", 0)] == ["job created", "failed"]
 
 
 async def test_an_ended_job_holds_no_claim_and_cannot_be_claimed(store):
