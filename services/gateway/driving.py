@@ -664,11 +664,17 @@ class JobDriver:
                 guarantee=guarantee,
             )
         # Left early (the claim lost, a write failed): the router stops following it for this driver.
-        async with contextlib.aclosing(self._renders.run(request)) as batches:
+        async with contextlib.aclosing(self._renders.run(request, _followed_at_once)) as batches:
             async for events in batches:
                 for event in events:
                     event.shot = index
                 yield events
+
+
+def _followed_at_once(event: event_pb2.RenderEvent) -> bool:
+    """Whether the router sends another event of the render right after this one: an attempt's charge
+    after its QC (once the ledger has it), its end or next attempt after its charge."""
+    return event.HasField("qc") or event.HasField("charged")
 
 
 def _shot_constraints(job: gateway_pb2.RenderJob, index: int) -> render_pb2.RenderConstraints:

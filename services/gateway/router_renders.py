@@ -11,7 +11,7 @@ the router's replicas as it spread their calls.
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.rpc import status_pb2
@@ -24,6 +24,8 @@ from aiprod_kit.multiplexing import SharedStream
 
 # Streams to the router per gateway process.
 STREAMS = 4
+# How long an event the caller says is followed at once waits for what follows it, to come with it.
+LINGER_SECONDS = 0.02
 
 _News = event_pb2.RenderEvent | grpc.aio.AioRpcError | None  # None: the call ended OK
 
@@ -40,13 +42,15 @@ class RouterRenders:
         return sum(len(lane.renders) for lane in self._lanes)
 
     async def run(
-        self, request: router_pb2.ExecuteRenderRequest | router_pb2.ResumeRenderRequest
+        self,
+        request: router_pb2.ExecuteRenderRequest | router_pb2.ResumeRenderRequest,
+        followed: Callable[[event_pb2.RenderEvent], bool] = lambda event: False,
     ) -> AsyncIterator[list[event_pb2.RenderEvent]]:
-        """The render's events to its end, those that arrived while the caller was busy with the ones
-        before as one list (a render's QC, charge and end come together: one write); raises
-        grpc.aio.AioRpcError as its own call would, after the events before it, also when the stream it
-        travels on breaks. Leaving early stops the router following it for this caller (the render goes
-        on)."""
+        """The render's events to its end, as lists of those that came together: that arrived while the
+        caller was busy with the ones before, or within LINGER_SECONDS of an event `followed` says is
+        followed at once (the caller writes each list in one go). Raises grpc.aio.AioRpcError as its own
+        call would, after the events before it, also when the stream it travels on breaks. Leaving
+        early stops the router following it for this caller (the render goes on)."""
         number = next(self._ids)
         render_id, lane = str(number), self._lanes[number % len(self._lanes)]
         if isinstance(request, router_pb2.ExecuteRenderRequest):
@@ -60,8 +64,16 @@ class RouterRenders:
         try:
             while True:
                 items = [await news.get()]
-                while not news.empty():
-                    items.append(news.get_nowait())
+                while True:
+                    while not news.empty():
+                        items.append(news.get_nowait())
+                    if not isinstance(items[-1], event_pb2.RenderEvent) or not followed(items[-1]):
+                        break
+                    try:
+                        async with asyncio.timeout(LINGER_SECONDS):
+                            items.append(await news.get())
+                    except TimeoutError:
+                        break
                 # The end (None, or an error) is the last news of a render: nothing is put after it.
                 end = items[-1]
                 if isinstance(end, event_pb2.RenderEvent):

@@ -13,6 +13,7 @@ from fake_streams import execute_renders, until, until_broken
 
 from aiprod.common.v1 import event_pb2, render_pb2
 from aiprod.router.v1 import router_pb2
+from aiprod_gateway import router_renders
 from aiprod_gateway.router_renders import RouterRenders
 from aiprod_kit.errors import ResourceExhausted, error_reason, retry_delay, status_proto
 
@@ -204,4 +205,50 @@ async def test_events_that_arrive_while_the_caller_is_busy_come_together_then_th
     else:
         with pytest.raises(StopAsyncIteration):
             await asyncio.wait_for(anext(batches), 5)
+    await renders.close()
+
+
+class StepCall(Call):
+    """Each event once its gate (if any) is set, then the call's end."""
+
+    def __init__(self, steps: list[tuple[asyncio.Event | None, event_pb2.RenderEvent]]) -> None:
+        super().__init__([], None, asyncio.Event())
+        self.steps = steps
+        self.sent = 0
+
+    async def __aiter__(self) -> AsyncIterator[router_pb2.ExecuteRenderResponse]:
+        for gate, event in self.steps:
+            if gate is not None:
+                await gate.wait()
+            yield router_pb2.ExecuteRenderResponse(event=event)
+            self.sent += 1
+
+
+def charged() -> event_pb2.RenderEvent:
+    return event_pb2.RenderEvent(attempt=1, charged=event_pb2.AttemptCharge())
+
+
+@pytest.mark.parametrize("linger", [30.0, 0.01])
+async def test_an_event_followed_at_once_waits_a_moment_for_what_follows_it(monkeypatch, linger):
+    """Within the linger, the charge comes with the render's end (one write); past it, alone."""
+    monkeypatch.setattr(router_renders, "LINGER_SECONDS", linger)
+    charge, end = asyncio.Event(), asyncio.Event()
+    call = StepCall([(None, routed()), (charge, charged()), (end, succeeded())])
+    router = Router()
+    router.ExecuteRender = lambda request: call  # type: ignore[method-assign]
+    renders = RouterRenders(router, streams=1)  # type: ignore[arg-type]
+    batches = renders.run(request("j"), followed=lambda event: event.HasField("charged"))
+    assert kinds(await asyncio.wait_for(anext(batches), 5)) == ["routed"]  # not followed: at once
+    charge.set()
+    second = asyncio.create_task(anext(batches))
+    if linger > 1:
+        await until(lambda: call.sent == 2)
+        end.set()
+        assert kinds(await asyncio.wait_for(second, 5)) == ["charged", "succeeded"]
+    else:
+        assert kinds(await asyncio.wait_for(second, 5)) == ["charged"]
+        end.set()
+        assert kinds(await asyncio.wait_for(anext(batches), 5)) == ["succeeded"]
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(anext(batches), 5)
     await renders.close()
