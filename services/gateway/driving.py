@@ -520,20 +520,20 @@ class JobDriver:
         stream began); a budget refusal stops the events there, those before it recorded."""
         entries: list[Entry] = []
         refused = None
-        started = False
+        started, charged = False, driver.charged
         for event in events:
             if (
                 event.HasField("failed")
                 and event.failed.reason == Reason.BUDGET_EXHAUSTED
                 and not attempts.may_have_billed(job)
-                and not driver.charged
+                and not charged
             ):
                 # Nothing was spent on it: the budget policy decides (wait, or fail).
                 refused = BudgetRefused(event.failed.message)
                 break
             entries.append(self._entry(job, event, driver))
             if event.HasField("charged"):
-                driver.charged = driver.charged or event.charged.outcome != event_pb2.CHARGE_OUTCOME_RELEASE
+                charged = charged or event.charged.outcome != event_pb2.CHARGE_OUTCOME_RELEASE
             started = started or (
                 not driver.running and job.state == job_pb2.JOB_STATE_QUEUED and event.HasField("routed")
             )
@@ -541,6 +541,7 @@ class JobDriver:
             written = await self._record_all(driver, job.job_id, entries)
             recorded = events[: len(entries)]
             if any(event.HasField("charged") for event in recorded):
+                driver.charged = charged
                 self._settlement.charged(written)
             for event in recorded:
                 if event.HasField("fallback"):
