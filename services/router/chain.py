@@ -73,8 +73,9 @@ _START_TIMEOUT = 300.0
 # Between a renderer's AT_CAPACITY (it waited for a task slot, AIPROD_<PROVIDER>_SLOT_WAIT_SECONDS) and
 # the next StartRender of the same attempt.
 _SLOT_RETRY_SECONDS = 0.5
-# A render's progress is passed on once it moved this much since the last passed on, or after this long
-# (and its first): each is an event in the job's log, a write there and a message to every watcher.
+# A render's progress is passed on once it moved this much since the last passed on, or moved at all this
+# long after it: each is an event in the job's log, a write there and a message to every watcher. The
+# first counts from 0% and the follow's start (a render at 0% says nothing its submission did not).
 _PROGRESS_STEP = 0.05 - 1e-9  # (as floats add up: 0.15 - 0.10 < 0.05)
 _PROGRESS_SECONDS = 10.0
 # Asking a renderer for the render under a key. It waits while a create under the key is under way;
@@ -758,7 +759,7 @@ class RenderChain:
     ) -> AsyncIterator[event_pb2.RenderEvent]:
         """Follows a render to its end at its renderer, re-attaching when the renderer comes back."""
         started = time.monotonic()
-        last_progress, progressed_at = -1.0, 0.0
+        last_progress, progressed_at = 0.0, started
         # The attempt's trace, for the renderer's work on this render (a re-attach after a restart).
         trace_context: dict[str, str] = {}
         propagate.inject(trace_context, context=trace.set_span_in_context(result.span))
