@@ -32,7 +32,7 @@ from aiprod_gateway.claims import Claims
 from aiprod_gateway.driving import BudgetPolicy, Drive, JobDriver
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement
-from aiprod_gateway.store import ClaimLost, JobStore
+from aiprod_gateway.store import Claimed, ClaimLost, JobStore
 
 log = structlog.get_logger()
 
@@ -65,6 +65,9 @@ class Dispatcher:
         # The jobs in the queue, once each; one dropped from here (cancelled, lost) is skipped when its
         # turn comes.
         self._queued: set[str] = set()
+        # Queued jobs claimed when they were created here, as their create wrote them: driven without a
+        # claim's transaction more.
+        self._claimed: dict[str, Claimed] = {}
         self._driving: dict[str, Drive] = {}
         # Jobs to queue again later, each with the task that will: waiting for budget (the claim kept)
         # or backing off after a crash (the claim let go).
@@ -108,6 +111,20 @@ class Dispatcher:
         self._queued.add(job_id)
         self._queue.put_nowait((-priority, next(self._arrivals), job_id))
 
+    def new_job_claim(self) -> tuple[str, float] | None:
+        """The claim a job created here may be created with, (owner, lease seconds), while this replica
+        has room to drive it; then hand it over with enqueue_claimed once created."""
+        if len(self._driving) + len(self._queued) >= self._max_in_flight:
+            return None
+        return self._claims.owner, self._claims.lease_seconds
+
+    def enqueue_claimed(self, claimed: Claimed) -> None:
+        """Queues a job created here with this replica's claim (new_job_claim), as its create wrote it."""
+        job = claimed.job
+        self._claims.hold(job.job_id)
+        self._claimed[job.job_id] = claimed
+        self.enqueue(job.job_id, job.priority)
+
     async def stop_driving(self, job_id: str) -> None:
         """Stops what this replica does for a job, for a cancel: its render stream, its wait for budget,
         its place in the queue; returns once nothing more is recorded for it here. The claim is left to
@@ -115,6 +132,7 @@ class Dispatcher:
         the job ended: at its next event or its next renewal."""
         self._claims.drop(job_id)
         self._queued.discard(job_id)
+        self._claimed.pop(job_id, None)
         driver = self._driving.get(job_id)
         if driver is not None:
             driver.cancelled = True
@@ -165,6 +183,7 @@ class Dispatcher:
         """Stops at once all this replica does for a job whose claim it no longer holds."""
         self._claims.drop(job_id)
         self._queued.discard(job_id)
+        self._claimed.pop(job_id, None)
         later = self._later.pop(job_id, None)
         if later is not None:
             later.cancel()
@@ -208,6 +227,7 @@ class Dispatcher:
                 self._in_flight.release()
                 raise
             if job_id not in self._queued:
+                self._claimed.pop(job_id, None)
                 self._in_flight.release()
                 continue
             self._queued.discard(job_id)
@@ -228,7 +248,7 @@ class Dispatcher:
 
     async def _claim_and_drive(self, job_id: str, priority: int) -> None:
         try:
-            claimed = await self._claims.claim(job_id)
+            claimed = self._claimed.pop(job_id, None) or await self._claims.claim(job_id)
         except Exception as error:
             self._crashed(job_id, error, priority)
             return

@@ -20,7 +20,7 @@ from aiprod_gateway.quoting import Quoter
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement, record_charge
 from aiprod_gateway.spending import Spending
-from aiprod_gateway.store import TERMINAL_STATES, JobStore, RequestIdConflict, TooManyUnfinished
+from aiprod_gateway.store import TERMINAL_STATES, Claimed, JobStore, RequestIdConflict, TooManyUnfinished
 from aiprod_gateway.tenancy import current_tenant
 from aiprod_gateway.tiers import DEFAULT_TIERS, TierPolicy
 from aiprod_gateway.usage import tenant_usage
@@ -106,6 +106,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         trace.get_current_span().set_attribute("aiprod.job_id", job.job_id)
         trace_context: dict[str, str] = {}
         propagate.inject(trace_context)
+        # A queued job is created claimed for this replica's dispatcher, while it has room.
+        claim = self._dispatcher.new_job_claim() if job.state == job_pb2.JOB_STATE_QUEUED else None
         try:
             job, created = await self._store.create_job(
                 job,
@@ -114,6 +116,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 review.initial_revision(job),
                 max_unfinished=int(tier.concurrent_jobs),
                 also=keep_quote,
+                claim=claim,
             )
         except TooManyUnfinished as error:
             raise limits.too_many_jobs(tenant, tier) from error
@@ -132,7 +135,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 max_cost_micros=job.quote.max_cost.amount_micros,
             )
             self._reporter.job_changed(job)
-            if job.state == job_pb2.JOB_STATE_QUEUED:
+            if claim is not None:
+                self._dispatcher.enqueue_claimed(Claimed(job, trace_context))
+            elif job.state == job_pb2.JOB_STATE_QUEUED:
                 self._dispatcher.enqueue(job.job_id, job.priority)
         return gateway_pb2.CreateRenderJobResponse(job=job)
 

@@ -112,9 +112,12 @@ class JobStore(ABC):
         revision: gateway_pb2.PlanRevision | None = None,
         max_unfinished: int | None = None,
         also: Callable[[Transaction], Awaitable[None]] | None = None,
+        claim: tuple[str, float] | None = None,
     ) -> tuple[gateway_pb2.RenderJob, bool]:
         """Stores a new job with its first event, unless its request_id is taken: then returns the
         job stored under it (and False) when fingerprint matches, or raises RequestIdConflict.
+        claim: (owner, lease seconds): a new queued job is claimed for owner in the same transaction (the
+        replica that creates it drives it, without a claim's transaction more).
         also: what else the new job brings (its quote), written in the same transaction, only if the job
         is new.
         trace_context: the W3C trace context (traceparent, tracestate) of the call that created it.
@@ -844,8 +847,10 @@ class SqlJobStore(JobStore):
         revision: gateway_pb2.PlanRevision | None = None,
         max_unfinished: int | None = None,
         also: Callable[[Transaction], Awaitable[None]] | None = None,
+        claim: tuple[str, float] | None = None,
     ) -> tuple[gateway_pb2.RenderJob, bool]:
         limited = max_unfinished is not None and job.state in _UNFINISHED
+        owner, lease_seconds = claim if claim is not None and job.state in _UNFINISHED else (None, 0.0)
         async with self._db.transaction() as transaction:
             request_key = f"{job.tenant_id}/{job.request_id}"
             # Two replicas creating under one request_id: the second waits, then finds the first's job.
@@ -883,7 +888,8 @@ class SqlJobStore(JobStore):
                 await self._insert_revision(transaction, job.job_id, revision)
             await transaction.execute(
                 "INSERT INTO jobs (job_id, request_id, fingerprint, state, job, trace_context, tenant_id,"
-                " priority, reviewed, quoted_micros, cost_micros, ended) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " priority, reviewed, quoted_micros, cost_micros, ended, claim_owner, claim_expires)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.job_id,
                     request_key,
@@ -897,6 +903,8 @@ class SqlJobStore(JobStore):
                     job.quote.price.amount_micros,
                     job.cost.amount_micros,
                     self._clock() if job.state in TERMINAL_STATES else None,
+                    owner,
+                    self._clock() + lease_seconds if owner is not None else None,
                 ),
             )
             await transaction.execute(

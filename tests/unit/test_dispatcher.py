@@ -19,7 +19,7 @@ from aiprod_gateway.dispatcher import Dispatcher
 from aiprod_gateway.driving import BudgetPolicy
 from aiprod_gateway.reporting import MetricsReporter
 from aiprod_gateway.settlement import Settlement
-from aiprod_gateway.store import Entry, JobStore, SqlJobStore
+from aiprod_gateway.store import Claimed, Entry, JobStore, SqlJobStore
 from aiprod_kit.database import DatabaseUnavailable, SqliteDatabase
 
 OWNER = "this-replica"
@@ -209,6 +209,37 @@ class FailingOnce(SqlJobStore):
             self.failing = ""
             raise DatabaseUnavailable("the database is unreachable now (test); try again")
         return await super().append_events(job_id, entries, owner)
+
+
+async def test_a_job_created_with_the_replicas_claim_is_driven_without_claiming_it_again(
+    store, monkeypatch, start
+):
+    async def render() -> AsyncIterator[event_pb2.RenderEvent]:
+        for event in (routed(), submitted(), succeeded()):
+            yield event
+
+    claims = []
+    claim = store.claim
+
+    async def claiming(*arguments):
+        claims.append(arguments)
+        return await claim(*arguments)
+
+    monkeypatch.setattr(store, "claim", claiming)
+    dispatcher = await start(Router(render))
+    new = gateway_pb2.RenderJob(
+        job_id="job_a",
+        request_id="job_a",
+        state=job_pb2.JOB_STATE_QUEUED,
+        plan=render_pb2.RenderPlan(shots=[render_pb2.Shot(prompt="p", duration_seconds=4)]),
+    )
+    job_claim = dispatcher.new_job_claim()
+    assert job_claim == (OWNER, LEASE)
+    created, _ = await store.create_job(new, "f", claim=job_claim)
+    dispatcher.enqueue_claimed(Claimed(created, {}))
+    await eventually(lambda: has_message(store, "video ready"))
+    assert await state(store) == job_pb2.JOB_STATE_SUCCEEDED
+    assert claims == []
 
 
 class Gated(SqlJobStore):

@@ -303,6 +303,33 @@ async def test_a_claim_is_taken_once_renewed_by_its_owner_and_released(store):
     assert await store.renew_claims("one", ["job_a"], LEASE) == set()
 
 
+async def test_a_queued_job_created_with_a_claim_is_its_creators_from_its_first_transaction(open_store):
+    clock = Clock()
+    store = await open_store(clock)
+    _, fresh = await store.create_job(job("job_a", "r1"), "f", claim=("one", LEASE))
+    assert fresh
+    # Nobody else finds it free, nor may take it; its creator drives it as it holds any claim.
+    assert await store.claimable_jobs(10) == []
+    assert not await store.claim("job_a", "two", LEASE)
+    await store.append_events("job_a", [Entry("routed", lambda job: None)], owner="one")
+    with pytest.raises(ClaimLost):
+        await store.append_events("job_a", [Entry("routed", lambda job: None)], owner="two")
+    assert await store.renew_claims("one", ["job_a"], LEASE) == {"job_a"}
+    # Its lease runs out as a claim's does: a creator that died leaves it to the others.
+    clock.now += LEASE + 1
+    assert await store.claimable_jobs(10) == ["job_a"]
+    assert await store.claim("job_a", "two", LEASE)
+
+    # A job in review is not driven yet: created unclaimed; a retried create claims nothing.
+    review = job("job_b", "r2", job_pb2.JOB_STATE_AWAITING_APPROVAL)
+    await store.create_job(review, "f", claim=("one", LEASE))
+    again, fresh = await store.create_job(job("job_c", "r1"), "f", claim=("three", LEASE))
+    assert (again.job_id, fresh) == ("job_a", False)
+    assert not await store.claim("job_a", "three", LEASE)
+    await store.append_event("job_b", "approved", set_state(job_pb2.JOB_STATE_QUEUED))
+    assert await store.claimable_jobs(10) == ["job_b"]  # the first replica with room drives it
+
+
 async def test_a_replica_renews_and_releases_more_claims_than_one_statement_can_name(store):
     # A replica may drive tens of thousands of jobs (AIPROD_DISPATCH_MAX_IN_FLIGHT): more ids than one
     # statement takes parameters (SQLite 32,766; PostgreSQL 65,535).
