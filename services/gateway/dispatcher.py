@@ -65,8 +65,8 @@ class Dispatcher:
         # The jobs in the queue, once each; one dropped from here (cancelled, lost) is skipped when its
         # turn comes.
         self._queued: set[str] = set()
-        # Queued jobs claimed when they were created here, as their create wrote them: driven without a
-        # claim's transaction more.
+        # Queued jobs claimed already (created here, or taken over), as their claim found them: driven
+        # without a claim's transaction more.
         self._claimed: dict[str, Claimed] = {}
         self._driving: dict[str, Drive] = {}
         # Jobs to queue again later, each with the task that will: waiting for budget (the claim kept)
@@ -207,10 +207,12 @@ class Dispatcher:
                 break
             if job_id in self._queued or job_id in self._driving or job_id in self._later:
                 continue
-            if await self._claims.claim(job_id) is not None:
+            claimed = await self._claims.claim(job_id)
+            if claimed is not None:
                 taken.append(job_id)
+                self._claimed[job_id] = claimed
                 # There is room for each: the store's order (priority first) is the order they start.
-                self.enqueue(job_id)
+                self.enqueue(job_id, claimed.job.priority)
         if taken:
             log.info("took over jobs nobody drove", count=len(taken), job_ids=taken)
         return len(found) >= asked

@@ -211,13 +211,12 @@ class FailingOnce(SqlJobStore):
         return await super().append_events(job_id, entries, owner)
 
 
-async def test_a_job_created_with_the_replicas_claim_is_driven_without_claiming_it_again(
-    store, monkeypatch, start
-):
+async def test_a_job_is_claimed_once_created_with_the_replicas_claim_or_taken_over(store, monkeypatch, start):
     async def render() -> AsyncIterator[event_pb2.RenderEvent]:
         for event in (routed(), submitted(), succeeded()):
             yield event
 
+    await create(store, "job_b")  # created elsewhere: taken over, claimed once
     claims = []
     claim = store.claim
 
@@ -226,7 +225,8 @@ async def test_a_job_created_with_the_replicas_claim_is_driven_without_claiming_
         return await claim(*arguments)
 
     monkeypatch.setattr(store, "claim", claiming)
-    dispatcher = await start(Router(render))
+    dispatcher = await start(Router(render, render))
+    await eventually(lambda: has_message(store, "video ready", "job_b"))
     new = gateway_pb2.RenderJob(
         job_id="job_a",
         request_id="job_a",
@@ -239,7 +239,7 @@ async def test_a_job_created_with_the_replicas_claim_is_driven_without_claiming_
     dispatcher.enqueue_claimed(Claimed(created, {}))
     await eventually(lambda: has_message(store, "video ready"))
     assert await state(store) == job_pb2.JOB_STATE_SUCCEEDED
-    assert claims == []
+    assert [arguments[0] for arguments in claims] == ["job_b"]
 
 
 class Gated(SqlJobStore):
