@@ -4,7 +4,8 @@ Every gateway replica runs one on the shared job store, and each job is driven b
 time: the one holding its claim (`aiprod_gateway.claims`). Whenever it has room (at start, on
 every heartbeat, when a job ends while work was left for want of room) it takes over unfinished jobs
 nobody holds: new ones, and those of a replica that died, once their leases run out; no restart is
-needed. Its heartbeat renews its claims
+needed. A job created here while it has room is created with its claim (`new_job_claim`), so that
+taking it costs no transaction of its own. Its heartbeat renews its claims
 every third of the lease and stops at once what it does for a job it lost (another replica took it
 over, or it was cancelled elsewhere). Its queue is in priority order (the preset's: higher first),
 then oldest first, as the store offers jobs nobody holds.
