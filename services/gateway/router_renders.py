@@ -63,17 +63,7 @@ class RouterRenders:
         lane.stream.send(order)
         try:
             while True:
-                items = [await news.get()]
-                while True:
-                    while not news.empty():
-                        items.append(news.get_nowait())
-                    if not isinstance(items[-1], event_pb2.RenderEvent) or not followed(items[-1]):
-                        break
-                    try:
-                        async with asyncio.timeout(LINGER_SECONDS):
-                            items.append(await news.get())
-                    except TimeoutError:
-                        break
+                items = await _together(news, followed)
                 # The end (None, or an error) is the last news of a render: nothing is put after it.
                 end = items[-1]
                 if isinstance(end, event_pb2.RenderEvent):
@@ -91,6 +81,26 @@ class RouterRenders:
 
     async def close(self) -> None:
         await asyncio.gather(*(lane.stream.close() for lane in self._lanes))
+
+
+async def _together(
+    news: "asyncio.Queue[_News]", followed: Callable[[event_pb2.RenderEvent], bool]
+) -> list[_News]:
+    """A render's next news with what came with it: what had arrived already, and what arrives within
+    LINGER_SECONDS of an event `followed` says is followed at once. (A get cut short by the linger takes
+    nothing from the queue.)"""
+    items = [await news.get()]
+    while True:
+        while not news.empty():
+            items.append(news.get_nowait())
+        last = items[-1]
+        if not isinstance(last, event_pb2.RenderEvent) or not followed(last):
+            return items
+        try:
+            async with asyncio.timeout(LINGER_SECONDS):
+                items.append(await news.get())
+        except TimeoutError:
+            return items
 
 
 class _Lane:

@@ -393,6 +393,10 @@ def _refuse_beyond(tenant_id: str, unfinished: int, max_unfinished: int | None) 
         raise TooManyUnfinished(f"tenant {tenant_id} has {unfinished} jobs queued or running")
 
 
+def _not_owners(job_id: str, owner: str | None, why: str) -> ClaimLost:
+    return ClaimLost(f"job {job_id} is not {owner}'s to drive: {why}")
+
+
 def _now() -> timestamp_pb2.Timestamp:
     time = timestamp_pb2.Timestamp()
     time.GetCurrentTime()
@@ -979,7 +983,7 @@ class SqlJobStore(JobStore):
     ) -> gateway_pb2.RenderJob:
         job, unwritten = await self._appended(job_id, entries, owner)
         if unwritten:
-            raise ClaimLost(f"job {job_id} is not {owner}'s to drive: it has ended")
+            raise _not_owners(job_id, owner, "it has ended")
         return job
 
     async def _appended(
@@ -1038,7 +1042,7 @@ class SqlJobStore(JobStore):
             approved = row[2]
             if owner is not None and (row[1] != owner or job.state in TERMINAL_STATES):
                 why = "it has ended" if job.state in TERMINAL_STATES else "another replica claimed it"
-                raise ClaimLost(f"job {job_id} is not {owner}'s to drive: {why}")
+                raise _not_owners(job_id, owner, why)
             first_state, named = job.state, videos_named(job)
             events: list[gateway_pb2.JobEvent] = []
             for message, update, render_event in entries:
