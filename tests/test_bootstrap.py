@@ -4,8 +4,11 @@ import signal
 import subprocess
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import start_mesh
+
+from aiprod_kit.mesh import Mesh, ServiceStartError
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -45,3 +48,19 @@ def test_sigterm_turns_health_not_serving_then_the_process_exits_cleanly(tmp_pat
         mesh.stop()
     assert all(service.process.poll() is not None for service in mesh.services.values())
     assert not subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, check=False).stdout
+
+
+def test_a_service_started_on_a_port_in_use_refuses_to_start_and_says_why(mesh, tmp_path):
+    running = mesh.services["metrics"]
+    second = Mesh(tmp_path, free_ports=True)
+    try:
+        with pytest.raises(ServiceStartError) as refused:
+            second.start_service("metrics", port=running.port)
+    finally:
+        second.stop()
+    assert f"cannot listen on 127.0.0.1:{running.port}: the port is in use" in str(refused.value)
+    assert not second.services
+    # The one already there keeps every call: none went to the second copy.
+    with grpc.insecure_channel(running.address) as channel:
+        check = health_pb2.HealthCheckRequest(service=running.spec.health_name)
+        assert health_pb2_grpc.HealthStub(channel).Check(check).status == SERVING

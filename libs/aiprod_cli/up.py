@@ -26,8 +26,8 @@ _POLL_SECONDS = 0.2
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     """Whether something listens on the port.
 
-    Checked before starting because gRPC servers bind with SO_REUSEPORT: a second mesh would start
-    "successfully" and share the ports with the first, each call landing on either.
+    Checked before starting anything, so that every port taken is named at once (a service refuses a
+    port in use, but the mesh would find them one service at a time).
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         # SO_REUSEADDR only lets the bind through connections of a stopped mesh still in TIME_WAIT.

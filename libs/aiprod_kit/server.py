@@ -119,6 +119,21 @@ class Guards:
         return rewrap(handler, answered_once, answered_by_stream)
 
 
+# A port something else listens on is refused, not shared: by default gRPC binds with SO_REUSEPORT, so a
+# second copy of a service would start on the first one's port and take part of its calls.
+_EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
+
+
+def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Binds the server to address ("host:port"; port 0 picks a free one); returns the port bound."""
+    try:
+        return server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as error:  # gRPC's words for any failed bind
+        raise ConfigurationError(
+            f"cannot listen on {address}: the port is in use, or the host (AIPROD_HOST) is not this machine's"
+        ) from error
+
+
 # A service's resources (stores, channels, background tasks) for the life of the server: entered
 # before it serves, left after it has drained.
 ServiceFactory = Callable[[], AbstractAsyncContextManager[list[Registration]]]
@@ -139,7 +154,7 @@ async def serve(component: str, settings: CommonSettings, port: int, build: Serv
     async with build() as registrations:
         server = grpc.aio.server(
             interceptors=[WrappingInterceptor([CallTelemetry(), ErrorStatuses(), Guards(registrations)])],
-            options=[*MESSAGE_SIZE_OPTIONS, *keepalive_options(settings, server=True)],
+            options=[_EXCLUSIVE_PORT, *MESSAGE_SIZE_OPTIONS, *keepalive_options(settings, server=True)],
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -150,11 +165,7 @@ async def serve(component: str, settings: CommonSettings, port: int, build: Serv
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server,
         )
-        address = f"{settings.host}:{port}"
-        credentials = server_credentials(settings.tls)
-        bound_port = (
-            server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-        )
+        bound_port = _listen(server, f"{settings.host}:{port}", server_credentials(settings.tls))
         await server.start()
         probes = await _serve_health_port(health_servicer, settings)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -198,9 +209,9 @@ async def _serve_health_port(
     """The plaintext health-only port (AIPROD_HEALTH_PORT), the same health answers as the service's."""
     if settings.health_port is None:
         return None
-    server = grpc.aio.server(options=keepalive_options(settings, server=True))
+    server = grpc.aio.server(options=[_EXCLUSIVE_PORT, *keepalive_options(settings, server=True)])
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+    port = _listen(server, f"{settings.host}:{settings.health_port}")
     await server.start()
     return _HealthPort(server, port)
 
