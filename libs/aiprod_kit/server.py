@@ -127,7 +127,9 @@ _EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
 def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
     """Binds the server to address ("host:port"; port 0 picks a free one); returns the port bound."""
     try:
-        return server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        return (
+            server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        )
     except RuntimeError as error:  # gRPC's words for any failed bind
         raise ConfigurationError(
             f"cannot listen on {address}: the port is in use, or the host (AIPROD_HOST) is not this machine's"
