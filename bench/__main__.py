@@ -140,7 +140,7 @@ def postgres_database() -> Iterator[dict[str, str]]:
     """AIPROD_DATABASE_URL on a fresh schema of the local PostgreSQL (AIPROD_TEST_POSTGRES_URL, as the
     tests), dropped afterwards."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from postgres_support import fresh_schema
+    from helpers.postgres import fresh_schema
 
     with fresh_schema() as url:
         yield {"AIPROD_DATABASE_URL": url}

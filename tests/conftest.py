@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
-from postgres_support import fresh_schema
+from helpers.postgres import fresh_schema
 
 from aiprod.gateway.v1 import gateway_pb2_grpc
 from aiprod_kit.apikeys import with_api_key

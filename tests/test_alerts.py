@@ -7,9 +7,9 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from cli_support import aiprod
-from postgres_support import assert_runs_on_its_store
-from support import connect_metrics, eventually
+from helpers.cli import aiprod
+from helpers.mesh import connect_metrics, eventually
+from helpers.postgres import assert_runs_on_its_store
 
 from aiprod.common.v1 import backend_pb2, job_pb2
 from aiprod.metrics.v1 import metrics_pb2

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import error_info, gateway, start_mesh
+from helpers.mesh import error_info, gateway, start_mesh
 
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_kit.mesh import Mesh

@@ -6,7 +6,7 @@ import subprocess
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import start_mesh
+from helpers.mesh import start_mesh
 
 from aiprod_kit.mesh import Mesh, ServiceStartError
 

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 
 import grpc
 import pytest
-from sandbox_support import Sandbox, sandbox_mesh
-from support import error_info, eventually, gateway, metrics, router, wait_terminal, watch_until
+from helpers.mesh import error_info, eventually, gateway, metrics, router, wait_terminal, watch_until
+from helpers.sandbox import Sandbox, sandbox_mesh
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2

@@ -25,9 +25,9 @@ from typing import TypeVar
 import grpc
 import httpx
 import pytest
-from postgres_support import assert_runs_on_its_store
-from sandbox_support import Sandbox, account, provider_settings, sandbox_mesh
-from support import TERMINAL, budget, eventually, gateway, log_lines
+from helpers.mesh import TERMINAL, budget, eventually, gateway, log_lines
+from helpers.postgres import assert_runs_on_its_store
+from helpers.sandbox import Sandbox, account, provider_settings, sandbox_mesh
 
 from aiprod.common.v1 import backend_pb2, event_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2

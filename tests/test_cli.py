@@ -14,10 +14,10 @@ from pathlib import Path
 import av
 import grpc
 import pytest
-from cli_support import AIPROD, aiprod, aiprod_up, alive, cli_environment, gateway_address
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from helpers.cli import AIPROD, aiprod, aiprod_up, alive, cli_environment, gateway_address
 from typer.testing import CliRunner
 
 from aiprod.common.v1 import event_pb2, job_pb2, render_pb2

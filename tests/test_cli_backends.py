@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cli_support import AIPROD, cli_environment
+from helpers.cli import AIPROD, cli_environment
 
 from aiprod_cli.explain import explain_route
 from aiprod_cli.render import build_spec

@@ -5,8 +5,8 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from cli_support import aiprod
-from support import eventually
+from helpers.cli import aiprod
+from helpers.mesh import eventually
 
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod_kit.mesh import DEVELOPMENT_TENANT, Mesh

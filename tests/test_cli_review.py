@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cli_support import AIPROD, aiprod, cli_environment
+from helpers.cli import AIPROD, aiprod, cli_environment
 
 from aiprod.common.v1 import render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc

@@ -9,7 +9,7 @@ import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from cli_support import aiprod
+from helpers.cli import aiprod
 
 from aiprod_kit.mesh import Mesh
 

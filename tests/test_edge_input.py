@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from sandbox_support import FAST_PROVIDERS
-from support import eventually, field_violations
+from helpers.mesh import eventually, field_violations
+from helpers.sandbox import FAST_PROVIDERS
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc

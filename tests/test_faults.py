@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from support import TERMINAL, start_mesh, wait_terminal, watch_until
+from helpers.mesh import TERMINAL, start_mesh, wait_terminal, watch_until
 
 from aiprod.common.v1 import job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc

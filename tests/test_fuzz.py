@@ -1,5 +1,5 @@
 """Property-based tests of every RPC of every service of the mesh (hypothesis): 1,000 generated requests
-each, built from the request's message descriptor (fuzz_support.py), mixed with mutations of a valid
+each, built from the request's message descriptor (tests/helpers/fuzz.py), mixed with mutations of a valid
 request where one is easy to write; then raw garbage bytes and an oversized message to every method of
 every port.
 
@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from fuzz_support import requests, short, varint
 from google.protobuf import descriptor, descriptor_pool, message
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from helpers.fuzz import requests, short, varint
 from hypothesis import HealthCheck, given, settings
 
 from aiprod.common.v1 import backend_pb2, job_pb2, money_pb2, render_pb2

@@ -3,7 +3,7 @@
 import av
 import grpc
 import pytest
-from support import TERMINAL, error_info, eventually, field_violations, wait_terminal, watch_until
+from helpers.mesh import TERMINAL, error_info, eventually, field_violations, wait_terminal, watch_until
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import psycopg
 import pytest
-from postgres_support import assert_runs_on_its_store, fresh_schema
-from sandbox_support import Sandbox, sandbox_mesh
-from support import eventually, wait_terminal, watch_until
+from helpers.mesh import eventually, wait_terminal, watch_until
+from helpers.postgres import assert_runs_on_its_store, fresh_schema
+from helpers.sandbox import Sandbox, sandbox_mesh
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from monitoring_support import metric_types
-from sandbox_support import sandbox_mesh
-from support import eventually, wait_terminal
-from telemetry_support import FakeGoogleCloud, documented_metrics
+from helpers.mesh import eventually, wait_terminal
+from helpers.monitoring import metric_types
+from helpers.sandbox import sandbox_mesh
+from helpers.telemetry import FakeGoogleCloud, documented_metrics
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc

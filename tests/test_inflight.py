@@ -11,8 +11,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from sandbox_support import Sandbox, provider_settings, sandbox_mesh
-from support import eventually, gateway
+from helpers.mesh import eventually, gateway
+from helpers.sandbox import Sandbox, provider_settings, sandbox_mesh
 
 from aiprod.common.v1 import event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2

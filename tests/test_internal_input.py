@@ -16,8 +16,8 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, message, timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sandbox_support import FAST_PROVIDERS, RENDERER_SERVICE
-from support import field_violations
+from helpers.mesh import field_violations
+from helpers.sandbox import FAST_PROVIDERS, RENDERER_SERVICE
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, money_pb2, render_pb2
 from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc

@@ -18,7 +18,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from monitoring_support import (
+from helpers.monitoring import (
     COLLECTOR_PREFIX,
     DIRECT_PREFIX,
     MONITORING,
@@ -30,8 +30,8 @@ from monitoring_support import (
     strings,
     types_in,
 )
+from helpers.telemetry import documented_metrics
 from pydantic_settings import BaseSettings
-from telemetry_support import documented_metrics
 
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod.metrics.v1 import metrics_pb2

@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from postgres_support import assert_runs_on_its_store
-from support import connect_metrics, error_info, field_violations
+from helpers.mesh import connect_metrics, error_info, field_violations
+from helpers.postgres import assert_runs_on_its_store
 
 from aiprod.common.v1 import backend_pb2, money_pb2
 from aiprod.metrics.v1 import metrics_pb2

@@ -18,10 +18,10 @@ from urllib.request import url2pathname
 
 import av
 import pytest
-from cli_support import aiprod
+from helpers.cli import aiprod
+from helpers.mesh import budget, eventually, gateway, wait_terminal, watch_until
+from helpers.sandbox import Sandbox, sandbox_mesh, settled_sandbox
 from PIL import Image
-from sandbox_support import Sandbox, sandbox_mesh, settled_sandbox
-from support import budget, eventually, gateway, wait_terminal, watch_until
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2

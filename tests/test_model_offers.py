@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from cli_support import aiprod
+from helpers.cli import aiprod
+from helpers.mesh import field_violations, gateway, wait_terminal
+from helpers.sandbox import Sandbox, sandbox_mesh, settled_sandbox
 from PIL import Image
-from sandbox_support import Sandbox, sandbox_mesh, settled_sandbox
-from support import field_violations, gateway, wait_terminal
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from postgres_support import SERVER_URL, assert_runs_on_its_store
+from helpers.mesh import TERMINAL, start_mesh, wait_terminal, watch_until
+from helpers.postgres import SERVER_URL, assert_runs_on_its_store
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from support import TERMINAL, start_mesh, wait_terminal, watch_until
 
 from aiprod.common.v1 import job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc

@@ -54,8 +54,8 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from sandbox_support import Sandbox, account, provider_settings, sandbox_mesh
-from support import TERMINAL, budget, eventually, gateway, log_lines, router, watch_until
+from helpers.mesh import TERMINAL, budget, eventually, gateway, log_lines, router, watch_until
+from helpers.sandbox import Sandbox, account, provider_settings, sandbox_mesh
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2

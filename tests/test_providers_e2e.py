@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import av
 import pytest
-from cli_support import aiprod, aiprod_up, gateway_address
+from helpers.cli import aiprod, aiprod_up, gateway_address
 
 FAST = {
     "AIPROD_SANDBOX_RENDER_SECONDS": "1",

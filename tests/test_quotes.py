@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from sandbox_support import Sandbox, sandbox_mesh
-from support import error_info, eventually, gateway, router, wait_terminal
+from helpers.mesh import error_info, eventually, gateway, router, wait_terminal
+from helpers.sandbox import Sandbox, sandbox_mesh
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import admin_pb2, gateway_pb2

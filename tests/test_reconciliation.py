@@ -8,8 +8,8 @@ import signal
 from collections.abc import Iterator
 
 import pytest
-from sandbox_support import Sandbox, sandbox_mesh
-from support import budget, eventually, gateway, wait_terminal, watch_until
+from helpers.mesh import budget, eventually, gateway, wait_terminal, watch_until
+from helpers.sandbox import Sandbox, sandbox_mesh
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2

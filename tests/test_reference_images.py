@@ -16,10 +16,10 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from helpers.mesh import field_violations
+from helpers.sandbox import FAST_PROVIDERS
 from PIL import Image
 from pydantic import SecretStr
-from sandbox_support import FAST_PROVIDERS
-from support import field_violations
 
 from aiprod.common.v1 import render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from sandbox_support import SERVING, Sandbox, follow, health_watch, renderer, shot, start, wait_for_status
+from helpers.sandbox import SERVING, Sandbox, follow, health_watch, renderer, shot, start, wait_for_status
 
 from aiprod.common.v1 import backend_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc

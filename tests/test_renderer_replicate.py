@@ -21,8 +21,8 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers.mesh import eventually
 from PIL import Image
-from support import eventually
 
 from aiprod.common.v1 import render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc

@@ -6,8 +6,7 @@ from collections.abc import Iterator
 import av
 import grpc
 import pytest
-from PIL import Image
-from sandbox_support import (
+from helpers.sandbox import (
     NOT_SERVING,
     SERVING,
     Sandbox,
@@ -18,6 +17,7 @@ from sandbox_support import (
     start,
     wait_for_status,
 )
+from PIL import Image
 
 from aiprod.common.v1 import render_pb2
 from aiprod.renderer.v1 import renderer_pb2

@@ -4,7 +4,7 @@ NOT_SERVING (draining) gets no new render while the others keep the backend serv
 import signal
 
 import grpc
-from support import eventually, start_mesh, wait_terminal
+from helpers.mesh import eventually, start_mesh, wait_terminal
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2, gateway_pb2_grpc

@@ -7,8 +7,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
-from sandbox_support import sandbox_mesh
-from support import budget, eventually, gateway, log_lines, metrics, wait_terminal
+from helpers.mesh import budget, eventually, gateway, log_lines, metrics, wait_terminal
+from helpers.sandbox import sandbox_mesh
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from postgres_support import fresh_schema
-from support import error_info, field_violations, start_mesh, wait_terminal, watch_until
+from helpers.mesh import error_info, field_violations, start_mesh, wait_terminal, watch_until
+from helpers.postgres import fresh_schema
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import admin_pb2, gateway_pb2, gateway_pb2_grpc

@@ -4,8 +4,8 @@ driven routing, and a render that survives the gateway and the router both being
 from collections.abc import Iterator
 
 import pytest
-from sandbox_support import NOT_SERVING, SERVING, Sandbox, health_watch, sandbox_mesh, wait_for_status
-from support import eventually, gateway, router, wait_terminal, watch_until
+from helpers.mesh import eventually, gateway, router, wait_terminal, watch_until
+from helpers.sandbox import NOT_SERVING, SERVING, Sandbox, health_watch, sandbox_mesh, wait_for_status
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2

@@ -29,9 +29,9 @@ import runwayml
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
+from helpers.sandbox import Bills, sandbox_bills
 from PIL import Image
 from replicate.exceptions import ReplicateError
-from sandbox_support import Bills, sandbox_bills
 
 from aiprod_kit.mesh import _await_serving_port
 from aiprod_kit.settings import ReplicateSettings

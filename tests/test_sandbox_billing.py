@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pytest
-from sandbox_support import (
+from helpers.sandbox import (
     FAST_PROVIDERS,
     TERMINAL,
     Sandbox,

@@ -28,12 +28,12 @@ import httpx
 import pytest
 from google.protobuf import text_format
 from grpc_status import rpc_status
-from postgres_support import admin_connection
+from helpers.mesh import wait_terminal
+from helpers.postgres import admin_connection
+from helpers.sandbox import FAST_PROVIDERS, SERVING, Sandbox, follow, health_watch, shot, wait_for_status
+from helpers.sandbox import TERMINAL as RENDER_ENDED
+from helpers.telemetry import OtlpReceiver
 from psycopg import sql
-from sandbox_support import FAST_PROVIDERS, SERVING, Sandbox, follow, health_watch, shot, wait_for_status
-from sandbox_support import TERMINAL as RENDER_ENDED
-from support import wait_terminal
-from telemetry_support import OtlpReceiver
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc

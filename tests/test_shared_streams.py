@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from google.rpc import status_pb2
-from support import error_info, field_violations, start_mesh
+from helpers.mesh import error_info, field_violations, start_mesh
 
 from aiprod.common.v1 import render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc

@@ -14,8 +14,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from sandbox_support import Sandbox, sandbox_mesh
-from support import eventually, gateway, metrics, router, wait_terminal
+from helpers.mesh import eventually, gateway, metrics, router, wait_terminal
+from helpers.sandbox import Sandbox, sandbox_mesh
 
 from aiprod.common.v1 import backend_pb2, event_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import admin_pb2, gateway_pb2

@@ -7,11 +7,11 @@ import re
 from collections.abc import Iterator
 
 import grpc
-import monitoring_support
 import pytest
-from sandbox_support import Sandbox, sandbox_mesh
-from support import eventually, wait_terminal, watch_until
-from telemetry_support import (
+from helpers import monitoring
+from helpers.mesh import eventually, wait_terminal, watch_until
+from helpers.sandbox import Sandbox, sandbox_mesh
+from helpers.telemetry import (
     OtlpReceiver,
     ReceivedSpan,
     ancestors,
@@ -258,10 +258,10 @@ def test_a_job_resumed_after_a_gateway_restart_stays_in_its_trace(mesh, receiver
 def test_every_metric_k8s_monitoring_names_is_exported_under_that_name(receiver, runway_job, variant):
     """The first version's alert policies named metrics its code never sent: here each name in the
     alert policies, SLOs and dashboard is what an exported metric arrives as on that path."""
-    named = monitoring_support.metric_types(variant)
+    named = monitoring.metric_types(variant)
     assert named, f"k8s/monitoring ({variant}) names no metric"
     exported = {
-        monitoring_support.arriving_name(name, metric.kind, metric.unit, variant)
+        monitoring.arriving_name(name, metric.kind, metric.unit, variant)
         for name, metric in receiver.metrics().items()
     }
     assert named <= exported, f"named but never exported: {sorted(named - exported)}"

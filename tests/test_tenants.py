@@ -6,8 +6,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from google.protobuf import duration_pb2
-from sandbox_support import sandbox_mesh
-from support import budget, error_info, eventually, gateway, wait_terminal
+from helpers.mesh import budget, error_info, eventually, gateway, wait_terminal
+from helpers.sandbox import sandbox_mesh
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import admin_pb2, gateway_pb2

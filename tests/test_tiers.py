@@ -12,8 +12,8 @@ from typing import TypeVar
 
 import grpc
 import pytest
-from postgres_support import assert_runs_on_its_store, fresh_schema
-from support import start_mesh
+from helpers.mesh import start_mesh
+from helpers.postgres import assert_runs_on_its_store, fresh_schema
 
 from aiprod.common.v1 import job_pb2, render_pb2
 from aiprod.gateway.v1 import admin_pb2, gateway_pb2, gateway_pb2_grpc

@@ -18,11 +18,11 @@ from typing import Any
 
 import grpc
 import pytest
-from cli_support import AIPROD, aiprod_up, cli_environment, gateway_address
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import wait_terminal
+from helpers.cli import AIPROD, aiprod_up, cli_environment, gateway_address
+from helpers.mesh import wait_terminal
 from test_grpcurl import GRPCURL
 
 from aiprod.common.v1 import job_pb2, render_pb2

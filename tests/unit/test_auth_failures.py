@@ -7,10 +7,10 @@ import asyncio
 from dataclasses import dataclass
 
 import pytest
+from helpers.telemetry import collected
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from structlog.testing import capture_logs
-from telemetry_support import collected
 
 from aiprod.gateway.v1 import admin_pb2
 from aiprod_gateway.auth import ADMIN_SERVICE, GATEWAY_SERVICE, AdminKeyGuard, ApiKeyGuard

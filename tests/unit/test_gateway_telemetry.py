@@ -1,9 +1,9 @@
 """The gateway's job metrics, read with the OpenTelemetry SDK's in-memory reader: what one job's life
 records, and with which labels."""
 
+from helpers.telemetry import collected
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from telemetry_support import collected
 
 from aiprod.common.v1 import backend_pb2, job_pb2, money_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2

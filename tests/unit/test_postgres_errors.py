@@ -6,7 +6,7 @@ import asyncio
 
 import psycopg
 import pytest
-from postgres_support import SERVER_URL
+from helpers.postgres import SERVER_URL
 from structlog.testing import capture_logs
 
 from aiprod_kit import postgres

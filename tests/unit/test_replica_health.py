@@ -38,7 +38,7 @@ class Replica(renderer_pb2_grpc.RendererServiceServicer):
 
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     """Polls the router's view until it holds (it changes in the background, with no push to wait on;
-    tests/support.py's `eventually`, in the loop)."""
+    tests/helpers/mesh.py's `eventually`, in the loop)."""
     for _ in range(round(timeout / 0.01)):
         if condition():
             return

@@ -2,9 +2,9 @@
 
 from dataclasses import dataclass, field
 
+from helpers.telemetry import collected
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from telemetry_support import collected
 
 from aiprod.common.v1 import backend_pb2
 from aiprod_kit.breaker import CircuitBreaker

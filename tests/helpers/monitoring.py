@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # The kustomizations that render each variant of the monitoring resources.
 MONITORING = {"collector": ROOT / "k8s" / "monitoring", "direct": ROOT / "k8s" / "monitoring" / "direct"}
 VARIANTS = tuple(MONITORING)

@@ -23,7 +23,7 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-SCHEME_PAGE = Path(__file__).resolve().parents[1] / "docs" / "TELEMETRY.md"
+SCHEME_PAGE = Path(__file__).resolve().parents[2] / "docs" / "TELEMETRY.md"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Helpers the tests share: starting a mesh, reaching its services, following a job."""
+"""Starting a mesh, reaching its services, following a job."""
 
 import time
 from collections.abc import AsyncIterator, Callable

@@ -10,11 +10,11 @@ from typing import Any
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import budget, eventually
 
 from aiprod.common.v1 import event_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from aiprod_kit.mesh import PROVIDER_BACKENDS, Mesh
+from helpers.mesh import budget, eventually
 
 RENDERER_SERVICE = "aiprod.renderer.v1.RendererService"
 # Sandbox renders of a second, polled five times a second: mesh tests wait seconds, not minutes.
