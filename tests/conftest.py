@@ -1,5 +1,5 @@
-"""Fixtures: the real services started as processes on free loopback ports, reached through the stubs;
-and the databases the stores run on."""
+"""What every test runs with: the test meshes' tier and price settings, and the databases the stores run
+on (SQLite, or a fresh PostgreSQL schema). The mesh itself is tests/mesh/conftest.py's."""
 
 import json
 import os
@@ -7,14 +7,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from helpers.postgres import fresh_schema
 
-from aiprod.gateway.v1 import gateway_pb2_grpc
-from aiprod_kit.apikeys import with_api_key
 from aiprod_kit.database import Database, SqliteDatabase
-from aiprod_kit.mesh import Mesh
 from aiprod_kit.postgres import connect_postgres
 
 # The development tenant (GOLD) of the test meshes orders without the tier's limits: tests poll and race
@@ -40,20 +36,6 @@ os.environ.setdefault(
     "AIPROD_GATEWAY_PRESET_PRICES",
     json.dumps({"quick_social": 1000, "brand_campaign": 1000, "premium_spot": 1000}),
 )
-
-
-@pytest.fixture(scope="session")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    running = Mesh(tmp_path_factory.mktemp("mesh"), free_ports=True)
-    running.start()
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="session")
-def gateway(mesh: Mesh) -> Iterator[gateway_pb2_grpc.GatewayServiceStub]:
-    with grpc.insecure_channel(mesh.address("gateway")) as channel:
-        yield gateway_pb2_grpc.GatewayServiceStub(with_api_key(channel, mesh.api_key))
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """aiprod_kit.redaction: the credentials a process was configured with, and what looks like one, are
-masked in any text (issue 13 item 6; tests/test_secrets.py holds the mesh to it)."""
+masked in any text (issue 13 item 6; tests/mesh/test_secrets.py holds the mesh to it)."""
 
 from collections.abc import Iterator
 

@@ -20,7 +20,7 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     # These tests refuse wrong keys by the dozen from one address: their subject is the answer, not the
-    # slow-down of repeated failures (tests/test_auth_slowdown.py), which is lifted here.
+    # slow-down of repeated failures (tests/mesh/test_auth_slowdown.py), which is lifted here.
     with sandbox_mesh(
         tmp_path_factory.mktemp("tenants"), {"AIPROD_GATEWAY_AUTH_FAILURES_FREE": "100000"}
     ) as running:

@@ -26,7 +26,7 @@ from aiprod_kit.mesh import Mesh
 
 RUNWAY, REPLICATE = backend_pb2.BACKEND_RUNWAY, backend_pb2.BACKEND_REPLICATE
 COMMIT = event_pb2.CHARGE_OUTCOME_COMMIT
-# As tests/test_money.py: a Replicate model that renders its default shape whatever it is asked, so
+# As tests/mesh/test_money.py: a Replicate model that renders its default shape whatever it is asked, so
 # that 2 s of 9:16 come back as a paid video that QC scores 0.6, from a backend of nominal quality 0.75.
 ODD_MODEL = "sandbox/fixed-shape"
 ODD_MAPPING = {"prompt": "prompt", "aspect_ratio": "ratio", "duration_seconds": "length"}
