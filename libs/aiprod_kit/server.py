@@ -17,14 +17,12 @@ import gc
 import inspect
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -40,7 +38,7 @@ from aiprod_kit.handlers import (
 )
 from aiprod_kit.logs import configure_logging
 from aiprod_kit.redaction import register_settings
-from aiprod_kit.settings import CommonSettings, ConfigurationError
+from aiprod_kit.settings import CommonSettings, ConfigurationError, exit_on_configuration_error
 from aiprod_kit.telemetry import CallTelemetry, configure_telemetry, shutdown_telemetry
 from aiprod_kit.tls import server_credentials
 
@@ -246,9 +244,5 @@ def _give_back_large_blocks() -> None:
 def run(component: str, settings: CommonSettings, port: int, build: ServiceFactory) -> None:
     """Entry point of a service process; a configuration error ends it at once, naming the variable."""
     _give_back_large_blocks()
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(component, settings, port, build))
-    except ConfigurationError as error:
-        structlog.get_logger().error("configuration error", error=str(error))
-        sys.exit(2)
+    with exit_on_configuration_error(), contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(component, settings, port, build))

@@ -1,11 +1,15 @@
 """Typed settings, read once at start-up from environment variables prefixed ``AIPROD_``."""
 
+import contextlib
 import math
 import os
 import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+import structlog
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -54,6 +58,17 @@ def _bucket_name(value: str) -> str:
 
 class ConfigurationError(Exception):
     """A setting is wrong: the service cannot start. The message names the variable."""
+
+
+@contextlib.contextmanager
+def exit_on_configuration_error() -> Iterator[None]:
+    """Around a process's main: a ConfigurationError ends the process with status 2 and one log line
+    saying why, not a traceback."""
+    try:
+        yield
+    except ConfigurationError as error:
+        structlog.get_logger().error("configuration error", error=str(error))
+        sys.exit(2)
 
 
 class CommonSettings(BaseSettings):

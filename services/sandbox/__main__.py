@@ -3,13 +3,14 @@
 import asyncio
 import contextlib
 
+from aiprod_kit.settings import exit_on_configuration_error
 from aiprod_sandbox.app import serve
 from aiprod_sandbox.settings import SandboxSettings
 
 
 def main() -> None:
     settings = SandboxSettings()
-    with contextlib.suppress(KeyboardInterrupt):
+    with exit_on_configuration_error(), contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))
 
 

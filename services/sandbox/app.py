@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from aiprod_kit.logs import configure_logging
+from aiprod_kit.settings import ConfigurationError
 from aiprod_sandbox.config import ConfigError
 from aiprod_sandbox.faults import FaultError
 from aiprod_sandbox.replicate import ReplicateApi
@@ -140,7 +141,10 @@ def build_app(sandbox: Sandbox) -> web.Application:
 
 def _listening_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family)
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as error:
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {error.strerror}") from error
 
 
 async def serve(settings: SandboxSettings) -> None:

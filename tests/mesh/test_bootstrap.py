@@ -50,17 +50,19 @@ def test_sigterm_turns_health_not_serving_then_the_process_exits_cleanly(tmp_pat
     assert not subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, check=False).stdout
 
 
-def test_a_service_started_on_a_port_in_use_refuses_to_start_and_says_why(mesh, tmp_path):
-    running = mesh.services["metrics"]
+@pytest.mark.parametrize("name", ["metrics", "sandbox"])
+def test_a_service_started_on_a_port_in_use_refuses_to_start_and_says_why(mesh, tmp_path, name):
+    taken = mesh.services["metrics"]
     second = Mesh(tmp_path, free_ports=True)
     try:
         with pytest.raises(ServiceStartError) as refused:
-            second.start_service("metrics", port=running.port)
+            second.start_service(name, port=taken.port)
     finally:
         second.stop()
-    assert f"cannot listen on 127.0.0.1:{running.port}: the port is in use" in str(refused.value)
+    assert '"event": "configuration error"' in str(refused.value)
+    assert f"cannot listen on 127.0.0.1:{taken.port}:" in str(refused.value)
     assert not second.services
-    # The one already there keeps every call: none went to the second copy.
-    with grpc.insecure_channel(running.address) as channel:
-        check = health_pb2.HealthCheckRequest(service=running.spec.health_name)
+    # The one already there keeps every call: none went to the second one.
+    with grpc.insecure_channel(taken.address) as channel:
+        check = health_pb2.HealthCheckRequest(service=taken.spec.health_name)
         assert health_pb2_grpc.HealthStub(channel).Check(check).status == SERVING
