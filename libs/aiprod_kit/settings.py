@@ -7,10 +7,11 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import structlog
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aiprod_kit.tls import TlsSettings
@@ -25,6 +26,9 @@ VEO_RENDERER_PORT = 50062
 REPLICATE_RENDERER_PORT = 50063
 SANDBOX_PORT = 50080
 
+
+# The most a cap can be in USD: the ledger counts micro-dollars in 62 bits.
+_MAX_USD = 2**62 / 1_000_000
 
 # A Cloud Storage bucket name (lower case letters, digits, dots, dashes and underscores).
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
@@ -58,6 +62,34 @@ def _bucket_name(value: str) -> str:
 
 class ConfigurationError(Exception):
     """A setting is wrong: the service cannot start. The message names the variable."""
+
+
+_Settings = TypeVar("_Settings", bound=BaseSettings)
+
+
+def load_settings(cls: type[_Settings]) -> _Settings:
+    """cls, read from the environment; a wrong value is a ConfigurationError naming each variable and
+    what is wrong with it (pydantic's words leave the value out: it may be a secret)."""
+    try:
+        return cls()
+    except ValidationError as error:
+        raise ConfigurationError("; ".join(_problem(cls, item) for item in error.errors())) from None
+
+
+def _problem(cls: type[BaseSettings], error: ErrorDetails) -> str:
+    # A validator's own words come as "Value error, <words>"; a check of several fields names them itself.
+    said = error["msg"].removeprefix("Value error, ")
+    return f"{_variable(cls, str(error['loc'][0]))}: {said}" if error["loc"] else said
+
+
+def _variable(cls: type[BaseSettings], name: str) -> str:
+    """The environment variable of a field (its alias, else the class's prefix and the field's name)."""
+    field = cls.model_fields.get(name)
+    if field is None:  # already the alias
+        return name
+    if isinstance(field.validation_alias, str):
+        return field.validation_alias
+    return f"{cls.model_config.get('env_prefix', '')}{name}".upper()
 
 
 @contextlib.contextmanager
@@ -149,15 +181,15 @@ class GatewaySettings(CommonSettings):
     # tries again; `fail` fails it at once with BUDGET_EXHAUSTED.
     gateway_budget_policy: Literal["wait", "fail"] = "wait"
     # How often a waiting job tries again (sooner when a job of this gateway settles and frees money).
-    gateway_budget_retry_seconds: float = 30.0
+    gateway_budget_retry_seconds: float = Field(30.0, gt=0, allow_inf_nan=False)
     # How long a job waits for budget at most, then it fails with BUDGET_EXHAUSTED; 0: no limit (until
     # it is paid or cancelled). A day: budgets are daily, so a job still unpaid after one has outlived
     # a budget reset and is not waiting out a busy day but a cap too small for it; its client hears so.
-    gateway_budget_max_wait_seconds: float = 86400.0
+    gateway_budget_max_wait_seconds: float = Field(86400.0, ge=0, allow_inf_nan=False)
     # How long a replica's claim on a job it drives holds unless renewed (it renews every third of it):
     # the jobs of a replica that died are taken over by another once their claims run out, so within
     # about this long. Shorter: faster take-overs, more writes to the job store.
-    gateway_job_lease_seconds: float = 30.0
+    gateway_job_lease_seconds: float = Field(30.0, gt=0, allow_inf_nan=False)
     # The Cloud Storage buckets a request's first frame may name (gs://BUCKET/...), comma-separated;
     # empty: no gs:// first frame is accepted. The renderers read them with their own credentials, so
     # an open list would let any caller have a private object rendered.
@@ -179,7 +211,7 @@ class GatewaySettings(CommonSettings):
     # The ledger account (tenant id) that pays for the free re-renders a tier's quality minimum grants.
     gateway_sla_account: str = "aiprod-sla"
     # How long a quote binds.
-    gateway_quote_ttl_seconds: float = 900.0
+    gateway_quote_ttl_seconds: float = Field(900.0, gt=0, allow_inf_nan=False)
     # How long the router's ranking for one kind of shot serves the quotes of the jobs created meanwhile
     # (each job is quoted at its creation: without it, every create waits for a PlanRoute); 0: asked
     # for every quote. Deadlines are rounded down to 10 s for it, so a cached ranking is never laxer.
@@ -231,44 +263,53 @@ class MetricsSettings(CommonSettings):
     metrics_port: int = METRICS_PORT
     # The day's cap on every tenant's spend together, in USD; 0 means no cap. 90 USD is the product's
     # historical daily budget.
-    metrics_daily_cap_usd: float = 90.0
+    metrics_daily_cap_usd: float = Field(90.0, ge=0, le=_MAX_USD)
     # Each tenant's own daily cap, in USD; 0 means the global cap (a tenant may use all of it). Every
     # reservation must fit under both.
-    metrics_tenant_daily_cap_usd: float = 0.0
+    metrics_tenant_daily_cap_usd: float = Field(0.0, ge=0, le=_MAX_USD)
     # The tenant of requests that name none.
     metrics_default_tenant: str = "default"
     # Budget days are calendar days in this IANA time zone.
     metrics_budget_time_zone: str = "UTC"
     # Shares of the cap used (spent + reserved) from which a budget's level is NOTIFY, then ECONOMY;
     # it is EXHAUSTED at the cap itself.
-    metrics_notify_threshold: float = 0.7
-    metrics_economy_threshold: float = 0.9
+    metrics_notify_threshold: float = Field(0.7, gt=0, le=1)
+    metrics_economy_threshold: float = Field(0.9, le=1)
     # How long a reservation lasts unsettled before it expires. Expiry frees nothing: the attempt may have
     # been billed, so its money counts as spent (uncertain) until a late commit or release reconciles it.
-    metrics_reservation_ttl_seconds: float = 3600.0
+    metrics_reservation_ttl_seconds: float = Field(3600.0, gt=0, allow_inf_nan=False)
     # How often overdue reservations are looked for.
-    metrics_expiry_sweep_seconds: float = 5.0
+    metrics_expiry_sweep_seconds: float = Field(5.0, gt=0, allow_inf_nan=False)
     # Alert policies: evaluated this often (and whenever alerts are listed).
-    metrics_alert_interval_seconds: float = 15.0
+    metrics_alert_interval_seconds: float = Field(15.0, gt=0, allow_inf_nan=False)
     # daily_spend_warning / daily_spend_critical: today's committed spend of everyone over these, USD.
     metrics_alert_spend_warning_usd: float = 90.0
     metrics_alert_spend_critical_usd: float = 100.0
     # mean_quality_low: the mean QC score of the jobs that succeeded in the window under this.
     metrics_alert_quality_min: float = 0.6
-    metrics_alert_quality_window_seconds: float = 600.0
+    metrics_alert_quality_window_seconds: float = Field(600.0, gt=0, allow_inf_nan=False)
     # job_latency_p95_high: the p95 duration of the jobs that ended in the window over this, seconds.
     metrics_alert_latency_p95_max_seconds: float = 900.0
-    metrics_alert_latency_window_seconds: float = 600.0
+    metrics_alert_latency_window_seconds: float = Field(600.0, gt=0, allow_inf_nan=False)
     # backend_errors_high: a backend's errors (failed jobs, attempts given up) in the window over this.
     metrics_alert_backend_errors_max: int = 5
-    metrics_alert_backend_errors_window_seconds: float = 3600.0
+    metrics_alert_backend_errors_window_seconds: float = Field(3600.0, gt=0, allow_inf_nan=False)
     # SLOs over the last days (events are kept a day longer, 8 days at least): job_latency, the share of
     # jobs ending in under the bound; job_quality, the share of succeeded jobs scoring at least the minimum.
-    metrics_slo_window_days: int = 7
-    metrics_slo_latency_goal: float = 0.95
+    metrics_slo_window_days: int = Field(7, ge=1)
+    metrics_slo_latency_goal: float = Field(0.95, gt=0, lt=1)
     metrics_slo_latency_max_seconds: float = 900.0
-    metrics_slo_quality_goal: float = 0.9
+    metrics_slo_quality_goal: float = Field(0.9, gt=0, lt=1)
     metrics_slo_quality_min: float = 0.6
+
+    @model_validator(mode="after")
+    def _levels_in_order(self) -> "MetricsSettings":
+        if self.metrics_economy_threshold < self.metrics_notify_threshold:
+            raise ValueError(
+                f"AIPROD_METRICS_ECONOMY_THRESHOLD ({self.metrics_economy_threshold}) must not be under "
+                f"AIPROD_METRICS_NOTIFY_THRESHOLD ({self.metrics_notify_threshold})"
+            )
+        return self
 
 
 class LocalRendererSettings(CommonSettings):
@@ -375,7 +416,7 @@ class ReplicateSettings(ProviderSettings):
     api_token: SecretStr = Field(SecretStr(""), validation_alias="REPLICATE_API_TOKEN")
     base_url: str = Field("https://api.replicate.com", validation_alias="REPLICATE_BASE_URL")
     # The model's price per second of video in USD (Replicate prices vary per model).
-    price_per_second_usd: float = 0.05
+    price_per_second_usd: float = Field(0.05, ge=0, allow_inf_nan=False)
     # The model's longest prompt in characters and largest first frame in bytes; 0: not known.
     max_prompt_characters: int = 0
     max_image_bytes: int = 0

@@ -7,7 +7,7 @@ from aiprod.router.v1 import router_pb2_grpc
 from aiprod_gateway.admin import AdminServicer
 from aiprod_gateway.auth import ADMIN_SERVICE, GATEWAY_SERVICE, AdminKeyGuard, ApiKeyGuard
 from aiprod_gateway.auth_failures import AuthFailures
-from aiprod_gateway.claims import job_lease_seconds, owner_id
+from aiprod_gateway.claims import owner_id
 from aiprod_gateway.dispatcher import Dispatcher
 from aiprod_gateway.driving import BudgetPolicy
 from aiprod_gateway.keys import TenantStore
@@ -25,9 +25,10 @@ from aiprod_kit.database import open_database
 from aiprod_kit.rendering.storage import local_video_store
 from aiprod_kit.retention import Retention
 from aiprod_kit.server import Registration, run
-from aiprod_kit.settings import GatewaySettings
+from aiprod_kit.settings import GatewaySettings, exit_on_configuration_error, load_settings
 
-settings = GatewaySettings()
+with exit_on_configuration_error():
+    settings = load_settings(GatewaySettings)
 
 
 def auth_failures(service: str) -> AuthFailures:
@@ -43,7 +44,7 @@ def auth_failures(service: str) -> AuthFailures:
 async def build() -> AsyncIterator[list[Registration]]:
     # A wrong setting stops the gateway first.
     budget_policy = BudgetPolicy.from_settings(settings)
-    lease_seconds = job_lease_seconds(settings)
+    lease_seconds = settings.gateway_job_lease_seconds
     tiers = parse_tiers(settings.gateway_tiers)
     # PostgreSQL when AIPROD_DATABASE_URL is set (every replica on one database), else SQLite: a file
     # of this gateway's own (a replica needs the shared database).

@@ -7,7 +7,6 @@ claimed again says nothing about the new claim.
 """
 
 import asyncio
-import math
 import os
 import secrets
 import socket
@@ -15,20 +14,11 @@ import socket
 import structlog
 
 from aiprod_gateway.store import Claimed, JobStore
-from aiprod_kit.settings import ConfigurationError, GatewaySettings
 
 log = structlog.get_logger()
 
 # How long a stopping gateway tries to let go of its claims (else they run out).
 _RELEASE_TIMEOUT = 5.0
-
-
-def job_lease_seconds(settings: GatewaySettings) -> float:
-    """AIPROD_GATEWAY_JOB_LEASE_SECONDS, checked."""
-    lease = settings.gateway_job_lease_seconds
-    if not (math.isfinite(lease) and lease > 0):
-        raise ConfigurationError(f"AIPROD_GATEWAY_JOB_LEASE_SECONDS: {lease} is not a positive number")
-    return lease
 
 
 def owner_id() -> str:

@@ -190,14 +190,11 @@ class BudgetPolicy:
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> "BudgetPolicy":
-        retry, max_wait = settings.gateway_budget_retry_seconds, settings.gateway_budget_max_wait_seconds
-        if not (math.isfinite(retry) and retry > 0):
-            raise ConfigurationError(f"AIPROD_GATEWAY_BUDGET_RETRY_SECONDS: {retry} is not a positive number")
-        if not (math.isfinite(max_wait) and max_wait >= 0):
-            raise ConfigurationError(
-                f"AIPROD_GATEWAY_BUDGET_MAX_WAIT_SECONDS: {max_wait} is not a number of seconds (0: no limit)"
-            )
-        return cls(settings.gateway_budget_policy == "wait", retry, max_wait or None)
+        return cls(
+            settings.gateway_budget_policy == "wait",
+            settings.gateway_budget_retry_seconds,
+            settings.gateway_budget_max_wait_seconds or None,
+        )
 
 
 @dataclass(frozen=True)

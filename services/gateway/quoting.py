@@ -318,8 +318,6 @@ class Quoter:
         cls, settings: GatewaySettings, router: router_pb2_grpc.RouterServiceStub, store: QuoteStore
     ) -> "Quoter":
         """ConfigurationError naming the variable when a setting is wrong."""
-        if settings.gateway_quote_ttl_seconds <= 0:
-            raise ConfigurationError("AIPROD_GATEWAY_QUOTE_TTL_SECONDS: must be positive")
         return cls(
             router,
             store,

@@ -25,7 +25,7 @@ from google.protobuf import timestamp_pb2
 
 from aiprod.common.v1 import backend_pb2, job_pb2
 from aiprod.metrics.v1 import metrics_pb2
-from aiprod_kit.settings import ConfigurationError, MetricsSettings
+from aiprod_kit.settings import MetricsSettings
 from aiprod_metrics.events import EventStore
 from aiprod_metrics.ledger import Clock, LedgerStore, system_clock
 
@@ -47,17 +47,6 @@ class AlertThresholds:
 
     @classmethod
     def from_settings(cls, settings: MetricsSettings) -> "AlertThresholds":
-        positive = {
-            "AIPROD_METRICS_ALERT_INTERVAL_SECONDS": settings.metrics_alert_interval_seconds,
-            "AIPROD_METRICS_ALERT_QUALITY_WINDOW_SECONDS": settings.metrics_alert_quality_window_seconds,
-            "AIPROD_METRICS_ALERT_LATENCY_WINDOW_SECONDS": settings.metrics_alert_latency_window_seconds,
-            "AIPROD_METRICS_ALERT_BACKEND_ERRORS_WINDOW_SECONDS": (
-                settings.metrics_alert_backend_errors_window_seconds
-            ),
-        }
-        for variable, value in positive.items():
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigurationError(f"{variable}: {value} must be a positive number of seconds")
         return cls(
             interval_seconds=settings.metrics_alert_interval_seconds,
             spend_warning_usd=settings.metrics_alert_spend_warning_usd,

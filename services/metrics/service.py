@@ -39,7 +39,6 @@ event records none of it.
 """
 
 import asyncio
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -123,25 +122,8 @@ class BudgetPolicy:
 
     @classmethod
     def from_settings(cls, settings: MetricsSettings) -> "BudgetPolicy":
-        def money(variable: str, value: float) -> int:
-            if not math.isfinite(value) or value < 0 or value * MICROS_PER_UNIT > 2**62:
-                raise ConfigurationError(f"{variable}: {value} is not an amount of USD (0 means no cap)")
-            return round(value * MICROS_PER_UNIT)
-
-        global_cap = money("AIPROD_METRICS_DAILY_CAP_USD", settings.metrics_daily_cap_usd)
-        tenant_cap = money("AIPROD_METRICS_TENANT_DAILY_CAP_USD", settings.metrics_tenant_daily_cap_usd)
-        notify, economy = settings.metrics_notify_threshold, settings.metrics_economy_threshold
-        if not 0 < notify <= 1:
-            raise ConfigurationError(f"AIPROD_METRICS_NOTIFY_THRESHOLD: {notify} is not a share in (0, 1]")
-        if not notify <= economy <= 1:
-            raise ConfigurationError(
-                f"AIPROD_METRICS_ECONOMY_THRESHOLD: {economy} must be a share between the notify "
-                f"threshold ({notify}) and 1"
-            )
-        if not settings.metrics_reservation_ttl_seconds > 0:
-            raise ConfigurationError("AIPROD_METRICS_RESERVATION_TTL_SECONDS: must be positive")
-        if not settings.metrics_expiry_sweep_seconds > 0:
-            raise ConfigurationError("AIPROD_METRICS_EXPIRY_SWEEP_SECONDS: must be positive")
+        global_cap = round(settings.metrics_daily_cap_usd * MICROS_PER_UNIT)
+        tenant_cap = round(settings.metrics_tenant_daily_cap_usd * MICROS_PER_UNIT)
         if not _NAME.fullmatch(settings.metrics_default_tenant):
             raise ConfigurationError(f"AIPROD_METRICS_DEFAULT_TENANT: {_NAME_RULE}")
         return cls(
@@ -149,8 +131,8 @@ class BudgetPolicy:
             tenant_cap=tenant_cap or global_cap,
             default_tenant=settings.metrics_default_tenant,
             time_zone=time_zone(settings.metrics_budget_time_zone),
-            notify_threshold=notify,
-            economy_threshold=economy,
+            notify_threshold=settings.metrics_notify_threshold,
+            economy_threshold=settings.metrics_economy_threshold,
             reservation_ttl=timedelta(seconds=settings.metrics_reservation_ttl_seconds),
             expiry_sweep_seconds=settings.metrics_expiry_sweep_seconds,
             ledger_retention_seconds=settings.ledger_retention_seconds,

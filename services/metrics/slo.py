@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from aiprod.common.v1 import job_pb2
 from aiprod.metrics.v1 import metrics_pb2
-from aiprod_kit.settings import ConfigurationError, MetricsSettings
+from aiprod_kit.settings import MetricsSettings
 from aiprod_metrics.events import EventStore, Share
 from aiprod_metrics.ledger import Clock, system_clock
 
@@ -27,14 +27,6 @@ class SloPolicy:
 
     @classmethod
     def from_settings(cls, settings: MetricsSettings) -> "SloPolicy":
-        if settings.metrics_slo_window_days < 1:
-            raise ConfigurationError("AIPROD_METRICS_SLO_WINDOW_DAYS: must be at least 1")
-        for variable, goal in (
-            ("AIPROD_METRICS_SLO_LATENCY_GOAL", settings.metrics_slo_latency_goal),
-            ("AIPROD_METRICS_SLO_QUALITY_GOAL", settings.metrics_slo_quality_goal),
-        ):
-            if not 0 < goal < 1:
-                raise ConfigurationError(f"{variable}: {goal} is not a share in (0, 1)")
         return cls(
             window_days=settings.metrics_slo_window_days,
             latency_goal=settings.metrics_slo_latency_goal,

@@ -111,7 +111,6 @@ def faked(handler: Callable[[httpx.Request], httpx.Response], **values: object) 
         ({"input_mapping": '{"first_frame": "image"}'}, "AIPROD_REPLICATE_INPUT_MAPPING"),
         ({"input_mapping": '{"prompt": ""}'}, "AIPROD_REPLICATE_INPUT_MAPPING"),
         ({"input_mapping": '{"prompt": "text", "seed": "text"}'}, "AIPROD_REPLICATE_INPUT_MAPPING"),
-        ({"price_per_second_usd": -1}, "AIPROD_REPLICATE_PRICE_PER_SECOND_USD"),
     ],
 )
 def test_bad_settings_name_their_variable(values: dict[str, object], variable: str) -> None:

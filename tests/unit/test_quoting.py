@@ -498,7 +498,6 @@ def test_settings_make_the_quoter_and_wrong_ones_name_their_variable(store):
         ({"gateway_baseline_backend": "sora"}, "AIPROD_GATEWAY_BASELINE_BACKEND"),
         ({"gateway_baseline_backend": "unspecified"}, "AIPROD_GATEWAY_BASELINE_BACKEND"),
         ({"gateway_preset_prices": '{"quick_social": -1}'}, "AIPROD_GATEWAY_PRESET_PRICES"),
-        ({"gateway_quote_ttl_seconds": 0}, "AIPROD_GATEWAY_QUOTE_TTL_SECONDS"),
     ):
         with pytest.raises(ConfigurationError) as raised:
             Quoter.from_settings(GatewaySettings(**wrong), FakeRouter(lambda request: []), store)  # type: ignore[arg-type]

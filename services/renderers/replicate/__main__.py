@@ -5,4 +5,4 @@ from aiprod_kit.settings import ReplicateSettings
 from aiprod_renderers.replicate.provider import ReplicateProvider
 
 if __name__ == "__main__":
-    run_renderer("renderer-replicate", ReplicateSettings(), ReplicateProvider)
+    run_renderer("renderer-replicate", ReplicateSettings, ReplicateProvider)

@@ -197,8 +197,6 @@ class ReplicateProvider(Provider):
             raise ConfigurationError(
                 f"AIPROD_REPLICATE_MODEL: {settings.model!r} is not a model name of the form owner/name"
             )
-        if settings.price_per_second_usd < 0:
-            raise ConfigurationError("AIPROD_REPLICATE_PRICE_PER_SECOND_USD: must not be negative")
         self._settings = settings
         self._mapping = _input_mapping(settings.input_mapping)
         self._model = MODELS.get(settings.model, GENERIC_MODEL)

@@ -5,4 +5,4 @@ from aiprod_kit.settings import RunwaySettings
 from aiprod_renderers.runway.provider import RunwayProvider
 
 if __name__ == "__main__":
-    run_renderer("renderer-runway", RunwaySettings(), RunwayProvider)
+    run_renderer("renderer-runway", RunwaySettings, RunwayProvider)

@@ -5,4 +5,4 @@ from aiprod_kit.settings import VeoSettings
 from aiprod_renderers.veo.provider import VeoProvider
 
 if __name__ == "__main__":
-    run_renderer("renderer-veo", VeoSettings(), VeoProvider)
+    run_renderer("renderer-veo", VeoSettings, VeoProvider)
