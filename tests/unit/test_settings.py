@@ -100,7 +100,7 @@ def test_a_value_out_of_range_is_refused_naming_its_variable(
     assert load_settings(settings)
 
 
-def test_every_wrong_setting_is_named_at_once_and_none_of_their_values(
+def test_every_wrong_setting_is_named_at_once_and_a_value_that_is_not_read_is_not_repeated(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("AIPROD_METRICS_NOTIFY_THRESHOLD", "0.8")
