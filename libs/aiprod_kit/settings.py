@@ -92,6 +92,12 @@ def _variable(cls: type[BaseSettings], name: str) -> str:
     return f"{cls.model_config.get('env_prefix', '')}{name}".upper()
 
 
+def load_settings_or_exit(cls: type[_Settings]) -> _Settings:
+    """A process's settings: load_settings, a wrong value ending the process (exit_on_configuration_error)."""
+    with exit_on_configuration_error():
+        return load_settings(cls)
+
+
 @contextlib.contextmanager
 def exit_on_configuration_error() -> Iterator[None]:
     """Around a process's main: a ConfigurationError ends the process with status 2 and one log line

@@ -25,10 +25,9 @@ from aiprod_kit.database import open_database
 from aiprod_kit.rendering.storage import local_video_store
 from aiprod_kit.retention import Retention
 from aiprod_kit.server import Registration, run
-from aiprod_kit.settings import GatewaySettings, exit_on_configuration_error, load_settings
+from aiprod_kit.settings import GatewaySettings, load_settings_or_exit
 
-with exit_on_configuration_error():
-    settings = load_settings(GatewaySettings)
+settings = load_settings_or_exit(GatewaySettings)
 
 
 def auth_failures(service: str) -> AuthFailures:
@@ -42,9 +41,7 @@ def auth_failures(service: str) -> AuthFailures:
 
 @asynccontextmanager
 async def build() -> AsyncIterator[list[Registration]]:
-    # A wrong setting stops the gateway first.
-    budget_policy = BudgetPolicy.from_settings(settings)
-    lease_seconds = settings.gateway_job_lease_seconds
+    # A wrong tier stops the gateway first.
     tiers = parse_tiers(settings.gateway_tiers)
     # PostgreSQL when AIPROD_DATABASE_URL is set (every replica on one database), else SQLite: a file
     # of this gateway's own (a replica needs the shared database).
@@ -70,9 +67,9 @@ async def build() -> AsyncIterator[list[Registration]]:
         reporter,
         settlement,
         settings.dispatch_max_in_flight,
-        budget_policy,
+        BudgetPolicy.from_settings(settings),
         owner_id(),
-        lease_seconds,
+        settings.gateway_job_lease_seconds,
     )
     key_guard = ApiKeyGuard(
         tenants, settings.gateway_key_cache_seconds, limiter.admit, auth_failures(GATEWAY_SERVICE)

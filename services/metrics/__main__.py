@@ -7,7 +7,7 @@ from aiprod.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from aiprod_kit.database import open_database
 from aiprod_kit.retention import Retention
 from aiprod_kit.server import Registration, run
-from aiprod_kit.settings import MetricsSettings, exit_on_configuration_error, load_settings
+from aiprod_kit.settings import MetricsSettings, load_settings_or_exit
 from aiprod_metrics.alerts import AlertEvaluator, AlertThresholds, evaluate_alerts
 from aiprod_metrics.events import SqlEventStore
 from aiprod_metrics.ledger import SqlLedgerStore
@@ -69,6 +69,5 @@ async def build() -> AsyncIterator[list[Registration]]:
         await ledger.close()
 
 
-with exit_on_configuration_error():
-    settings = load_settings(MetricsSettings)
+settings = load_settings_or_exit(MetricsSettings)
 run("metrics", settings, settings.metrics_port, build)

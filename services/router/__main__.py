@@ -6,14 +6,13 @@ from aiprod.router.v1 import router_pb2, router_pb2_grpc
 from aiprod_kit.breaker import CircuitBreaker
 from aiprod_kit.channels import open_channel
 from aiprod_kit.server import Registration, run
-from aiprod_kit.settings import RouterSettings, exit_on_configuration_error, load_settings
+from aiprod_kit.settings import RouterSettings, load_settings_or_exit
 from aiprod_router.backends import RendererPool, parse_renderers
 from aiprod_router.chain import RenderChain
 from aiprod_router.service import RouterServicer
 from aiprod_router.telemetry import RouterMetrics
 
-with exit_on_configuration_error():
-    settings = load_settings(RouterSettings)
+settings = load_settings_or_exit(RouterSettings)
 targets = parse_renderers(settings.renderers)
 
 

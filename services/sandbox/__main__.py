@@ -3,16 +3,15 @@
 import asyncio
 import contextlib
 
-from aiprod_kit.settings import exit_on_configuration_error, load_settings
+from aiprod_kit.settings import exit_on_configuration_error, load_settings_or_exit
 from aiprod_sandbox.app import serve
 from aiprod_sandbox.settings import SandboxSettings
 
 
 def main() -> None:
-    with exit_on_configuration_error():
-        settings = load_settings(SandboxSettings)
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(settings))
+    settings = load_settings_or_exit(SandboxSettings)
+    with exit_on_configuration_error(), contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from aiprod_kit.rendering.service import ProviderRendererService
 from aiprod_kit.rendering.storage import video_store_from_settings
 from aiprod_kit.retention import Retention
 from aiprod_kit.server import HealthSignal, Registration, run
-from aiprod_kit.settings import CommonSettings, ProviderSettings, exit_on_configuration_error, load_settings
+from aiprod_kit.settings import CommonSettings, ProviderSettings, load_settings_or_exit
 
 RENDERER_SERVICE = renderer_pb2.DESCRIPTOR.services_by_name["RendererService"].full_name
 S = TypeVar("S", bound=ProviderSettings)
@@ -22,9 +22,8 @@ S = TypeVar("S", bound=ProviderSettings)
 def run_renderer(component: str, settings_class: type[S], make_provider: Callable[[S], Provider]) -> None:
     """Runs a provider renderer; a wrong setting (in the settings or as make_provider finds it, raising
     ConfigurationError) stops the process at start-up with a message naming the variable."""
-    with exit_on_configuration_error():
-        settings = load_settings(settings_class)
-        common = load_settings(CommonSettings)
+    settings = load_settings_or_exit(settings_class)
+    common = load_settings_or_exit(CommonSettings)
     # The provider's credentials (its own settings, not the common ones the server registers) are
     # replaced in every log line, span and error message, also where the provider quotes them back.
     register_settings(settings)
