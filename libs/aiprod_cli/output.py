@@ -1,6 +1,7 @@
 """What the CLI prints: JSON for machines on stdout, rich tables for people, notes on stderr."""
 
 import json
+import os
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -23,9 +24,25 @@ JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")
 ]
 
-stdout = Console()
+# Wide enough for any row: a table printed at this width takes its own.
+_UNBOUNDED_WIDTH = 100_000
+
+
+def console(**options: Any) -> Console:
+    """A rich console as wide as its terminal; into a pipe or a file, as wide as each line needs.
+
+    Rich gives a console that is not a terminal 80 columns (or `COLUMNS`), which folds a table's cells
+    into a column of fragments that neither a reader of the log nor a `grep` can use.
+    """
+    made = Console(**options)
+    if not made.is_terminal and "COLUMNS" not in os.environ:
+        made.width = _UNBOUNDED_WIDTH
+    return made
+
+
+stdout = console()
 # Progress, notes and errors go here, so that stdout stays clean for the result.
-stderr = Console(stderr=True)
+stderr = console(stderr=True)
 
 
 def print_line(text: str) -> None:

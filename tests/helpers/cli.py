@@ -22,8 +22,9 @@ START_TIMEOUT_SECONDS = 180
 
 def cli_environment(api_key: str | None = None, admin_key: str | None = None) -> dict[str, str]:
     """The environment of a command run as a user would: this process's, without the keys of whoever runs
-    the tests, with the keys given; wide enough that rich wraps no line of what the tests read."""
-    environment = {**os.environ, "COLUMNS": "200"}
+    the tests, with the keys given. Its output goes to a pipe, where the CLI folds no line."""
+    environment = dict(os.environ)
+    environment.pop("COLUMNS", None)
     for variable, key in ((API_KEY_VARIABLE, api_key), (ADMIN_KEY_VARIABLE, admin_key)):
         environment.pop(variable, None)
         if key is not None:
