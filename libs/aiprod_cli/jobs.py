@@ -1,6 +1,8 @@
-"""`aiprod jobs`: list, show and cancel render jobs; approve, edit and list the revisions of one in review."""
+"""`aiprod jobs`: list, show, follow and cancel render jobs; approve, edit and list the revisions of one in
+review."""
 
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -31,11 +33,12 @@ from aiprod_cli.output import (
     stderr,
     stdout,
 )
-from aiprod_cli.render import AspectRatio
-from aiprod_cli.review import approve_command
+from aiprod_cli.render import AspectRatio, print_video_or_exit, reporting_for, watch_video
+from aiprod_cli.review import ReviewReporter, approve_command
 
 app = typer.Typer(
-    help="List, show and cancel render jobs; review the ones awaiting approval (approve, edit, revisions).",
+    help="List, show, follow and cancel render jobs; review the ones awaiting approval (approve, edit, "
+    "revisions).",
     no_args_is_help=True,
 )
 
@@ -119,6 +122,37 @@ def get_job(
             gateway_pb2.GetRenderJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_SECONDS
         )
     _print_job(response.job, json_output)
+
+
+@app.command("watch")
+def watch_job(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    out: Annotated[Path | None, typer.Option(metavar="FILE", help="Copy the video here.")] = None,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    api_key: ApiKeyOption = "",
+    json_output: JsonOption = False,
+) -> None:
+    """Follow a job to its end, as `aiprod render` does, and print the video's path.
+
+    Shows the job's events so far, then each new one; a job awaiting approval shows its plan and how to
+    approve it, and is followed once approved. Picks up a render that Ctrl-C stopped following, or a job
+    another service ordered.
+
+    Exits 1 when the job fails or is cancelled, 2 when the gateway refuses (no such job).
+    Ctrl-C stops following; the job goes on.
+    """
+    print_video_or_exit(
+        gateway,
+        json_output,
+        lambda: watch_video(
+            gateway,
+            api_key,
+            job_id,
+            out,
+            reporting_for(json_output),
+            ReviewReporter(stderr, brief=json_output),
+        ),
+    )
 
 
 @app.command("cancel")

@@ -189,26 +189,70 @@ def _create(
 
 
 def _keeps_running(job_id: str) -> str:
-    return f"job {job_id} keeps running: `aiprod jobs get {job_id}` shows it"
+    return f"job {job_id} keeps running: `aiprod jobs watch {job_id}` follows it again"
 
 
-def _interrupted(
-    request: gateway_pb2.CreateRenderJobRequest, created: gateway_pb2.RenderJob | None, in_review: bool
-) -> RenderError:
-    """What Ctrl-C left behind, and the command that goes on from there."""
-    if created is None:
-        # The gateway may have made the job: the same request id returns it rather than ordering another.
-        return RenderError(
-            "interrupted before the gateway answered: the job may have been ordered; the same command with "
-            f"--request-id {request.request_id} returns it rather than ordering another"
+def _still_in_review(job: gateway_pb2.RenderJob) -> str:
+    return (
+        f"job {job.job_id} still awaits approval: `aiprod jobs watch {job.job_id}` follows it, "
+        f"`{approve_command(job.job_id, job.plan_version or 1)}` approves it"
+    )
+
+
+def _interrupted_at_the_end(job_id: str) -> RenderError:
+    """Ctrl-C that came as the follow ended (a Ctrl-C while following says where it left the job)."""
+    return RenderError(f"interrupted; `aiprod jobs watch {job_id}` shows how job {job_id} ended")
+
+
+def follow_to_video(
+    gateway: Gateway,
+    job: gateway_pb2.RenderJob,
+    out: Path | None,
+    reporting: Callable[[], AbstractContextManager[Reporter]],
+    review: ReviewReporter,
+    interrupt: Interrupt,
+    after_sequence: int,
+) -> RenderResult:
+    """Follows the job, as last read, through review (when it awaits approval) and its render until it
+    ends, and returns the video. The render's follow starts after after_sequence.
+
+    reporting opens the render's progress display, once the job is approved (at once without review).
+    Raises RenderError when the job ended without a video or the CLI stopped following it (Ctrl-C,
+    or the gateway gone for good), grpc.RpcError when the gateway refused a call.
+    """
+    in_review = job.state == job_pb2.JOB_STATE_AWAITING_APPROVAL
+    state = job.state
+    try:
+        if in_review:
+            reviewed = await_approval(gateway, job, review, interrupt)
+            in_review = False
+            state, after_sequence = reviewed.state, reviewed.after_sequence
+        if state not in TERMINAL_STATES:
+            with reporting() as reporter:
+                for response in follow_job(
+                    gateway,
+                    job.job_id,
+                    reporter.reconnecting,
+                    after_sequence=after_sequence,
+                    interrupt=interrupt,
+                ):
+                    reporter.show(response)
+    except KeyboardInterrupt:
+        raise RenderError(
+            f"interrupted; {_still_in_review(job) if in_review else _keeps_running(job.job_id)}"
+        ) from None
+    except GatewayLost as lost:
+        raise RenderError(f"{lost}; {_keeps_running(job.job_id)}") from None
+    # The stream's last message says the job ended; the job itself has the result or the error.
+    ended = gateway.stub.GetRenderJob(
+        gateway_pb2.GetRenderJobRequest(job_id=job.job_id), timeout=CALL_TIMEOUT_SECONDS
+    ).job
+    if ended.state != job_pb2.JOB_STATE_SUCCEEDED:
+        reason = reason_name(ended.error.reason) if ended.error.reason else "no reason given"
+        raise RenderError(
+            f"job {ended.job_id} {state_name(ended.state)}: {reason}: {ended.error.message}", ended
         )
-    if in_review:
-        job_id, version = created.job_id, created.plan_version or 1
-        return RenderError(
-            f"interrupted; job {job_id} still awaits approval: "
-            f"`aiprod jobs get {job_id}` shows it, `{approve_command(job_id, version)}` approves it"
-        )
-    return RenderError(f"interrupted; {_keeps_running(created.job_id)}")
+    return RenderResult(ended, _deliver(ended, out))
 
 
 def render_video(
@@ -219,51 +263,84 @@ def render_video(
     reporting: Callable[[], AbstractContextManager[Reporter]],
     review: ReviewReporter,
 ) -> RenderResult:
-    """Creates the job, follows it through review (when it waits for approval) and its render until it
-    ends, and returns the video.
+    """Creates the job and follows it to its video (`follow_to_video`).
 
-    reporting opens the render's progress display, once the job is approved (at once without review).
-    Raises RenderError when the job ended without a video or the CLI stopped following it (Ctrl-C,
-    or the gateway gone for good), grpc.RpcError when the gateway refused a call.
+    Raises RenderError when the job ended without a video or the CLI stopped following it,
+    grpc.RpcError when the gateway refused a call.
     """
     with connect(address, api_key) as gateway:
         created: gateway_pb2.RenderJob | None = None
-        in_review = False
         try:
             with interruptible() as interrupt:
                 created = _create(gateway, request, interrupt)
                 if note := _preference_not_taken(request.spec.constraints.preferred_backend, created.quote):
                     stderr.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
-                state, after_sequence = created.state, created.last_sequence
-                in_review = state == job_pb2.JOB_STATE_AWAITING_APPROVAL
-                if in_review:
-                    reviewed = await_approval(gateway, created, review, interrupt)
-                    in_review = False
-                    state, after_sequence = reviewed.state, reviewed.after_sequence
-                if state not in TERMINAL_STATES:
-                    with reporting() as reporter:
-                        # Follow what comes after the events already seen (the created job shows its first ones).
-                        for response in follow_job(
-                            gateway,
-                            created.job_id,
-                            reporter.reconnecting,
-                            after_sequence=after_sequence,
-                            interrupt=interrupt,
-                        ):
-                            reporter.show(response)
+                # The created job shows its first events: the follow goes on after them.
+                return follow_to_video(
+                    gateway, created, out, reporting, review, interrupt, after_sequence=created.last_sequence
+                )
         except KeyboardInterrupt:
-            raise _interrupted(request, created, in_review) from None
-        except GatewayLost as lost:  # only while following: the job was created
-            raise RenderError(f"{lost}; {_keeps_running(created.job_id)}") from None
-        job_id = created.job_id
-        # The stream's last message says the job ended; the job itself has the result or the error.
+            if created is None:
+                # The gateway may have made the job: the same request id returns it rather than ordering
+                # another.
+                raise RenderError(
+                    "interrupted before the gateway answered: the job may have been ordered; the same command "
+                    f"with --request-id {request.request_id} returns it rather than ordering another"
+                ) from None
+            raise _interrupted_at_the_end(created.job_id) from None
+
+
+def watch_video(
+    address: str,
+    api_key: str,
+    job_id: str,
+    out: Path | None,
+    reporting: Callable[[], AbstractContextManager[Reporter]],
+    review: ReviewReporter,
+) -> RenderResult:
+    """Follows a job made earlier, from its first event, to its video (`follow_to_video`)."""
+    with connect(address, api_key) as gateway:
         job = gateway.stub.GetRenderJob(
             gateway_pb2.GetRenderJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_SECONDS
         ).job
-    if job.state != job_pb2.JOB_STATE_SUCCEEDED:
-        reason = reason_name(job.error.reason) if job.error.reason else "no reason given"
-        raise RenderError(f"job {job_id} {state_name(job.state)}: {reason}: {job.error.message}", job)
-    return RenderResult(job, _deliver(job, out))
+        try:
+            with interruptible() as interrupt:
+                # From the first event: the story so far (where it was routed, each fallback), then the rest.
+                return follow_to_video(gateway, job, out, reporting, review, interrupt, after_sequence=0)
+        except KeyboardInterrupt:
+            raise _interrupted_at_the_end(job_id) from None
+
+
+def reporting_for(json_output: bool) -> Callable[[], AbstractContextManager[Reporter]]:
+    """The render's progress display: none with --json (stdout carries only the result)."""
+
+    def reporting() -> AbstractContextManager[Reporter]:
+        return nullcontext(SilentReporter()) if json_output else progress_reporter(stderr)
+
+    return reporting
+
+
+def print_video_or_exit(
+    gateway: str,
+    json_output: bool,
+    follow: Callable[[], RenderResult],
+    extra: dict[str, object] | None = None,
+) -> None:
+    """Runs follow and prints its video's path (with --json, the job and its path); exits 1 when no video
+    came out, 2 when the gateway refused a call."""
+    extra = extra or {}
+    try:
+        with exit_on_rpc_error(gateway):
+            result = follow()
+    except RenderError as error:
+        if json_output and error.job is not None:
+            print_json({**job_to_dict(error.job), "video_path": None, **extra})
+        stderr.print(str(error), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_RENDER_FAILED) from None
+    if json_output:
+        print_json({**job_to_dict(result.job), "video_path": result.video, **extra})
+    else:
+        print_line(result.video)
 
 
 def render(
@@ -314,7 +391,8 @@ def render(
 
     Exits 1 when the job fails or is cancelled, 2 when the gateway refuses the request.
 
-    Ctrl-C stops following the job but leaves it running (or waiting for approval).
+    Ctrl-C stops following the job but leaves it running (or waiting for approval); `aiprod jobs watch`
+    follows it again.
     """
     require_key(api_key)
     spec = build_spec(prompt, preset, duration, aspect_ratio, backend, max_cost, resolution)
@@ -326,23 +404,19 @@ def render(
         if estimates is not None and not json_output:
             stderr.print(estimates_table(estimates, title="Route plan"))
 
-    def reporting() -> AbstractContextManager[Reporter]:
-        return nullcontext(SilentReporter()) if json_output else progress_reporter(stderr)
-
     request = gateway_pb2.CreateRenderJobRequest(
         request_id=request_id or uuid.uuid4().hex, spec=spec, quote_id=quote_id.strip(), review=review
     )
-    try:
-        with exit_on_rpc_error(gateway):
-            result = render_video(
-                gateway, api_key, request, out, reporting, ReviewReporter(stderr, brief=json_output)
-            )
-    except RenderError as error:
-        if json_output and error.job is not None:
-            print_json({**job_to_dict(error.job), "video_path": None, **extra})
-        stderr.print(str(error), markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_RENDER_FAILED) from None
-    if json_output:
-        print_json({**job_to_dict(result.job), "video_path": result.video, **extra})
-    else:
-        print_line(result.video)
+    print_video_or_exit(
+        gateway,
+        json_output,
+        lambda: render_video(
+            gateway,
+            api_key,
+            request,
+            out,
+            reporting_for(json_output),
+            ReviewReporter(stderr, brief=json_output),
+        ),
+        extra,
+    )

@@ -448,7 +448,9 @@ def test_render_resumes_after_a_gateway_restart(paced_mesh: Mesh, tmp_path: Path
         assert container.streams.video[0].frames == 96
 
 
-def test_ctrl_c_leaves_the_job_running(paced_mesh: Mesh, tmp_path: Path) -> None:
+def test_ctrl_c_leaves_the_job_running_and_jobs_watch_follows_it_again(
+    paced_mesh: Mesh, tmp_path: Path
+) -> None:
     gateway = paced_mesh.address("gateway")
     stderr_path = tmp_path / "render.stderr"
     render = _start_render(paced_mesh, stderr_path)
@@ -458,7 +460,27 @@ def test_ctrl_c_leaves_the_job_running(paced_mesh: Mesh, tmp_path: Path) -> None
 
     render.communicate(timeout=60)
     assert render.returncode == 1
-    left = re.search(r"job (job_\w+) keeps running", stderr_path.read_text())
-    assert left, stderr_path.read_text()
-    got = aiprod("jobs", "get", left.group(1), "--json", "--gateway", gateway, api_key=paced_mesh.api_key)
+    left = re.search(r"job (job_\w+) keeps running: `aiprod jobs watch (job_\w+)`", stderr_path.read_text())
+    assert left and left.group(1) == left.group(2), stderr_path.read_text()
+    job_id = left.group(1)
+    got = aiprod("jobs", "get", job_id, "--json", "--gateway", gateway, api_key=paced_mesh.api_key)
     assert json.loads(got.stdout)["state"] in {"JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"}
+
+    out = tmp_path / "kite.mp4"
+    watched = aiprod(
+        "jobs", "watch", job_id, "--out", str(out), "--gateway", gateway, api_key=paced_mesh.api_key
+    )
+
+    assert watched.returncode == 0, watched.stderr
+    assert watched.stdout.splitlines()[-1] == str(out)
+    # The story so far, then the end.
+    assert "routed to local" in watched.stderr
+    assert f"{job_id}: SUCCEEDED" in watched.stderr
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].frames == 96
+    # An ended job is followed no further: its video at once, as JSON too.
+    again = aiprod("jobs", "watch", job_id, "--json", "--gateway", gateway, api_key=paced_mesh.api_key)
+    assert again.returncode == 0, again.stderr
+    answer = json.loads(again.stdout)
+    assert (answer["job_id"], answer["state"]) == (job_id, "JOB_STATE_SUCCEEDED")
+    assert Path(answer["video_path"]).read_bytes() == out.read_bytes()

@@ -264,9 +264,21 @@ def test_edit_against_a_version_then_the_revisions(mesh: Mesh, job_in_review: st
     assert "FAILED_PRECONDITION" in ended.stderr
 
 
-def test_ctrl_c_in_review_leaves_the_job_waiting(mesh: Mesh, tmp_path: Path) -> None:
+def start_watch(mesh: Mesh, stderr_path: Path, job_id: str) -> subprocess.Popen[str]:
+    with stderr_path.open("w") as stderr:
+        return subprocess.Popen(
+            [str(AIPROD), "jobs", "watch", job_id, "--gateway", mesh.address("gateway")],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=cli_environment(mesh.api_key),
+        )
+
+
+def interrupted_in_review(mesh: Mesh, tmp_path: Path, *args: str) -> tuple[str, str]:
+    """A render of a job in review, stopped by Ctrl-C while it waits for approval: the job, what it said."""
     notes = tmp_path / "render.stderr"
-    render = start_render(mesh, notes, "A glass of water", "--preset", "premium_spot", "--duration", "1")
+    render = start_render(mesh, notes, *args)
     try:
         job_id = wait_for(notes, APPROVE).group(1)
 
@@ -278,7 +290,58 @@ def test_ctrl_c_in_review_leaves_the_job_waiting(mesh: Mesh, tmp_path: Path) -> 
             render.kill()
             render.wait()
     assert render.returncode == 1
-    assert f"job {job_id} still awaits approval" in notes.read_text()
-    assert f"`aiprod jobs approve {job_id} --version 1` approves it" in notes.read_text()
+    return job_id, notes.read_text()
+
+
+def test_ctrl_c_in_review_leaves_the_job_waiting_and_jobs_watch_follows_it_to_its_video(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    job_id, said = interrupted_in_review(
+        mesh, tmp_path, "A glass of water", "--preset", "premium_spot", "--duration", "1"
+    )
+
+    assert f"job {job_id} still awaits approval: `aiprod jobs watch {job_id}` follows it" in said
+    assert f"`aiprod jobs approve {job_id} --version 1` approves it" in said
     assert json_of(run(mesh, "jobs", "get", job_id, "--json"))["state"] == "JOB_STATE_AWAITING_APPROVAL"
-    assert run(mesh, "jobs", "cancel", job_id).returncode == 0
+
+    watch_notes = tmp_path / "watch.stderr"
+    watch = start_watch(mesh, watch_notes, job_id)
+    try:
+        # The plan and how to approve it, as the render showed them.
+        assert wait_for(watch_notes, APPROVE).groups() == (job_id, "1")
+        assert run(mesh, "jobs", "approve", job_id).returncode == 0
+        stdout, _ = watch.communicate(timeout=120)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    assert watch.returncode == 0, watch_notes.read_text()
+    assert "approved: plan version 1" in watch_notes.read_text()
+    video = Path(stdout.splitlines()[-1])
+    assert video.suffix == ".mp4" and video.stat().st_size > 0
+
+
+def test_jobs_watch_of_a_job_cancelled_in_review_exits_1_saying_so(mesh: Mesh, tmp_path: Path) -> None:
+    job_id, _ = interrupted_in_review(mesh, tmp_path, "A glass of milk", "--review", "--duration", "1")
+    watch_notes = tmp_path / "watch.stderr"
+    watch = start_watch(mesh, watch_notes, job_id)
+    try:
+        wait_for(watch_notes, APPROVE)
+        assert run(mesh, "jobs", "cancel", job_id, "--reason", "not this one").returncode == 0
+        stdout, _ = watch.communicate(timeout=60)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+
+    assert watch.returncode == 1
+    assert stdout == ""
+    assert f"job {job_id} CANCELLED" in watch_notes.read_text()
+    # Watched again once ended: the same answer at once.
+    again = run(mesh, "jobs", "watch", job_id)
+    assert (again.returncode, again.stdout) == (1, "")
+    assert f"job {job_id} CANCELLED" in again.stderr
+
+    missing = run(mesh, "jobs", "watch", "job_" + "f" * 32)
+    assert missing.returncode == 2
+    assert "NOT_FOUND" in missing.stderr
