@@ -22,9 +22,11 @@ from aiprod_cli.render import (
     AspectRatioOption,
     BackendOption,
     DurationOption,
+    FirstFrameOption,
     MaxCostOption,
     PresetOption,
     PromptArgument,
+    ReferenceImageOption,
     ResolutionOption,
     build_spec,
 )
@@ -38,6 +40,8 @@ def quote(
     resolution: ResolutionOption = None,
     backend: BackendOption = None,
     max_cost: MaxCostOption = None,
+    first_frame: FirstFrameOption = None,
+    reference_image: ReferenceImageOption = None,
     gateway: GatewayOption = DEFAULT_GATEWAY,
     api_key: ApiKeyOption = "",
     json_output: JsonOption = False,
@@ -51,7 +55,9 @@ def quote(
 
     Exits 2 when the gateway refuses (a price over the preset's limit names the cheapest price).
     """
-    spec = build_spec(prompt, preset, duration, aspect_ratio, backend, max_cost, resolution)
+    spec = build_spec(
+        prompt, preset, duration, aspect_ratio, backend, max_cost, resolution, first_frame, reference_image
+    )
     with exit_on_rpc_error(gateway), connect(gateway, api_key) as connection:
         response = connection.stub.QuoteRender(
             gateway_pb2.QuoteRenderRequest(spec=spec), timeout=CALL_TIMEOUT_SECONDS

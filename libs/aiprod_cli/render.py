@@ -40,7 +40,7 @@ from aiprod_cli.output import (
 from aiprod_cli.progress import Reporter, SilentReporter, progress_reporter
 from aiprod_cli.review import ReviewReporter, approve_command, await_approval
 from aiprod_cli.watch import TERMINAL_STATES, GatewayLost, follow_job
-from aiprod_kit.capabilities import backend_name
+from aiprod_kit.capabilities import MAX_INLINE_IMAGE_BYTES, backend_name
 from aiprod_kit.failures import reason_name
 from aiprod_kit.money import usd_from_units
 
@@ -61,6 +61,50 @@ MaxCostOption = Annotated[
         metavar="USD",
         min=0,
         help="The most the job may cost, in USD (default: the preset's price limit for its duration).",
+    ),
+]
+
+
+def image_from(value: str) -> render_pb2.Image:
+    """An image named on the command line: a URI is passed on for the gateway to check and the renderer
+    to fetch; anything else is a local file, sent inline (the gateway reads its type from its bytes)."""
+    if "://" in value:
+        return render_pb2.Image(uri=value)
+    path = Path(value).expanduser()
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise typer.BadParameter(f"{value} is not a file")
+        if size > MAX_INLINE_IMAGE_BYTES:
+            raise typer.BadParameter(
+                f"{value} is {size} bytes; an image sent inline may be at most {MAX_INLINE_IMAGE_BYTES}: "
+                "give a gs:// or https:// URI of it instead"
+            )
+        return render_pb2.Image(data=path.read_bytes())
+    except OSError as error:
+        raise typer.BadParameter(f"cannot read {value}: {error.strerror}") from None
+
+
+_IMAGE_HELP = (
+    "a PNG, JPEG or WebP file (sent inline), or a gs:// or https:// URI the gateway takes images from"
+)
+FirstFrameOption = Annotated[
+    render_pb2.Image | None,
+    typer.Option(
+        "--first-frame",
+        metavar="IMAGE",
+        parser=image_from,
+        help=f"Start the video from this image (image-to-video): {_IMAGE_HELP}.",
+    ),
+]
+ReferenceImageOption = Annotated[
+    list[render_pb2.Image] | None,
+    typer.Option(
+        "--reference-image",
+        metavar="IMAGE",
+        parser=image_from,
+        help="An image every shot keeps to (a character, a product, a style), for the backends that take "
+        f"them; repeat for up to three: {_IMAGE_HELP}.",
     ),
 ]
 
@@ -123,6 +167,8 @@ def build_spec(
     backend: Backend | None = None,
     max_cost: float | None = None,
     resolution: Resolution | None = None,
+    first_frame: render_pb2.Image | None = None,
+    reference_images: list[render_pb2.Image] | None = None,
 ) -> render_pb2.RenderSpec:
     """Leaves unset what was not given, so that the gateway applies the preset's defaults.
 
@@ -141,6 +187,8 @@ def build_spec(
         aspect_ratio=aspect_ratio.to_proto() if aspect_ratio else render_pb2.ASPECT_RATIO_UNSPECIFIED,
         constraints=constraints,
         resolution=resolution.value if resolution else "",
+        first_frame=first_frame,
+        reference_images=reference_images or [],
     )
 
 
@@ -351,6 +399,8 @@ def render(
     resolution: ResolutionOption = None,
     backend: BackendOption = None,
     max_cost: MaxCostOption = None,
+    first_frame: FirstFrameOption = None,
+    reference_image: ReferenceImageOption = None,
     out: Annotated[Path | None, typer.Option(metavar="FILE", help="Copy the video here.")] = None,
     request_id: Annotated[
         str | None, typer.Option(metavar="ID", help="Idempotency key (default: a fresh one).")
@@ -395,7 +445,9 @@ def render(
     follows it again.
     """
     require_key(api_key)
-    spec = build_spec(prompt, preset, duration, aspect_ratio, backend, max_cost, resolution)
+    spec = build_spec(
+        prompt, preset, duration, aspect_ratio, backend, max_cost, resolution, first_frame, reference_image
+    )
     # With --explain, the JSON has "explain": the estimates, or null when the gateway gave none.
     extra: dict[str, object] = {}
     if explain:

@@ -1,15 +1,19 @@
-"""`aiprod backends` and `aiprod render --explain`, run as users do against a mesh with the provider sandbox."""
+"""`aiprod backends`, `aiprod render --explain` and renders from images, run as users do against a mesh
+with the provider sandbox."""
 
+import base64
 import json
 import os
 import re
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers.cli import AIPROD, cli_environment
+from PIL import Image
 
 from aiprod_cli.explain import explain_route
 from aiprod_cli.render import build_spec
@@ -171,6 +175,48 @@ def test_render_explain_json_has_every_backends_estimate_ranked_as_the_job_is_ro
     assert int(qualifying[0]["estimated_cost"]["amount_micros"]) > 0
     # The plan is the gateway's quote for the same render: the job went where it ranked first.
     assert job["backend"] == qualifying[0]["backend"]
+
+
+def test_a_render_from_image_files_sends_them_inline_to_a_backend_that_takes_a_first_frame(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    frame, reference = tmp_path / "frame.png", tmp_path / "style.jpg"
+    Image.new("RGB", (640, 360), (200, 120, 40)).save(frame)
+    Image.new("RGB", (320, 320), (20, 40, 200)).save(reference)
+    gateway = ("--gateway", mesh.address("gateway"))
+
+    result = aiprod(
+        "render", "A fox in the snow", "--duration", "4", "--first-frame", str(frame),
+        "--reference-image", str(reference), "--explain", "--json", *gateway, api_key=mesh.api_key,
+    )  # fmt: skip
+
+    job = json_of(result)
+    assert job["state"] == "JOB_STATE_SUCCEEDED"
+    # Sent as the files' bytes, the media type read from them.
+    assert job["spec"]["first_frame"] == {
+        "data": base64.b64encode(frame.read_bytes()).decode(),
+        "mime_type": "image/png",
+    }
+    assert job["spec"]["reference_images"] == [
+        {"data": base64.b64encode(reference.read_bytes()).decode(), "mime_type": "image/jpeg"}
+    ]
+    # The local renderer takes no first frame: the route plan says so, and the job went elsewhere.
+    local = [estimate for estimate in job["explain"] if estimate["backend"] == "BACKEND_LOCAL"]
+    assert any("does not take a first frame" in reason for e in local for reason in e["reasons"]), local
+    assert job["backend"] in {"BACKEND_RUNWAY", "BACKEND_VEO"}
+
+    # A file that cannot be read is a usage error, said before anything is sent.
+    missing = aiprod(
+        "quote", "A fox", "--first-frame", str(tmp_path / "none.png"), *gateway, api_key=mesh.api_key
+    )
+    assert missing.returncode == 2
+    assert "Invalid value for '--first-frame': cannot read" in missing.stderr
+    # What is not an image is the gateway's to refuse, naming the field.
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    refused = aiprod("quote", "A fox", "--first-frame", str(text), *gateway, api_key=mesh.api_key)
+    assert refused.returncode == 2
+    assert "spec.first_frame.data: is not a PNG, JPEG or WebP image" in refused.stderr
 
 
 def test_render_explain_goes_on_without_a_plan(mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
