@@ -149,6 +149,10 @@ def jobs_table(jobs: list[gateway_pb2.RenderJob]) -> Table:
     return table
 
 
+def _image_text(image: render_pb2.Image) -> str:
+    return image.uri or f"{image.mime_type or 'image'}, {len(image.data)} bytes inline"
+
+
 def job_table(job: gateway_pb2.RenderJob) -> Table:
     """One job, field by field."""
     table = new_table("field", "value", show_header=False)
@@ -167,6 +171,13 @@ def job_table(job: gateway_pb2.RenderJob) -> Table:
     ]
     if job.tenant_id:
         rows.append(("tenant", job.tenant_id))
+    constraints = job.spec.constraints
+    if constraints.quality_floor:
+        rows.append(("quality floor", f"{constraints.quality_floor:.2f}"))
+    if constraints.HasField("deadline"):
+        rows.append(("deadline", _time(constraints.deadline)))
+    if job.spec.first_frame.data or job.spec.first_frame.uri:
+        rows.append(("first frame", _image_text(job.spec.first_frame)))
     if job.plan_version:
         rows.append(("plan version", str(job.plan_version)))
     if len(job.plan.shots) > 1:

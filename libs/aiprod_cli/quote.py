@@ -21,13 +21,18 @@ from aiprod_cli.output import (
 from aiprod_cli.render import (
     AspectRatioOption,
     BackendOption,
+    ContinuousOption,
+    DeadlineOption,
     DurationOption,
     FirstFrameOption,
     MaxCostOption,
     PresetOption,
     PromptArgument,
+    QualityFloorOption,
     ReferenceImageOption,
     ResolutionOption,
+    SeedOption,
+    ShotOption,
     build_spec,
 )
 
@@ -42,6 +47,11 @@ def quote(
     max_cost: MaxCostOption = None,
     first_frame: FirstFrameOption = None,
     reference_image: ReferenceImageOption = None,
+    quality_floor: QualityFloorOption = None,
+    deadline: DeadlineOption = None,
+    seed: SeedOption = None,
+    shot: ShotOption = None,
+    continuous: ContinuousOption = False,
     gateway: GatewayOption = DEFAULT_GATEWAY,
     api_key: ApiKeyOption = "",
     json_output: JsonOption = False,
@@ -56,7 +66,20 @@ def quote(
     Exits 2 when the gateway refuses (a price over the preset's limit names the cheapest price).
     """
     spec = build_spec(
-        prompt, preset, duration, aspect_ratio, backend, max_cost, resolution, first_frame, reference_image
+        prompt,
+        preset=preset,
+        duration=duration,
+        aspect_ratio=aspect_ratio,
+        resolution=resolution,
+        backend=backend,
+        max_cost=max_cost,
+        quality_floor=quality_floor,
+        deadline=deadline,
+        seed=seed,
+        first_frame=first_frame,
+        reference_images=reference_image,
+        shots=shot,
+        continuous=continuous,
     )
     with exit_on_rpc_error(gateway), connect(gateway, api_key) as connection:
         response = connection.stub.QuoteRender(

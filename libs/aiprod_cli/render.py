@@ -5,6 +5,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +13,7 @@ from urllib.parse import unquote, urlparse
 
 import grpc
 import typer
+from google.protobuf import timestamp_pb2
 
 from aiprod.common.v1 import backend_pb2, job_pb2, render_pb2
 from aiprod.gateway.v1 import gateway_pb2
@@ -61,6 +63,87 @@ MaxCostOption = Annotated[
         metavar="USD",
         min=0,
         help="The most the job may cost, in USD (default: the preset's price limit for its duration).",
+    ),
+]
+
+
+QualityFloorOption = Annotated[
+    float | None,
+    typer.Option(
+        metavar="SCORE",
+        min=0,
+        max=1,
+        help="The lowest QC score (0 to 1) a video may have; the preset's floor when that is stricter.",
+    ),
+]
+
+
+def deadline_from(value: str) -> timestamp_pb2.Timestamp:
+    """An RFC 3339 time with its zone. Not a span from now: the same command must make the same request,
+    for --request-id to find the job again and --quote-id to hold."""
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not an RFC 3339 time such as 2026-12-06T18:30:00Z (`date -u -d +30min +%FT%TZ`)"
+        ) from None
+    if moment.tzinfo is None:
+        raise typer.BadParameter(f"{value!r} has no time zone: end it with Z or an offset such as +01:00")
+    if moment <= datetime.now(UTC):
+        raise typer.BadParameter(f"{value} is already past")
+    deadline = timestamp_pb2.Timestamp()
+    deadline.FromDatetime(moment.astimezone(UTC))
+    return deadline
+
+
+DeadlineOption = Annotated[
+    timestamp_pb2.Timestamp | None,
+    typer.Option(
+        metavar="TIME",
+        parser=deadline_from,
+        help="When the video must be ready by, an RFC 3339 time such as 2026-12-06T18:30:00Z: the router "
+        "prefers backends whose observed latency meets it.",
+    ),
+]
+SeedOption = Annotated[
+    int | None,
+    typer.Option(
+        metavar="N",
+        min=1,
+        max=2**64 - 1,
+        help="Seed for a repeatable render (default: one derived from the prompt).",
+    ),
+]
+
+
+def shot_from(value: str) -> render_pb2.Shot:
+    """A shot given as SECONDS:PROMPT ("4:A heron takes off")."""
+    seconds, separator, prompt = value.partition(":")
+    try:
+        duration = float(seconds)
+    except ValueError:
+        duration = 0.0
+    if not separator or not prompt.strip() or not 0 < duration < float("inf"):
+        raise typer.BadParameter(f"{value!r} is not SECONDS:PROMPT, such as '4:A heron takes off'")
+    return render_pb2.Shot(prompt=prompt.strip(), duration_seconds=duration)
+
+
+ShotOption = Annotated[
+    list[render_pb2.Shot] | None,
+    typer.Option(
+        "--shot",
+        metavar="SECONDS:PROMPT",
+        parser=shot_from,
+        help="One shot of the video, in playing order; repeat for each (the durations add up to --duration, "
+        "or give it). Default: the gateway plans the shots.",
+    ),
+]
+ContinuousOption = Annotated[
+    bool,
+    typer.Option(
+        "--continuous",
+        help="With --shot: each shot after the first starts from the last frame of the one before it, for "
+        "cuts without a jump (it then renders after that one).",
     ),
 ]
 
@@ -161,6 +244,7 @@ class RenderResult:
 
 def build_spec(
     prompt: str,
+    *,
     preset: str | None = None,
     duration: float | None = None,
     aspect_ratio: AspectRatio | None = None,
@@ -169,16 +253,34 @@ def build_spec(
     resolution: Resolution | None = None,
     first_frame: render_pb2.Image | None = None,
     reference_images: list[render_pb2.Image] | None = None,
+    quality_floor: float | None = None,
+    deadline: timestamp_pb2.Timestamp | None = None,
+    seed: int | None = None,
+    shots: list[render_pb2.Shot] | None = None,
+    continuous: bool = False,
 ) -> render_pb2.RenderSpec:
     """Leaves unset what was not given, so that the gateway applies the preset's defaults.
 
     The same options make the same spec, byte for byte: a quote binds only the spec it priced.
+    With shots, the first frame is the first shot's (the gateway keeps a caller's shots as given).
     """
+    if continuous and not shots:
+        raise typer.BadParameter("it needs the shots given with --shot", param_hint="--continuous")
+    shots = [
+        render_pb2.Shot(prompt=shot.prompt, duration_seconds=shot.duration_seconds) for shot in shots or []
+    ]
+    for shot in shots[1:]:
+        shot.continuous = continuous
+    if shots and first_frame is not None:
+        shots[0].first_frame.CopyFrom(first_frame)
+        first_frame = None
     constraints = None
-    if backend or max_cost is not None:
+    if backend or max_cost is not None or quality_floor or deadline is not None:
         constraints = render_pb2.RenderConstraints(
             preferred_backend=backend.to_proto() if backend else backend_pb2.BACKEND_UNSPECIFIED,
             max_cost=usd_from_units(max_cost) if max_cost is not None else None,
+            quality_floor=quality_floor or 0.0,
+            deadline=deadline,
         )
     return render_pb2.RenderSpec(
         prompt=prompt,
@@ -189,6 +291,8 @@ def build_spec(
         resolution=resolution.value if resolution else "",
         first_frame=first_frame,
         reference_images=reference_images or [],
+        seed=seed or 0,
+        shots=shots,
     )
 
 
@@ -401,6 +505,11 @@ def render(
     max_cost: MaxCostOption = None,
     first_frame: FirstFrameOption = None,
     reference_image: ReferenceImageOption = None,
+    quality_floor: QualityFloorOption = None,
+    deadline: DeadlineOption = None,
+    seed: SeedOption = None,
+    shot: ShotOption = None,
+    continuous: ContinuousOption = False,
     out: Annotated[Path | None, typer.Option(metavar="FILE", help="Copy the video here.")] = None,
     request_id: Annotated[
         str | None, typer.Option(metavar="ID", help="Idempotency key (default: a fresh one).")
@@ -446,7 +555,20 @@ def render(
     """
     require_key(api_key)
     spec = build_spec(
-        prompt, preset, duration, aspect_ratio, backend, max_cost, resolution, first_frame, reference_image
+        prompt,
+        preset=preset,
+        duration=duration,
+        aspect_ratio=aspect_ratio,
+        resolution=resolution,
+        backend=backend,
+        max_cost=max_cost,
+        quality_floor=quality_floor,
+        deadline=deadline,
+        seed=seed,
+        first_frame=first_frame,
+        reference_images=reference_image,
+        shots=shot,
+        continuous=continuous,
     )
     # With --explain, the JSON has "explain": the estimates, or null when the gateway gave none.
     extra: dict[str, object] = {}

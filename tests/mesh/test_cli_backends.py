@@ -8,9 +8,11 @@ import re
 import socket
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import av
 import pytest
 from helpers.cli import AIPROD, cli_environment
 from PIL import Image
@@ -217,6 +219,63 @@ def test_a_render_from_image_files_sends_them_inline_to_a_backend_that_takes_a_f
     refused = aiprod("quote", "A fox", "--first-frame", str(text), *gateway, api_key=mesh.api_key)
     assert refused.returncode == 2
     assert "spec.first_frame.data: is not a PNG, JPEG or WebP image" in refused.stderr
+
+
+def test_a_renders_floor_deadline_and_seed_from_the_command_line_reach_the_job_and_its_route(
+    mesh: Mesh,
+) -> None:
+    deadline = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    gateway = ("--gateway", mesh.address("gateway"))
+
+    result = aiprod(
+        "render", "A heron in the reeds", "--duration", "4", "--quality-floor", "0.9", "--deadline", deadline,
+        "--seed", "7", "--explain", "--json", *gateway, api_key=mesh.api_key,
+    )  # fmt: skip
+
+    job = json_of(result)
+    assert job["state"] == "JOB_STATE_SUCCEEDED"
+    constraints = job["spec"]["constraints"]
+    assert (constraints["quality_floor"], constraints["deadline"]) == (0.9, deadline)
+    assert job["spec"]["seed"] == "7"
+    # The floor asked, stricter than the tier's, is the one the backends were ranked against.
+    reasons = [reason for estimate in job["explain"] for reason in estimate["reasons"]]
+    assert any("under the floor 0.90" in reason for reason in reasons), reasons
+    shown = aiprod("jobs", "get", job["job_id"], *gateway, api_key=mesh.api_key)
+    assert re.search(r"quality floor[\s│]+0\.90", shown.stdout), shown.stdout
+    assert re.search(rf"deadline[\s│]+{deadline[:10]} {deadline[11:19]} UTC", shown.stdout), shown.stdout
+
+
+def test_a_render_of_the_callers_own_shots_plays_them_in_order_each_after_the_one_before(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    frame = tmp_path / "dawn.png"
+    Image.new("RGB", (640, 360), (250, 200, 120)).save(frame)
+    out = tmp_path / "beach.mp4"
+
+    result = aiprod(
+        "render", "A day at the beach", "--shot", "4:Waves at dawn", "--shot", "4: Gulls at noon ",
+        "--continuous", "--first-frame", str(frame), "--out", str(out), "--json",
+        "--gateway", mesh.address("gateway"), api_key=mesh.api_key,
+    )  # fmt: skip
+
+    job = json_of(result)
+    assert job["state"] == "JOB_STATE_SUCCEEDED"
+    shots = job["plan"]["shots"]
+    assert [(shot["prompt"], shot["duration_seconds"]) for shot in shots] == [
+        ("Waves at dawn", 4.0),
+        ("Gulls at noon", 4.0),
+    ]
+    # The first frame opens the first shot; the second starts where the first ended.
+    assert shots[0]["first_frame"]["data"] == base64.b64encode(frame.read_bytes()).decode()
+    assert (shots[0].get("continuous", False), shots[1].get("continuous")) == (False, True)
+    assert job["spec"]["duration_seconds"] == 8.0
+    # One film of both, 8 s at 24 frames a second.
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].frames == 192
+
+    bad = aiprod("quote", "A day at the beach", "--shot", "four:Waves", api_key=mesh.api_key)
+    assert bad.returncode == 2
+    assert "is not SECONDS:PROMPT" in bad.stderr
 
 
 def test_render_explain_goes_on_without_a_plan(mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
