@@ -34,6 +34,7 @@ from aiprod_cli.output import (
     estimates_table,
     job_to_dict,
     message_to_dict,
+    offer_name,
     print_json,
     print_line,
     state_name,
@@ -42,7 +43,7 @@ from aiprod_cli.output import (
 from aiprod_cli.progress import Reporter, SilentReporter, progress_reporter
 from aiprod_cli.review import ReviewReporter, approve_command, await_approval
 from aiprod_cli.watch import TERMINAL_STATES, GatewayLost, follow_job
-from aiprod_kit.capabilities import MAX_INLINE_IMAGE_BYTES, backend_name
+from aiprod_kit.capabilities import MAX_INLINE_IMAGE_BYTES
 from aiprod_kit.failures import reason_name
 from aiprod_kit.money import usd_from_units
 
@@ -224,6 +225,14 @@ ResolutionOption = Annotated[
 BackendOption = Annotated[
     Backend | None, typer.Option(help="Preferred backend (default: the router's choice).")
 ]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="NAME",
+        help="With --backend: the model to use there when it qualifies, such as gen4_turbo (`aiprod "
+        "backends` lists each backend's models).",
+    ),
+]
 
 
 class RenderError(Exception):
@@ -249,6 +258,7 @@ def build_spec(
     duration: float | None = None,
     aspect_ratio: AspectRatio | None = None,
     backend: Backend | None = None,
+    model: str | None = None,
     max_cost: float | None = None,
     resolution: Resolution | None = None,
     first_frame: render_pb2.Image | None = None,
@@ -264,6 +274,8 @@ def build_spec(
     The same options make the same spec, byte for byte: a quote binds only the spec it priced.
     With shots, the first frame is the first shot's (the gateway keeps a caller's shots as given).
     """
+    if model and not backend:
+        raise typer.BadParameter("it needs the backend that has the model (--backend)", param_hint="--model")
     if continuous and not shots:
         raise typer.BadParameter("it needs the shots given with --shot", param_hint="--continuous")
     shots = [
@@ -278,6 +290,7 @@ def build_spec(
     if backend or max_cost is not None or quality_floor or deadline is not None:
         constraints = render_pb2.RenderConstraints(
             preferred_backend=backend.to_proto() if backend else backend_pb2.BACKEND_UNSPECIFIED,
+            preferred_model=model or "",
             max_cost=usd_from_units(max_cost) if max_cost is not None else None,
             quality_floor=quality_floor or 0.0,
             deadline=deadline,
@@ -313,17 +326,27 @@ def _deliver(job: gateway_pb2.RenderJob, out: Path | None) -> str:
     return str(target)
 
 
-def _preference_not_taken(asked: int, quote: gateway_pb2.Quote) -> str | None:
-    """Why the backend asked for (--backend) is not the quote's route, for people; None when it is.
+def _preference_not_taken(asked: render_pb2.RenderConstraints, quote: gateway_pb2.Quote) -> str | None:
+    """Why the backend (--backend) or model (--model) asked for is not the quote's route, for people;
+    None when it is.
 
-    A preference is soft: the router takes another backend when the one asked does not qualify."""
-    if not asked or not quote.backend or quote.backend == asked:
+    A preference is soft: the router takes another when the one asked does not qualify."""
+    backend, model = asked.preferred_backend, asked.preferred_model
+    if not backend or not quote.backend:
+        return None
+    if quote.backend == backend and (not model or quote.model == model):
         return None
     reasons = [
-        reason for estimate in quote.estimates if estimate.backend == asked for reason in estimate.reasons
+        reason
+        for estimate in quote.estimates
+        if estimate.backend == backend and (not model or estimate.model == model)
+        for reason in estimate.reasons
     ]
-    why = "; ".join(dict.fromkeys(reasons)) or "this mesh has no such renderer"
-    return f"{backend_name(asked)} was asked for but does not qualify ({why}): routing to {backend_name(quote.backend)}"
+    why = "; ".join(dict.fromkeys(reasons)) or f"this mesh has no such {'model' if model else 'renderer'}"
+    return (
+        f"{offer_name(backend, model)} was asked for but does not qualify ({why}): "
+        f"routing to {offer_name(quote.backend, quote.model)}"
+    )
 
 
 def _create(
@@ -425,7 +448,7 @@ def render_video(
         try:
             with interruptible() as interrupt:
                 created = _create(gateway, request, interrupt)
-                if note := _preference_not_taken(request.spec.constraints.preferred_backend, created.quote):
+                if note := _preference_not_taken(request.spec.constraints, created.quote):
                     stderr.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
                 # The created job shows its first events: the follow goes on after them.
                 return follow_to_video(
@@ -502,6 +525,7 @@ def render(
     aspect_ratio: AspectRatioOption = None,
     resolution: ResolutionOption = None,
     backend: BackendOption = None,
+    model: ModelOption = None,
     max_cost: MaxCostOption = None,
     first_frame: FirstFrameOption = None,
     reference_image: ReferenceImageOption = None,
@@ -561,6 +585,7 @@ def render(
         aspect_ratio=aspect_ratio,
         resolution=resolution,
         backend=backend,
+        model=model,
         max_cost=max_cost,
         quality_floor=quality_floor,
         deadline=deadline,

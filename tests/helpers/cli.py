@@ -46,6 +46,11 @@ def aiprod(
     )
 
 
+def usage_error(stderr: str) -> str:
+    """The message of a usage error as one line: click's panel folds it into a box of 80 columns."""
+    return " ".join(stderr.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

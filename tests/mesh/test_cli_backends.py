@@ -14,7 +14,7 @@ from typing import Any
 
 import av
 import pytest
-from helpers.cli import AIPROD, cli_environment
+from helpers.cli import AIPROD, cli_environment, usage_error
 from PIL import Image
 
 from aiprod_cli.explain import explain_route
@@ -212,7 +212,9 @@ def test_a_render_from_image_files_sends_them_inline_to_a_backend_that_takes_a_f
         "quote", "A fox", "--first-frame", str(tmp_path / "none.png"), *gateway, api_key=mesh.api_key
     )
     assert missing.returncode == 2
-    assert "Invalid value for '--first-frame': cannot read" in missing.stderr
+    said = usage_error(missing.stderr)
+    # (The path itself may be folded over two lines of the panel.)
+    assert "Invalid value for '--first-frame': cannot read" in said and "No such file or directory" in said
     # What is not an image is the gateway's to refuse, naming the field.
     text = tmp_path / "notes.png"
     text.write_text("not an image")
@@ -275,7 +277,7 @@ def test_a_render_of_the_callers_own_shots_plays_them_in_order_each_after_the_on
 
     bad = aiprod("quote", "A day at the beach", "--shot", "four:Waves", api_key=mesh.api_key)
     assert bad.returncode == 2
-    assert "is not SECONDS:PROMPT" in bad.stderr
+    assert "Invalid value for '--shot': 'four:Waves' is not SECONDS:PROMPT" in usage_error(bad.stderr)
 
 
 def test_render_explain_goes_on_without_a_plan(mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
@@ -330,3 +332,27 @@ def test_a_backend_asked_for_that_does_not_qualify_is_said_with_its_reasons(mesh
     assert note, result.stderr
     assert "duration" in note.group(1)
     assert f"BACKEND_{note.group(2).upper()}" == job["backend"]
+
+
+def test_a_model_asked_for_is_the_route_or_said_not_to_qualify(mesh: Mesh) -> None:
+    gateway = ("--gateway", mesh.address("gateway"))
+    # This mesh's Runway offers gen4.5 alone.
+    taken = aiprod(
+        "render", "A kite over a beach", "--backend", "runway", "--model", "gen4.5", "--duration", "4", "--json",
+        *gateway, api_key=mesh.api_key,
+    )  # fmt: skip
+    job = json_of(taken)
+    assert (job["spec"]["constraints"]["preferred_model"], job["quote"]["model"]) == ("gen4.5", "gen4.5")
+    assert "note:" not in taken.stderr
+
+    other = aiprod(
+        "quote", "A kite over a beach", "--backend", "runway", "--model", "gen4_turbo", "--duration", "4",
+        "--json", *gateway, api_key=mesh.api_key,
+    )  # fmt: skip
+    assert json_of(other)["model"] != "gen4_turbo"
+
+    alone = aiprod("quote", "A kite", "--model", "gen4.5", *gateway, api_key=mesh.api_key)
+    assert alone.returncode == 2
+    assert "Invalid value for --model: it needs the backend that has the model (--backend)" in usage_error(
+        alone.stderr
+    )
