@@ -33,7 +33,7 @@ from aiprod_cli.output import (
     stderr,
     stdout,
 )
-from aiprod_cli.render import AspectRatio, print_video_or_exit, reporting_for, watch_video
+from aiprod_cli.render import AspectRatio, print_video_or_exit, reporting_for, shot_from, watch_video
 from aiprod_cli.review import ReviewReporter, approve_command
 
 app = typer.Typer(
@@ -209,6 +209,19 @@ def edit_job(
     ] = None,
     aspect_ratio: Annotated[AspectRatio | None, typer.Option(help="The shot's new frame shape.")] = None,
     shot: Annotated[int, typer.Option(metavar="INDEX", min=0, help="The shot to edit, from 0.")] = 0,
+    add: Annotated[
+        render_pb2.Shot | None,
+        typer.Option(
+            metavar="SECONDS:PROMPT",
+            parser=shot_from,
+            help="Add a shot, at --at (default: after the last one).",
+        ),
+    ] = None,
+    at: Annotated[int | None, typer.Option(metavar="INDEX", min=0, help="Where --add puts the shot.")] = None,
+    remove: Annotated[bool, typer.Option("--remove", help="Remove the shot --shot names.")] = False,
+    move_to: Annotated[
+        int | None, typer.Option(metavar="INDEX", min=0, help="Move the shot --shot names to this place.")
+    ] = None,
     version: VersionOption = None,
     gateway: GatewayOption = DEFAULT_GATEWAY,
     api_key: ApiKeyOption = "",
@@ -216,29 +229,52 @@ def edit_job(
 ) -> None:
     """Edit the plan of a job awaiting approval: the edit becomes the plan's next version, re-quoted.
 
+    Change one shot (--shot, with --prompt, --duration, --aspect-ratio), or the list of shots: add one
+    (--add, --at), remove one (--remove) or move one (--move-to).
+
     Exits 2 when the gateway refuses: the job is not awaiting approval, the plan changed since --version
     (ABORTED: nothing changed; the current version is said), or the new plan is not valid.
     """
-    if prompt is None and duration is None and aspect_ratio is None:
-        stderr.print("error: nothing to change: give --prompt, --duration or --aspect-ratio", markup=False)
+    changes_shot = prompt is not None or duration is not None or aspect_ratio is not None
+    reshapes = [
+        name for name, given in (("--add", add), ("--remove", remove), ("--move-to", move_to)) if given
+    ]
+    if at is not None and add is None:
+        stderr.print("error: --at places the shot --add adds", markup=False)
+        raise typer.Exit(2)
+    if not changes_shot and not reshapes:
+        stderr.print(
+            "error: nothing to change: give --prompt, --duration or --aspect-ratio, or --add, --remove or "
+            "--move-to",
+            markup=False,
+        )
+        raise typer.Exit(2)
+    if len(reshapes) > 1:
+        stderr.print(f"error: one change of the shots at a time, not {' and '.join(reshapes)}", markup=False)
+        raise typer.Exit(2)
+    if changes_shot and (remove or add):
+        stderr.print(
+            f"error: {reshapes[0]} changes the list of shots; edit a shot's fields in another call",
+            markup=False,
+        )
         raise typer.Exit(2)
     with exit_on_rpc_error(gateway), connect(gateway, api_key) as connection:
         current = _get(connection, job_id)
-        if shot >= len(current.plan.shots):
-            stderr.print(
-                f"error: --shot {shot}: the plan has {len(current.plan.shots)} shot(s), from 0",
-                markup=False,
-            )
-            raise typer.Exit(2)
         plan = render_pb2.RenderPlan()
         plan.CopyFrom(current.plan)
-        edited = plan.shots[shot]
-        if prompt is not None:
-            edited.prompt = prompt
-        if duration is not None:
-            edited.duration_seconds = duration
-        if aspect_ratio is not None:
-            edited.aspect_ratio = aspect_ratio.to_proto()
+        try:
+            _reshape(plan, shot, add, at, remove, move_to)
+        except IndexError as error:
+            stderr.print(f"error: {error}", markup=False)
+            raise typer.Exit(2) from None
+        if changes_shot:
+            edited = plan.shots[move_to if move_to is not None else shot]
+            if prompt is not None:
+                edited.prompt = prompt
+            if duration is not None:
+                edited.duration_seconds = duration
+            if aspect_ratio is not None:
+                edited.aspect_ratio = aspect_ratio.to_proto()
         plan_version = version or (current.plan_version or 1)
         request = gateway_pb2.UpdateRenderManifestRequest(
             job_id=job_id,
@@ -256,6 +292,40 @@ def edit_job(
     stderr.print(
         f"approve it with: {approve_command(job_id, job.plan_version)}", markup=False, highlight=False
     )
+
+
+def _reshape(
+    plan: render_pb2.RenderPlan,
+    index: int,
+    add: render_pb2.Shot | None,
+    at: int | None,
+    remove: bool,
+    move_to: int | None,
+) -> None:
+    """Adds, removes or moves a shot of the plan; IndexError naming the option when there is no such place."""
+    shots = list(plan.shots)
+    count = len(shots)
+    if add is not None:
+        place = count if at is None else at
+        if place > count:
+            raise IndexError(f"--at {place}: the plan has {count} shot(s); a shot goes at 0 to {count}")
+        # A new shot takes the frame shape of the one it follows (or precedes, at the start).
+        neighbour = shots[place - 1] if place else shots[0] if shots else None
+        added = render_pb2.Shot()
+        added.CopyFrom(add)
+        if neighbour is not None:
+            added.aspect_ratio = neighbour.aspect_ratio
+        shots.insert(place, added)
+    elif index >= count:
+        raise IndexError(f"--shot {index}: the plan has {count} shot(s), from 0")
+    elif remove:
+        del shots[index]
+    elif move_to is not None:
+        if move_to >= count:
+            raise IndexError(f"--move-to {move_to}: the plan has {count} shot(s), from 0")
+        shots.insert(move_to, shots.pop(index))
+    del plan.shots[:]
+    plan.shots.extend(shots)
 
 
 @app.command("revisions")

@@ -264,6 +264,54 @@ def test_edit_against_a_version_then_the_revisions(mesh: Mesh, job_in_review: st
     assert "FAILED_PRECONDITION" in ended.stderr
 
 
+def test_edit_adds_moves_and_removes_shots_each_a_new_version(mesh: Mesh, job_in_review: str) -> None:
+    job_id = job_in_review
+
+    def shots(job: dict) -> list[tuple[str, float]]:
+        return [(shot["prompt"], shot["duration_seconds"]) for shot in job["plan"]["shots"]]
+
+    added = json_of(run(mesh, "jobs", "edit", job_id, "--add", "2:A close-up of the driver", "--json"))
+    assert shots(added) == [("A tram in the rain", 1), ("A close-up of the driver", 2)]
+    assert added["plan"]["shots"][1]["aspect_ratio"] == added["plan"]["shots"][0]["aspect_ratio"]
+    inserted = json_of(
+        run(mesh, "jobs", "edit", job_id, "--add", "1:The depot at dawn", "--at", "0", "--json")
+    )
+    assert shots(inserted)[0] == ("The depot at dawn", 1)
+
+    # Moved, and its prompt changed in the same version.
+    moved = json_of(
+        run(
+            mesh,
+            "jobs",
+            "edit",
+            job_id,
+            "--shot",
+            "2",
+            "--move-to",
+            "0",
+            "--prompt",
+            "The driver, close",
+            "--json",
+        )
+    )
+    assert shots(moved) == [("The driver, close", 2), ("The depot at dawn", 1), ("A tram in the rain", 1)]
+    removed = json_of(run(mesh, "jobs", "edit", job_id, "--shot", "1", "--remove", "--json"))
+    assert shots(removed) == [("The driver, close", 2), ("A tram in the rain", 1)]
+    assert removed["plan_version"] == "5"
+
+    # What names no place, or asks two changes of the list at once, changes nothing.
+    for args, said in (
+        (("--shot", "2", "--remove"), "--shot 2: the plan has 2 shot(s), from 0"),
+        (("--add", "1:x", "--at", "3"), "--at 3: the plan has 2 shot(s); a shot goes at 0 to 2"),
+        (("--add", "1:x", "--remove"), "one change of the shots at a time"),
+        (("--add", "1:x", "--prompt", "y"), "--add changes the list of shots"),
+        (("--at", "1",), "--at places the shot --add adds"),
+    ):  # fmt: skip
+        refused = run(mesh, "jobs", "edit", job_id, *args)
+        assert (refused.returncode, said in refused.stderr) == (2, True), refused.stderr
+    assert json_of(run(mesh, "jobs", "get", job_id, "--json"))["plan_version"] == "5"
+
+
 def start_watch(mesh: Mesh, stderr_path: Path, job_id: str) -> subprocess.Popen[str]:
     with stderr_path.open("w") as stderr:
         return subprocess.Popen(
