@@ -8,6 +8,8 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -31,15 +33,24 @@ def json_of(result: subprocess.CompletedProcess[str]) -> dict:
     return json.loads(result.stdout)
 
 
-def start_render(mesh: Mesh, stderr_path: Path, *args: str) -> subprocess.Popen[str]:
+@contextmanager
+def started(mesh: Mesh, stderr_path: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """`aiprod ARGS` against the mesh's gateway, running while the block runs; killed after it if it has
+    not ended (a test that failed while it waited)."""
     with stderr_path.open("w") as stderr:
-        return subprocess.Popen(
-            [str(AIPROD), "render", *args, "--gateway", mesh.address("gateway")],
+        process = subprocess.Popen(
+            [str(AIPROD), *args, "--gateway", mesh.address("gateway")],
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
             env=cli_environment(mesh.api_key),
         )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def wait_for(
@@ -118,9 +129,10 @@ def test_render_in_review_shows_plan_quote_and_approve_command_then_follows_the_
 ) -> None:
     notes = tmp_path / "render.stderr"
     out = tmp_path / "campaign.mp4"
-    render = start_render(
+    with started(
         mesh,
         notes,
+        "render",
         "A lighthouse at dawn",
         "--preset",
         "brand_campaign",
@@ -128,8 +140,7 @@ def test_render_in_review_shows_plan_quote_and_approve_command_then_follows_the_
         "1",
         "--out",
         str(out),
-    )
-    try:
+    ) as render:
         approve = wait_for(notes, APPROVE)
         job_id, version = approve.group(1), approve.group(2)
         assert version == "1"
@@ -162,10 +173,6 @@ def test_render_in_review_shows_plan_quote_and_approve_command_then_follows_the_
         assert f"approved plan version 2 of {job_id}" in approved.stderr
 
         stdout, _ = render.communicate(timeout=120)
-    finally:
-        if render.poll() is None:
-            render.kill()
-            render.wait()
     shown = notes.read_text()
     assert render.returncode == 0, shown
     assert stdout.splitlines()[-1] == str(out)
@@ -181,8 +188,7 @@ def test_render_in_review_shows_plan_quote_and_approve_command_then_follows_the_
 def test_a_job_in_review_cancelled_ends_the_render(mesh: Mesh, tmp_path: Path) -> None:
     """--review asks for the step on a preset without one; with --json, stderr still says how to approve."""
     notes = tmp_path / "render.stderr"
-    render = start_render(mesh, notes, "A paper lantern", "--duration", "1", "--review", "--json")
-    try:
+    with started(mesh, notes, "render", "A paper lantern", "--duration", "1", "--review", "--json") as render:
         job_id = wait_for(notes, APPROVE).group(1)
         assert "Plan, version" not in notes.read_text()  # --json: one line, no tables
 
@@ -190,10 +196,6 @@ def test_a_job_in_review_cancelled_ends_the_render(mesh: Mesh, tmp_path: Path) -
         assert cancelled.returncode == 0, cancelled.stderr
 
         stdout, _ = render.communicate(timeout=60)
-    finally:
-        if render.poll() is None:
-            render.kill()
-            render.wait()
     assert render.returncode == 1
     job = json.loads(stdout)
     assert job["state"] == "JOB_STATE_CANCELLED"
@@ -312,31 +314,15 @@ def test_edit_adds_moves_and_removes_shots_each_a_new_version(mesh: Mesh, job_in
     assert json_of(run(mesh, "jobs", "get", job_id, "--json"))["plan_version"] == "5"
 
 
-def start_watch(mesh: Mesh, stderr_path: Path, job_id: str) -> subprocess.Popen[str]:
-    with stderr_path.open("w") as stderr:
-        return subprocess.Popen(
-            [str(AIPROD), "jobs", "watch", job_id, "--gateway", mesh.address("gateway")],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            env=cli_environment(mesh.api_key),
-        )
-
-
 def interrupted_in_review(mesh: Mesh, tmp_path: Path, *args: str) -> tuple[str, str]:
     """A render of a job in review, stopped by Ctrl-C while it waits for approval: the job, what it said."""
     notes = tmp_path / "render.stderr"
-    render = start_render(mesh, notes, *args)
-    try:
+    with started(mesh, notes, "render", *args) as render:
         job_id = wait_for(notes, APPROVE).group(1)
 
         render.send_signal(signal.SIGINT)
 
         render.communicate(timeout=60)
-    finally:
-        if render.poll() is None:
-            render.kill()
-            render.wait()
     assert render.returncode == 1
     return job_id, notes.read_text()
 
@@ -353,16 +339,11 @@ def test_ctrl_c_in_review_leaves_the_job_waiting_and_jobs_watch_follows_it_to_it
     assert json_of(run(mesh, "jobs", "get", job_id, "--json"))["state"] == "JOB_STATE_AWAITING_APPROVAL"
 
     watch_notes = tmp_path / "watch.stderr"
-    watch = start_watch(mesh, watch_notes, job_id)
-    try:
+    with started(mesh, watch_notes, "jobs", "watch", job_id) as watch:
         # The plan and how to approve it, as the render showed them.
         assert wait_for(watch_notes, APPROVE).groups() == (job_id, "1")
         assert run(mesh, "jobs", "approve", job_id).returncode == 0
         stdout, _ = watch.communicate(timeout=120)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait()
     assert watch.returncode == 0, watch_notes.read_text()
     assert "approved: plan version 1" in watch_notes.read_text()
     video = Path(stdout.splitlines()[-1])
@@ -372,15 +353,10 @@ def test_ctrl_c_in_review_leaves_the_job_waiting_and_jobs_watch_follows_it_to_it
 def test_jobs_watch_of_a_job_cancelled_in_review_exits_1_saying_so(mesh: Mesh, tmp_path: Path) -> None:
     job_id, _ = interrupted_in_review(mesh, tmp_path, "A glass of milk", "--review", "--duration", "1")
     watch_notes = tmp_path / "watch.stderr"
-    watch = start_watch(mesh, watch_notes, job_id)
-    try:
+    with started(mesh, watch_notes, "jobs", "watch", job_id) as watch:
         wait_for(watch_notes, APPROVE)
         assert run(mesh, "jobs", "cancel", job_id, "--reason", "not this one").returncode == 0
         stdout, _ = watch.communicate(timeout=60)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait()
 
     assert watch.returncode == 1
     assert stdout == ""
