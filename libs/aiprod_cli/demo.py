@@ -13,7 +13,8 @@ import grpc
 import typer
 
 from aiprod_cli.output import stderr
-from aiprod_cli.render import AspectRatio, Backend, render
+from aiprod_cli.render import render
+from aiprod_cli.spec import AspectRatio, Backend
 from aiprod_kit.mesh import Mesh, ServiceStartError
 
 SAMPLE_PROMPT = "A paper boat sailing across a sunlit pond"

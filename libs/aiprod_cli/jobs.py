@@ -33,8 +33,9 @@ from aiprod_cli.output import (
     stderr,
     stdout,
 )
-from aiprod_cli.render import AspectRatio, print_video_or_exit, reporting_for, shot_from, watch_video
+from aiprod_cli.render import print_video_or_exit, reporting_for, watch_video
 from aiprod_cli.review import ReviewReporter, approve_command
+from aiprod_cli.spec import AspectRatio, shot_from
 
 app = typer.Typer(
     help="List, show, follow and cancel render jobs; review the ones awaiting approval (approve, edit, "

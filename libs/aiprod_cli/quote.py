@@ -18,7 +18,7 @@ from aiprod_cli.output import (
     stderr,
     stdout,
 )
-from aiprod_cli.render import (
+from aiprod_cli.spec import (
     AspectRatioOption,
     BackendOption,
     ContinuousOption,

@@ -18,7 +18,7 @@ from helpers.cli import AIPROD, cli_environment, usage_error
 from PIL import Image
 
 from aiprod_cli.explain import explain_route
-from aiprod_cli.render import build_spec
+from aiprod_cli.spec import build_spec
 from aiprod_kit.mesh import Mesh
 
 # The development tenant's tier (the test meshes', conftest.py) asks more quality than quick_social's

@@ -1,5 +1,5 @@
-"""How the CLI reads a render's options: the images it starts from or keeps to (`--first-frame`,
-`--reference-image`), its deadline, and the spec they make."""
+"""How the CLI reads a render's options (aiprod_cli.spec): the images it starts from or keeps to
+(`--first-frame`, `--reference-image`), its deadline, its shots, and the spec they make."""
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 import typer
 
 from aiprod.common.v1 import render_pb2
-from aiprod_cli.render import build_spec, deadline_from, image_from, shot_from
+from aiprod_cli.spec import build_spec, deadline_from, image_from, shot_from
 from aiprod_kit.capabilities import MAX_INLINE_IMAGE_BYTES
 
 
