@@ -265,7 +265,7 @@ def edit_job(
         plan.CopyFrom(current.plan)
         try:
             _reshape(plan, shot, add, at, remove, move_to)
-        except IndexError as error:
+        except NoSuchPlace as error:
             stderr.print(f"error: {error}", markup=False)
             raise typer.Exit(2) from None
         if changes_shot:
@@ -295,6 +295,10 @@ def edit_job(
     )
 
 
+class NoSuchPlace(ValueError):
+    """An edit names a shot, or a place for one, that the job's plan does not have."""
+
+
 def _reshape(
     plan: render_pb2.RenderPlan,
     index: int,
@@ -303,13 +307,14 @@ def _reshape(
     remove: bool,
     move_to: int | None,
 ) -> None:
-    """Adds, removes or moves a shot of the plan; IndexError naming the option when there is no such place."""
+    """Adds, removes or moves a shot of the plan (with none of them, only checks that --shot names one);
+    NoSuchPlace when an option names a place the plan lacks."""
     shots = list(plan.shots)
     count = len(shots)
     if add is not None:
         place = count if at is None else at
         if place > count:
-            raise IndexError(f"--at {place}: the plan has {count} shot(s); a shot goes at 0 to {count}")
+            raise NoSuchPlace(f"--at {place}: the plan has {count} shot(s); a shot goes at 0 to {count}")
         # A new shot takes the frame shape of the one it follows (or precedes, at the start).
         neighbour = shots[place - 1] if place else shots[0] if shots else None
         added = render_pb2.Shot()
@@ -318,12 +323,12 @@ def _reshape(
             added.aspect_ratio = neighbour.aspect_ratio
         shots.insert(place, added)
     elif index >= count:
-        raise IndexError(f"--shot {index}: the plan has {count} shot(s), from 0")
+        raise NoSuchPlace(f"--shot {index}: the plan has {count} shot(s), from 0")
     elif remove:
         del shots[index]
     elif move_to is not None:
         if move_to >= count:
-            raise IndexError(f"--move-to {move_to}: the plan has {count} shot(s), from 0")
+            raise NoSuchPlace(f"--move-to {move_to}: the plan has {count} shot(s), from 0")
         shots.insert(move_to, shots.pop(index))
     del plan.shots[:]
     plan.shots.extend(shots)
