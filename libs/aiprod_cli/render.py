@@ -80,21 +80,55 @@ class RenderResult:
     video: str
 
 
-def _deliver(job: gateway_pb2.RenderJob, out: Path | None) -> str:
-    """The video's local path, copied to out first if given."""
+def deliver_video(job: gateway_pb2.RenderJob, out: Path | None) -> str:
+    """The video's local path, or its URI when it is not local; with out, the path of a copy made there
+    first, from the local disk or from Google Cloud Storage (with the Application Default Credentials).
+
+    Raises RenderError when the copy cannot be made (the job is still done: its video is where it was).
+    """
     uri = job.result.video.uri
     parsed = urlparse(uri)
-    if parsed.scheme != "file":
-        if out is not None:
-            raise RenderError(f"cannot copy {uri} to {out}: only file:// videos are local", job)
-        return uri
-    source = Path(unquote(parsed.path))
     if out is None:
-        return str(source)
+        return str(Path(unquote(parsed.path))) if parsed.scheme == "file" else uri
     target = out.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+    # Written beside the target and renamed, so that an interrupted copy leaves no half a video.
+    partial = target.with_name(f".{target.name}.part")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if parsed.scheme == "file":
+            shutil.copyfile(unquote(parsed.path), partial)
+        elif parsed.scheme == "gs":
+            _download_from_gcs(parsed.netloc, parsed.path.lstrip("/"), partial)
+        else:
+            raise RenderError(f"cannot copy {uri} to {out}: only file:// and gs:// videos are copied", job)
+        partial.replace(target)
+    except CopyFailed as failed:
+        raise RenderError(f"cannot copy {uri} to {out}: {failed}", job) from None
+    except OSError as error:
+        raise RenderError(f"cannot copy {uri} to {out}: {error.strerror or error}", job) from None
+    finally:
+        partial.unlink(missing_ok=True)
     return str(target)
+
+
+class CopyFailed(Exception):
+    """A video could not be copied from where it is stored."""
+
+
+def _download_from_gcs(bucket: str, name: str, destination: Path) -> None:
+    # Imported here: the storage client is a heavy import that every other command can do without.
+    from google.api_core.exceptions import GoogleAPICallError
+    from google.auth.exceptions import DefaultCredentialsError
+    from google.cloud import storage
+
+    try:
+        storage.Client().bucket(bucket).blob(name).download_to_filename(str(destination))
+    except DefaultCredentialsError:
+        raise CopyFailed(
+            "no Google Cloud credentials here (`gcloud auth application-default login` makes them)"
+        ) from None
+    except GoogleAPICallError as error:
+        raise CopyFailed(f"Cloud Storage answered {error.code}: {error.message}") from None
 
 
 def _preference_not_taken(asked: render_pb2.RenderConstraints, quote: gateway_pb2.Quote) -> str | None:
@@ -198,7 +232,7 @@ def follow_to_video(
         raise RenderError(
             f"job {ended.job_id} {state_name(ended.state)}: {reason}: {ended.error.message}", ended
         )
-    return RenderResult(ended, _deliver(ended, out))
+    return RenderResult(ended, deliver_video(ended, out))
 
 
 def render_video(

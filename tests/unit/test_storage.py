@@ -3,13 +3,10 @@
 import asyncio
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +16,7 @@ import pytest
 from google.api_core.exceptions import PreconditionFailed
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
+from helpers.gcs import storage_emulator
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
@@ -231,52 +229,10 @@ def test_video_store_from_settings_local(tmp_path: Path) -> None:
 # GCS store, against gcp-storage-emulator on a free loopback port.
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[str]:
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gcp_storage_emulator",
-            "start",
-            "--host=127.0.0.1",
-            f"--port={port}",
-            "--in-memory",
-            "-q",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    host = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{host}/storage/v1/b", timeout=1).close()
-                break
-            except urllib.error.HTTPError:
-                break  # It answers: up.
-            except OSError:
-                if process.poll() is not None:
-                    pytest.fail(f"the storage emulator exited with {process.returncode}")
-                if time.monotonic() > deadline:
-                    pytest.fail("the storage emulator did not come up in 30 s")
-                time.sleep(0.05)
+    with storage_emulator() as host:
         yield host
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture
