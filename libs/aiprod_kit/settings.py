@@ -7,10 +7,10 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import structlog
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -58,6 +58,12 @@ def _bucket_name(value: str) -> str:
     if value and not _BUCKET.fullmatch(value):
         raise ValueError(f"{value[:80]!r} is not a Cloud Storage bucket name (no gs://, no path)")
     return value
+
+
+# Where finished videos are kept: this Google Cloud Storage bucket when set, else under
+# AIPROD_DATA_DIR/videos. Every service that writes or reads videos (the renderers, the gateway's
+# stitching) reads the same variable, so that one deployment keeps them in one place.
+GcsBucket = Annotated[str, Field(validation_alias="AIPROD_GCS_BUCKET"), AfterValidator(_bucket_name)]
 
 
 class ConfigurationError(Exception):
@@ -179,9 +185,8 @@ class GatewaySettings(CommonSettings):
     # How many shots of one job render at once (a long video's shots render side by side, each its own
     # chain of attempts), at most the tenant's tier's concurrent jobs.
     gateway_shot_concurrency: int = Field(4, ge=1)
-    # Where the gateway reads a long video's shots and stores their stitched film: this Google Cloud
-    # Storage bucket when set, else under AIPROD_DATA_DIR/videos (where the renderers put them).
-    gcs_bucket: str = Field("", validation_alias="AIPROD_GCS_BUCKET")
+    # Where the gateway reads a long video's shots and stores their stitched film (GcsBucket).
+    gcs_bucket: GcsBucket = ""
     # What becomes of a queued job today's budget cannot pay (the ledger refuses its reservation, or the
     # router finds every backend that could take it over the budget left): `wait` keeps it queued and
     # tries again; `fail` fails it at once with BUDGET_EXHAUSTED.
@@ -234,8 +239,6 @@ class GatewaySettings(CommonSettings):
         for name in filter(None, (part.strip() for part in value.split(","))):
             _bucket_name(name)
         return value
-
-    _gcs_bucket_name = field_validator("gcs_bucket")(_bucket_name)
 
     @property
     def image_buckets(self) -> frozenset[str]:
@@ -325,6 +328,9 @@ class LocalRendererSettings(CommonSettings):
     local_render_pace_fps: float = 0.0
     # How many renders run at once.
     local_render_concurrency: int = 2
+    # Where outputs go (GcsBucket): a bucket, as the provider renderers', so that the gateway can stitch
+    # them and callers can fetch them.
+    gcs_bucket: GcsBucket = ""
 
 
 class ProviderSettings(BaseSettings):
@@ -371,10 +377,8 @@ class ProviderSettings(BaseSettings):
     # Consecutive provider failures that open the breaker, and how long it stays open before a probe.
     breaker_failures: int = 5
     breaker_cooldown_seconds: float = 30.0
-    # Outputs go to this Google Cloud Storage bucket when set, else under AIPROD_DATA_DIR/videos.
-    gcs_bucket: str = Field("", validation_alias="AIPROD_GCS_BUCKET")
-
-    _gcs_bucket_name = field_validator("gcs_bucket")(_bucket_name)
+    # Where outputs go (GcsBucket).
+    gcs_bucket: GcsBucket = ""
 
     def offered(self) -> list[tuple[str, str]]:
         """(model, resolution) of every offer, the default model at 720p first, each once."""

@@ -875,15 +875,16 @@ def test_gke_stitches_long_videos_in_the_bucket_the_renderers_write() -> None:
     deployments = of_kind(resources, "Deployment")
     buckets = {
         name: environment(resources, deployments[name]).get("AIPROD_GCS_BUCKET")
-        for name in ("gateway", "renderer-runway", "renderer-veo", "renderer-replicate")
+        for name in ("gateway", "renderer-local", "renderer-runway", "renderer-veo", "renderer-replicate")
     }
     assert len(set(buckets.values())) == 1 and buckets["gateway"], buckets
-    account = of_kind(resources, "ServiceAccount")[
-        deployments["gateway"]["spec"]["template"]["spec"]["serviceAccountName"]
-    ]
-    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(
-        ".iam.gserviceaccount.com"
-    )
+    # Each writes or reads that bucket as a Google service account (Workload Identity).
+    accounts = of_kind(resources, "ServiceAccount")
+    for name in buckets:
+        account = accounts[deployments[name]["spec"]["template"]["spec"]["serviceAccountName"]]
+        assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(
+            ".iam.gserviceaccount.com"
+        ), name
 
 
 # --- Mutual TLS --------------------------------------------------------------------------------------

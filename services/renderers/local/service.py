@@ -27,7 +27,12 @@ from aiprod_kit.rendering import finishing, qc
 from aiprod_kit.rendering.keys import KEY_PATTERN, KEY_RULE
 from aiprod_kit.rendering.record import RenderRecord
 from aiprod_kit.rendering.registry import RenderRegistry
-from aiprod_kit.rendering.storage import LocalVideoStore
+from aiprod_kit.rendering.storage import (
+    LocalVideoStore,
+    VideoStore,
+    scratch_directory,
+    video_store_from_settings,
+)
 from aiprod_kit.rendering.watching import watch_renders
 from aiprod_kit.server import Registration
 from aiprod_kit.settings import LocalRendererSettings
@@ -107,10 +112,22 @@ class _LocalRender(RenderRecord):
 
 
 class LocalRendererService(renderer_pb2_grpc.RendererServiceServicer):
-    def __init__(self, videos_dir: Path, concurrency: int, pace_fps: float) -> None:
+    def __init__(
+        self,
+        videos_dir: Path,
+        concurrency: int,
+        pace_fps: float,
+        remote_store: VideoStore | None = None,
+        work_dir: Path | None = None,
+    ) -> None:
         if concurrency < 1:
             raise ValueError(f"render concurrency must be at least 1, not {concurrency}")
         self._videos_dir = videos_dir.resolve()
+        # Where outputs go when they are not kept on this machine (a Cloud Storage bucket): each is
+        # encoded and checked in a directory of its own here (two renders of one prompt make the same
+        # file), then put there and the directory removed.
+        self._remote_store = remote_store
+        self._work_dir = work_dir or self._videos_dir.parent / "tmp" / "renderer-local"
         self._pace_fps = pace_fps
         self._slots = asyncio.Semaphore(concurrency)
         # In memory only: a local render is free, so one lost to a restart is simply rendered again.
@@ -233,7 +250,10 @@ class LocalRendererService(renderer_pb2_grpc.RendererServiceServicer):
             output: render_pb2.RenderOutput | None = None
             error: Exception | None = None
             try:
-                output = await asyncio.to_thread(self._produce, render, asyncio.get_running_loop())
+                if self._remote_store is None:
+                    output = await self._encode(render, LocalVideoStore(self._videos_dir))
+                else:
+                    output = await self._encode_and_put(render, self._remote_store)
             except synth.RenderCancelled:
                 pass
             except Exception as caught:
@@ -261,7 +281,23 @@ class LocalRendererService(renderer_pb2_grpc.RendererServiceServicer):
                 True,
             )
 
-    def _produce(self, render: _LocalRender, loop: asyncio.AbstractEventLoop) -> render_pb2.RenderOutput:
+    async def _encode(self, render: _LocalRender, store: LocalVideoStore) -> render_pb2.RenderOutput:
+        return await asyncio.to_thread(self._produce, render, store, asyncio.get_running_loop())
+
+    async def _encode_and_put(self, render: _LocalRender, remote: VideoStore) -> render_pb2.RenderOutput:
+        """Encoded and checked in a scratch directory, then put in the remote store."""
+        async with scratch_directory(self._work_dir) as scratch:
+            local = LocalVideoStore(scratch)
+            output = await self._encode(render, local)
+            if render.cancel.is_set():
+                raise synth.RenderCancelled
+            stored = await remote.put(local.path_of(output.video.uri))
+        output.video.uri = stored.uri
+        return output
+
+    def _produce(
+        self, render: _LocalRender, store: LocalVideoStore, loop: asyncio.AbstractEventLoop
+    ) -> render_pb2.RenderOutput:
         """Encodes, stores and checks the video. Runs in a worker thread."""
         shot = render.shot
         width, height = synth.frame_size(shot.aspect_ratio)
@@ -275,7 +311,6 @@ class LocalRendererService(renderer_pb2_grpc.RendererServiceServicer):
                     render.update, renderer_pb2.RENDER_STATE_RUNNING, fraction * _ENCODE_SHARE
                 )
 
-        store = LocalVideoStore(self._videos_dir)
         stored, _ = store.store(
             lambda path: synth.encode_video(
                 path,
@@ -308,7 +343,11 @@ class LocalRendererService(renderer_pb2_grpc.RendererServiceServicer):
 async def build(settings: LocalRendererSettings) -> AsyncIterator[list[Registration]]:
     """The renderer's registrations; on the way out, renders still going are cancelled."""
     service = LocalRendererService(
-        settings.data_dir / "videos", settings.local_render_concurrency, settings.local_render_pace_fps
+        settings.data_dir / "videos",
+        settings.local_render_concurrency,
+        settings.local_render_pace_fps,
+        video_store_from_settings(settings.data_dir, settings.gcs_bucket) if settings.gcs_bucket else None,
+        settings.data_dir / "tmp" / "renderer-local",
     )
     try:
         yield [Registration(SERVICE_NAME, service, renderer_pb2_grpc.add_RendererServiceServicer_to_server)]
