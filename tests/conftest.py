@@ -3,11 +3,13 @@ on (SQLite, or a fresh PostgreSQL schema). The mesh itself is tests/mesh/conftes
 
 import json
 import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.gcs import storage_emulator
 from helpers.postgres import fresh_schema
 
 from aiprod_kit.database import Database, SqliteDatabase
@@ -77,3 +79,23 @@ async def open_database(request: pytest.FixtureRequest, tmp_path: Path) -> Async
     yield open_one
     for database in opened:
         await database.close()
+
+
+@pytest.fixture(scope="session")
+def storage_emulator_host() -> Iterator[str]:
+    """A Cloud Storage emulator for the session (helpers.gcs)."""
+    with storage_emulator() as host:
+        yield host
+
+
+@pytest.fixture
+def gcs_bucket(storage_emulator_host: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A new bucket of the emulator, which every Cloud Storage client of the test finds
+    (`STORAGE_EMULATOR_HOST`)."""
+    # Imported here: the storage client is a heavy import most tests do without.
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", storage_emulator_host)
+    client = storage.Client(project="test", credentials=AnonymousCredentials())
+    return client.create_bucket(f"videos-{uuid.uuid4().hex[:12]}")

@@ -14,7 +14,6 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from helpers.cli import aiprod
-from helpers.gcs import storage_emulator
 
 from aiprod_kit.mesh import Mesh
 
@@ -22,19 +21,12 @@ EMULATOR = "STORAGE_EMULATOR_HOST"
 
 
 @pytest.fixture(scope="module")
-def bucket() -> Iterator[storage.Bucket]:
-    """A bucket of an emulator every Cloud Storage client of this module finds, the CLI's included."""
-    with storage_emulator() as host:
-        before = os.environ.get(EMULATOR)
-        os.environ[EMULATOR] = host
-        try:
-            client = storage.Client(project="test", credentials=AnonymousCredentials())
-            yield client.create_bucket(f"aiprod-videos-{uuid.uuid4().hex[:8]}")
-        finally:
-            if before is None:
-                os.environ.pop(EMULATOR)
-            else:
-                os.environ[EMULATOR] = before
+def bucket(storage_emulator_host: str) -> Iterator[storage.Bucket]:
+    """A bucket of the emulator, which every Cloud Storage client of this module finds, the CLI's too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(EMULATOR, storage_emulator_host)
+        client = storage.Client(project="test", credentials=AnonymousCredentials())
+        yield client.create_bucket(f"aiprod-videos-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,10 @@
 """How `aiprod render --out` and `aiprod jobs watch --out` hand a finished video over: copied from the local
 disk, or downloaded from Google Cloud Storage (a real local emulator here), never left half written."""
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
-from helpers.gcs import storage_emulator
 
 from aiprod.gateway.v1 import gateway_pb2
 from aiprod_cli.render import RenderError, deliver_video
@@ -20,19 +16,6 @@ def finished(uri: str) -> gateway_pb2.RenderJob:
     job = gateway_pb2.RenderJob(job_id="job_" + "0" * 32)
     job.result.video.uri = uri
     return job
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[str]:
-    with storage_emulator() as host:
-        yield host
-
-
-@pytest.fixture
-def bucket(emulator: str, monkeypatch: pytest.MonkeyPatch) -> storage.Bucket:
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
-    client = storage.Client(project="test", credentials=AnonymousCredentials())
-    return client.create_bucket(f"videos-{uuid.uuid4().hex[:12]}")
 
 
 def test_a_local_video_is_its_path_or_copied_to_out(tmp_path: Path) -> None:
@@ -49,10 +32,10 @@ def test_a_local_video_is_its_path_or_copied_to_out(tmp_path: Path) -> None:
 
 
 def test_a_video_in_cloud_storage_is_its_uri_or_downloaded_to_out(
-    bucket: storage.Bucket, tmp_path: Path
+    gcs_bucket: storage.Bucket, tmp_path: Path
 ) -> None:
-    bucket.blob("videos/ab/abc.mp4").upload_from_string(VIDEO)
-    job = finished(f"gs://{bucket.name}/videos/ab/abc.mp4")
+    gcs_bucket.blob("videos/ab/abc.mp4").upload_from_string(VIDEO)
+    job = finished(f"gs://{gcs_bucket.name}/videos/ab/abc.mp4")
 
     assert deliver_video(job, None) == job.result.video.uri
     out = tmp_path / "fox.mp4"
@@ -61,9 +44,9 @@ def test_a_video_in_cloud_storage_is_its_uri_or_downloaded_to_out(
 
 
 def test_a_video_that_cannot_be_downloaded_leaves_nothing_at_out(
-    bucket: storage.Bucket, tmp_path: Path
+    gcs_bucket: storage.Bucket, tmp_path: Path
 ) -> None:
-    job = finished(f"gs://{bucket.name}/videos/ab/gone.mp4")
+    job = finished(f"gs://{gcs_bucket.name}/videos/ab/gone.mp4")
     out = tmp_path / "fox.mp4"
 
     with pytest.raises(

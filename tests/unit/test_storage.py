@@ -7,16 +7,12 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from google.api_core.exceptions import PreconditionFailed
-from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
-from helpers.gcs import storage_emulator
 
 from aiprod.common.v1 import backend_pb2, render_pb2
 from aiprod.renderer.v1 import renderer_pb2
@@ -226,38 +222,25 @@ def test_video_store_from_settings_local(tmp_path: Path) -> None:
     assert store.directory == (tmp_path / "videos").resolve()
 
 
-# GCS store, against gcp-storage-emulator on a free loopback port.
+# GCS store, against gcp-storage-emulator on a free loopback port (the gcs_bucket fixture).
 
 
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[str]:
-    with storage_emulator() as host:
-        yield host
+def _objects(gcs_bucket: storage.Bucket) -> list[storage.Blob]:
+    return list(gcs_bucket.client.list_blobs(gcs_bucket.name))
 
 
-@pytest.fixture
-def bucket(emulator: str, monkeypatch: pytest.MonkeyPatch) -> storage.Bucket:
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
-    client = storage.Client(project="test", credentials=AnonymousCredentials())
-    return client.create_bucket(f"videos-{uuid.uuid4().hex[:12]}")
-
-
-def _objects(bucket: storage.Bucket) -> list[storage.Blob]:
-    return list(bucket.client.list_blobs(bucket.name))
-
-
-async def test_gcs_put_and_fetch_a_video(bucket: storage.Bucket, tmp_path: Path) -> None:
+async def test_gcs_put_and_fetch_a_video(gcs_bucket: storage.Bucket, tmp_path: Path) -> None:
     video = tmp_path / "clip.mp4"
     synth.encode_video(video, "A lighthouse at dusk", 2, 1.0, 320, 180)
     sha256 = hashlib.sha256(video.read_bytes()).hexdigest()
-    store = GcsVideoStore(bucket.name, client=bucket.client)
+    store = GcsVideoStore(gcs_bucket.name, client=gcs_bucket.client)
 
     stored = await store.put(video)
     name = f"videos/{sha256[:2]}/{sha256}.mp4"
     assert stored == StoredVideo(
-        uri=f"gs://{bucket.name}/{name}", sha256=sha256, size_bytes=video.stat().st_size
+        uri=f"gs://{gcs_bucket.name}/{name}", sha256=sha256, size_bytes=video.stat().st_size
     )
-    blob = bucket.get_blob(name)
+    blob = gcs_bucket.get_blob(name)
     assert blob is not None
     assert (blob.content_type, blob.metadata, blob.size) == (
         "video/mp4",
@@ -270,38 +253,38 @@ async def test_gcs_put_and_fetch_a_video(bucket: storage.Bucket, tmp_path: Path)
     assert qc.check_video(fetched, duration_seconds=1.0, width=320, height=180).score >= 0.95
 
 
-async def test_gcs_put_again_keeps_the_one_object(bucket: storage.Bucket, source: Path) -> None:
-    store = GcsVideoStore(bucket.name, client=bucket.client)
+async def test_gcs_put_again_keeps_the_one_object(gcs_bucket: storage.Bucket, source: Path) -> None:
+    store = GcsVideoStore(gcs_bucket.name, client=gcs_bucket.client)
     first = await store.put(source)
-    generation = bucket.get_blob(store.object_name(first.uri)).generation
+    generation = gcs_bucket.get_blob(store.object_name(first.uri)).generation
     assert await store.put(source) == first
-    objects = _objects(bucket)
+    objects = _objects(gcs_bucket)
     assert [(blob.name, blob.generation) for blob in objects] == [(store.object_name(first.uri), generation)]
 
 
-async def test_gcs_put_large_file_resumable(bucket: storage.Bucket, tmp_path: Path) -> None:
+async def test_gcs_put_large_file_resumable(gcs_bucket: storage.Bucket, tmp_path: Path) -> None:
     # Above the client's 8 MiB multipart limit, so it goes up as a resumable upload.
     big = tmp_path / "big.mp4"
     big.write_bytes(os.urandom(9 << 20))
-    store = GcsVideoStore(bucket.name, client=bucket.client)
+    store = GcsVideoStore(gcs_bucket.name, client=gcs_bucket.client)
     stored = await store.put(big)
     fetched = await store.fetch(stored.uri, tmp_path / "fetched.mp4")
     assert hashlib.sha256(fetched.read_bytes()).hexdigest() == stored.sha256
-    assert bucket.get_blob(store.object_name(stored.uri)).metadata == {"sha256": stored.sha256}
+    assert gcs_bucket.get_blob(store.object_name(stored.uri)).metadata == {"sha256": stored.sha256}
 
 
-def test_gcs_object_name_refuses_other_uris(bucket: storage.Bucket) -> None:
-    store = GcsVideoStore(bucket.name, client=bucket.client)
-    assert store.object_name(f"gs://{bucket.name}/videos/ab/ab.mp4") == "videos/ab/ab.mp4"
-    for uri in ("gs://another-bucket/videos/ab/ab.mp4", f"gs://{bucket.name}/", "file:///videos/ab.mp4"):
+def test_gcs_object_name_refuses_other_uris(gcs_bucket: storage.Bucket) -> None:
+    store = GcsVideoStore(gcs_bucket.name, client=gcs_bucket.client)
+    assert store.object_name(f"gs://{gcs_bucket.name}/videos/ab/ab.mp4") == "videos/ab/ab.mp4"
+    for uri in ("gs://another-bucket/videos/ab/ab.mp4", f"gs://{gcs_bucket.name}/", "file:///videos/ab.mp4"):
         with pytest.raises(ValueError):
             store.object_name(uri)
 
 
-def test_video_store_from_settings_gcs(bucket: storage.Bucket, tmp_path: Path) -> None:
-    store = video_store_from_settings(tmp_path, bucket.name)
+def test_video_store_from_settings_gcs(gcs_bucket: storage.Bucket, tmp_path: Path) -> None:
+    store = video_store_from_settings(tmp_path, gcs_bucket.name)
     assert isinstance(store, GcsVideoStore)
-    assert store.bucket_name == bucket.name
+    assert store.bucket_name == gcs_bucket.name
 
 
 async def test_gcs_lost_race_is_fine(source: Path) -> None:
