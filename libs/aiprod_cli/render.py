@@ -1,5 +1,6 @@
 """`aiprod render`: orders a video, follows it to its end and hands over the file."""
 
+import asyncio
 import shutil
 import uuid
 from collections.abc import Callable
@@ -98,7 +99,7 @@ def deliver_video(job: gateway_pb2.RenderJob, out: Path | None) -> str:
         if parsed.scheme == "file":
             shutil.copyfile(unquote(parsed.path), partial)
         elif parsed.scheme == "gs":
-            _download_from_gcs(parsed.netloc, parsed.path.lstrip("/"), partial)
+            _download_from_gcs(uri, partial)
         else:
             raise RenderError(f"cannot copy {uri} to {out}: only file:// and gs:// videos are copied", job)
         partial.replace(target)
@@ -115,20 +116,24 @@ class CopyFailed(Exception):
     """A video could not be copied from where it is stored."""
 
 
-def _download_from_gcs(bucket: str, name: str, destination: Path) -> None:
+def _download_from_gcs(uri: str, destination: Path) -> None:
+    """Through the renderers' own Cloud Storage store, with the Application Default Credentials."""
     # Imported here: the storage client is a heavy import that every other command can do without.
     from google.api_core.exceptions import GoogleAPICallError
     from google.auth.exceptions import DefaultCredentialsError
-    from google.cloud import storage
+
+    from aiprod_kit.rendering.gcs import GcsVideoStore
 
     try:
-        storage.Client().bucket(bucket).blob(name).download_to_filename(str(destination))
+        asyncio.run(GcsVideoStore(urlparse(uri).netloc).fetch(uri, destination))
     except DefaultCredentialsError:
         raise CopyFailed(
             "no Google Cloud credentials here (`gcloud auth application-default login` makes them)"
         ) from None
     except GoogleAPICallError as error:
         raise CopyFailed(f"Cloud Storage answered {error.code}: {error.message}") from None
+    except ValueError as error:  # a gs:// URI that names no object
+        raise CopyFailed(str(error)) from None
 
 
 def _preference_not_taken(asked: render_pb2.RenderConstraints, quote: gateway_pb2.Quote) -> str | None:
